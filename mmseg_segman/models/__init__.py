@@ -1,0 +1,4 @@
+from .backbones import SegMANEncoder
+from .decode_heads import SegMANHead
+
+__all__ = ['SegMANEncoder', 'SegMANHead']

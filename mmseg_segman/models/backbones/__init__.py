@@ -1,0 +1,3 @@
+from .segman_encoder import LASS, SegMANEncoder, SegMANStage
+
+__all__ = ['LASS', 'SegMANEncoder', 'SegMANStage']

@@ -1,0 +1,296 @@
+"""SegMAN encoder: a four-stage hierarchy of LASS blocks (local attention + state space)."""
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from mmengine.runner.checkpoint import CheckpointLoader
+from mmseg.registry import MODELS
+from torch import Tensor, nn
+
+from ...ops import biased_attention, neighborhood_attention_2d, set_backends
+from ..layers import SS2D, LayerNorm2d, RoPE2d, SegMANBlock, apply_rope
+
+
+class LASS(nn.Module):
+    """Local-Attention-and-State-Space token mixer.
+
+    Stages 1-3: neighborhood attention (with RoPE and relative position bias), then a
+    selective scan over its output: ``y = NA(q, k, v); y = norm(ssm(silu(dwconv(y)))) + y``.
+    Stage 4 (``global_mode``): the NA output is the value of one global attention whose
+    bias ``rpb.1`` is learnt for ``global_bias_size**2`` tokens and resized bicubically.
+    Both end with ``proj(y + lepe(v))``.
+
+    Args:
+        embed_dim: channels ``C``.
+        num_heads: attention heads.
+        kernel_size: neighborhood attention window (odd).
+        use_rpb: learn relative position biases.
+        global_mode: stage-4 mode (no selective scan, global attention).
+        global_bias_size: side of the token grid ``rpb.1`` was learnt for (7 for 224 inputs).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, kernel_size: int, use_rpb: bool = True,
+                 global_mode: bool = False, global_bias_size: int = 7):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f'embed_dim {embed_dim} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.kernel_size = kernel_size
+        self.global_mode = global_mode
+
+        self.qkv = nn.Conv2d(embed_dim, embed_dim * 3, kernel_size=1)
+        self.lepe = nn.Conv2d(embed_dim, embed_dim, kernel_size=5, padding=2, groups=embed_dim)
+        self.proj = nn.Conv2d(embed_dim, embed_dim, kernel_size=1)
+        if not global_mode:
+            self.dwconv = nn.Sequential(
+                nn.Conv2d(embed_dim, embed_dim, kernel_size=3, padding=1, groups=embed_dim),
+                nn.BatchNorm2d(embed_dim))
+            self.ssm = SS2D(embed_dim)
+            self.norm = LayerNorm2d(embed_dim)
+        if use_rpb:
+            span = 2 * kernel_size - 1
+            biases = [nn.Parameter(torch.zeros(num_heads, span, span))]
+            if global_mode:
+                tokens = global_bias_size ** 2
+                biases.append(nn.Parameter(torch.zeros(num_heads, tokens, tokens)))
+            self.rpb = nn.ParameterList(biases)
+        else:
+            self.rpb = None
+
+    def _global_bias(self, length: int) -> Optional[Tensor]:
+        if self.rpb is None:
+            return None
+        bias = self.rpb[1]
+        if bias.shape[-1] != length:
+            bias = F.interpolate(bias[None], size=(length, length), mode='bicubic',
+                                 align_corners=False)[0]
+        return bias
+
+    def forward(self, x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, C, H, W)``; ``sin``/``cos`` ``(H, W, head_dim)`` from RoPE2d."""
+        batch, channels, height, width = x.shape
+        qkv = self.qkv(x)
+        lepe = self.lepe(qkv[:, 2 * channels:])
+        q, k, v = qkv.view(batch, 3, self.num_heads, self.head_dim, height, width) \
+                     .permute(1, 0, 2, 4, 5, 3)  # each (B, heads, H, W, head_dim)
+        q = apply_rope(q, sin, cos) * self.scale
+        k = apply_rope(k, sin, cos)
+        y = neighborhood_attention_2d(q, k, v, self.kernel_size,
+                                      None if self.rpb is None else self.rpb[0])
+        if self.global_mode:
+            tokens = height * width
+            y = biased_attention(q.reshape(batch, self.num_heads, tokens, self.head_dim),
+                                 k.reshape(batch, self.num_heads, tokens, self.head_dim),
+                                 y.reshape(batch, self.num_heads, tokens, self.head_dim),
+                                 self._global_bias(tokens))
+            y = y.transpose(-1, -2).reshape(batch, channels, height, width)
+        else:
+            y = y.permute(0, 1, 4, 2, 3).reshape(batch, channels, height, width)
+            y = self.norm(self.ssm(F.silu(self.dwconv(y)))) + y
+        return self.proj(y + lepe)
+
+
+class SegMANStage(nn.Module):
+    """One encoder stage: a shared RoPE table and ``depth`` SegMAN blocks with LASS mixers."""
+
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, kernel_size: int,
+                 ffn_dim: int, drop_paths: Sequence[float], layer_scale_init: Optional[float],
+                 use_rpb: bool, global_mode: bool, global_bias_size: int, with_cp: bool = False):
+        super().__init__()
+        self.with_cp = with_cp
+        self.rope = RoPE2d(embed_dim // num_heads)
+        self.blocks = nn.ModuleList([
+            SegMANBlock(embed_dim,
+                        LASS(embed_dim, num_heads, kernel_size, use_rpb, global_mode, global_bias_size),
+                        ffn_dim, drop_paths[i], layer_scale_init) for i in range(depth)
+        ])
+
+    def forward(self, x: Tensor) -> Tensor:
+        sin, cos = self.rope(x.shape[-2:])
+        for block in self.blocks:
+            if self.with_cp and x.requires_grad:
+                x = cp.checkpoint(block, x, sin, cos, use_reentrant=False)
+            else:
+                x = block(x, sin, cos)
+        return x
+
+
+def conv_bn(in_channels: int, out_channels: int, stride: int) -> List[nn.Module]:
+    return [nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels)]
+
+
+def stem(in_channels: int, embed_dim: int) -> nn.Sequential:
+    """Four 3x3 conv-BN layers (GELU between), stride 4 in all; keys ``0..10``."""
+    half = embed_dim // 2
+    return nn.Sequential(*conv_bn(in_channels, half, 2), nn.GELU(), *conv_bn(half, half, 1), nn.GELU(),
+                         *conv_bn(half, embed_dim, 2), nn.GELU(), *conv_bn(embed_dim, embed_dim, 1))
+
+
+@MODELS.register_module()
+class SegMANEncoder(BaseModule):
+    """SegMAN encoder (Fu et al., CVPR 2025): features at strides 4, 8, 16, 32.
+
+    Args:
+        arch: ``'t'``, ``'s'``, ``'b'``, ``'l'``, or a dict with ``embed_dims``, ``depths``,
+            ``num_heads``, ``window_size`` and ``mlp_ratios`` (4 values each) and optionally
+            ``layerscales`` (4 bools, default all False), ``layer_init_values`` (1e-6),
+            ``use_rpb`` (True), ``window_dilation`` (only 1), ``global_bias_size`` (7).
+        in_channels: image channels.
+        out_indices: stages whose outputs are returned.
+        drop_path_rate: stochastic depth, linear over all blocks up to this rate.
+        with_cp: gradient checkpointing of every block (saves memory, costs a recompute).
+        op_backends: ``{op: backend}`` to force backends (see ``mmseg_segman.ops.dispatch``).
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads ImageNet encoder
+            weights (``state_dict_ema``, else ``state_dict``; classifier keys are ignored).
+    """
+
+    arch_zoo = {
+        't': dict(embed_dims=[32, 64, 144, 192], depths=[2, 2, 4, 2], num_heads=[1, 2, 4, 8],
+                  window_size=[11, 9, 9, 7], mlp_ratios=[4, 4, 3, 3], layerscales=[False] * 4),
+        's': dict(embed_dims=[64, 144, 288, 512], depths=[2, 2, 10, 4], num_heads=[2, 4, 8, 16],
+                  window_size=[11, 9, 7, 7], mlp_ratios=[4, 4, 3.4, 3.4], layerscales=[False] * 4),
+        'b': dict(embed_dims=[96, 160, 364, 560], depths=[4, 4, 18, 4], num_heads=[4, 8, 13, 20],
+                  window_size=[11, 9, 7, 7], mlp_ratios=[4, 4, 3, 3], layerscales=[True] * 4),
+        'l': dict(embed_dims=[96, 192, 432, 640], depths=[4, 4, 28, 4], num_heads=[4, 8, 12, 20],
+                  window_size=[11, 9, 7, 7], mlp_ratios=[4, 4, 3, 3], layerscales=[True] * 4),
+    }
+    _required = ('embed_dims', 'depths', 'num_heads', 'window_size', 'mlp_ratios')
+    _optional = dict(layerscales=[False] * 4, layer_init_values=1e-6, use_rpb=True,
+                     window_dilation=[1] * 4, global_bias_size=7)
+
+    def __init__(self, arch: Union[str, Dict] = 't', in_channels: int = 3,
+                 out_indices: Sequence[int] = (0, 1, 2, 3), drop_path_rate: float = 0.0,
+                 with_cp: bool = False, op_backends: Optional[Dict[str, str]] = None,
+                 init_cfg: Optional[Dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        self.arch = self._parse_arch(arch)
+        self.in_channels = in_channels
+        self.out_indices = tuple(out_indices)
+        if not self.out_indices or any(i not in range(4) for i in self.out_indices):
+            raise ValueError(f'out_indices must be stage indices in 0..3, got {out_indices}')
+        set_backends(op_backends)
+
+        a = self.arch
+        dims = a['embed_dims']
+        self.embed_dims = list(dims)
+        self.patch_embed = stem(in_channels, dims[0])
+        drop_paths = torch.linspace(0, drop_path_rate, sum(a['depths'])).tolist()
+        self.layers = nn.ModuleList()
+        for i in range(4):
+            first = sum(a['depths'][:i])
+            self.layers.append(SegMANStage(
+                embed_dim=dims[i], depth=a['depths'][i], num_heads=a['num_heads'][i],
+                kernel_size=a['window_size'][i], ffn_dim=int(a['mlp_ratios'][i] * dims[i]),
+                drop_paths=drop_paths[first:first + a['depths'][i]],
+                layer_scale_init=a['layer_init_values'] if a['layerscales'][i] else None,
+                use_rpb=a['use_rpb'], global_mode=(i == 3),
+                global_bias_size=a['global_bias_size'], with_cp=with_cp))
+            if i < 3:
+                self.layers.append(nn.Sequential(*conv_bn(dims[i], dims[i + 1], 2)))
+        self.apply(self._init_module)
+
+    @classmethod
+    def _parse_arch(cls, arch: Union[str, Dict]) -> Dict:
+        if isinstance(arch, str):
+            if arch.lower() not in cls.arch_zoo:
+                raise ValueError(f'unknown SegMAN arch {arch!r}; choose one of '
+                                 f'{sorted(cls.arch_zoo)} or pass a dict of settings')
+            arch = cls.arch_zoo[arch.lower()]
+        if not isinstance(arch, dict):
+            raise TypeError(f'arch must be a name or a dict, got {type(arch).__name__}')
+        missing = [k for k in cls._required if k not in arch]
+        unknown = [k for k in arch if k not in cls._required and k not in cls._optional]
+        if missing or unknown:
+            raise ValueError(f'arch dict: missing keys {missing}, unknown keys {unknown}; '
+                             f'expected {list(cls._required)} plus optional {list(cls._optional)}')
+        settings = {**cls._optional, **arch}
+        for key in cls._required + ('layerscales', 'window_dilation'):
+            if len(settings[key]) != 4:
+                raise ValueError(f'arch {key!r} needs 4 values (one per stage), got {settings[key]}')
+        if any(d != 1 for d in settings['window_dilation']):
+            raise ValueError('SegMANEncoder supports window_dilation 1 only, '
+                             f'got {settings["window_dilation"]}')
+        if any(k % 2 == 0 for k in settings['window_size']):
+            raise ValueError(f'window sizes must be odd, got {settings["window_size"]}')
+        return settings
+
+    @staticmethod
+    def _init_module(m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def init_weights(self) -> None:
+        if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
+            self.load_pretrained(self.init_cfg['checkpoint'], self.init_cfg.get('prefix'))
+            self._is_init = True
+        else:
+            super().init_weights()
+
+    def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None) -> None:
+        """Load encoder weights from an ImageNet or mmseg/mmpretrain checkpoint, strictly.
+
+        Takes ``state_dict_ema``, else ``state_dict``, else the file's top-level dict;
+        drops ``module.``; keeps only keys under ``prefix`` (default: ``backbone.`` when
+        present) and ignores the classifier (``classifier.*``, ``head.*``).
+        """
+        ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
+        source = next((k for k in ('state_dict_ema', 'state_dict') if k in ckpt), None)
+        state = ckpt[source] if source else ckpt
+        state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+        if prefix is None and any(k.startswith('backbone.') for k in state):
+            prefix = 'backbone.'
+        if prefix:
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        ignored = [k for k in state if k.split('.')[0] in ('classifier', 'head')]
+        state = {k: v for k, v in state.items() if k not in ignored}
+        self.load_encoder_state(state, checkpoint)
+        print_log(f'SegMANEncoder: loaded {len(state)} tensors from {checkpoint} '
+                  f'({source or "top-level dict"}); ignored {len(ignored)} classifier keys',
+                  logger='current')
+
+    def load_encoder_state(self, state: Dict[str, Tensor], source: str = 'state dict') -> None:
+        """``load_state_dict(strict=True)`` with an error that names what does not fit."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        mismatched = [f'{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
+                      for k in own if k in state and state[k].shape != own[k].shape]
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                f'{source} does not fit SegMANEncoder(embed_dims={self.embed_dims}, '
+                f'depths={self.arch["depths"]}): {len(mismatched)} shape mismatches '
+                f'{mismatched[:3]}, {len(missing)} missing keys {missing[:3]}, '
+                f'{len(unexpected)} unexpected keys {unexpected[:3]}. Is it a checkpoint of '
+                'another SegMAN size?')
+        self.load_state_dict(state, strict=True)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """``(B, in_channels, H, W)`` -> stage outputs ``(B, C_i, H/2^(i+2), W/2^(i+2))``."""
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError('SegMANEncoder expects a (B, C, H, W) tensor, got '
+                             f'{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}')
+        if x.size(1) != self.in_channels:
+            raise ValueError(f'SegMANEncoder was built for {self.in_channels} input channels, '
+                             f'got {x.size(1)} (input shape {tuple(x.shape)})')
+        if not x.is_floating_point():
+            raise TypeError(f'SegMANEncoder expects a floating-point image, got {x.dtype}')
+        if not torch.isfinite(x).all():
+            raise ValueError('SegMANEncoder input contains NaN or Inf')
+        x = self.patch_embed(x)
+        outs = []
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i % 2 == 0 and i // 2 in self.out_indices:
+                outs.append(x)
+        return tuple(outs)

@@ -1,0 +1,3 @@
+from .segman_head import SegMANHead
+
+__all__ = ['SegMANHead']

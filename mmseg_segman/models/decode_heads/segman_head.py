@@ -1,0 +1,118 @@
+"""SegMAN decoder: multi-scale features fused, then MMSCopE (one selective scan over a
+stack of three scales of the fused feature)."""
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from mmcv.cnn import ConvModule
+from mmseg.models.decode_heads.decode_head import BaseDecodeHead
+from mmseg.models.utils import resize
+from mmseg.registry import MODELS
+from torch import Tensor, nn
+
+from ...ops import set_backends
+from ..layers import SS2D, SegMANBlock
+
+
+class LinearProjection(nn.Module):
+    """A ``nn.Linear`` over the channels of ``(B, C, H, W)`` (key ``proj``)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.proj = nn.Linear(in_channels, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+@MODELS.register_module()
+class SegMANHead(BaseDecodeHead):
+    """SegMAN decode head (the released ``SegMANDecoder``).
+
+    Takes the four encoder maps (``c1`` unused). ``c2..c4`` are projected to
+    ``feat_proj_dim`` and fused at 1/8 into ``x`` (``channels``). MMSCopE stacks ``x`` at
+    three scales on the 1/32 grid (pixel-unshuffled ``x``, a stride-2 conv of it
+    pixel-unshuffled, a stride-4 conv of it), runs one SS2D block over the stack, and
+    feeds the result back into every projected map. Inputs whose 1/8 map is not a
+    multiple of 4 are padded for MMSCopE and cropped back.
+
+    Args:
+        feat_proj_dim: channels ``P`` of the projected encoder maps.
+        op_backends: ``{op: backend}`` to force backends (see ``mmseg_segman.ops.dispatch``).
+        **kwargs: :class:`BaseDecodeHead` arguments (``in_channels`` 4 values,
+            ``in_index`` 4 values, ``channels``, ``num_classes``, ``norm_cfg``, ...).
+    """
+
+    def __init__(self, feat_proj_dim: int, op_backends: Optional[Dict[str, str]] = None,
+                 norm_cfg: Dict = dict(type='BN', requires_grad=True), **kwargs):
+        kwargs.setdefault('in_index', [0, 1, 2, 3])
+        super().__init__(input_transform='multiple_select', norm_cfg=norm_cfg, **kwargs)
+        if len(self.in_channels) != 4:
+            raise ValueError(f'SegMANHead takes the four encoder maps, got in_channels={self.in_channels}')
+        set_backends(op_backends)
+        c, p = self.channels, feat_proj_dim
+        self.feat_proj_dim = p
+
+        def conv(in_ch, out_ch, kernel_size=1, **kw):
+            return ConvModule(in_ch, out_ch, kernel_size, conv_cfg=self.conv_cfg,
+                              norm_cfg=self.norm_cfg, act_cfg=self.act_cfg, **kw)
+
+        self.linear_c4 = LinearProjection(self.in_channels[3], p)
+        self.linear_c3 = LinearProjection(self.in_channels[2], p)
+        self.linear_c2 = LinearProjection(self.in_channels[1], p)
+        self.linear_fuse = conv(3 * p, c)
+        self.short_path = conv(c, c)
+        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv(c, c))
+        # MMSCopE
+        self.conv_downsample_2 = conv(c, 2 * c, 3, stride=2, padding=1)
+        self.conv_downsample_4 = conv(c, 4 * c, 5, stride=4, padding=1)
+        self.reduce_channels = nn.ModuleList([conv(4 * c * 2 ** i, c) for i in range(3)])
+        self.vssm = SegMANBlock(3 * c, SS2D(3 * c), ffn_dim=12 * c)
+        self.proj_out = conv(3 * c, p)
+        self.cat = conv(5 * c + 3 * p, c)
+
+    def _image_pool(self, x: Tensor) -> Tensor:
+        """Global context; with batch 1 in training, BN uses its running statistics
+        (one value per channel gives no batch statistics)."""
+        pooled = self.image_pool[0](x)
+        conv_module = self.image_pool[1]
+        norm = getattr(conv_module, 'bn', None)
+        if self.training and pooled.size(0) == 1 and isinstance(norm, nn.modules.batchnorm._BatchNorm) \
+                and not (isinstance(norm, nn.SyncBatchNorm) and torch.distributed.is_initialized()):
+            norm.eval()
+            try:
+                return conv_module(pooled)
+            finally:
+                norm.train()
+        return conv_module(pooled)
+
+    def _mmscope(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W)`` at 1/8 -> ``(B, 3C, H, W)``: the scan over three scales."""
+        height, width = x.shape[-2:]
+        pad_h, pad_w = -height % 4, -width % 4
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        stacked = torch.cat([
+            self.reduce_channels[2](F.pixel_unshuffle(x, 4)),
+            self.reduce_channels[1](F.pixel_unshuffle(self.conv_downsample_2(x), 2)),
+            self.reduce_channels[0](self.conv_downsample_4(x)),
+        ], dim=1)
+        out = resize(self.vssm(stacked), size=x.shape[-2:], mode='bilinear',
+                     align_corners=self.align_corners)
+        return out[..., :height, :width]
+
+    def forward(self, inputs: Sequence[Tensor]) -> Tensor:
+        """Four encoder maps -> logits ``(B, num_classes, H/8, W/8)``."""
+        _, c2, c3, c4 = self._transform_inputs(inputs)
+        size = c2.shape[-2:]
+        p2 = self.linear_c2(c2)
+        p3 = resize(self.linear_c3(c3), size=size, mode='bilinear', align_corners=False)
+        p4 = resize(self.linear_c4(c4), size=size, mode='bilinear', align_corners=False)
+        x = self.linear_fuse(torch.cat([p4, p3, p2], dim=1))
+
+        context = resize(self._image_pool(x), size=size, mode='bilinear',
+                         align_corners=self.align_corners)
+        scanned = self._mmscope(x)
+        q = self.proj_out(scanned)
+        out = self.cat(torch.cat([self.short_path(x), context, scanned, p2 + q, p3 + q, p4 + q], dim=1))
+        return self.cls_seg(out)

@@ -1,0 +1,59 @@
+"""The residual block shared by the encoder stages and the decoder's scan block."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from mmcv.cnn.bricks import DropPath
+from torch import Tensor, nn
+
+from .ffn import ConvFFN
+from .norm import LayerNorm2d
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale and shift as a depthwise 1x1 conv (keys ``weight (C,1,1,1)``, ``bias``)."""
+
+    def __init__(self, embed_dim: int, init_value: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((embed_dim, 1, 1, 1), init_value))
+        self.bias = nn.Parameter(torch.zeros(embed_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, groups=x.size(1))
+
+
+class SegMANBlock(nn.Module):
+    """``x + cpe1(x)``, token mixer, ``x + cpe2(x)``, FFN; each branch pre-normed.
+
+    ``x = x + cpe1(x); x = x + drop_path(ls1(token_mixer(norm1(x), *mixer_args)))``
+    ``x = x + cpe2(x); x = x + drop_path(ls2(mlp(norm2(x))))``
+
+    Args:
+        embed_dim: channels of the ``(B, C, H, W)`` input.
+        token_mixer: the mixing module (LASS in the encoder, SS2D in the decoder).
+        ffn_dim: hidden channels of the FFN.
+        drop_path: stochastic depth rate.
+        layer_scale_init: initial layer scale, or None for no layer scale.
+    """
+
+    def __init__(self, embed_dim: int, token_mixer: nn.Module, ffn_dim: int,
+                 drop_path: float = 0.0, layer_scale_init: Optional[float] = None):
+        super().__init__()
+        self.cpe1 = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, groups=embed_dim)
+        self.norm1 = LayerNorm2d(embed_dim)
+        self.token_mixer = token_mixer
+        self.cpe2 = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, groups=embed_dim)
+        self.norm2 = LayerNorm2d(embed_dim)
+        self.mlp = ConvFFN(embed_dim, ffn_dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if layer_scale_init is None:
+            self.layer_scale1 = self.layer_scale2 = nn.Identity()
+        else:
+            self.layer_scale1 = LayerScale(embed_dim, layer_scale_init)
+            self.layer_scale2 = LayerScale(embed_dim, layer_scale_init)
+
+    def forward(self, x: Tensor, *mixer_args) -> Tensor:
+        x = x + self.cpe1(x)
+        x = x + self.drop_path(self.layer_scale1(self.token_mixer(self.norm1(x), *mixer_args)))
+        x = x + self.cpe2(x)
+        return x + self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))

@@ -1,0 +1,63 @@
+"""SS2D: the 2-D selective-scan token mixer (VMamba style, used by encoder and decoder)."""
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ...ops import cross_selective_scan
+
+NUM_DIRECTIONS = 4
+
+
+class SS2D(nn.Module):
+    """Four-direction selective scan over a ``(B, C, H, W)`` map.
+
+    Parameters keep the released names and shapes (``R = ceil(C / 16)``, ``K = 4``):
+    ``x_proj_weight (K*(R+2N), C, 1)``, ``dt_projs_weight (K, C, R)``,
+    ``dt_projs_bias (K, C)``, ``A_logs (K*C, N)``, ``Ds (K*C)``.
+
+    Args:
+        embed_dim: channels ``C``.
+        d_state: state size ``N`` (1 in SegMAN).
+        dt_rank: rank ``R`` of the step projection; ``'auto'`` is ``ceil(C / 16)``.
+    """
+
+    def __init__(self, embed_dim: int, d_state: int = 1, dt_rank='auto', dt_min: float = 0.001,
+                 dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.d_state = d_state
+        self.dt_rank = math.ceil(embed_dim / 16) if dt_rank == 'auto' else int(dt_rank)
+        k, c, r, n = NUM_DIRECTIONS, embed_dim, self.dt_rank, d_state
+
+        x_proj = torch.empty(k, r + 2 * n, c)
+        bound = c ** -0.5  # nn.Linear's default init
+        nn.init.uniform_(x_proj, -bound, bound)
+        self.x_proj_weight = nn.Parameter(x_proj.view(-1, c, 1))
+
+        std = r ** -0.5
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, c, r).uniform_(-std, std))
+        # softplus(dt_projs_bias) is log-uniform in [dt_min, dt_max]
+        dt = torch.exp(torch.rand(k, c) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+
+        a = torch.arange(1, n + 1, dtype=torch.float32).repeat(k * c, 1)
+        self.A_logs = nn.Parameter(torch.log(a))
+        self.Ds = nn.Parameter(torch.ones(k * c))
+        self.A_logs._no_weight_decay = True
+        self.Ds._no_weight_decay = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, C, H, W)`` in float32."""
+        k, c, r, n = NUM_DIRECTIONS, self.embed_dim, self.dt_rank, self.d_state
+        # Per-pixel projections in the map's own layout: the same numbers as projecting
+        # each direction's sequence, since a 1x1 projection commutes with reordering.
+        x_dbl = torch.einsum('kjc,bchw->bkjhw', self.x_proj_weight.view(k, -1, c), x)
+        dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=2)
+        dts = torch.einsum('kcr,bkrhw->bkchw', self.dt_projs_weight, dts)
+        return cross_selective_scan(x, dts, -torch.exp(self.A_logs.float()), Bs, Cs,
+                                    self.Ds.float(), self.dt_projs_bias.reshape(-1).float())
+
+    def extra_repr(self) -> str:
+        return f'embed_dim={self.embed_dim}, d_state={self.d_state}, dt_rank={self.dt_rank}'

@@ -1,0 +1,46 @@
+"""Global multi-head attention with an additive bias (stage 4 of the SegMAN encoder)."""
+import torch.nn.functional as F
+from torch import Tensor
+
+from .dispatch import Backend, OpDispatcher, always
+
+
+def _biased_attention_torch(q: Tensor, k: Tensor, v: Tensor, bias) -> Tensor:
+    logits = q @ k.transpose(-1, -2)
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    return logits.float().softmax(-1).to(v.dtype) @ v
+
+
+def _biased_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, bias) -> Tensor:
+    mask = None if bias is None else bias.to(q.dtype).unsqueeze(0).expand(q.size(0), -1, -1, -1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+
+def _sdpa_available(q, *args) -> bool:
+    return q.is_cuda
+
+
+_biased_attention = OpDispatcher('biased_attention', {
+    'sdpa': Backend(_biased_attention_sdpa, _sdpa_available),
+    'torch': Backend(_biased_attention_torch, always),
+})
+
+
+def biased_attention(q: Tensor, k: Tensor, v: Tensor, bias=None) -> Tensor:
+    """``softmax(q @ k^T + bias) @ v`` with ``q`` already scaled.
+
+    Args:
+        q, k, v: ``(B, heads, L, d)``.
+        bias: ``(heads, L, L)`` or None.
+
+    Returns:
+        ``(B, heads, L, d)``.
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f'q, k, v must share one (B, heads, L, d) shape, got '
+                         f'{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+    length = q.size(2)
+    if bias is not None and bias.shape != (q.size(1), length, length):
+        raise ValueError(f'bias must be ({q.size(1)}, {length}, {length}), got {tuple(bias.shape)}')
+    return _biased_attention(q, k, v, bias)

@@ -1,0 +1,33 @@
+"""Shared fixtures: the reference data of the released model in ../shared/reference."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = Path(os.environ.get('SEGMAN_REFERENCE_DIR', REPO.parent / 'shared' / 'reference'))
+
+
+def reference_file(name: str) -> Path:
+    path = REFERENCE / name
+    if not path.is_file():
+        pytest.fail(f'reference file {path} is missing: set SEGMAN_REFERENCE_DIR to the '
+                    'folder holding segman_mini_official.pt and segman_official_keys_*.txt')
+    return path
+
+
+@pytest.fixture(scope='session')
+def mini_reference():
+    return torch.load(reference_file('segman_mini_official.pt'), map_location='cpu',
+                      weights_only=True)
+
+
+def official_keys(size: str):
+    """``{key: shape}`` of the released checkpoint of one size."""
+    keys = {}
+    for line in reference_file(f'segman_official_keys_{size}.txt').read_text().splitlines():
+        if line.strip():
+            name, shape = line.split(' ', 1)
+            keys[name] = tuple(int(s) for s in shape.strip('()').split(',') if s.strip())
+    return keys

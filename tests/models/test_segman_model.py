@@ -1,0 +1,61 @@
+"""The whole model against the released one: keys, parameter counts, numerics."""
+import pytest
+import torch
+from mmseg.models import build_segmentor  # noqa: F401  (registers mmseg's modules)
+from mmseg.registry import MODELS
+
+import mmseg_segman  # noqa: F401
+from mmseg_segman.models import SegMANEncoder, SegMANHead
+
+from ..conftest import official_keys
+
+HEADS = {'t': (128, 192), 's': (144, 288), 'b': (180, 320), 'l': (224, 432)}
+PARAMS_M = {'t': 6.40, 's': 29.42, 'b': 51.80, 'l': 92.34}
+
+
+def build_model(size: str, num_classes: int = 150) -> torch.nn.Module:
+    channels, proj = HEADS[size]
+    encoder = SegMANEncoder(arch=size)
+    head = SegMANHead(in_channels=encoder.embed_dims, channels=channels, feat_proj_dim=proj,
+                      num_classes=num_classes)
+    model = torch.nn.Module()
+    model.backbone, model.decode_head = encoder, head
+    return model
+
+
+@pytest.mark.parametrize('size', ['t', 's', 'b', 'l'])
+def test_state_dict_matches_release(size):
+    model = build_model(size)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    released = official_keys(size)
+    assert sorted(set(ours) - set(released)) == []
+    assert sorted(set(released) - set(ours)) == []
+    assert {k: s for k, s in ours.items() if released[k] != s} == {}
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    assert round(params, 2) == PARAMS_M[size]
+
+
+def test_registered_in_mmseg():
+    assert MODELS.get('SegMANEncoder') is SegMANEncoder
+    assert MODELS.get('SegMANHead') is SegMANHead
+
+
+def test_reproduces_released_mini_model(mini_reference):
+    ref = mini_reference
+    encoder = SegMANEncoder(arch=ref['encoder_kwargs'])
+    head = SegMANHead(**ref['decoder_kwargs'])
+    model = torch.nn.Module()
+    model.backbone, model.decode_head = encoder, head
+    model.load_state_dict(ref['state_dict'], strict=True)
+    model.eval()
+    with torch.no_grad():
+        for image, feats_ref, logits_ref in zip(ref['inputs'], ref['encoder_outputs'], ref['logits']):
+            feats = encoder(image)
+            for i, (f, r) in enumerate(zip(feats, feats_ref)):
+                assert f.shape == r.shape
+                err = (f - r).abs().max().item()
+                assert err <= 1e-4, f'stage {i + 1} output of {tuple(image.shape)}: max error {err}'
+            logits = head(feats)
+            assert logits.shape == logits_ref.shape
+            err = (logits - logits_ref).abs().max().item()
+            assert err <= 1e-4, f'logits of {tuple(image.shape)}: max error {err}'
