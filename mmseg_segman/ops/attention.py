@@ -1,4 +1,5 @@
 """Global multi-head attention with an additive bias (stage 4 of the SegMAN encoder)."""
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -9,7 +10,7 @@ def _biased_attention_torch(q: Tensor, k: Tensor, v: Tensor, bias) -> Tensor:
     logits = q @ k.transpose(-1, -2)
     if bias is not None:
         logits = logits + bias.to(logits.dtype)
-    return logits.float().softmax(-1).to(v.dtype) @ v
+    return logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype) @ v
 
 
 def _biased_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, bias) -> Tensor:

@@ -49,7 +49,7 @@ def _neighborhood_attention_torch(q: Tensor, k: Tensor, v: Tensor, kernel_size: 
     if rpb is not None:
         bias = rpb[:, bias_rows[:, None, :, None], bias_cols[None, :, None, :]]
         logits = logits + bias.reshape(heads, *neighbours).to(logits.dtype)
-    attn = logits.float().softmax(-1).to(v.dtype)
+    attn = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
     out = torch.einsum('bnpj,bnpjd->bnpd', attn, v_nb)
     return out.view(batch, heads, height, width, dim)
 

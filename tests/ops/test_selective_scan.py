@@ -1,0 +1,112 @@
+"""Selective scan: the parallel PyTorch path against the sequential recurrence."""
+import pytest
+import torch
+
+from mmseg_segman.ops import cross_merge, cross_scan, cross_selective_scan, selective_scan
+from mmseg_segman.ops.selective_scan import linear_recurrence, selective_scan_reference
+
+
+def scan_inputs(batch=2, groups=4, channels=3, state=1, length=37, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gd = groups * channels
+    return dict(u=torch.randn(batch, gd, length, generator=g, dtype=dtype),
+                delta=torch.randn(batch, gd, length, generator=g, dtype=dtype),
+                A=-torch.rand(gd, state, generator=g, dtype=dtype) * 2,
+                B=torch.randn(batch, groups, state, length, generator=g, dtype=dtype),
+                C=torch.randn(batch, groups, state, length, generator=g, dtype=dtype),
+                D=torch.randn(gd, generator=g, dtype=dtype),
+                delta_bias=torch.randn(gd, generator=g, dtype=dtype))
+
+
+@pytest.mark.parametrize('length', [1, 15, 16, 17, 255, 1000])
+def test_linear_recurrence_matches_loop(length):
+    g = torch.Generator().manual_seed(length)
+    log_decay = -torch.rand(3, 2, length, generator=g, dtype=torch.float64) * 3
+    drive = torch.randn(3, 2, length, generator=g, dtype=torch.float64)
+    h, expected = torch.zeros(3, 2, dtype=torch.float64), []
+    for t in range(length):
+        h = log_decay[..., t].exp() * h + drive[..., t]
+        expected.append(h)
+    torch.testing.assert_close(linear_recurrence(log_decay, drive), torch.stack(expected, -1))
+
+
+@pytest.mark.parametrize('state,length', [(1, 37), (1, 300), (2, 20)])
+def test_parallel_scan_matches_sequential_float64(state, length):
+    inputs = scan_inputs(state=state, length=length)
+    torch.testing.assert_close(selective_scan(**inputs), selective_scan_reference(**inputs),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_float32_inputs_compute_in_float32():
+    inputs = scan_inputs(length=500, dtype=torch.float32)
+    out = selective_scan(**inputs)
+    assert out.dtype == torch.float32
+    expected = selective_scan_reference(**{k: v.double() for k, v in inputs.items()})
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_inputs_give_float32():
+    inputs = scan_inputs(length=64, dtype=torch.bfloat16)
+    out = selective_scan(**inputs)
+    assert out.dtype == torch.float32
+    expected = selective_scan_reference(**{k: v.double() for k, v in inputs.items()})
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gradcheck():
+    inputs = scan_inputs(batch=1, groups=2, channels=2, length=21)
+    names = list(inputs)
+    tensors = [inputs[n].requires_grad_() for n in names]
+    assert torch.autograd.gradcheck(lambda *t: selective_scan(**dict(zip(names, t))), tensors)
+
+
+@pytest.mark.parametrize('height,width', [(3, 5), (4, 4), (1, 6), (5, 1)])
+def test_cross_scan_orders_and_merge_inverts(height, width):
+    x = torch.arange(2 * 3 * height * width, dtype=torch.float64).view(2, 3, height, width)
+    xs = cross_scan(x)
+    assert torch.equal(xs[:, 0], x.flatten(2))
+    assert torch.equal(xs[:, 1], x.transpose(2, 3).flatten(2))
+    assert torch.equal(xs[:, 2], x.flatten(2).flip(-1))
+    assert torch.equal(xs[:, 3], x.transpose(2, 3).flatten(2).flip(-1))
+    # per-direction maps: direction k of a (B, 4, C, H, W) input is read in order k
+    per_direction = torch.stack([x, x + 1, x + 2, x + 3], 1)
+    assert torch.equal(cross_scan(per_direction), xs + torch.arange(4.).view(1, 4, 1, 1).double())
+    # merge undoes each order and sums
+    torch.testing.assert_close(cross_merge(xs, height, width), 4 * x)
+
+
+def test_cross_selective_scan_is_four_sequential_scans():
+    torch.manual_seed(0)
+    batch, channels, state, height, width = 2, 3, 1, 4, 5
+    x = torch.randn(batch, channels, height, width, dtype=torch.float64)
+    delta = torch.randn(batch, 4, channels, height, width, dtype=torch.float64)
+    Bs, Cs = torch.randn(2, batch, 4, state, height, width, dtype=torch.float64)
+    A = -torch.rand(4 * channels, state, dtype=torch.float64)
+    D, bias = torch.randn(2, 4 * channels, dtype=torch.float64)
+    out = cross_selective_scan(x, delta, A, Bs, Cs, D, bias)
+    expected = torch.zeros_like(x)
+    orders = [lambda t: t.flatten(-2), lambda t: t.transpose(-1, -2).flatten(-2)]
+    for k in range(4):
+        order = orders[k % 2]
+        seq = lambda t: order(t).flip(-1) if k >= 2 else order(t)  # noqa: E731
+        sl = slice(k * channels, (k + 1) * channels)
+        y = selective_scan_reference(seq(x), seq(delta[:, k]), A[sl], seq(Bs[:, k]).unsqueeze(1),
+                                     seq(Cs[:, k]).unsqueeze(1), D[sl], bias[sl])
+        y = y.flip(-1) if k >= 2 else y
+        y = y.unflatten(-1, (height, width)) if k % 2 == 0 else \
+            y.unflatten(-1, (width, height)).transpose(-1, -2)
+        expected += y
+    torch.testing.assert_close(out, expected)
+
+
+def test_bad_shapes_are_named():
+    inputs = scan_inputs()
+    with pytest.raises(ValueError, match='A must be'):
+        selective_scan(**{**inputs, 'A': inputs['A'][:5]})
+    with pytest.raises(ValueError, match='B and C must be'):
+        selective_scan(**{**inputs, 'B': inputs['B'][..., :3]})
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match='delta must be'):
+        cross_selective_scan(x, torch.randn(1, 4, 3, 4, 5), torch.randn(12, 1),
+                             torch.randn(1, 4, 1, 4, 4), torch.randn(1, 4, 1, 4, 4),
+                             torch.randn(12), torch.randn(12))
