@@ -1,0 +1,65 @@
+import pytest
+import torch
+from mmengine.structures import PixelData
+from mmseg.structures import SegDataSample
+
+from mmseg_segman.models import SegMANEncoder, SegMANHead
+
+TINY = dict(embed_dims=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4],
+            window_size=[5, 5, 3, 3], mlp_ratios=[2, 2, 2, 2])
+
+
+def tiny_head(**kwargs):
+    return SegMANHead(in_channels=TINY['embed_dims'], channels=8, feat_proj_dim=12, num_classes=5,
+                      **kwargs)
+
+
+def features(batch, height, width):
+    encoder = SegMANEncoder(arch=TINY).eval()
+    with torch.no_grad():
+        return encoder(torch.randn(batch, 3, height, width))
+
+
+@pytest.mark.parametrize('height,width', [(64, 96), (100, 76), (40, 40), (24, 200)])
+def test_logits_at_one_eighth_for_any_size(height, width):
+    feats = features(2, height, width)
+    logits = tiny_head().train()(feats)
+    assert logits.shape == (2, 5, *feats[1].shape[-2:])
+    assert torch.isfinite(logits).all()
+
+
+def test_batch_one_trains_and_keeps_image_pool_statistics():
+    head = tiny_head().train()
+    norm = head.image_pool[1].bn
+    before = norm.running_mean.clone(), norm.running_var.clone()
+    other_norm = head.short_path.bn
+    other_before = other_norm.running_mean.clone()
+    logits = head(features(1, 64, 64))
+    logits.sum().backward()
+    assert norm.training, 'the image-pool BN must be back in training mode'
+    assert torch.equal(norm.running_mean, before[0]) and torch.equal(norm.running_var, before[1])
+    assert not torch.equal(other_norm.running_mean, other_before)
+    assert head.image_pool[1].conv.weight.grad is not None
+
+
+def test_mmseg_loss_and_predict_api():
+    head = tiny_head(loss_decode=dict(type='CrossEntropyLoss', loss_weight=1.0)).train()
+    feats = features(2, 64, 64)
+    samples = []
+    for _ in range(2):
+        sample = SegDataSample()
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, 5, (1, 64, 64)))
+        sample.set_metainfo(dict(img_shape=(64, 64), pad_shape=(64, 64)))
+        samples.append(sample)
+    losses = head.loss(feats, samples, train_cfg={})
+    assert set(losses) >= {'loss_ce', 'acc_seg'} and losses['loss_ce'].requires_grad
+    head.eval()
+    with torch.no_grad():
+        seg = head.predict(feats, [s.metainfo for s in samples], test_cfg={})
+    assert seg.shape == (2, 5, 64, 64)
+
+
+def test_needs_four_encoder_maps():
+    with pytest.raises(ValueError, match='four encoder maps'):
+        SegMANHead(in_channels=[8, 16, 24], in_index=[0, 1, 2], channels=8, feat_proj_dim=12,
+                   num_classes=5)
