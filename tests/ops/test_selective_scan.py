@@ -110,3 +110,17 @@ def test_bad_shapes_are_named():
         cross_selective_scan(x, torch.randn(1, 4, 3, 4, 5), torch.randn(12, 1),
                              torch.randn(1, 4, 1, 4, 4), torch.randn(1, 4, 1, 4, 4),
                              torch.randn(12), torch.randn(12))
+
+
+def test_cross_selective_scan_gradcheck():
+    """Covers cross scan and merge: gradients reach the map-layout inputs."""
+    g = torch.Generator().manual_seed(0)
+    channels, height, width = 2, 3, 2
+    inputs = [torch.randn(1, channels, height, width, generator=g, dtype=torch.float64),
+              torch.randn(1, 4, channels, height, width, generator=g, dtype=torch.float64),
+              -torch.rand(4 * channels, 1, generator=g, dtype=torch.float64),
+              torch.randn(1, 4, 1, height, width, generator=g, dtype=torch.float64),
+              torch.randn(1, 4, 1, height, width, generator=g, dtype=torch.float64),
+              torch.randn(4 * channels, generator=g, dtype=torch.float64),
+              torch.randn(4 * channels, generator=g, dtype=torch.float64)]
+    assert torch.autograd.gradcheck(cross_selective_scan, [t.requires_grad_() for t in inputs])

@@ -26,3 +26,9 @@ def test_rope_keeps_angle_in_state_dict_and_checks_head_dim():
     assert list(RoPE2d(16).state_dict()) == ['angle']
     with pytest.raises(ValueError, match='divisible by 4'):
         RoPE2d(18)
+
+
+def test_apply_rope_gradcheck():
+    sin, cos = RoPE2d(8).double()((2, 3))
+    x = torch.randn(1, 2, 2, 3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: apply_rope(t, sin, cos), (x,))
