@@ -9,8 +9,13 @@ length ``n`` (``r = k // 2``) the window starts at::
 and key ``m`` of the axis is biased by ``rpb[..., m - i + k - 1]`` (the NATTEN index
 ``p(i) + j`` for key ``j`` of the window). Where an axis is shorter than the kernel
 (NATTEN refuses such inputs), the window is the whole axis, biased by the same rule.
+
+Backends, fastest first: ``flex`` (PyTorch FlexAttention on CUDA: these rules as a block
+mask, the bias as a score modifier, one fused compiled kernel forward and backward),
+``natten`` (natten's fused ``na2d``, only without rpb) and ``torch`` (the gather reference).
 """
-from typing import Optional
+from functools import lru_cache
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -54,6 +59,96 @@ def _neighborhood_attention_torch(q: Tensor, k: Tensor, v: Tensor, kernel_size: 
     return out.view(batch, heads, height, width, dim)
 
 
+def _flex_attention_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@lru_cache(maxsize=None)
+def _compiled_flex_attention() -> Callable:
+    """FlexAttention compiled once per process; eager FlexAttention is the unfused math path.
+
+    Every map size and dtype is a recompile of the same function, so the dynamo cache limit is
+    raised to hold a model's stages at several input sizes.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    torch._dynamo.config.accumulated_cache_size_limit = max(
+        torch._dynamo.config.accumulated_cache_size_limit, 1024)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _window_mask_mod(height: int, width: int, kernel_size: int, device) -> Callable:
+    """FlexAttention ``mask_mod`` on row-major tokens: is key ``kv`` in the window of ``q``?"""
+    row_starts = window_starts(height, kernel_size, device)
+    col_starts = window_starts(width, kernel_size, device)
+    row_span, col_span = min(kernel_size, height), min(kernel_size, width)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        row, col = kv_idx // width - row_starts[q_idx // width], kv_idx % width - col_starts[q_idx % width]
+        return (row >= 0) & (row < row_span) & (col >= 0) & (col < col_span)
+
+    return mask_mod
+
+
+@lru_cache(maxsize=64)
+def _window_block_mask(height: int, width: int, kernel_size: int, device: torch.device):
+    """Block mask of the windows for ``(height * width)`` row-major tokens, cached per size."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    tokens = height * width
+    return create_block_mask(_window_mask_mod(height, width, kernel_size, device), None, None,
+                             tokens, tokens, device=device)
+
+
+def _bias_score_mod(rpb: Tensor, width: int, kernel_size: int) -> Callable:
+    """FlexAttention ``score_mod`` adding ``rpb[h, key row - query row + k - 1, same for cols]``.
+
+    Indices are clamped so that scores outside the window (masked afterwards) read in bounds.
+    """
+    last = 2 * kernel_size - 2
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        row = (kv_idx // width - q_idx // width + kernel_size - 1).clamp(0, last)
+        col = (kv_idx % width - q_idx % width + kernel_size - 1).clamp(0, last)
+        return score + rpb[h, row, col]
+
+    return score_mod
+
+
+def _neighborhood_attention_flex(q: Tensor, k: Tensor, v: Tensor, kernel_size: int,
+                                 rpb: Optional[Tensor]) -> Tensor:
+    """FlexAttention over ``(B, heads, H*W, d)`` tokens with the window block mask.
+
+    On CUDA it runs the compiled kernel (forward and backward); elsewhere FlexAttention's eager
+    math path, which materialises all ``(H*W)**2`` scores and has no backward on CPU: for tests.
+    Under autocast q, k, v run in the autocast dtype, as the reference's einsums do.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    batch, heads, height, width, dim = q.shape
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    q, k, v = (t.reshape(batch, heads, height * width, dim).to(dtype).contiguous() for t in (q, k, v))
+    block_mask = _window_block_mask(height, width, kernel_size, q.device)
+    score_mod = None if rpb is None else _bias_score_mod(rpb, width, kernel_size)
+    attend = _compiled_flex_attention() if q.is_cuda else flex_attention
+    with torch.autocast(device_type, enabled=False):
+        out = attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)
+    return out.view(batch, heads, height, width, dim)
+
+
+def _flex_available(q, k, v, kernel_size, rpb) -> bool:
+    return q.is_cuda and _flex_attention_available()
+
+
 def _natten_available(q, k, v, kernel_size, rpb) -> bool:
     if rpb is not None or q.shape[2] < kernel_size or q.shape[3] < kernel_size:
         return False
@@ -73,6 +168,7 @@ def _neighborhood_attention_natten(q, k, v, kernel_size, rpb):
 
 
 _neighborhood_attention = OpDispatcher('neighborhood_attention', {
+    'flex': Backend(_neighborhood_attention_flex, _flex_available),
     'natten': Backend(_neighborhood_attention_natten, _natten_available),
     'torch': Backend(_neighborhood_attention_torch, always),
 })
