@@ -67,19 +67,23 @@ def _flex_attention_available() -> bool:
     return True
 
 
+_FLEX_BLOCK_SIZE = 128
+
+
 @lru_cache(maxsize=None)
 def _compiled_flex_attention() -> Callable:
     """FlexAttention compiled once per process; eager FlexAttention is the unfused math path.
 
-    Every map size and dtype is a recompile of the same function, so the dynamo cache limit is
-    raised to hold a model's stages at several input sizes.
+    Map sizes, head dims and dtypes recompile the same function (sizes that change become
+    dynamic after the first recompile), so the dynamo cache limit is raised to hold a model's
+    stages at several input sizes.
     """
     from torch.nn.attention.flex_attention import flex_attention
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     torch._dynamo.config.accumulated_cache_size_limit = max(
         torch._dynamo.config.accumulated_cache_size_limit, 1024)
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
 def _window_mask_mod(height: int, width: int, kernel_size: int, device) -> Callable:
@@ -97,12 +101,29 @@ def _window_mask_mod(height: int, width: int, kernel_size: int, device) -> Calla
 
 @lru_cache(maxsize=64)
 def _window_block_mask(height: int, width: int, kernel_size: int, device: torch.device):
-    """Block mask of the windows for ``(height * width)`` row-major tokens, cached per size."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    """Block mask of the windows for ``height * width`` row-major tokens, cached per size.
 
+    Built from the window rules rather than by evaluating the mask on every (query, key)
+    pair: window starts never decrease along an axis, so the keys of a block of queries lie
+    between the first query's first window row and the last query's last window row.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    block = _FLEX_BLOCK_SIZE
     tokens = height * width
-    return create_block_mask(_window_mask_mod(height, width, kernel_size, device), None, None,
-                             tokens, tokens, device=device)
+    num_blocks = -(-tokens // block)
+    row_starts = window_starts(height, kernel_size, device)
+    first_query = torch.arange(num_blocks, device=device) * block
+    last_query = (first_query + block - 1).clamp(max=tokens - 1)
+    first_key = row_starts[first_query // width] * width
+    last_key = (row_starts[last_query // width] + min(kernel_size, height)) * width - 1
+    first_block, last_block = first_key // block, last_key // block
+    kv_num_blocks = (last_block - first_block + 1).to(torch.int32)
+    kv_indices = (first_block[:, None] + torch.arange(num_blocks, device=device)).clamp(max=num_blocks - 1)
+    return BlockMask.from_kv_blocks(kv_num_blocks[None, None], kv_indices[None, None].to(torch.int32),
+                                    BLOCK_SIZE=block,
+                                    mask_mod=_window_mask_mod(height, width, kernel_size, device),
+                                    seq_lengths=(tokens, tokens))
 
 
 def _bias_score_mod(rpb: Tensor, width: int, kernel_size: int) -> Callable:

@@ -1,0 +1,248 @@
+"""Throughput and peak memory of SegMAN and mmseg's SegFormer / SegNeXt on one GPU.
+
+Inference: ``model(images, mode='tensor')`` (encoder and decode head, logits at the head's
+stride), eval mode, ``torch.inference_mode``. Training: one step of ``model.loss`` on random
+labels (150 classes), backward, AdamW step. Both on random images; float32 or bf16 autocast
+(parameters stay float32). Each cell: warm-up steps (the first one compiles FlexAttention),
+then timed steps (CUDA events, ``--iters`` at most, stopping after ``--cell-seconds``); the
+median step gives images/s, ``torch.cuda.max_memory_allocated`` over the timed steps the
+peak memory. SegMAN runs on its ``fast`` path (every op's fastest backend) and its ``ref``
+path (every op on its ``torch`` backend, as ``SEGMAN_BACKEND=torch`` does). All models use
+their ADE20K heads (150 classes) at every size. Out-of-memory is reported as ``OOM``.
+
+    python tools/benchmark.py --mode infer --models segman-t segnext-t --sizes 512 \\
+        --batches 1 16 --dtypes bf16 --paths fast ref --out results.jsonl
+    python tools/benchmark.py --render results.jsonl [more.jsonl ...]   # markdown tables
+
+Results go to ``--out`` as JSON lines as each cell finishes; ``--render`` prints the tables
+of one or more such files. ``--budget-seconds`` stops before a time limit; cells left are
+recorded as not run.
+"""
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+SEGMAN = {  # arch: (embed dims, ADE20K head channels, feat_proj_dim)
+    't': ([32, 64, 144, 192], 128, 192),
+    's': ([64, 144, 288, 512], 144, 288),
+    'b': ([96, 160, 364, 560], 180, 320),
+    'l': ([96, 192, 432, 640], 224, 432),
+}
+PEER_CONFIGS = {
+    **{f'segformer-b{i}': f'segformer/segformer_mit-b{i}_8xb2-160k_ade20k-512x512.py' for i in range(5)},
+    **{f'segnext-{s}': f'segnext/segnext_mscan-{s}_1xb16-adamw-160k_ade20k-512x512.py' for s in 'tsbl'},
+}
+MODELS = [f'segman-{a}' for a in SEGMAN] + list(PEER_CONFIGS)
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
+NUM_CLASSES = 150
+
+
+def build_model(name: str, with_cp: bool = False) -> nn.Module:
+    """An mmseg ``EncoderDecoder`` for ``name`` (one of :data:`MODELS`), on the GPU.
+
+    ``with_cp`` (gradient checkpointing) applies to SegMAN only."""
+    from mmengine.config import Config
+    from mmengine.model import revert_sync_batchnorm
+    from mmseg.registry import MODELS as REGISTRY
+    from mmseg.utils import register_all_modules
+
+    register_all_modules()
+    if name.startswith('segman-'):
+        import mmseg_segman  # noqa: F401
+
+        dims, channels, proj = SEGMAN[name[-1]]
+        cfg = dict(type='EncoderDecoder',
+                   backbone=dict(type='SegMANEncoder', arch=name[-1], with_cp=with_cp),
+                   decode_head=dict(type='SegMANHead', in_channels=dims, channels=channels,
+                                    feat_proj_dim=proj, num_classes=NUM_CLASSES, dropout_ratio=0.1,
+                                    loss_decode=dict(type='CrossEntropyLoss', loss_weight=1.0)),
+                   train_cfg=dict(), test_cfg=dict(mode='whole'))
+    else:
+        import mmseg
+        config_dir = Path(mmseg.__file__).parent / '.mim' / 'configs'
+        cfg = Config.fromfile(str(config_dir / PEER_CONFIGS[name])).model.to_dict()
+        cfg.pop('pretrained', None)
+        cfg['backbone'].pop('init_cfg', None)
+    cfg.pop('data_preprocessor', None)  # the harness feeds normalised tensors directly
+    return revert_sync_batchnorm(REGISTRY.build(cfg)).cuda()
+
+
+def set_path(path: str) -> None:
+    """``fast``: automatic backend choice; ``ref``: every SegMAN op on its torch backend."""
+    from mmseg_segman.ops import dispatch
+
+    for op in dispatch.registered_ops():
+        dispatch.set_backend(op, 'torch' if path == 'ref' else None)
+
+
+def data_samples(batch: int, height: int, width: int) -> List:
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    samples = []
+    for _ in range(batch):
+        sample = SegDataSample()
+        labels = torch.randint(0, NUM_CLASSES, (1, height, width), device='cuda')
+        sample.gt_sem_seg = PixelData(data=labels)
+        sample.set_metainfo(dict(img_shape=(height, width), ori_shape=(height, width),
+                                 pad_shape=(height, width)))
+        samples.append(sample)
+    return samples
+
+
+def timed_steps(step, warmup: int, iters: int, cell_seconds: float) -> Dict:
+    """Median seconds per ``step()`` after ``warmup`` calls, and peak memory over the timed calls."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - start
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    begin = time.perf_counter()
+    while len(times) < iters and (len(times) < 3 or time.perf_counter() - begin < cell_seconds):
+        events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        events[0].record()
+        step()
+        events[1].record()
+        torch.cuda.synchronize()
+        times.append(events[0].elapsed_time(events[1]) / 1e3)
+    return dict(step_s=statistics.median(times), iters=len(times), warmup_s=round(warmup_s, 1),
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+
+
+def measure(model: nn.Module, mode: str, batch: int, height: int, width: int, dtype: torch.dtype,
+            args) -> Dict:
+    images = torch.randn(batch, 3, height, width, device='cuda')
+    autocast = torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32)
+    if mode == 'infer':
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), autocast:
+                model(images, mode='tensor')
+    else:
+        model.train()
+        samples = data_samples(batch, height, width)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01)
+
+        def step():
+            with autocast:
+                losses = model.loss(images, samples)
+            sum(v for k, v in losses.items() if 'loss' in k).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    result = timed_steps(step, args.warmup, args.iters, args.cell_seconds)
+    result['img_s'] = batch / result.pop('step_s')
+    return result
+
+
+def parse_size(size: str):
+    height, _, width = size.partition('x')
+    return int(height), int(width or height)
+
+
+def cells(args) -> Iterable[Dict]:
+    for model in args.models:
+        paths = args.paths if model.startswith('segman-') else ['-']
+        for path in paths:
+            for size in args.sizes:
+                for dtype in args.dtypes:
+                    for batch in args.batches:
+                        yield dict(model=model, path=path, mode=args.mode, size=size, dtype=dtype,
+                                   batch=batch, with_cp=args.with_cp)
+
+
+def run(args) -> None:
+    out = open(args.out, 'a') if args.out else None
+    deadline = time.perf_counter() + args.budget_seconds
+    model, built = None, None
+    for cell in cells(args):
+        if time.perf_counter() > deadline:
+            cell['status'] = 'not run (time budget)'
+        else:
+            try:
+                if built != cell['model']:
+                    model = built = None
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    torch.manual_seed(0)
+                    model, built = build_model(cell['model'], args.with_cp), cell['model']
+                if cell['path'] != '-':
+                    set_path(cell['path'])
+                cell.update(measure(model, args.mode, cell['batch'], *parse_size(cell['size']),
+                                    DTYPES[cell['dtype']], args))
+                cell['status'] = 'ok'
+            except torch.OutOfMemoryError:
+                cell['status'] = 'OOM'
+            finally:
+                gc.collect()
+                torch.cuda.empty_cache()
+        print(json.dumps(cell), flush=True)
+        if out:
+            out.write(json.dumps(cell) + '\n')
+            out.flush()
+
+
+def render(files: List[str]) -> str:
+    """Markdown tables (one per mode, batch and dtype) of the cells in ``files``."""
+    rows = [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line]
+    lines = []
+    keys = sorted({(r['mode'], r['with_cp'], r['batch'], r['dtype']) for r in rows},
+                  key=lambda k: (k[0], k[1], k[2], k[3] != 'bf16'))
+    for mode, with_cp, batch, dtype in keys:
+        group = [r for r in rows if (r['mode'], r['with_cp'], r['batch'], r['dtype']) == (mode, with_cp, batch, dtype)]
+        sizes = list(dict.fromkeys(r['size'] for r in group))
+        title = 'inference' if mode == 'infer' else 'training step'
+        lines += ['', f'**{title}, batch {batch}, {dtype}{", with_cp" if with_cp else ""}** '
+                  '(images/s, peak GiB)', '',
+                  '| model | path | ' + ' | '.join(sizes) + ' |',
+                  '|---|---|' + '---|' * len(sizes)]
+        for model, path in dict.fromkeys((r['model'], r['path']) for r in group):
+            cellmap = {r['size']: r for r in group if (r['model'], r['path']) == (model, path)}
+            values = []
+            for size in sizes:
+                r = cellmap.get(size)
+                if r is None:
+                    values.append('not run')
+                elif r['status'] == 'ok':
+                    values.append(f"{r['img_s']:.1f} ({r['peak_gib']:.1f})")
+                else:
+                    values.append(r['status'])
+            lines.append(f'| {model} | {path} | ' + ' | '.join(values) + ' |')
+    return '\n'.join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--render', nargs='+', metavar='JSONL', help='print tables and exit')
+    parser.add_argument('--mode', choices=['infer', 'train'], default='infer')
+    parser.add_argument('--models', nargs='+', choices=MODELS, default=MODELS)
+    parser.add_argument('--paths', nargs='+', choices=['fast', 'ref'], default=['fast'],
+                        help='SegMAN op paths (peers have one)')
+    parser.add_argument('--sizes', nargs='+', default=['512'], help='HxW or S for SxS')
+    parser.add_argument('--batches', nargs='+', type=int, default=[16])
+    parser.add_argument('--dtypes', nargs='+', choices=list(DTYPES), default=['bf16'])
+    parser.add_argument('--with-cp', action='store_true', help='gradient checkpointing (backbone)')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--iters', type=int, default=10)
+    parser.add_argument('--cell-seconds', type=float, default=3.0)
+    parser.add_argument('--budget-seconds', type=float, default=1e9)
+    parser.add_argument('--out', help='append JSON lines here')
+    args = parser.parse_args()
+    if args.render:
+        print(render(args.render))
+        return
+    print(f'# torch {torch.__version__}, {torch.cuda.get_device_name()}', flush=True)
+    run(args)
+
+
+if __name__ == '__main__':
+    main()

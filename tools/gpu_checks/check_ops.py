@@ -1,0 +1,189 @@
+"""Every GPU backend of the SegMAN ops against the pure-PyTorch reference, on CUDA.
+
+    python tools/gpu_checks/check_ops.py [--seed 0]
+
+For each op, each non-reference backend that is available on CUDA, each case (odd sizes,
+axes shorter than the kernel) and float32 / bfloat16 inputs, the backend's output and the
+gradients of all its inputs are compared with the ``torch`` backend run on the same inputs
+upcast to float64. The error is ``||x - ref|| / ||ref||``; a check passes when it is under
+the dtype's tolerance, or under twice the error of the ``torch`` backend itself in that
+dtype (the reference's own rounding sets the floor). Last, the SegMAN-T encoder runs
+forward and backward on the fast and the reference path (float32 and bf16 autocast).
+Prints one PASS/FAIL line per check and exits 1 if any failed.
+"""
+import argparse
+import math
+import sys
+from typing import Callable, List, Optional
+
+import torch
+from torch import Tensor
+
+import mmseg_segman  # noqa: F401  (registers the models and the ops)
+from mmseg_segman.ops import dispatch
+
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
+
+# Each case is (op, name, inputs(dtype) -> args); activations come in ``dtype``, parameters
+# (rpb, bias, A, D, delta_bias) stay float32, as under autocast. Every tensor gets gradients.
+
+
+def _randn(*shape, dtype=torch.float32, scale=1.0) -> Tensor:
+    return (torch.randn(*shape, device='cuda') * scale).to(dtype)
+
+
+def na_case(batch, heads, height, width, dim, kernel, rpb=True):
+    def make(dtype):
+        q, k, v = (_randn(batch, heads, height, width, dim, dtype=dtype) for _ in range(3))
+        bias = _randn(heads, 2 * kernel - 1, 2 * kernel - 1) if rpb else None
+        return [q * dim ** -0.5, k, v, kernel, bias]
+    name = f'B{batch} h{heads} {height}x{width} d{dim} k{kernel}' + ('' if rpb else ' no-rpb')
+    return 'neighborhood_attention', name, make
+
+
+def attention_case(batch, heads, length, dim, bias=True):
+    def make(dtype):
+        q, k, v = (_randn(batch, heads, length, dim, dtype=dtype) for _ in range(3))
+        return [q * dim ** -0.5, k, v, _randn(heads, length, length) if bias else None]
+    return 'biased_attention', f'B{batch} h{heads} L{length} d{dim}' + ('' if bias else ' no-bias'), make
+
+
+def scan_case(batch, channels, height, width, state=1):
+    def make(dtype):
+        x = _randn(batch, channels, height, width, dtype=dtype)
+        delta = _randn(batch, 4, channels, height, width, dtype=dtype, scale=0.5)
+        A = -torch.exp(_randn(4 * channels, state, scale=0.5))
+        B, C = (_randn(batch, 4, state, height, width, dtype=dtype) for _ in range(2))
+        D = _randn(4 * channels)
+        dt = torch.empty(4 * channels, device='cuda').uniform_(math.log(1e-3), math.log(0.1)).exp()
+        delta_bias = dt + torch.log(-torch.expm1(-dt))  # inverse softplus, as VMamba's init
+        return [x, delta, A, B, C, D, delta_bias]
+    return 'cross_selective_scan', f'B{batch} d{channels} {height}x{width} N{state}', make
+
+
+CASES = [
+    na_case(2, 4, 64, 64, 24, 11), na_case(2, 3, 37, 45, 20, 9), na_case(1, 2, 13, 9, 36, 7),
+    na_case(2, 2, 5, 19, 28, 7), na_case(1, 4, 6, 4, 32, 11), na_case(2, 8, 16, 16, 24, 7),
+    na_case(2, 4, 33, 21, 32, 9, rpb=False),
+    attention_case(2, 8, 256, 24), attention_case(2, 13, 63, 28), attention_case(1, 20, 35, 28),
+    attention_case(2, 4, 77, 32, bias=False),
+    scan_case(2, 64, 32, 32), scan_case(1, 36, 7, 13), scan_case(2, 96, 16, 23), scan_case(1, 17, 1, 5),
+]
+
+
+def rel_error(x: Optional[Tensor], ref: Optional[Tensor]) -> float:
+    if x is None or ref is None:
+        return 0.0 if x is None and ref is None else math.inf
+    x, ref = x.double(), ref.double()
+    if not torch.isfinite(x).all():
+        return math.inf
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def run(fn: Callable, args: List, cotangent: Optional[Tensor], upcast: bool = False):
+    """``fn(*args)`` and the gradients of its floating-point tensor args for ``cotangent``."""
+    leaves = []
+    call = []
+    for a in args:
+        if isinstance(a, Tensor) and a.is_floating_point():
+            a = a.detach().double() if upcast else a.detach().clone()
+            a.requires_grad_(True)
+            leaves.append(a)
+        call.append(a)
+    out = fn(*call)
+    g = torch.randn_like(out, dtype=torch.float32) if cotangent is None else cotangent
+    out.backward(g.to(out.dtype))
+    return out.detach(), g, [leaf.grad for leaf in leaves]
+
+
+def check_op_backends(seed: int) -> List[bool]:
+    results = []
+    ops = dispatch.registered_ops()
+    for op_name, case_name, make in CASES:
+        op = ops[op_name]
+        reference = op.backends['torch'].fn
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(seed)
+            args = make(dtype)
+            names = [n for n, b in op.backends.items() if n != 'torch' and b.available(*args)]
+            if not names:
+                continue
+            ref_out, g, ref_grads = run(reference, args, None, upcast=True)
+            floor_out, _, floor_grads = run(reference, args, g)
+            for name in names:
+                try:
+                    out, _, grads = run(op.backends[name].fn, args, g)
+                except Exception as e:  # a crash is a failure of this backend, not of the script
+                    print(f'FAIL {op_name:24s} {name:7s} {str(dtype)[6:]:8s} {case_name}: '
+                          f'{type(e).__name__}: {str(e)[:200]}')
+                    results.append(False)
+                    continue
+                pairs = [('out', out, floor_out, ref_out)] + [
+                    (f'grad{i}', a, b, c) for i, (a, b, c) in enumerate(zip(grads, floor_grads, ref_grads))]
+                worst = []
+                ok = True
+                for label, x, floor, ref in pairs:
+                    err, floor_err = rel_error(x, ref), rel_error(floor, ref)
+                    passed = err <= max(TOLERANCE[dtype], 2 * floor_err)
+                    ok &= passed
+                    worst.append(f'{label} {err:.1e}' + ('' if passed else f'(torch {floor_err:.1e})'))
+                results.append(ok)
+                print(f'{"PASS" if ok else "FAIL"} {op_name:24s} {name:7s} {str(dtype)[6:]:8s} '
+                      f'{case_name}: ' + ', '.join(worst))
+    return results
+
+
+def check_model(seed: int) -> List[bool]:
+    """SegMAN-T encoder, fast path vs reference path, outputs and parameter gradients."""
+    from mmseg_segman.models import SegMANEncoder
+
+    torch.manual_seed(seed)
+    model = SegMANEncoder('t').cuda().eval()  # eval: BN in running mode, same in both runs
+    with torch.no_grad():  # rpb starts at zero: perturb every parameter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    x = torch.randn(2, 3, 224, 352, device='cuda')
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        runs = []
+        for backends in (None, 'torch'):
+            for op in dispatch.registered_ops():
+                dispatch.set_backend(op, backends)
+            model.zero_grad()
+            with torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
+                outs = model(x)
+            sum(o.float().square().mean() for o in outs).backward()
+            runs.append(([o.detach().float() for o in outs],
+                         [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        (fast_outs, fast_grads), (ref_outs, ref_grads) = runs
+        out_err = max(rel_error(a, b) for a, b in zip(fast_outs, ref_outs))
+        grad_err = rel_error(torch.cat([g.flatten() for g in fast_grads]),
+                             torch.cat([g.flatten() for g in ref_grads]))
+        tol = 5 * TOLERANCE[dtype]
+        ok = out_err <= tol and grad_err <= tol and len(fast_grads) == len(ref_grads)
+        results.append(ok)
+        print(f'{"PASS" if ok else "FAIL"} {"SegMAN-T encoder":24s} {"fast":7s} {str(dtype)[6:]:8s} '
+              f'2x3x224x352 vs reference path: out {out_err:.1e}, grads {grad_err:.1e} (tol {tol:.0e})')
+    for op in dispatch.registered_ops():
+        dispatch.set_backend(op, None)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print('FAIL no CUDA device')
+        return 1
+    print(f'torch {torch.__version__}, {torch.cuda.get_device_name()}')
+    for name, op in dispatch.registered_ops().items():
+        print(f'op {name}: backends {list(op.backends)}')
+    results = check_op_backends(args.seed) + check_model(args.seed)
+    failed = results.count(False)
+    print(f'{len(results) - failed} PASS, {failed} FAIL')
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
