@@ -141,7 +141,21 @@ def measure(model: nn.Module, mode: str, batch: int, height: int, width: int, dt
             optimizer.zero_grad(set_to_none=True)
     result = timed_steps(step, args.warmup, args.iters, args.cell_seconds)
     result['img_s'] = batch / result.pop('step_s')
+    if args.profile:
+        print_profile(step)
     return result
+
+
+def print_profile(step, steps: int = 3) -> None:
+    """The CUDA kernels that take the most time over ``steps`` more steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by='self_cuda_time_total', row_limit=25, max_name_column_width=70),
+          flush=True)
 
 
 def parse_size(size: str):
@@ -235,6 +249,7 @@ def main() -> None:
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--cell-seconds', type=float, default=3.0)
     parser.add_argument('--budget-seconds', type=float, default=1e9)
+    parser.add_argument('--profile', action='store_true', help='print the top kernels of each cell')
     parser.add_argument('--out', help='append JSON lines here')
     args = parser.parse_args()
     if args.render:
