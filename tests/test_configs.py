@@ -1,0 +1,74 @@
+"""Every shipped segmentation config builds its model through mmseg's registry."""
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from mmseg.registry import MODELS
+
+import mmseg_segman  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / 'configs' / 'segman').glob('segman-*.py'))
+NUM_CLASSES = {'ade20k': 150, 'cityscapes': 19, 'coco-stuff164k': 171, 'toy': 5}
+ARCH_DIMS = {'t': 32, 's': 64, 'b': 96, 'l': 96}
+
+
+def load(path: Path) -> Config:
+    cfg = Config.fromfile(str(path))
+    cfg.model.backbone.init_cfg = None  # released ImageNet weights are not part of the tests
+    return cfg
+
+
+def test_all_configs_are_shipped():
+    names = {p.name for p in CONFIGS}
+    for size in 'tsbl':
+        assert f'segman-{size}_4xb4-160k_ade20k-512x512.py' in names
+        assert f'segman-{size}_4xb2-160k_cityscapes-1024x1024.py' in names
+        assert f'segman-{size}_4xb4-160k_coco-stuff164k-512x512.py' in names
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+def test_config_builds(path):
+    cfg = load(path)
+    assert cfg.custom_imports.imports == ['mmseg_segman']
+    size = path.stem.split('_')[0].split('-')[1]
+    dataset = next(name for name in NUM_CLASSES if name in path.stem)
+    init_default_scope('mmseg')
+    model = MODELS.build(cfg.model)
+    assert type(model.backbone).__name__ == 'SegMANEncoder'
+    assert type(model.decode_head).__name__ == 'SegMANHead'
+    assert model.backbone.embed_dims[0] == ARCH_DIMS[size]
+    assert model.decode_head.num_classes == NUM_CLASSES[dataset]
+    if size == 't':  # a forward through mmseg's data path for the small ones
+        model.eval()
+        with torch.no_grad():
+            logits = model(torch.randn(1, 3, 64, 96), mode='tensor')
+        assert logits.shape == (1, NUM_CLASSES[dataset], 8, 12)
+
+
+def test_paper_recipe():
+    cfg = load(REPO / 'configs/segman/segman-b_4xb4-160k_ade20k-512x512.py')
+    assert cfg.optim_wrapper.optimizer.lr == 6e-5 and cfg.optim_wrapper.optimizer.weight_decay == 0.01
+    assert cfg.optim_wrapper.paramwise_cfg.custom_keys['head'].lr_mult == 10.0
+    assert cfg.param_scheduler[0].end == 1500 and cfg.param_scheduler[1].end == 160000
+    assert cfg.train_dataloader.batch_size == 4 and cfg.model.decode_head.norm_cfg.type == 'SyncBN'
+    raw = Config.fromfile(str(REPO / 'configs/segman/segman-b_4xb4-160k_coco-stuff164k-512x512.py'))
+    assert raw.model.backbone.init_cfg.checkpoint == 'pretrained/SegMAN_Encoder_b.pth.tar'
+    city = load(REPO / 'configs/segman/segman-s_4xb2-160k_cityscapes-1024x1024.py')
+    assert city.model.test_cfg.mode == 'slide' and city.model.decode_head.channels == 152
+    assert city.train_dataloader.batch_size == 2
+    assert load(REPO / 'configs/segman/segman-l_4xb2-160k_cityscapes-1024x1024.py').model.test_cfg.mode == 'whole'
+
+
+def test_config_typo_is_named():
+    cfg = load(REPO / 'configs/segman/segman-t_4xb4-160k_ade20k-512x512.py')
+    cfg.model.backbone.arch = 'tiny'
+    init_default_scope('mmseg')
+    with pytest.raises(ValueError, match="unknown SegMAN arch 'tiny'"):
+        MODELS.build(cfg.model)
+    cfg.model.backbone.arch = 't'
+    cfg.model.decode_head.feat_proj_dims = 192  # typo of feat_proj_dim
+    with pytest.raises(TypeError, match='feat_proj_dims'):
+        MODELS.build(cfg.model)
