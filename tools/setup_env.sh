@@ -14,7 +14,7 @@ CACHE="${SEGMAN_CACHE:-$HOME/.cache/mmseg-segman}"
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 BUILD_PINS=("setuptools>=77,<81" wheel ninja)
 STACK_PINS=(mmengine==0.10.7 mmsegmentation==1.2.2 mmpretrain==1.2.0 natten==0.21.7
-            "numpy<2.3" ftfy regex pytest==8.3.4 pytest-timeout==2.3.1)
+            "numpy<2.3" ftfy regex pytest==8.3.4 pytest-timeout==2.3.1 openmim==0.3.9)
 MMCV_VERSION=2.1.0
 
 # Everything that decides the environment's contents; a change makes the next run re-check.
