@@ -15,6 +15,7 @@ Two entry points:
 
 The recurrence is computed in float32 (float64 if the inputs are float64).
 """
+import os
 from typing import Optional
 
 import torch
@@ -136,7 +137,26 @@ def _selective_scan_mamba_ssm(u, delta, A, B, C, D=None, delta_bias=None, delta_
     return y.float()
 
 
+def _triton_available(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True) -> bool:
+    """State size 1, softplus on, float32/16 inputs, on CUDA (or CPU under TRITON_INTERPRET=1)."""
+    if A.shape[1] != 1 or not delta_softplus or u.dtype == torch.float64:
+        return False
+    if not (u.is_cuda or os.environ.get('TRITON_INTERPRET') == '1'):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _selective_scan_triton(*args, **kwargs):
+    from .triton_selective_scan import selective_scan_triton
+    return selective_scan_triton(*args, **kwargs)
+
+
 _selective_scan = OpDispatcher('selective_scan', {
+    'triton': Backend(_selective_scan_triton, _triton_available),
     'mamba_ssm': Backend(_selective_scan_mamba_ssm, _mamba_ssm_available),
     'torch': Backend(_selective_scan_torch, always),
 })
