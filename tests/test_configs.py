@@ -54,6 +54,7 @@ def test_paper_recipe():
     assert cfg.optim_wrapper.paramwise_cfg.custom_keys['head'].lr_mult == 10.0
     assert cfg.param_scheduler[0].end == 1500 and cfg.param_scheduler[1].end == 160000
     assert cfg.train_dataloader.batch_size == 4 and cfg.model.decode_head.norm_cfg.type == 'SyncBN'
+    assert dict(type='ResizeToMultiple', size_divisor=32) in cfg.test_dataloader.dataset.pipeline
     raw = Config.fromfile(str(REPO / 'configs/segman/segman-b_4xb4-160k_coco-stuff164k-512x512.py'))
     assert raw.model.backbone.init_cfg.checkpoint == 'pretrained/SegMAN_Encoder_b.pth.tar'
     city = load(REPO / 'configs/segman/segman-s_4xb2-160k_cityscapes-1024x1024.py')
