@@ -85,3 +85,35 @@ def test_history_buffer_statistics_method_is_allowed(tmp_path):
                 b'X\x04\x00\x00\x00mean\x86R.')
     save_raw(dump, tmp_path / 'mean.pth')
     assert torch.load(tmp_path / 'mean.pth') is HistoryBuffer.mean
+
+
+def test_runner_checkpoint_round_trip(tmp_path):
+    """What a real mmengine Runner writes loads back through CheckpointLoader and resume."""
+    from mmengine.model import BaseModel
+    from mmengine.runner import CheckpointLoader, Runner
+
+    class Tiny(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 1)
+
+        def forward(self, inputs, mode='loss'):
+            return {'loss': self.linear(inputs).pow(2).mean()}
+
+    def runner(max_iters):
+        return Runner(
+            model=Tiny(), work_dir=str(tmp_path), experiment_name=f'safety-{max_iters}',
+            train_dataloader=dict(dataset=[dict(inputs=torch.ones(2))] * 4, batch_size=2, collate_fn=dict(type='default_collate'),
+                                  sampler=dict(type='DefaultSampler', shuffle=False)),
+            optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
+            param_scheduler=dict(type='LinearLR', by_epoch=False, begin=0, end=4),
+            train_cfg=dict(by_epoch=False, max_iters=max_iters), default_scope='mmengine',
+            default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=2, by_epoch=False)))
+
+    runner(2).train()
+    path = str(tmp_path / 'iter_2.pth')
+    ckpt = CheckpointLoader.load_checkpoint(path, map_location='cpu')  # weights_only default
+    assert isinstance(ckpt['message_hub']['log_scalars']['train/loss'], HistoryBuffer)
+    resumed = runner(4)
+    resumed.resume(path)
+    assert resumed.iter == 2
