@@ -31,6 +31,7 @@ class RoPE2d(nn.Module):
 
 
 def apply_rope(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
-    """Rotate channel pairs ``(2m, 2m+1)`` of ``x (..., H, W, head_dim)``."""
+    """Rotate channel pairs ``(2m, 2m+1)`` of ``x (..., H, W, head_dim)`` (in ``x``'s dtype)."""
+    sin, cos = sin.to(x.dtype), cos.to(x.dtype)
     rotated = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
     return x * cos + rotated * sin
