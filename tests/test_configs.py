@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
 from mmseg.registry import MODELS
 
@@ -61,6 +62,23 @@ def test_paper_recipe():
     assert city.model.test_cfg.mode == 'slide' and city.model.decode_head.channels == 152
     assert city.train_dataloader.batch_size == 2
     assert load(REPO / 'configs/segman/segman-l_4xb2-160k_cityscapes-1024x1024.py').model.test_cfg.mode == 'whole'
+
+
+def test_optimizer_groups_follow_the_recipe():
+    cfg = load(REPO / 'configs/segman/segman-t_4xb4-160k_ade20k-512x512.py')
+    init_default_scope('mmseg')
+    model = MODELS.build(cfg.model)
+    params = dict(model.named_parameters())
+    groups = build_optim_wrapper(model, cfg.optim_wrapper).param_groups
+
+    def lr_and_decay(name):
+        group = next(g for g in groups if any(p is params[name] for p in g['params']))
+        return pytest.approx(group['lr']), group['weight_decay']
+
+    assert lr_and_decay('decode_head.conv_seg.weight') == (6e-4, 0.01)
+    assert lr_and_decay('backbone.patch_embed.0.weight') == (6e-5, 0.01)
+    norms = [n for n in params if n.startswith('backbone.') and ('norm' in n or 'patch_embed.1.' in n)]
+    assert norms and all(lr_and_decay(n) == (6e-5, 0.0) for n in norms)
 
 
 def test_config_typo_is_named():

@@ -1,5 +1,7 @@
 # The paper's recipe: AdamW 6e-5, head lr x10, no decay on norms, 1500 warm-up iterations
-# then poly (power 1) to 0 at 160k iterations.
+# then poly (power 1) to 0 at 160k iterations. mmengine applies the first matching custom key
+# only, so the head's BN keeps lr x10 and weight decay, as in the release; encoder norms get no
+# decay ('norm' keys as in the release, norm_decay_mult for its BN layers named otherwise).
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01),
