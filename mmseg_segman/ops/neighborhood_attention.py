@@ -129,14 +129,18 @@ def _window_block_mask(height: int, width: int, kernel_size: int, device: torch.
 def _bias_score_mod(rpb: Tensor, width: int, kernel_size: int) -> Callable:
     """FlexAttention ``score_mod`` adding ``rpb[h, key row - query row + k - 1, same for cols]``.
 
-    Indices are clamped so that scores outside the window (masked afterwards) read in bounds.
+    ``rpb`` is ``(heads, 2k-1, 2k-1)``, or ``(B, heads, H, 2k-1, 2k-1)``: one copy per batch
+    element and query row (see :func:`_neighborhood_attention_flex`). Indices are clamped so
+    that scores outside the window (masked afterwards) read in bounds.
     """
     last = 2 * kernel_size - 2
+    per_row = rpb.dim() == 5
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        row = (kv_idx // width - q_idx // width + kernel_size - 1).clamp(0, last)
+        q_row = q_idx // width
+        row = (kv_idx // width - q_row + kernel_size - 1).clamp(0, last)
         col = (kv_idx % width - q_idx % width + kernel_size - 1).clamp(0, last)
-        return score + rpb[h, row, col]
+        return score + (rpb[b, h, q_row, row, col] if per_row else rpb[h, row, col])
 
     return score_mod
 
@@ -159,6 +163,11 @@ def _neighborhood_attention_flex(q: Tensor, k: Tensor, v: Tensor, kernel_size: i
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     q, k, v = (t.reshape(batch, heads, height * width, dim).to(dtype).contiguous() for t in (q, k, v))
     block_mask = _window_block_mask(height, width, kernel_size, q.device)
+    if rpb is not None and rpb.requires_grad and torch.is_grad_enabled():
+        # FlexAttention's backward adds every score's gradient into the captured bias with
+        # atomics; into one (heads, 2k-1, 2k-1) table they all collide. One copy per batch
+        # element and query row spreads them out; autograd sums the copies back into rpb.
+        rpb = rpb[None, :, None].expand(batch, -1, height, -1, -1).contiguous()
     score_mod = None if rpb is None else _bias_score_mod(rpb, width, kernel_size)
     attend = _compiled_flex_attention() if q.is_cuda else flex_attention
     with torch.autocast(device_type, enabled=False):

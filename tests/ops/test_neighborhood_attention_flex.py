@@ -63,3 +63,14 @@ def test_flex_is_preferred_on_cuda_only():
     assert next(iter(_neighborhood_attention.backends)) == 'flex'
     q, k, v, rpb = inputs(8, 8, 5, 'cpu')
     assert _neighborhood_attention.select(q, k, v, 5, rpb) == 'torch'
+
+
+def test_flex_per_row_bias_table_when_training():
+    """With a trainable rpb the flex path indexes per-(batch, query row) copies of it."""
+    q, k, v, rpb = inputs(9, 13, 5, 'cpu')
+    rpb.requires_grad_()
+    with torch.enable_grad():
+        out = _neighborhood_attention_flex(q, k, v, 5, rpb)
+    with torch.no_grad():
+        ref = _neighborhood_attention_torch(q, k, v, 5, rpb)
+    torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=1e-5)
