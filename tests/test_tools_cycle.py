@@ -35,10 +35,11 @@ def test_train_resume_test(tmp_path, toy_data):
     assert (work / 'iter_4.pth').is_file()
 
     code, out = run(TOOLS / 'test.py', TOY_CONFIG, work / 'iter_4.pth', '--work-dir', tmp_path / 'test',
-                    '--show-dir', 'overlays', '--cfg-options', *data_root_options(toy_data), cwd=REPO)
+                    '--show-dir', tmp_path / 'overlays', '--cfg-options',
+                    'default_hooks.visualization.interval=1', *data_root_options(toy_data), cwd=REPO)
     assert code == 0, out[-3000:]
     assert re.search(r'mIoU: \d', out), out[-3000:]
-    assert len(list((tmp_path / 'test').rglob('overlays/*.png'))) == 4
+    assert len(list((tmp_path / 'overlays').rglob('*.png'))) == 4  # one per validation image
 
 
 def test_missing_data_directory_is_named(tmp_path):

@@ -18,13 +18,13 @@ echo "[run_demo] training $CONFIG (about 6-8 minutes on 2 CPU cores)"
 "$PY" "$MMSEG_TOOLS/train.py" "$CONFIG" --work-dir "$WORK_DIR"
 CHECKPOINT="$(ls -t "$WORK_DIR"/best_mIoU_iter_*.pth | head -n 1)"
 echo "[run_demo] testing $CHECKPOINT"
-"$PY" "$MMSEG_TOOLS/test.py" "$CONFIG" "$CHECKPOINT" --work-dir "$WORK_DIR/test" --show-dir overlays \
+"$PY" "$MMSEG_TOOLS/test.py" "$CONFIG" "$CHECKPOINT" --work-dir "$WORK_DIR/test" \
+    --show-dir "$(realpath -m "$WORK_DIR/overlays")" --cfg-options default_hooks.visualization.interval=1 \
     2>&1 | tee "$WORK_DIR/test.log"
-OVERLAYS="$(dirname "$(find "$WORK_DIR/test" -path '*overlays*' -name '*.png' | head -n 1)")"
 cat <<DONE
 [run_demo] done
   training log and config:  $(ls -td "$WORK_DIR"/2*/ | head -n 1)
   checkpoints:              $WORK_DIR/*.pth (best: $CHECKPOINT)
   test mIoU:                $(grep -o 'mIoU: [0-9.]*' "$WORK_DIR/test.log" | tail -n 1)
-  prediction overlays:      $OVERLAYS
+  prediction overlays:      $WORK_DIR/overlays/vis_data/vis_image/
 DONE
