@@ -1,39 +1,60 @@
 """Convert the authors' released SegMAN checkpoints into files mmseg 1.x loads.
 
     python tools/convert_official_checkpoint.py SRC DST [--kind auto|segmentor|encoder]
+        [--dataset ade20k|cityscapes|coco-stuff] [--trust-pickle]
 
 * Segmentation checkpoints (mmseg 0.x: ``meta``, ``state_dict`` with ``backbone.*`` and
   ``decode_head.*``, maybe ``optimizer``) become ``{'meta': {'dataset_meta': ...},
-  'state_dict': ...}`` for ``load_from`` / ``tools/test.py``.
+  'state_dict': ...}`` for ``load_from`` / ``tools/test.py``; classes and palette come from
+  the old ``meta`` (``CLASSES``, ``PALETTE``) or ``--dataset``.
 * ImageNet encoder files (timm: ``state_dict_ema`` / ``state_dict``, ``classifier.*``,
   ``args``, ``optimizer``) become ``{'state_dict': ...}`` with the EMA weights when present,
   classifier kept, for ``init_cfg=dict(type='Pretrained', checkpoint=DST)``.
 
 The file is read with ``torch.load(weights_only=True)`` and the plugin's allow-list (tensors,
-containers, numpy values, mmengine's HistoryBuffer, argparse.Namespace): no pickled code runs.
-A file that needs anything else is refused unless ``--trust-pickle`` is given, which runs
-whatever the file contains: use it only on files you trust. The weights are checked by
-loading them strictly into the SegMAN model of the size they belong to.
+containers, numpy values, mmengine's HistoryBuffer, argparse.Namespace); mmcv 1.x
+``ConfigDict`` objects (and addict ``Dict``) in an old ``meta`` are read as plain
+``OrderedDict`` s. No pickled code runs. A file that needs anything else is refused unless
+``--trust-pickle`` is given, which runs whatever the file contains: use it only on files you
+trust. The weights are checked by loading them strictly into the SegMAN model of the size
+they belong to (inferred from the stem width and the stage depths).
 """
 import argparse
 import pickle
+import warnings
+import zipfile
+from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
+from mmseg.utils import get_classes, get_palette
 from torch import Tensor
 
 from mmseg_segman.models import SegMANEncoder, SegMANHead
 
+DATASETS = {'ade20k': 'ade20k', 'cityscapes': 'cityscapes', 'coco-stuff': 'coco_stuff164k'}
+# Classes of mmcv 1.x / addict that mmseg 0.x may leave in ``meta``, not importable now: read
+# as OrderedDict (the weights-only unpickler fills it and sets its keys as attributes).
+LEGACY_META_GLOBALS = [(OrderedDict, 'mmcv.utils.config.ConfigDict'),
+                       (OrderedDict, 'addict.addict.Dict')]
+
 
 def load_untrusted(path: Path, trust_pickle: bool) -> dict:
+    """The checkpoint dict, read weights-only unless ``trust_pickle``."""
     if not path.is_file():
-        raise FileNotFoundError(f'no checkpoint at {path}')
+        raise SystemExit(f'no checkpoint at {path}')
+    with path.open('rb') as f:  # torch.save writes a zip, or a pickle before torch 1.6
+        if not zipfile.is_zipfile(f) and f.read(1) != pickle.PROTO:
+            raise SystemExit(f'{path} is not a PyTorch checkpoint (neither a zip nor a pickle)')
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=not trust_pickle)
+        with torch.serialization.safe_globals(LEGACY_META_GLOBALS):
+            ckpt = torch.load(path, map_location='cpu', weights_only=not trust_pickle)
     except pickle.UnpicklingError as error:
         raise SystemExit(f'{path} holds objects beyond weights, numbers and the allow-list:\n'
                          f'{error}\nRe-run with --trust-pickle only if you trust this file.')
+    except Exception as error:  # torch reports damaged or foreign files in many ways
+        raise SystemExit(f'{path} is not a PyTorch checkpoint: {type(error).__name__}: {error}')
     if not isinstance(ckpt, dict):
         raise SystemExit(f'{path} is not a checkpoint dict but a {type(ckpt).__name__}')
     return ckpt
@@ -67,16 +88,39 @@ def check_segmentor(state: Dict[str, Tensor]) -> Tuple[str, int]:
     arch = infer_arch(encoder_state)
     encoder = SegMANEncoder(arch=arch)
     encoder.load_encoder_state(encoder_state, 'backbone weights')
+    widths = ('conv_seg.weight', 'linear_fuse.conv.weight', 'linear_c4.proj.weight')
+    if any(k not in head_state for k in widths):
+        raise SystemExit(f'not a SegMAN decode head: decode_head.* lacks one of {widths}')
     num_classes = head_state['conv_seg.weight'].shape[0]
     head = SegMANHead(in_channels=encoder.embed_dims,
                       channels=head_state['linear_fuse.conv.weight'].shape[0],
                       feat_proj_dim=head_state['linear_c4.proj.weight'].shape[0],
                       num_classes=num_classes)
-    head.load_state_dict(head_state, strict=True)
+    try:
+        head.load_state_dict(head_state, strict=True)
+    except RuntimeError as error:
+        raise SystemExit(f'decode_head weights do not fit a SegMAN-{arch.upper()} head: {error}')
     return arch, num_classes
 
 
-def convert(src: Path, dst: Path, kind: str = 'auto', trust_pickle: bool = False) -> dict:
+def dataset_meta(old_meta: dict, dataset: Optional[str], num_classes: int) -> Optional[dict]:
+    """mmseg 1.x ``dataset_meta`` from ``--dataset``, else from mmseg 0.x ``CLASSES``/``PALETTE``."""
+    if dataset is not None:
+        name = DATASETS[dataset]
+        meta = dict(classes=tuple(get_classes(name)), palette=[list(c) for c in get_palette(name)])
+    elif 'CLASSES' in old_meta:
+        meta = dict(classes=tuple(old_meta['CLASSES']),
+                    palette=[[int(v) for v in c] for c in old_meta.get('PALETTE') or []])
+    else:
+        return None
+    if len(meta['classes']) != num_classes:
+        warnings.warn(f'{len(meta["classes"])} class names for a head of {num_classes} classes')
+    return meta
+
+
+def convert(src: Path, dst: Path, kind: str = 'auto', dataset: Optional[str] = None,
+            trust_pickle: bool = False) -> dict:
+    """Read ``src``, check it against SegMAN, write ``dst``; returns the new ``meta``."""
     ckpt = load_untrusted(src, trust_pickle)
     state = ckpt.get('state_dict_ema') or ckpt.get('state_dict') or ckpt
     state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()
@@ -86,11 +130,11 @@ def convert(src: Path, dst: Path, kind: str = 'auto', trust_pickle: bool = False
     meta = {'converted_from': src.name}
     if kind == 'segmentor':
         arch, num_classes = check_segmentor(state)
-        old_meta = ckpt.get('meta') or {}
-        if 'CLASSES' in old_meta:
-            meta['dataset_meta'] = dict(classes=tuple(old_meta['CLASSES']),
-                                        palette=[list(c) for c in old_meta.get('PALETTE') or []])
-        summary = f'SegMAN-{arch.upper()} segmentor, {num_classes} classes'
+        found = dataset_meta(ckpt.get('meta') or {}, dataset, num_classes)
+        if found is not None:
+            meta['dataset_meta'] = found
+        classes = f'{len(found["classes"])} class names' if found else 'no class names (pass --dataset)'
+        summary = f'SegMAN-{arch.upper()} segmentor, {num_classes} classes, {classes}'
     else:
         encoder_state = {k: v for k, v in state.items() if not k.startswith('classifier.')}
         arch = infer_arch(encoder_state)
@@ -110,10 +154,12 @@ def main() -> None:
     parser.add_argument('src', type=Path, help='released checkpoint')
     parser.add_argument('dst', type=Path, help='converted checkpoint to write')
     parser.add_argument('--kind', choices=['auto', 'segmentor', 'encoder'], default='auto')
+    parser.add_argument('--dataset', choices=sorted(DATASETS),
+                        help='classes and palette to store (default: those of the old meta)')
     parser.add_argument('--trust-pickle', action='store_true',
-                        help='load with full pickle (runs code in the file): trusted files only')
+                        help='load with full pickle, which runs any code the file holds: trusted files only')
     args = parser.parse_args()
-    convert(args.src, args.dst, args.kind, args.trust_pickle)
+    convert(args.src, args.dst, args.kind, args.dataset, args.trust_pickle)
 
 
 if __name__ == '__main__':
