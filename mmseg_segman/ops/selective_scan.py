@@ -204,7 +204,28 @@ def _cross_selective_scan_torch(x, delta, A, B, C, D, delta_bias):
     return cross_merge(ys.view(batch, 4, channels, length), height, width)
 
 
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cross_triton_available(x, delta, A, B, C, D, delta_bias) -> bool:
+    """The Triton cross scan runs when the state size N is 1, x, delta, B and C are
+    float32, bfloat16 or float16, triton imports, and either every input is on CUDA or
+    every input is on the CPU with ``TRITON_INTERPRET=1`` (Triton's interpreter, for CI;
+    the variable must be set before triton is first imported)."""
+    tensors = (x, delta, A, B, C, D, delta_bias)
+    on_cuda = all(t.is_cuda for t in tensors)
+    interpreted = os.environ.get('TRITON_INTERPRET') == '1' and not any(t.is_cuda for t in tensors)
+    return ((on_cuda or interpreted) and all(t.dtype in _TRITON_DTYPES for t in (x, delta, B, C))
+            and _triton_available(x, delta, A, B, C, D, delta_bias))
+
+
+def _cross_selective_scan_triton(x, delta, A, B, C, D, delta_bias):
+    from .triton_cross_selective_scan import cross_selective_scan_triton
+    return cross_selective_scan_triton(x, delta, A, B, C, D, delta_bias)
+
+
 _cross_selective_scan = OpDispatcher('cross_selective_scan', {
+    'triton': Backend(_cross_selective_scan_triton, _cross_triton_available),
     'torch': Backend(_cross_selective_scan_torch, always),
 })
 

@@ -1,0 +1,256 @@
+"""Triton backend of :func:`mmseg_segman.ops.selective_scan.cross_selective_scan` (N = 1).
+
+Layout. The four scan directions are read in place from the map layout, with index
+arithmetic only (no cross-scan copies): ``x (B, D, H, W)``, ``delta (B, 4, D, H, W)``,
+``B``/``C (B, 4, 1, H, W)``, any strides. Scan step ``t`` of direction ``k`` is position
+``s = t`` (``k < 2``) or ``s = H*W - 1 - t`` (``k >= 2``) of the row-major (``k`` even) or
+column-major (``k`` odd) order of the map, i.e. pixel ``(s // W, s % W)`` or
+``(s % H, s // H)``. ``A``, ``D``, ``delta_bias`` are ``(4*D,)``, direction-major.
+
+Forward. One program owns ``BLOCK_D`` channels of one direction of one batch element
+(grid ``cdiv(D, BLOCK_D) x 4 x B``) and walks the sequence in tiles of ``BLOCK_L`` steps.
+``dt = softplus(delta + delta_bias)`` and ``a = exp(dt * A)`` are computed in registers;
+inside a tile ``h_t = a_t h_{t-1} + dt_t B_t u_t`` is one ``tl.associative_scan`` over
+``(a, b)`` pairs and the state is carried to the next tile. Everything is float32.
+
+Merge. Each direction writes its ``y`` into its own slot of a float32 ``(B, 4, D, H, W)``
+buffer at the pixel the step belongs to, and the four slots are summed in PyTorch. This is
+deterministic (atomics into ``(B, D, H, W)`` would add the four terms in a run-dependent
+order) and keeps all four directions in parallel; it costs one float32 buffer of four
+outputs, freed after the sum. ``du`` in the backward pass is merged the same way.
+
+Backward. When a gradient is needed the forward pass also stores ``h`` (float32, in scan
+order, so that store is coalesced in every direction). The backward program walks the
+tiles from the end, each read in reversed order, so the adjoint recurrence
+``dh_t = C_t dy_t + a_{t+1} dh_{t+1}`` is again a forward ``tl.associative_scan`` (no
+``reverse=True`` scan, whose results have been wrong on some Triton versions);
+``a_{t+1}`` is recomputed from ``delta`` at the next step and ``a_t h_{t-1} = h_t - b_t``.
+Then ``du``, ``ddelta`` (through softplus and bias), and per program: ``dB``, ``dC``
+summed over the program's channels, ``dA``, ``dD``, ``d delta_bias`` summed over its steps.
+These partial sums are reduced in PyTorch (over channel blocks, resp. the batch); again
+no atomics. Gradients are returned in the inputs' dtypes.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MAX_BLOCK_D = 8
+MAX_BLOCK_L = 128
+
+
+@triton.jit
+def affine_combine(a_left, b_left, a_right, b_right):
+    """Compose ``h -> a_left h + b_left`` (earlier) then ``h -> a_right h + b_right``."""
+    return a_left * a_right, a_right * b_left + b_right
+
+
+@triton.jit
+def _softplus(z):
+    """``log(1 + exp(z))``, linear above 20 as ``F.softplus``; accurate ``log1p`` for z < 0."""
+    e = tl.exp(tl.minimum(z, 20.0))
+    w = 1.0 + e
+    log1p = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    return tl.where(z > 20.0, z, log1p)
+
+
+@triton.jit
+def _pixel(step, length, height, width, direction):
+    """Row and column of scan step ``step`` (any shape) of ``direction`` in an ``H x W`` map."""
+    pos = tl.where(direction >= 2, length - 1 - step, step)
+    column_major = direction % 2 == 1
+    inner = tl.where(column_major, height, width)
+    outer_idx = pos // inner
+    inner_idx = pos % inner
+    return tl.where(column_major, inner_idx, outer_idx), tl.where(column_major, outer_idx, inner_idx)
+
+
+@triton.jit
+def _cross_scan_fwd_kernel(
+        x_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, y_ptr, h_ptr,
+        channels, height, width,
+        sx_b, sx_c, sx_h, sx_w, sd_b, sd_k, sd_c, sd_h, sd_w,
+        sb_b, sb_k, sb_h, sb_w, sc_b, sc_k, sc_h, sc_w,
+        STORE_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    direction = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    ch = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ch_ok = ch < channels
+    param = direction * channels + ch
+    A = tl.load(a_ptr + param, mask=ch_ok, other=0.0).to(tl.float32)[:, None]
+    D = tl.load(d_ptr + param, mask=ch_ok, other=0.0).to(tl.float32)[:, None]
+    bias = tl.load(bias_ptr + param, mask=ch_ok, other=0.0).to(tl.float32)[:, None]
+    length = height * width
+    x_base = x_ptr + batch * sx_b + ch[:, None] * sx_c
+    delta_base = delta_ptr + batch * sd_b + direction * sd_k + ch[:, None] * sd_c
+    b_base = b_ptr + batch * sb_b + direction * sb_k
+    c_base = c_ptr + batch * sc_b + direction * sc_k
+    row_base = ((batch * 4 + direction) * channels + ch[:, None]) * length  # y and h rows
+    steps = tl.arange(0, BLOCK_L)
+    carry = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(0, length, BLOCK_L):
+        t = start + steps
+        t_ok = t < length
+        ok = ch_ok[:, None] & t_ok[None, :]
+        i, j = _pixel(t, length, height, width, direction)
+        u = tl.load(x_base + (i * sx_h + j * sx_w)[None, :], mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(delta_base + (i * sd_h + j * sd_w)[None, :], mask=ok, other=0.0).to(tl.float32)
+        Bt = tl.load(b_base + i * sb_h + j * sb_w, mask=t_ok, other=0.0).to(tl.float32)[None, :]
+        Ct = tl.load(c_base + i * sc_h + j * sc_w, mask=t_ok, other=0.0).to(tl.float32)[None, :]
+        dt = _softplus(z + bias)
+        decay = tl.where(ok, tl.exp(dt * A), 1.0)
+        prod, h = tl.associative_scan((decay, dt * Bt * u), 1, affine_combine)
+        h += prod * carry[:, None]
+        tl.store(y_ptr + row_base + (i * width + j)[None, :], Ct * h + D * u, mask=ok)
+        if STORE_H:
+            tl.store(h_ptr + row_base + t[None, :], h, mask=ok)
+        carry = tl.sum(tl.where(steps[None, :] == BLOCK_L - 1, h, 0.0), axis=1)
+
+
+@triton.jit
+def _cross_scan_bwd_kernel(
+        x_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, h_ptr, dy_ptr,
+        du_ptr, ddelta_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr,
+        channels, height, width,
+        sx_b, sx_c, sx_h, sx_w, sd_b, sd_k, sd_c, sd_h, sd_w,
+        sb_b, sb_k, sb_h, sb_w, sc_b, sc_k, sc_h, sc_w, sy_b, sy_c, sy_h, sy_w,
+        BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    direction = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    block = tl.program_id(0)
+    ch = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    ch_ok = ch < channels
+    param = direction * channels + ch
+    A = tl.load(a_ptr + param, mask=ch_ok, other=0.0).to(tl.float32)[:, None]
+    D = tl.load(d_ptr + param, mask=ch_ok, other=0.0).to(tl.float32)[:, None]
+    bias = tl.load(bias_ptr + param, mask=ch_ok, other=0.0).to(tl.float32)[:, None]
+    length = height * width
+    x_base = x_ptr + batch * sx_b + ch[:, None] * sx_c
+    delta_base = delta_ptr + batch * sd_b + direction * sd_k + ch[:, None] * sd_c
+    b_base = b_ptr + batch * sb_b + direction * sb_k
+    c_base = c_ptr + batch * sc_b + direction * sc_k
+    dy_base = dy_ptr + batch * sy_b + ch[:, None] * sy_c
+    row_base = ((batch * 4 + direction) * channels + ch[:, None]) * length
+    bc_base = ((batch * 4 + direction) * tl.num_programs(0) + block) * length  # dB, dC partials
+    steps = tl.arange(0, BLOCK_L)
+    carry = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dA = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dD = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    num_tiles = tl.cdiv(length, BLOCK_L)
+    for tile in range(0, num_tiles):
+        t = (num_tiles - tile) * BLOCK_L - 1 - steps  # the tile, last step first
+        t_ok = t < length
+        ok = ch_ok[:, None] & t_ok[None, :]
+        i, j = _pixel(t, length, height, width, direction)
+        u = tl.load(x_base + (i * sx_h + j * sx_w)[None, :], mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(delta_base + (i * sd_h + j * sd_w)[None, :], mask=ok, other=0.0).to(tl.float32)
+        z += bias
+        Bt = tl.load(b_base + i * sb_h + j * sb_w, mask=t_ok, other=0.0).to(tl.float32)[None, :]
+        Ct = tl.load(c_base + i * sc_h + j * sc_w, mask=t_ok, other=0.0).to(tl.float32)[None, :]
+        dy = tl.load(dy_base + (i * sy_h + j * sy_w)[None, :], mask=ok, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + row_base + t[None, :], mask=ok, other=0.0)
+        # a_{t+1}, zero past the end
+        next_ok = ch_ok[:, None] & (t + 1 < length)[None, :]
+        i1, j1 = _pixel(t + 1, length, height, width, direction)
+        z1 = tl.load(delta_base + (i1 * sd_h + j1 * sd_w)[None, :], mask=next_ok, other=0.0)
+        decay_next = tl.where(next_ok, tl.exp(_softplus(z1.to(tl.float32) + bias) * A), 0.0)
+
+        prod, dh = tl.associative_scan((decay_next, Ct * dy), 1, affine_combine)
+        dh += prod * carry[:, None]
+        carry = tl.sum(tl.where(steps[None, :] == BLOCK_L - 1, dh, 0.0), axis=1)
+
+        dt = _softplus(z)
+        decayed_prev = h - dt * Bt * u  # a_t h_{t-1}
+        dz = tl.where(ok, dh * (Bt * u + A * decayed_prev) * tl.sigmoid(z), 0.0)
+        pixel = (i * width + j)[None, :]
+        tl.store(du_ptr + row_base + pixel, dh * dt * Bt + D * dy, mask=ok)
+        tl.store(ddelta_ptr + row_base + pixel, dz, mask=ok)
+        tl.store(db_ptr + bc_base + i * width + j, tl.sum(dh * dt * u, axis=0), mask=t_ok)
+        tl.store(dc_ptr + bc_base + i * width + j, tl.sum(dy * h, axis=0), mask=t_ok)
+        dA += tl.sum(dh * decayed_prev * dt, axis=1)
+        dD += tl.sum(dy * u, axis=1)
+        dbias += tl.sum(dz, axis=1)
+    out = (batch * 4 + direction) * channels + ch
+    tl.store(da_ptr + out, dA, mask=ch_ok)
+    tl.store(dd_ptr + out, dD, mask=ch_ok)
+    tl.store(dbias_ptr + out, dbias, mask=ch_ok)
+
+
+def block_sizes(channels: int, length: int) -> Tuple[int, int]:
+    """Default ``(BLOCK_D, BLOCK_L)``: powers of two, at most ``MAX_BLOCK_D``, ``MAX_BLOCK_L``."""
+    return (min(MAX_BLOCK_D, triton.next_power_of_2(channels)),
+            min(MAX_BLOCK_L, max(16, triton.next_power_of_2(length))))
+
+
+def _map_strides(t: Tensor) -> Tuple[int, ...]:
+    """Strides of a ``(B, D, H, W)`` or ``(B, 4, D|1, H, W)`` tensor; the state dim (N = 1) dropped."""
+    if t.dim() == 5 and t.size(2) == 1:
+        return t.stride(0), t.stride(1), t.stride(3), t.stride(4)
+    return t.stride()
+
+
+def _flat(*params: Tensor) -> Tuple[Tensor, ...]:
+    """``A (4*D, 1)``, ``D``, ``delta_bias`` as contiguous ``(4*D,)`` vectors."""
+    return tuple(t.reshape(-1).contiguous() for t in params)
+
+
+class _TritonCrossSelectiveScan(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, delta, A, B, C, D, delta_bias, block_d, block_l):
+        batch, channels, height, width = x.shape
+        store_h = any(ctx.needs_input_grad[:7])
+        f32 = dict(device=x.device, dtype=torch.float32)
+        ys = torch.empty(batch, 4, channels, height, width, **f32)
+        h = torch.empty(batch, 4, channels, height * width, **f32) if store_h else ys
+        strides = (*_map_strides(x), *_map_strides(delta), *_map_strides(B), *_map_strides(C))
+        grid = (triton.cdiv(channels, block_d), 4, batch)
+        _cross_scan_fwd_kernel[grid](x, delta, *_flat(A, D, delta_bias), B, C, ys, h,
+                                     channels, height, width, *strides,
+                                     STORE_H=store_h, BLOCK_D=block_d, BLOCK_L=block_l)
+        if store_h:
+            ctx.save_for_backward(x, delta, A, B, C, D, delta_bias, h)
+            ctx.blocks = grid, block_d, block_l
+        return ys.sum(1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, delta, A, B, C, D, delta_bias, h = ctx.saved_tensors
+        grid, block_d, block_l = ctx.blocks
+        batch, channels, height, width = x.shape
+        f32 = dict(device=x.device, dtype=torch.float32)
+        du = torch.empty(batch, 4, channels, height, width, **f32)
+        ddelta = torch.empty_like(du)
+        dB, dC = (torch.empty(batch, 4, grid[0], height, width, **f32) for _ in range(2))
+        dA, dD, dbias = (torch.empty(batch, 4 * channels, **f32) for _ in range(3))
+        strides = (*_map_strides(x), *_map_strides(delta), *_map_strides(B), *_map_strides(C),
+                   *_map_strides(dy))
+        _cross_scan_bwd_kernel[grid](x, delta, *_flat(A, D, delta_bias), B, C, h, dy,
+                                     du, ddelta, dB, dC, dA, dD, dbias,
+                                     channels, height, width, *strides,
+                                     BLOCK_D=block_d, BLOCK_L=block_l)
+        inputs = ctx.saved_tensors[:7]
+        grads = (du.sum(1), ddelta, dA.sum(0), dB.sum(2, keepdim=True), dC.sum(2, keepdim=True),
+                 dD.sum(0), dbias.sum(0))
+        return (*(g.view(t.shape).to(t.dtype) for g, t in zip(grads, inputs)), None, None)
+
+
+def cross_selective_scan_triton(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                                D: Tensor, delta_bias: Tensor,
+                                blocks: Optional[Tuple[int, int]] = None) -> Tensor:
+    """The SS2D scan (state size 1) as fused Triton kernels; see the module doc.
+
+    Args:
+        x: ``(B, D, H, W)``; delta: ``(B, 4, D, H, W)``; A: ``(4*D, 1)``;
+            B, C: ``(B, 4, 1, H, W)``; D, delta_bias: ``(4*D,)``.
+        blocks: ``(BLOCK_D, BLOCK_L)``, powers of two; default :func:`block_sizes`.
+
+    Returns:
+        ``(B, D, H, W)`` float32.
+    """
+    batch, channels, height, width = x.shape
+    block_d, block_l = blocks or block_sizes(channels, height * width)
+    return _TritonCrossSelectiveScan.apply(x, delta, A, B, C, D, delta_bias, block_d, block_l)

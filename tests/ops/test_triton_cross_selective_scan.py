@@ -1,0 +1,150 @@
+"""The Triton cross selective scan against the PyTorch reference, in Triton's CPU interpreter.
+
+``TRITON_INTERPRET=1`` must be set before Triton is imported, so the checks run in a
+subprocess executing this file (the rest of the suite never sees the variable). Sizes are
+small: the interpreter runs every scan element in Python.
+"""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def test_triton_cross_scan_in_interpreter():
+    pytest.importorskip('triton')
+    result = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, 'TRITON_INTERPRET': '1'})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert 'all checks passed' in result.stdout, result.stdout[-4000:]
+
+
+def test_not_chosen_on_cpu_without_interpreter(monkeypatch):
+    import torch
+
+    from mmseg_segman.ops.selective_scan import _cross_selective_scan
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    inputs = make_inputs(1, 2, 3, 3, torch.float32)
+    assert not _cross_selective_scan.backends['triton'].available(*inputs)
+    assert _cross_selective_scan.select(*inputs) == 'torch'
+
+
+def make_inputs(batch, channels, height, width, dtype, state=1, seed=0):
+    """SS2D-like inputs: activations in ``dtype``, parameters (A, D, delta_bias) float32."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    def act(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+    return [act(batch, channels, height, width), act(batch, 4, channels, height, width),
+            -torch.rand(4 * channels, state, generator=g) * 2 - 0.05,
+            act(batch, 4, state, height, width), act(batch, 4, state, height, width),
+            torch.randn(4 * channels, generator=g), torch.randn(4 * channels, generator=g) - 2]
+
+
+def sequential(x, delta, A, B, C, D, delta_bias):
+    """The ground truth: cross scan, the step-by-step loop, cross merge (float64)."""
+    from mmseg_segman.ops.cross_scan import cross_merge, cross_scan
+    from mmseg_segman.ops.selective_scan import selective_scan_reference
+    batch, channels, height, width = x.shape
+    length = height * width
+    ys = selective_scan_reference(cross_scan(x).reshape(batch, -1, length),
+                                  cross_scan(delta).reshape(batch, -1, length), A,
+                                  cross_scan(B), cross_scan(C), D, delta_bias)
+    return cross_merge(ys.view(batch, 4, channels, length), height, width)
+
+
+def outputs_and_grads(fn, inputs, dy, **kwargs):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves, **kwargs)
+    out.backward(dy.to(out.dtype))
+    return [out] + [t.grad for t in leaves]
+
+
+NAMES = ['y', 'dx', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias']
+
+
+def compare(label, got, want, tol):
+    """Max abs error relative to the reference's max abs value, per output; fail over ``tol``."""
+    errs = {}
+    for name, a, b in zip(NAMES, got, want):
+        assert a.shape == b.shape, (label, name, a.shape, b.shape)
+        errs[name] = ((a.double() - b.double()).abs().max() / (b.double().abs().max() + 1e-12)).item()
+    worst = max(errs, key=errs.get)
+    print(f'{label}: worst rel err {errs[worst]:.1e} ({worst})')
+    assert errs[worst] <= tol, (label, errs)
+
+
+def check(batch, channels, height, width, dtype, tol, blocks=None, transform=None):
+    """Triton vs the torch backend (same dtype) and vs the float64 sequential loop."""
+    import torch
+
+    from mmseg_segman.ops.selective_scan import _cross_selective_scan_torch
+    from mmseg_segman.ops.triton_cross_selective_scan import cross_selective_scan_triton
+
+    inputs = make_inputs(batch, channels, height, width, dtype, seed=height * width + channels)
+    dy = torch.randn(batch, channels, height, width, generator=torch.Generator().manual_seed(1))
+    start = time.perf_counter()
+    got = outputs_and_grads(
+        lambda *t: cross_selective_scan_triton(*(transform(t) if transform else t), blocks=blocks),
+        inputs, dy)
+    seconds = time.perf_counter() - start
+    for t, g in zip(inputs, got[1:]):
+        assert g.dtype == t.dtype, (g.dtype, t.dtype)
+    assert got[0].dtype == torch.float32
+    label = f'{str(dtype)[6:]} B{batch} D{channels} {height}x{width} blocks={blocks}' + \
+        (' strided' if transform else '')
+    compare(f'{label} vs torch  [{seconds:.2f} s]', got,
+            outputs_and_grads(_cross_selective_scan_torch, inputs, dy), tol)
+    compare(f'{label} vs loop  ', got,
+            outputs_and_grads(sequential, [t.double() for t in inputs], dy.double()), tol)
+
+
+def strided_views(inputs):
+    """The same values with the strides SS2D produces and more: B, C split from one tensor,
+    delta and x channels-last; the kernel reads them in place."""
+    import torch
+    x, delta, A, B, C, D, delta_bias = inputs
+    bc = torch.cat([B, C], 2).permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    delta = delta.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    return [x.contiguous(memory_format=torch.channels_last), delta, A, bc[:, :, :1], bc[:, :, 1:],
+            D, delta_bias]
+
+
+def check_dispatch_and_no_grad():
+    """Under the interpreter on CPU the dispatcher picks triton (float32/16 inputs, N = 1),
+    not for float64 or N = 2; without gradients the output is the same."""
+    import torch
+
+    from mmseg_segman.ops import cross_selective_scan
+    from mmseg_segman.ops.selective_scan import _cross_selective_scan
+    inputs = make_inputs(2, 3, 4, 5, torch.bfloat16)
+    assert _cross_selective_scan.select(*inputs) == 'triton'
+    assert _cross_selective_scan.select(*[t.double() for t in inputs]) == 'torch'
+    assert _cross_selective_scan.select(*make_inputs(1, 2, 3, 3, torch.float32, state=2)) == 'torch'
+    with_grad = cross_selective_scan(*[t.requires_grad_() for t in inputs])
+    with torch.no_grad():
+        torch.testing.assert_close(cross_selective_scan(*inputs), with_grad, rtol=0, atol=0)
+    print('dispatch and no-grad: ok')
+
+
+def main():
+    import torch
+
+    from mmseg_segman.ops.dispatch import set_backend
+    set_backend('selective_scan', 'torch')  # the reference must not run the Triton 1-D scan
+    start = time.perf_counter()
+    for shape in [(1, 3, 3, 5), (2, 4, 4, 4), (1, 5, 1, 7), (2, 8, 6, 3), (1, 3, 7, 1), (1, 2, 1, 1)]:
+        check(*shape, torch.float32, 1e-5)
+    # several channel blocks and sequence tiles, the last one partial
+    check(2, 3, 5, 7, torch.float32, 1e-5, blocks=(2, 16))
+    check(1, 3, 4, 5, torch.float32, 1e-5, blocks=(2, 16), transform=strided_views)
+    check(2, 4, 4, 4, torch.bfloat16, 1e-2)
+    check(1, 5, 6, 3, torch.bfloat16, 1e-2, blocks=(4, 16))
+    check(1, 3, 3, 5, torch.float16, 2e-3)
+    check_dispatch_and_no_grad()
+    print(f'all checks passed in {time.perf_counter() - start:.1f} s')
+
+
+if __name__ == '__main__':
+    main()
