@@ -29,6 +29,14 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
+def checkpoint_without_classes(tmp_path_factory, checkpoint):
+    """The same weights with an empty meta: the palette must come from the config."""
+    path = tmp_path_factory.mktemp('ckpt') / 'segman_toy_no_meta.pth'
+    torch.save({'meta': {}, 'state_dict': torch.load(checkpoint)['state_dict']}, path)
+    return path
+
+
+@pytest.fixture(scope='module')
 def image(tmp_path_factory):
     path = tmp_path_factory.mktemp('img') / 'image.png'
     rng = np.random.default_rng(0)
@@ -46,11 +54,13 @@ def test_inference_model_and_inferencer(checkpoint, image):
     assert out.pred_sem_seg.data.shape == (1, 70, 90)
 
 
-@pytest.mark.parametrize('dataset,classes', [(None, 5), ('ade20k', 150), ('cityscapes', 19),
-                                             ('coco-stuff', 171)])
-def test_demo_writes_overlay_in_palette(tmp_path, checkpoint, image, dataset, classes):
+@pytest.mark.parametrize('dataset,with_meta', [(None, True), (None, False), ('ade20k', True),
+                                               ('cityscapes', True), ('coco-stuff', True)])
+def test_demo_writes_overlay_in_palette(tmp_path, checkpoint, checkpoint_without_classes, image, dataset,
+                                        with_meta):
     out = tmp_path / 'overlay.png'
-    cmd = [sys.executable, str(REPO / 'demo' / 'image_demo.py'), str(image), str(CONFIG), str(checkpoint),
+    weights = checkpoint if with_meta else checkpoint_without_classes
+    cmd = [sys.executable, str(REPO / 'demo' / 'image_demo.py'), str(image), str(CONFIG), str(weights),
            '--out-file', str(out), '--opacity', '1.0']
     if dataset:
         cmd += ['--dataset', dataset]
@@ -65,3 +75,20 @@ def test_demo_writes_overlay_in_palette(tmp_path, checkpoint, image, dataset, cl
         palette = get_palette({'coco-stuff': 'coco_stuff164k'}.get(dataset, dataset))
     colours = {tuple(c) for c in overlay.reshape(-1, 3)}
     assert colours <= {tuple(c) for c in palette[:5]}  # a 5-class model paints classes 0..4
+
+
+@pytest.mark.parametrize('config,classes,first', [
+    ('segman-t_4xb4-160k_ade20k-512x512.py', 150, 'wall'),
+    ('segman-s_4xb2-160k_cityscapes-1024x1024.py', 19, 'road'),
+    ('segman-b_4xb4-160k_coco-stuff164k-512x512.py', 171, 'person'),
+])
+def test_config_palettes_of_the_released_datasets(config, classes, first):
+    import importlib.util
+
+    from mmengine.registry import init_default_scope
+    spec = importlib.util.spec_from_file_location('image_demo', REPO / 'demo' / 'image_demo.py')
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    init_default_scope('mmseg')
+    meta = demo.config_dataset_meta(Config.fromfile(str(REPO / 'configs' / 'segman' / config)))
+    assert len(meta['classes']) == classes == len(meta['palette']) and meta['classes'][0] == first

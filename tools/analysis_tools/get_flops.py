@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from mmengine import Config, DictAction
-from mmengine.analysis.print_helper import _format_size
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
 from mmseg.registry import MODELS
@@ -63,8 +62,8 @@ def main() -> None:
     if pad_shape != input_shape[1:]:
         print(f'{split_line}\nUse size divisor set input shape from {input_shape[1:]} to {pad_shape}')
     print(f'{split_line}\nCompute type: direct: randomly generate a picture\n'
-          f'Input shape: {pad_shape}\nFlops: {_format_size(result["flops"])}\n'
-          f'Params: {_format_size(result["params"])}\n{split_line}')
+          f'Input shape: {pad_shape}\nFlops: {result["flops"] / 1e9:.3f}G\n'
+          f'Params: {result["params"] / 1e6:.3f}M\n{split_line}')
     if args.show_table:
         print(result['table'])
     print('!!!Please be cautious if you use the results in papers. '
