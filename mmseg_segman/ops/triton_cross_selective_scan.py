@@ -24,7 +24,8 @@ order, so that store is coalesced in every direction). The backward program walk
 tiles from the end, each read in reversed order, so the adjoint recurrence
 ``dh_t = C_t dy_t + a_{t+1} dh_{t+1}`` is again a forward ``tl.associative_scan`` (no
 ``reverse=True`` scan, whose results have been wrong on some Triton versions);
-``a_{t+1}`` is recomputed from ``delta`` at the next step and ``a_t h_{t-1} = h_t - b_t``.
+``a_{t+1}`` is recomputed from ``delta`` at the next step and ``h_{t-1}`` read back
+(not ``h_t - b_t``, which cancels when ``a_t`` is small and would spoil ``dA``).
 Then ``du``, ``ddelta`` (through softplus and bias), and per program: ``dB``, ``dC``
 summed over the program's channels, ``dA``, ``dD``, ``d delta_bias`` summed over its steps.
 These partial sums are reduced in PyTorch (over channel blocks, resp. the batch); again
@@ -37,14 +38,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_selective_scan import _affine_combine
+
 MAX_BLOCK_D = 8
 MAX_BLOCK_L = 128
-
-
-@triton.jit
-def affine_combine(a_left, b_left, a_right, b_right):
-    """Compose ``h -> a_left h + b_left`` (earlier) then ``h -> a_right h + b_right``."""
-    return a_left * a_right, a_right * b_left + b_right
 
 
 @triton.jit
@@ -52,7 +49,8 @@ def _softplus(z):
     """``log(1 + exp(z))``, linear above 20 as ``F.softplus``; accurate ``log1p`` for z < 0."""
     e = tl.exp(tl.minimum(z, 20.0))
     w = 1.0 + e
-    log1p = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    rounded = w - 1.0  # e as 1 + e holds it; log(w) * e / rounded corrects log1p's rounding
+    log1p = tl.where(rounded == 0.0, e, tl.log(w) * (e / tl.where(rounded == 0.0, 1.0, rounded)))
     return tl.where(z > 20.0, z, log1p)
 
 
@@ -101,7 +99,7 @@ def _cross_scan_fwd_kernel(
         Ct = tl.load(c_base + i * sc_h + j * sc_w, mask=t_ok, other=0.0).to(tl.float32)[None, :]
         dt = _softplus(z + bias)
         decay = tl.where(ok, tl.exp(dt * A), 1.0)
-        prod, h = tl.associative_scan((decay, dt * Bt * u), 1, affine_combine)
+        prod, h = tl.associative_scan((decay, dt * Bt * u), 1, _affine_combine)
         h += prod * carry[:, None]
         tl.store(y_ptr + row_base + (i * width + j)[None, :], Ct * h + D * u, mask=ok)
         if STORE_H:
@@ -152,18 +150,19 @@ def _cross_scan_bwd_kernel(
         Ct = tl.load(c_base + i * sc_h + j * sc_w, mask=t_ok, other=0.0).to(tl.float32)[None, :]
         dy = tl.load(dy_base + (i * sy_h + j * sy_w)[None, :], mask=ok, other=0.0).to(tl.float32)
         h = tl.load(h_ptr + row_base + t[None, :], mask=ok, other=0.0)
+        h_prev = tl.load(h_ptr + row_base + t[None, :] - 1, mask=ok & (t >= 1)[None, :], other=0.0)
         # a_{t+1}, zero past the end
         next_ok = ch_ok[:, None] & (t + 1 < length)[None, :]
         i1, j1 = _pixel(t + 1, length, height, width, direction)
         z1 = tl.load(delta_base + (i1 * sd_h + j1 * sd_w)[None, :], mask=next_ok, other=0.0)
         decay_next = tl.where(next_ok, tl.exp(_softplus(z1.to(tl.float32) + bias) * A), 0.0)
 
-        prod, dh = tl.associative_scan((decay_next, Ct * dy), 1, affine_combine)
+        prod, dh = tl.associative_scan((decay_next, Ct * dy), 1, _affine_combine)
         dh += prod * carry[:, None]
         carry = tl.sum(tl.where(steps[None, :] == BLOCK_L - 1, dh, 0.0), axis=1)
 
         dt = _softplus(z)
-        decayed_prev = h - dt * Bt * u  # a_t h_{t-1}
+        decayed_prev = tl.exp(dt * A) * h_prev
         dz = tl.where(ok, dh * (Bt * u + A * decayed_prev) * tl.sigmoid(z), 0.0)
         pixel = (i * width + j)[None, :]
         tl.store(du_ptr + row_base + pixel, dh * dt * Bt + D * dy, mask=ok)
