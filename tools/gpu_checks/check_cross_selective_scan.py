@@ -1,0 +1,222 @@
+"""GPU check of the ``cross_selective_scan`` backends (the SS2D scan) against the reference.
+
+    python tools/gpu_checks/check_cross_selective_scan.py [--sweep] [--iters 20]
+
+Needs only torch, triton and mmengine: the ``mmseg_segman.ops`` package is loaded without
+running ``mmseg_segman/__init__.py`` (which imports the models and so mmseg).
+
+Variants: ``triton`` (the fused kernels), ``torch`` (cross scan + chunked PyTorch scan +
+cross merge, the reference) and, where they run, ``torch+triton1d`` / ``torch+mamba_ssm``
+(the reference's copies around the 1-D Triton or mamba-ssm scan).
+
+1. Correctness, float32 and bfloat16 inputs (A, D, delta_bias float32, as in SS2D), odd and
+   model sizes: output and the gradients of all seven inputs against the ``torch`` backend
+   on the same values upcast to float64. Error = max |x - ref| / max |ref|; PASS when under
+   the dtype's tolerance or under twice the error of the ``torch`` backend itself in that
+   dtype. The triton backend is also run twice and must give bitwise equal results.
+2. Timing (CUDA events, warm-up, median): forward under ``no_grad`` and forward+backward,
+   with the peak memory of forward+backward.
+3. ``--sweep``: forward+backward time of the triton kernels for several (BLOCK_D, BLOCK_L).
+Exits 1 if any check failed.
+"""
+import argparse
+import importlib
+import math
+import statistics
+import sys
+import types
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_ops(*names: str) -> List[types.ModuleType]:
+    """Import modules of ``mmseg_segman.ops`` without executing the package's ``__init__``."""
+    if 'mmseg_segman' not in sys.modules:
+        package = types.ModuleType('mmseg_segman')
+        package.__path__ = [str(REPO / 'mmseg_segman')]
+        sys.modules['mmseg_segman'] = package
+    return [importlib.import_module(f'mmseg_segman.ops.{name}') for name in names]
+
+
+dispatch, scan_mod = load_ops('dispatch', 'selective_scan')
+cross_scan = scan_mod.cross_scan
+
+# name: (cross_selective_scan backend, selective_scan backend used inside 'torch')
+VARIANTS = {
+    'triton': ('triton', 'torch'),
+    'torch': ('torch', 'torch'),
+    'torch+triton1d': ('torch', 'triton'),
+    'torch+mamba_ssm': ('torch', 'mamba_ssm'),
+}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+NAMES = ['y', 'dx', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias']
+# (batch, channels, height, width, delta scale): odd sizes, H or W = 1, several tiles,
+# softplus' linear and exponential ends (scale 10), then encoder stage 1 of SegMAN-B at
+# 512x512 and the decoder's MMSCopE (3*128 channels at 16x16)
+CHECK_SHAPES = [(1, 3, 7, 5, 0.5), (2, 5, 1, 9, 0.5), (2, 7, 13, 1, 0.5), (1, 4, 1, 1, 0.5),
+                (3, 33, 17, 23, 0.5), (2, 5, 9, 11, 10.0), (8, 96, 128, 128, 0.5),
+                (16, 384, 16, 16, 0.5)]
+TIME_SHAPES = [(8, 96, 128, 128), (8, 192, 64, 64), (8, 384, 32, 32), (16, 384, 16, 16)]
+SWEEP_BLOCKS = [(4, 64), (4, 128), (8, 64), (8, 128), (8, 256), (16, 64), (16, 128)]
+
+
+def make_inputs(batch, channels, height, width, dtype, delta_scale=0.5, seed=0) -> List[Tensor]:
+    """SS2D-like inputs: activations in ``dtype``, parameters float32, VMamba's dt init."""
+    g = torch.Generator(device='cuda').manual_seed(seed)
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, device='cuda') * scale
+    dt = torch.empty(4 * channels, device='cuda').uniform_(math.log(1e-3), math.log(0.1)).exp()
+    return [randn(batch, channels, height, width).to(dtype),
+            randn(batch, 4, channels, height, width, scale=delta_scale).to(dtype),
+            -torch.exp(randn(4 * channels, 1, scale=0.5)),
+            randn(batch, 4, 1, height, width).to(dtype), randn(batch, 4, 1, height, width).to(dtype),
+            randn(4 * channels), dt + torch.log(-torch.expm1(-dt))]
+
+
+def use(variant: str) -> None:
+    cross, scan = VARIANTS[variant]
+    dispatch.set_backend('cross_selective_scan', cross)
+    dispatch.set_backend('selective_scan', scan)
+
+
+def available(variant: str, inputs: List[Tensor]) -> bool:
+    cross, scan = VARIANTS[variant]
+    x, delta, A, B, C, D, delta_bias = inputs
+    batch, length = x.shape[0], x.shape[2] * x.shape[3]
+    scan_args = (cross_scan(x).reshape(batch, -1, length), cross_scan(delta).reshape(batch, -1, length),
+                 A, cross_scan(B), cross_scan(C), D, delta_bias)
+    return (scan_mod._cross_selective_scan.backends[cross].available(*inputs)
+            and scan_mod._selective_scan.backends[scan].available(*scan_args))
+
+
+def op(variant: str, blocks: Optional[Tuple[int, int]] = None) -> Callable:
+    if blocks is not None:
+        triton_scan, = load_ops('triton_cross_selective_scan')
+        return lambda *args: triton_scan.cross_selective_scan_triton(*args, blocks=blocks)
+    use(variant)
+    return scan_mod.cross_selective_scan
+
+
+def outputs_and_grads(fn: Callable, inputs: List[Tensor], dy: Tensor) -> List[Tensor]:
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    return [out.detach(), *torch.autograd.grad(out, leaves, dy.to(out.dtype))]
+
+
+def rel_errors(got: List[Tensor], want: List[Tensor]) -> dict:
+    return {n: ((a.double() - b).abs().max() / (b.abs().max() + 1e-30)).item()
+            for n, a, b in zip(NAMES, got, want)}
+
+
+def check_correctness(variants: List[str]) -> int:
+    failures = 0
+    for batch, channels, height, width, scale in CHECK_SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            inputs = make_inputs(batch, channels, height, width, dtype, scale)
+            dy = torch.randn(batch, channels, height, width, device='cuda')
+            want = outputs_and_grads(op('torch'), [t.double() for t in inputs], dy.double())
+            errs = {v: rel_errors(outputs_and_grads(op(v), inputs, dy), want) for v in variants}
+            floor = 2 * max(errs['torch'].values())
+            name = f'B{batch} D{channels} {height}x{width}' + (f' delta*{scale:g}' if scale != 0.5 else '')
+            for variant in variants:
+                if variant == 'torch':
+                    continue
+                worst = max(errs[variant], key=errs[variant].get)
+                ok = errs[variant][worst] <= max(TOLERANCE[dtype], floor)
+                failures += not ok
+                print(f'{"PASS" if ok else "FAIL"} {variant:16s} {name:26s} {str(dtype)[6:]:8s} '
+                      f'worst {errs[variant][worst]:.1e} ({worst}); torch {floor / 2:.1e}; all: '
+                      + ' '.join(f'{n} {e:.0e}' for n, e in errs[variant].items()))
+            if 'triton' in variants:
+                first, second = (outputs_and_grads(op('triton'), inputs, dy) for _ in range(2))
+                same = all(torch.equal(a, b) for a, b in zip(first, second))
+                failures += not same
+                print(f'{"PASS" if same else "FAIL"} triton deterministic {name} {str(dtype)[6:]}')
+            del want, errs
+            torch.cuda.empty_cache()
+    return failures
+
+
+def median_ms(fn: Callable, iters: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_variant(fn: Callable, inputs: List[Tensor], dy: Tensor, iters: int) -> Tuple[float, float, float]:
+    """Median ms of forward (no grad) and forward+backward, and peak MiB of forward+backward."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    with torch.no_grad():
+        forward = median_ms(lambda: fn(*inputs), iters)
+    def step():
+        torch.autograd.grad(fn(*leaves), leaves, dy)
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    return forward, median_ms(step, iters), peak
+
+
+def timings(variants: List[str], iters: int) -> None:
+    print('\n| shape (B, D, H, W) | dtype | variant | fwd ms | fwd+bwd ms | fwd+bwd vs torch | peak MiB |')
+    print('|---|---|---|---|---|---|---|')
+    for shape in TIME_SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            inputs = make_inputs(*shape, dtype)
+            dy = torch.randn(*shape, device='cuda')
+            results = {v: time_variant(op(v), inputs, dy, iters) for v in variants}
+            for v, (fwd, both, peak) in results.items():
+                print(f'| {shape} | {str(dtype)[6:]} | {v} | {fwd:.3f} | {both:.3f} | '
+                      f'{results["torch"][1] / both:.1f}x | {peak:.0f} |')
+            torch.cuda.empty_cache()
+
+
+def sweep(iters: int) -> None:
+    triton_scan, = load_ops('triton_cross_selective_scan')
+    print('\ntriton fwd+bwd ms by (BLOCK_D, BLOCK_L), bfloat16')
+    for shape in TIME_SHAPES:
+        inputs = make_inputs(*shape, torch.bfloat16)
+        dy = torch.randn(*shape, device='cuda')
+        ms = {b: time_variant(op('triton', b), inputs, dy, iters)[1] for b in SWEEP_BLOCKS}
+        best = min(ms, key=ms.get)
+        print(f'{shape}: ' + ', '.join(f'{b} {t:.3f}' for b, t in ms.items())
+              + f'; best {best}, default {triton_scan.block_sizes(shape[1], shape[2] * shape[3])}')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--iters', type=int, default=20)
+    parser.add_argument('--sweep', action='store_true', help='time several triton block sizes')
+    args = parser.parse_args()
+    import triton
+    print(f'{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; '
+          f'mmseg imported: {"mmseg" in sys.modules}')
+    probe = make_inputs(1, 2, 3, 5, torch.float32)
+    variants = [v for v in VARIANTS if available(v, probe)]
+    print('variants:', ', '.join(variants), '| not available:',
+          ', '.join(v for v in VARIANTS if v not in variants) or '-')
+    failures = check_correctness(variants)
+    timings(variants, args.iters)
+    if args.sweep and 'triton' in variants:
+        sweep(args.iters)
+    print(f'\n{failures} failures')
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == '__main__':
+    main()
