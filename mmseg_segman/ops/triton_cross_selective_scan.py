@@ -184,11 +184,9 @@ def block_sizes(channels: int, length: int) -> Tuple[int, int]:
             min(MAX_BLOCK_L, max(16, triton.next_power_of_2(length))))
 
 
-def _map_strides(t: Tensor) -> Tuple[int, ...]:
-    """Strides of a ``(B, D, H, W)`` or ``(B, 4, D|1, H, W)`` tensor; the state dim (N = 1) dropped."""
-    if t.dim() == 5 and t.size(2) == 1:
-        return t.stride(0), t.stride(1), t.stride(3), t.stride(4)
-    return t.stride()
+def _strides(x: Tensor, delta: Tensor, B: Tensor, C: Tensor) -> Tuple[int, ...]:
+    """The kernels' stride arguments: all of x and delta, B and C without the state dim."""
+    return (*x.stride(), *delta.stride(), *(s for t in (B, C) for i, s in enumerate(t.stride()) if i != 2))
 
 
 def _flat(*params: Tensor) -> Tuple[Tensor, ...]:
@@ -205,10 +203,9 @@ class _TritonCrossSelectiveScan(torch.autograd.Function):
         f32 = dict(device=x.device, dtype=torch.float32)
         ys = torch.empty(batch, 4, channels, height, width, **f32)
         h = torch.empty(batch, 4, channels, height * width, **f32) if store_h else ys
-        strides = (*_map_strides(x), *_map_strides(delta), *_map_strides(B), *_map_strides(C))
         grid = (triton.cdiv(channels, block_d), 4, batch)
         _cross_scan_fwd_kernel[grid](x, delta, *_flat(A, D, delta_bias), B, C, ys, h,
-                                     channels, height, width, *strides,
+                                     channels, height, width, *_strides(x, delta, B, C),
                                      STORE_H=store_h, BLOCK_D=block_d, BLOCK_L=block_l)
         if store_h:
             ctx.save_for_backward(x, delta, A, B, C, D, delta_bias, h)
@@ -225,11 +222,9 @@ class _TritonCrossSelectiveScan(torch.autograd.Function):
         ddelta = torch.empty_like(du)
         dB, dC = (torch.empty(batch, 4, grid[0], height, width, **f32) for _ in range(2))
         dA, dD, dbias = (torch.empty(batch, 4 * channels, **f32) for _ in range(3))
-        strides = (*_map_strides(x), *_map_strides(delta), *_map_strides(B), *_map_strides(C),
-                   *_map_strides(dy))
         _cross_scan_bwd_kernel[grid](x, delta, *_flat(A, D, delta_bias), B, C, h, dy,
                                      du, ddelta, dB, dC, dA, dD, dbias,
-                                     channels, height, width, *strides,
+                                     channels, height, width, *_strides(x, delta, B, C), *dy.stride(),
                                      BLOCK_D=block_d, BLOCK_L=block_l)
         inputs = ctx.saved_tensors[:7]
         grads = (du.sum(1), ddelta, dA.sum(0), dB.sum(2, keepdim=True), dC.sum(2, keepdim=True),

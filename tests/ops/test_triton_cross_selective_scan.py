@@ -151,7 +151,8 @@ def main():
     from mmseg_segman.ops.dispatch import set_backend
     set_backend('selective_scan', 'torch')  # the reference must not run the Triton 1-D scan
     start = time.perf_counter()
-    for shape in [(1, 3, 3, 5), (2, 4, 4, 4), (1, 5, 1, 7), (2, 8, 6, 3), (1, 3, 7, 1), (1, 2, 1, 1)]:
+    for shape in [(1, 3, 3, 5), (2, 4, 4, 4), (1, 5, 1, 7), (2, 8, 6, 3), (1, 3, 7, 1), (1, 2, 1, 1),
+                  (2, 1, 3, 4)]:
         check(*shape, torch.float32, 1e-5)
     # several channel blocks and sequence tiles, the last one partial
     check(2, 3, 5, 7, torch.float32, 1e-5, blocks=(2, 16))
