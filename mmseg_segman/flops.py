@@ -89,14 +89,13 @@ def node_name(op: str) -> str:
     return 'prim::PythonOp.SegMAN' + ''.join(part.title() for part in op.split('_'))
 
 
-def _as_node(op: str, fn: Callable) -> Callable:
-    """``fn`` run as an autograd function named after ``op``: one opaque node in a jit trace.
+def _as_node(op: str, signature: inspect.Signature) -> Callable:
+    """The op as an autograd function named after it: one opaque node in a jit trace.
 
     Its forward returns zeros of the output's shape: FLOPs depend on shapes only, and the
     reference kernels would need tens of GB for the largest models at 1024x2048 on CPU.
-    The output shape is the first argument's, except for the scans (float32 outputs).
+    The output has the first argument's shape; the scans compute in float32 (or float64).
     """
-    signature = inspect.signature(fn)
 
     def forward(ctx, *args):
         first = args[0]
@@ -117,13 +116,16 @@ def _as_node(op: str, fn: Callable) -> Callable:
 
 @contextmanager
 def segman_ops_as_nodes() -> Iterator[None]:
-    """Within the context, each dispatched SegMAN op is a single ``SegMAN<Op>`` trace node."""
+    """Within the context, each dispatched SegMAN op is a single ``SegMAN<Op>`` trace node,
+    whichever backend the dispatcher picks."""
     dispatchers = {op: d for op, d in registered_ops().items() if op in OP_FLOPS}
     saved = {op: d.backends for op, d in dispatchers.items()}
     try:
         for op, dispatcher in dispatchers.items():
-            dispatcher.backends = {name: Backend(_as_node(op, b.fn), b.available)
-                                   for name, b in saved[op].items()}
+            # every backend takes the arguments of the reference backend, listed last
+            reference = list(saved[op].values())[-1].fn
+            node = _as_node(op, inspect.signature(reference))
+            dispatcher.backends = {name: Backend(node, b.available) for name, b in saved[op].items()}
         yield
     finally:
         for op, dispatcher in dispatchers.items():
