@@ -33,7 +33,9 @@ def test_mmengine_checkpoint_loads_weights_only(tmp_path):
     ckpt = {'meta': {'seed': np.int64(3), 'message_hub': hub.state_dict(), 'arr': np.arange(3.0)},
             'state_dict': {'w': torch.ones(2)}}
     torch.save(ckpt, tmp_path / 'ckpt.pth')
+    admitted = torch.serialization.get_safe_globals()
     allow_mmengine_checkpoints()  # idempotent
+    assert len(torch.serialization.get_safe_globals()) == len(admitted)
     loaded = torch.load(tmp_path / 'ckpt.pth')  # weights_only=True by default
     buffer = loaded['meta']['message_hub']['log_scalars']['train/loss']
     assert isinstance(buffer, HistoryBuffer) and buffer.mean() == 0.375
@@ -77,6 +79,14 @@ def test_getattr_beyond_history_buffer_statistics_is_refused(tmp_path, target, n
     save_raw(dump, tmp_path / 'getattr.pth')
     with pytest.raises(pickle.UnpicklingError, match='only the statistics methods'):
         torch.load(tmp_path / 'getattr.pth')
+
+
+def test_getattr_of_a_dict_method_is_refused(tmp_path):
+    def dump():  # getattr({}, 'update'): GLOBAL builtins getattr, EMPTY_DICT, name, TUPLE2, REDUCE
+        return b'\x80\x02cbuiltins\ngetattr\n}X\x06\x00\x00\x00update\x86R.'
+    save_raw(dump, tmp_path / 'dict_getattr.pth')
+    with pytest.raises(pickle.UnpicklingError, match='only the statistics methods'):
+        torch.load(tmp_path / 'dict_getattr.pth')
 
 
 def test_history_buffer_statistics_method_is_allowed(tmp_path):
