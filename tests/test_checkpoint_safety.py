@@ -113,7 +113,8 @@ def test_runner_checkpoint_round_trip(tmp_path):
     def runner(max_iters):
         return Runner(
             model=Tiny(), work_dir=str(tmp_path), experiment_name=f'safety-{max_iters}',
-            train_dataloader=dict(dataset=[dict(inputs=torch.ones(2))] * 4, batch_size=2, collate_fn=dict(type='default_collate'),
+            train_dataloader=dict(dataset=[dict(inputs=torch.ones(2))] * 4, batch_size=2,
+                                  collate_fn=dict(type='default_collate'),
                                   sampler=dict(type='DefaultSampler', shuffle=False)),
             optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
             param_scheduler=dict(type='LinearLR', by_epoch=False, begin=0, end=4),

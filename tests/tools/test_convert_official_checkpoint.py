@@ -17,6 +17,8 @@ from mmseg.registry import MODELS
 
 from mmseg_segman.models import SegMANEncoder
 
+from ..conftest import official_keys
+
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / 'tools' / 'convert_official_checkpoint.py'
 CONFIG = REPO / 'configs' / 'segman' / 'segman-t_4xb4-160k_ade20k-512x512.py'
@@ -83,7 +85,8 @@ def test_imagenet_encoder_file(tmp_path, capsys):
                 'optimizer': {'state': {}, 'param_groups': []}}, tmp_path / 'in1k.pth.tar')
     tool.convert(tmp_path / 'in1k.pth.tar', tmp_path / 'encoder.pth')
     assert 'encoder from state_dict_ema, 1 classifier tensors kept' in capsys.readouterr().out
-    loaded = SegMANEncoder(arch='t', init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'encoder.pth')))
+    pretrained = dict(type='Pretrained', checkpoint=str(tmp_path / 'encoder.pth'))
+    loaded = SegMANEncoder(arch='t', init_cfg=pretrained)
     loaded.init_weights()
     assert torch.equal(loaded.patch_embed[0].weight, ema['patch_embed.0.weight'])
 
@@ -106,8 +109,16 @@ def test_mmcv1_config_dicts_in_meta_and_dataset_option(tmp_path, monkeypatch, se
     monkeypatch.delitem(sys.modules, 'mmcv.utils.config')
     with pytest.warns(UserWarning, match='19 class names for a head of 150 classes'):
         meta = tool.convert(tmp_path / 'old.pth', tmp_path / 'new.pth', 'auto', 'cityscapes')
-    assert meta['dataset_meta']['classes'][0] == 'road' and meta['dataset_meta']['palette'][0] == [128, 64, 128]
+    classes, palette = meta['dataset_meta']['classes'], meta['dataset_meta']['palette']
+    assert classes[0] == 'road' and palette[0] == [128, 64, 128]
     assert torch.load(tmp_path / 'new.pth')['meta'] == meta
+
+
+@pytest.mark.parametrize('size', ['t', 's', 'b', 'l'])
+def test_released_key_lists_are_recognised(size):
+    """A state dict with the released keys and shapes of each size passes the strict check."""
+    state = {key: torch.zeros(shape) for key, shape in official_keys(size).items()}
+    assert tool.check_segmentor(state) == (size, 150)
 
 
 def test_unrelated_checkpoint_is_refused(tmp_path):
