@@ -42,9 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     for name in ('train', 'val'):
         if getattr(args, name) <= 0 or getattr(args, name) % len(SHAPES):
-            parser.error(f'--{name} must be a positive multiple of {len(SHAPES)} (balanced classes)')
-    if args.size < 32:
-        parser.error('--size must be at least 32 (the encoder downsamples by 32)')
+            parser.error(f'--{name} must be a positive multiple of {len(SHAPES)} '
+                         '(balanced classes)')
 
     settings = dict(train=args.train, val=args.val, size=args.size, seed=args.seed, classes=SHAPES)
     stamp = args.out_dir / 'dataset.json'
@@ -54,7 +53,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     for split in ('train', 'val'):
         count = getattr(args, split)
-        for kind, name in enumerate(SHAPES):
+        for name in SHAPES:
             (args.out_dir / split / name).mkdir(parents=True, exist_ok=True)
         for i in range(count):
             kind = i % len(SHAPES)
