@@ -1,5 +1,5 @@
 # SegMAN-T encoder on ImageNet-1k, the recipe of the authors' release (train.py and
-# scripts/train_tiny.sh): 300 epochs, AdamW (wd 0.05, none on 1-D parameters),
+# scripts/train_tiny.sh): 300 + 10 cool-down epochs, AdamW (wd 0.05, none on 1-D parameters),
 # lr 1e-3 per 1024 images, 5 warm-up epochs from 1e-6, cosine to 1e-5, RandAugment
 # rand-m9-mstd0.5-inc1, random erasing 0.25, Mixup 0.8 / CutMix 1.0, label smoothing 0.1,
 # grad-norm clip 5, EMA decay 0.99984, eval crop 0.9. Batch 8 x 512 as released.
@@ -38,10 +38,12 @@ optim_wrapper = dict(
     # timm's rule in the release: no decay on 1-D parameters (biases, norms, Ds)
     paramwise_cfg=dict(_delete_=True, flat_decay_mult=0.0),
     clip_grad=dict(max_norm=5.0))
+# timm's scheduler: cosine over 300 epochs, then 10 cool-down epochs at the minimum
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-3, by_epoch=True, end=5, convert_to_iter_based=True),
-    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=True, begin=5),
+    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=True, begin=5, end=300),
 ]
+train_cfg = dict(max_epochs=310)
 
 # timm's model EMA with decay 0.99984 per step; checkpoints hold the EMA weights in
 # `state_dict` (the raw ones in `ema_state_dict`)

@@ -41,6 +41,12 @@ def test_registered_in_mmpretrain_and_mmseg():
     assert isinstance(encoder, SegMANEncoder) and encoder.out_indices == (3, )
 
 
+def test_without_mmpretrain_the_import_says_what_is_missing():
+    code, out = run('-c', "import sys; sys.modules['mmpretrain'] = None; "
+                    'import mmseg_segman.models.classification', cwd=REPO)
+    assert code != 0 and 'needs mmpretrain 1.x' in out, out[-2000:]
+
+
 def test_head_shapes_loss_and_prediction():
     head = SegMANClsHead(num_classes=7, in_channels=32, hidden_channels=48, topk=(1, 3),
                          cal_acc=True)
@@ -116,8 +122,9 @@ def test_in1k_recipe_follows_the_release():
     assert cfg.optim_wrapper.optimizer.lr == pytest.approx(4e-3)  # 1e-3 per 1024 images
     assert cfg.optim_wrapper.optimizer.weight_decay == 0.05
     assert cfg.optim_wrapper.clip_grad == dict(max_norm=5.0)
-    assert cfg.train_cfg.max_epochs == 300
-    assert [s.type for s in cfg.param_scheduler] == ['LinearLR', 'CosineAnnealingLR']
+    assert cfg.train_cfg.max_epochs == 310  # timm: 300 cosine + 10 cool-down epochs
+    assert [(s.type, s.get('begin', 0), s.end) for s in cfg.param_scheduler] == [
+        ('LinearLR', 0, 5), ('CosineAnnealingLR', 5, 300)]
     assert cfg.custom_hooks[0].momentum == pytest.approx(1 - 0.99984)
     assert cfg.train_dataloader.batch_size * 8 == cfg.auto_scale_lr.base_batch_size
     drop_paths = {s: Config.fromfile(CONFIGS / f).model.backbone.drop_path_rate
