@@ -142,20 +142,48 @@ def test_no_decay_on_one_dimensional_parameters():
     assert decay == {True} and no_decay == {False}
 
 
-def test_toy_training_checkpoint_loads_into_segmentation_encoder(tmp_path):
-    data = tmp_path / 'toy_cls'
-    code, out = run(REPO / 'tools' / 'make_toy_cls_dataset.py', data, '--train', '16', '--val',
-                    '8', cwd=REPO)
+@pytest.fixture(scope='module')
+def toy_data(tmp_path_factory):
+    """8 train / 4 val toy images in CustomDataset folders, plus ImageNet-style
+    ``meta/{train,val}.txt`` so that the IN-1k configs' ``ImageNet`` dataset reads them too."""
+    data = tmp_path_factory.mktemp('toy_cls')
+    code, out = run(REPO / 'tools' / 'make_toy_cls_dataset.py', data, '--train', '8', '--val',
+                    '4', cwd=REPO)
     assert code == 0, out
-    counts = {d.name: len(list(d.glob('*.png'))) for d in (data / 'train').iterdir()}
-    assert counts == {'disc': 4, 'square': 4, 'triangle': 4, 'bar': 4}
+    (data / 'meta').mkdir()
+    for split in ('train', 'val'):
+        classes = sorted(d.name for d in (data / split).iterdir())
+        lines = [f'{c}/{f.name} {i}' for i, c in enumerate(classes)
+                 for f in sorted((data / split / c).glob('*.png'))]
+        (data / 'meta' / f'{split}.txt').write_text('\n'.join(lines) + '\n')
+    return data
 
+
+def train(config: str, data: Path, work_dir: Path, *options: str):
+    """mmpretrain's tools/train.py on ``config`` with the dataloaders reading ``data``."""
+    roots = [f'{split}_dataloader.dataset.data_root={data}' for split in ('train', 'val', 'test')]
+    options = [*roots, 'train_dataloader.batch_size=4', 'val_dataloader.batch_size=4',
+               'train_dataloader.num_workers=0', 'val_dataloader.num_workers=0', *options]
+    return run(TRAIN_TOOL, CONFIGS / config, '--work-dir', work_dir, '--no-persistent-workers',
+               '--cfg-options', *options, cwd=work_dir.parent)
+
+
+def test_in1k_training_pipeline_runs(toy_data, tmp_path):
+    """The full IN-1k recipe (RandAugment, random erasing, Mixup/CutMix, EMA, clipping,
+    eval resize/crop) for one epoch of 2 iterations on toy images."""
+    code, out = train(IN1K['t'], toy_data, tmp_path / 'work', 'train_cfg.max_epochs=1',
+                      'default_hooks.logger.interval=1')
+    assert code == 0, out[-3000:]
+    assert re.search(r'Epoch\(train\) \[1\]\[1/2\]\s+base_lr: 4\.0000e-06', out), out[-3000:]
+    assert re.search(r'Epoch\(val\) \[1\]\[1/1\]\s+accuracy/top1: [\d.]+\s+accuracy/top5', out)
+
+
+def test_toy_training_checkpoint_loads_into_segmentation_encoder(toy_data, tmp_path):
+    counts = {d.name: len(list(d.glob('*.png'))) for d in (toy_data / 'train').iterdir()}
+    assert counts == {'disc': 2, 'square': 2, 'triangle': 2, 'bar': 2}
     work_dir = tmp_path / 'work'
-    options = [f'{split}_dataloader.dataset.data_root={data}' for split in ('train', 'val', 'test')]
-    options += ['train_dataloader.batch_size=8', 'train_cfg.max_epochs=2',
-                'train_cfg.val_interval=2', 'default_hooks.checkpoint.interval=2']
-    code, out = run(TRAIN_TOOL, CONFIGS / 'segman-t_1xb16_toy-64px.py', '--work-dir', work_dir,
-                    '--cfg-options', *options, cwd=tmp_path)
+    code, out = train('segman-t_1xb16_toy-64px.py', toy_data, work_dir, 'train_cfg.max_epochs=2',
+                      'train_cfg.val_interval=2', 'default_hooks.checkpoint.interval=2')
     assert code == 0, out[-3000:]
     assert re.search(r'Epoch\(val\) \[2\]\[\d+/\d+\]\s+accuracy/top1: [\d.]+', out), out[-3000:]
 
