@@ -8,8 +8,9 @@ One program owns ``BLOCK_D`` channels of one batch element and walks the sequenc
 
 The forward pass stores ``h`` (float32, the size of ``u``). The backward pass walks the tiles
 from the end, reading each tile in reversed order, so the adjoint recurrence
-``g_t = a_{t+1} g_{t+1} + C_t dy_t`` is again a forward scan. With ``a_t h_{t-1} = h_t - b_t``
-it needs no shifted copy of ``h``. Per-channel sums (dA, dD, d delta_bias) are reduced inside
+``g_t = a_{t+1} g_{t+1} + C_t dy_t`` is again a forward scan. ``a_t h_{t-1}`` is computed from
+``h_{t-1}`` read back (not as ``h_t - b_t``, which cancels when ``a_t`` is small and leaves
+rounding noise in ``dA`` where it should be exactly zero, as at ``t = 0``). Per-channel sums (dA, dD, d delta_bias) are reduced inside
 the program, then over the batch in PyTorch; dB and dC are written per channel and summed over
 each group's channels in PyTorch.
 """
@@ -32,7 +33,12 @@ def _affine_combine(a_left, b_left, a_right, b_right):
 
 @triton.jit
 def _softplus(z):
-    return tl.where(z > 20.0, z, tl.log(1.0 + tl.exp(tl.minimum(z, 20.0))))
+    """``log(1 + exp(z))``, linear above 20 as ``F.softplus``; accurate ``log1p`` for z < 0."""
+    e = tl.exp(tl.minimum(z, 20.0))
+    w = 1.0 + e
+    rounded = w - 1.0  # e as 1 + e holds it; log(w) * e / rounded corrects log1p's rounding
+    log1p = tl.where(rounded == 0.0, e, tl.log(w) * (e / tl.where(rounded == 0.0, 1.0, rounded)))
+    return tl.where(z > 20.0, z, log1p)
 
 
 @triton.jit
@@ -98,13 +104,13 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, h_p
         Bt = tl.load(b_ptr + group_row + pos, mask=ok, other=0.0).to(tl.float32)
         Ct = tl.load(c_ptr + group_row + pos, mask=ok, other=0.0).to(tl.float32)
         h = tl.load(h_ptr + row + pos, mask=ok, other=0.0)
+        h_prev = tl.load(h_ptr + row + pos - 1, mask=ok & (pos >= 1), other=0.0)
         dy = tl.load(dy_ptr + row + pos, mask=ok, other=0.0).to(tl.float32)
         decay_prod, g = tl.associative_scan((decay_next, Ct * dy), 1, _affine_combine)
         g = g + decay_prod * carry[:, None]
         carry = tl.sum(tl.where(steps[None, :] == BLOCK_L - 1, g, 0.0), axis=1)
 
-        drive = dt * Bt * u
-        decayed_prev = h - drive  # a_t * h_{t-1}
+        decayed_prev = tl.exp(dt * A[:, None]) * h_prev  # a_t h_{t-1}, zero at t = 0
         ddt = g * Bt * u + g * decayed_prev * A[:, None]
         dz = tl.where(ok, ddt * tl.sigmoid(z), 0.0)
         tl.store(du_ptr + row + pos, dy * D[:, None] + g * dt * Bt, mask=ok)
