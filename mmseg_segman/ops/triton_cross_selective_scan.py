@@ -38,20 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_selective_scan import _affine_combine
-
-MAX_BLOCK_D = 4  # larger channel blocks need more registers (spills at 8 x 128 in the backward)
-MAX_BLOCK_L = 128
-
-
-@triton.jit
-def _softplus(z):
-    """``log(1 + exp(z))``, linear above 20 as ``F.softplus``; accurate ``log1p`` for z < 0."""
-    e = tl.exp(tl.minimum(z, 20.0))
-    w = 1.0 + e
-    rounded = w - 1.0  # e as 1 + e holds it; log(w) * e / rounded corrects log1p's rounding
-    log1p = tl.where(rounded == 0.0, e, tl.log(w) * (e / tl.where(rounded == 0.0, 1.0, rounded)))
-    return tl.where(z > 20.0, z, log1p)
+from .triton_selective_scan import _affine_combine, _softplus
 
 
 @triton.jit
@@ -178,10 +165,23 @@ def _cross_scan_bwd_kernel(
     tl.store(dbias_ptr + out, dbias, mask=ch_ok)
 
 
-def block_sizes(channels: int, length: int) -> Tuple[int, int]:
-    """Default ``(BLOCK_D, BLOCK_L)``: powers of two, at most ``MAX_BLOCK_D``, ``MAX_BLOCK_L``."""
-    return (min(MAX_BLOCK_D, triton.next_power_of_2(channels)),
-            min(MAX_BLOCK_L, max(16, triton.next_power_of_2(length))))
+Blocks = Tuple[int, int, int]  # (BLOCK_D, BLOCK_L, num_warps)
+
+
+def block_sizes(channels: int, length: int, backward: bool = False) -> Blocks:
+    """Default ``(BLOCK_D, BLOCK_L, num_warps)`` of the forward or the backward kernel.
+
+    Chosen by ``tools/gpu_checks/check_cross_selective_scan.py --sweep`` on an H100 (bfloat16,
+    SegMAN's stage sizes at 512x512, see docs/benchmarks.md): long tiles pay off since each
+    program walks its sequence one tile after another; the forward runs best with few
+    channels a program on long maps, the backward with 8 warps.
+    """
+    tile = max(16, triton.next_power_of_2(length))
+    if backward:
+        return 4, min(tile, 512 if length >= 4096 else 256), 8
+    if length >= 8192:
+        return 2, min(tile, 512), 4
+    return (8 if length <= 256 else 4), min(tile, 256), 4
 
 
 def _strides(x: Tensor, delta: Tensor, B: Tensor, C: Tensor) -> Tuple[int, ...]:
@@ -197,26 +197,30 @@ def _flat(*params: Tensor) -> Tuple[Tensor, ...]:
 class _TritonCrossSelectiveScan(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, delta, A, B, C, D, delta_bias, block_d, block_l):
+    def forward(ctx, x, delta, A, B, C, D, delta_bias, fwd_blocks, bwd_blocks):
         batch, channels, height, width = x.shape
         store_h = any(ctx.needs_input_grad[:7])
         f32 = dict(device=x.device, dtype=torch.float32)
         ys = torch.empty(batch, 4, channels, height, width, **f32)
         h = torch.empty(batch, 4, channels, height * width, **f32) if store_h else ys
-        grid = (triton.cdiv(channels, block_d), 4, batch)
-        _cross_scan_fwd_kernel[grid](x, delta, *_flat(A, D, delta_bias), B, C, ys, h,
-                                     channels, height, width, *_strides(x, delta, B, C),
-                                     STORE_H=store_h, BLOCK_D=block_d, BLOCK_L=block_l)
+        block_d, block_l, warps = fwd_blocks
+        _cross_scan_fwd_kernel[(triton.cdiv(channels, block_d), 4, batch)](
+            x, delta, *_flat(A, D, delta_bias), B, C, ys, h, channels, height, width,
+            *_strides(x, delta, B, C), STORE_H=store_h, BLOCK_D=block_d, BLOCK_L=block_l,
+            num_warps=warps)
         if store_h:
             ctx.save_for_backward(x, delta, A, B, C, D, delta_bias, h)
-            ctx.blocks = grid, block_d, block_l
+            ctx.bwd_blocks = bwd_blocks
         return ys.sum(1)
 
     @staticmethod
     def backward(ctx, dy):
-        x, delta, A, B, C, D, delta_bias, h = ctx.saved_tensors
-        grid, block_d, block_l = ctx.blocks
+        # saved_tensors is unpacked once: checkpointing (with_cp) forbids a second unpack
+        *inputs, h = ctx.saved_tensors
+        x, delta, A, B, C, D, delta_bias = inputs
+        block_d, block_l, warps = ctx.bwd_blocks
         batch, channels, height, width = x.shape
+        grid = (triton.cdiv(channels, block_d), 4, batch)
         f32 = dict(device=x.device, dtype=torch.float32)
         du = torch.empty(batch, 4, channels, height, width, **f32)
         ddelta = torch.empty_like(du)
@@ -225,26 +229,28 @@ class _TritonCrossSelectiveScan(torch.autograd.Function):
         _cross_scan_bwd_kernel[grid](x, delta, *_flat(A, D, delta_bias), B, C, h, dy,
                                      du, ddelta, dB, dC, dA, dD, dbias,
                                      channels, height, width, *_strides(x, delta, B, C), *dy.stride(),
-                                     BLOCK_D=block_d, BLOCK_L=block_l)
-        inputs = ctx.saved_tensors[:7]
+                                     BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
         grads = (du.sum(1), ddelta, dA.sum(0), dB.sum(2, keepdim=True), dC.sum(2, keepdim=True),
                  dD.sum(0), dbias.sum(0))
         return (*(g.view(t.shape).to(t.dtype) for g, t in zip(grads, inputs)), None, None)
 
 
 def cross_selective_scan_triton(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                                D: Tensor, delta_bias: Tensor,
-                                blocks: Optional[Tuple[int, int]] = None) -> Tensor:
+                                D: Tensor, delta_bias: Tensor, fwd_blocks: Optional[Blocks] = None,
+                                bwd_blocks: Optional[Blocks] = None) -> Tensor:
     """The SS2D scan (state size 1) as fused Triton kernels; see the module doc.
 
     Args:
         x: ``(B, D, H, W)``; delta: ``(B, 4, D, H, W)``; A: ``(4*D, 1)``;
             B, C: ``(B, 4, 1, H, W)``; D, delta_bias: ``(4*D,)``.
-        blocks: ``(BLOCK_D, BLOCK_L)``, powers of two; default :func:`block_sizes`.
+        fwd_blocks, bwd_blocks: ``(BLOCK_D, BLOCK_L, num_warps)`` of the forward and the
+            backward kernel (block sizes powers of two); default :func:`block_sizes`.
 
     Returns:
         ``(B, D, H, W)`` float32.
     """
     batch, channels, height, width = x.shape
-    block_d, block_l = blocks or block_sizes(channels, height * width)
-    return _TritonCrossSelectiveScan.apply(x, delta, A, B, C, D, delta_bias, block_d, block_l)
+    length = height * width
+    return _TritonCrossSelectiveScan.apply(x, delta, A, B, C, D, delta_bias,
+                                           fwd_blocks or block_sizes(channels, length),
+                                           bwd_blocks or block_sizes(channels, length, backward=True))

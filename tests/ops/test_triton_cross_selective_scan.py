@@ -75,7 +75,7 @@ def compare(label, got, want, tol):
     assert errs[worst] <= tol, (label, errs)
 
 
-def check(batch, channels, height, width, dtype, tol, blocks=None, transform=None):
+def check(batch, channels, height, width, dtype, tol, blocks=(None, None), transform=None):
     """Triton vs the torch backend (same dtype) and vs the float64 sequential loop."""
     import torch
 
@@ -86,7 +86,7 @@ def check(batch, channels, height, width, dtype, tol, blocks=None, transform=Non
     dy = torch.randn(batch, channels, height, width, generator=torch.Generator().manual_seed(1))
     start = time.perf_counter()
     got = outputs_and_grads(
-        lambda *t: cross_selective_scan_triton(*(transform(t) if transform else t), blocks=blocks),
+        lambda *t: cross_selective_scan_triton(*(transform(t) if transform else t), *blocks),
         inputs, dy)
     seconds = time.perf_counter() - start
     for t, g in zip(inputs, got[1:]):
@@ -128,6 +128,23 @@ def check_stiff_decay():
     assert err <= 1e-4, err
 
 
+def check_checkpointed():
+    """Inside non-reentrant activation checkpointing (what ``with_cp`` uses) the backward
+    unpacks its saved tensors once and gives the same gradients."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from mmseg_segman.ops.triton_cross_selective_scan import cross_selective_scan_triton
+    inputs = make_inputs(1, 3, 4, 5, torch.float32)
+    dy = torch.randn(1, 3, 4, 5, generator=torch.Generator().manual_seed(3))
+    plain = outputs_and_grads(cross_selective_scan_triton, inputs, dy)
+    checkpointed = outputs_and_grads(
+        lambda *t: checkpoint(cross_selective_scan_triton, *t, use_reentrant=False), inputs, dy)
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    print('checkpointed: ok')
+
+
 def check_dispatch_and_no_grad():
     """Under the interpreter on CPU the dispatcher picks triton (float32/16 inputs, N = 1),
     not for float64 or N = 2; without gradients the output is the same."""
@@ -154,13 +171,14 @@ def main():
     for shape in [(1, 3, 3, 5), (2, 4, 4, 4), (1, 5, 1, 7), (2, 8, 6, 3), (1, 3, 7, 1), (1, 2, 1, 1),
                   (2, 1, 3, 4)]:
         check(*shape, torch.float32, 1e-5)
-    # several channel blocks and sequence tiles, the last one partial
-    check(2, 3, 5, 7, torch.float32, 1e-5, blocks=(2, 16))
-    check(1, 3, 4, 5, torch.float32, 1e-5, blocks=(2, 16), transform=strided_views)
+    # (forward, backward) blocks: several channel blocks and sequence tiles, the last partial
+    check(2, 3, 5, 7, torch.float32, 1e-5, blocks=((2, 16, 4), (2, 16, 4)))
+    check(1, 3, 4, 5, torch.float32, 1e-5, blocks=((2, 16, 4), (2, 16, 4)), transform=strided_views)
     check(2, 4, 4, 4, torch.bfloat16, 1e-2)
-    check(1, 5, 6, 3, torch.bfloat16, 1e-2, blocks=(4, 16))
+    check(1, 5, 6, 3, torch.bfloat16, 1e-2, blocks=((4, 16, 2), (2, 32, 4)))
     check(1, 3, 3, 5, torch.float16, 2e-3)
     check_stiff_decay()
+    check_checkpointed()
     check_dispatch_and_no_grad()
     print(f'all checks passed in {time.perf_counter() - start:.1f} s')
 

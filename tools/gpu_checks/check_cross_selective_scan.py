@@ -16,7 +16,8 @@ cross merge, the reference) and, where they run, ``torch+triton1d`` / ``torch+ma
    dtype. The triton backend is also run twice and must give bitwise equal results.
 2. Timing (CUDA events, warm-up, median): forward under ``no_grad`` and forward+backward,
    with the peak memory of forward+backward.
-3. ``--sweep``: forward+backward time of the triton kernels for several (BLOCK_D, BLOCK_L).
+3. ``--sweep``: time of the triton kernels for several (BLOCK_D, BLOCK_L, num_warps): the
+   forward alone (channels-first and channels-last inputs), forward+backward by backward blocks.
 Exits 1 if any check failed.
 """
 import argparse
@@ -62,7 +63,11 @@ CHECK_SHAPES = [(1, 3, 7, 5, 0.5), (2, 5, 1, 9, 0.5), (2, 7, 13, 1, 0.5), (1, 4,
                 (3, 33, 17, 23, 0.5), (2, 5, 9, 11, 10.0), (8, 96, 128, 128, 0.5),
                 (16, 384, 16, 16, 0.5)]
 TIME_SHAPES = [(8, 96, 128, 128), (8, 192, 64, 64), (8, 384, 32, 32), (16, 384, 16, 16)]
-SWEEP_BLOCKS = [(2, 128), (4, 64), (4, 128), (4, 256), (8, 64), (8, 128), (16, 64)]
+# (BLOCK_D, BLOCK_L, num_warps)
+FWD_SWEEP = [(4, 128, 4), (4, 256, 4), (4, 512, 4), (4, 512, 8), (2, 512, 4), (8, 256, 4),
+             (8, 512, 8), (16, 128, 4), (16, 256, 8)]
+BWD_SWEEP = [(4, 128, 4), (4, 256, 4), (4, 256, 8), (2, 256, 4), (2, 512, 4), (4, 512, 8),
+             (8, 256, 8)]
 
 
 def make_inputs(batch, channels, height, width, dtype, delta_scale=0.5, seed=0) -> List[Tensor]:
@@ -94,12 +99,20 @@ def available(variant: str, inputs: List[Tensor]) -> bool:
             and scan_mod._selective_scan.backends[scan].available(*scan_args))
 
 
-def op(variant: str, blocks: Optional[Tuple[int, int]] = None) -> Callable:
-    if blocks is not None:
+def op(variant: str, fwd_blocks=None, bwd_blocks=None) -> Callable:
+    if fwd_blocks is not None or bwd_blocks is not None:
         triton_scan, = load_ops('triton_cross_selective_scan')
-        return lambda *args: triton_scan.cross_selective_scan_triton(*args, blocks=blocks)
+        return lambda *args: triton_scan.cross_selective_scan_triton(*args, fwd_blocks, bwd_blocks)
     use(variant)
     return scan_mod.cross_selective_scan
+
+
+def channels_last(inputs: List[Tensor]) -> List[Tensor]:
+    """The same values with channels innermost in memory (x, delta, B and C)."""
+    x, delta, A, B, C, D, delta_bias = inputs
+    def last(t):
+        return t.movedim(-3, -1).contiguous().movedim(-1, -3)
+    return [last(x), last(delta), A, last(B), last(C), D, delta_bias]
 
 
 def outputs_and_grads(fn: Callable, inputs: List[Tensor], dy: Tensor) -> List[Tensor]:
@@ -187,15 +200,24 @@ def timings(variants: List[str], iters: int) -> None:
 
 
 def sweep(iters: int) -> None:
+    """Forward-only (no grad) ms by forward blocks, with channels-first and channels-last
+    inputs; then forward+backward ms by backward blocks (forward at its default)."""
     triton_scan, = load_ops('triton_cross_selective_scan')
-    print('\ntriton fwd+bwd ms by (BLOCK_D, BLOCK_L), bfloat16')
+    print('\ntriton ms by (BLOCK_D, BLOCK_L, num_warps), bfloat16')
     for shape in TIME_SHAPES:
         inputs = make_inputs(*shape, torch.bfloat16)
         dy = torch.randn(*shape, device='cuda')
-        ms = {b: time_variant(op('triton', b), inputs, dy, iters)[1] for b in SWEEP_BLOCKS}
+        length = shape[2] * shape[3]
+        for layout, layout_inputs in (('channels-first', inputs), ('channels-last', channels_last(inputs))):
+            with torch.no_grad():
+                ms = {b: median_ms(lambda: op('triton', b)(*layout_inputs), iters) for b in FWD_SWEEP}
+            best = min(ms, key=ms.get)
+            print(f'{shape} fwd {layout}: ' + ', '.join(f'{b} {t:.3f}' for b, t in ms.items())
+                  + f'; best {best}, default {triton_scan.block_sizes(shape[1], length)}')
+        ms = {b: time_variant(op('triton', None, b), inputs, dy, iters)[1] for b in BWD_SWEEP}
         best = min(ms, key=ms.get)
-        print(f'{shape}: ' + ', '.join(f'{b} {t:.3f}' for b, t in ms.items())
-              + f'; best {best}, default {triton_scan.block_sizes(shape[1], shape[2] * shape[3])}')
+        print(f'{shape} fwd+bwd by bwd blocks: ' + ', '.join(f'{b} {t:.3f}' for b, t in ms.items())
+              + f'; best {best}, default {triton_scan.block_sizes(shape[1], length, backward=True)}')
 
 
 def main() -> None:
