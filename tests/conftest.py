@@ -1,4 +1,9 @@
-"""Shared fixtures: the reference data of the released model in ../shared/reference."""
+"""Shared fixtures: the reference data of the released model.
+
+``tests/data/reference`` holds a copy of the project's reference files (a randomised mini
+model's weights, inputs and outputs from the released code, and the key lists of the released
+checkpoints), so that the tests run from any clone; ``SEGMAN_REFERENCE_DIR`` points elsewhere.
+"""
 import os
 from pathlib import Path
 
@@ -6,7 +11,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = Path(os.environ.get('SEGMAN_REFERENCE_DIR', REPO.parent / 'shared' / 'reference'))
+REFERENCE = Path(os.environ.get('SEGMAN_REFERENCE_DIR', REPO / 'tests' / 'data' / 'reference'))
 
 
 def reference_file(name: str) -> Path:
