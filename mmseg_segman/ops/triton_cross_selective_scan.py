@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_selective_scan import _affine_combine, _softplus
+from .triton_selective_scan import _load_channel_params, _scan_tile, _softplus
 
 
 @triton.jit
@@ -53,26 +53,34 @@ def _pixel(step, length, height, width, direction):
 
 
 @triton.jit
+def _direction_program(x_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, channels, length,
+                       sx_b, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, BLOCK_D: tl.constexpr):
+    """The program's direction, batch element and channels, their parameters, the base
+    pointers of its inputs and the offset of its rows in the ``(B, 4, D, L)`` buffers."""
+    direction = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    ch = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ch_ok = ch < channels
+    A, D, bias = _load_channel_params(a_ptr, d_ptr, bias_ptr, direction * channels + ch, ch_ok)
+    x_base = x_ptr + batch * sx_b + ch[:, None] * sx_c
+    delta_base = delta_ptr + batch * sd_b + direction * sd_k + ch[:, None] * sd_c
+    b_base = b_ptr + batch * sb_b + direction * sb_k
+    c_base = c_ptr + batch * sc_b + direction * sc_k
+    row_base = ((batch * 4 + direction) * channels + ch[:, None]) * length
+    return direction, batch, ch, ch_ok, A, D, bias, x_base, delta_base, b_base, c_base, row_base
+
+
+@triton.jit
 def _cross_scan_fwd_kernel(
         x_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, y_ptr, h_ptr,
         channels, height, width,
         sx_b, sx_c, sx_h, sx_w, sd_b, sd_k, sd_c, sd_h, sd_w,
         sb_b, sb_k, sb_h, sb_w, sc_b, sc_k, sc_h, sc_w,
         STORE_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    direction = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    ch = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ch_ok = ch < channels
-    param = direction * channels + ch
-    A = tl.load(a_ptr + param, mask=ch_ok, other=0.0).to(tl.float32)[:, None]
-    D = tl.load(d_ptr + param, mask=ch_ok, other=0.0).to(tl.float32)[:, None]
-    bias = tl.load(bias_ptr + param, mask=ch_ok, other=0.0).to(tl.float32)[:, None]
     length = height * width
-    x_base = x_ptr + batch * sx_b + ch[:, None] * sx_c
-    delta_base = delta_ptr + batch * sd_b + direction * sd_k + ch[:, None] * sd_c
-    b_base = b_ptr + batch * sb_b + direction * sb_k
-    c_base = c_ptr + batch * sc_b + direction * sc_k
-    row_base = ((batch * 4 + direction) * channels + ch[:, None]) * length  # y and h rows
+    direction, batch, ch, ch_ok, A, D, bias, x_base, delta_base, b_base, c_base, row_base = \
+        _direction_program(x_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, channels, length,
+                           sx_b, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, BLOCK_D)
     steps = tl.arange(0, BLOCK_L)
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(0, length, BLOCK_L):
@@ -86,12 +94,10 @@ def _cross_scan_fwd_kernel(
         Ct = tl.load(c_base + i * sc_h + j * sc_w, mask=t_ok, other=0.0).to(tl.float32)[None, :]
         dt = _softplus(z + bias)
         decay = tl.where(ok, tl.exp(dt * A), 1.0)
-        prod, h = tl.associative_scan((decay, dt * Bt * u), 1, _affine_combine)
-        h += prod * carry[:, None]
+        h, carry = _scan_tile(decay, dt * Bt * u, carry, BLOCK_L)
         tl.store(y_ptr + row_base + (i * width + j)[None, :], Ct * h + D * u, mask=ok)
         if STORE_H:
             tl.store(h_ptr + row_base + t[None, :], h, mask=ok)
-        carry = tl.sum(tl.where(steps[None, :] == BLOCK_L - 1, h, 0.0), axis=1)
 
 
 @triton.jit
@@ -102,23 +108,12 @@ def _cross_scan_bwd_kernel(
         sx_b, sx_c, sx_h, sx_w, sd_b, sd_k, sd_c, sd_h, sd_w,
         sb_b, sb_k, sb_h, sb_w, sc_b, sc_k, sc_h, sc_w, sy_b, sy_c, sy_h, sy_w,
         BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    direction = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    block = tl.program_id(0)
-    ch = block * BLOCK_D + tl.arange(0, BLOCK_D)
-    ch_ok = ch < channels
-    param = direction * channels + ch
-    A = tl.load(a_ptr + param, mask=ch_ok, other=0.0).to(tl.float32)[:, None]
-    D = tl.load(d_ptr + param, mask=ch_ok, other=0.0).to(tl.float32)[:, None]
-    bias = tl.load(bias_ptr + param, mask=ch_ok, other=0.0).to(tl.float32)[:, None]
     length = height * width
-    x_base = x_ptr + batch * sx_b + ch[:, None] * sx_c
-    delta_base = delta_ptr + batch * sd_b + direction * sd_k + ch[:, None] * sd_c
-    b_base = b_ptr + batch * sb_b + direction * sb_k
-    c_base = c_ptr + batch * sc_b + direction * sc_k
+    direction, batch, ch, ch_ok, A, D, bias, x_base, delta_base, b_base, c_base, row_base = \
+        _direction_program(x_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, channels, length,
+                           sx_b, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, BLOCK_D)
     dy_base = dy_ptr + batch * sy_b + ch[:, None] * sy_c
-    row_base = ((batch * 4 + direction) * channels + ch[:, None]) * length
-    bc_base = ((batch * 4 + direction) * tl.num_programs(0) + block) * length  # dB, dC partials
+    bc_base = ((batch * 4 + direction) * tl.num_programs(0) + tl.program_id(0)) * length  # dB, dC partials
     steps = tl.arange(0, BLOCK_L)
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
     dA = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -144,9 +139,7 @@ def _cross_scan_bwd_kernel(
         z1 = tl.load(delta_base + (i1 * sd_h + j1 * sd_w)[None, :], mask=next_ok, other=0.0)
         decay_next = tl.where(next_ok, tl.exp(_softplus(z1.to(tl.float32) + bias) * A), 0.0)
 
-        prod, dh = tl.associative_scan((decay_next, Ct * dy), 1, _affine_combine)
-        dh += prod * carry[:, None]
-        carry = tl.sum(tl.where(steps[None, :] == BLOCK_L - 1, dh, 0.0), axis=1)
+        dh, carry = _scan_tile(decay_next, Ct * dy, carry, BLOCK_L)
 
         dt = _softplus(z)
         decayed_prev = tl.exp(dt * A) * h_prev

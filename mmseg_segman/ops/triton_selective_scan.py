@@ -42,34 +42,57 @@ def _softplus(z):
 
 
 @triton.jit
-def _scan_fwd_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, y_ptr, h_ptr,
-                     channels, length, group_channels, groups,
-                     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+def _scan_tile(decay, drive, carry, BLOCK_L: tl.constexpr):
+    """``h_t = decay_t h_{t-1} + drive_t`` along axis 1 of a ``(BLOCK_D, BLOCK_L)`` tile,
+    starting from ``carry`` ``(BLOCK_D,)``; returns ``h`` and its last column (the next carry)."""
+    decay_prod, h = tl.associative_scan((decay, drive), 1, _affine_combine)
+    h += decay_prod * carry[:, None]
+    last = tl.sum(tl.where(tl.arange(0, BLOCK_L)[None, :] == BLOCK_L - 1, h, 0.0), axis=1)
+    return h, last
+
+
+@triton.jit
+def _load_channel_params(a_ptr, d_ptr, bias_ptr, index, mask):
+    """``A``, ``D`` and ``delta_bias`` of a program's channels as float32 ``(BLOCK_D, 1)``."""
+    A = tl.load(a_ptr + index, mask=mask, other=0.0).to(tl.float32)[:, None]
+    D = tl.load(d_ptr + index, mask=mask, other=0.0).to(tl.float32)[:, None]
+    bias = tl.load(bias_ptr + index, mask=mask, other=0.0).to(tl.float32)[:, None]
+    return A, D, bias
+
+
+@triton.jit
+def _program_rows(a_ptr, d_ptr, bias_ptr, channels, length, group_channels, groups,
+                  BLOCK_D: tl.constexpr):
+    """The program's batch element and channels, their parameters and the offsets of their
+    rows in the ``(B, G*D, L)`` and ``(B, G, 1, L)`` tensors."""
     batch = tl.program_id(0)
     ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ch_ok = ch < channels
-    group = ch // group_channels
-    A = tl.load(a_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
-    D = tl.load(d_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    A, D, bias = _load_channel_params(a_ptr, d_ptr, bias_ptr, ch, ch_ok)
     row = (batch * channels + ch)[:, None] * length
-    group_row = (batch * groups + group)[:, None] * length
+    group_row = (batch * groups + ch // group_channels)[:, None] * length
+    return batch, ch, ch_ok, A, D, bias, row, group_row
+
+
+@triton.jit
+def _scan_fwd_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, y_ptr, h_ptr,
+                     channels, length, group_channels, groups,
+                     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    batch, ch, ch_ok, A, D, bias, row, group_row = _program_rows(
+        a_ptr, d_ptr, bias_ptr, channels, length, group_channels, groups, BLOCK_D)
     steps = tl.arange(0, BLOCK_L)
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(0, length, BLOCK_L):
         pos = start + steps[None, :]
         ok = ch_ok[:, None] & (pos < length)
         u = tl.load(u_ptr + row + pos, mask=ok, other=0.0).to(tl.float32)
-        dt = _softplus(tl.load(delta_ptr + row + pos, mask=ok, other=0.0).to(tl.float32) + bias[:, None])
+        dt = _softplus(tl.load(delta_ptr + row + pos, mask=ok, other=0.0).to(tl.float32) + bias)
         Bt = tl.load(b_ptr + group_row + pos, mask=ok, other=0.0).to(tl.float32)
         Ct = tl.load(c_ptr + group_row + pos, mask=ok, other=0.0).to(tl.float32)
-        decay = tl.where(ok, tl.exp(dt * A[:, None]), 1.0)
-        drive = dt * Bt * u
-        decay_prod, h = tl.associative_scan((decay, drive), 1, _affine_combine)
-        h = h + decay_prod * carry[:, None]
+        decay = tl.where(ok, tl.exp(dt * A), 1.0)
+        h, carry = _scan_tile(decay, dt * Bt * u, carry, BLOCK_L)
         tl.store(h_ptr + row + pos, h, mask=ok)
-        tl.store(y_ptr + row + pos, Ct * h + D[:, None] * u, mask=ok)
-        carry = tl.sum(tl.where(steps[None, :] == BLOCK_L - 1, h, 0.0), axis=1)
+        tl.store(y_ptr + row + pos, Ct * h + D * u, mask=ok)
 
 
 @triton.jit
@@ -77,15 +100,8 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, h_p
                      du_ptr, ddelta_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr,
                      channels, length, group_channels, groups,
                      BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    batch = tl.program_id(0)
-    ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ch_ok = ch < channels
-    group = ch // group_channels
-    A = tl.load(a_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
-    D = tl.load(d_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
-    row = (batch * channels + ch)[:, None] * length
-    group_row = (batch * groups + group)[:, None] * length
+    batch, ch, ch_ok, A, D, bias, row, group_row = _program_rows(
+        a_ptr, d_ptr, bias_ptr, channels, length, group_channels, groups, BLOCK_D)
     steps = tl.arange(0, BLOCK_L)
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
     dA = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -97,23 +113,20 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, h_p
         ok = ch_ok[:, None] & (pos < length)
         nxt_ok = ch_ok[:, None] & (pos + 1 < length)
         u = tl.load(u_ptr + row + pos, mask=ok, other=0.0).to(tl.float32)
-        z = tl.load(delta_ptr + row + pos, mask=ok, other=0.0).to(tl.float32) + bias[:, None]
+        z = tl.load(delta_ptr + row + pos, mask=ok, other=0.0).to(tl.float32) + bias
         dt = _softplus(z)
-        z_next = tl.load(delta_ptr + row + pos + 1, mask=nxt_ok, other=0.0).to(tl.float32) + bias[:, None]
-        decay_next = tl.where(nxt_ok, tl.exp(_softplus(z_next) * A[:, None]), 0.0)
+        z_next = tl.load(delta_ptr + row + pos + 1, mask=nxt_ok, other=0.0).to(tl.float32) + bias
+        decay_next = tl.where(nxt_ok, tl.exp(_softplus(z_next) * A), 0.0)
         Bt = tl.load(b_ptr + group_row + pos, mask=ok, other=0.0).to(tl.float32)
         Ct = tl.load(c_ptr + group_row + pos, mask=ok, other=0.0).to(tl.float32)
         h = tl.load(h_ptr + row + pos, mask=ok, other=0.0)
         h_prev = tl.load(h_ptr + row + pos - 1, mask=ok & (pos >= 1), other=0.0)
         dy = tl.load(dy_ptr + row + pos, mask=ok, other=0.0).to(tl.float32)
-        decay_prod, g = tl.associative_scan((decay_next, Ct * dy), 1, _affine_combine)
-        g = g + decay_prod * carry[:, None]
-        carry = tl.sum(tl.where(steps[None, :] == BLOCK_L - 1, g, 0.0), axis=1)
+        g, carry = _scan_tile(decay_next, Ct * dy, carry, BLOCK_L)
 
-        decayed_prev = tl.exp(dt * A[:, None]) * h_prev  # a_t h_{t-1}, zero at t = 0
-        ddt = g * Bt * u + g * decayed_prev * A[:, None]
-        dz = tl.where(ok, ddt * tl.sigmoid(z), 0.0)
-        tl.store(du_ptr + row + pos, dy * D[:, None] + g * dt * Bt, mask=ok)
+        decayed_prev = tl.exp(dt * A) * h_prev  # a_t h_{t-1}, zero at t = 0
+        dz = tl.where(ok, g * (Bt * u + A * decayed_prev) * tl.sigmoid(z), 0.0)
+        tl.store(du_ptr + row + pos, dy * D + g * dt * Bt, mask=ok)
         tl.store(ddelta_ptr + row + pos, dz, mask=ok)
         tl.store(db_ptr + row + pos, g * dt * u, mask=ok)
         tl.store(dc_ptr + row + pos, dy * h, mask=ok)
