@@ -105,11 +105,13 @@ def imagenet_checkpoint(encoder, path, ema=True):
 
 
 @pytest.mark.parametrize('ema', [True, False])
-def test_init_cfg_loads_imagenet_encoder(tmp_path, ema):
+def test_init_cfg_loads_imagenet_encoder(tmp_path, ema, capsys):
     source = SegMANEncoder(arch=TINY)
     ckpt = imagenet_checkpoint(source, tmp_path / 'in1k.pth', ema=ema)
     encoder = SegMANEncoder(arch=TINY, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'in1k.pth')))
     encoder.init_weights()
+    log = ''.join(capsys.readouterr())
+    assert f"({'state_dict_ema' if ema else 'state_dict'}); ignored 2 classifier keys" in log, log
     expected = ckpt['state_dict_ema' if ema else 'state_dict']
     for key, value in encoder.state_dict().items():
         assert torch.equal(value, expected[key]), key
