@@ -79,3 +79,17 @@ def test_bad_input_is_named():
         neighborhood_attention_2d(q, q, q, 3, torch.zeros(2, 3, 3))
     with pytest.raises(ValueError, match='share one'):
         neighborhood_attention_2d(q, q[..., :2], q, 3)
+
+
+@pytest.mark.parametrize('height,width,kernel,dim', [(9, 11, 7, 16), (13, 20, 9, 32)])
+def test_natten_backend_matches_reference(height, width, kernel, dim):
+    """The ``natten`` backend (models without rpb) wraps natten's ``na2d`` with the layout and
+    scaling of the reference; natten runs on the CPU too (its Flex backend), forward only."""
+    pytest.importorskip('natten')
+    from mmseg_segman.ops.neighborhood_attention import (_neighborhood_attention_natten,
+                                                         _neighborhood_attention_torch)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, height, width, dim) for _ in range(3))
+    torch.testing.assert_close(_neighborhood_attention_natten(q, k, v, kernel, None),
+                               _neighborhood_attention_torch(q, k, v, kernel, None),
+                               rtol=1e-4, atol=1e-5)
