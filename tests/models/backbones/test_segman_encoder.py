@@ -1,5 +1,8 @@
+import logging
+
 import pytest
 import torch
+from mmengine.logging import MMLogger
 
 from mmseg_segman.models import SegMANEncoder
 
@@ -105,12 +108,20 @@ def imagenet_checkpoint(encoder, path, ema=True):
 
 
 @pytest.mark.parametrize('ema', [True, False])
-def test_init_cfg_loads_imagenet_encoder(tmp_path, ema, capsys):
+def test_init_cfg_loads_imagenet_encoder(tmp_path, ema):
     source = SegMANEncoder(arch=TINY)
     ckpt = imagenet_checkpoint(source, tmp_path / 'in1k.pth', ema=ema)
     encoder = SegMANEncoder(arch=TINY, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'in1k.pth')))
-    encoder.init_weights()
-    log = ''.join(capsys.readouterr())
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = MMLogger.get_current_instance()
+    logger.addHandler(handler)
+    try:
+        encoder.init_weights()
+    finally:
+        logger.removeHandler(handler)
+    log = '\n'.join(r.getMessage() for r in records)
     assert f"({'state_dict_ema' if ema else 'state_dict'}); ignored 2 classifier keys" in log, log
     expected = ckpt['state_dict_ema' if ema else 'state_dict']
     for key, value in encoder.state_dict().items():
