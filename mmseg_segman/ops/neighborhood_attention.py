@@ -10,9 +10,13 @@ and key ``m`` of the axis is biased by ``rpb[..., m - i + k - 1]`` (the NATTEN i
 ``p(i) + j`` for key ``j`` of the window). Where an axis is shorter than the kernel
 (NATTEN refuses such inputs), the window is the whole axis, biased by the same rule.
 
-Backends, fastest first: ``flex`` (PyTorch FlexAttention on CUDA: these rules as a block
-mask, the bias as a score modifier, one fused compiled kernel forward and backward),
-``natten`` (natten's fused ``na2d``, only without rpb) and ``torch`` (the gather reference).
+Backends, in the order they are tried: ``natten`` (natten's ``na2d`` on CUDA with its fused
+kernels, i.e. where natten was installed with libnatten; only without rpb, which natten
+0.20+ dropped), ``flex`` (PyTorch FlexAttention on CUDA: these rules as a block mask, the bias
+as a score modifier, one fused compiled kernel forward and backward) and ``torch`` (the gather
+reference). natten's kernels tile the windows in 2-D, while FlexAttention's block mask works
+on blocks of 128 row-major tokens and computes most scores only to mask them; a natten build
+with libnatten was not available to measure the two against each other.
 """
 from functools import lru_cache
 from typing import Callable, Optional
@@ -180,13 +184,16 @@ def _flex_available(q, k, v, kernel_size, rpb) -> bool:
 
 
 def _natten_available(q, k, v, kernel_size, rpb) -> bool:
-    if rpb is not None or q.shape[2] < kernel_size or q.shape[3] < kernel_size:
+    """natten runs maps without rpb, at least a window wide, on CUDA with its fused kernels
+    (without libnatten its ``na2d`` falls back to uncompiled FlexAttention, which scores every
+    pair of tokens)."""
+    if rpb is not None or q.shape[2] < kernel_size or q.shape[3] < kernel_size or not q.is_cuda:
         return False
     try:
-        import natten  # noqa: F401
+        import natten
     except ImportError:
         return False
-    return q.is_cuda
+    return natten.HAS_LIBNATTEN
 
 
 def _neighborhood_attention_natten(q, k, v, kernel_size, rpb):
@@ -198,8 +205,8 @@ def _neighborhood_attention_natten(q, k, v, kernel_size, rpb):
 
 
 _neighborhood_attention = OpDispatcher('neighborhood_attention', {
-    'flex': Backend(_neighborhood_attention_flex, _flex_available),
     'natten': Backend(_neighborhood_attention_natten, _natten_available),
+    'flex': Backend(_neighborhood_attention_flex, _flex_available),
     'torch': Backend(_neighborhood_attention_torch, always),
 })
 

@@ -93,3 +93,14 @@ def test_natten_backend_matches_reference(height, width, kernel, dim):
     torch.testing.assert_close(_neighborhood_attention_natten(q, k, v, kernel, None),
                                _neighborhood_attention_torch(q, k, v, kernel, None),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_natten_backend_needs_its_fused_kernels_and_no_rpb():
+    """natten is tried first, but only on CUDA, without rpb and with libnatten; elsewhere the
+    choice falls through (here on the CPU: to the reference)."""
+    from mmseg_segman.ops.neighborhood_attention import _natten_available, _neighborhood_attention
+    assert list(_neighborhood_attention.backends)[0] == 'natten'
+    q = torch.randn(1, 2, 9, 9, 8)
+    assert not _natten_available(q, q, q, 7, None)  # not CUDA
+    assert not _natten_available(q, q, q, 7, torch.zeros(2, 13, 13))
+    assert _neighborhood_attention.select(q, q, q, 7, None) == 'torch'
