@@ -10,9 +10,9 @@ The forward pass stores ``h`` (float32, the size of ``u``). The backward pass wa
 from the end, reading each tile in reversed order, so the adjoint recurrence
 ``g_t = a_{t+1} g_{t+1} + C_t dy_t`` is again a forward scan. ``a_t h_{t-1}`` is computed from
 ``h_{t-1}`` read back (not as ``h_t - b_t``, which cancels when ``a_t`` is small and leaves
-rounding noise in ``dA`` where it should be exactly zero, as at ``t = 0``). Per-channel sums (dA, dD, d delta_bias) are reduced inside
-the program, then over the batch in PyTorch; dB and dC are written per channel and summed over
-each group's channels in PyTorch.
+rounding noise in ``dA`` where it should be exactly zero, as at ``t = 0``). Per-channel sums
+(dA, dD, d delta_bias) are reduced inside the program, then over the batch in PyTorch; dB and
+dC are written per channel and summed over each group's channels in PyTorch.
 """
 from typing import Optional
 
