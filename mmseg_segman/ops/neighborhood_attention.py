@@ -10,14 +10,17 @@ and key ``m`` of the axis is biased by ``rpb[..., m - i + k - 1]`` (the NATTEN i
 ``p(i) + j`` for key ``j`` of the window). Where an axis is shorter than the kernel
 (NATTEN refuses such inputs), the window is the whole axis, biased by the same rule.
 
-Backends, in the order they are tried: ``natten`` (natten's ``na2d`` on CUDA with its fused
+Backends, in the order they are tried: ``triton`` (our fused kernels, forward and backward,
+rpb included: queries tiled in 2-D, each tile visiting only the keys of its windows; see
+:mod:`.triton_neighborhood_attention`), ``natten`` (natten's ``na2d`` on CUDA with its fused
 kernels, i.e. where natten was installed with libnatten; only without rpb, which natten
 0.20+ dropped), ``flex`` (PyTorch FlexAttention on CUDA: these rules as a block mask, the bias
 as a score modifier, one fused compiled kernel forward and backward) and ``torch`` (the gather
-reference). natten's kernels tile the windows in 2-D, while FlexAttention's block mask works
-on blocks of 128 row-major tokens and computes most scores only to mask them; a natten build
-with libnatten was not available to measure the two against each other.
+reference). FlexAttention's block mask works on blocks of 128 row-major tokens and computes
+most scores only to mask them, and it compiles anew for every map size; the Triton kernels
+take sizes at run time.
 """
+import os
 from functools import lru_cache
 from typing import Callable, Optional
 
@@ -161,10 +164,7 @@ def _neighborhood_attention_flex(q: Tensor, k: Tensor, v: Tensor, kernel_size: i
 
     batch, heads, height, width, dim = q.shape
     device_type = q.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    dtype = _compute_dtype(q, k, v)
     q, k, v = (t.reshape(batch, heads, height * width, dim).to(dtype).contiguous() for t in (q, k, v))
     block_mask = _window_block_mask(height, width, kernel_size, q.device)
     if rpb is not None and rpb.requires_grad and torch.is_grad_enabled():
@@ -177,6 +177,40 @@ def _neighborhood_attention_flex(q: Tensor, k: Tensor, v: Tensor, kernel_size: i
     with torch.autocast(device_type, enabled=False):
         out = attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)
     return out.view(batch, heads, height, width, dim)
+
+
+def _compute_dtype(q: Tensor, k: Tensor, v: Tensor) -> torch.dtype:
+    """The autocast dtype where autocast is on (as the reference's einsums run), else the
+    promoted dtype of q, k, v."""
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TRITON_MAX_HEAD_DIM = 128
+
+
+def _triton_available(q, k, v, kernel_size, rpb) -> bool:
+    """CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``, for CI), float32/bfloat16/
+    float16, head dim at most 128, and triton importable."""
+    interpreted = os.environ.get('TRITON_INTERPRET') == '1' and not q.is_cuda
+    if not (q.is_cuda or interpreted) or q.shape[-1] > _TRITON_MAX_HEAD_DIM \
+            or _compute_dtype(q, k, v) not in _TRITON_DTYPES:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _neighborhood_attention_triton(q, k, v, kernel_size, rpb):
+    from .triton_neighborhood_attention import neighborhood_attention_triton
+
+    dtype = _compute_dtype(q, k, v)
+    return neighborhood_attention_triton(q.to(dtype), k.to(dtype), v.to(dtype), kernel_size, rpb)
 
 
 def _flex_available(q, k, v, kernel_size, rpb) -> bool:
@@ -205,6 +239,7 @@ def _neighborhood_attention_natten(q, k, v, kernel_size, rpb):
 
 
 _neighborhood_attention = OpDispatcher('neighborhood_attention', {
+    'triton': Backend(_neighborhood_attention_triton, _triton_available),
     'natten': Backend(_neighborhood_attention_natten, _natten_available),
     'flex': Backend(_neighborhood_attention_flex, _flex_available),
     'torch': Backend(_neighborhood_attention_torch, always),

@@ -1,0 +1,434 @@
+"""Triton backend of :func:`mmseg_segman.ops.neighborhood_attention_2d`: fused 2-D
+neighborhood attention with relative position bias, forward and backward.
+
+Geometry (NATTEN 0.17, dilation 1). On an axis of length ``n`` with ``span = min(k, n)`` and
+``r = k // 2`` the window of query ``i`` starts at ``clamp(i - r, 0, n - span)`` (the rule of
+the module doc of :mod:`.neighborhood_attention` in one expression) and key ``m`` of it is
+biased by ``rpb[h, m - i + k - 1, ...]``.
+
+Forward. One program owns a ``TILE_H x TILE_W`` tile of queries of one (batch, head). The
+keys its queries attend form one box of at most ``(TILE_H + k - 1) x (TILE_W + k - 1)``
+pixels; the box is flattened and walked in chunks of ``BLOCK_N`` keys, so a program visits
+only the union of its tile's windows (FlexAttention's row-major blocks visit whole rows of
+blocks). Per chunk: ``s = q k^T`` on the tensor cores, the bias gathered from the small
+``rpb`` table, keys outside a query's window masked, then online softmax in float32 (base 2)
+and ``acc += p v``. The log-sum-exp of every query is stored for the backward pass.
+
+Backward (recomputation, as in FlashAttention), two kernels. ``dq``: the forward's programs
+again, ``delta = rowsum(dO * O)`` (stored for the next kernel), ``dS = P (dO V^T - delta)``,
+``dq = dS K``. ``dk, dv``: one program per tile of keys walks the box of queries whose
+windows contain them (the inverse neighborhood: at most ``TILE + 3r`` rows and columns at the
+borders), ``dv = P^T dO``, ``dk = dS^T Q``. No atomics anywhere.
+
+Bias gradient. ``d rpb[h, a + i', b + j']`` sums ``dS`` over the batch and over all queries
+whose window offset is ``(a, b)`` and whose window sits at ``(i', j')`` relative to them.
+The ``dq`` program loops over the batch elements of its group and accumulates ``dS`` of each
+(query, window position) into its own rows of a float32 buffer ``G (groups, heads, H, W,
+k*k)`` (each element is written by one program only, so plain loads and stores suffice);
+PyTorch then folds ``G`` into the ``(heads, 2k-1, 2k-1)`` table with matrix products and
+``F.fold``: deterministic, and no colliding atomics.
+
+Sizes are runtime values: one compilation per (dtype, head dim, kernel size, block sizes)
+serves every batch and map size.
+"""
+import math
+from functools import lru_cache
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = tl.constexpr(1.4426950408889634)
+NEG = tl.constexpr(-1.0e30)  # the masked score: finite, so rows without a valid key yet stay NaN-free
+
+
+class Blocks(NamedTuple):
+    """Launch shape of one kernel: a ``tile_h x tile_w`` tile of queries (dk/dv: of keys),
+    ``block`` keys (dk/dv: queries) a step, ``num_warps`` and ``num_stages``."""
+    tile_h: int
+    tile_w: int
+    block: int
+    num_warps: int
+    num_stages: int
+
+
+@triton.jit
+def _window_start(i, length, span, RADIUS: tl.constexpr):
+    """First key of the window of query ``i`` on an axis of ``length`` (``span = min(k, length)``)."""
+    return tl.minimum(tl.maximum(i - RADIUS, 0), length - span)
+
+
+@triton.jit
+def _inverse_start(j, span, RADIUS: tl.constexpr):
+    """First query whose window holds key ``j``."""
+    return tl.where(j - span + 1 <= 0, 0, j - span + 1 + RADIUS)
+
+
+@triton.jit
+def _inverse_end(j, length, span, RADIUS: tl.constexpr):
+    """One past the last query whose window holds key ``j``."""
+    return tl.where(j >= length - span, length, j + RADIUS + 1)
+
+
+@triton.jit
+def _tile(height, width, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Rows, columns and in-map flags of the ``TILE_H * TILE_W`` pixels of this program's
+    tile (``program_id(0)`` counts tiles row-major), and the tile's first row and column."""
+    tiles_w = tl.cdiv(width, TILE_W)
+    y0 = (tl.program_id(0) // tiles_w) * TILE_H
+    x0 = (tl.program_id(0) % tiles_w) * TILE_W
+    t = tl.arange(0, TILE_H * TILE_W)
+    y = y0 + t // TILE_W
+    x = x0 + t % TILE_W
+    return y, x, (y < height) & (x < width), y0, x0
+
+
+@triton.jit
+def _box_pixels(start, top, left, box_w, box, BLOCK: tl.constexpr):
+    """Rows, columns and flags of pixels ``start .. start + BLOCK`` of a flattened box."""
+    n = start + tl.arange(0, BLOCK)
+    return top + n // box_w, left + n % box_w, n < box
+
+
+@triton.jit
+def _scores(q, kt, qy, qx, ky, kx, pair_ok, rpb_base, height, width,
+            KERNEL: tl.constexpr, HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``(q k^T + rpb) * log2(e)`` for a ``[M, N]`` tile of (query, key) pairs given by their
+    pixels (``qy``/``qx`` ``[M, 1]`` or ``[1, N]``, ``ky``/``kx`` the other way round),
+    ``NEG`` where the key is outside the query's window or ``pair_ok`` is false."""
+    span_h = tl.minimum(height, KERNEL)
+    span_w = tl.minimum(width, KERNEL)
+    wy = _window_start(qy, height, span_h, KERNEL // 2)
+    wx = _window_start(qx, width, span_w, KERNEL // 2)
+    valid = pair_ok & (ky >= wy) & (ky < wy + span_h) & (kx >= wx) & (kx < wx + span_w)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    if HAS_RPB:
+        offset = (ky - qy + KERNEL - 1) * (2 * KERNEL - 1) + (kx - qx + KERNEL - 1)
+        s += tl.load(rpb_base + offset, mask=valid, other=0.0).to(tl.float32)
+    return tl.where(valid, s * LOG2E, NEG), valid, wy, wx
+
+
+@triton.jit
+def _load_rows(base, y, x, ok, sy, sx, sd, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Head vectors of pixels ``(y, x)`` as ``[P, BLOCK_D]``."""
+    d = tl.arange(0, BLOCK_D)
+    ptrs = base + (y * sy + x * sx)[:, None] + d[None, :] * sd
+    return tl.load(ptrs, mask=ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_cols(base, y, x, ok, sy, sx, sd, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Head vectors of pixels ``(y, x)`` as ``[BLOCK_D, P]``."""
+    d = tl.arange(0, BLOCK_D)
+    ptrs = base + (y * sy + x * sx)[None, :] + d[:, None] * sd
+    return tl.load(ptrs, mask=ok[None, :] & (d < HEAD_DIM)[:, None], other=0.0)
+
+
+@triton.jit
+def _store_rows(base, value, y, x, ok, sy, sx, sd, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    d = tl.arange(0, BLOCK_D)
+    tl.store(base + (y * sy + x * sx)[:, None] + d[None, :] * sd, value,
+             mask=ok[:, None] & (d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _query_box(y0, x0, height, width, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+               KERNEL: tl.constexpr):
+    """Top-left corner, width and size of the box of keys that a query tile attends."""
+    span_h = tl.minimum(height, KERNEL)
+    span_w = tl.minimum(width, KERNEL)
+    top = _window_start(y0, height, span_h, KERNEL // 2)
+    left = _window_start(x0, width, span_w, KERNEL // 2)
+    bottom = _window_start(tl.minimum(y0 + TILE_H, height) - 1, height, span_h, KERNEL // 2) + span_h
+    right = _window_start(tl.minimum(x0 + TILE_W, width) - 1, width, span_w, KERNEL // 2) + span_w
+    return top, left, right - left, (bottom - top) * (right - left)
+
+
+@triton.jit
+def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, width,
+                   sq_b, sq_h, sq_y, sq_x, sq_d, sk_b, sk_h, sk_y, sk_x, sk_d,
+                   sv_b, sv_h, sv_y, sv_x, sv_d, so_b, so_h, so_y, so_x, so_d,
+                   HEAD_DIM: tl.constexpr, KERNEL: tl.constexpr, HAS_RPB: tl.constexpr,
+                   TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    batch = (tl.program_id(1) // heads).to(tl.int64)
+    head = tl.program_id(1) % heads
+    qy, qx, q_ok, y0, x0 = _tile(height, width, TILE_H, TILE_W)
+    top, left, box_w, box = _query_box(y0, x0, height, width, TILE_H, TILE_W, KERNEL)
+    q = _load_rows(q_ptr + batch * sq_b + head * sq_h, qy, qx, q_ok, sq_y, sq_x, sq_d,
+                   HEAD_DIM, BLOCK_D)
+    k_base = k_ptr + batch * sk_b + head * sk_h
+    v_base = v_ptr + batch * sv_b + head * sv_h
+    rpb_base = rpb_ptr + head * (2 * KERNEL - 1) * (2 * KERNEL - 1)
+    m_i = tl.full([TILE_H * TILE_W], NEG, tl.float32)
+    l_i = tl.zeros([TILE_H * TILE_W], tl.float32)
+    acc = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
+    for start in range(0, box, BLOCK_N):
+        ky, kx, k_ok = _box_pixels(start, top, left, box_w, box, BLOCK_N)
+        kt = _load_cols(k_base, ky, kx, k_ok, sk_y, sk_x, sk_d, HEAD_DIM, BLOCK_D)
+        s, valid, wy, wx = _scores(q, kt, qy[:, None], qx[:, None], ky[None, :], kx[None, :],
+                                   q_ok[:, None] & k_ok[None, :], rpb_base, height, width,
+                                   KERNEL, HAS_RPB, DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base, ky, kx, k_ok, sv_y, sv_x, sv_d, HEAD_DIM, BLOCK_D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    _store_rows(o_ptr + batch * so_b + head * so_h, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
+                qy, qx, q_ok, so_y, so_x, so_d, HEAD_DIM, BLOCK_D)
+    row = tl.program_id(1).to(tl.int64) * height * width + qy * width + qx
+    tl.store(lse_ptr + row, m_i + tl.log2(l_i), mask=q_ok)
+
+
+@triton.jit
+def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, g_ptr,
+                      batch_size, batches_per_group, heads, height, width,
+                      sq_b, sq_h, sq_y, sq_x, sq_d, sk_b, sk_h, sk_y, sk_x, sk_d,
+                      sv_b, sv_h, sv_y, sv_x, sv_d, so_b, so_h, so_y, so_x, so_d,
+                      sdo_b, sdo_h, sdo_y, sdo_x, sdo_d,
+                      HEAD_DIM: tl.constexpr, KERNEL: tl.constexpr, HAS_RPB: tl.constexpr,
+                      STORE_G: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``delta`` and ``dq`` of a query tile for the batch elements of group ``program_id(2)``;
+    ``O`` and ``dq`` share the strides ``so_*``. With ``STORE_G``, ``dS`` summed over the group's
+    batch elements per (query, window position) into ``G``."""
+    head = tl.program_id(1)
+    group = tl.program_id(2)
+    qy, qx, q_ok, y0, x0 = _tile(height, width, TILE_H, TILE_W)
+    top, left, box_w, box = _query_box(y0, x0, height, width, TILE_H, TILE_W, KERNEL)
+    rpb_base = rpb_ptr + head * (2 * KERNEL - 1) * (2 * KERNEL - 1)
+    g_rows = ((group * heads + head).to(tl.int64) * height * width + qy * width + qx) * KERNEL * KERNEL
+    first = group * batches_per_group
+    for batch in range(first, tl.minimum(first + batches_per_group, batch_size)):
+        b64 = tl.cast(batch, tl.int64)
+        q = _load_rows(q_ptr + b64 * sq_b + head * sq_h, qy, qx, q_ok, sq_y, sq_x, sq_d,
+                       HEAD_DIM, BLOCK_D)
+        do = _load_rows(do_ptr + b64 * sdo_b + head * sdo_h, qy, qx, q_ok, sdo_y, sdo_x, sdo_d,
+                        HEAD_DIM, BLOCK_D)
+        o = _load_rows(o_ptr + b64 * so_b + head * so_h, qy, qx, q_ok, so_y, so_x, so_d,
+                       HEAD_DIM, BLOCK_D)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        row = (b64 * heads + head) * height * width + qy * width + qx
+        tl.store(delta_ptr + row, delta, mask=q_ok)
+        lse = tl.load(lse_ptr + row, mask=q_ok, other=0.0)
+        k_base = k_ptr + b64 * sk_b + head * sk_h
+        v_base = v_ptr + b64 * sv_b + head * sv_h
+        dq = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
+        for start in range(0, box, BLOCK_N):
+            ky, kx, k_ok = _box_pixels(start, top, left, box_w, box, BLOCK_N)
+            kt = _load_cols(k_base, ky, kx, k_ok, sk_y, sk_x, sk_d, HEAD_DIM, BLOCK_D)
+            s, valid, wy, wx = _scores(q, kt, qy[:, None], qx[:, None], ky[None, :], kx[None, :],
+                                       q_ok[:, None] & k_ok[None, :], rpb_base, height, width,
+                                       KERNEL, HAS_RPB, DOT_PRECISION)
+            p = tl.exp2(s - lse[:, None])
+            vt = _load_cols(v_base, ky, kx, k_ok, sv_y, sv_x, sv_d, HEAD_DIM, BLOCK_D)
+            ds = p * (tl.dot(do, vt, input_precision=DOT_PRECISION) - delta[:, None])
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+            if STORE_G:
+                g = g_ptr + g_rows[:, None] + (ky[None, :] - wy) * KERNEL + (kx[None, :] - wx)
+                tl.store(g, tl.load(g, mask=valid, other=0.0) + ds, mask=valid)
+        _store_rows(dq_ptr + b64 * so_b + head * so_h, dq.to(dq_ptr.dtype.element_ty), qy, qx, q_ok,
+                    so_y, so_x, so_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _na_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                        heads, height, width,
+                        sq_b, sq_h, sq_y, sq_x, sq_d, sk_b, sk_h, sk_y, sk_x, sk_d,
+                        sv_b, sv_h, sv_y, sv_x, sv_d, so_b, so_h, so_y, so_x, so_d,
+                        sdo_b, sdo_h, sdo_y, sdo_x, sdo_d,
+                        HEAD_DIM: tl.constexpr, KERNEL: tl.constexpr, HAS_RPB: tl.constexpr,
+                        TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``dk``, ``dv`` of a tile of keys, both with the strides ``so_*``."""
+    batch = (tl.program_id(1) // heads).to(tl.int64)
+    head = tl.program_id(1) % heads
+    ky, kx, k_ok, y0, x0 = _tile(height, width, TILE_H, TILE_W)
+    span_h = tl.minimum(height, KERNEL)
+    span_w = tl.minimum(width, KERNEL)
+    top = _inverse_start(y0, span_h, KERNEL // 2)
+    left = _inverse_start(x0, span_w, KERNEL // 2)
+    bottom = _inverse_end(tl.minimum(y0 + TILE_H, height) - 1, height, span_h, KERNEL // 2)
+    right = _inverse_end(tl.minimum(x0 + TILE_W, width) - 1, width, span_w, KERNEL // 2)
+    box_w = right - left
+    box = (bottom - top) * box_w
+    k = _load_rows(k_ptr + batch * sk_b + head * sk_h, ky, kx, k_ok, sk_y, sk_x, sk_d,
+                   HEAD_DIM, BLOCK_D)
+    v = _load_rows(v_ptr + batch * sv_b + head * sv_h, ky, kx, k_ok, sv_y, sv_x, sv_d,
+                   HEAD_DIM, BLOCK_D)
+    q_base = q_ptr + batch * sq_b + head * sq_h
+    do_base = do_ptr + batch * sdo_b + head * sdo_h
+    rows = tl.program_id(1).to(tl.int64) * height * width
+    rpb_base = rpb_ptr + head * (2 * KERNEL - 1) * (2 * KERNEL - 1)
+    dk = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
+    dv = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
+    for start in range(0, box, BLOCK_M):
+        qy, qx, q_ok = _box_pixels(start, top, left, box_w, box, BLOCK_M)
+        qt = _load_cols(q_base, qy, qx, q_ok, sq_y, sq_x, sq_d, HEAD_DIM, BLOCK_D)
+        do_t = _load_cols(do_base, qy, qx, q_ok, sdo_y, sdo_x, sdo_d, HEAD_DIM, BLOCK_D)
+        lse = tl.load(lse_ptr + rows + qy * width + qx, mask=q_ok, other=0.0)
+        delta = tl.load(delta_ptr + rows + qy * width + qx, mask=q_ok, other=0.0)
+        st, valid, wy, wx = _scores(k, qt, qy[None, :], qx[None, :], ky[:, None], kx[:, None],
+                                    k_ok[:, None] & q_ok[None, :], rpb_base, height, width,
+                                    KERNEL, HAS_RPB, DOT_PRECISION)
+        pt = tl.exp2(st - lse[None, :])
+        dv += tl.dot(pt.to(do_t.dtype), tl.trans(do_t), input_precision=DOT_PRECISION)
+        dst = pt * (tl.dot(v, do_t, input_precision=DOT_PRECISION) - delta[None, :])
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+    _store_rows(dk_ptr + batch * so_b + head * so_h, dk.to(dk_ptr.dtype.element_ty), ky, kx, k_ok,
+                so_y, so_x, so_d, HEAD_DIM, BLOCK_D)
+    _store_rows(dv_ptr + batch * so_b + head * so_h, dv.to(dv_ptr.dtype.element_ty), ky, kx, k_ok,
+                so_y, so_x, so_d, HEAD_DIM, BLOCK_D)
+
+
+# Default launch shapes: forward, dq, dk/dv (see ``block_sizes``).
+DEFAULT_BLOCKS = (Blocks(8, 8, 32, 4, 2), Blocks(4, 16, 32, 4, 2), Blocks(8, 8, 32, 4, 2))
+G_BUDGET = 1 << 24  # float32 elements of the bias-gradient buffer G
+
+
+def block_sizes(head_dim: int, kernel_size: int) -> Tuple[Blocks, Blocks, Blocks]:
+    """Launch shapes of the forward, ``dq`` and ``dk``/``dv`` kernels."""
+    return DEFAULT_BLOCKS
+
+
+def _head_block(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """float32 products as PyTorch's matmuls make them: float32-accurate (three TF32 products
+    on the tensor cores, ``tf32x3``) unless TF32 is allowed; ignored for 16-bit inputs."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == 'highest':
+        return 'tf32x3'
+    return 'tf32'
+
+
+def _launch(blocks: Blocks) -> dict:
+    return dict(TILE_H=blocks.tile_h, TILE_W=blocks.tile_w, num_warps=blocks.num_warps,
+                num_stages=blocks.num_stages)
+
+
+def _tiles(height: int, width: int, blocks: Blocks) -> int:
+    return triton.cdiv(height, blocks.tile_h) * triton.cdiv(width, blocks.tile_w)
+
+
+def _common(q: Tensor, kernel_size: int, rpb: Optional[Tensor]) -> dict:
+    return dict(HEAD_DIM=q.shape[-1], KERNEL=kernel_size, HAS_RPB=rpb is not None,
+                BLOCK_D=_head_block(q.shape[-1]), DOT_PRECISION=_dot_precision(q.dtype))
+
+
+@torch.library.custom_op('mmseg_segman::na2d_forward', mutates_args=())
+def na2d_forward(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size: int,
+                 blocks: List[int]) -> Tuple[Tensor, Tensor]:
+    """Output ``(B, heads, H, W, d)`` (contiguous, ``q``'s dtype) and the base-2 log-sum-exp
+    ``(B, heads, H, W)`` float32 of every query."""
+    batch, heads, height, width, _ = q.shape
+    fwd = Blocks(*blocks[:5])
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    _na_fwd_kernel[(_tiles(height, width, fwd), batch * heads)](
+        q, k, v, q if rpb is None else rpb, out, lse, heads, height, width,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        BLOCK_N=fwd.block, **_common(q, kernel_size, rpb), **_launch(fwd))
+    return out, lse
+
+
+@na2d_forward.register_fake
+def _(q, k, v, rpb, kernel_size, blocks):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@lru_cache(maxsize=256)
+def _window_class_one_hot(length: int, kernel_size: int, device: torch.device) -> Tensor:
+    """``(length, k)`` float32: query ``i`` in class ``start(i) - i + k - 1``, the bias row of
+    its window's first key."""
+    i = torch.arange(length, device=device)
+    start = (i - kernel_size // 2).clamp(min=0).clamp(max=length - min(kernel_size, length))
+    return F.one_hot(start - i + kernel_size - 1, kernel_size).float()
+
+
+def _fold_bias_grad(g: Tensor, kernel_size: int) -> Tensor:
+    """``(heads, 2k-1, 2k-1)`` from ``G (groups, heads, H, W, k, k)``: queries are summed within
+    their (row class, column class), then each class's ``k x k`` window is added at its offset."""
+    _, heads, height, width, k, _ = g.shape
+    g = g.sum(0)
+    g = torch.einsum('ix,hiwab->hxwab', _window_class_one_hot(height, k, g.device), g)
+    g = torch.einsum('jy,hxjab->hxyab', _window_class_one_hot(width, k, g.device), g)
+    patches = g.reshape(heads, k * k, k * k).transpose(1, 2)  # (heads, (a, b), (x, y))
+    return F.fold(patches, (2 * k - 1, 2 * k - 1), kernel_size=k)[:, 0]
+
+
+@torch.library.custom_op('mmseg_segman::na2d_backward', mutates_args=())
+def na2d_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor],
+                  out: Tensor, lse: Tensor, kernel_size: int, rpb_grad: bool,
+                  blocks: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``dq``, ``dk``, ``dv`` (contiguous, dtypes of q, k, v) and ``d rpb`` (``rpb``'s dtype, or an
+    empty tensor unless ``rpb_grad``)."""
+    batch, heads, height, width, _ = q.shape
+    dq_blocks, dkdv_blocks = Blocks(*blocks[5:10]), Blocks(*blocks[10:15])
+    # out, dq, dk, dv: contiguous, one set of strides
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    delta = torch.empty_like(lse)
+    store_g = rpb is not None and rpb_grad
+    per_group = heads * height * width * kernel_size ** 2
+    batches_per_group = math.ceil(batch / max(1, min(batch, G_BUDGET // per_group))) if store_g else 1
+    groups = math.ceil(batch / batches_per_group)
+    g = torch.zeros(groups if store_g else 0, heads, height, width, kernel_size, kernel_size,
+                    dtype=torch.float32, device=q.device)
+    common = _common(q, kernel_size, rpb)
+    rpb_arg = q if rpb is None else rpb
+    _na_bwd_dq_kernel[(_tiles(height, width, dq_blocks), heads, groups)](
+        q, k, v, rpb_arg, out, grad_out, lse, delta, dq, g, batch, batches_per_group, heads, height,
+        width, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
+        STORE_G=store_g, BLOCK_N=dq_blocks.block, **common, **_launch(dq_blocks))
+    _na_bwd_dkdv_kernel[(_tiles(height, width, dkdv_blocks), batch * heads)](
+        q, k, v, rpb_arg, grad_out, lse, delta, dk, dv, heads, height, width,
+        *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *grad_out.stride(),
+        BLOCK_M=dkdv_blocks.block, **common, **_launch(dkdv_blocks))
+    drpb = _fold_bias_grad(g, kernel_size).to(rpb.dtype) if store_g else q.new_empty(0)
+    return dq, dk, dv, drpb
+
+
+@na2d_backward.register_fake
+def _(grad_out, q, k, v, rpb, out, lse, kernel_size, rpb_grad, blocks):
+    drpb = rpb.new_empty(rpb.shape) if rpb is not None and rpb_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), drpb
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rpb, kernel_size, blocks = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, rpb, out, lse)
+    ctx.kernel_size, ctx.blocks = kernel_size, blocks
+    ctx.rpb_grad = rpb is not None and ctx.needs_input_grad[3]
+
+
+def _backward(ctx, grad_out, grad_lse):
+    # saved_tensors is unpacked once: checkpointing (with_cp) forbids a second unpack
+    q, k, v, rpb, out, lse = ctx.saved_tensors
+    dq, dk, dv, drpb = na2d_backward(grad_out, q, k, v, rpb, out, lse, ctx.kernel_size,
+                                     ctx.rpb_grad, ctx.blocks)
+    return dq, dk, dv, drpb if ctx.rpb_grad else None, None, None
+
+
+na2d_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def neighborhood_attention_triton(q: Tensor, k: Tensor, v: Tensor, kernel_size: int,
+                                  rpb: Optional[Tensor] = None,
+                                  blocks: Optional[Tuple[Blocks, Blocks, Blocks]] = None) -> Tensor:
+    """Fused neighborhood attention; arguments as :func:`neighborhood_attention_2d`.
+
+    ``q``, ``k``, ``v`` share one dtype (float32, bfloat16 or float16) and may have any
+    strides. ``blocks``: launch shapes of the forward, ``dq`` and ``dk``/``dv`` kernels
+    (default :func:`block_sizes`). Returns a contiguous ``(B, heads, H, W, d)`` tensor.
+    """
+    blocks = blocks or block_sizes(q.shape[-1], kernel_size)
+    out, _ = na2d_forward(q, k, v, rpb, kernel_size, [n for b in blocks for n in b])
+    return out

@@ -1,0 +1,147 @@
+"""The fused Triton neighborhood attention against the PyTorch reference.
+
+Values and gradients (q, k, v, rpb) run in Triton's CPU interpreter, in a subprocess since
+``TRITON_INTERPRET=1`` must be set before Triton is imported: odd sizes, maps smaller than
+the window, batch 1, strided inputs, several batch groups of the bias gradient. Sizes are
+small (the interpreter runs every program in Python) and the tiles too, so that a map spans
+several tiles. The kernels also compile for the H100 (sm_90) at their default launch shapes
+(``triton.compile`` down to a cubin, no GPU needed), which the interpreter cannot show.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip('triton')
+
+import torch  # noqa: E402
+
+# batch, heads, H, W, head dim, kernel, rpb, strided q/k/v
+CASES = [
+    (2, 2, 9, 11, 8, 5, True, False),    # both axes longer than the window, two tiles each
+    (1, 1, 4, 13, 16, 7, True, True),    # rows shorter than the window
+    (1, 2, 6, 5, 20, 7, True, False),    # both axes shorter than the window; d not a power of 2
+    (2, 1, 7, 9, 8, 3, False, True),     # no rpb
+]
+
+
+def reference_and_triton(case, dtype, blocks=None):
+    """Output and gradients of the float64 reference and of the Triton kernels in ``dtype``."""
+    from mmseg_segman.ops.neighborhood_attention import _neighborhood_attention_torch
+    from mmseg_segman.ops.triton_neighborhood_attention import Blocks, neighborhood_attention_triton
+
+    batch, heads, height, width, dim, kernel, use_rpb, strided = case
+    g = torch.Generator().manual_seed(sum(case[:6]))
+    if strided:  # views of one (B, 3, heads, d, H, W) tensor, as the model's qkv projection
+        q, k, v = torch.randn(batch, 3, heads, dim, height, width, generator=g,
+                              dtype=torch.float64).permute(1, 0, 2, 4, 5, 3)
+    else:
+        q, k, v = (torch.randn(batch, heads, height, width, dim, generator=g, dtype=torch.float64)
+                   for _ in range(3))
+    rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(batch, heads, height, width, dim, generator=g, dtype=torch.float64)
+    results = []
+    for fn, cast in ((_neighborhood_attention_torch, torch.float64), (neighborhood_attention_triton, dtype)):
+        leaves = [t.to(cast).detach().requires_grad_() for t in (q, k, v)]
+        bias = rpb.float().detach().requires_grad_() if use_rpb else None
+        extra = {} if fn is _neighborhood_attention_torch else dict(
+            blocks=blocks or (Blocks(8, 8, 32, 4, 1),) * 3)
+        out = fn(*leaves, kernel, bias, **extra)
+        out.backward(grad_out.to(out.dtype))
+        results.append([out] + [t.grad for t in leaves] + ([bias.grad] if use_rpb else []))
+    return results
+
+
+def relative_errors(case, dtype, blocks=None):
+    ref, fast = reference_and_triton(case, dtype, blocks)
+    return [((x.double() - r.double()).norm() / r.double().norm()).item() for x, r in zip(fast, ref)]
+
+
+def interpreter_checks():
+    """Run in the interpreter subprocess; prints one line per check, then 'all checks passed'."""
+    from mmseg_segman.ops import neighborhood_attention as na
+    from mmseg_segman.ops import triton_neighborhood_attention as tna
+
+    for case in CASES:
+        errors = relative_errors(case, torch.float32)
+        print(case, ['%.1e' % e for e in errors], flush=True)
+        assert max(errors) < 1e-5, (case, errors)
+    errors = relative_errors(CASES[0], torch.bfloat16)
+    print('bfloat16', ['%.1e' % e for e in errors], flush=True)
+    assert max(errors) < 2e-2, errors
+    # the bias gradient summed over batch groups: one group of 2 batch elements, as two groups
+    budget, tna.G_BUDGET = tna.G_BUDGET, 1
+    try:
+        grouped = relative_errors(CASES[0], torch.float32)
+    finally:
+        tna.G_BUDGET = budget
+    assert max(grouped) < 1e-5, grouped
+    # the dispatcher picks the Triton backend for these inputs under the interpreter
+    q = torch.randn(1, 1, 5, 5, 16)
+    assert na._neighborhood_attention.select(q, q, q, 3, None) == 'triton'
+    print('all checks passed')
+
+
+def test_triton_neighborhood_attention_in_interpreter():
+    result = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, 'TRITON_INTERPRET': '1'})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert 'all checks passed' in result.stdout, result.stdout[-4000:]
+
+
+def test_not_chosen_on_cpu_without_interpreter(monkeypatch):
+    from mmseg_segman.ops import neighborhood_attention as na
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    q = torch.randn(1, 1, 5, 5, 16)
+    assert not na._neighborhood_attention.backends['triton'].available(q, q, q, 3, None)
+    assert na._neighborhood_attention.select(q, q, q, 3, None) == 'torch'
+
+
+def test_window_class_of_every_query():
+    """The bias-gradient fold groups queries by the bias row of their window's first key."""
+    from mmseg_segman.ops.neighborhood_attention import _axis_windows
+    from mmseg_segman.ops.triton_neighborhood_attention import _window_class_one_hot
+    for length, kernel in [(20, 7), (7, 7), (4, 7), (9, 3), (1, 5)]:
+        _, bias_rows = _axis_windows(length, kernel, None)
+        classes = _window_class_one_hot(length, kernel, torch.device('cpu')).argmax(1)
+        assert torch.equal(classes, bias_rows[:, 0]), (length, kernel)
+
+
+def compile_for_h100(kernel, activation: str, pointers_fp32, num_warps: int, num_stages: int, **constexprs):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    names = kernel.arg_names
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = 'constexpr'
+        elif name.endswith('_ptr'):
+            signature[name] = '*fp32' if name in pointers_fp32 else f'*{activation}'
+        else:
+            signature[name] = 'i32'
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    options = {'num_warps': num_warps, 'num_stages': num_stages}
+    return triton.compile(source, target=GPUTarget('cuda', 90, 32), options=options).asm['cubin']
+
+
+# SegMAN-B stage 1 and S stage 3; float32 (three TF32 products a dot) compiles slowly: one shape
+@pytest.mark.parametrize('activation,head_dim,kernel_size', [('bf16', 24, 11), ('bf16', 36, 7),
+                                                             ('fp32', 24, 11)])
+def test_kernels_compile_for_sm90(activation, head_dim, kernel_size):
+    from mmseg_segman.ops import triton_neighborhood_attention as tna
+    fwd, dq, dkdv = tna.block_sizes(head_dim, kernel_size)
+    common = dict(HEAD_DIM=head_dim, KERNEL=kernel_size, HAS_RPB=True, BLOCK_D=tna._head_block(head_dim),
+                  DOT_PRECISION='tf32x3' if activation == 'fp32' else 'tf32')
+    fp32 = {'rpb_ptr', 'lse_ptr', 'delta_ptr', 'g_ptr'}
+    assert compile_for_h100(tna._na_fwd_kernel, activation, fp32, fwd.num_warps, fwd.num_stages,
+                            TILE_H=fwd.tile_h, TILE_W=fwd.tile_w, BLOCK_N=fwd.block, **common)
+    assert compile_for_h100(tna._na_bwd_dq_kernel, activation, fp32, dq.num_warps, dq.num_stages,
+                            STORE_G=True, TILE_H=dq.tile_h, TILE_W=dq.tile_w, BLOCK_N=dq.block, **common)
+    assert compile_for_h100(tna._na_bwd_dkdv_kernel, activation, fp32, dkdv.num_warps, dkdv.num_stages,
+                            TILE_H=dkdv.tile_h, TILE_W=dkdv.tile_w, BLOCK_M=dkdv.block, **common)
+
+
+if __name__ == '__main__':
+    interpreter_checks()

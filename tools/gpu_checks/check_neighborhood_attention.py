@@ -1,0 +1,270 @@
+"""The fused Triton neighborhood attention on CUDA: correctness, block sweep, timings.
+
+    python3 tools/gpu_checks/check_neighborhood_attention.py --check
+    python3 tools/gpu_checks/check_neighborhood_attention.py --sweep --out sweep.jsonl
+    python3 tools/gpu_checks/check_neighborhood_attention.py --bench --variants b --sizes 512 --out bench.jsonl
+
+``--check``: output and the gradients of q, k, v and rpb against the ``torch`` backend on
+float64 inputs (``||x - ref|| / ||ref||``), float32 / bfloat16 / float16, odd sizes, maps
+smaller than the window, batch 1, strided q, k, v (views of one qkv tensor, as the model
+passes them), several batch groups of the bias gradient; bitwise determinism of a repeated
+run; and the time of the first call at new map sizes (no compilation expected).
+``--sweep``: forward, dq and dk/dv launch shapes timed at SegMAN-B's stage 1 and 3 shapes
+(512x512 input, batch 8, bf16). ``--bench``: the kernel against FlexAttention and the
+reference at the stage shapes of the chosen variants, forward and forward + backward,
+median ms (``triton.testing.do_bench``) and peak MiB above the inputs. Prints a table last;
+exits 1 if a check failed.
+"""
+import argparse
+import itertools
+import json
+import sys
+import time
+
+import torch
+import triton
+
+from mmseg_segman.models.backbones.segman_encoder import SegMANEncoder
+from mmseg_segman.ops import neighborhood_attention as na
+from mmseg_segman.ops import triton_neighborhood_attention as tna
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def make_inputs(batch, heads, height, width, dim, kernel, dtype, rpb=True, strided=False):
+    """q (scaled), k, v as ``(B, heads, H, W, d)``; strided: views of one (B, 3, heads, d, H, W)
+    tensor, the layout of the model's qkv projection."""
+    if strided:
+        qkv = torch.randn(batch, 3, heads, dim, height, width, device='cuda').to(dtype)
+        q, k, v = qkv.permute(1, 0, 2, 4, 5, 3)
+    else:
+        q, k, v = (torch.randn(batch, heads, height, width, dim, device='cuda').to(dtype) for _ in range(3))
+    bias = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, device='cuda') if rpb else None
+    return q * dim ** -0.5, k, v, bias
+
+
+def run(fn, q, k, v, kernel, rpb, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    bias = None if rpb is None else rpb.detach().clone().requires_grad_()
+    out = fn(*leaves, kernel, bias)
+    out.backward(grad_out.to(out.dtype))
+    grads = [t.grad for t in leaves] + ([] if bias is None else [bias.grad])
+    return [out] + grads
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check(args, results):
+    cases = [  # batch, heads, H, W, d, kernel, rpb, strided
+        (2, 4, 64, 64, 24, 11, True, False), (1, 3, 37, 45, 32, 9, True, True),
+        (2, 2, 13, 9, 20, 7, True, False), (1, 2, 5, 19, 36, 7, True, False),
+        (3, 1, 6, 4, 24, 11, True, True), (1, 2, 16, 16, 20, 7, True, False),
+        (2, 2, 33, 21, 32, 9, False, True), (1, 13, 32, 32, 36, 7, True, True),
+        (1, 4, 27, 31, 16, 13, True, False),
+    ]
+    failed = 0
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    runs = [(case, dtype) for i, case in enumerate(cases)  # float16 on the first three cases
+            for dtype in (dtypes if i < 3 else dtypes[:2])]
+    for case, dtype in runs:
+        batch, heads, height, width, dim, kernel, rpb, strided = case
+        q, k, v, bias = make_inputs(batch, heads, height, width, dim, kernel, dtype, rpb, strided)
+        grad_out = torch.randn(q.shape, device='cuda')
+        ref = run(na._neighborhood_attention_torch, q.double(), k.double(), v.double(), kernel,
+                  None if bias is None else bias.double(), grad_out.double())
+        first = run(tna.neighborhood_attention_triton, q, k, v, kernel, bias, grad_out)
+        again = run(tna.neighborhood_attention_triton, q, k, v, kernel, bias, grad_out)
+        errors = [rel_err(x, r) for x, r in zip(first, ref)]
+        deterministic = all(torch.equal(a, b) for a, b in zip(first, again))
+        finite = all(torch.isfinite(x).all() for x in first)
+        ok = max(errors) < TOLERANCE[dtype] and deterministic and finite
+        failed += not ok
+        row = dict(kind='check', case=str(case), dtype=str(dtype).split('.')[-1], errors=errors,
+                   deterministic=deterministic, ok=ok)
+        results.append(row)
+        print(f"{'PASS' if ok else 'FAIL'} {row['dtype']:8s} B{batch} h{heads} {height}x{width} "
+              f"d{dim} k{kernel}{'' if rpb else ' no-rpb'}{' strided' if strided else ''}: "
+              f"out/dq/dk/dv/drpb {' '.join(f'{e:.1e}' for e in errors)}"
+              f"{'' if deterministic else ' NOT DETERMINISTIC'}", flush=True)
+    # bias gradient with several batches per group of G
+    q, k, v, bias = make_inputs(5, 2, 12, 10, 32, 7, torch.float32)
+    grad_out = torch.randn(q.shape, device='cuda')
+    reference = run(tna.neighborhood_attention_triton, q, k, v, 7, bias, grad_out)[-1]
+    budget, tna.G_BUDGET = tna.G_BUDGET, 2 * 12 * 10 * 49 * 2  # 2 batches per group, 3 groups
+    grouped = run(tna.neighborhood_attention_triton, q, k, v, 7, bias, grad_out)[-1]
+    tna.G_BUDGET = budget
+    error = rel_err(grouped, reference.double())
+    failed += error > 1e-6
+    print(f"{'PASS' if error <= 1e-6 else 'FAIL'} bias gradient with batch groups: {error:.1e}")
+    # new sizes: the first call at each should cost no compilation
+    for dtype in (torch.bfloat16,):
+        times = []
+        for height, width in [(64, 64), (61, 83), (96, 40), (17, 128), (128, 96), (33, 65)]:
+            q, k, v, bias = make_inputs(2, 4, height, width, 24, 11, dtype)
+            grad_out = torch.randn(q.shape, device='cuda')
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            run(tna.neighborhood_attention_triton, q, k, v, 11, bias, grad_out)
+            torch.cuda.synchronize()
+            times.append(round((time.perf_counter() - start) * 1e3, 1))
+        results.append(dict(kind='new-sizes', dtype=str(dtype), first_call_ms=times))
+        print(f'first forward+backward at 6 new map sizes (ms, the first includes compilation): {times}')
+    return failed
+
+
+def stage_shapes(variant, size, batch):
+    """(name, B, heads, H, W, d, kernel) of the neighborhood attention of each encoder stage."""
+    arch = SegMANEncoder.arch_zoo[variant]
+    height, width = size
+    for i in range(4):
+        heads, dim = arch['num_heads'][i], arch['embed_dims'][i] // arch['num_heads'][i]
+        yield (f'{variant.upper()} stage {i + 1}', batch, heads, height >> (i + 2), width >> (i + 2),
+               dim, arch['window_size'][i])
+
+
+def bench_one(fn, shape, dtype, backward):
+    _, batch, heads, height, width, dim, kernel = shape
+    q, k, v, bias = make_inputs(batch, heads, height, width, dim, kernel, dtype, strided=True)
+    leaves = [t.detach().requires_grad_(backward) for t in (q, k, v, bias)]
+    grad_out = torch.randn(q.shape, device='cuda', dtype=dtype)
+
+    def step():
+        out = fn(*leaves[:3], kernel, leaves[3])
+        if backward:
+            out.backward(grad_out)
+    step()  # compiles
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    with torch.no_grad() if not backward else torch.enable_grad():
+        ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode='median')
+    return ms, peak
+
+
+BACKENDS = {'triton': tna.neighborhood_attention_triton, 'flex': na._neighborhood_attention_flex,
+            'torch': na._neighborhood_attention_torch}
+
+
+def bench(args, results):
+    sizes = {'512': (512, 512), '1024x2048': (1024, 2048)}
+    for variant, size in itertools.product(args.variants, args.sizes):
+        batch = 8 if size == '512' else 2
+        for shape in stage_shapes(variant, sizes[size], batch):
+            for backend in args.backends:
+                if time.time() > args.deadline:
+                    print('budget spent: stopping'); return
+                row = dict(kind='bench', stage=shape[0], size=size, shape=shape[1:], backend=backend)
+                for backward in (False, True):
+                    try:
+                        ms, peak = bench_one(BACKENDS[backend], shape, torch.bfloat16, backward)
+                    except torch.OutOfMemoryError:
+                        ms, peak = float('nan'), float('nan')
+                    torch.cuda.empty_cache()
+                    row['fwd_bwd' if backward else 'fwd'] = round(ms, 4)
+                    row['peak_fwd_bwd' if backward else 'peak_fwd'] = round(peak, 1)
+                results.append(row)
+                print(json.dumps(row), flush=True)
+
+
+def profile(args, results):
+    """CUDA time of each kernel in a forward + backward at SegMAN-B's stage shapes (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    for shape in stage_shapes('b', (512, 512), 8):
+        for backend in ('triton', 'flex'):
+            _, batch, heads, height, width, dim, kernel = shape
+            q, k, v, bias = (t.detach().requires_grad_() for t in
+                             make_inputs(batch, heads, height, width, dim, kernel, torch.bfloat16, strided=True))
+            grad_out = torch.randn(q.shape, device='cuda', dtype=torch.bfloat16)
+            for _ in range(3):
+                BACKENDS[backend](q, k, v, kernel, bias).backward(grad_out)
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    BACKENDS[backend](q, k, v, kernel, bias).backward(grad_out)
+                torch.cuda.synchronize()
+            events = [e for e in prof.key_averages() if e.device_time_total > 0]
+            events.sort(key=lambda e: -e.device_time_total)
+            kernels = {e.key[:60]: round(e.device_time_total / 5e3, 4) for e in events[:8]}
+            total = sum(e.self_device_time_total for e in prof.key_averages()) / 5e3
+            row = dict(kind='profile', stage=shape[0], backend=backend, cuda_ms=round(total, 4),
+                       kernels_ms=kernels)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+
+
+def sweep(args, results):
+    shapes = [s for s in stage_shapes('b', (512, 512), 8) if s[0].endswith(args.sweep_stages)]
+    launch = [(8, 8, 16, 4), (8, 8, 32, 4), (4, 16, 32, 4), (16, 8, 32, 4), (8, 16, 32, 4),
+              (8, 8, 32, 8), (16, 16, 32, 8), (4, 8, 32, 4)]
+    for shape, kind, (tile_h, tile_w, block, warps), stages in itertools.product(
+            shapes, ('fwd', 'dq', 'dkdv'), launch, (1, 2, 3)):
+        if time.time() > args.deadline:
+            print('budget spent: stopping'); return
+        if stages != 2 and (tile_h, tile_w, block, warps) != (8, 8, 32, 4):
+            continue
+        candidate = tna.Blocks(tile_h, tile_w, block, warps, stages)
+        blocks = [candidate if k == kind else d for k, d in zip(('fwd', 'dq', 'dkdv'), tna.DEFAULT_BLOCKS)]
+        fn = lambda q, k, v, kernel, rpb: tna.neighborhood_attention_triton(q, k, v, kernel, rpb, blocks)
+        try:
+            fwd = bench_one(fn, shape, torch.bfloat16, False)[0] if kind == 'fwd' else float('nan')
+            both, _ = bench_one(fn, shape, torch.bfloat16, True)
+        except Exception as error:  # noqa: BLE001 (a launch shape the compiler refuses)
+            print(f'{shape[0]} {kind} {candidate}: {type(error).__name__}: {str(error)[:200]}')
+            continue
+        row = dict(kind='sweep', stage=shape[0], kernel=kind, blocks=list(candidate),
+                   fwd=round(fwd, 4), fwd_bwd=round(both, 4))
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+
+class Results(list):
+    """Rows, each appended to the ``--out`` file as soon as it exists."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def append(self, row):
+        super().append(row)
+        if self.path:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(row) + '\n')
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--check', action='store_true')
+    parser.add_argument('--sweep', action='store_true')
+    parser.add_argument('--bench', action='store_true')
+    parser.add_argument('--profile', action='store_true')
+    parser.add_argument('--sweep-stages', nargs='+', default=['1', '3'])
+    parser.add_argument('--variants', nargs='+', default=['t', 's', 'b', 'l'])
+    parser.add_argument('--sizes', nargs='+', default=['512', '1024x2048'])
+    parser.add_argument('--backends', nargs='+', default=['triton', 'flex', 'torch'])
+    parser.add_argument('--budget-seconds', type=float, default=1e9)
+    parser.add_argument('--out', default=None, help='append JSON lines here')
+    args = parser.parse_args()
+    args.deadline = time.time() + args.budget_seconds
+    args.sweep_stages = tuple(args.sweep_stages)
+    torch.manual_seed(0)
+    print(f'{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}')
+    results, failed = Results(args.out), 0
+    if args.check:
+        failed += check(args, results)
+    if args.sweep:
+        sweep(args, results)
+    if args.bench:
+        bench(args, results)
+    if args.profile:
+        profile(args, results)
+    print(f'{failed} checks failed' if failed else 'all checks passed')
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == '__main__':
+    main()
