@@ -28,9 +28,10 @@ k*k)`` (each element is written by one program only, so plain loads and stores s
 PyTorch then folds ``G`` into the ``(heads, 2k-1, 2k-1)`` table with matrix products and
 ``F.fold``: deterministic, and no colliding atomics.
 
-Sizes are runtime values: one compilation per (dtype, head dim, kernel size, block sizes)
-serves every batch and map size.
+Sizes and strides are runtime values (not specialised by Triton): one compilation per
+(dtype, head dim, kernel size, rpb or not) serves every batch and map size.
 """
+import inspect
 import math
 from functools import lru_cache
 from typing import List, NamedTuple, Optional, Tuple
@@ -43,6 +44,19 @@ from torch import Tensor
 
 LOG2E = tl.constexpr(1.4426950408889634)
 NEG = tl.constexpr(-1.0e30)  # the masked score: finite, so rows without a valid key yet stay NaN-free
+
+
+# Ints that change with the input size: Triton would specialise a kernel on each of them
+# being 1 or a multiple of 16, and compile it again when that changes.
+_SIZES_AND_STRIDES = {
+    'batch_size', 'batches_per_group', 'heads', 'height', 'width',
+    *(f's{t}_{dim}' for t in ('q', 'k', 'v', 'o', 'do') for dim in 'bhyxd')}
+
+
+def _jit_with_runtime_sizes(fn):
+    """``triton.jit`` that keeps the kernel's sizes and strides runtime values."""
+    names = [name for name in inspect.signature(fn).parameters if name in _SIZES_AND_STRIDES]
+    return triton.jit(do_not_specialize=names)(fn)
 
 
 class Blocks(NamedTuple):
@@ -147,7 +161,7 @@ def _query_box(y0, x0, height, width, TILE_H: tl.constexpr, TILE_W: tl.constexpr
     return top, left, right - left, (bottom - top) * (right - left)
 
 
-@triton.jit
+@_jit_with_runtime_sizes
 def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, width,
                    sq_b, sq_h, sq_y, sq_x, sq_d, sk_b, sk_h, sk_y, sk_x, sk_d,
                    sv_b, sv_h, sv_y, sv_x, sv_d, so_b, so_h, so_y, so_x, so_d,
@@ -185,18 +199,19 @@ def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, 
     tl.store(lse_ptr + row, m_i + tl.log2(l_i), mask=q_ok)
 
 
-@triton.jit
+@_jit_with_runtime_sizes
 def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, g_ptr,
                       batch_size, batches_per_group, heads, height, width,
                       sq_b, sq_h, sq_y, sq_x, sq_d, sk_b, sk_h, sk_y, sk_x, sk_d,
                       sv_b, sv_h, sv_y, sv_x, sv_d, so_b, so_h, so_y, so_x, so_d,
                       sdo_b, sdo_h, sdo_y, sdo_x, sdo_d,
                       HEAD_DIM: tl.constexpr, KERNEL: tl.constexpr, HAS_RPB: tl.constexpr,
-                      STORE_G: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                      STORE_G: tl.constexpr, ACCUMULATE_G: tl.constexpr,
+                      TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``delta`` and ``dq`` of a query tile for the batch elements of group ``program_id(2)``;
-    ``O`` and ``dq`` share the strides ``so_*``. With ``STORE_G``, ``dS`` summed over the group's
-    batch elements per (query, window position) into ``G``."""
+    ``O`` and ``dq`` share the strides ``so_*``. With ``STORE_G``, ``dS`` per (query, window
+    position) into ``G``, summed over the group's batch elements if ``ACCUMULATE_G``."""
     head = tl.program_id(1)
     group = tl.program_id(2)
     qy, qx, q_ok, y0, x0 = _tile(height, width, TILE_H, TILE_W)
@@ -231,12 +246,14 @@ def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delt
             dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
             if STORE_G:
                 g = g_ptr + g_rows[:, None] + (ky[None, :] - wy) * KERNEL + (kx[None, :] - wx)
-                tl.store(g, tl.load(g, mask=valid, other=0.0) + ds, mask=valid)
+                if ACCUMULATE_G:
+                    ds += tl.load(g, mask=valid, other=0.0)
+                tl.store(g, ds, mask=valid)
         _store_rows(dq_ptr + b64 * so_b + head * so_h, dq.to(dq_ptr.dtype.element_ty), qy, qx, q_ok,
                     so_y, so_x, so_d, HEAD_DIM, BLOCK_D)
 
 
-@triton.jit
+@_jit_with_runtime_sizes
 def _na_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                         heads, height, width,
                         sq_b, sq_h, sq_y, sq_x, sq_d, sk_b, sk_h, sk_y, sk_x, sk_d,
@@ -286,14 +303,21 @@ def _na_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, lse_ptr, delta_ptr
                 so_y, so_x, so_d, HEAD_DIM, BLOCK_D)
 
 
-# Default launch shapes: forward, dq, dk/dv (see ``block_sizes``).
-DEFAULT_BLOCKS = (Blocks(8, 8, 32, 4, 2), Blocks(4, 16, 32, 4, 2), Blocks(8, 8, 32, 4, 2))
+# Launch shapes (forward, dq, dk/dv) for windows of 9 or more, and of 7 or less
+WIDE_WINDOW_BLOCKS = (Blocks(8, 8, 32, 4, 2), Blocks(4, 8, 32, 4, 2), Blocks(8, 8, 32, 4, 2))
+NARROW_WINDOW_BLOCKS = (Blocks(4, 16, 32, 4, 2), Blocks(8, 8, 32, 8, 2), Blocks(8, 8, 32, 4, 2))
 G_BUDGET = 1 << 24  # float32 elements of the bias-gradient buffer G
 
 
 def block_sizes(head_dim: int, kernel_size: int) -> Tuple[Blocks, Blocks, Blocks]:
-    """Launch shapes of the forward, ``dq`` and ``dk``/``dv`` kernels."""
-    return DEFAULT_BLOCKS
+    """Launch shapes of the forward, ``dq`` and ``dk``/``dv`` kernels.
+
+    Chosen by ``tools/gpu_checks/check_neighborhood_attention.py --sweep`` on an H100 (bf16,
+    SegMAN-B's stage 1 (k = 11, d = 24) and stage 3 (k = 7, d = 28) at 512x512, batch 8; see
+    docs/benchmarks.md). 32 keys a step beat 64 and 128 by up to 2.3x in the forward (fewer
+    keys past the box, fewer registers).
+    """
+    return WIDE_WINDOW_BLOCKS if kernel_size >= 9 else NARROW_WINDOW_BLOCKS
 
 
 def _head_block(head_dim: int) -> int:
@@ -378,14 +402,18 @@ def na2d_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Option
     per_group = heads * height * width * kernel_size ** 2
     batches_per_group = math.ceil(batch / max(1, min(batch, G_BUDGET // per_group))) if store_g else 1
     groups = math.ceil(batch / batches_per_group)
-    g = torch.zeros(groups if store_g else 0, heads, height, width, kernel_size, kernel_size,
-                    dtype=torch.float32, device=q.device)
+    # every element is written unless G accumulates or a window is cut to a short axis
+    covered = batches_per_group == 1 and min(height, width) >= kernel_size
+    g = (torch.empty if covered else torch.zeros)(
+        groups if store_g else 0, heads, height, width, kernel_size, kernel_size,
+        dtype=torch.float32, device=q.device)
     common = _common(q, kernel_size, rpb)
     rpb_arg = q if rpb is None else rpb
     _na_bwd_dq_kernel[(_tiles(height, width, dq_blocks), heads, groups)](
         q, k, v, rpb_arg, out, grad_out, lse, delta, dq, g, batch, batches_per_group, heads, height,
         width, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
-        STORE_G=store_g, BLOCK_N=dq_blocks.block, **common, **_launch(dq_blocks))
+        STORE_G=store_g, ACCUMULATE_G=batches_per_group > 1, BLOCK_N=dq_blocks.block, **common,
+        **_launch(dq_blocks))
     _na_bwd_dkdv_kernel[(_tiles(height, width, dkdv_blocks), batch * heads)](
         q, k, v, rpb_arg, grad_out, lse, delta, dk, dv, heads, height, width,
         *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *grad_out.stride(),

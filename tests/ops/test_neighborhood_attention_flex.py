@@ -59,9 +59,10 @@ def test_flex_gradients_match_reference(height, width, kernel):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_flex_is_preferred_on_cuda_only():
-    """First for models with rpb (natten, before it, runs only models without)."""
-    assert list(_neighborhood_attention.backends)[:2] == ['natten', 'flex']
+def test_backend_order():
+    """The fused Triton kernels first, natten (models without rpb, with libnatten) and
+    FlexAttention next, the reference last; on the CPU (no interpreter) the reference."""
+    assert list(_neighborhood_attention.backends) == ['triton', 'natten', 'flex', 'torch']
     q, k, v, rpb = inputs(8, 8, 5, 'cpu')
     assert _neighborhood_attention.select(q, k, v, 5, rpb) == 'torch'
 

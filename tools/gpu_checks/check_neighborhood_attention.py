@@ -208,7 +208,8 @@ def sweep(args, results):
         if stages != 2 and (tile_h, tile_w, block, warps) != (8, 8, 32, 4):
             continue
         candidate = tna.Blocks(tile_h, tile_w, block, warps, stages)
-        blocks = [candidate if k == kind else d for k, d in zip(('fwd', 'dq', 'dkdv'), tna.DEFAULT_BLOCKS)]
+        defaults = tna.block_sizes(shape[5], shape[6])
+        blocks = [candidate if k == kind else d for k, d in zip(('fwd', 'dq', 'dkdv'), defaults)]
         fn = lambda q, k, v, kernel, rpb: tna.neighborhood_attention_triton(q, k, v, kernel, rpb, blocks)
         try:
             fwd = bench_one(fn, shape, torch.bfloat16, False)[0] if kind == 'fwd' else float('nan')
