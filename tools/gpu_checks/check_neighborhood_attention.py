@@ -146,7 +146,10 @@ def bench_one(fn, shape, dtype, backward):
 
 
 BACKENDS = {'triton': tna.neighborhood_attention_triton, 'flex': na._neighborhood_attention_flex,
-            'torch': na._neighborhood_attention_torch}
+            'torch': na._neighborhood_attention_torch,
+            # the cost of the bias gradient: the same kernels with rpb frozen
+            'triton-frozen-rpb': lambda q, k, v, kernel, rpb: tna.neighborhood_attention_triton(
+                q, k, v, kernel, rpb.detach())}
 
 
 def bench(args, results):
@@ -246,7 +249,7 @@ def main():
     parser.add_argument('--sweep-stages', nargs='+', default=['1', '3'])
     parser.add_argument('--variants', nargs='+', default=['t', 's', 'b', 'l'])
     parser.add_argument('--sizes', nargs='+', default=['512', '1024x2048'])
-    parser.add_argument('--backends', nargs='+', default=['triton', 'flex', 'torch'])
+    parser.add_argument('--backends', nargs='+', default=['triton', 'flex', 'torch'], choices=list(BACKENDS))
     parser.add_argument('--budget-seconds', type=float, default=1e9)
     parser.add_argument('--out', default=None, help='append JSON lines here')
     args = parser.parse_args()
