@@ -341,6 +341,13 @@ def _tiles(height: int, width: int, blocks: Blocks) -> int:
     return triton.cdiv(height, blocks.tile_h) * triton.cdiv(width, blocks.tile_w)
 
 
+def _channels_first(like: Tensor) -> Tensor:
+    """An empty ``(B, heads, H, W, d)`` tensor laid out as ``(B, heads, d, H, W)``: the model
+    reads the output as a ``(B, C, H, W)`` map, a view of it then."""
+    batch, heads, height, width, dim = like.shape
+    return like.new_empty(batch, heads, dim, height, width).permute(0, 1, 3, 4, 2)
+
+
 def _common(q: Tensor, kernel_size: int, rpb: Optional[Tensor]) -> dict:
     return dict(HEAD_DIM=q.shape[-1], KERNEL=kernel_size, HAS_RPB=rpb is not None,
                 BLOCK_D=_head_block(q.shape[-1]), DOT_PRECISION=_dot_precision(q.dtype))
@@ -349,11 +356,11 @@ def _common(q: Tensor, kernel_size: int, rpb: Optional[Tensor]) -> dict:
 @torch.library.custom_op('mmseg_segman::na2d_forward', mutates_args=())
 def na2d_forward(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size: int,
                  blocks: List[int]) -> Tuple[Tensor, Tensor]:
-    """Output ``(B, heads, H, W, d)`` (contiguous, ``q``'s dtype) and the base-2 log-sum-exp
-    ``(B, heads, H, W)`` float32 of every query."""
+    """Output ``(B, heads, H, W, d)`` (``q``'s dtype, see :func:`_channels_first`) and the
+    base-2 log-sum-exp ``(B, heads, H, W)`` float32 of every query."""
     batch, heads, height, width, _ = q.shape
     fwd = Blocks(*blocks[:5])
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = _channels_first(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     _na_fwd_kernel[(_tiles(height, width, fwd), batch * heads)](
         q, k, v, q if rpb is None else rpb, out, lse, heads, height, width,
@@ -364,7 +371,7 @@ def na2d_forward(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_
 
 @na2d_forward.register_fake
 def _(q, k, v, rpb, kernel_size, blocks):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return _channels_first(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @lru_cache(maxsize=256)
@@ -378,11 +385,14 @@ def _window_class_one_hot(length: int, kernel_size: int, device: torch.device) -
 
 def _fold_bias_grad(g: Tensor, kernel_size: int) -> Tensor:
     """``(heads, 2k-1, 2k-1)`` from ``G (groups, heads, H, W, k, k)``: queries are summed within
-    their (row class, column class), then each class's ``k x k`` window is added at its offset."""
-    _, heads, height, width, k, _ = g.shape
-    g = g.sum(0)
-    g = torch.einsum('ix,hiwab->hxwab', _window_class_one_hot(height, k, g.device), g)
-    g = torch.einsum('jy,hxjab->hxyab', _window_class_one_hot(width, k, g.device), g)
+    their (row class, column class) by two matrix products, then each class's ``k x k``
+    window is added at its offset by ``F.fold``."""
+    groups, heads, height, width, k, _ = g.shape
+    g = g.sum(0) if groups > 1 else g[0]
+    rows = _window_class_one_hot(height, k, g.device).t()  # (k, H)
+    cols = _window_class_one_hot(width, k, g.device).t()   # (k, W)
+    g = rows @ g.reshape(heads, height, width * k * k)      # (heads, x, W * k * k)
+    g = cols @ g.reshape(heads * k, width, k * k)           # (heads * x, y, (a, b))
     patches = g.reshape(heads, k * k, k * k).transpose(1, 2)  # (heads, (a, b), (x, y))
     return F.fold(patches, (2 * k - 1, 2 * k - 1), kernel_size=k)[:, 0]
 
@@ -391,12 +401,12 @@ def _fold_bias_grad(g: Tensor, kernel_size: int) -> Tensor:
 def na2d_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor],
                   out: Tensor, lse: Tensor, kernel_size: int, rpb_grad: bool,
                   blocks: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``dq``, ``dk``, ``dv`` (contiguous, dtypes of q, k, v) and ``d rpb`` (``rpb``'s dtype, or an
-    empty tensor unless ``rpb_grad``)."""
+    """``dq``, ``dk``, ``dv`` (laid out as ``out``, dtypes of q, k, v) and ``d rpb`` (``rpb``'s
+    dtype, or an empty tensor unless ``rpb_grad``)."""
     batch, heads, height, width, _ = q.shape
     dq_blocks, dkdv_blocks = Blocks(*blocks[5:10]), Blocks(*blocks[10:15])
-    # out, dq, dk, dv: contiguous, one set of strides
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    # out, dq, dk, dv: one layout, one set of strides
+    dq, dk, dv = (_channels_first(t) for t in (q, k, v))
     delta = torch.empty_like(lse)
     store_g = rpb is not None and rpb_grad
     per_group = heads * height * width * kernel_size ** 2
@@ -425,7 +435,7 @@ def na2d_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Option
 @na2d_backward.register_fake
 def _(grad_out, q, k, v, rpb, out, lse, kernel_size, rpb_grad, blocks):
     drpb = rpb.new_empty(rpb.shape) if rpb is not None and rpb_grad else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), drpb
+    return _channels_first(q), _channels_first(k), _channels_first(v), drpb
 
 
 def _setup_context(ctx, inputs, output):
@@ -455,7 +465,8 @@ def neighborhood_attention_triton(q: Tensor, k: Tensor, v: Tensor, kernel_size: 
 
     ``q``, ``k``, ``v`` share one dtype (float32, bfloat16 or float16) and may have any
     strides. ``blocks``: launch shapes of the forward, ``dq`` and ``dk``/``dv`` kernels
-    (default :func:`block_sizes`). Returns a contiguous ``(B, heads, H, W, d)`` tensor.
+    (default :func:`block_sizes`). Returns ``(B, heads, H, W, d)`` laid out as
+    ``(B, heads, d, H, W)``.
     """
     blocks = blocks or block_sizes(q.shape[-1], kernel_size)
     out, _ = na2d_forward(q, k, v, rpb, kernel_size, [n for b in blocks for n in b])
