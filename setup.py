@@ -1,9 +1,10 @@
 """mmseg-segman: SegMAN (CVPR 2025) as a plugin for MMSegmentation 1.x.
 
-Like OpenMMLab's packages, the package carries its configs and model index in
-``mmseg_segman/.mim/`` (symlinks to ``configs/`` and ``model-index.yml``, made here: an
-editable install sees the repository's files, a wheel gets copies), so configs can inherit
-``mmseg_segman::segman/<config>.py`` and ``mim search mmseg_segman`` lists the models.
+Like OpenMMLab's packages, the package carries its configs, model index and tools in
+``mmseg_segman/.mim/`` (symlinks to ``configs/``, ``model-index.yml`` and ``tools/``, made
+here: an editable install sees the repository's files, a wheel gets copies), so configs can
+inherit ``mmseg_segman::segman/<config>.py``, ``mim search mmseg_segman`` lists the models and
+``mim run mmseg_segman <tool>`` runs ``tools/**/<tool>.py``.
 ``mmseg_segman_scope.pth`` teaches mmengine that scope (see mmseg_segman_scope.py).
 """
 import os
@@ -15,12 +16,12 @@ from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
 ROOT = osp.dirname(osp.abspath(__file__))
-MIM_FILES = ('configs', 'model-index.yml')
+MIM_FILES = ('configs', 'model-index.yml', 'tools')
 SCOPE_PTH = 'mmseg_segman_scope.pth'
 
 
 def add_mim_extension() -> None:
-    """Link ``configs/`` and ``model-index.yml`` into ``mmseg_segman/.mim/``."""
+    """Link ``configs/``, ``model-index.yml`` and ``tools/`` into ``mmseg_segman/.mim/``."""
     mim_dir = osp.join(ROOT, 'mmseg_segman', '.mim')
     os.makedirs(mim_dir, exist_ok=True)
     for name in MIM_FILES:
@@ -60,8 +61,11 @@ setup(
     packages=find_packages(include=['mmseg_segman', 'mmseg_segman.*']),
     py_modules=['mmseg_segman_scope'],
     package_data={'mmseg_segman': ['.mim/model-index.yml', '.mim/configs/**/*.py',
-                                   '.mim/configs/**/*.yaml']},
+                                   '.mim/configs/**/*.yaml', '.mim/tools/**/*.py']},
     cmdclass={'build_py': BuildPyWithScope, 'editable_wheel': EditableWheelWithScope},
     python_requires='>=3.9',
-    install_requires=[],
+    # What the package imports. mmcv needs its compiled ops: install it first (mim install
+    # mmcv, or tools/setup_env.sh's build); with the stack present pip installs nothing else.
+    install_requires=['numpy', 'torch>=2.0', 'mmengine>=0.10.0,<1.0.0', 'mmcv>=2.0.0rc4,<2.2.0',
+                      'mmsegmentation>=1.0.0,<1.3.0'],
 )

@@ -8,9 +8,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import mmseg
 import pytest
 import yaml
 from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from mmseg.registry import MODELS
 
 import mmseg_segman
 
@@ -68,33 +71,81 @@ def test_downstream_config_trains_through_mmseg_tools(tmp_path, toy_data):
     assert 'Failed to' not in out and 'is not installed' not in out  # the scope's registries
 
 
-def test_non_editable_install_carries_the_configs(tmp_path):
-    src = tmp_path / 'src'  # a clean copy of the sources: the build writes next to them
+SHIPPED_TOOLS = ('convert_official_checkpoint.py', 'get_release_checkpoint.py', 'image_demo.py',
+                 'analysis_tools/get_flops.py', 'make_toy_dataset.py', 'visualize_predictions.py')
+
+
+def source_copy(tmp_path: Path) -> Path:
+    """A clean copy of the sources to install from: the build writes next to them."""
+    src = tmp_path / 'src'
     src.mkdir()
     for name in ('setup.py', 'model-index.yml', 'mmseg_segman_scope.py', 'mmseg_segman_scope.pth'):
         shutil.copy(REPO / name, src / name)
     skip = shutil.ignore_patterns('.mim', '__pycache__', '*.egg-info')
-    for name in ('configs', 'mmseg_segman'):
-        shutil.copytree(REPO / name, src / name, ignore=skip)
+    for name in ('configs', 'mmseg_segman', 'tools', 'demo'):
+        shutil.copytree(REPO / name, src / name, ignore=skip, symlinks=True)
+    return src
+
+
+def test_non_editable_install_carries_configs_and_tools(tmp_path):
     target = tmp_path / 'site'
     subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--disable-pip-version-check',
-                    '--no-deps', '--no-build-isolation', '--target', str(target), str(src)],
+                    '--no-deps', '--no-build-isolation', '--target', str(target), str(source_copy(tmp_path))],
                    check=True, capture_output=True)
     mim = target / 'mmseg_segman' / '.mim'
     for name in SEGMAN_CONFIGS + ['metafile.yaml']:
         assert (mim / 'configs' / 'segman' / name).is_file() and not (mim / 'configs' / 'segman' / name).is_symlink()
     for base in ('models/segman.py', 'schedules/segman_adamw_160k.py', 'datasets/segman_ade20k.py'):
         assert (mim / 'configs' / '_base_' / base).is_file()
+    for tool in SHIPPED_TOOLS:
+        assert (mim / 'tools' / tool).is_file() and not (mim / 'tools' / tool).is_symlink(), tool
     assert (mim / 'model-index.yml').is_file() and (target / 'mmseg_segman_scope.pth').is_file()
 
-    # That copy, first on the path, serves both the package scope and mim's model index.
+    # That copy, first on the path, serves the package scope, mim's model index and mim run.
     downstream_config(tmp_path / 'mine.py', tmp_path)
+    env = {'PYTHONPATH': str(target)}
     code, out = run('-c', 'from mmengine.config import Config; '
                     'print(Config.fromfile("mine.py").model.decode_head.num_classes); '
-                    'import mmseg_segman; print(mmseg_segman.__file__)',
-                    cwd=tmp_path, env={'PYTHONPATH': str(target)})
+                    'import mmseg_segman; print(mmseg_segman.__file__)', cwd=tmp_path, env=env)
     assert code == 0 and out.split()[-2:] == ['5', str(target / 'mmseg_segman' / '__init__.py')], out
-    assert_mim_lists_the_models(cwd=tmp_path, env={'PYTHONPATH': str(target)})
+    assert_mim_lists_the_models(cwd=tmp_path, env=env)
+    code, out = run('-m', 'mim', 'run', 'mmseg_segman', 'make_toy_dataset', 'toy', '--train', '1',
+                    '--val', '1', '--size', '32', cwd=tmp_path, env=env)
+    assert code == 0 and str(mim / 'tools' / 'make_toy_dataset.py') in out, out
+    assert len(list((tmp_path / 'toy').rglob('*.png'))) == 4
+
+
+@pytest.mark.parametrize('editable', [False, True], ids=['mim install .', 'mim install -e .'])
+def test_mim_install_into_an_environment_with_the_stack(tmp_path, editable):
+    """A fresh venv that sees this environment's packages (torch, mmcv, mmseg, mim) through a
+    .pth: ``mim install`` installs the plugin alone (its requirements are satisfied, nothing
+    is fetched: --no-index), and its tools run with ``mim run``."""
+    venv = tmp_path / 'venv'
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True)
+    python = venv / 'bin' / 'python'
+    site_dir = Path(subprocess.run([python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                                   check=True, capture_output=True, text=True).stdout.strip())
+    stack = Path(mmseg.__file__).parents[1]  # this environment's site-packages
+    (site_dir / 'stack.pth').write_text(f'{stack}\n')
+    src = source_copy(tmp_path)
+    result = subprocess.run([python, '-m', 'mim', 'install', '--no-index', '--no-build-isolation',
+                             *(['-e'] if editable else []), str(src)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert 'Successfully installed mmseg-segman-0.1.0' in out, out[-3000:]
+    assert not re.search(r'Successfully installed .*(torch|mmcv|mmseg)(?!-segman)', out), out[-3000:]
+    downstream_config(tmp_path / 'mine.py', tmp_path)
+    code = ('import mmseg_segman, os; print(os.path.realpath(mmseg_segman.__file__)); '
+            'from mmengine.config import Config; print(Config.fromfile("mine.py").model.backbone.type)')
+    result = subprocess.run([python, '-c', code], cwd=tmp_path, capture_output=True, text=True)
+    expected = (src if editable else site_dir) / 'mmseg_segman' / '__init__.py'
+    assert result.stdout.split() == [str(expected.resolve()), 'SegMANEncoder'], result.stdout + result.stderr
+    # mim finds a package through its distribution: for an editable install, the checkout's
+    # egg-info, on the path when run from the checkout's root.
+    result = subprocess.run([python, '-m', 'mim', 'run', 'mmseg_segman', 'get_release_checkpoint', 'nothing'],
+                            cwd=src if editable else tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0 and "unknown model 'nothing'" in result.stderr, result.stdout + result.stderr
 
 
 def assert_mim_lists_the_models(cwd, env=None):
@@ -122,10 +173,23 @@ def test_metafile_lists_every_config_with_the_paper_results():
         assert (REPO / model['Config']).is_file() and model['Name'] == Path(model['Config']).stem
     by_name = {m['Name']: m for m in models}
     assert by_name['segman-b_4xb4-160k_ade20k-512x512']['Results']['Metrics']['mIoU'] == 52.6
-    assert by_name['segman-l_4xb2-160k_cityscapes-1024x1024']['Metadata']['FLOPs (G)'] == 769.0
+    # FLOPs as tools/analysis_tools/get_flops.py counts them (docs/flops.md), not the paper's 769.0
+    assert by_name['segman-l_4xb2-160k_cityscapes-1024x1024']['Metadata']['FLOPs (G)'] == 795.9
 
 
-def test_mim_train_runs_a_segman_config(tmp_path, toy_data):
+@pytest.mark.parametrize('name', [name[:-3] for name in SEGMAN_CONFIGS if name.startswith('segman-t')])
+def test_metafile_parameters_are_those_of_the_config(name):
+    # T only, to stay fast; docs/flops.md has the counts of all sizes.
+    model = yaml.safe_load((REPO / 'configs' / 'segman' / 'metafile.yaml').read_text())['Models']
+    listed = {m['Name']: m['Metadata']['Parameters (M)'] for m in model}[name]
+    cfg = Config.fromfile(str(REPO / 'configs' / 'segman' / f'{name}.py'))
+    cfg.model.backbone.init_cfg = None
+    init_default_scope('mmseg')
+    segmentor = MODELS.build(cfg.model)
+    assert round(sum(p.numel() for p in segmentor.parameters()) / 1e6, 1) == listed
+
+
+def test_mim_train_and_test_run_a_segman_config(tmp_path, toy_data):
     result = subprocess.run(
         [*MIM, 'train', 'mmsegmentation', str(TOY_CONFIG), '--gpus', '0', '--work-dir', str(tmp_path),
          '--cfg-options', 'train_cfg.max_iters=2',
@@ -136,3 +200,9 @@ def test_mim_train_runs_a_segman_config(tmp_path, toy_data):
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     assert 'Iter(train) [2/2]' in out and (tmp_path / 'iter_2.pth').is_file(), out[-3000:]
+    result = subprocess.run(
+        [*MIM, 'test', 'mmsegmentation', str(TOY_CONFIG), '--checkpoint', str(tmp_path / 'iter_2.pth'),
+         '--work-dir', str(tmp_path / 'test'), '--cfg-options', *data_root_options(toy_data)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0 and re.search(r'mIoU: \d', out), out[-3000:]

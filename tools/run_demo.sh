@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set up .venv, generate the bundled toy dataset, train SegMAN-T on it with
-# mmseg's own tools/train.py on the CPU, then evaluate the best checkpoint with tools/test.py
-# and save coloured prediction overlays.
+# mmseg's own tools/train.py on the CPU, evaluate the best checkpoint with tools/test.py, and
+# draw input, ground truth and prediction of validation images into one picture.
 #
 #   bash tools/run_demo.sh             # WORK_DIR=work_dirs/segman-t_toy by default
 set -euo pipefail
@@ -21,10 +21,13 @@ echo "[run_demo] testing $CHECKPOINT"
 "$PY" "$MMSEG_TOOLS/test.py" "$CONFIG" "$CHECKPOINT" --work-dir "$WORK_DIR/test" \
     --show-dir "$(realpath -m "$WORK_DIR/overlays")" --cfg-options default_hooks.visualization.interval=1 \
     2>&1 | tee "$WORK_DIR/test.log"
+"$PY" tools/visualize_predictions.py "$CONFIG" "$CHECKPOINT" --out-file "$WORK_DIR/predictions.png" \
+    --num-images 6 --tile 256
 cat <<DONE
 [run_demo] done
   training log and config:  $(ls -td "$WORK_DIR"/2*/ | head -n 1)
   checkpoints:              $WORK_DIR/*.pth (best: $CHECKPOINT)
   test mIoU:                $(grep -o 'mIoU: [0-9.]*' "$WORK_DIR/test.log" | tail -n 1)
-  prediction overlays:      $WORK_DIR/overlays/vis_data/vis_image/
+  the picture:              $WORK_DIR/predictions.png (input, ground truth, prediction)
+  overlays of every image:  $WORK_DIR/overlays/vis_data/vis_image/
 DONE

@@ -44,7 +44,7 @@ param_scheduler = [
 ]
 train_cfg = dict(max_iters=max_iters, val_interval=100)
 default_hooks = dict(
-    logger=dict(interval=20),
+    logger=dict(interval=5),  # an iteration takes about 1.2 s on 2 CPU cores
     checkpoint=dict(interval=100, max_keep_ckpts=2, save_best='mIoU'),
     visualization=dict(type='SegVisualizationHook', draw=True, interval=4))
 env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0))

@@ -1,0 +1,1 @@
+../demo/image_demo.py
