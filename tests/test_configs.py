@@ -1,6 +1,7 @@
 """Every shipped segmentation config builds its model through mmseg's registry."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
@@ -127,3 +128,11 @@ def test_head_of_another_size_is_named_at_first_forward():
                                          r"encoder gives maps of widths \[64, 144, 288, 512\]"):
         with torch.no_grad():
             model(torch.randn(1, 3, 64, 64), mode='tensor')
+
+
+def test_empty_image_through_mmseg_inference_is_named():
+    from mmseg.apis import inference_model, init_model
+
+    model = init_model(load(REPO / 'configs/segman/segman-t_1xb8-300i_toy-96x96.py'), None, device='cpu')
+    with pytest.raises(ValueError, match=r'empty image batch \(1, 3, 0, 0\)'):
+        inference_model(model, np.zeros((0, 0, 3), np.uint8))
