@@ -68,9 +68,10 @@ def test_low_precision_segmentor_inference(mini_reference, dtype):
         type='EncoderDecoder', backbone=dict(type='SegMANEncoder', arch=ref['encoder_kwargs']),
         decode_head=dict(type='SegMANHead', **ref['decoder_kwargs'])))
     model.load_state_dict(ref['state_dict'], strict=True)
-    image = ref['inputs'][0]
+    image = ref['inputs'][0][..., :64, :96]  # small: CPU kernels of these dtypes are slow
     with torch.no_grad():
-        logits = model.to(dtype).eval()(image.to(dtype), mode='tensor')
+        expected = model.eval()(image, mode='tensor')
+        logits = model.to(dtype)(image.to(dtype), mode='tensor')
     assert logits.dtype == dtype
-    scale = ref['logits'][0].abs().max()
-    torch.testing.assert_close(logits.float() / scale, ref['logits'][0] / scale, rtol=0, atol=0.05)
+    scale = expected.abs().max()
+    torch.testing.assert_close(logits.float() / scale, expected / scale, rtol=0, atol=0.05)
