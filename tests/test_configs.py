@@ -1,6 +1,7 @@
 """Every shipped segmentation config builds its model through mmseg's registry."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
@@ -9,11 +10,11 @@ from mmengine.registry import init_default_scope
 from mmseg.registry import MODELS
 
 import mmseg_segman  # noqa: F401
+from mmseg_segman.models.variants import ENCODER_ARCHS, head_widths
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / 'configs' / 'segman').glob('segman-*.py'))
 NUM_CLASSES = {'ade20k': 150, 'cityscapes': 19, 'coco-stuff164k': 171, 'toy': 5}
-ARCH_DIMS = {'t': 32, 's': 64, 'b': 96, 'l': 96}
 
 
 def load(path: Path) -> Config:
@@ -40,13 +41,38 @@ def test_config_builds(path):
     model = MODELS.build(cfg.model)
     assert type(model.backbone).__name__ == 'SegMANEncoder'
     assert type(model.decode_head).__name__ == 'SegMANHead'
-    assert model.backbone.embed_dims[0] == ARCH_DIMS[size]
+    assert model.backbone.embed_dims == ENCODER_ARCHS[size]['embed_dims']
     assert model.decode_head.num_classes == NUM_CLASSES[dataset]
     if size == 't':  # a forward through mmseg's data path for the small ones
         model.eval()
         with torch.no_grad():
             logits = model(torch.randn(1, 3, 64, 96), mode='tensor')
         assert logits.shape == (1, NUM_CLASSES[dataset], 8, 12)
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+def test_config_widths_are_the_variant_table(path):
+    """Configs keep literal numbers (text configs cannot import the package); they must be
+    the table's: the encoder size in the file name, the head of its dataset."""
+    cfg = load(path)
+    size = path.stem.split('_')[0].split('-')[1]
+    dataset = next(name for name in NUM_CLASSES if name in path.stem)
+    assert cfg.model.backbone.arch == size
+    head = cfg.model.decode_head
+    expected = head_widths(size, 'ade20k' if dataset == 'toy' else dataset)  # toy: the base model's
+    assert dict(in_channels=head.in_channels, channels=head.channels,
+                feat_proj_dim=head.feat_proj_dim) == expected
+
+
+def test_encoder_norms_are_synchronised_as_released():
+    """SyncBN in the encoder too, by its norm_cfg (no global sync_bn switch needed)."""
+    cfg = load(REPO / 'configs/segman/segman-t_4xb4-160k_ade20k-512x512.py')
+    assert cfg.model.backbone.norm_cfg == dict(type='SyncBN', requires_grad=True)
+    assert 'sync_bn' not in cfg.get('env_cfg', {})
+    init_default_scope('mmseg')
+    encoder = MODELS.build(cfg.model).backbone
+    assert isinstance(encoder.patch_embed[1], torch.nn.SyncBatchNorm)
+    assert isinstance(encoder.stages[0].blocks[0].token_mixer.dwconv[1], torch.nn.SyncBatchNorm)
 
 
 def test_paper_recipe():
@@ -91,3 +117,22 @@ def test_config_typo_is_named():
     cfg.model.decode_head.feat_proj_dims = 192  # typo of feat_proj_dim
     with pytest.raises(TypeError, match='feat_proj_dims'):
         MODELS.build(cfg.model)
+
+
+def test_head_of_another_size_is_named_at_first_forward():
+    cfg = load(REPO / 'configs/segman/segman-t_4xb4-160k_ade20k-512x512.py')
+    cfg.model.backbone.arch = 's'  # the T head's in_channels stay
+    init_default_scope('mmseg')
+    model = MODELS.build(cfg.model).eval()
+    with pytest.raises(ValueError, match=r"in_channels=\[32, 64, 144, 192\] \(SegMAN-T's\) but the "
+                                         r"encoder gives maps of widths \[64, 144, 288, 512\]"):
+        with torch.no_grad():
+            model(torch.randn(1, 3, 64, 64), mode='tensor')
+
+
+def test_empty_image_through_mmseg_inference_is_named():
+    from mmseg.apis import inference_model, init_model
+
+    model = init_model(load(REPO / 'configs/segman/segman-t_1xb8-300i_toy-96x96.py'), None, device='cpu')
+    with pytest.raises(ValueError, match=r'empty image batch \(1, 3, 0, 0\)'):
+        inference_model(model, np.zeros((0, 0, 3), np.uint8))

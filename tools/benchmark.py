@@ -29,17 +29,13 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-SEGMAN = {  # arch: (embed dims, ADE20K head channels, feat_proj_dim)
-    't': ([32, 64, 144, 192], 128, 192),
-    's': ([64, 144, 288, 512], 144, 288),
-    'b': ([96, 160, 364, 560], 180, 320),
-    'l': ([96, 192, 432, 640], 224, 432),
-}
+from mmseg_segman.models.variants import ENCODER_ARCHS, head_widths
+
 PEER_CONFIGS = {
     **{f'segformer-b{i}': f'segformer/segformer_mit-b{i}_8xb2-160k_ade20k-512x512.py' for i in range(5)},
     **{f'segnext-{s}': f'segnext/segnext_mscan-{s}_1xb16-adamw-160k_ade20k-512x512.py' for s in 'tsbl'},
 }
-MODELS = [f'segman-{a}' for a in SEGMAN] + list(PEER_CONFIGS)
+MODELS = [f'segman-{a}' for a in ENCODER_ARCHS] + list(PEER_CONFIGS)
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 NUM_CLASSES = 150
 
@@ -55,13 +51,10 @@ def build_model(name: str, with_cp: bool = False) -> nn.Module:
 
     register_all_modules()
     if name.startswith('segman-'):
-        import mmseg_segman  # noqa: F401
-
-        dims, channels, proj = SEGMAN[name[-1]]
         cfg = dict(type='EncoderDecoder',
                    backbone=dict(type='SegMANEncoder', arch=name[-1], with_cp=with_cp),
-                   decode_head=dict(type='SegMANHead', in_channels=dims, channels=channels,
-                                    feat_proj_dim=proj, num_classes=NUM_CLASSES, dropout_ratio=0.1,
+                   decode_head=dict(type='SegMANHead', **head_widths(name[-1], 'ade20k'),
+                                    num_classes=NUM_CLASSES, dropout_ratio=0.1,
                                     loss_decode=dict(type='CrossEntropyLoss', loss_weight=1.0)),
                    train_cfg=dict(), test_cfg=dict(mode='whole'))
     else:

@@ -32,6 +32,7 @@ from mmseg.utils import get_classes, get_palette
 from torch import Tensor
 
 from mmseg_segman.models import SegMANEncoder, SegMANHead
+from mmseg_segman.models.backbones import stage_prefix
 
 DATASETS = {'ade20k': 'ade20k', 'cityscapes': 'cityscapes', 'coco-stuff': 'coco_stuff164k'}
 # Classes of mmcv 1.x / addict that mmseg 0.x may leave in ``meta``, not importable now: read
@@ -65,8 +66,8 @@ def infer_arch(encoder_state: Dict[str, Tensor]) -> str:
     if 'patch_embed.0.weight' not in encoder_state:
         raise SystemExit('not a SegMAN encoder state dict: it has no patch_embed.0.weight')
     width = encoder_state['patch_embed.0.weight'].shape[0] * 2
-    depths = [len({k.split('.')[3] for k in encoder_state if k.startswith(f'layers.{2 * i}.blocks.')})
-              for i in range(4)]
+    prefixes = [f'{stage_prefix(i)}.blocks.' for i in range(4)]
+    depths = [len({k[len(p):].split('.')[0] for k in encoder_state if k.startswith(p)}) for p in prefixes]
     for name, arch in SegMANEncoder.arch_zoo.items():
         if arch['embed_dims'][0] == width and arch['depths'] == depths:
             return name

@@ -6,18 +6,17 @@ from mmseg.registry import MODELS
 
 import mmseg_segman  # noqa: F401
 from mmseg_segman.models import SegMANEncoder, SegMANHead
+from mmseg_segman.models.variants import head_widths
 
 from ..conftest import official_keys
 
-HEADS = {'t': (128, 192), 's': (144, 288), 'b': (180, 320), 'l': (224, 432)}
 PARAMS_M = {'t': 6.40, 's': 29.42, 'b': 51.80, 'l': 92.34}
 
 
 def build_model(size: str, num_classes: int = 150) -> torch.nn.Module:
-    channels, proj = HEADS[size]
+    """The variant table's ADE20K segmentor of one size (checked against the release here)."""
     encoder = SegMANEncoder(arch=size)
-    head = SegMANHead(in_channels=encoder.embed_dims, channels=channels, feat_proj_dim=proj,
-                      num_classes=num_classes)
+    head = SegMANHead(**head_widths(size, 'ade20k'), num_classes=num_classes)
     model = torch.nn.Module()
     model.backbone, model.decode_head = encoder, head
     return model
@@ -59,3 +58,20 @@ def test_reproduces_released_mini_model(mini_reference):
             assert logits.shape == logits_ref.shape
             err = (logits - logits_ref).abs().max().item()
             assert err <= 1e-4, f'logits of {tuple(image.shape)}: max error {err}'
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_low_precision_segmentor_inference(mini_reference, dtype):
+    """``model.to(bfloat16)`` / ``.half()``: logits in that dtype, close to float32's."""
+    ref = mini_reference
+    model = MODELS.build(dict(
+        type='EncoderDecoder', backbone=dict(type='SegMANEncoder', arch=ref['encoder_kwargs']),
+        decode_head=dict(type='SegMANHead', **ref['decoder_kwargs'])))
+    model.load_state_dict(ref['state_dict'], strict=True)
+    image = ref['inputs'][0][..., :64, :96]  # small: CPU kernels of these dtypes are slow
+    with torch.no_grad():
+        expected = model.eval()(image, mode='tensor')
+        logits = model.to(dtype)(image.to(dtype), mode='tensor')
+    assert logits.dtype == dtype
+    scale = expected.abs().max()
+    torch.testing.assert_close(logits.float() / scale, expected / scale, rtol=0, atol=0.05)

@@ -18,7 +18,6 @@ import torch
 
 NUM_CLASSES = 8
 VARIANTS = {'fp32': None, 'fp16': 'float16', 'bf16': 'bfloat16', 'bf16+with_cp': 'bfloat16'}
-SEGMAN_HEADS = {'t': (128, 192), 's': (144, 288), 'b': (180, 320), 'l': (224, 432)}
 
 
 def synthetic_batches(count: int, batch: int, size: int, seed: int = 0) -> List[Dict]:
@@ -52,18 +51,16 @@ def build(arch: str, with_cp: bool, size: int):
     from mmseg.utils import register_all_modules
 
     import mmseg_segman  # noqa: F401
-    from mmseg_segman.models import SegMANEncoder
+    from mmseg_segman.models.variants import head_widths
 
     register_all_modules()
-    channels, proj = SEGMAN_HEADS[arch]
     model = MODELS.build(dict(
         type='EncoderDecoder',
         data_preprocessor=dict(type='SegDataPreProcessor', mean=[123.675, 116.28, 103.53],
                                std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_val=0,
                                seg_pad_val=255, size=(size, size)),
         backbone=dict(type='SegMANEncoder', arch=arch, with_cp=with_cp, drop_path_rate=0.1),
-        decode_head=dict(type='SegMANHead', in_channels=SegMANEncoder.arch_zoo[arch]['embed_dims'],
-                         channels=channels, feat_proj_dim=proj, num_classes=NUM_CLASSES,
+        decode_head=dict(type='SegMANHead', **head_widths(arch, 'ade20k'), num_classes=NUM_CLASSES,
                          dropout_ratio=0.1,
                          loss_decode=dict(type='CrossEntropyLoss', loss_weight=1.0)),
         train_cfg=dict(), test_cfg=dict(mode='whole')))
@@ -104,7 +101,7 @@ def train(variant: str, args) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--arch', default='t', choices=list(SEGMAN_HEADS))
+    parser.add_argument('--arch', default='t', choices=['t', 's', 'b', 'l'])
     parser.add_argument('--iters', type=int, default=60)
     parser.add_argument('--batch', type=int, default=4)
     parser.add_argument('--size', type=int, default=256)

@@ -1,4 +1,5 @@
-# SegMAN: LASS encoder + MMSCopE decoder. Sizes override backbone.arch and the head widths.
+# SegMAN: LASS encoder + MMSCopE decoder. Sizes override backbone.arch and the head widths
+# (mmseg_segman/models/variants.py holds them; tests/test_configs.py checks every config).
 custom_imports = dict(imports=['mmseg_segman'], allow_failed_imports=False)
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 data_preprocessor = dict(
@@ -15,7 +16,8 @@ model = dict(
         type='SegMANEncoder',
         arch='t',
         drop_path_rate=0.0,
-        with_cp=False),
+        with_cp=False,
+        norm_cfg=norm_cfg),
     decode_head=dict(
         type='SegMANHead',
         in_channels=[32, 64, 144, 192],

@@ -1,3 +1,3 @@
-from .segman_encoder import LASS, SegMANEncoder, SegMANStage
+from .segman_encoder import LASS, SegMANEncoder, SegMANStage, layer_index, stage_prefix
 
-__all__ = ['LASS', 'SegMANEncoder', 'SegMANStage']
+__all__ = ['LASS', 'SegMANEncoder', 'SegMANStage', 'layer_index', 'stage_prefix']

@@ -4,14 +4,31 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
+from mmcv.cnn import build_activation_layer, build_norm_layer
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.runner.checkpoint import CheckpointLoader
 from mmseg.registry import MODELS
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...ops import biased_attention, neighborhood_attention_2d, set_backends
 from ..layers import SS2D, LayerNorm2d, RoPE2d, SegMANBlock, apply_rope
+from ..variants import ENCODER_ARCHS
+
+NUM_STAGES = 4
+
+
+def layer_index(stage: int, downsample: bool = False) -> int:
+    """Index in ``SegMANEncoder.layers`` of stage ``stage`` (0-3), or of the stride-2
+    conv after it: the release interleaves them in one list, so stage i has the keys
+    ``layers.{2i}.*`` and its downsample ``layers.{2i+1}.*``."""
+    return 2 * stage + int(downsample)
+
+
+def stage_prefix(stage: int) -> str:
+    """State-dict prefix of stage ``stage`` in the encoder: ``'layers.{2 * stage}'``."""
+    return f'layers.{layer_index(stage)}'
 
 
 class LASS(nn.Module):
@@ -30,10 +47,12 @@ class LASS(nn.Module):
         use_rpb: learn relative position biases.
         global_mode: stage-4 mode (no selective scan, global attention).
         global_bias_size: side of the token grid ``rpb.1`` was learnt for (7 for 224 inputs).
+        norm_cfg: the norm after ``dwconv`` (mmcv ``build_norm_layer``).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, kernel_size: int, use_rpb: bool = True,
-                 global_mode: bool = False, global_bias_size: int = 7):
+                 global_mode: bool = False, global_bias_size: int = 7,
+                 norm_cfg: Dict = dict(type='BN', requires_grad=True)):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f'embed_dim {embed_dim} is not divisible by num_heads {num_heads}')
@@ -49,7 +68,7 @@ class LASS(nn.Module):
         if not global_mode:
             self.dwconv = nn.Sequential(
                 nn.Conv2d(embed_dim, embed_dim, kernel_size=3, padding=1, groups=embed_dim),
-                nn.BatchNorm2d(embed_dim))
+                build_norm_layer(norm_cfg, embed_dim)[1])
             self.ssm = SS2D(embed_dim)
             self.norm = LayerNorm2d(embed_dim)
         if use_rpb:
@@ -100,14 +119,17 @@ class SegMANStage(nn.Module):
 
     def __init__(self, embed_dim: int, depth: int, num_heads: int, kernel_size: int,
                  ffn_dim: int, drop_paths: Sequence[float], layer_scale_init: Optional[float],
-                 use_rpb: bool, global_mode: bool, global_bias_size: int, with_cp: bool = False):
+                 use_rpb: bool, global_mode: bool, global_bias_size: int, with_cp: bool = False,
+                 norm_cfg: Dict = dict(type='BN', requires_grad=True),
+                 act_cfg: Dict = dict(type='GELU')):
         super().__init__()
         self.with_cp = with_cp
         self.rope = RoPE2d(embed_dim // num_heads)
         self.blocks = nn.ModuleList([
             SegMANBlock(embed_dim,
-                        LASS(embed_dim, num_heads, kernel_size, use_rpb, global_mode, global_bias_size),
-                        ffn_dim, drop_paths[i], layer_scale_init) for i in range(depth)
+                        LASS(embed_dim, num_heads, kernel_size, use_rpb, global_mode, global_bias_size,
+                             norm_cfg),
+                        ffn_dim, drop_paths[i], layer_scale_init, act_cfg) for i in range(depth)
         ])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -120,16 +142,22 @@ class SegMANStage(nn.Module):
         return x
 
 
-def conv_bn(in_channels: int, out_channels: int, stride: int) -> List[nn.Module]:
+def conv_norm(in_channels: int, out_channels: int, stride: int, norm_cfg: Dict) -> List[nn.Module]:
+    """A 3x3 conv without bias and its norm (keys ``i``, ``i + 1`` in a Sequential)."""
     return [nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels)]
+            build_norm_layer(norm_cfg, out_channels)[1]]
 
 
-def stem(in_channels: int, embed_dim: int) -> nn.Sequential:
-    """Four 3x3 conv-BN layers (GELU between), stride 4 in all; keys ``0..10``."""
+def stem(in_channels: int, embed_dim: int, norm_cfg: Dict, act_cfg: Dict) -> nn.Sequential:
+    """Four 3x3 conv-norm layers (activation between), stride 4 in all; keys ``0..10``."""
     half = embed_dim // 2
-    return nn.Sequential(*conv_bn(in_channels, half, 2), nn.GELU(), *conv_bn(half, half, 1), nn.GELU(),
-                         *conv_bn(half, embed_dim, 2), nn.GELU(), *conv_bn(embed_dim, embed_dim, 1))
+    widths = [(in_channels, half, 2), (half, half, 1), (half, embed_dim, 2), (embed_dim, embed_dim, 1)]
+    layers = []
+    for i, (cin, cout, stride) in enumerate(widths):
+        if i:
+            layers.append(build_activation_layer(act_cfg))
+        layers += conv_norm(cin, cout, stride, norm_cfg)
+    return nn.Sequential(*layers)
 
 
 @MODELS.register_module()
@@ -137,63 +165,92 @@ class SegMANEncoder(BaseModule):
     """SegMAN encoder (Fu et al., CVPR 2025): features at strides 4, 8, 16, 32.
 
     Args:
-        arch: ``'t'``, ``'s'``, ``'b'``, ``'l'``, or a dict with ``embed_dims``, ``depths``,
-            ``num_heads``, ``window_size`` and ``mlp_ratios`` (4 values each) and optionally
-            ``layerscales`` (4 bools, default all False), ``layer_init_values`` (1e-6),
-            ``use_rpb`` (True), ``window_dilation`` (only 1), ``global_bias_size`` (7).
+        arch: ``'t'``, ``'s'``, ``'b'``, ``'l'`` (settings in
+            :data:`mmseg_segman.models.variants.ENCODER_ARCHS`), or a dict with
+            ``embed_dims``, ``depths``, ``num_heads``, ``window_size`` and ``mlp_ratios``
+            (4 values each) and optionally ``layerscales`` (4 bools, default all False),
+            ``layer_init_values`` (1e-6), ``use_rpb`` (True), ``window_dilation`` (only 1),
+            ``global_bias_size`` (7).
         in_channels: image channels.
         out_indices: stages whose outputs are returned.
         drop_path_rate: stochastic depth, linear over all blocks up to this rate.
         with_cp: gradient checkpointing of every block (saves memory, costs a recompute).
+        norm_cfg: the norms of the stem, the downsampling convs and the LASS ``dwconv``
+            (BN as released; ``dict(type='SyncBN')`` for synchronised statistics).
+        act_cfg: the activations of the stem and the blocks' FFNs (GELU as released).
+        check_finite: debug switch: refuse inputs with NaN/Inf, and stage outputs that
+            overflow to NaN/Inf from finite inputs (such as magnitudes near 1e30). Each
+            check reads a value back to the host (a GPU sync, a ``torch.compile`` graph
+            break), so it is off by default.
         op_backends: ``{op: backend}`` to force backends (see ``mmseg_segman.ops.dispatch``).
-        init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads ImageNet encoder
-            weights (``state_dict_ema``, else ``state_dict``; classifier keys are ignored).
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` (optionally ``prefix``) loads
+            ImageNet encoder weights (``state_dict_ema``, else ``state_dict``; classifier
+            keys are ignored).
     """
 
-    arch_zoo = {
-        't': dict(embed_dims=[32, 64, 144, 192], depths=[2, 2, 4, 2], num_heads=[1, 2, 4, 8],
-                  window_size=[11, 9, 9, 7], mlp_ratios=[4, 4, 3, 3], layerscales=[False] * 4),
-        's': dict(embed_dims=[64, 144, 288, 512], depths=[2, 2, 10, 4], num_heads=[2, 4, 8, 16],
-                  window_size=[11, 9, 7, 7], mlp_ratios=[4, 4, 3.4, 3.4], layerscales=[False] * 4),
-        'b': dict(embed_dims=[96, 160, 364, 560], depths=[4, 4, 18, 4], num_heads=[4, 8, 13, 20],
-                  window_size=[11, 9, 7, 7], mlp_ratios=[4, 4, 3, 3], layerscales=[True] * 4),
-        'l': dict(embed_dims=[96, 192, 432, 640], depths=[4, 4, 28, 4], num_heads=[4, 8, 12, 20],
-                  window_size=[11, 9, 7, 7], mlp_ratios=[4, 4, 3, 3], layerscales=[True] * 4),
-    }
+    arch_zoo = ENCODER_ARCHS
     _required = ('embed_dims', 'depths', 'num_heads', 'window_size', 'mlp_ratios')
-    _optional = dict(layerscales=[False] * 4, layer_init_values=1e-6, use_rpb=True,
-                     window_dilation=[1] * 4, global_bias_size=7)
+    _optional = dict(layerscales=[False] * NUM_STAGES, layer_init_values=1e-6, use_rpb=True,
+                     window_dilation=[1] * NUM_STAGES, global_bias_size=7)
+    _pretrained_keys = ('type', 'checkpoint', 'prefix')
 
     def __init__(self, arch: Union[str, Dict] = 't', in_channels: int = 3,
                  out_indices: Sequence[int] = (0, 1, 2, 3), drop_path_rate: float = 0.0,
-                 with_cp: bool = False, op_backends: Optional[Dict[str, str]] = None,
-                 init_cfg: Optional[Dict] = None):
+                 with_cp: bool = False, norm_cfg: Dict = dict(type='BN', requires_grad=True),
+                 act_cfg: Dict = dict(type='GELU'), check_finite: bool = False,
+                 op_backends: Optional[Dict[str, str]] = None, init_cfg: Optional[Dict] = None):
+        self._check_init_cfg(init_cfg)
         super().__init__(init_cfg=init_cfg)
         self.arch = self._parse_arch(arch)
+        if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+            raise ValueError(f'in_channels must be a positive integer, got {in_channels!r}')
         self.in_channels = in_channels
         self.out_indices = tuple(out_indices)
-        if not self.out_indices or any(i not in range(4) for i in self.out_indices):
+        if not self.out_indices or any(i not in range(NUM_STAGES) for i in self.out_indices):
             raise ValueError(f'out_indices must be stage indices in 0..3, got {out_indices}')
+        self.check_finite = check_finite
         set_backends(op_backends)
 
         a = self.arch
         dims = a['embed_dims']
         self.embed_dims = list(dims)
-        self.patch_embed = stem(in_channels, dims[0])
+        self.patch_embed = stem(in_channels, dims[0], norm_cfg, act_cfg)
         drop_paths = torch.linspace(0, drop_path_rate, sum(a['depths'])).tolist()
-        self.layers = nn.ModuleList()
-        for i in range(4):
+        layers = {}
+        for i in range(NUM_STAGES):
             first = sum(a['depths'][:i])
-            self.layers.append(SegMANStage(
+            layers[layer_index(i)] = SegMANStage(
                 embed_dim=dims[i], depth=a['depths'][i], num_heads=a['num_heads'][i],
                 kernel_size=a['window_size'][i], ffn_dim=int(a['mlp_ratios'][i] * dims[i]),
                 drop_paths=drop_paths[first:first + a['depths'][i]],
                 layer_scale_init=a['layer_init_values'] if a['layerscales'][i] else None,
-                use_rpb=a['use_rpb'], global_mode=(i == 3),
-                global_bias_size=a['global_bias_size'], with_cp=with_cp))
-            if i < 3:
-                self.layers.append(nn.Sequential(*conv_bn(dims[i], dims[i + 1], 2)))
+                use_rpb=a['use_rpb'], global_mode=(i == NUM_STAGES - 1),
+                global_bias_size=a['global_bias_size'], with_cp=with_cp, norm_cfg=norm_cfg,
+                act_cfg=act_cfg)
+            if i < NUM_STAGES - 1:
+                layers[layer_index(i, downsample=True)] = nn.Sequential(
+                    *conv_norm(dims[i], dims[i + 1], 2, norm_cfg))
+        self.layers = nn.ModuleList([layers[j] for j in sorted(layers)])
         self.apply(self._init_module)
+
+    @property
+    def stages(self) -> List[SegMANStage]:
+        """The four stages, in order."""
+        return [self.layers[layer_index(i)] for i in range(NUM_STAGES)]
+
+    @property
+    def downsamples(self) -> List[nn.Module]:
+        """The three stride-2 conv-norm pairs; ``downsamples[i]`` follows ``stages[i]``."""
+        return [self.layers[layer_index(i, downsample=True)] for i in range(NUM_STAGES - 1)]
+
+    @classmethod
+    def _check_init_cfg(cls, init_cfg) -> None:
+        if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
+            unknown = sorted(k for k in init_cfg if k not in cls._pretrained_keys)
+            if unknown or 'checkpoint' not in init_cfg:
+                raise ValueError(
+                    f"SegMANEncoder init_cfg=dict(type='Pretrained', ...) takes 'checkpoint' "
+                    f"(required) and 'prefix'; got keys {sorted(init_cfg)}, unknown {unknown}")
 
     @classmethod
     def _parse_arch(cls, arch: Union[str, Dict]) -> Dict:
@@ -211,8 +268,13 @@ class SegMANEncoder(BaseModule):
                              f'expected {list(cls._required)} plus optional {list(cls._optional)}')
         settings = {**cls._optional, **arch}
         for key in cls._required + ('layerscales', 'window_dilation'):
-            if len(settings[key]) != 4:
-                raise ValueError(f'arch {key!r} needs 4 values (one per stage), got {settings[key]}')
+            if not isinstance(settings[key], (list, tuple)) or len(settings[key]) != NUM_STAGES:
+                raise ValueError(f'arch {key!r} needs 4 values (one per stage), got {settings[key]!r}')
+        for key in ('embed_dims', 'depths', 'num_heads', 'window_size'):
+            if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in settings[key]):
+                raise ValueError(f'arch {key!r} must be positive integers, got {settings[key]}')
+        if any(not isinstance(r, (int, float)) or r <= 0 for r in settings['mlp_ratios']):
+            raise ValueError(f"arch 'mlp_ratios' must be positive numbers, got {settings['mlp_ratios']}")
         if any(d != 1 for d in settings['window_dilation']):
             raise ValueError('SegMANEncoder supports window_dilation 1 only, '
                              f'got {settings["window_dilation"]}')
@@ -226,7 +288,7 @@ class SegMANEncoder(BaseModule):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+        elif isinstance(m, (nn.LayerNorm, nn.GroupNorm, _BatchNorm)) and m.weight is not None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -276,21 +338,33 @@ class SegMANEncoder(BaseModule):
         self.load_state_dict(state, strict=True)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        """``(B, in_channels, H, W)`` -> stage outputs ``(B, C_i, H/2^(i+2), W/2^(i+2))``."""
+        """``(B, in_channels, H, W)`` -> stage outputs ``(B, C_i, H/2^(i+2), W/2^(i+2))``.
+
+        Shape, channels and dtype are checked always (metadata, free); values only with
+        ``check_finite``."""
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise ValueError('SegMANEncoder expects a (B, C, H, W) tensor, got '
                              f'{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}')
         if x.size(1) != self.in_channels:
             raise ValueError(f'SegMANEncoder was built for {self.in_channels} input channels, '
                              f'got {x.size(1)} (input shape {tuple(x.shape)})')
+        if x.numel() == 0:
+            raise ValueError(f'SegMANEncoder got an empty image batch {tuple(x.shape)}')
         if not x.is_floating_point():
             raise TypeError(f'SegMANEncoder expects a floating-point image, got {x.dtype}')
-        if not torch.isfinite(x).all():
+        if self.check_finite and not torch.isfinite(x).all():
             raise ValueError('SegMANEncoder input contains NaN or Inf')
         x = self.patch_embed(x)
         outs = []
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i % 2 == 0 and i // 2 in self.out_indices:
+        for i, stage in enumerate(self.stages):
+            if i:
+                x = self.downsamples[i - 1](x)
+            x = stage(x)
+            if self.check_finite and not torch.isfinite(x).all():
+                raise ValueError(
+                    f'SegMANEncoder stage {i + 1} output has NaN/Inf from a finite input: float32 '
+                    'overflows for inputs of very large magnitude; feed normalised images (as '
+                    "mmseg's SegDataPreProcessor does with the config's mean and std)")
+            if i in self.out_indices:
                 outs.append(x)
         return tuple(outs)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ...ops import set_backends
 from ..layers import SS2D, SegMANBlock
+from ..variants import arch_of, describe_widths, head_widths
 
 
 class LinearProjection(nn.Module):
@@ -36,6 +37,11 @@ class SegMANHead(BaseDecodeHead):
     feeds the result back into every projected map. Inputs whose 1/8 map is not a
     multiple of 4 are padded for MMSCopE and cropped back.
 
+    ``in_channels`` must be the encoder's stage widths (``backbone.embed_dims``); the
+    released heads are in :data:`mmseg_segman.models.variants.HEAD_WIDTHS`. mmseg builds
+    the encoder and the head separately, so a head that does not fit its encoder is
+    refused at its first forward, before any computation (a check of shapes only).
+
     Args:
         feat_proj_dim: channels ``P`` of the projected encoder maps.
         op_backends: ``{op: backend}`` to force backends (see ``mmseg_segman.ops.dispatch``).
@@ -49,6 +55,10 @@ class SegMANHead(BaseDecodeHead):
         super().__init__(input_transform='multiple_select', norm_cfg=norm_cfg, **kwargs)
         if len(self.in_channels) != 4:
             raise ValueError(f'SegMANHead takes the four encoder maps, got in_channels={self.in_channels}')
+        for name, values in (('in_channels', self.in_channels), ('channels', [self.channels]),
+                             ('feat_proj_dim', [feat_proj_dim])):
+            if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
+                raise ValueError(f'SegMANHead {name} must be positive integers, got {values}')
         set_backends(op_backends)
         c, p = self.channels, feat_proj_dim
         self.feat_proj_dim = p
@@ -101,9 +111,24 @@ class SegMANHead(BaseDecodeHead):
                      align_corners=self.align_corners)
         return out[..., :height, :width]
 
+    def _check_widths(self, feats: Sequence[Tensor]) -> None:
+        """Refuse encoder maps whose widths are not ``in_channels``, naming the fix."""
+        widths = [f.size(1) for f in feats]
+        if widths == list(self.in_channels):
+            return
+        fix = 'set decode_head.in_channels to the encoder\'s embed_dims'
+        arch = arch_of(widths)
+        if arch is not None:
+            fix += (f"; the released SegMAN-{arch.upper()} head (ADE20K) is "
+                    f"{head_widths(arch, 'ade20k')}, see mmseg_segman.models.variants.HEAD_WIDTHS")
+        raise ValueError(f'SegMANHead was built with in_channels={describe_widths(self.in_channels)} '
+                         f'but the encoder gives maps of widths {describe_widths(widths)}: {fix}')
+
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         """Four encoder maps -> logits ``(B, num_classes, H/8, W/8)``."""
-        _, c2, c3, c4 = self._transform_inputs(inputs)
+        feats = self._transform_inputs(inputs)
+        self._check_widths(feats)
+        _, c2, c3, c4 = feats
         size = c2.shape[-2:]
         p2 = self.linear_c2(c2)
         p3 = resize(self.linear_c3(c3), size=size, mode='bilinear', align_corners=False)

@@ -1,5 +1,5 @@
 """The residual block shared by the encoder stages and the decoder's scan block."""
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,17 +34,19 @@ class SegMANBlock(nn.Module):
         ffn_dim: hidden channels of the FFN.
         drop_path: stochastic depth rate.
         layer_scale_init: initial layer scale, or None for no layer scale.
+        act_cfg: the FFN's activation.
     """
 
     def __init__(self, embed_dim: int, token_mixer: nn.Module, ffn_dim: int,
-                 drop_path: float = 0.0, layer_scale_init: Optional[float] = None):
+                 drop_path: float = 0.0, layer_scale_init: Optional[float] = None,
+                 act_cfg: Dict = dict(type='GELU')):
         super().__init__()
         self.cpe1 = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, groups=embed_dim)
         self.norm1 = LayerNorm2d(embed_dim)
         self.token_mixer = token_mixer
         self.cpe2 = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, groups=embed_dim)
         self.norm2 = LayerNorm2d(embed_dim)
-        self.mlp = ConvFFN(embed_dim, ffn_dim)
+        self.mlp = ConvFFN(embed_dim, ffn_dim, act_cfg)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if layer_scale_init is None:
             self.layer_scale1 = self.layer_scale2 = nn.Identity()

@@ -1,14 +1,17 @@
 """The convolutional feed-forward network of SegMAN blocks."""
+from typing import Dict
+
+from mmcv.cnn import build_activation_layer
 from torch import Tensor, nn
 
 
 class ConvFFN(nn.Module):
-    """1x1 conv -> GELU -> ``x + dwconv3x3(x)`` -> 1x1 conv on ``(B, C, H, W)``."""
+    """1x1 conv -> activation (GELU) -> ``x + dwconv3x3(x)`` -> 1x1 conv on ``(B, C, H, W)``."""
 
-    def __init__(self, embed_dim: int, ffn_dim: int):
+    def __init__(self, embed_dim: int, ffn_dim: int, act_cfg: Dict = dict(type='GELU')):
         super().__init__()
         self.fc1 = nn.Conv2d(embed_dim, ffn_dim, kernel_size=1)
-        self.act = nn.GELU()
+        self.act = build_activation_layer(act_cfg)
         self.dwconv = nn.Conv2d(ffn_dim, ffn_dim, kernel_size=3, padding=1, groups=ffn_dim)
         self.fc2 = nn.Conv2d(ffn_dim, embed_dim, kernel_size=1)
 

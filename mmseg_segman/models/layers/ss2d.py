@@ -49,15 +49,16 @@ class SS2D(nn.Module):
         self.Ds._no_weight_decay = True
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, C, H, W)`` in float32."""
+        """``(B, C, H, W) -> (B, C, H, W)`` in ``x``'s dtype (the scan runs in float32)."""
         k, c, r, n = NUM_DIRECTIONS, self.embed_dim, self.dt_rank, self.d_state
         # Per-pixel projections in the map's own layout: the same numbers as projecting
         # each direction's sequence, since a 1x1 projection commutes with reordering.
         x_dbl = torch.einsum('kjc,bchw->bkjhw', self.x_proj_weight.view(k, -1, c), x)
         dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=2)
         dts = torch.einsum('kcr,bkrhw->bkchw', self.dt_projs_weight, dts)
-        return cross_selective_scan(x, dts, -torch.exp(self.A_logs.float()), Bs, Cs,
-                                    self.Ds.float(), self.dt_projs_bias.reshape(-1).float())
+        y = cross_selective_scan(x, dts, -torch.exp(self.A_logs.float()), Bs, Cs,
+                                 self.Ds.float(), self.dt_projs_bias.reshape(-1).float())
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f'embed_dim={self.embed_dim}, d_state={self.d_state}, dt_rank={self.dt_rank}'

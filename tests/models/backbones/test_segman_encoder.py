@@ -3,11 +3,13 @@ import logging
 import pytest
 import torch
 from mmengine.logging import MMLogger
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmseg_segman.models import SegMANEncoder
+from mmseg_segman.models.backbones import stage_prefix
+from mmseg_segman.models.variants import ENCODER_ARCHS
 
-DIMS = {'t': [32, 64, 144, 192], 's': [64, 144, 288, 512], 'b': [96, 160, 364, 560],
-        'l': [96, 192, 432, 640]}
 TINY = dict(embed_dims=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4],
             window_size=[5, 5, 3, 3], mlp_ratios=[2, 2, 2, 2], layerscales=[True] * 4)
 
@@ -18,7 +20,7 @@ def test_output_shapes_every_size(size):
     with torch.no_grad():
         outs = encoder(torch.randn(1, 3, 64, 96))
     assert [tuple(o.shape) for o in outs] == [
-        (1, c, 64 // s, 96 // s) for c, s in zip(DIMS[size], (4, 8, 16, 32))]
+        (1, c, 64 // s, 96 // s) for c, s in zip(ENCODER_ARCHS[size]['embed_dims'], (4, 8, 16, 32))]
 
 
 def stride_sizes(height, width):
@@ -60,14 +62,13 @@ def test_with_cp_gives_same_outputs_and_gradients():
         model.eval()
         model.zero_grad()
         sum(o.square().sum() for o in model(x.clone().requires_grad_())).backward()
-        grads.append(model.layers[0].blocks[0].token_mixer.qkv.weight.grad.clone())
+        grads.append(model.stages[0].blocks[0].token_mixer.qkv.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_drop_path_is_linear_over_all_blocks():
     encoder = SegMANEncoder(arch='t', drop_path_rate=0.3)
-    rates = [getattr(b.drop_path, 'drop_prob', 0.0) for i in range(0, 7, 2)
-             for b in encoder.layers[i].blocks]
+    rates = [getattr(b.drop_path, 'drop_prob', 0.0) for stage in encoder.stages for b in stage.blocks]
     torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.3, 10))
 
 
@@ -75,11 +76,47 @@ def test_drop_path_is_linear_over_all_blocks():
     (torch.randn(3, 32, 32), ValueError, r'\(B, C, H, W\)'),
     (torch.randn(1, 4, 32, 32), ValueError, '3 input channels, got 4'),
     (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), TypeError, 'floating-point'),
-    (torch.full((1, 3, 32, 32), float('nan')), ValueError, 'NaN'),
+    (torch.zeros(1, 3, 0, 0), ValueError, r'empty image batch \(1, 3, 0, 0\)'),
 ])
 def test_bad_input_is_named(bad, error, match):
     with pytest.raises(error, match=match):
         SegMANEncoder(arch=TINY)(bad)
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts tensor -> Python scalar reads (``aten._local_scalar_dense``: ``.item()``,
+    ``bool(t)``, ``if t:``), each a host synchronisation on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('check_finite', [False, True])
+def test_forward_reads_values_back_only_with_check_finite(check_finite):
+    encoder = SegMANEncoder(arch=TINY, check_finite=check_finite).eval()
+    with torch.no_grad(), ScalarReads() as reads:
+        encoder(torch.randn(1, 3, 32, 32))
+    assert (reads.count > 0) == check_finite, reads.count
+
+
+@pytest.mark.parametrize('value,match', [
+    (float('nan'), 'input contains NaN or Inf'),
+    (float('inf'), 'input contains NaN or Inf'),
+    (1e30, 'stage 1 output has NaN/Inf from a finite input'),
+])
+def test_check_finite_names_bad_values(value, match):
+    image = torch.randn(1, 3, 32, 32)
+    image[0, 0, 3, 5] = value
+    encoder = SegMANEncoder(arch=TINY, check_finite=True).eval()
+    with pytest.raises(ValueError, match=match):
+        encoder(image)
+    encoder.check_finite = False  # off (the default): no error, and 1e30 overflows to NaN
+    assert not all(torch.isfinite(o).all() for o in encoder(image))
 
 
 def test_bad_arch_is_named():
@@ -93,6 +130,90 @@ def test_bad_arch_is_named():
         SegMANEncoder(arch={**TINY, 'window_dilation': [2] * 4})
     with pytest.raises(ValueError, match='out_indices'):
         SegMANEncoder(arch=TINY, out_indices=(4,))
+
+
+@pytest.mark.parametrize('change,match', [
+    (dict(num_heads=[0, 2, 2, 4]), r"'num_heads' must be positive integers, got \[0, 2, 2, 4\]"),
+    (dict(embed_dims=64), r"'embed_dims' needs 4 values \(one per stage\), got 64"),
+    (dict(depths=[1, -1, 1, 1]), r"'depths' must be positive integers"),
+    (dict(window_size=[5, 5, 3.0, 3]), r"'window_size' must be positive integers"),
+    (dict(mlp_ratios=[2, 0, 2, 2]), r"'mlp_ratios' must be positive numbers"),
+])
+def test_bad_arch_values_are_named(change, match):
+    with pytest.raises(ValueError, match=match):
+        SegMANEncoder(arch={**TINY, **change})
+
+
+@pytest.mark.parametrize('in_channels', [0, -3, 3.0])
+def test_bad_in_channels_is_named(in_channels):
+    with pytest.raises(ValueError, match=f'in_channels must be a positive integer, got {in_channels}'):
+        SegMANEncoder(arch=TINY, in_channels=in_channels)
+
+
+@pytest.mark.parametrize('init_cfg,unknown', [
+    (dict(type='Pretrained', checkpont='x.pth'), "\\['checkpont'\\]"),
+    (dict(type='Pretrained', checkpoint='x.pth', prefx='backbone.'), "\\['prefx'\\]"),
+])
+def test_pretrained_init_cfg_typo_is_named_at_build(init_cfg, unknown):
+    with pytest.raises(ValueError, match=f"takes 'checkpoint' .*unknown {unknown}"):
+        SegMANEncoder(arch=TINY, init_cfg=init_cfg)
+
+
+def test_stage_layout_keeps_the_release_keys():
+    encoder = SegMANEncoder(arch=TINY)
+    for i, stage in enumerate(encoder.stages):
+        assert encoder.get_submodule(stage_prefix(i)) is stage
+        assert stage.blocks[0].cpe1.weight.shape[0] == TINY['embed_dims'][i]
+    keys = encoder.state_dict()
+    assert [f'{stage_prefix(i)}.rope.angle' in keys for i in range(4)] == [True] * 4
+    assert [d[0].weight.shape[:2] for d in encoder.downsamples] == [(16, 8), (24, 16), (32, 24)]
+    assert [encoder.get_submodule(f'layers.{2 * i + 1}') for i in range(3)] == encoder.downsamples
+
+
+def batch_norms(encoder):
+    return [(name, type(m)) for name, m in encoder.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def test_norm_cfg_builds_every_encoder_norm_with_the_release_keys():
+    torch.manual_seed(0)
+    plain = SegMANEncoder(arch=TINY)
+    synced = SegMANEncoder(arch=TINY, norm_cfg=dict(type='SyncBN', requires_grad=True))
+    names = [name for name, _ in batch_norms(plain)]
+    # stem (4), downsamples (3), the LASS dwconv of stages 1-3 (one block each)
+    assert len(names) == 10 and {type(m) for m in plain.modules()} >= {nn.BatchNorm2d}
+    synced_norms = batch_norms(synced)
+    assert [name for name, _ in synced_norms] == names
+    assert all(issubclass(kind, nn.SyncBatchNorm) for _, kind in synced_norms)
+    assert list(synced.state_dict()) == list(plain.state_dict())
+    synced.load_state_dict(plain.state_dict(), strict=True)
+    image = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(plain.eval()(image), synced.eval()(image)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    frozen = SegMANEncoder(arch=TINY, norm_cfg=dict(type='BN', requires_grad=False))
+    assert not frozen.patch_embed[1].weight.requires_grad
+
+
+def test_act_cfg_sets_the_stem_and_ffn_activations():
+    encoder = SegMANEncoder(arch=TINY, act_cfg=dict(type='ReLU'))
+    activations = {type(m) for m in encoder.modules() if isinstance(m, (nn.ReLU, nn.GELU))}
+    assert activations == {nn.ReLU}
+    assert isinstance(encoder.patch_embed[2], nn.ReLU) and isinstance(encoder.stages[3].blocks[0].mlp.act, nn.ReLU)
+    assert isinstance(SegMANEncoder(arch=TINY).stages[0].blocks[0].mlp.act, nn.GELU)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_low_precision_inference(dtype):
+    torch.manual_seed(0)
+    encoder = SegMANEncoder(arch=TINY).eval()
+    image = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        expected = encoder(image)
+        outs = encoder.to(dtype)(image.to(dtype))
+    for out, ref in zip(outs, expected):
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.1)
 
 
 def imagenet_checkpoint(encoder, path, ema=True):
@@ -135,7 +256,7 @@ def test_loads_backbone_of_segmentor_checkpoint(tmp_path):
     torch.save({'meta': {}, 'state_dict': state}, tmp_path / 'seg.pth')
     encoder = SegMANEncoder(arch=TINY)
     encoder.load_pretrained(str(tmp_path / 'seg.pth'))
-    assert torch.equal(encoder.layers[0].blocks[0].cpe1.weight, source.layers[0].blocks[0].cpe1.weight)
+    assert torch.equal(encoder.stages[0].blocks[0].cpe1.weight, source.stages[0].blocks[0].cpe1.weight)
 
 
 def test_checkpoint_of_another_size_is_refused(tmp_path):

@@ -18,12 +18,12 @@ from mmpretrain.structures import DataSample  # noqa: E402
 from mmseg.registry import MODELS as SEG_MODELS  # noqa: E402
 
 from mmseg_segman.models import SegMANEncoder  # noqa: E402
+from mmseg_segman.models.variants import ENCODER_ARCHS  # noqa: E402
 from mmseg_segman.models.classification import SegMANClsHead  # noqa: E402
 
 CONFIGS = REPO / 'configs' / 'segman_cls'
 IN1K = {'t': 'segman-t_8xb512_in1k.py', 's': 'segman-s_8xb256_in1k.py',
         'b': 'segman-b_8xb256_in1k.py', 'l': 'segman-l_8xb256_in1k.py'}
-LAST_DIMS = {'t': 192, 's': 512, 'b': 560, 'l': 640}
 TRAIN_TOOL = Path(mmpretrain.__file__).parent / '.mim' / 'tools' / 'train.py'
 
 
@@ -111,7 +111,7 @@ def test_in1k_config_builds_with_release_keys(size):
     assert backbone == released
     head = {k[len('head.'):]: s for k, s in shapes.items() if k.startswith('head.')}
     classifier = {f'classifier.{k}': tuple(v.shape)
-                  for k, v in release_classifier(LAST_DIMS[size], 1000).state_dict().items()}
+                  for k, v in release_classifier(ENCODER_ARCHS[size]['embed_dims'][-1], 1000).state_dict().items()}
     assert head == classifier
     assert len(shapes) == len(backbone) + len(head)
 

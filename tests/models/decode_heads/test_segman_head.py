@@ -4,6 +4,7 @@ from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
 
 from mmseg_segman.models import SegMANEncoder, SegMANHead
+from mmseg_segman.models.variants import head_widths
 
 TINY = dict(embed_dims=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4],
             window_size=[5, 5, 3, 3], mlp_ratios=[2, 2, 2, 2])
@@ -63,3 +64,24 @@ def test_needs_four_encoder_maps():
     with pytest.raises(ValueError, match='four encoder maps'):
         SegMANHead(in_channels=[8, 16, 24], in_index=[0, 1, 2], channels=8, feat_proj_dim=12,
                    num_classes=5)
+
+
+@pytest.mark.parametrize('change,match', [
+    (dict(in_channels=[8, 0, 24, 32]), r'in_channels must be positive integers, got \[8, 0, 24, 32\]'),
+    (dict(feat_proj_dim=0), r'feat_proj_dim must be positive integers, got \[0\]'),
+])
+def test_bad_widths_are_named(change, match):
+    kwargs = dict(in_channels=TINY['embed_dims'], channels=8, feat_proj_dim=12, num_classes=5)
+    with pytest.raises(ValueError, match=match):
+        SegMANHead(**{**kwargs, **change})
+
+
+def test_head_of_another_encoder_is_refused_before_computing_anything():
+    head = SegMANHead(**head_widths('t'), num_classes=5).eval()
+    feats = [torch.zeros(1, c, 64 // s, 64 // s) for c, s in zip([64, 144, 288, 512], (4, 8, 16, 32))]
+    with pytest.raises(ValueError, match=(
+            r"in_channels=\[32, 64, 144, 192\] \(SegMAN-T's\) but the encoder gives maps of widths "
+            r"\[64, 144, 288, 512\] \(SegMAN-S's\).*'channels': 144, 'feat_proj_dim': 288")):
+        head(feats)
+    with pytest.raises(ValueError, match=r"widths \[8, 16, 24, 32\]: set decode_head.in_channels"):
+        head(features(1, 64, 64))
