@@ -8,6 +8,7 @@ Classes and palette, first found: ``--dataset``; the checkpoint's ``dataset_meta
 ``CLASSES``/``PALETTE``; the config's test dataset (its ``metainfo`` or its class's ``METAINFO``).
 """
 import argparse
+import pickle
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +19,7 @@ from mmseg.registry import DATASETS
 from mmseg.utils import get_classes, get_palette
 
 import mmseg_segman  # noqa: F401  (registers SegMAN; configs also import it)
+from mmseg_segman.models.strict_loading import WeightsMismatchError
 
 DATASET_NAMES = {'ade20k': 'ade20k', 'cityscapes': 'cityscapes', 'coco-stuff': 'coco_stuff164k'}
 
@@ -60,7 +62,10 @@ def main() -> None:
         parser.error(f'--opacity must be in (0, 1], got {args.opacity}')
 
     model = init_model(args.config, None, device=args.device)
-    checkpoint = load_checkpoint(model, args.checkpoint, map_location='cpu')
+    try:  # refuses unsafe, damaged or mismatching checkpoints (mmseg_segman.checkpoint_safety)
+        checkpoint = load_checkpoint(model, args.checkpoint, map_location='cpu')
+    except (pickle.UnpicklingError, WeightsMismatchError) as error:
+        raise SystemExit(f'cannot use {args.checkpoint}: {error}')
     meta = find_dataset_meta(args.dataset, checkpoint.get('meta') or {}, model.cfg)
     num_classes = model.decode_head.num_classes
     if meta is None or len(meta['palette']) < num_classes:

@@ -11,18 +11,19 @@
   ``args``, ``optimizer``) become ``{'state_dict': ...}`` with the EMA weights when present,
   classifier kept, for ``init_cfg=dict(type='Pretrained', checkpoint=DST)``.
 
-The file is read with ``torch.load(weights_only=True)`` and the plugin's allow-list (tensors,
-containers, numpy values, mmengine's HistoryBuffer, argparse.Namespace); mmcv 1.x
+The file (zip, or the legacy format of torch < 1.6) is read with
+``torch.load(weights_only=True)`` and the plugin's allow-list (tensors, containers, numeric
+numpy values, mmengine's HistoryBuffer, and here argparse.Namespace); mmcv 1.x
 ``ConfigDict`` objects (and addict ``Dict``) in an old ``meta`` are read as plain
 ``OrderedDict`` s. No pickled code runs. A file that needs anything else is refused unless
 ``--trust-pickle`` is given, which runs whatever the file contains: use it only on files you
-trust. The weights are checked by loading them strictly into the SegMAN model of the size
-they belong to (inferred from the stem width and the stage depths).
+trust. A zip whose CRC-32 checksums do not match (damaged bytes) and weights with NaN or Inf
+are refused. The weights are checked by loading them strictly into the SegMAN model of the
+size they belong to (inferred from the stem width and the stage depths).
 """
 import argparse
 import pickle
 import warnings
-import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -31,8 +32,10 @@ import torch
 from mmseg.utils import get_classes, get_palette
 from torch import Tensor
 
+from mmseg_segman.checkpoint_safety import CheckpointError, checked_checkpoint
 from mmseg_segman.models import SegMANEncoder, SegMANHead
 from mmseg_segman.models.backbones import stage_prefix
+from mmseg_segman.models.strict_loading import WeightsMismatchError
 
 DATASETS = {'ade20k': 'ade20k', 'cityscapes': 'cityscapes', 'coco-stuff': 'coco_stuff164k'}
 # Classes of mmcv 1.x / addict that mmseg 0.x may leave in ``meta``, not importable now: read
@@ -41,16 +44,30 @@ LEGACY_META_GLOBALS = [(OrderedDict, 'mmcv.utils.config.ConfigDict'),
                        (OrderedDict, 'addict.addict.Dict')]
 
 
+def is_torch_file(path: Path) -> bool:
+    """A zip archive (torch >= 1.6), or the legacy format, which starts with torch's magic
+    number pickled (protocol 2 and later: a 10-byte little-endian LONG1)."""
+    with path.open('rb') as f:
+        head = f.read(16)
+    return head.startswith(b'PK\x03\x04') or (
+        head.startswith(pickle.PROTO) and torch.serialization.MAGIC_NUMBER.to_bytes(10, 'little') in head)
+
+
 def load_untrusted(path: Path, trust_pickle: bool) -> dict:
-    """The checkpoint dict, read weights-only unless ``trust_pickle``."""
+    """The checkpoint dict (zip or legacy format), read weights-only unless ``trust_pickle``."""
     if not path.is_file():
         raise SystemExit(f'no checkpoint at {path}')
-    with path.open('rb') as f:  # torch.save writes a zip, or a pickle before torch 1.6
-        if not zipfile.is_zipfile(f) and f.read(1) != pickle.PROTO:
-            raise SystemExit(f'{path} is not a PyTorch checkpoint (neither a zip nor a pickle)')
+    if not is_torch_file(path):
+        raise SystemExit(f'{path} is not a PyTorch checkpoint: neither a zip archive nor torch\'s '
+                         'legacy format')
     try:
-        with torch.serialization.safe_globals(LEGACY_META_GLOBALS):
-            ckpt = torch.load(path, map_location='cpu', weights_only=not trust_pickle)
+        if trust_pickle:
+            ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        else:
+            ckpt = checked_checkpoint(lambda: torch.load(path, map_location='cpu', weights_only=True),
+                                      path, extra=(*LEGACY_META_GLOBALS, argparse.Namespace))
+    except CheckpointError as error:
+        raise SystemExit(f'{path}: {error}')
     except pickle.UnpicklingError as error:
         raise SystemExit(f'{path} holds objects beyond weights, numbers and the allow-list:\n'
                          f'{error}\nRe-run with --trust-pickle only if you trust this file.')
@@ -99,7 +116,7 @@ def check_segmentor(state: Dict[str, Tensor]) -> Tuple[str, int]:
                       num_classes=num_classes)
     try:
         head.load_state_dict(head_state, strict=True)
-    except RuntimeError as error:
+    except (WeightsMismatchError, RuntimeError) as error:
         raise SystemExit(f'decode_head weights do not fit a SegMAN-{arch.upper()} head: {error}')
     return arch, num_classes
 
@@ -126,23 +143,29 @@ def convert(src: Path, dst: Path, kind: str = 'auto', dataset: Optional[str] = N
     state = ckpt.get('state_dict_ema') or ckpt.get('state_dict') or ckpt
     state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()
              if isinstance(v, Tensor)}
+    non_finite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if non_finite:
+        raise SystemExit(f'{src} has NaN or Inf in {len(non_finite)} tensors: {non_finite[:5]}')
     if kind == 'auto':
         kind = 'segmentor' if any(k.startswith('backbone.') for k in state) else 'encoder'
     meta = {'converted_from': src.name}
-    if kind == 'segmentor':
-        arch, num_classes = check_segmentor(state)
-        found = dataset_meta(ckpt.get('meta') or {}, dataset, num_classes)
-        if found is not None:
-            meta['dataset_meta'] = found
-        classes = f'{len(found["classes"])} class names' if found else 'no class names (pass --dataset)'
-        summary = f'SegMAN-{arch.upper()} segmentor, {num_classes} classes, {classes}'
-    else:
-        encoder_state = {k: v for k, v in state.items() if not k.startswith('classifier.')}
-        arch = infer_arch(encoder_state)
-        SegMANEncoder(arch=arch).load_encoder_state(encoder_state, 'encoder weights')
-        source = 'state_dict_ema' if 'state_dict_ema' in ckpt else 'state_dict'
-        summary = f'SegMAN-{arch.upper()} encoder from {source}, ' \
-                  f'{len(state) - len(encoder_state)} classifier tensors kept'
+    try:
+        if kind == 'segmentor':
+            arch, num_classes = check_segmentor(state)
+            found = dataset_meta(ckpt.get('meta') or {}, dataset, num_classes)
+            if found is not None:
+                meta['dataset_meta'] = found
+            classes = f'{len(found["classes"])} class names' if found else 'no class names (pass --dataset)'
+            summary = f'SegMAN-{arch.upper()} segmentor, {num_classes} classes, {classes}'
+        else:
+            encoder_state = {k: v for k, v in state.items() if not k.startswith('classifier.')}
+            arch = infer_arch(encoder_state)
+            SegMANEncoder(arch=arch).load_encoder_state(encoder_state, 'encoder weights')
+            source = 'state_dict_ema' if 'state_dict_ema' in ckpt else 'state_dict'
+            summary = f'SegMAN-{arch.upper()} encoder from {source}, ' \
+                      f'{len(state) - len(encoder_state)} classifier tensors kept'
+    except WeightsMismatchError as error:
+        raise SystemExit(f'{src}: {error}')
     meta['segman_arch'] = arch
     dst.parent.mkdir(parents=True, exist_ok=True)
     torch.save({'meta': meta, 'state_dict': state}, dst)

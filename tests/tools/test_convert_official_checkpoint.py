@@ -1,6 +1,7 @@
 """Released checkpoint layouts (written here) convert into files mmseg 1.x loads."""
 import argparse
 import importlib.util
+import pickle
 import subprocess
 import sys
 import types
@@ -147,3 +148,33 @@ class Payload:
 def test_pickled_objects_need_explicit_trust(tmp_path):
     torch.save({'state_dict': {}, 'meta': Payload()}, tmp_path / 'odd.pth')
     assert '--trust-pickle' in refused(tmp_path / 'odd.pth', tmp_path / 'out.pth')
+
+
+def test_legacy_format_converts_like_zip(tmp_path, segmentor_state):
+    """torch < 1.6 wrote checkpoints as a pickle stream, not a zip."""
+    torch.save({'meta': {'CLASSES': ('a', 'b')}, 'state_dict': segmentor_state}, tmp_path / 'legacy.pth',
+               _use_new_zipfile_serialization=False)
+    meta = tool.convert(tmp_path / 'legacy.pth', tmp_path / 'out.pth')
+    assert meta['segman_arch'] == 't' and meta['dataset_meta']['classes'] == ('a', 'b')
+
+
+def test_lists_and_plain_pickles_are_named(tmp_path):
+    torch.save([torch.zeros(1)], tmp_path / 'list.pth')
+    assert 'not a checkpoint dict but a list' in refused(tmp_path / 'list.pth', tmp_path / 'out.pth')
+    torch.save([torch.zeros(1)], tmp_path / 'legacy_list.pth', _use_new_zipfile_serialization=False)
+    assert 'not a checkpoint dict but a list' in refused(tmp_path / 'legacy_list.pth', tmp_path / 'out.pth')
+    (tmp_path / 'plain.pkl').write_bytes(pickle.dumps([1, 2]))
+    assert 'is not a PyTorch checkpoint' in refused(tmp_path / 'plain.pkl', tmp_path / 'out.pth')
+
+
+def test_non_finite_and_damaged_weights_are_refused(tmp_path, segmentor_state):
+    from ..test_checkpoint_safety import flip_tensor_bytes
+    state = dict(segmentor_state)
+    state['backbone.patch_embed.0.weight'] = state['backbone.patch_embed.0.weight'].clone()
+    state['backbone.patch_embed.0.weight'][0, 0, 0, 0] = float('inf')
+    torch.save({'state_dict': state}, tmp_path / 'inf.pth')
+    assert "NaN or Inf in 1 tensors: ['backbone.patch_embed.0.weight']" in refused(
+        tmp_path / 'inf.pth', tmp_path / 'out.pth')
+    torch.save({'state_dict': segmentor_state}, tmp_path / 'damaged.pth')
+    flip_tensor_bytes(tmp_path / 'damaged.pth')
+    assert 'the CRC-32 checksum of' in refused(tmp_path / 'damaged.pth', tmp_path / 'out.pth')

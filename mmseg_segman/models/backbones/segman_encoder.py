@@ -14,6 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...ops import biased_attention, neighborhood_attention_2d, set_backends
 from ..layers import SS2D, LayerNorm2d, RoPE2d, SegMANBlock, apply_rope
+from ..strict_loading import WeightsMismatchError, refuse_mismatched_weights
 from ..variants import ENCODER_ARCHS
 
 NUM_STAGES = 4
@@ -232,6 +233,7 @@ class SegMANEncoder(BaseModule):
                     *conv_norm(dims[i], dims[i + 1], 2, norm_cfg))
         self.layers = nn.ModuleList([layers[j] for j in sorted(layers)])
         self.apply(self._init_module)
+        self.register_load_state_dict_pre_hook(refuse_mismatched_weights)
 
     @property
     def stages(self) -> List[SegMANStage]:
@@ -323,19 +325,10 @@ class SegMANEncoder(BaseModule):
 
     def load_encoder_state(self, state: Dict[str, Tensor], source: str = 'state dict') -> None:
         """``load_state_dict(strict=True)`` with an error that names what does not fit."""
-        own = self.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        mismatched = [f'{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
-                      for k in own if k in state and state[k].shape != own[k].shape]
-        if missing or unexpected or mismatched:
-            raise ValueError(
-                f'{source} does not fit SegMANEncoder(embed_dims={self.embed_dims}, '
-                f'depths={self.arch["depths"]}): {len(mismatched)} shape mismatches '
-                f'{mismatched[:3]}, {len(missing)} missing keys {missing[:3]}, '
-                f'{len(unexpected)} unexpected keys {unexpected[:3]}. Is it a checkpoint of '
-                'another SegMAN size?')
-        self.load_state_dict(state, strict=True)
+        try:
+            self.load_state_dict(state, strict=True)
+        except WeightsMismatchError as error:
+            raise WeightsMismatchError(f'{source}: {error}') from None
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """``(B, in_channels, H, W)`` -> stage outputs ``(B, C_i, H/2^(i+2), W/2^(i+2))``.

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ...ops import set_backends
 from ..layers import SS2D, SegMANBlock
 from ..variants import arch_of, describe_widths, head_widths
+from ..strict_loading import refuse_mismatched_weights
 
 
 class LinearProjection(nn.Module):
@@ -80,6 +81,7 @@ class SegMANHead(BaseDecodeHead):
         self.vssm = SegMANBlock(3 * c, SS2D(3 * c), ffn_dim=12 * c)
         self.proj_out = conv(3 * c, p)
         self.cat = conv(5 * c + 3 * p, c)
+        self.register_load_state_dict_pre_hook(refuse_mismatched_weights)
 
     def _image_pool(self, x: Tensor) -> Tensor:
         """Global context; with batch 1 in training, BN uses its running statistics

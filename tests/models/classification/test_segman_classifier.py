@@ -17,6 +17,7 @@ from mmpretrain.registry import MODELS as PRETRAIN_MODELS  # noqa: E402
 from mmpretrain.structures import DataSample  # noqa: E402
 from mmseg.registry import MODELS as SEG_MODELS  # noqa: E402
 
+from mmseg_segman.checkpoint_safety import load_checkpoint_file  # noqa: E402
 from mmseg_segman.models import SegMANEncoder  # noqa: E402
 from mmseg_segman.models.variants import ENCODER_ARCHS  # noqa: E402
 from mmseg_segman.models.classification import SegMANClsHead  # noqa: E402
@@ -188,7 +189,7 @@ def test_toy_training_checkpoint_loads_into_segmentation_encoder(toy_data, tmp_p
     assert re.search(r'Epoch\(val\) \[2\]\[\d+/\d+\]\s+accuracy/top1: [\d.]+', out), out[-3000:]
 
     checkpoint = work_dir / 'epoch_2.pth'
-    saved = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    saved = load_checkpoint_file(checkpoint)  # weights-only, with mmengine's types admitted
     assert {k.split('.')[0] for k in saved['state_dict']} == {'backbone', 'head'}
     assert 'ema_state_dict' in saved  # `state_dict` holds the EMA weights, which we want
     encoder = SEG_MODELS.build(dict(type='SegMANEncoder', arch='t',
