@@ -10,7 +10,8 @@ from mmengine.runner.checkpoint import CheckpointLoader
 from mmseg.registry import MODELS
 from torch import Tensor, nn
 
-from ...ops import biased_attention, neighborhood_attention_2d, set_backends
+from ...ops import biased_attention, neighborhood_attention_2d
+from ...ops.dispatch import check_op_backends, recompute_in_current_scope, with_op_backends
 from ..layers import SS2D, LayerNorm2d, RoPE2d, SegMANBlock, apply_rope
 
 
@@ -114,7 +115,8 @@ class SegMANStage(nn.Module):
         sin, cos = self.rope(x.shape[-2:])
         for block in self.blocks:
             if self.with_cp and x.requires_grad:
-                x = cp.checkpoint(block, x, sin, cos, use_reentrant=False)
+                x = cp.checkpoint(block, x, sin, cos, use_reentrant=False,
+                                  context_fn=recompute_in_current_scope)
             else:
                 x = block(x, sin, cos)
         return x
@@ -145,7 +147,7 @@ class SegMANEncoder(BaseModule):
         out_indices: stages whose outputs are returned.
         drop_path_rate: stochastic depth, linear over all blocks up to this rate.
         with_cp: gradient checkpointing of every block (saves memory, costs a recompute).
-        op_backends: ``{op: backend}`` to force backends (see ``mmseg_segman.ops.dispatch``).
+        op_backends: ``{op: backend}`` for this encoder's forward (see ``mmseg_segman.ops.dispatch``).
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads ImageNet encoder
             weights (``state_dict_ema``, else ``state_dict``; classifier keys are ignored).
     """
@@ -174,7 +176,7 @@ class SegMANEncoder(BaseModule):
         self.out_indices = tuple(out_indices)
         if not self.out_indices or any(i not in range(4) for i in self.out_indices):
             raise ValueError(f'out_indices must be stage indices in 0..3, got {out_indices}')
-        set_backends(op_backends)
+        self.op_backends = check_op_backends(op_backends, 'SegMANEncoder')
 
         a = self.arch
         dims = a['embed_dims']
@@ -275,6 +277,7 @@ class SegMANEncoder(BaseModule):
                 'another SegMAN size?')
         self.load_state_dict(state, strict=True)
 
+    @with_op_backends
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """``(B, in_channels, H, W)`` -> stage outputs ``(B, C_i, H/2^(i+2), W/2^(i+2))``."""
         if not isinstance(x, Tensor) or x.dim() != 4:

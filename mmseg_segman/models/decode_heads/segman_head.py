@@ -10,7 +10,7 @@ from mmseg.models.utils import resize
 from mmseg.registry import MODELS
 from torch import Tensor, nn
 
-from ...ops import set_backends
+from ...ops.dispatch import check_op_backends, with_op_backends
 from ..layers import SS2D, SegMANBlock
 
 
@@ -38,7 +38,7 @@ class SegMANHead(BaseDecodeHead):
 
     Args:
         feat_proj_dim: channels ``P`` of the projected encoder maps.
-        op_backends: ``{op: backend}`` to force backends (see ``mmseg_segman.ops.dispatch``).
+        op_backends: ``{op: backend}`` for this head's forward (see ``mmseg_segman.ops.dispatch``).
         **kwargs: :class:`BaseDecodeHead` arguments (``in_channels`` 4 values,
             ``in_index`` 4 values, ``channels``, ``num_classes``, ``norm_cfg``, ...).
     """
@@ -49,7 +49,7 @@ class SegMANHead(BaseDecodeHead):
         super().__init__(input_transform='multiple_select', norm_cfg=norm_cfg, **kwargs)
         if len(self.in_channels) != 4:
             raise ValueError(f'SegMANHead takes the four encoder maps, got in_channels={self.in_channels}')
-        set_backends(op_backends)
+        self.op_backends = check_op_backends(op_backends, 'SegMANHead')
         c, p = self.channels, feat_proj_dim
         self.feat_proj_dim = p
 
@@ -101,6 +101,7 @@ class SegMANHead(BaseDecodeHead):
                      align_corners=self.align_corners)
         return out[..., :height, :width]
 
+    @with_op_backends
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         """Four encoder maps -> logits ``(B, num_classes, H/8, W/8)``."""
         _, c2, c3, c4 = self._transform_inputs(inputs)
