@@ -12,6 +12,9 @@ imports, the model, its optimizer state and the peak of the step(s).
     # whole-image inference (encoder, head, logits resized to the image), 1024x2048
     python tools/analysis_tools/measure_cpu_memory.py infer \\
         configs/segman/segman-t_4xb2-160k_cityscapes-1024x1024.py --size 1024 2048
+    # a peer with as many classes (19, Cityscapes) as the model it is compared with
+    python tools/analysis_tools/measure_cpu_memory.py infer \\
+        mmseg::segnext/segnext_mscan-t_1xb16-adamw-160k_ade20k-512x512.py --size 1024 2048 --classes 19
 
 Random images and labels; models built from ``cfg.model`` without pretrained weights and
 without the data preprocessor (images are fed normalised), SyncBN reverted to BN; training
@@ -38,7 +41,7 @@ def resolve_config(config: str) -> str:
     return config
 
 
-def build(config: str):
+def build(config: str, classes=None):
     from mmengine.config import Config
     from mmengine.model import revert_sync_batchnorm
     from mmseg.registry import MODELS
@@ -52,6 +55,8 @@ def build(config: str):
     model_cfg.pop('data_preprocessor', None)
     model_cfg.pop('pretrained', None)
     model_cfg['backbone'].pop('init_cfg', None)
+    if classes is not None:
+        model_cfg['decode_head']['num_classes'] = classes
     return cfg, revert_sync_batchnorm(MODELS.build(model_cfg))
 
 
@@ -73,7 +78,7 @@ def child(args) -> None:
     """Run the measurement in this process and print the seconds of its last step."""
     import torch
 
-    cfg, model = build(args.config)
+    cfg, model = build(args.config, args.classes)
     torch.manual_seed(0)
     if args.mode == 'train':
         height, width = args.size or cfg.get('crop_size', (512, 512))
@@ -111,6 +116,7 @@ def main() -> None:
     parser.add_argument('--batch', type=int, help='default: the config\'s train batch size / 1')
     parser.add_argument('--size', type=int, nargs=2, metavar=('H', 'W'),
                         help='default: the config\'s crop_size / 1024 2048')
+    parser.add_argument('--classes', type=int, help='default: the config\'s decode_head.num_classes')
     parser.add_argument('--iters', type=int, default=2, help='steps (the last one is timed)')
     parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()

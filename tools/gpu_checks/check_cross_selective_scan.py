@@ -27,7 +27,7 @@ import statistics
 import sys
 import types
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 from torch import Tensor
