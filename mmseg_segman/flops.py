@@ -2,7 +2,9 @@
 
 The jit trace sees the SegMAN ops only through their implementation (gathers, masked
 cumulative sums, compiled kernels), which it miscounts or skips. Inside :func:`segman_ops_as_nodes`
-every call of a dispatched SegMAN op becomes one ``prim::PythonOp.SegMAN<Op>`` node of the
+(a :func:`~mmseg_segman.ops.use_backends` scope, the strongest backend choice, so whatever a
+model's ``op_backends`` say) every call of a dispatched SegMAN op becomes one
+``prim::PythonOp.SegMAN<Op>`` node of the
 trace, and :func:`segman_flop_analyzer` counts those nodes with the rules of the authors'
 release (fvcore with natten's handles and VMamba's selective-scan formula):
 
@@ -32,7 +34,7 @@ from mmengine.analysis.jit_handles import get_shape
 from mmengine.analysis.print_helper import complexity_stats_table
 from torch import Tensor, nn
 
-from .ops.dispatch import Backend, registered_ops
+from .ops.dispatch import registered_ops, use_backends
 
 
 def _node_args(inputs: List[Any], outputs: List[Any]) -> List[Any]:
@@ -61,13 +63,6 @@ def _scan_flops(batch: int, channels: int, length: int, state: int, with_d: bool
     return 9 * batch * length * channels * state + (batch * channels * length if with_d else 0)
 
 
-def selective_scan_flops(inputs: List[Any], outputs: List[Any]) -> int:
-    """``selective_scan(u, delta, A, B, C, D, ...)``, u ``(B, G*D, L)``, B ``(B, G, N, L)``."""
-    u, _, _, b, _, d = _node_args(inputs, outputs)[:6]
-    batch, channels, length = u
-    return _scan_flops(batch, channels, length, b[2], d is not None)
-
-
 def cross_selective_scan_flops(inputs: List[Any], outputs: List[Any]) -> int:
     """``cross_selective_scan(x, delta, A, B, C, D, delta_bias)``: four directions over
     x ``(B, D, H, W)``, B ``(B, 4, N, H, W)``."""
@@ -79,7 +74,6 @@ def cross_selective_scan_flops(inputs: List[Any], outputs: List[Any]) -> int:
 OP_FLOPS: Dict[str, Callable] = {
     'neighborhood_attention': neighborhood_attention_flops,
     'biased_attention': biased_attention_flops,
-    'selective_scan': selective_scan_flops,
     'cross_selective_scan': cross_selective_scan_flops,
 }
 
@@ -114,22 +108,11 @@ def _as_node(op: str, signature: inspect.Signature) -> Callable:
     return call
 
 
-@contextmanager
-def segman_ops_as_nodes() -> Iterator[None]:
-    """Within the context, each dispatched SegMAN op is a single ``SegMAN<Op>`` trace node,
-    whichever backend the dispatcher picks."""
-    dispatchers = {op: d for op, d in registered_ops().items() if op in OP_FLOPS}
-    saved = {op: d.backends for op, d in dispatchers.items()}
-    try:
-        for op, dispatcher in dispatchers.items():
-            # every backend takes the arguments of the reference backend, listed last
-            reference = list(saved[op].values())[-1].fn
-            node = _as_node(op, inspect.signature(reference))
-            dispatcher.backends = {name: Backend(node, b.available) for name, b in saved[op].items()}
-        yield
-    finally:
-        for op, dispatcher in dispatchers.items():
-            dispatcher.backends = saved[op]
+def segman_ops_as_nodes():
+    """A scope in which each dispatched SegMAN op is a single ``SegMAN<Op>`` trace node,
+    whichever backend would run it otherwise."""
+    return use_backends({op: _as_node(op, inspect.signature(registered_ops()[op].backends['torch'].fn))
+                         for op in OP_FLOPS})
 
 
 class SegMANFlopAnalyzer(FlopAnalyzer):

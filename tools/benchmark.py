@@ -7,7 +7,7 @@ labels (150 classes), backward, AdamW step. Both on random images; float32 or bf
 then timed steps (CUDA events, ``--iters`` at most, stopping after ``--cell-seconds``); the
 median step gives images/s, ``torch.cuda.max_memory_allocated`` over the timed steps the
 peak memory. SegMAN runs on its ``fast`` path (every op's fastest backend) and its ``ref``
-path (every op on its ``torch`` backend, as ``SEGMAN_BACKEND=torch`` does). All models use
+path (every op on its ``torch`` backend: ``use_backends('torch')`` around each cell). All models use
 their ADE20K heads (150 classes) at every size. Out-of-memory is reported as ``OOM``.
 
     python tools/benchmark.py --mode infer --models segman-t segnext-t --sizes 512 \\
@@ -24,7 +24,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List
 
 import torch
 from torch import nn
@@ -67,12 +67,11 @@ def build_model(name: str, with_cp: bool = False) -> nn.Module:
     return revert_sync_batchnorm(REGISTRY.build(cfg)).cuda()
 
 
-def set_path(path: str) -> None:
+def path_backends(path: str):
     """``fast``: automatic backend choice; ``ref``: every SegMAN op on its torch backend."""
-    from mmseg_segman.ops import dispatch
+    from mmseg_segman.ops import use_backends
 
-    for op in dispatch.registered_ops():
-        dispatch.set_backend(op, 'torch' if path == 'ref' else None)
+    return use_backends('torch' if path == 'ref' else None)
 
 
 def data_samples(batch: int, height: int, width: int) -> List:
@@ -182,10 +181,9 @@ def run(args) -> None:
                     torch.cuda.empty_cache()
                     torch.manual_seed(0)
                     model, built = build_model(cell['model'], args.with_cp), cell['model']
-                if cell['path'] != '-':
-                    set_path(cell['path'])
-                cell.update(measure(model, args.mode, cell['batch'], *parse_size(cell['size']),
-                                    DTYPES[cell['dtype']], args))
+                with path_backends(cell['path']):
+                    cell.update(measure(model, args.mode, cell['batch'], *parse_size(cell['size']),
+                                        DTYPES[cell['dtype']], args))
                 cell['status'] = 'ok'
             except torch.OutOfMemoryError:
                 cell['status'] = 'OOM'

@@ -1,11 +1,12 @@
-"""SegMAN ops: a pure-PyTorch reference and faster backends behind one dispatch point each."""
+"""SegMAN ops: a pure-PyTorch reference and faster backends behind one dispatch point each
+(see :mod:`.dispatch` for how backends are chosen)."""
 from .attention import biased_attention
 from .cross_scan import cross_merge, cross_scan
-from .dispatch import set_backend, set_backends
+from .dispatch import use_backends
 from .neighborhood_attention import neighborhood_attention_2d
 from .selective_scan import cross_selective_scan, selective_scan
 
 __all__ = [
     'biased_attention', 'cross_merge', 'cross_scan', 'cross_selective_scan',
-    'neighborhood_attention_2d', 'selective_scan', 'set_backend', 'set_backends'
+    'neighborhood_attention_2d', 'selective_scan', 'use_backends'
 ]

@@ -1,9 +1,11 @@
 """Global multi-head attention with an additive bias (stage 4 of the SegMAN encoder)."""
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import Backend, OpDispatcher, always
+from .dispatch import Backend, OpDispatcher, runs_anywhere
 
 
 def _biased_attention_torch(q: Tensor, k: Tensor, v: Tensor, bias) -> Tensor:
@@ -18,13 +20,13 @@ def _biased_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, bias) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
 
 
-def _sdpa_available(q, *args) -> bool:
-    return q.is_cuda
+def _sdpa_unavailable(q, *args) -> Optional[str]:
+    return None if q.is_cuda else 'needs CUDA tensors'
 
 
 _biased_attention = OpDispatcher('biased_attention', {
-    'sdpa': Backend(_biased_attention_sdpa, _sdpa_available),
-    'torch': Backend(_biased_attention_torch, always),
+    'sdpa': Backend(_biased_attention_sdpa, _sdpa_unavailable),
+    'torch': Backend(_biased_attention_torch, runs_anywhere),
 })
 
 

@@ -37,3 +37,14 @@ def cross_merge(ys: Tensor, height: int, width: int) -> Tensor:
     rows = y[:, 0].unflatten(-1, (height, width))
     cols = y[:, 1].unflatten(-1, (width, height)).transpose(-1, -2)
     return rows + cols
+
+
+def uncross(ys: Tensor, height: int, width: int) -> Tensor:
+    """Each direction's sequence back in its map: ``(B, 4, C, L) -> (B, 4, C, H, W)``
+    (the inverse of :func:`cross_scan` of one map per direction)."""
+    if ys.dim() != 4 or ys.size(1) != 4 or ys.size(-1) != height * width:
+        raise ValueError(f'uncross expects (B, 4, C, {height * width}), got {tuple(ys.shape)}')
+    ys = torch.cat([ys[:, :2], ys[:, 2:].flip(-1)], dim=1)
+    rows = ys[:, 0::2].unflatten(-1, (height, width))
+    cols = ys[:, 1::2].unflatten(-1, (width, height)).transpose(-1, -2)
+    return torch.stack([rows[:, 0], cols[:, 0], rows[:, 1], cols[:, 1]], dim=1)

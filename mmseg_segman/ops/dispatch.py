@@ -1,58 +1,175 @@
 """The one place that decides which backend runs each SegMAN op.
 
-Every op under :mod:`mmseg_segman.ops` owns an :class:`OpDispatcher` that lists its
-backends from fastest to slowest; the first one that is available for the given inputs
-runs, unless an override names another. Overrides, strongest first:
+Every op under :mod:`mmseg_segman.ops` owns an :class:`OpDispatcher` that lists its backends
+from fastest to slowest; the last one, ``torch``, is the pure-PyTorch reference and runs
+anywhere. A backend is ``Backend(fn, unavailable)``: ``fn(*args)`` runs the op,
+``unavailable(*args)`` returns ``None`` when the backend can run these inputs here and
+otherwise a short reason (``'needs CUDA tensors'``, ``'natten has no libnatten'``).
 
-1. :func:`set_backend` (what the ``op_backends`` key of ``SegMANEncoder`` / ``SegMANHead``
-   configs calls), e.g. ``set_backend('selective_scan', 'torch')``;
-2. the environment variable ``SEGMAN_BACKEND_<OP>`` (e.g. ``SEGMAN_BACKEND_SELECTIVE_SCAN``);
-3. the environment variable ``SEGMAN_BACKEND`` for every op (``torch`` forces the reference
-   paths everywhere).
+Choosing backends. A choice names a backend of an op, or is ``None`` (automatic: the first
+backend that can run the inputs). Choices come from three places; for each op the strongest
+place that names it decides:
 
+1. code: ``with use_backends(...)`` around the call (of nested scopes the innermost wins),
+   e.g. ``with use_backends('torch'):`` (every op on its reference) or
+   ``with use_backends(neighborhood_attention='flex'):``; a choice may also be a function
+   with the op's arguments (the FLOP counter makes each op one trace node this way);
+2. config: the ``op_backends`` of a model (``SegMANEncoder`` / ``SegMANHead``), active while
+   that model's forward runs (and while activation checkpointing recomputes a block of it),
+   never for another model;
+3. environment: ``SEGMAN_BACKEND_<OP>`` (e.g. ``SEGMAN_BACKEND_NEIGHBORHOOD_ATTENTION``), then
+   ``SEGMAN_BACKEND`` for every op that has a backend of that name (``torch``: the reference
+   path everywhere).
+
+Unknown op or backend names are refused with an error that names them: in code when the
+scope is entered, in a config when the model is built, in the environment at the next op
+call. A chosen backend that cannot run the inputs raises a ``RuntimeError`` saying who chose
+it and why it cannot run them; automatic choice never fails (the reference runs anywhere).
 The first time a backend runs for an op, one line says so in mmengine's log.
+
+Scopes live in :mod:`contextvars`: they follow the code that entered them (threads started
+inside a scope do not see it). For non-reentrant ``torch.utils.checkpoint`` pass
+``context_fn=recompute_in_current_scope`` so that the recompute runs on the same backends.
 """
 import os
-from typing import Callable, Dict, NamedTuple, Optional
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
+from functools import wraps
+from typing import (Callable, ContextManager, Dict, Iterator, Mapping, NamedTuple, Optional,
+                    Tuple, Union)
 
 from mmengine.logging import print_log
 
-_overrides: Dict[str, str] = {}
+Choice = Union[str, Callable, None]
+# op -> (choice, who made it), one mapping per place that can choose
+_Layer = Dict[str, Tuple[Choice, str]]
+_code: ContextVar[_Layer] = ContextVar('segman_code_backends', default={})
+_config: ContextVar[_Layer] = ContextVar('segman_config_backends', default={})
 _registry: Dict[str, 'OpDispatcher'] = {}
+_ENV = 'SEGMAN_BACKEND'
 
 
 class Backend(NamedTuple):
-    """A way to run an op: ``fn`` runs it, ``available(*args)`` says whether it can."""
+    """A way to run an op: ``fn`` runs it; ``unavailable(*args)`` is ``None`` when it can run
+    these inputs here, else the reason why not."""
     fn: Callable
-    available: Callable[..., bool]
+    unavailable: Callable[..., Optional[str]]
 
 
-def set_backend(op: str, backend: Optional[str]) -> None:
-    """Force ``op`` onto ``backend`` (``None`` restores automatic choice)."""
-    if op not in _registry:
-        raise KeyError(f'unknown SegMAN op {op!r}; known ops: {sorted(_registry)}')
-    if backend is not None:
-        _registry[op].check_name(backend)
-        _overrides[op] = backend
-    else:
-        _overrides.pop(op, None)
-
-
-def set_backends(op_backends: Optional[Dict[str, Optional[str]]]) -> None:
-    """Apply a ``{op: backend}`` mapping, as given by a config's ``op_backends`` key."""
-    for op, backend in (op_backends or {}).items():
-        set_backend(op, backend)
+def runs_anywhere(*args, **kwargs) -> None:
+    """``unavailable`` of the pure-PyTorch reference backends: never."""
+    return None
 
 
 def registered_ops() -> Dict[str, 'OpDispatcher']:
     return dict(_registry)
 
 
+def _dispatcher(op: str) -> 'OpDispatcher':
+    if op not in _registry:
+        raise ValueError(f'unknown SegMAN op {op!r}; known ops: {sorted(_registry)}')
+    return _registry[op]
+
+
+def _every_op(backend: str, source: str) -> Dict[str, str]:
+    """``backend`` for every op that has it; refused if none has."""
+    ops = {op: backend for op, d in _registry.items() if backend in d.backends}
+    if not ops:
+        names = sorted({name for d in _registry.values() for name in d.backends})
+        raise ValueError(f'{source}: no SegMAN op has a backend {backend!r}; backends: {names}')
+    return ops
+
+
+def _layer(choices: Mapping[str, Choice], source: str, callables: bool) -> _Layer:
+    """Checked ``{op: (choice, source)}``."""
+    layer = {}
+    for op, choice in choices.items():
+        dispatcher = _dispatcher(op)
+        if isinstance(choice, str):
+            dispatcher.check_name(choice, source)
+        elif choice is not None and not (callables and callable(choice)):
+            raise TypeError(f'{source}: the backend of {op!r} must be a backend name or None, '
+                            f'got {choice!r}')
+        layer[op] = (choice, source)
+    return layer
+
+
+@contextmanager
+def _entered(var: ContextVar, layer: _Layer) -> Iterator[None]:
+    token = var.set({**var.get(), **layer})
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+def use_backends(choices: Union[str, Mapping[str, Choice], None] = None,
+                 **by_op: Choice) -> ContextManager[None]:
+    """A scope in which the SegMAN ops run on the given backends (strongest of all choices).
+
+    ``choices`` is a backend name for every op that has it (``'torch'``: the reference path)
+    or ``{op: backend}``; keywords add ``op=backend``. ``None`` is automatic choice.
+    """
+    if isinstance(choices, str):
+        choices = _every_op(choices, f'use_backends({choices!r})')
+    merged = {**(choices or {}), **by_op}
+    return _entered(_code, _layer(merged, f'use_backends({merged})', callables=True))
+
+
+def check_op_backends(op_backends: Optional[Mapping[str, Optional[str]]],
+                      owner: str) -> Dict[str, Optional[str]]:
+    """A model's ``op_backends`` config, checked (unknown names refused) and copied."""
+    _layer(op_backends or {}, f'{owner}(op_backends={op_backends})', callables=False)
+    return dict(op_backends or {})
+
+
+def with_op_backends(forward: Callable) -> Callable:
+    """Decorates a model's ``forward``: its ``self.op_backends`` choose while it runs."""
+
+    @wraps(forward)
+    def scoped(self, *args, **kwargs):
+        layer = {op: (choice, f'{type(self).__name__}(op_backends)')
+                 for op, choice in self.op_backends.items()}
+        with _entered(_config, layer):
+            return forward(self, *args, **kwargs)
+
+    return scoped
+
+
+def recompute_in_current_scope() -> Tuple[ContextManager, ContextManager]:
+    """``context_fn`` for non-reentrant ``torch.utils.checkpoint``: the recompute in the
+    backward pass runs under the backend choices active during the forward."""
+    code, config = _code.get(), _config.get()
+
+    @contextmanager
+    def restored() -> Iterator[None]:
+        with _entered(_code, code), _entered(_config, config):
+            yield
+
+    return nullcontext(), restored()
+
+
+def _environment_choice(op: str) -> Optional[Tuple[Choice, str]]:
+    """``SEGMAN_BACKEND_<OP>``, else ``SEGMAN_BACKEND``; unknown names refused."""
+    for key, value in os.environ.items():
+        if key.startswith(_ENV + '_') and key[len(_ENV) + 1:].lower() not in _registry:
+            raise ValueError(f'environment variable {key} names no SegMAN op; known ops: '
+                             f'{sorted(_registry)}')
+    specific = f'{_ENV}_{op.upper()}'
+    if os.environ.get(specific):
+        _registry[op].check_name(os.environ[specific], f'{specific}={os.environ[specific]}')
+        return os.environ[specific], specific
+    general = os.environ.get(_ENV)
+    if general and op in _every_op(general, f'{_ENV}={general}'):
+        return general, _ENV
+    return None
+
+
 class OpDispatcher:
     """Picks and runs one backend of the op ``name``.
 
     Args:
-        name: the op's name, as used by overrides and logs.
+        name: the op's name, as used by choices and logs.
         backends: ``{backend name: Backend}``, fastest first; the last one must be the
             pure-PyTorch reference, available everywhere.
     """
@@ -63,44 +180,49 @@ class OpDispatcher:
         self._logged = set()
         _registry[name] = self
 
-    def check_name(self, backend: str) -> None:
+    def check_name(self, backend: str, source: str = 'backend choice') -> None:
         if backend not in self.backends:
-            raise ValueError(f'op {self.name!r} has no backend {backend!r}; '
+            raise ValueError(f'{source}: op {self.name!r} has no backend {backend!r}; '
                              f'choose one of {list(self.backends)}')
 
-    def requested(self) -> Optional[str]:
-        """The backend an override asks for, or ``None`` for automatic choice."""
-        if self.name in _overrides:
-            return _overrides[self.name]
-        specific = os.environ.get(f'SEGMAN_BACKEND_{self.name.upper()}')
-        if specific:
-            self.check_name(specific)
-            return specific
-        general = os.environ.get('SEGMAN_BACKEND')
-        return general if general in self.backends else None
+    def requested(self) -> Optional[Tuple[Choice, str]]:
+        """The strongest choice for this op and who made it, or ``None`` (automatic)."""
+        for layer in (_code.get(), _config.get()):
+            if self.name in layer:
+                return layer[self.name]
+        return _environment_choice(self.name)
 
-    def select(self, *args, **kwargs) -> str:
-        """The backend that would run for these inputs."""
-        choice = self.requested()
+    def why_not(self, backend: str, *args, **kwargs) -> Optional[str]:
+        """Why ``backend`` cannot run these inputs here, or ``None`` if it can."""
+        reason = self.backends[backend].unavailable(*args, **kwargs)
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError(f'unavailable() of backend {backend!r} of op {self.name!r} must '
+                            f'return None or a reason string, got {reason!r}')
+        return reason
+
+    def resolve(self, *args, **kwargs) -> Tuple[str, Callable]:
+        """The name and function of the backend that runs these inputs."""
+        choice, source = self.requested() or (None, None)
+        if callable(choice):
+            return getattr(choice, '__name__', repr(choice)), choice
         if choice is not None:
-            if not self.backends[choice].available(*args, **kwargs):
-                raise RuntimeError(f'backend {choice!r} of op {self.name!r} was requested but '
-                                   'cannot run these inputs here (missing package, device or '
-                                   'unsupported setting)')
-            return choice
+            reason = self.why_not(choice, *args, **kwargs)
+            if reason is not None:
+                raise RuntimeError(f'backend {choice!r} of op {self.name!r} (chosen by {source}) '
+                                   f'cannot run these inputs: {reason}')
+            return choice, self.backends[choice].fn
         for name, backend in self.backends.items():
-            if backend.available(*args, **kwargs):
-                return name
+            if self.why_not(name, *args, **kwargs) is None:
+                return name, backend.fn
         raise RuntimeError(f'no backend of op {self.name!r} can run these inputs')
 
+    def select(self, *args, **kwargs) -> str:
+        """The name of the backend that would run these inputs."""
+        return self.resolve(*args, **kwargs)[0]
+
     def __call__(self, *args, **kwargs):
-        name = self.select(*args, **kwargs)
+        name, fn = self.resolve(*args, **kwargs)
         if name not in self._logged:
             self._logged.add(name)
             print_log(f'SegMAN op {self.name}: running backend {name!r}', logger='current')
-        return self.backends[name].fn(*args, **kwargs)
-
-
-def always(*args, **kwargs) -> bool:
-    """Availability of the pure-PyTorch reference backends."""
-    return True
+        return fn(*args, **kwargs)

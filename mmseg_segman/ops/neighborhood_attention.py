@@ -15,19 +15,20 @@ rpb included: queries tiled in 2-D, each tile visiting only the keys of its wind
 :mod:`.triton_neighborhood_attention`), ``natten`` (natten's ``na2d`` on CUDA with its fused
 kernels, i.e. where natten was installed with libnatten; only without rpb, which natten
 0.20+ dropped), ``flex`` (PyTorch FlexAttention on CUDA: these rules as a block mask, the bias
-as a score modifier, one fused compiled kernel forward and backward) and ``torch`` (the gather
-reference). FlexAttention's block mask works on blocks of 128 row-major tokens and computes
-most scores only to mask them, and it compiles anew for every map size; the Triton kernels
-take sizes at run time.
+as a score modifier, one fused compiled kernel forward and backward) and ``torch`` (the
+pure-PyTorch reference, one window row offset at a time with its own backward, so that its
+memory stays a small multiple of the inputs'). FlexAttention's block mask works on blocks of
+128 row-major tokens and computes most scores only to mask them, and it compiles anew for
+every map size; the Triton kernels take sizes at run time.
 """
 import os
 from functools import lru_cache
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .dispatch import Backend, OpDispatcher, always
+from .dispatch import Backend, OpDispatcher, runs_anywhere
 
 
 def window_starts(length: int, kernel_size: int, device=None) -> Tensor:
@@ -47,23 +48,66 @@ def _axis_windows(length: int, kernel_size: int, device):
     return keys, bias
 
 
+TILE = 8  # queries per tile side in the reference
+
+
+def _axis_tiles(length: int, kernel_size: int, tile: int, device):
+    """One axis cut into tiles of ``tile`` queries, each with the run of keys its windows use.
+
+    Window starts never decrease and grow by at most one per query, so the windows of a tile
+    lie in ``region = min(tile + k - 1, length)`` keys from ``min(s(first query), length -
+    region)``. Returns, for tiles ``(t, tile)`` of queries (the last tile padded with the last
+    query) and keys ``(t, region)``: the query index ``(t, tile)``, the key index ``(t, region)``,
+    whether each key is in each query's window ``(t, tile, region)`` and its bias index
+    ``(t, tile, region)`` (clamped where it is not in the window).
+    """
+    span = min(kernel_size, length)
+    region = min(tile + span - 1, length)
+    tiles = -(-length // tile)
+    queries = (torch.arange(tiles * tile, device=device).clamp(max=length - 1)).view(tiles, tile)
+    starts = window_starts(length, kernel_size, device)[queries]  # (t, tile)
+    first = starts[:, 0].clamp(max=length - region)
+    keys = first[:, None] + torch.arange(region, device=device)  # (t, region)
+    offset = keys[:, None, :] - starts[:, :, None]  # key - window start
+    inside = (offset >= 0) & (offset < span)
+    bias = (keys[:, None, :] - queries[:, :, None] + kernel_size - 1).clamp(0, 2 * kernel_size - 2)
+    return queries, keys, inside, bias
+
+
+def _tiles(t: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``(B, heads, H, W, d)`` -> ``(B, heads, rt, ct, r * c, d)``: the entries at ``rows``
+    ``(rt, r)`` by ``cols`` ``(ct, c)``."""
+    batch, heads, _, _, dim = t.shape
+    picked = t.index_select(2, rows.reshape(-1)).index_select(3, cols.reshape(-1))
+    picked = picked.view(batch, heads, *rows.shape, *cols.shape, dim).transpose(3, 4)
+    return picked.reshape(batch, heads, rows.size(0), cols.size(0), -1, dim)
+
+
+def _grid(row_table: Tensor, col_table: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-axis tables ``(rt, r, rr)`` and ``(ct, c, cc)`` broadcast to ``(rt, ct, r, c, rr, cc)``."""
+    return row_table[:, None, :, None, :, None], col_table[None, :, None, :, None, :]
+
+
 def _neighborhood_attention_torch(q: Tensor, k: Tensor, v: Tensor, kernel_size: int,
                                   rpb: Optional[Tensor]) -> Tensor:
+    """Tiles of ``TILE x TILE`` queries attend to the keys their windows span (a region of at
+    most ``(TILE + k - 1)**2`` keys), keys outside each query's window masked out: dense
+    matrix products on copies of about ``((TILE + k - 1) / TILE)**2`` times k and v, instead of
+    gathering the ``k * k`` neighbours of every query."""
     batch, heads, height, width, dim = q.shape
-    rows, bias_rows = _axis_windows(height, kernel_size, q.device)
-    cols, bias_cols = _axis_windows(width, kernel_size, q.device)
-    # flat key index for (query row, query col, window row, window col)
-    index = (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(-1)
-    neighbours = height * width, rows.size(1) * cols.size(1)
-    k_nb = k.reshape(batch, heads, -1, dim)[:, :, index].view(batch, heads, *neighbours, dim)
-    v_nb = v.reshape(batch, heads, -1, dim)[:, :, index].view(batch, heads, *neighbours, dim)
-    logits = torch.einsum('bnpd,bnpjd->bnpj', q.reshape(batch, heads, -1, dim), k_nb)
+    q_rows, k_rows, in_rows, bias_rows = _axis_tiles(height, kernel_size, TILE, q.device)
+    q_cols, k_cols, in_cols, bias_cols = _axis_tiles(width, kernel_size, TILE, q.device)
+    logits = _tiles(q, q_rows, q_cols) @ _tiles(k, k_rows, k_cols).transpose(-1, -2)
+    shape = logits.shape[2:]  # (rt, ct, queries per tile, keys per region)
     if rpb is not None:
-        bias = rpb[:, bias_rows[:, None, :, None], bias_cols[None, :, None, :]]
-        logits = logits + bias.reshape(heads, *neighbours).to(logits.dtype)
+        rows, cols = _grid(bias_rows, bias_cols)
+        logits = logits + rpb[:, rows, cols].reshape(heads, *shape).to(logits.dtype)
+    rows, cols = _grid(in_rows, in_cols)
+    logits = logits.masked_fill(~(rows & cols).reshape(shape), float('-inf'))
     attn = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
-    out = torch.einsum('bnpj,bnpjd->bnpd', attn, v_nb)
-    return out.view(batch, heads, height, width, dim)
+    out = attn @ _tiles(v, k_rows, k_cols)  # (B, heads, rt, ct, TILE * TILE, d)
+    out = out.view(batch, heads, *shape[:2], TILE, TILE, dim).transpose(3, 4)
+    return out.reshape(batch, heads, shape[0] * TILE, shape[1] * TILE, dim)[:, :, :height, :width]
 
 
 def _flex_attention_available() -> bool:
@@ -192,18 +236,21 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TRITON_MAX_HEAD_DIM = 128
 
 
-def _triton_available(q, k, v, kernel_size, rpb) -> bool:
-    """CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``, for CI), float32/bfloat16/
-    float16, head dim at most 128, and triton importable."""
-    interpreted = os.environ.get('TRITON_INTERPRET') == '1' and not q.is_cuda
-    if not (q.is_cuda or interpreted) or q.shape[-1] > _TRITON_MAX_HEAD_DIM \
-            or _compute_dtype(q, k, v) not in _TRITON_DTYPES:
-        return False
+def _triton_unavailable(q, k, v, kernel_size, rpb) -> Optional[str]:
+    """Runs CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``, for CI) of float32,
+    bfloat16 or float16 with a head dim up to 128, where triton imports."""
+    if not q.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
+        return 'needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)'
+    if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
+        return f'head dim {q.shape[-1]} is over {_TRITON_MAX_HEAD_DIM}'
+    dtype = _compute_dtype(q, k, v)
+    if dtype not in _TRITON_DTYPES:
+        return f'computes in {dtype}, not float32, bfloat16 or float16'
     try:
         import triton  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return 'triton is not installed'
+    return None
 
 
 def _neighborhood_attention_triton(q, k, v, kernel_size, rpb):
@@ -213,21 +260,31 @@ def _neighborhood_attention_triton(q, k, v, kernel_size, rpb):
     return neighborhood_attention_triton(q.to(dtype), k.to(dtype), v.to(dtype), kernel_size, rpb)
 
 
-def _flex_available(q, k, v, kernel_size, rpb) -> bool:
-    return q.is_cuda and _flex_attention_available()
+def _flex_unavailable(q, k, v, kernel_size, rpb) -> Optional[str]:
+    if not q.is_cuda:
+        return 'needs CUDA tensors'
+    if not _flex_attention_available():
+        return f'torch {torch.__version__} has no torch.nn.attention.flex_attention'
+    return None
 
 
-def _natten_available(q, k, v, kernel_size, rpb) -> bool:
+def _natten_unavailable(q, k, v, kernel_size, rpb) -> Optional[str]:
     """natten runs maps without rpb, at least a window wide, on CUDA with its fused kernels
     (without libnatten its ``na2d`` falls back to uncompiled FlexAttention, which scores every
     pair of tokens)."""
-    if rpb is not None or q.shape[2] < kernel_size or q.shape[3] < kernel_size or not q.is_cuda:
-        return False
+    if rpb is not None:
+        return 'natten 0.20+ has no relative position bias (rpb)'
+    if q.shape[2] < kernel_size or q.shape[3] < kernel_size:
+        return f'the {q.shape[2]}x{q.shape[3]} map is smaller than the {kernel_size}x{kernel_size} window'
+    if not q.is_cuda:
+        return 'needs CUDA tensors'
     try:
         import natten
     except ImportError:
-        return False
-    return natten.HAS_LIBNATTEN
+        return 'natten is not installed'
+    if not natten.HAS_LIBNATTEN:
+        return 'natten has no libnatten (its fused CUDA kernels)'
+    return None
 
 
 def _neighborhood_attention_natten(q, k, v, kernel_size, rpb):
@@ -239,10 +296,10 @@ def _neighborhood_attention_natten(q, k, v, kernel_size, rpb):
 
 
 _neighborhood_attention = OpDispatcher('neighborhood_attention', {
-    'triton': Backend(_neighborhood_attention_triton, _triton_available),
-    'natten': Backend(_neighborhood_attention_natten, _natten_available),
-    'flex': Backend(_neighborhood_attention_flex, _flex_available),
-    'torch': Backend(_neighborhood_attention_torch, always),
+    'triton': Backend(_neighborhood_attention_triton, _triton_unavailable),
+    'natten': Backend(_neighborhood_attention_natten, _natten_unavailable),
+    'flex': Backend(_neighborhood_attention_flex, _flex_unavailable),
+    'torch': Backend(_neighborhood_attention_torch, runs_anywhere),
 })
 
 

@@ -8,158 +8,163 @@ For each channel ``c`` of group ``g`` and step ``t`` (``h_0 = 0``)::
 
 Two entry points:
 
-* :func:`selective_scan` on sequences laid out in scan order;
 * :func:`cross_selective_scan`, what SS2D calls: the four directions of a 2-D map
   (see :mod:`.cross_scan`) scanned and merged back. Its inputs stay in the map's own
-  layout, so fused backends can read the scan orders in place.
+  layout, so fused backends can read the scan orders in place. Backends: ``triton``
+  (fused kernels, state size 1) and ``torch``, the pure-PyTorch reference;
+* :func:`selective_scan` on sequences laid out in scan order: the reference scan alone
+  (pure PyTorch, no other backend), the building block of the ``torch`` backend above.
 
-The recurrence is computed in float32 (float64 if the inputs are float64).
+The reference computes in float32 (float64 if the inputs are float64), in chunks of the
+sequence (:func:`linear_recurrence`), and has its own backward that recomputes the states: it
+keeps only its inputs for the backward pass, and its temporaries are a few tensors of the
+inputs' size.
 """
+import math
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cross_scan import cross_merge, cross_scan
-from .dispatch import Backend, OpDispatcher, always
+from .cross_scan import cross_merge, cross_scan, uncross
+from .dispatch import Backend, OpDispatcher, runs_anywhere
 
-CHUNK = 16
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus):
-    """Shared first step: float32 inputs, ``dt`` and the per-step decay ``dt * A``.
+def _steps(u, delta, A, B, C, delta_bias, delta_softplus):
+    """The inputs in the compute dtype, split by group.
 
-    Returns ``u (b, g, d, 1, L)``, ``dt`` and ``log_decay`` ``(b, g, d, n, L)``,
-    ``B``, ``C`` ``(b, g, 1, n, L)``, ``D`` ``(g, d, 1)`` or None.
+    Returns ``u (b, g, d, 1, T)``, the pre-softplus ``z`` and ``dt`` ``(b, g, d, 1, T)``, the
+    per-step decay ``log_decay = dt * A`` ``(b, g, d, n, T)`` and ``B``, ``C`` ``(b, g, 1, n, T)``.
     """
-    batch, channels, length = u.shape
+    batch, channels, _ = u.shape
     groups, state = B.shape[1], B.shape[2]
-    if channels % groups:
-        raise ValueError(f'{channels} channels do not split into {groups} groups')
     dtype = _compute_dtype(u)
-    d = channels // groups
-    dt = delta.to(dtype)
+    split = (batch, groups, channels // groups, 1, -1)
+    z = delta.to(dtype)
     if delta_bias is not None:
-        dt = dt + delta_bias.to(dtype)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-    dt = dt.view(batch, groups, d, 1, length)
-    log_decay = dt * A.to(dtype).view(groups, d, state, 1)
-    u = u.to(dtype).view(batch, groups, d, 1, length)
-    B = B.to(dtype).unsqueeze(2)
-    C = C.to(dtype).unsqueeze(2)
-    D = None if D is None else D.to(dtype).view(groups, d, 1)
-    return u, dt, log_decay, B, C, D
+        z = z + delta_bias.to(dtype)[:, None]
+    z = z.view(split)
+    dt = F.softplus(z) if delta_softplus else z
+    log_decay = dt * A.to(dtype).view(groups, -1, state, 1)
+    return (u.to(dtype).view(split), z, dt, log_decay, B.to(dtype).unsqueeze(2),
+            C.to(dtype).unsqueeze(2))
 
 
-def _finish(h, u, C, D, batch, length):
-    y = (h * C).sum(-2)  # (b, g, d, L)
-    if D is not None:
-        y = y + D * u.squeeze(-2)
-    return y.reshape(batch, -1, length)
+def _skip(D: Optional[Tensor], groups: int, dtype: torch.dtype) -> Optional[Tensor]:
+    """``D`` as ``(g, d, 1)``, or None."""
+    return None if D is None else D.to(dtype).view(groups, -1, 1)
 
 
 def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                              D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
                              delta_softplus: bool = True) -> Tensor:
     """The recurrence step by step: a Python loop over L, for tests only."""
-    batch, _, length = u.shape
-    u, dt, log_decay, B, C, D = _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus)
-    decay = log_decay.exp()
-    drive = dt * B * u
+    batch, channels, length = u.shape
+    u, _, dt, log_decay, B, C = _steps(u, delta, A, B, C, delta_bias, delta_softplus)
+    decay, drive = log_decay.exp(), dt * B * u
     h = torch.zeros_like(drive[..., 0])
     states = []
     for t in range(length):
         h = decay[..., t] * h + drive[..., t]
         states.append(h)
-    return _finish(torch.stack(states, -1), u, C, D, batch, length)
+    y = (torch.stack(states, -1) * C).sum(-2)
+    D = _skip(D, B.size(1), y.dtype)
+    return (y if D is None else y + D * u.squeeze(-2)).reshape(batch, channels, length)
 
 
-def _segment_sums(log_decay: Tensor) -> Tensor:
-    """``(..., T) -> (..., T, T)``: entry ``[t, s]`` is ``sum_{s<r<=t} log_decay_r``, -inf above."""
-    steps = log_decay.size(-1)
-    x = log_decay.unsqueeze(-1).expand(*log_decay.shape, steps)  # [r, s] = log_decay_r
-    strictly_lower = torch.ones(steps, steps, dtype=torch.bool, device=x.device).tril(-1)
-    sums = x.masked_fill(~strictly_lower, 0).cumsum(-2)
-    lower = torch.ones(steps, steps, dtype=torch.bool, device=x.device).tril()
-    return sums.masked_fill(~lower, float('-inf'))
-
-
-def linear_recurrence(log_decay: Tensor, drive: Tensor, chunk: int = CHUNK) -> Tensor:
+def linear_recurrence(log_decay: Tensor, drive: Tensor) -> Tensor:
     """All ``h_t = exp(log_decay_t) * h_{t-1} + drive_t`` (``h_0 = 0``) along the last dim.
 
-    Parallel over the sequence: inside chunks of ``chunk`` steps a masked ``T x T`` decay
-    matrix (every entry <= 1, so stable), across chunks the same recurrence on the chunk
-    ends, recursively. No Python loop over L; memory ``O(L * chunk)``.
+    The sequence is cut into about ``sqrt(L)`` chunks of about ``sqrt(L)`` steps. One loop over
+    the steps of a chunk runs the recurrence in every chunk at once, from 0, and the product
+    of the decays so far; a loop over the chunks carries each chunk's end into the next; the
+    carries, times those products, are added. The arithmetic of the recurrence itself
+    (products of decays <= 1, no division, no logarithm), ``O(sqrt(L))`` Python steps, and
+    temporaries of the inputs' size. For use without autograd (its graph would keep every step).
     """
     length = log_decay.size(-1)
-    if length <= chunk:
-        return (_segment_sums(log_decay).exp() @ drive.unsqueeze(-1)).squeeze(-1)
-    pad = -length % chunk
-    log_decay = F.pad(log_decay, (0, pad)).unflatten(-1, (-1, chunk))
-    drive = F.pad(drive, (0, pad)).unflatten(-1, (-1, chunk))
-    local = (_segment_sums(log_decay).exp() @ drive.unsqueeze(-1)).squeeze(-1)
-    within = log_decay.cumsum(-1)  # decay from each chunk's start to step t
-    ends = linear_recurrence(within[..., -1], local[..., -1], chunk)
-    carry_in = F.pad(ends[..., :-1], (1, 0))
-    h = local + within.exp() * carry_in.unsqueeze(-1)
-    return h.flatten(-2)[..., :length]
+    steps = max(1, math.isqrt(length - 1) + 1)
+    pad = -length % steps
+    # (steps, ..., chunks): one contiguous slice per step
+    decay = F.pad(log_decay, (0, pad)).exp().unflatten(-1, (-1, steps)).movedim(-1, 0).contiguous()
+    drive = F.pad(drive, (0, pad)).unflatten(-1, (-1, steps)).movedim(-1, 0).contiguous()
+    h, decayed = torch.empty_like(drive), torch.empty_like(decay)
+    h[0], decayed[0] = drive[0], decay[0]
+    for t in range(1, steps):
+        torch.addcmul(drive[t], decay[t], h[t - 1], out=h[t])
+        torch.mul(decayed[t - 1], decay[t], out=decayed[t])
+    carry = torch.empty_like(h[0])  # (..., chunks): h just before each chunk
+    carry[..., 0] = 0
+    for chunk in range(1, carry.size(-1)):
+        carry[..., chunk] = decayed[-1][..., chunk - 1] * carry[..., chunk - 1] + h[-1][..., chunk - 1]
+    h.addcmul_(decayed, carry)
+    return h.movedim(0, -1).flatten(-2)[..., :length]
 
 
-def _selective_scan_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
-    batch, _, length = u.shape
-    u, dt, log_decay, B, C, D = _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus)
-    h = linear_recurrence(log_decay, dt * B * u)
-    return _finish(h, u, C, D, batch, length)
+def _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus) -> Tensor:
+    """``y (b, g*d, L)`` in the compute dtype, without autograd (see :class:`_SelectiveScan`)."""
+    batch, channels, length = u.shape
+    x, _, dt, log_decay, Bs, Cs = _steps(u, delta, A, B, C, delta_bias, delta_softplus)
+    y = (linear_recurrence(log_decay, dt * Bs * x) * Cs).sum(-2)
+    D = _skip(D, B.size(1), y.dtype)
+    return (y if D is None else y + D * x.squeeze(-2)).view(batch, channels, length)
 
 
-def _mamba_ssm_available(u, *args, **kwargs) -> bool:
-    if not u.is_cuda:
-        return False
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
-    except Exception:  # ImportError, or its CUDA extension failing to load
-        return False
-    return True
+def _scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, dy):
+    """Gradients of all seven inputs (None for an absent D / delta_bias), in the compute dtype.
+
+    Recomputes the states ``h``, then the adjoint recurrence ``g_t = C_t dy_t + a_{t+1}
+    g_{t+1}`` (``g`` the gradient of ``h_t``, ``a_t = exp(dt_t A)``): the same recurrence on the
+    reversed sequence.
+    """
+    batch, channels, length = u.shape
+    groups, state = B.shape[1], B.shape[2]
+    x, z, dt, log_decay, Bs, Cs = _steps(u, delta, A, B, C, delta_bias, delta_softplus)
+    h = linear_recurrence(log_decay, dt * Bs * x)
+    dy = dy.to(h.dtype).view(batch, groups, -1, 1, length)
+    next_decay = F.pad(log_decay[..., 1:], (0, 1))
+    g = linear_recurrence(next_decay.flip(-1), (Cs * dy).flip(-1)).flip(-1)
+    decayed_prev = log_decay.exp() * F.pad(h[..., :-1], (1, 0))  # a_t h_{t-1}
+    A = A.to(h.dtype).view(groups, -1, state, 1)
+    ddt = (g * (Bs * x + A * decayed_prev)).sum(-2)  # (b, g, d, L)
+    ddelta = (ddt * torch.sigmoid(z.squeeze(-2)) if delta_softplus else ddt).view(batch, channels, length)
+    du = (g * dt * Bs).sum(-2)
+    Ds = _skip(D, groups, h.dtype)
+    if Ds is not None:
+        du = du + Ds * dy.squeeze(-2)
+    dD = None if D is None else (dy * x).sum((0, -1)).view(channels)
+    dbias = None if delta_bias is None else ddelta.sum((0, -1))
+    return (du.view(batch, channels, length), ddelta, (g * decayed_prev * dt).sum((0, -1)).view(channels, state),
+            (g * dt * x).sum(2), (h * dy).sum(2), dD, dbias)
 
 
-def _selective_scan_mamba_ssm(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    y = selective_scan_fn(u, delta, A.float(), B, C, None if D is None else D.float(), z=None,
-                          delta_bias=None if delta_bias is None else delta_bias.float(),
-                          delta_softplus=delta_softplus)
-    return y.float()
+def _in_dtypes(grads, inputs) -> Tuple[Optional[Tensor], ...]:
+    return tuple(None if g is None else g.to(t.dtype).view(t.shape) for g, t in zip(grads, inputs))
 
 
-def _triton_available(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True) -> bool:
-    """State size 1, softplus on, float32/16 inputs, on CUDA (or CPU under TRITON_INTERPRET=1)."""
-    if A.shape[1] != 1 or not delta_softplus or u.dtype == torch.float64:
-        return False
-    if not (u.is_cuda or os.environ.get('TRITON_INTERPRET') == '1'):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+class _SelectiveScan(torch.autograd.Function):
+    """The reference scan with its own backward: saves only the inputs and recomputes the
+    states in the backward pass; its temporaries are a few tensors of the inputs' size."""
 
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus):
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
+        ctx.delta_softplus = delta_softplus
+        return _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus)
 
-def _selective_scan_triton(*args, **kwargs):
-    from .triton_selective_scan import selective_scan_triton
-    return selective_scan_triton(*args, **kwargs)
-
-
-_selective_scan = OpDispatcher('selective_scan', {
-    'triton': Backend(_selective_scan_triton, _triton_available),
-    'mamba_ssm': Backend(_selective_scan_mamba_ssm, _mamba_ssm_available),
-    'torch': Backend(_selective_scan_torch, always),
-})
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        inputs = ctx.saved_tensors
+        grads = _scan_backward(*inputs, ctx.delta_softplus, dy)
+        return (*_in_dtypes(grads, inputs), None)
 
 
 def _check_scan_inputs(u, delta, A, B, C, D, delta_bias):
@@ -192,31 +197,67 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         ``(B, G*D, L)`` in float32 (float64 for float64 inputs).
     """
     _check_scan_inputs(u, delta, A, B, C, D, delta_bias)
-    return _selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return _SelectiveScan.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+def _scan_order(x: Tensor, delta: Tensor, B: Tensor, C: Tensor) -> Tuple[Tensor, ...]:
+    """Map-layout inputs as the ``(b, 4*D, L)`` / ``(b, 4, N, L)`` sequences of the four directions."""
+    batch, length = x.size(0), x.size(2) * x.size(3)
+    return (cross_scan(x).reshape(batch, -1, length), cross_scan(delta).reshape(batch, -1, length),
+            cross_scan(B), cross_scan(C))
+
+
+class _CrossSelectiveScan(torch.autograd.Function):
+    """The ``torch`` backend: cross scan, the reference scan, cross merge, with one backward
+    for the three that keeps only the map-layout inputs (see :class:`_SelectiveScan`)."""
+
+    @staticmethod
+    def forward(ctx, x, delta, A, B, C, D, delta_bias):
+        ctx.save_for_backward(x, delta, A, B, C, D, delta_bias)
+        u, dts, Bs, Cs = _scan_order(x, delta, B, C)
+        y = _scan_forward(u, dts, A, Bs, Cs, D, delta_bias, True)
+        return cross_merge(y.view(x.size(0), 4, x.size(1), -1), *x.shape[2:])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        inputs = x, delta, A, B, C, D, delta_bias = ctx.saved_tensors
+        batch, channels, height, width = x.shape
+        u, dts, Bs, Cs = _scan_order(x, delta, B, C)
+        du, ddelta, dA, dB, dC, dD, dbias = _scan_backward(
+            u, dts, A, Bs, Cs, D, delta_bias, True, cross_scan(dy).reshape(batch, -1, height * width))
+        dx = cross_merge(du.view(batch, 4, channels, -1), height, width)
+        grads = (dx, uncross(ddelta.view(batch, 4, channels, -1), height, width), dA,
+                 uncross(dB, height, width), uncross(dC, height, width), dD, dbias)
+        return _in_dtypes(grads, inputs)
 
 
 def _cross_selective_scan_torch(x, delta, A, B, C, D, delta_bias):
-    batch, channels, height, width = x.shape
-    length = height * width
-    ys = selective_scan(cross_scan(x).reshape(batch, -1, length),
-                        cross_scan(delta).reshape(batch, -1, length), A,
-                        cross_scan(B), cross_scan(C), D, delta_bias, delta_softplus=True)
-    return cross_merge(ys.view(batch, 4, channels, length), height, width)
+    return _CrossSelectiveScan.apply(x, delta, A, B, C, D, delta_bias)
 
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _cross_triton_available(x, delta, A, B, C, D, delta_bias) -> bool:
+def _cross_triton_unavailable(x, delta, A, B, C, D, delta_bias) -> Optional[str]:
     """The Triton cross scan runs when the state size N is 1, x, delta, B and C are
     float32, bfloat16 or float16, triton imports, and either every input is on CUDA or
     every input is on the CPU with ``TRITON_INTERPRET=1`` (Triton's interpreter, for CI;
     the variable must be set before triton is first imported)."""
     tensors = (x, delta, A, B, C, D, delta_bias)
-    on_cuda = all(t.is_cuda for t in tensors)
-    interpreted = os.environ.get('TRITON_INTERPRET') == '1' and not any(t.is_cuda for t in tensors)
-    return ((on_cuda or interpreted) and all(t.dtype in _TRITON_DTYPES for t in (x, delta, B, C))
-            and _triton_available(x, delta, A, B, C, D, delta_bias))
+    if not (all(t.is_cuda for t in tensors) or (os.environ.get('TRITON_INTERPRET') == '1'
+                                                and not any(t.is_cuda for t in tensors))):
+        return 'needs every input on CUDA (or on the CPU with TRITON_INTERPRET=1)'
+    if A.shape[1] != 1:
+        return f'needs state size N = 1, got {A.shape[1]}'
+    dtypes = {str(t.dtype) for t in (x, delta, B, C)}
+    if any(t.dtype not in _TRITON_DTYPES for t in (x, delta, B, C)):
+        return f'needs float32, bfloat16 or float16 x, delta, B, C, got {sorted(dtypes)}'
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return 'triton is not installed'
+    return None
 
 
 def _cross_selective_scan_triton(x, delta, A, B, C, D, delta_bias):
@@ -225,8 +266,8 @@ def _cross_selective_scan_triton(x, delta, A, B, C, D, delta_bias):
 
 
 _cross_selective_scan = OpDispatcher('cross_selective_scan', {
-    'triton': Backend(_cross_selective_scan_triton, _cross_triton_available),
-    'torch': Backend(_cross_selective_scan_torch, always),
+    'triton': Backend(_cross_selective_scan_triton, _cross_triton_unavailable),
+    'torch': Backend(_cross_selective_scan_torch, runs_anywhere),
 })
 
 

@@ -38,7 +38,40 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_selective_scan import _load_channel_params, _scan_tile, _softplus
+
+@triton.jit
+def _affine_combine(a_left, b_left, a_right, b_right):
+    """Compose ``h -> a_left h + b_left`` then ``h -> a_right h + b_right``."""
+    return a_left * a_right, a_right * b_left + b_right
+
+
+@triton.jit
+def _softplus(z):
+    """``log(1 + exp(z))``, linear above 20 as ``F.softplus``; accurate ``log1p`` for z < 0."""
+    e = tl.exp(tl.minimum(z, 20.0))
+    w = 1.0 + e
+    rounded = w - 1.0  # e as 1 + e holds it; log(w) * e / rounded corrects log1p's rounding
+    log1p = tl.where(rounded == 0.0, e, tl.log(w) * (e / tl.where(rounded == 0.0, 1.0, rounded)))
+    return tl.where(z > 20.0, z, log1p)
+
+
+@triton.jit
+def _scan_tile(decay, drive, carry, BLOCK_L: tl.constexpr):
+    """``h_t = decay_t h_{t-1} + drive_t`` along axis 1 of a ``(BLOCK_D, BLOCK_L)`` tile,
+    starting from ``carry`` ``(BLOCK_D,)``; returns ``h`` and its last column (the next carry)."""
+    decay_prod, h = tl.associative_scan((decay, drive), 1, _affine_combine)
+    h += decay_prod * carry[:, None]
+    last = tl.sum(tl.where(tl.arange(0, BLOCK_L)[None, :] == BLOCK_L - 1, h, 0.0), axis=1)
+    return h, last
+
+
+@triton.jit
+def _load_channel_params(a_ptr, d_ptr, bias_ptr, index, mask):
+    """``A``, ``D`` and ``delta_bias`` of a program's channels as float32 ``(BLOCK_D, 1)``."""
+    A = tl.load(a_ptr + index, mask=mask, other=0.0).to(tl.float32)[:, None]
+    D = tl.load(d_ptr + index, mask=mask, other=0.0).to(tl.float32)[:, None]
+    bias = tl.load(bias_ptr + index, mask=mask, other=0.0).to(tl.float32)[:, None]
+    return A, D, bias
 
 
 @triton.jit

@@ -98,8 +98,41 @@ def test_natten_backend_matches_reference(height, width, kernel, dim):
 def test_natten_backend_needs_its_fused_kernels_and_no_rpb():
     """natten (tried first, see test_flex_is_preferred_on_cuda_only) runs only on CUDA, without
     rpb and with libnatten; elsewhere the choice falls through (here on the CPU: to the reference)."""
-    from mmseg_segman.ops.neighborhood_attention import _natten_available, _neighborhood_attention
+    from mmseg_segman.ops.neighborhood_attention import _natten_unavailable, _neighborhood_attention
     q = torch.randn(1, 2, 9, 9, 8)
-    assert not _natten_available(q, q, q, 7, None)  # not CUDA
-    assert not _natten_available(q, q, q, 7, torch.zeros(2, 13, 13))
+    assert _natten_unavailable(q, q, q, 7, None) == 'needs CUDA tensors'
+    assert 'rpb' in _natten_unavailable(q, q, q, 7, torch.zeros(2, 13, 13))
     assert _neighborhood_attention.select(q, q, q, 7, None) == 'torch'
+
+
+def saved_bytes(fn, *args) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of ``fn(*args)``."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(sizes)
+
+
+def test_reference_keeps_no_copies_of_the_windows():
+    """For its backward the reference keeps less than the k*k neighbours' keys of every query
+    (gathering keys and values per query would keep twice that)."""
+    kernel = 7
+    q, k, v = (torch.randn(1, 2, 24, 24, 16, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 2 * kernel - 1, 2 * kernel - 1, requires_grad=True)
+    assert saved_bytes(neighborhood_attention_2d, q, k, v, kernel, rpb) <= \
+        kernel * kernel * q.numel() * q.element_size()
+
+
+@pytest.mark.parametrize('height,width,kernel', [(6, 9, 7), (4, 3, 5)])
+def test_gradcheck_at_borders_and_short_axes(height, width, kernel):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, height, width, 3, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    rpb = torch.randn(2, 2 * kernel - 1, 2 * kernel - 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: neighborhood_attention_2d(*t[:3], kernel, t[3]),
+                                    (q, k, v, rpb))

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from mmseg_segman.ops import cross_merge, cross_scan, cross_selective_scan, selective_scan
+from mmseg_segman.ops.cross_scan import uncross
 from mmseg_segman.ops.selective_scan import linear_recurrence, selective_scan_reference
 
 
@@ -53,8 +54,9 @@ def test_bfloat16_inputs_give_float32():
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_gradcheck():
-    inputs = scan_inputs(batch=1, groups=2, channels=2, length=21)
+@pytest.mark.parametrize('state', [1, 2])
+def test_gradcheck(state):
+    inputs = scan_inputs(batch=1, groups=2, channels=2, state=state, length=21)
     names = list(inputs)
     tensors = [inputs[n].requires_grad_() for n in names]
     assert torch.autograd.gradcheck(lambda *t: selective_scan(**dict(zip(names, t))), tensors)
@@ -71,6 +73,7 @@ def test_cross_scan_orders_and_merge_inverts(height, width):
     # per-direction maps: direction k of a (B, 4, C, H, W) input is read in order k
     per_direction = torch.stack([x, x + 1, x + 2, x + 3], 1)
     assert torch.equal(cross_scan(per_direction), xs + torch.arange(4.).view(1, 4, 1, 1).double())
+    assert torch.equal(uncross(cross_scan(per_direction), height, width), per_direction)
     # merge undoes each order and sums
     torch.testing.assert_close(cross_merge(xs, height, width), 4 * x)
 
@@ -124,3 +127,26 @@ def test_cross_selective_scan_gradcheck():
               torch.randn(4 * channels, generator=g, dtype=torch.float64),
               torch.randn(4 * channels, generator=g, dtype=torch.float64)]
     assert torch.autograd.gradcheck(cross_selective_scan, [t.requires_grad_() for t in inputs])
+
+
+def cross_inputs(batch=2, channels=3, state=1, height=9, width=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+    return [randn(batch, channels, height, width), randn(batch, 4, channels, height, width),
+            -torch.rand(4 * channels, state, generator=g, dtype=torch.float64),
+            randn(batch, 4, state, height, width), randn(batch, 4, state, height, width),
+            randn(4 * channels), randn(4 * channels)]
+
+
+def test_reference_keeps_only_its_inputs():
+    inputs = [t.float().requires_grad_() for t in cross_inputs(height=16, width=16, channels=8)]
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        cross_selective_scan(*inputs)
+    assert sum(sizes) == sum(t.numel() * t.element_size() for t in inputs)

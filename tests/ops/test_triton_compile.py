@@ -12,7 +12,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from mmseg_segman.ops import triton_cross_selective_scan as cross  # noqa: E402
-from mmseg_segman.ops import triton_selective_scan as scan1d  # noqa: E402
 
 H100 = GPUTarget('cuda', 90, 32)
 FLOAT32_POINTERS = {'a_ptr', 'd_ptr', 'bias_ptr', 'y_ptr', 'h_ptr', 'dy_ptr', 'du_ptr',
@@ -50,7 +49,3 @@ def test_cross_scan_kernels_compile(activation, channels, length):
     assert compile_for_h100(cross._cross_scan_bwd_kernel, activation, warps,
                             BLOCK_D=block_d, BLOCK_L=block_l)
 
-
-def test_selective_scan_kernels_compile():
-    for kernel in (scan1d._scan_fwd_kernel, scan1d._scan_bwd_kernel):
-        assert compile_for_h100(kernel, 'bf16', 4, BLOCK_D=scan1d.BLOCK_D, BLOCK_L=scan1d.BLOCK_L)

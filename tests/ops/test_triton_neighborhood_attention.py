@@ -96,7 +96,8 @@ def test_not_chosen_on_cpu_without_interpreter(monkeypatch):
     from mmseg_segman.ops import neighborhood_attention as na
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     q = torch.randn(1, 1, 5, 5, 16)
-    assert not na._neighborhood_attention.backends['triton'].available(q, q, q, 3, None)
+    reason = na._neighborhood_attention.backends['triton'].unavailable(q, q, q, 3, None)
+    assert 'needs CUDA tensors' in reason
     assert na._neighborhood_attention.select(q, q, q, 3, None) == 'torch'
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from mmseg_segman.flops import node_name, segman_flop_analyzer
 from mmseg_segman.models.layers import SS2D
-from mmseg_segman.ops import biased_attention, neighborhood_attention_2d
+from mmseg_segman.ops import biased_attention, neighborhood_attention_2d, use_backends
 from mmseg_segman.ops.dispatch import registered_ops
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,12 +70,20 @@ def test_selective_scan_rule_and_projections():
 
 
 def test_ops_are_restored_after_counting():
-    backends = {op: dispatcher.backends for op, dispatcher in registered_ops().items()}
     ss2d, x = SS2D(16).eval(), torch.randn(1, 16, 5, 4)
     before = ss2d(x)
     count(ss2d, x)
-    assert all(registered_ops()[op].backends is b for op, b in backends.items())
+    assert all(dispatcher.requested() is None for dispatcher in registered_ops().values())
     assert torch.equal(ss2d(x), before)
+
+
+def test_counting_beats_other_backend_choices():
+    """The counter's scope is the strongest choice: inside another scope (or under a model's
+    op_backends) every op is still one node."""
+    b, heads, h, w, d = 1, 2, 6, 5, 8
+    with use_backends('torch'):
+        total, by_op = count(NeighborhoodAttention(heads, 3, True), torch.randn(b, heads, h, w, d))
+    assert set(by_op) == {node_name('neighborhood_attention')[len('prim::'):]}
 
 
 def run_tool(*args):

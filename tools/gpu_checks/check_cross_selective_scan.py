@@ -5,9 +5,9 @@
 Needs only torch, triton and mmengine: the ``mmseg_segman.ops`` package is loaded without
 running ``mmseg_segman/__init__.py`` (which imports the models and so mmseg).
 
-Variants: ``triton`` (the fused kernels), ``torch`` (cross scan + chunked PyTorch scan +
-cross merge, the reference) and, where they run, ``torch+triton1d`` / ``torch+mamba_ssm``
-(the reference's copies around the 1-D Triton or mamba-ssm scan).
+Variants: ``triton`` (the fused kernels) and ``torch`` (cross scan + chunked PyTorch scan +
+cross merge, the reference). The 1-D Triton scan and the mamba-ssm backend that were compared
+here (``torch+triton1d``, ``torch+mamba_ssm``) were removed: the models never ran them.
 
 1. Correctness, float32 and bfloat16 inputs (A, D, delta_bias float32, as in SS2D), odd and
    model sizes: output and the gradients of all seven inputs against the ``torch`` backend
@@ -27,7 +27,7 @@ import statistics
 import sys
 import types
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 from torch import Tensor
@@ -44,16 +44,9 @@ def load_ops(*names: str) -> List[types.ModuleType]:
     return [importlib.import_module(f'mmseg_segman.ops.{name}') for name in names]
 
 
-dispatch, scan_mod = load_ops('dispatch', 'selective_scan')
-cross_scan = scan_mod.cross_scan
+scan_mod, = load_ops('selective_scan')
 
-# name: (cross_selective_scan backend, selective_scan backend used inside 'torch')
-VARIANTS = {
-    'triton': ('triton', 'torch'),
-    'torch': ('torch', 'torch'),
-    'torch+triton1d': ('torch', 'triton'),
-    'torch+mamba_ssm': ('torch', 'mamba_ssm'),
-}
+VARIANTS = ['triton', 'torch']  # backends of cross_selective_scan
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 NAMES = ['y', 'dx', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias']
 # (batch, channels, height, width, delta scale): odd sizes, H or W = 1, several tiles,
@@ -83,28 +76,15 @@ def make_inputs(batch, channels, height, width, dtype, delta_scale=0.5, seed=0) 
             randn(4 * channels), dt + torch.log(-torch.expm1(-dt))]
 
 
-def use(variant: str) -> None:
-    cross, scan = VARIANTS[variant]
-    dispatch.set_backend('cross_selective_scan', cross)
-    dispatch.set_backend('selective_scan', scan)
-
-
 def available(variant: str, inputs: List[Tensor]) -> bool:
-    cross, scan = VARIANTS[variant]
-    x, delta, A, B, C, D, delta_bias = inputs
-    batch, length = x.shape[0], x.shape[2] * x.shape[3]
-    scan_args = (cross_scan(x).reshape(batch, -1, length), cross_scan(delta).reshape(batch, -1, length),
-                 A, cross_scan(B), cross_scan(C), D, delta_bias)
-    return (scan_mod._cross_selective_scan.backends[cross].available(*inputs)
-            and scan_mod._selective_scan.backends[scan].available(*scan_args))
+    return scan_mod._cross_selective_scan.why_not(variant, *inputs) is None
 
 
 def op(variant: str, fwd_blocks=None, bwd_blocks=None) -> Callable:
     if fwd_blocks is not None or bwd_blocks is not None:
         triton_scan, = load_ops('triton_cross_selective_scan')
         return lambda *args: triton_scan.cross_selective_scan_triton(*args, fwd_blocks, bwd_blocks)
-    use(variant)
-    return scan_mod.cross_selective_scan
+    return scan_mod._cross_selective_scan.backends[variant].fn
 
 
 def channels_last(inputs: List[Tensor]) -> List[Tensor]:

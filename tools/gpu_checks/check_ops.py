@@ -105,7 +105,7 @@ def check_op_backends(seed: int) -> List[bool]:
         for dtype in (torch.float32, torch.bfloat16):
             torch.manual_seed(seed)
             args = make(dtype)
-            names = [n for n, b in op.backends.items() if n != 'torch' and b.available(*args)]
+            names = [n for n in op.backends if n != 'torch' and op.why_not(n, *args) is None]
             if not names:
                 continue
             ref_out, g, ref_grads = run(reference, args, None, upcast=True)
@@ -147,12 +147,11 @@ def check_model(seed: int) -> List[bool]:
     for dtype in (torch.float32, torch.bfloat16):
         runs = []
         for backends in (None, 'torch'):
-            for op in dispatch.registered_ops():
-                dispatch.set_backend(op, backends)
             model.zero_grad()
-            with torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
-                outs = model(x)
-            sum(o.float().square().mean() for o in outs).backward()
+            with dispatch.use_backends(backends):
+                with torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
+                    outs = model(x)
+                sum(o.float().square().mean() for o in outs).backward()
             runs.append(([o.detach().float() for o in outs],
                          [p.grad.clone() for p in model.parameters() if p.grad is not None]))
         (fast_outs, fast_grads), (ref_outs, ref_grads) = runs
@@ -164,8 +163,6 @@ def check_model(seed: int) -> List[bool]:
         results.append(ok)
         print(f'{"PASS" if ok else "FAIL"} {"SegMAN-T encoder":24s} {"fast":7s} {str(dtype)[6:]:8s} '
               f'2x3x224x352 vs reference path: out {out_err:.1e}, grads {grad_err:.1e} (tol {tol:.0e})')
-    for op in dispatch.registered_ops():
-        dispatch.set_backend(op, None)
     return results
 
 

@@ -12,7 +12,8 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...ops import biased_attention, neighborhood_attention_2d, set_backends
+from ...ops import biased_attention, neighborhood_attention_2d
+from ...ops.dispatch import check_op_backends, recompute_in_current_scope, with_op_backends
 from ..layers import SS2D, LayerNorm2d, RoPE2d, SegMANBlock, apply_rope
 from ..strict_loading import WeightsMismatchError, refuse_mismatched_weights
 from ..variants import ENCODER_ARCHS
@@ -137,7 +138,8 @@ class SegMANStage(nn.Module):
         sin, cos = self.rope(x.shape[-2:])
         for block in self.blocks:
             if self.with_cp and x.requires_grad:
-                x = cp.checkpoint(block, x, sin, cos, use_reentrant=False)
+                x = cp.checkpoint(block, x, sin, cos, use_reentrant=False,
+                                  context_fn=recompute_in_current_scope)
             else:
                 x = block(x, sin, cos)
         return x
@@ -183,7 +185,7 @@ class SegMANEncoder(BaseModule):
             overflow to NaN/Inf from finite inputs (such as magnitudes near 1e30). Each
             check reads a value back to the host (a GPU sync, a ``torch.compile`` graph
             break), so it is off by default.
-        op_backends: ``{op: backend}`` to force backends (see ``mmseg_segman.ops.dispatch``).
+        op_backends: ``{op: backend}`` for this encoder's forward (see ``mmseg_segman.ops.dispatch``).
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` (optionally ``prefix``) loads
             ImageNet encoder weights (``state_dict_ema``, else ``state_dict``; classifier
             keys are ignored).
@@ -210,7 +212,7 @@ class SegMANEncoder(BaseModule):
         if not self.out_indices or any(i not in range(NUM_STAGES) for i in self.out_indices):
             raise ValueError(f'out_indices must be stage indices in 0..3, got {out_indices}')
         self.check_finite = check_finite
-        set_backends(op_backends)
+        self.op_backends = check_op_backends(op_backends, 'SegMANEncoder')
 
         a = self.arch
         dims = a['embed_dims']
@@ -330,6 +332,7 @@ class SegMANEncoder(BaseModule):
         except WeightsMismatchError as error:
             raise WeightsMismatchError(f'{source}: {error}') from None
 
+    @with_op_backends
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """``(B, in_channels, H, W)`` -> stage outputs ``(B, C_i, H/2^(i+2), W/2^(i+2))``.
 

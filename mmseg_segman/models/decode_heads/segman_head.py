@@ -10,10 +10,10 @@ from mmseg.models.utils import resize
 from mmseg.registry import MODELS
 from torch import Tensor, nn
 
-from ...ops import set_backends
+from ...ops.dispatch import check_op_backends, with_op_backends
 from ..layers import SS2D, SegMANBlock
-from ..variants import arch_of, describe_widths, head_widths
 from ..strict_loading import refuse_mismatched_weights
+from ..variants import arch_of, describe_widths, head_widths
 
 
 class LinearProjection(nn.Module):
@@ -45,7 +45,7 @@ class SegMANHead(BaseDecodeHead):
 
     Args:
         feat_proj_dim: channels ``P`` of the projected encoder maps.
-        op_backends: ``{op: backend}`` to force backends (see ``mmseg_segman.ops.dispatch``).
+        op_backends: ``{op: backend}`` for this head's forward (see ``mmseg_segman.ops.dispatch``).
         **kwargs: :class:`BaseDecodeHead` arguments (``in_channels`` 4 values,
             ``in_index`` 4 values, ``channels``, ``num_classes``, ``norm_cfg``, ...).
     """
@@ -60,7 +60,7 @@ class SegMANHead(BaseDecodeHead):
                              ('feat_proj_dim', [feat_proj_dim])):
             if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
                 raise ValueError(f'SegMANHead {name} must be positive integers, got {values}')
-        set_backends(op_backends)
+        self.op_backends = check_op_backends(op_backends, 'SegMANHead')
         c, p = self.channels, feat_proj_dim
         self.feat_proj_dim = p
 
@@ -126,6 +126,7 @@ class SegMANHead(BaseDecodeHead):
         raise ValueError(f'SegMANHead was built with in_channels={describe_widths(self.in_channels)} '
                          f'but the encoder gives maps of widths {describe_widths(widths)}: {fix}')
 
+    @with_op_backends
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         """Four encoder maps -> logits ``(B, num_classes, H/8, W/8)``."""
         feats = self._transform_inputs(inputs)

@@ -1,0 +1,145 @@
+"""Backend choice: scopes, the precedence of code, config and environment, named refusals."""
+import pytest
+import torch
+
+from mmseg_segman.models import SegMANEncoder
+from mmseg_segman.ops import neighborhood_attention_2d, use_backends
+from mmseg_segman.ops.dispatch import Backend, check_op_backends, registered_ops, runs_anywhere
+
+NA = registered_ops()['neighborhood_attention']
+TINY = dict(embed_dims=[8, 8, 8, 8], depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+            window_size=[3, 3, 3, 3], mlp_ratios=[1, 1, 1, 1])
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    for key in list(__import__('os').environ):
+        if key.startswith('SEGMAN_BACKEND'):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """A backend ``spy`` of neighborhood attention, last in order (never chosen automatically),
+    that counts its calls and runs the reference."""
+    calls = []
+
+    def run(*args):
+        calls.append(args[0].shape)
+        return NA.backends['torch'].fn(*args)
+
+    monkeypatch.setitem(NA.backends, 'spy', Backend(run, runs_anywhere))
+    return calls
+
+
+def na_inputs():
+    q = torch.randn(1, 2, 6, 5, 4)
+    return q, q, q, 3, None
+
+
+def test_scope_applies_inside_only(spy):
+    neighborhood_attention_2d(*na_inputs())
+    assert not spy
+    with use_backends(neighborhood_attention='spy'):
+        neighborhood_attention_2d(*na_inputs())
+        with use_backends('torch'):  # the innermost scope wins
+            neighborhood_attention_2d(*na_inputs())
+    assert len(spy) == 1
+    neighborhood_attention_2d(*na_inputs())
+    assert len(spy) == 1
+
+
+def test_precedence_code_config_environment(spy, monkeypatch):
+    inputs = na_inputs()
+    monkeypatch.setenv('SEGMAN_BACKEND_NEIGHBORHOOD_ATTENTION', 'spy')
+    assert NA.select(*inputs) == 'spy'
+    model = SegMANEncoder(TINY, op_backends=dict(neighborhood_attention='torch')).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))  # config beats environment
+    assert not spy
+    with use_backends(neighborhood_attention='spy'), torch.no_grad():
+        SegMANEncoder(TINY, op_backends=dict(neighborhood_attention='torch')).eval()(
+            torch.randn(1, 3, 64, 64))  # code beats config
+    assert len(spy) == 4  # one call per stage
+    with use_backends(neighborhood_attention=None):  # automatic, whatever weaker places say
+        assert NA.select(*inputs) == 'torch'
+    monkeypatch.setenv('SEGMAN_BACKEND_NEIGHBORHOOD_ATTENTION', 'torch')
+    monkeypatch.setenv('SEGMAN_BACKEND', 'spy')  # the op's own variable beats the general one
+    assert NA.select(*inputs) == 'torch'
+
+
+def test_model_setting_does_not_outlive_its_forward_and_covers_recompute(spy):
+    """A model's op_backends hold in its forward, and in the recompute of checkpointed
+    blocks (which runs in the backward pass, after the forward returned), never for another
+    model built after it."""
+    chosen = SegMANEncoder(TINY, with_cp=True, op_backends=dict(neighborhood_attention='spy'))
+    other = SegMANEncoder(TINY, with_cp=True)
+    x = torch.randn(1, 3, 64, 64)
+    sum(o.sum() for o in other(x)).backward()
+    assert not spy
+    outs = chosen(x)
+    assert len(spy) == 4
+    sum(o.sum() for o in outs).backward()
+    assert len(spy) == 8  # every block recomputed on the spy backend
+    neighborhood_attention_2d(*na_inputs())
+    assert len(spy) == 8
+
+
+def test_unknown_names_are_refused_where_given(monkeypatch):
+    with pytest.raises(ValueError, match="no backend 'toch'"):
+        use_backends(neighborhood_attention='toch')
+    with pytest.raises(ValueError, match="unknown SegMAN op 'neighbourhood_attention'"):
+        use_backends(neighbourhood_attention='torch')
+    with pytest.raises(ValueError, match="no SegMAN op has a backend 'toch'"):
+        use_backends('toch')
+    with pytest.raises(ValueError, match=r"SegMANHead\(op_backends=.*no backend 'toch'"):
+        check_op_backends(dict(cross_selective_scan='toch'), 'SegMANHead')
+    with pytest.raises(ValueError, match="no backend 'toch'"):
+        SegMANEncoder(TINY, op_backends=dict(neighborhood_attention='toch'))
+    for key, value, message in [('SEGMAN_BACKEND', 'toch', "SEGMAN_BACKEND=toch: no SegMAN op"),
+                                ('SEGMAN_BACKEND_NEIGHBORHOOD_ATTENTION', 'toch', "no backend 'toch'"),
+                                ('SEGMAN_BACKEND_NEIGHBOURHOOD_ATTENTION', 'torch', 'names no SegMAN op')]:
+        with monkeypatch.context() as env:
+            env.setenv(key, value)
+            with pytest.raises(ValueError, match=message):
+                neighborhood_attention_2d(*na_inputs())
+
+
+def test_general_environment_variable_applies_to_ops_that_have_the_backend(monkeypatch):
+    monkeypatch.setenv('SEGMAN_BACKEND', 'flex')  # only neighborhood attention has flex
+    q = torch.randn(1, 2, 4, 4)
+    assert registered_ops()['biased_attention'].select(q, q, q, None) == 'torch'
+    with pytest.raises(RuntimeError, match="'flex' of op 'neighborhood_attention' \\(chosen by "
+                                           "SEGMAN_BACKEND\\) cannot run these inputs: needs CUDA"):
+        neighborhood_attention_2d(*na_inputs())
+
+
+def test_refusal_says_who_chose_and_why():
+    q = torch.randn(1, 2, 9, 9, 4)
+    with use_backends(neighborhood_attention='natten'):
+        with pytest.raises(RuntimeError, match=r'chosen by use_backends.*relative position bias'):
+            neighborhood_attention_2d(q, q, q, 3, torch.zeros(2, 5, 5))
+    assert NA.why_not('natten', q[:, :, :5], q[:, :, :5], q[:, :, :5], 7, None) == \
+        'the 5x9 map is smaller than the 7x7 window'
+    assert NA.why_not('flex', q, q, q, 3, None) == 'needs CUDA tensors'
+    scan = registered_ops()['cross_selective_scan']
+    x = torch.randn(1, 2, 3, 3)
+    inputs = (x, torch.randn(1, 4, 2, 3, 3), -torch.rand(8, 1), torch.randn(1, 4, 1, 3, 3),
+              torch.randn(1, 4, 1, 3, 3), torch.randn(8), torch.randn(8))
+    assert 'needs every input on CUDA' in scan.why_not('triton', *inputs)
+
+
+def test_an_availability_check_must_return_a_reason(monkeypatch):
+    monkeypatch.setitem(NA.backends, 'boolean', Backend(NA.backends['torch'].fn, lambda *a: True))
+    with use_backends(neighborhood_attention='boolean'):
+        with pytest.raises(TypeError, match='must return None or a reason string'):
+            neighborhood_attention_2d(*na_inputs())
+
+
+def test_scope_survives_torch_compile(spy):
+    compiled = torch.compile(lambda *args: neighborhood_attention_2d(*args), backend='eager')
+    with use_backends(neighborhood_attention='spy'):
+        compiled(*na_inputs())
+    assert len(spy) == 1
+    compiled(*na_inputs())  # a graph traced inside the scope is not reused outside it
+    assert len(spy) == 1
