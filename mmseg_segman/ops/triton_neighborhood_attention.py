@@ -101,6 +101,12 @@ def _tile(height, width, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
 
 
 @triton.jit
+def _batch_and_head(heads):
+    """Batch element (int64, for offsets) and head of ``program_id(1) = batch * heads + head``."""
+    return (tl.program_id(1) // heads).to(tl.int64), tl.program_id(1) % heads
+
+
+@triton.jit
 def _box_pixels(start, top, left, box_w, box, BLOCK: tl.constexpr):
     """Rows, columns and flags of pixels ``start .. start + BLOCK`` of a flattened box."""
     n = start + tl.arange(0, BLOCK)
@@ -161,6 +167,20 @@ def _query_box(y0, x0, height, width, TILE_H: tl.constexpr, TILE_W: tl.constexpr
     return top, left, right - left, (bottom - top) * (right - left)
 
 
+@triton.jit
+def _key_chunk(q, qy, qx, q_ok, start, top, left, box_w, box, k_base, sk_y, sk_x, sk_d, rpb_base,
+               height, width, HEAD_DIM: tl.constexpr, KERNEL: tl.constexpr, HAS_RPB: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Keys ``start .. start + BLOCK_N`` of a query tile's box: their pixels, ``k^T``
+    ``[BLOCK_D, BLOCK_N]`` and the scores of the tile's queries (see :func:`_scores`)."""
+    ky, kx, k_ok = _box_pixels(start, top, left, box_w, box, BLOCK_N)
+    kt = _load_cols(k_base, ky, kx, k_ok, sk_y, sk_x, sk_d, HEAD_DIM, BLOCK_D)
+    s, valid, wy, wx = _scores(q, kt, qy[:, None], qx[:, None], ky[None, :], kx[None, :],
+                               q_ok[:, None] & k_ok[None, :], rpb_base, height, width,
+                               KERNEL, HAS_RPB, DOT_PRECISION)
+    return ky, kx, k_ok, kt, s, valid, wy, wx
+
+
 @_jit_with_runtime_sizes
 def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, width,
                    sq_b, sq_h, sq_y, sq_x, sq_d, sk_b, sk_h, sk_y, sk_x, sk_d,
@@ -168,8 +188,7 @@ def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, 
                    HEAD_DIM: tl.constexpr, KERNEL: tl.constexpr, HAS_RPB: tl.constexpr,
                    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    batch = (tl.program_id(1) // heads).to(tl.int64)
-    head = tl.program_id(1) % heads
+    batch, head = _batch_and_head(heads)
     qy, qx, q_ok, y0, x0 = _tile(height, width, TILE_H, TILE_W)
     top, left, box_w, box = _query_box(y0, x0, height, width, TILE_H, TILE_W, KERNEL)
     q = _load_rows(q_ptr + batch * sq_b + head * sq_h, qy, qx, q_ok, sq_y, sq_x, sq_d,
@@ -181,11 +200,9 @@ def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, 
     l_i = tl.zeros([TILE_H * TILE_W], tl.float32)
     acc = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
     for start in range(0, box, BLOCK_N):
-        ky, kx, k_ok = _box_pixels(start, top, left, box_w, box, BLOCK_N)
-        kt = _load_cols(k_base, ky, kx, k_ok, sk_y, sk_x, sk_d, HEAD_DIM, BLOCK_D)
-        s, valid, wy, wx = _scores(q, kt, qy[:, None], qx[:, None], ky[None, :], kx[None, :],
-                                   q_ok[:, None] & k_ok[None, :], rpb_base, height, width,
-                                   KERNEL, HAS_RPB, DOT_PRECISION)
+        ky, kx, k_ok, kt, s, valid, wy, wx = _key_chunk(
+            q, qy, qx, q_ok, start, top, left, box_w, box, k_base, sk_y, sk_x, sk_d, rpb_base,
+            height, width, HEAD_DIM, KERNEL, HAS_RPB, BLOCK_N, BLOCK_D, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -235,11 +252,9 @@ def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delt
         v_base = v_ptr + b64 * sv_b + head * sv_h
         dq = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
         for start in range(0, box, BLOCK_N):
-            ky, kx, k_ok = _box_pixels(start, top, left, box_w, box, BLOCK_N)
-            kt = _load_cols(k_base, ky, kx, k_ok, sk_y, sk_x, sk_d, HEAD_DIM, BLOCK_D)
-            s, valid, wy, wx = _scores(q, kt, qy[:, None], qx[:, None], ky[None, :], kx[None, :],
-                                       q_ok[:, None] & k_ok[None, :], rpb_base, height, width,
-                                       KERNEL, HAS_RPB, DOT_PRECISION)
+            ky, kx, k_ok, kt, s, valid, wy, wx = _key_chunk(
+                q, qy, qx, q_ok, start, top, left, box_w, box, k_base, sk_y, sk_x, sk_d, rpb_base,
+                height, width, HEAD_DIM, KERNEL, HAS_RPB, BLOCK_N, BLOCK_D, DOT_PRECISION)
             p = tl.exp2(s - lse[:, None])
             vt = _load_cols(v_base, ky, kx, k_ok, sv_y, sv_x, sv_d, HEAD_DIM, BLOCK_D)
             ds = p * (tl.dot(do, vt, input_precision=DOT_PRECISION) - delta[:, None])
@@ -263,8 +278,7 @@ def _na_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, lse_ptr, delta_ptr
                         TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``dk``, ``dv`` of a tile of keys, both with the strides ``so_*``."""
-    batch = (tl.program_id(1) // heads).to(tl.int64)
-    head = tl.program_id(1) % heads
+    batch, head = _batch_and_head(heads)
     ky, kx, k_ok, y0, x0 = _tile(height, width, TILE_H, TILE_W)
     span_h = tl.minimum(height, KERNEL)
     span_w = tl.minimum(width, KERNEL)
