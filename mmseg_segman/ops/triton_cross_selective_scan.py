@@ -38,6 +38,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_jit import jit_with_runtime_ints
+
+
+# Sizes and the strides that follow them stay runtime values (one compilation for every map
+# size); the innermost strides, 1 for any contiguous input, are left to Triton's specialisation.
+_RUNTIME_INTS = {'channels', 'height', 'width',
+                 *(f's{t}_{dim}' for t in 'xdbcy' for dim in 'bkch')}
+
 
 @triton.jit
 def _affine_combine(a_left, b_left, a_right, b_right):
@@ -103,7 +111,7 @@ def _direction_program(x_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, c
     return direction, batch, ch, ch_ok, A, D, bias, x_base, delta_base, b_base, c_base, row_base
 
 
-@triton.jit
+@jit_with_runtime_ints(_RUNTIME_INTS)
 def _cross_scan_fwd_kernel(
         x_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, y_ptr, h_ptr,
         channels, height, width,
@@ -133,7 +141,7 @@ def _cross_scan_fwd_kernel(
             tl.store(h_ptr + row_base + t[None, :], h, mask=ok)
 
 
-@triton.jit
+@jit_with_runtime_ints(_RUNTIME_INTS)
 def _cross_scan_bwd_kernel(
         x_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, h_ptr, dy_ptr,
         du_ptr, ddelta_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr,

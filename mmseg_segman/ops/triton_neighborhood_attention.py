@@ -31,7 +31,6 @@ PyTorch then folds ``G`` into the ``(heads, 2k-1, 2k-1)`` table with matrix prod
 Sizes and strides are runtime values (not specialised by Triton): one compilation per
 (dtype, head dim, kernel size, rpb or not) serves every batch and map size.
 """
-import inspect
 import math
 from functools import lru_cache
 from typing import List, NamedTuple, Optional, Tuple
@@ -42,21 +41,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_jit import jit_with_runtime_ints
+
 LOG2E = tl.constexpr(1.4426950408889634)
 NEG = tl.constexpr(-1.0e30)  # the masked score: finite, so rows without a valid key yet stay NaN-free
 
 
-# Ints that change with the input size: Triton would specialise a kernel on each of them
-# being 1 or a multiple of 16, and compile it again when that changes.
-_SIZES_AND_STRIDES = {
+# Sizes and strides: runtime values, one compilation for every input size
+_RUNTIME_INTS = {
     'batch_size', 'batches_per_group', 'heads', 'height', 'width',
     *(f's{t}_{dim}' for t in ('q', 'k', 'v', 'o', 'do') for dim in 'bhyxd')}
-
-
-def _jit_with_runtime_sizes(fn):
-    """``triton.jit`` that keeps the kernel's sizes and strides runtime values."""
-    names = [name for name in inspect.signature(fn).parameters if name in _SIZES_AND_STRIDES]
-    return triton.jit(do_not_specialize=names)(fn)
 
 
 class Blocks(NamedTuple):
@@ -181,7 +175,7 @@ def _key_chunk(q, qy, qx, q_ok, start, top, left, box_w, box, k_base, sk_y, sk_x
     return ky, kx, k_ok, kt, s, valid, wy, wx
 
 
-@_jit_with_runtime_sizes
+@jit_with_runtime_ints(_RUNTIME_INTS)
 def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, width,
                    sq_b, sq_h, sq_y, sq_x, sq_d, sk_b, sk_h, sk_y, sk_x, sk_d,
                    sv_b, sv_h, sv_y, sv_x, sv_d, so_b, so_h, so_y, so_x, so_d,
@@ -216,7 +210,7 @@ def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, 
     tl.store(lse_ptr + row, m_i + tl.log2(l_i), mask=q_ok)
 
 
-@_jit_with_runtime_sizes
+@jit_with_runtime_ints(_RUNTIME_INTS)
 def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, g_ptr,
                       batch_size, batches_per_group, heads, height, width,
                       sq_b, sq_h, sq_y, sq_x, sq_d, sk_b, sk_h, sk_y, sk_x, sk_d,
@@ -268,7 +262,7 @@ def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delt
                     so_y, so_x, so_d, HEAD_DIM, BLOCK_D)
 
 
-@_jit_with_runtime_sizes
+@jit_with_runtime_ints(_RUNTIME_INTS)
 def _na_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                         heads, height, width,
                         sq_b, sq_h, sq_y, sq_x, sq_d, sk_b, sk_h, sk_y, sk_x, sk_d,
