@@ -27,6 +27,7 @@ from mmseg.registry import MODELS
 
 import mmseg_segman
 from mmseg_segman.models import SegMANEncoder
+from mmseg_segman.models.strict_loading import WeightsMismatchError
 
 CONVERTER = Path(__file__).resolve().parent / 'convert_official_checkpoint.py'
 ENCODER_FOLDER = 'https://drive.google.com/drive/folders/1QYU7nhpe0ddH7bPxI7VH4drc__07uEHs'
@@ -85,7 +86,7 @@ def check_segmentor(dst: Path, config: Path) -> Tuple[str, str]:
     model = MODELS.build(cfg.model)
     try:
         model.load_state_dict(ckpt['state_dict'], strict=True)
-    except RuntimeError as error:
+    except (RuntimeError, WeightsMismatchError) as error:
         raise SystemExit(f'{dst} does not fit {config.name}: {error}')
     params = sum(p.numel() for p in model.parameters()) / 1e6
     classes = len((ckpt['meta'].get('dataset_meta') or {}).get('classes', ()))
