@@ -12,26 +12,31 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from mmseg_segman.ops import triton_cross_selective_scan as cross  # noqa: E402
+from mmseg_segman.ops import triton_neighborhood_attention as tna  # noqa: E402
 
 H100 = GPUTarget('cuda', 90, 32)
-FLOAT32_POINTERS = {'a_ptr', 'd_ptr', 'bias_ptr', 'y_ptr', 'h_ptr', 'dy_ptr', 'du_ptr',
-                    'ddelta_ptr', 'db_ptr', 'dc_ptr', 'da_ptr', 'dd_ptr', 'dbias_ptr'}
+SCAN_FLOAT32_POINTERS = {'a_ptr', 'd_ptr', 'bias_ptr', 'y_ptr', 'h_ptr', 'dy_ptr', 'du_ptr',
+                         'ddelta_ptr', 'db_ptr', 'dc_ptr', 'da_ptr', 'dd_ptr', 'dbias_ptr'}
+NA_FLOAT32_POINTERS = {'rpb_ptr', 'lse_ptr', 'delta_ptr', 'g_ptr'}
 
 
-def compile_for_h100(kernel, activation: str, num_warps: int, **constexprs) -> bytes:
-    """Compile ``kernel`` with activations (x/u, delta, B, C) of type ``activation``."""
+def compile_for_h100(kernel, activation: str, float32_pointers, num_warps: int,
+                     num_stages: int = 3, **constexprs) -> bytes:
+    """Compile ``kernel`` with the pointers in ``float32_pointers`` to float32 and the other
+    pointers (activations) to ``activation``."""
     names = kernel.arg_names
     signature = {}
     for name in names:
         if name in constexprs:
             signature[name] = 'constexpr'
         elif name.endswith('_ptr'):
-            signature[name] = '*fp32' if name in FLOAT32_POINTERS else f'*{activation}'
+            signature[name] = '*fp32' if name in float32_pointers else f'*{activation}'
         else:
             signature[name] = 'i32'
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(source, target=H100, options={'num_warps': num_warps}).asm['cubin']
+    options = {'num_warps': num_warps, 'num_stages': num_stages}
+    return triton.compile(source, target=H100, options=options).asm['cubin']
 
 
 # SegMAN's stage-1 (96 channels, 128x128) and decoder (384 channels, 16x16) sizes at 512x512
@@ -43,9 +48,27 @@ SIZES = [(96, 128 * 128), (384, 16 * 16)]
 def test_cross_scan_kernels_compile(activation, channels, length):
     block_d, block_l, warps = cross.block_sizes(channels, length)
     for store_h in (True, False):
-        assert compile_for_h100(cross._cross_scan_fwd_kernel, activation, warps, STORE_H=store_h,
-                                BLOCK_D=block_d, BLOCK_L=block_l)
+        assert compile_for_h100(cross._cross_scan_fwd_kernel, activation, SCAN_FLOAT32_POINTERS,
+                                warps, STORE_H=store_h, BLOCK_D=block_d, BLOCK_L=block_l)
     block_d, block_l, warps = cross.block_sizes(channels, length, backward=True)
-    assert compile_for_h100(cross._cross_scan_bwd_kernel, activation, warps,
+    assert compile_for_h100(cross._cross_scan_bwd_kernel, activation, SCAN_FLOAT32_POINTERS, warps,
                             BLOCK_D=block_d, BLOCK_L=block_l)
 
+
+# SegMAN-B stage 1 and S stage 3; float32 (three TF32 products a dot) compiles slowly: one shape
+@pytest.mark.parametrize('activation,head_dim,kernel_size', [('bf16', 24, 11), ('bf16', 36, 7),
+                                                             ('fp32', 24, 11)])
+def test_neighborhood_attention_kernels_compile(activation, head_dim, kernel_size):
+    fwd, dq, dkdv = tna.block_sizes(head_dim, kernel_size)
+    common = dict(HEAD_DIM=head_dim, KERNEL=kernel_size, HAS_RPB=True, BLOCK_D=tna._head_block(head_dim),
+                  DOT_PRECISION='tf32x3' if activation == 'fp32' else 'tf32')
+    assert compile_for_h100(tna._na_fwd_kernel, activation, NA_FLOAT32_POINTERS,
+                            fwd.num_warps, fwd.num_stages,
+                            TILE_H=fwd.tile_h, TILE_W=fwd.tile_w, BLOCK_N=fwd.block, **common)
+    assert compile_for_h100(tna._na_bwd_dq_kernel, activation, NA_FLOAT32_POINTERS,
+                            dq.num_warps, dq.num_stages,
+                            STORE_G=True, ACCUMULATE_G=True, TILE_H=dq.tile_h, TILE_W=dq.tile_w,
+                            BLOCK_N=dq.block, **common)
+    assert compile_for_h100(tna._na_bwd_dkdv_kernel, activation, NA_FLOAT32_POINTERS,
+                            dkdv.num_warps, dkdv.num_stages,
+                            TILE_H=dkdv.tile_h, TILE_W=dkdv.tile_w, BLOCK_M=dkdv.block, **common)
