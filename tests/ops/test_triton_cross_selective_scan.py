@@ -4,9 +4,6 @@
 subprocess executing this file (the rest of the suite never sees the variable). Sizes are
 small: the interpreter runs every scan element in Python.
 """
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -14,10 +11,9 @@ import pytest
 
 def test_triton_cross_scan_in_interpreter():
     pytest.importorskip('triton')
-    result = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, 'TRITON_INTERPRET': '1'})
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert 'all checks passed' in result.stdout, result.stdout[-4000:]
+    # imported here, not at the top: this file also runs as a script in the interpreter
+    from .triton_interpreter import assert_checks_pass_in_interpreter
+    assert_checks_pass_in_interpreter(__file__, timeout=300)
 
 
 def test_not_chosen_on_cpu_without_interpreter(monkeypatch):

@@ -9,9 +9,6 @@ several tiles. float16 stands in for the 16-bit types: bfloat16 runs in the GPU 
 bfloat16 run overflows in ``exp2`` (not investigated further). That the kernels compile for
 the H100 is checked with the scan's in ``test_triton_compile.py``.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -86,10 +83,9 @@ def interpreter_checks():
 
 
 def test_triton_neighborhood_attention_in_interpreter():
-    result = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, 'TRITON_INTERPRET': '1'})
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert 'all checks passed' in result.stdout, result.stdout[-4000:]
+    # imported here, not at the top: this file also runs as a script in the interpreter
+    from .triton_interpreter import assert_checks_pass_in_interpreter
+    assert_checks_pass_in_interpreter(__file__, timeout=600)
 
 
 def test_not_chosen_on_cpu_without_interpreter(monkeypatch):
