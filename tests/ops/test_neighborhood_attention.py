@@ -5,6 +5,8 @@ import torch
 from mmseg_segman.ops import neighborhood_attention_2d
 from mmseg_segman.ops.neighborhood_attention import window_starts
 
+from .autograd_memory import saved_bytes
+
 
 def natten_start(i, n, k):
     r = k // 2
@@ -103,19 +105,6 @@ def test_natten_backend_needs_its_fused_kernels_and_no_rpb():
     assert _natten_unavailable(q, q, q, 7, None) == 'needs CUDA tensors'
     assert 'rpb' in _natten_unavailable(q, q, q, 7, torch.zeros(2, 13, 13))
     assert _neighborhood_attention.select(q, q, q, 7, None) == 'torch'
-
-
-def saved_bytes(fn, *args) -> int:
-    """Bytes of the tensors autograd keeps for the backward pass of ``fn(*args)``."""
-    sizes = []
-
-    def pack(t):
-        sizes.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return sum(sizes)
 
 
 def test_reference_keeps_no_copies_of_the_windows():
