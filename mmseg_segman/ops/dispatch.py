@@ -25,7 +25,7 @@ Unknown op or backend names are refused with an error that names them: in code w
 scope is entered, in a config when the model is built, in the environment at the next op
 call. A chosen backend that cannot run the inputs raises a ``RuntimeError`` saying who chose
 it and why it cannot run them; automatic choice never fails (the reference runs anywhere).
-The first time a backend runs for an op, one line says so in mmengine's log.
+The first time a backend runs eagerly for an op, one line says so in mmengine's log.
 
 Scopes live in :mod:`contextvars`: they follow the code that entered them (threads started
 inside a scope do not see it). For non-reentrant ``torch.utils.checkpoint`` pass
@@ -35,9 +35,10 @@ import os
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from functools import wraps
-from typing import (Callable, ContextManager, Dict, Iterator, Mapping, NamedTuple, Optional,
+from typing import (Callable, ContextManager, Dict, Iterator, List, Mapping, NamedTuple, Optional,
                     Tuple, Union)
 
+import torch
 from mmengine.logging import print_log
 
 Choice = Union[str, Callable, None]
@@ -45,6 +46,9 @@ Choice = Union[str, Callable, None]
 _Layer = Dict[str, Tuple[Choice, str]]
 _code: ContextVar[_Layer] = ContextVar('segman_code_backends', default={})
 _config: ContextVar[_Layer] = ContextVar('segman_config_backends', default={})
+# torch.compile cannot trace ContextVar.set: scopes entered while it traces go on this stack
+# instead, as (variable name, layer); a compiled graph keeps the backends chosen when it was traced
+_traced: List[Tuple[str, _Layer]] = []
 _registry: Dict[str, 'OpDispatcher'] = {}
 _ENV = 'SEGMAN_BACKEND'
 
@@ -94,13 +98,31 @@ def _layer(choices: Mapping[str, Choice], source: str, callables: bool) -> _Laye
     return layer
 
 
+def _current(var: ContextVar) -> _Layer:
+    """The choices of ``var``'s scopes, the innermost last."""
+    layer = var.get()
+    for name, traced_layer in _traced:
+        if name == var.name:
+            layer = {**layer, **traced_layer}
+    return layer
+
+
 @contextmanager
 def _entered(var: ContextVar, layer: _Layer) -> Iterator[None]:
-    token = var.set({**var.get(), **layer})
-    try:
+    if not layer:
         yield
-    finally:
-        var.reset(token)
+    elif torch.compiler.is_compiling():
+        _traced.append((var.name, layer))
+        try:
+            yield
+        finally:
+            _traced.pop()
+    else:
+        token = var.set({**var.get(), **layer})
+        try:
+            yield
+        finally:
+            var.reset(token)
 
 
 def use_backends(choices: Union[str, Mapping[str, Choice], None] = None,
@@ -139,7 +161,7 @@ def with_op_backends(forward: Callable) -> Callable:
 def recompute_in_current_scope() -> Tuple[ContextManager, ContextManager]:
     """``context_fn`` for non-reentrant ``torch.utils.checkpoint``: the recompute in the
     backward pass runs under the backend choices active during the forward."""
-    code, config = _code.get(), _config.get()
+    code, config = _current(_code), _current(_config)
 
     @contextmanager
     def restored() -> Iterator[None]:
@@ -187,7 +209,7 @@ class OpDispatcher:
 
     def requested(self) -> Optional[Tuple[Choice, str]]:
         """The strongest choice for this op and who made it, or ``None`` (automatic)."""
-        for layer in (_code.get(), _config.get()):
+        for layer in (_current(_code), _current(_config)):
             if self.name in layer:
                 return layer[self.name]
         return _environment_choice(self.name)
@@ -222,7 +244,8 @@ class OpDispatcher:
 
     def __call__(self, *args, **kwargs):
         name, fn = self.resolve(*args, **kwargs)
-        if name not in self._logged:
+        # not while torch.compile traces: logging would break the graph
+        if name not in self._logged and not torch.compiler.is_compiling():
             self._logged.add(name)
             print_log(f'SegMAN op {self.name}: running backend {name!r}', logger='current')
         return fn(*args, **kwargs)

@@ -90,7 +90,7 @@ def linear_recurrence(log_decay: Tensor, drive: Tensor) -> Tensor:
     temporaries of the inputs' size. For use without autograd (its graph would keep every step).
     """
     length = log_decay.size(-1)
-    steps = max(1, math.isqrt(length - 1) + 1)
+    steps = max(1, math.ceil(math.sqrt(length)))  # not isqrt: torch.compile cannot trace it
     pad = -length % steps
     # (steps, ..., chunks): one contiguous slice per step
     decay = F.pad(log_decay, (0, pad)).exp().unflatten(-1, (-1, steps)).movedim(-1, 0).contiguous()

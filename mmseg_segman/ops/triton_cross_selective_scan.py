@@ -31,7 +31,7 @@ summed over the program's channels, ``dA``, ``dD``, ``d delta_bias`` summed over
 These partial sums are reduced in PyTorch (over channel blocks, resp. the batch); again
 no atomics. Gradients are returned in the inputs' dtypes.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -228,45 +228,93 @@ def _flat(*params: Tensor) -> Tuple[Tensor, ...]:
     return tuple(t.reshape(-1).contiguous() for t in params)
 
 
-class _TritonCrossSelectiveScan(torch.autograd.Function):
+def _blocks(x: Tensor, blocks: List[int], backward: bool) -> Blocks:
+    """``blocks`` as given, or the default of ``x``'s map size when empty (chosen inside the
+    ops, so that compiled graphs do not depend on the map size through their arguments)."""
+    if blocks:
+        return tuple(blocks)
+    return block_sizes(x.shape[1], x.shape[2] * x.shape[3], backward)
 
-    @staticmethod
-    def forward(ctx, x, delta, A, B, C, D, delta_bias, fwd_blocks, bwd_blocks):
-        batch, channels, height, width = x.shape
-        store_h = any(ctx.needs_input_grad[:7])
-        f32 = dict(device=x.device, dtype=torch.float32)
-        ys = torch.empty(batch, 4, channels, height, width, **f32)
-        h = torch.empty(batch, 4, channels, height * width, **f32) if store_h else ys
-        block_d, block_l, warps = fwd_blocks
-        _cross_scan_fwd_kernel[(triton.cdiv(channels, block_d), 4, batch)](
-            x, delta, *_flat(A, D, delta_bias), B, C, ys, h, channels, height, width,
-            *_strides(x, delta, B, C), STORE_H=store_h, BLOCK_D=block_d, BLOCK_L=block_l,
-            num_warps=warps)
-        if store_h:
-            ctx.save_for_backward(x, delta, A, B, C, D, delta_bias, h)
-            ctx.bwd_blocks = bwd_blocks
-        return ys.sum(1)
 
-    @staticmethod
-    def backward(ctx, dy):
-        # saved_tensors is unpacked once: checkpointing (with_cp) forbids a second unpack
-        *inputs, h = ctx.saved_tensors
-        x, delta, A, B, C, D, delta_bias = inputs
-        block_d, block_l, warps = ctx.bwd_blocks
-        batch, channels, height, width = x.shape
-        grid = (triton.cdiv(channels, block_d), 4, batch)
-        f32 = dict(device=x.device, dtype=torch.float32)
-        du = torch.empty(batch, 4, channels, height, width, **f32)
-        ddelta = torch.empty_like(du)
-        dB, dC = (torch.empty(batch, 4, grid[0], height, width, **f32) for _ in range(2))
-        dA, dD, dbias = (torch.empty(batch, 4 * channels, **f32) for _ in range(3))
-        _cross_scan_bwd_kernel[grid](x, delta, *_flat(A, D, delta_bias), B, C, h, dy,
-                                     du, ddelta, dB, dC, dA, dD, dbias,
-                                     channels, height, width, *_strides(x, delta, B, C), *dy.stride(),
-                                     BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
-        grads = (du.sum(1), ddelta, dA.sum(0), dB.sum(2, keepdim=True), dC.sum(2, keepdim=True),
-                 dD.sum(0), dbias.sum(0))
-        return (*(g.view(t.shape).to(t.dtype) for g, t in zip(grads, inputs)), None, None)
+def _float32(*shape: int, like: Tensor) -> Tensor:
+    return torch.empty(*shape, device=like.device, dtype=torch.float32)
+
+
+@torch.library.custom_op('mmseg_segman::cross_scan_forward', mutates_args=())
+def cross_scan_forward(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                       delta_bias: Tensor, store_states: bool,
+                       blocks: List[int]) -> Tuple[Tensor, Tensor]:
+    """``y (B, D, H, W)`` float32 and, if ``store_states``, the states ``h (B, 4, D, H*W)``
+    float32 in scan order for the backward pass (else an empty tensor). ``blocks``: the
+    forward's then the backward's ``(BLOCK_D, BLOCK_L, num_warps)``, or empty (defaults)."""
+    batch, channels, height, width = x.shape
+    ys = _float32(batch, 4, channels, height, width, like=x)
+    h = _float32(batch, 4, channels, height * width if store_states else 0, like=x)
+    block_d, block_l, warps = _blocks(x, blocks[:3], backward=False)
+    _cross_scan_fwd_kernel[(triton.cdiv(channels, block_d), 4, batch)](
+        x, delta, *_flat(A, D, delta_bias), B, C, ys, h if store_states else ys, channels,
+        height, width, *_strides(x, delta, B, C), STORE_H=store_states, BLOCK_D=block_d,
+        BLOCK_L=block_l, num_warps=warps)
+    return ys.sum(1), h
+
+
+@cross_scan_forward.register_fake
+def _(x, delta, A, B, C, D, delta_bias, store_states, blocks):
+    batch, channels, height, width = x.shape
+    return (_float32(batch, channels, height, width, like=x),
+            _float32(batch, 4, channels, height * width if store_states else 0, like=x))
+
+
+_GRAD_NAMES = ('x', 'delta', 'A', 'B', 'C', 'D', 'delta_bias')
+
+
+@torch.library.custom_op('mmseg_segman::cross_scan_backward', mutates_args=())
+def cross_scan_backward(dy: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                        D: Tensor, delta_bias: Tensor, h: Tensor,
+                        blocks: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                    Tensor, Tensor]:
+    """The gradients of ``x, delta, A, B, C, D, delta_bias``, in their shapes and dtypes."""
+    inputs = x, delta, A, B, C, D, delta_bias
+    block_d, block_l, warps = _blocks(x, blocks, backward=True)
+    batch, channels, height, width = x.shape
+    grid = (triton.cdiv(channels, block_d), 4, batch)
+    du = _float32(batch, 4, channels, height, width, like=x)
+    ddelta = torch.empty_like(du)
+    dB, dC = (_float32(batch, 4, grid[0], height, width, like=x) for _ in range(2))
+    dA, dD, dbias = (_float32(batch, 4 * channels, like=x) for _ in range(3))
+    _cross_scan_bwd_kernel[grid](x, delta, *_flat(A, D, delta_bias), B, C, h, dy,
+                                 du, ddelta, dB, dC, dA, dD, dbias,
+                                 channels, height, width, *_strides(x, delta, B, C), *dy.stride(),
+                                 BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
+    grads = (du.sum(1), ddelta, dA.sum(0), dB.sum(2, keepdim=True), dC.sum(2, keepdim=True),
+             dD.sum(0), dbias.sum(0))
+    return tuple(g.view(t.shape).to(t.dtype) for g, t in zip(grads, inputs))
+
+
+@cross_scan_backward.register_fake
+def _(dy, x, delta, A, B, C, D, delta_bias, h, blocks):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (x, delta, A, B, C, D, delta_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, store_states, blocks = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*tensors, output[1])
+    ctx.store_states, ctx.blocks = store_states, blocks
+
+
+def _backward(ctx, dy, grad_h):
+    # saved_tensors is unpacked once: checkpointing (with_cp) forbids a second unpack
+    *inputs, h = ctx.saved_tensors
+    if not ctx.store_states:  # a forward that did not expect a backward: states recomputed
+        h = cross_scan_forward(*inputs, True, ctx.blocks)[1]
+    grads = cross_scan_backward(dy, *inputs, h, ctx.blocks[3:])
+    return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)),
+            None, None)
+
+
+cross_scan_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def cross_selective_scan_triton(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -278,13 +326,16 @@ def cross_selective_scan_triton(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, 
         x: ``(B, D, H, W)``; delta: ``(B, 4, D, H, W)``; A: ``(4*D, 1)``;
             B, C: ``(B, 4, 1, H, W)``; D, delta_bias: ``(4*D,)``.
         fwd_blocks, bwd_blocks: ``(BLOCK_D, BLOCK_L, num_warps)`` of the forward and the
-            backward kernel (block sizes powers of two); default :func:`block_sizes`.
+            backward kernel (block sizes powers of two); default :func:`block_sizes` of the
+            map's size.
 
     Returns:
         ``(B, D, H, W)`` float32.
     """
-    batch, channels, height, width = x.shape
-    length = height * width
-    return _TritonCrossSelectiveScan.apply(x, delta, A, B, C, D, delta_bias,
-                                           fwd_blocks or block_sizes(channels, length),
-                                           bwd_blocks or block_sizes(channels, length, backward=True))
+    inputs = (x, delta, A, B, C, D, delta_bias)
+    store_states = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    blocks = []
+    if fwd_blocks is not None or bwd_blocks is not None:
+        blocks = [*(fwd_blocks or _blocks(x, [], backward=False)),
+                  *(bwd_blocks or _blocks(x, [], backward=True))]
+    return cross_scan_forward(*inputs, store_states, blocks)[0]

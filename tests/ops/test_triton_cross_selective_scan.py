@@ -158,6 +158,19 @@ def check_dispatch_and_no_grad():
     print('dispatch and no-grad: ok')
 
 
+def check_custom_op():
+    """The op registered with torch.library: schema, fake (meta) shapes, autograd, and the
+    fake implementation under dynamic shapes (what torch.compile traces)."""
+    import torch
+
+    import mmseg_segman.ops.triton_cross_selective_scan  # noqa: F401  (registers the op)
+    inputs = [t.requires_grad_() for t in make_inputs(1, 2, 3, 4, torch.float32)]
+    for store_states in (True, False):
+        torch.library.opcheck(torch.ops.mmseg_segman.cross_scan_forward,
+                              (*inputs, store_states, []))
+    print('custom op: ok')
+
+
 def main():
     import torch
 
@@ -174,6 +187,7 @@ def main():
     check_stiff_decay()
     check_checkpointed()
     check_dispatch_and_no_grad()
+    check_custom_op()
     print(f'all checks passed in {time.perf_counter() - start:.1f} s')
 
 

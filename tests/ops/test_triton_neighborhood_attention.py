@@ -79,6 +79,12 @@ def interpreter_checks():
     # the dispatcher picks the Triton backend for these inputs under the interpreter
     q = torch.randn(1, 1, 5, 5, 16)
     assert na._neighborhood_attention.select(q, q, q, 3, None) == 'triton'
+    # the torch.library op: schema, fake (meta) shapes, autograd, dynamic shapes
+    q, k, v = (torch.randn(1, 2, 5, 4, 8, requires_grad=True) for _ in range(3))
+    blocks = [n for b in (tna.Blocks(8, 8, 32, 4, 1),) * 3 for n in b]
+    for rpb in (torch.randn(2, 5, 5, requires_grad=True), None):
+        torch.library.opcheck(torch.ops.mmseg_segman.na2d_forward, (q, k, v, rpb, 3, blocks))
+    print('custom op: ok')
     print('all checks passed')
 
 
