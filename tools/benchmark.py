@@ -9,9 +9,12 @@ median step gives images/s, ``torch.cuda.max_memory_allocated`` over the timed s
 peak memory. SegMAN runs on its ``fast`` path (every op's fastest backend) and its ``ref``
 path (every op on its ``torch`` backend: ``use_backends('torch')`` around each cell). All models use
 their ADE20K heads (150 classes) at every size. Out-of-memory is reported as ``OOM``.
+``--compile no yes`` runs each cell eagerly and under ``torch.compile`` of the whole
+segmentor (default options, one graph per cell: dynamo's caches are reset first; the
+warm-up, whose seconds are recorded, pays for the compilation).
 
     python tools/benchmark.py --mode infer --models segman-t segnext-t --sizes 512 \\
-        --batches 1 16 --dtypes bf16 --paths fast ref --out results.jsonl
+        --batches 1 16 --dtypes bf16 --paths fast ref --compile no yes --out results.jsonl
     python tools/benchmark.py --render results.jsonl [more.jsonl ...]   # markdown tables
 
 Results go to ``--out`` as JSON lines as each cell finishes; ``--render`` prints the tables
@@ -111,15 +114,18 @@ def timed_steps(step, warmup: int, iters: int, cell_seconds: float) -> Dict:
 
 
 def measure(model: nn.Module, mode: str, batch: int, height: int, width: int, dtype: torch.dtype,
-            args) -> Dict:
+            compiled: bool, args) -> Dict:
     images = torch.randn(batch, 3, height, width, device='cuda')
+    if compiled:
+        torch._dynamo.reset()
+    run_model = torch.compile(model) if compiled else model
     autocast = torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32)
     if mode == 'infer':
         model.eval()
 
         def step():
             with torch.inference_mode(), autocast:
-                model(images, mode='tensor')
+                run_model(images, mode='tensor')
     else:
         model.train()
         samples = data_samples(batch, height, width)
@@ -127,7 +133,7 @@ def measure(model: nn.Module, mode: str, batch: int, height: int, width: int, dt
 
         def step():
             with autocast:
-                losses = model.loss(images, samples)
+                losses = run_model(images, samples, mode='loss')
             sum(v for k, v in losses.items() if 'loss' in k).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -162,8 +168,10 @@ def cells(args) -> Iterable[Dict]:
             for size in args.sizes:
                 for dtype in args.dtypes:
                     for batch in args.batches:
-                        yield dict(model=model, path=path, mode=args.mode, size=size, dtype=dtype,
-                                   batch=batch, with_cp=args.with_cp)
+                        for compiled in args.compile:
+                            yield dict(model=model, path=path, mode=args.mode, size=size,
+                                       dtype=dtype, batch=batch, with_cp=args.with_cp,
+                                       compiled=compiled == 'yes')
 
 
 def run(args) -> None:
@@ -183,7 +191,7 @@ def run(args) -> None:
                     model, built = build_model(cell['model'], args.with_cp), cell['model']
                 with path_backends(cell['path']):
                     cell.update(measure(model, args.mode, cell['batch'], *parse_size(cell['size']),
-                                        DTYPES[cell['dtype']], args))
+                                        DTYPES[cell['dtype']], cell['compiled'], args))
                 cell['status'] = 'ok'
             except torch.OutOfMemoryError:
                 cell['status'] = 'OOM'
@@ -194,6 +202,10 @@ def run(args) -> None:
         if out:
             out.write(json.dumps(cell) + '\n')
             out.flush()
+
+
+def path_label(cell: Dict) -> str:
+    return cell['path'] + (' compiled' if cell.get('compiled') else '')
 
 
 def render(files: List[str]) -> str:
@@ -210,8 +222,8 @@ def render(files: List[str]) -> str:
                   '(images/s, peak GiB)', '',
                   '| model | path | ' + ' | '.join(sizes) + ' |',
                   '|---|---|' + '---|' * len(sizes)]
-        for model, path in dict.fromkeys((r['model'], r['path']) for r in group):
-            cellmap = {r['size']: r for r in group if (r['model'], r['path']) == (model, path)}
+        for model, path in dict.fromkeys((r['model'], path_label(r)) for r in group):
+            cellmap = {r['size']: r for r in group if (r['model'], path_label(r)) == (model, path)}
             values = []
             for size in sizes:
                 r = cellmap.get(size)
@@ -235,6 +247,8 @@ def main() -> None:
     parser.add_argument('--sizes', nargs='+', default=['512'], help='HxW or S for SxS')
     parser.add_argument('--batches', nargs='+', type=int, default=[16])
     parser.add_argument('--dtypes', nargs='+', choices=list(DTYPES), default=['bf16'])
+    parser.add_argument('--compile', nargs='+', choices=['no', 'yes'], default=['no'],
+                        help='eager and/or torch.compile of the whole segmentor')
     parser.add_argument('--with-cp', action='store_true', help='gradient checkpointing (backbone)')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--iters', type=int, default=10)

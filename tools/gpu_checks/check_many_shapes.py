@@ -1,11 +1,15 @@
 """Whole-image inference over many input shapes: the first pass against the second.
 
-    python3 tools/gpu_checks/check_many_shapes.py --models segman-t segnext-t --out shapes.jsonl
+    python3 tools/gpu_checks/check_many_shapes.py --models segman-t segnext-t --compile no yes \
+        --out shapes.jsonl
 
 25 shapes as an ADE20K evaluation meets them (short side 512, long side 512 to 896 in steps
 of 32, landscape and portrait), batch 1, bf16 autocast, ``torch.inference_mode``, one
-``model(images, mode='tensor')`` per shape. The first pass pays for every compilation and
-autotuning a new shape triggers; the second runs warm. Prints one line per model and pass.
+``model(images, mode='tensor')`` per shape. One warm-up call at 480x480 (a shape not in the
+list) pays for what any first call pays (Triton's kernels, cuDNN's choices, ``torch.compile``'s
+first graph); then the first pass pays for what each new shape triggers, and the second runs
+warm. ``--compile yes``: ``torch.compile`` of the whole segmentor with ``--dynamic`` (``auto``:
+dynamo's default, a dynamic graph after the first recompilation). One line per model.
 """
 import argparse
 import json
@@ -36,12 +40,23 @@ def one_pass(model, dtype) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--models', nargs='+', choices=MODELS, default=['segman-t', 'segnext-t'])
+    parser.add_argument('--compile', nargs='+', choices=['no', 'yes'], default=['no'])
+    parser.add_argument('--dynamic', choices=['auto', 'true'], default='auto')
     parser.add_argument('--out', help='append JSON lines here')
     args = parser.parse_args()
-    for name in args.models:
+    for name, compiled in ((n, c == 'yes') for n in args.models for c in args.compile):
+        torch._dynamo.reset()
         model = build_model(name).eval()
-        first, second = one_pass(model, torch.bfloat16), one_pass(model, torch.bfloat16)
-        row = dict(model=name, shapes=len(SHAPES), first_pass_s=round(first, 2),
+        run_model = torch.compile(model, dynamic=True if args.dynamic == 'true' else None) \
+            if compiled else model
+        start = time.perf_counter()
+        with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
+            run_model(torch.randn(1, 3, 480, 480, device='cuda'), mode='tensor')
+        torch.cuda.synchronize()
+        warmup = time.perf_counter() - start
+        first, second = one_pass(run_model, torch.bfloat16), one_pass(run_model, torch.bfloat16)
+        row = dict(model=name, compiled=compiled, dynamic=args.dynamic if compiled else None,
+                   shapes=len(SHAPES), warmup_s=round(warmup, 2), first_pass_s=round(first, 2),
                    second_pass_s=round(second, 2), ratio=round(first / second, 2))
         print(json.dumps(row), flush=True)
         if args.out:

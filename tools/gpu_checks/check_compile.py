@@ -1,0 +1,92 @@
+"""``torch.compile`` of whole SegMAN segmentors: graph breaks, and compiled against eager.
+
+    python3 tools/gpu_checks/check_compile.py --models segman-t segman-b --out compile.jsonl
+
+For each model and mode (``infer``: ``model(images, mode='tensor')`` under
+``torch.inference_mode``; ``train``: ``model(images, samples, mode='loss')`` and its backward),
+``torch._dynamo.explain`` counts graphs and graph breaks (with their reasons), then the
+compiled model (inductor, ``fullgraph=True`` for ``infer``) is compared with the eager one:
+logits, or the loss and the gradients of every parameter, as the largest difference relative
+to the largest eager value. bf16 autocast, batch 2 at 512x512 (``--size``), fixed seeds.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmark import MODELS, build_model, data_samples  # noqa: E402  (tools/benchmark.py)
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def run(model, mode: str, images, samples):
+    """Logits (``infer``) or ``[loss, *parameter gradients]`` (``train``)."""
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        if mode == 'infer':
+            with torch.inference_mode():
+                return [model(images, mode='tensor')]
+        losses = model(images, samples, mode='loss')
+    loss = sum(v for k, v in losses.items() if 'loss' in k)
+    loss.backward()
+    return [loss.detach()]
+
+
+def gradients(module) -> list:
+    grads = [p.grad.clone() for p in module.parameters() if p.grad is not None]
+    module.zero_grad(set_to_none=True)
+    return grads
+
+
+def check(name: str, mode: str, size: int) -> dict:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(name)
+    # dropout and drop path off: the compiled and the eager run draw different random numbers
+    model.eval() if mode == 'infer' else model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) or type(m).__name__ == 'DropPath':
+            m.eval()
+    images = torch.randn(2, 3, size, size, device='cuda')
+    samples = data_samples(2, size, size)
+    explanation = torch._dynamo.explain(model)(images, samples, mode='loss') if mode == 'train' \
+        else torch._dynamo.explain(model)(images, mode='tensor')
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    eager = run(model, mode, images, samples) + (gradients(model) if mode == 'train' else [])
+    compiled_model = torch.compile(model, fullgraph=mode == 'infer')
+    start = time.perf_counter()
+    compiled = run(compiled_model, mode, images, samples) + (gradients(model) if mode == 'train' else [])
+    torch.cuda.synchronize()
+    return dict(model=name, mode=mode, size=size, graphs=explanation.graph_count,
+                graph_breaks=explanation.graph_break_count,
+                break_reasons=sorted({str(r.reason).splitlines()[0] for r in explanation.break_reasons}),
+                first_compiled_call_s=round(time.perf_counter() - start, 1),
+                output_rel_diff=relative_difference(compiled[0], eager[0]),
+                grad_rel_diff_max=max((relative_difference(c, e) for c, e in zip(compiled[1:], eager[1:])),
+                                      default=None))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--models', nargs='+', choices=MODELS, default=['segman-t'])
+    parser.add_argument('--modes', nargs='+', choices=['infer', 'train'], default=['infer', 'train'])
+    parser.add_argument('--size', type=int, default=512)
+    parser.add_argument('--out', help='append JSON lines here')
+    args = parser.parse_args()
+    for name in args.models:
+        for mode in args.modes:
+            row = check(name, mode, args.size)
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, 'a') as f:
+                    f.write(json.dumps(row) + '\n')
+
+
+if __name__ == '__main__':
+    main()
