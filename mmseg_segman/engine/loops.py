@@ -21,7 +21,7 @@ class EmptyDatasetError(ValueError):
     """A loop's dataset holds no samples."""
 
 
-def described(dataset: BaseDataset) -> str:
+def _described(dataset: BaseDataset) -> str:
     """``dataset``'s type and, for mmseg's datasets, where it looks for samples."""
     name = type(dataset).__name__
     if not isinstance(dataset, BaseSegDataset):
@@ -57,7 +57,7 @@ class _RefusesEmptyDataset:
             raise EmptyDatasetError(self._message(self.dataloader.dataset))
 
     def _message(self, dataset: BaseDataset) -> str:
-        return (f'{self.dataloader_key}: the {described(dataset)} found no samples. Point '
+        return (f'{self.dataloader_key}: the {_described(dataset)} found no samples. Point '
                 f'{self.dataloader_key}.dataset at the data: its data_root, data_prefix, '
                 'img_suffix, seg_map_suffix, ann_file.')
 
