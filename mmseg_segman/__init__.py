@@ -1,8 +1,9 @@
 """SegMAN (CVPR 2025) for MMSegmentation 1.x.
 
-``import mmseg_segman`` registers ``SegMANEncoder`` and ``SegMANHead`` in mmseg's ``MODELS``
-and ``RNGStateHook`` in its ``HOOKS``, and lets mmengine's checkpoint loading read the
-checkpoints mmengine writes, and nothing more (see :mod:`mmseg_segman.checkpoint_safety`).
+``import mmseg_segman`` registers ``SegMANEncoder`` and ``SegMANHead`` in mmseg's ``MODELS``,
+``RNGStateHook`` in its ``HOOKS`` and the loops that refuse empty datasets in its ``LOOPS``, and
+lets mmengine's checkpoint loading read the checkpoints mmengine writes, and nothing more (see
+:mod:`mmseg_segman.checkpoint_safety`).
 """
 from .checkpoint_safety import guard_mmengine_loading
 from .engine import RNGStateHook

@@ -4,11 +4,15 @@
 model's weights, inputs and outputs from the released code, and the key lists of the released
 checkpoints), so that the tests run from any clone; ``SEGMAN_REFERENCE_DIR`` points elsewhere.
 """
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, List
 
 import pytest
 import torch
+from mmengine.logging import MMLogger
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get('SEGMAN_REFERENCE_DIR', REPO / 'tests' / 'data' / 'reference'))
@@ -36,3 +40,17 @@ def official_keys(size: str):
             name, shape = line.split(' ', 1)
             keys[name] = tuple(int(s) for s in shape.strip('()').split(',') if s.strip())
     return keys
+
+
+@contextmanager
+def captured_log() -> Iterator[List[logging.LogRecord]]:
+    """The records of mmengine's current logger inside the block."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = MMLogger.get_current_instance()
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)

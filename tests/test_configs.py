@@ -23,6 +23,12 @@ def load(path: Path) -> Config:
     return cfg
 
 
+def dataset_of(path: Path) -> str:
+    """The dataset a config trains on: the last part of mmseg's config names
+    (``segman-t-ade20k-pre_1xb8-300i_toy-96x96``: toy)."""
+    return next(name for name in NUM_CLASSES if name in path.stem.rsplit('_', 1)[1])
+
+
 def test_all_configs_are_shipped():
     names = {p.name for p in CONFIGS}
     for size in 'tsbl':
@@ -36,7 +42,7 @@ def test_config_builds(path):
     cfg = load(path)
     assert cfg.custom_imports.imports == ['mmseg_segman']
     size = path.stem.split('_')[0].split('-')[1]
-    dataset = next(name for name in NUM_CLASSES if name in path.stem)
+    dataset = dataset_of(path)
     init_default_scope('mmseg')
     model = MODELS.build(cfg.model)
     assert type(model.backbone).__name__ == 'SegMANEncoder'
@@ -56,7 +62,7 @@ def test_config_widths_are_the_variant_table(path):
     the table's: the encoder size in the file name, the head of its dataset."""
     cfg = load(path)
     size = path.stem.split('_')[0].split('-')[1]
-    dataset = next(name for name in NUM_CLASSES if name in path.stem)
+    dataset = dataset_of(path)
     assert cfg.model.backbone.arch == size
     head = cfg.model.decode_head
     expected = head_widths(size, 'ade20k' if dataset == 'toy' else dataset)  # toy: the base model's

@@ -12,9 +12,10 @@ param_scheduler = [
     dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500),
     dict(type='PolyLR', power=1.0, eta_min=0.0, begin=1500, end=160000, by_epoch=False),
 ]
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=160000, val_interval=8000)
-val_cfg = dict(type='ValLoop')
-test_cfg = dict(type='TestLoop')
+# mmengine's loops, which refuse a dataset without samples by name (mmseg_segman/engine/loops.py)
+train_cfg = dict(type='NonEmptyIterBasedTrainLoop', max_iters=160000, val_interval=8000)
+val_cfg = dict(type='NonEmptyValLoop')
+test_cfg = dict(type='NonEmptyTestLoop')
 default_hooks = dict(
     timer=dict(type='IterTimerHook'),
     logger=dict(type='LoggerHook', interval=50, log_metric_by_epoch=False),

@@ -1,5 +1,6 @@
 """SegMAN decoder: multi-scale features fused, then MMSCopE (one selective scan over a
 stack of three scales of the fused feature)."""
+from functools import partial
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -43,15 +44,22 @@ class SegMANHead(BaseDecodeHead):
     the encoder and the head separately, so a head that does not fit its encoder is
     refused at its first forward, before any computation (a check of shapes only).
 
+    Weights load strictly (:mod:`mmseg_segman.models.strict_loading`).
+
     Args:
         feat_proj_dim: channels ``P`` of the projected encoder maps.
         op_backends: ``{op: backend}`` for this head's forward (see ``mmseg_segman.ops.dispatch``).
+        reinit_mismatched_classifier: fine-tuning on another class count: once
+            ``init_weights`` has run (training), a checkpoint whose classifier (``conv_seg``)
+            has another shape loads all but the classifier, which keeps its initialisation,
+            with a warning. Testing and inference still refuse such a checkpoint.
         **kwargs: :class:`BaseDecodeHead` arguments (``in_channels`` 4 values,
             ``in_index`` 4 values, ``channels``, ``num_classes``, ``norm_cfg``, ...).
     """
 
     def __init__(self, feat_proj_dim: int, op_backends: Optional[Dict[str, str]] = None,
-                 norm_cfg: Dict = dict(type='BN', requires_grad=True), **kwargs):
+                 norm_cfg: Dict = dict(type='BN', requires_grad=True),
+                 reinit_mismatched_classifier: bool = False, **kwargs):
         kwargs.setdefault('in_index', [0, 1, 2, 3])
         super().__init__(input_transform='multiple_select', norm_cfg=norm_cfg, **kwargs)
         if len(self.in_channels) != 4:
@@ -81,7 +89,8 @@ class SegMANHead(BaseDecodeHead):
         self.vssm = SegMANBlock(3 * c, SS2D(3 * c), ffn_dim=12 * c)
         self.proj_out = conv(3 * c, p)
         self.cat = conv(5 * c + 3 * p, c)
-        self.register_load_state_dict_pre_hook(refuse_mismatched_weights)
+        self.reinit_mismatched_classifier = reinit_mismatched_classifier
+        self.register_load_state_dict_pre_hook(partial(refuse_mismatched_weights, classifier='conv_seg'))
 
     def _image_pool(self, x: Tensor) -> Tensor:
         """Global context; with batch 1 in training, BN uses its running statistics

@@ -1,14 +1,13 @@
-import logging
-
 import pytest
 import torch
-from mmengine.logging import MMLogger
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmseg_segman.models import SegMANEncoder
 from mmseg_segman.models.backbones import stage_prefix
 from mmseg_segman.models.variants import ENCODER_ARCHS
+
+from ...conftest import captured_log
 
 TINY = dict(embed_dims=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4],
             window_size=[5, 5, 3, 3], mlp_ratios=[2, 2, 2, 2], layerscales=[True] * 4)
@@ -233,15 +232,8 @@ def test_init_cfg_loads_imagenet_encoder(tmp_path, ema):
     source = SegMANEncoder(arch=TINY)
     ckpt = imagenet_checkpoint(source, tmp_path / 'in1k.pth', ema=ema)
     encoder = SegMANEncoder(arch=TINY, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'in1k.pth')))
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = MMLogger.get_current_instance()
-    logger.addHandler(handler)
-    try:
+    with captured_log() as records:
         encoder.init_weights()
-    finally:
-        logger.removeHandler(handler)
     log = '\n'.join(r.getMessage() for r in records)
     assert f"({'state_dict_ema' if ema else 'state_dict'}); ignored 2 classifier keys" in log, log
     expected = ckpt['state_dict_ema' if ema else 'state_dict']
