@@ -15,7 +15,7 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
-from torch import Tensor
+from torch import Tensor, nn
 
 BN = dict(type='BN', requires_grad=True)  # SyncBN runs on GPUs only
 
@@ -30,14 +30,15 @@ class RecordHook(Hook):
         self.record = dict(images=[], saved=[])
 
     @staticmethod
-    def _state(runner) -> Dict[str, Tensor]:
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        return {name: value.detach().clone() for name, value in model.state_dict().items()}
+    def _model(runner) -> nn.Module:
+        return runner.model.module if is_model_wrapper(runner.model) else runner.model
+
+    def _state(self, runner) -> Dict[str, Tensor]:
+        return {name: value.detach().clone() for name, value in self._model(runner).state_dict().items()}
 
     def before_train(self, runner) -> None:
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         self.record.update(start=self._state(runner), iter_start=runner.iter,
-                           params=[name for name, _ in model.named_parameters()])
+                           params=[name for name, _ in self._model(runner).named_parameters()])
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         self.record['images'].append([s.img_path for s in data_batch['data_samples']])
