@@ -45,6 +45,7 @@ def test_config_builds(path):
     dataset = dataset_of(path)
     init_default_scope('mmseg')
     model = MODELS.build(cfg.model)
+    assert type(model).__name__ == 'SegMANEncoderDecoder'
     assert type(model.backbone).__name__ == 'SegMANEncoder'
     assert type(model.decode_head).__name__ == 'SegMANHead'
     assert model.backbone.embed_dims == ENCODER_ARCHS[size]['embed_dims']
@@ -125,13 +126,19 @@ def test_config_typo_is_named():
         MODELS.build(cfg.model)
 
 
-def test_head_of_another_size_is_named_at_first_forward():
+def test_head_of_another_size_is_refused_at_build():
+    """The configs' SegMANEncoderDecoder checks the head against the encoder when built;
+    mmseg's plain EncoderDecoder leaves it to the head's first forward."""
     cfg = load(REPO / 'configs/segman/segman-t_4xb4-160k_ade20k-512x512.py')
     cfg.model.backbone.arch = 's'  # the T head's in_channels stay
     init_default_scope('mmseg')
+    message = (r"in_channels=\[32, 64, 144, 192\] \(SegMAN-T's\) but the encoder gives maps of "
+               r"widths \[64, 144, 288, 512\] \(SegMAN-S's\)")
+    with pytest.raises(ValueError, match=message):
+        MODELS.build(cfg.model)
+    cfg.model.type = 'EncoderDecoder'
     model = MODELS.build(cfg.model).eval()
-    with pytest.raises(ValueError, match=r"in_channels=\[32, 64, 144, 192\] \(SegMAN-T's\) but the "
-                                         r"encoder gives maps of widths \[64, 144, 288, 512\]"):
+    with pytest.raises(ValueError, match=message):
         with torch.no_grad():
             model(torch.randn(1, 3, 64, 64), mode='tensor')
 

@@ -44,7 +44,7 @@ NUM_CLASSES = 150
 
 
 def build_model(name: str, with_cp: bool = False) -> nn.Module:
-    """An mmseg ``EncoderDecoder`` for ``name`` (one of :data:`MODELS`), on the GPU.
+    """An mmseg segmentor for ``name`` (one of :data:`MODELS`), on the GPU.
 
     ``with_cp`` (gradient checkpointing) applies to SegMAN only."""
     from mmengine.config import Config
@@ -54,7 +54,7 @@ def build_model(name: str, with_cp: bool = False) -> nn.Module:
 
     register_all_modules()
     if name.startswith('segman-'):
-        cfg = dict(type='EncoderDecoder',
+        cfg = dict(type='SegMANEncoderDecoder',
                    backbone=dict(type='SegMANEncoder', arch=name[-1], with_cp=with_cp),
                    decode_head=dict(type='SegMANHead', **head_widths(name[-1], 'ade20k'),
                                     num_classes=NUM_CLASSES, dropout_ratio=0.1,

@@ -1,4 +1,5 @@
 from .backbones import SegMANEncoder
 from .decode_heads import SegMANHead
+from .segmentors import SegMANEncoderDecoder
 
-__all__ = ['SegMANEncoder', 'SegMANHead']
+__all__ = ['SegMANEncoder', 'SegMANEncoderDecoder', 'SegMANHead']

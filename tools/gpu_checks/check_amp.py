@@ -55,7 +55,7 @@ def build(arch: str, with_cp: bool, size: int):
 
     register_all_modules()
     model = MODELS.build(dict(
-        type='EncoderDecoder',
+        type='SegMANEncoderDecoder',
         data_preprocessor=dict(type='SegDataPreProcessor', mean=[123.675, 116.28, 103.53],
                                std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_val=0,
                                seg_pad_val=255, size=(size, size)),

@@ -238,6 +238,11 @@ class SegMANEncoder(BaseModule):
         self.register_load_state_dict_pre_hook(refuse_mismatched_weights)
 
     @property
+    def out_channels(self) -> List[int]:
+        """Channels of the maps ``forward`` returns, in order (``embed_dims`` at ``out_indices``)."""
+        return [dim for i, dim in enumerate(self.embed_dims) if i in self.out_indices]
+
+    @property
     def stages(self) -> List[SegMANStage]:
         """The four stages, in order."""
         return [self.layers[layer_index(i)] for i in range(NUM_STAGES)]

@@ -40,9 +40,10 @@ class SegMANHead(BaseDecodeHead):
     multiple of 4 are padded for MMSCopE and cropped back.
 
     ``in_channels`` must be the encoder's stage widths (``backbone.embed_dims``); the
-    released heads are in :data:`mmseg_segman.models.variants.HEAD_WIDTHS`. mmseg builds
-    the encoder and the head separately, so a head that does not fit its encoder is
-    refused at its first forward, before any computation (a check of shapes only).
+    released heads are in :data:`mmseg_segman.models.variants.HEAD_WIDTHS`. A head that
+    does not fit its encoder is refused when :class:`SegMANEncoderDecoder` builds the two
+    (the segman configs' segmentor), else at the head's first forward, before any
+    computation (a check of shapes only).
 
     Weights load strictly (:mod:`mmseg_segman.models.strict_loading`).
 
@@ -122,24 +123,29 @@ class SegMANHead(BaseDecodeHead):
                      align_corners=self.align_corners)
         return out[..., :height, :width]
 
-    def _check_widths(self, feats: Sequence[Tensor]) -> None:
-        """Refuse encoder maps whose widths are not ``in_channels``, naming the fix."""
-        widths = [f.size(1) for f in feats]
-        if widths == list(self.in_channels):
+    def check_in_channels(self, widths: Sequence[int]) -> None:
+        """Refuse encoder maps of ``widths`` (all of them, before ``in_index`` picks four)
+        that do not give ``in_channels``, naming the fix."""
+        if any(not -len(widths) <= i < len(widths) for i in self.in_index):
+            raise ValueError(f'SegMANHead in_index={self.in_index} picks maps the encoder does not '
+                             f'give: it gives {len(widths)} maps of widths {list(widths)}; set the '
+                             "encoder's out_indices to (0, 1, 2, 3)")
+        picked = [widths[i] for i in self.in_index]
+        if picked == list(self.in_channels):
             return
         fix = 'set decode_head.in_channels to the encoder\'s embed_dims'
-        arch = arch_of(widths)
+        arch = arch_of(picked)
         if arch is not None:
             fix += (f"; the released SegMAN-{arch.upper()} head (ADE20K) is "
                     f"{head_widths(arch, 'ade20k')}, see mmseg_segman.models.variants.HEAD_WIDTHS")
         raise ValueError(f'SegMANHead was built with in_channels={describe_widths(self.in_channels)} '
-                         f'but the encoder gives maps of widths {describe_widths(widths)}: {fix}')
+                         f'but the encoder gives maps of widths {describe_widths(picked)}: {fix}')
 
     @with_op_backends
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         """Four encoder maps -> logits ``(B, num_classes, H/8, W/8)``."""
+        self.check_in_channels([x.size(1) for x in inputs])
         feats = self._transform_inputs(inputs)
-        self._check_widths(feats)
         _, c2, c3, c4 = feats
         size = c2.shape[-2:]
         p2 = self.linear_c2(c2)

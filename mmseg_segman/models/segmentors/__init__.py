@@ -1,0 +1,3 @@
+from .segman_encoder_decoder import SegMANEncoderDecoder
+
+__all__ = ['SegMANEncoderDecoder']
