@@ -27,13 +27,15 @@ call. A chosen backend that cannot run the inputs raises a ``RuntimeError`` sayi
 it and why it cannot run them; automatic choice never fails (the reference runs anywhere).
 The first time a backend runs eagerly for an op, one line says so in mmengine's log.
 
-Scopes live in :mod:`contextvars`: they follow the code that entered them (threads started
-inside a scope do not see it). For non-reentrant ``torch.utils.checkpoint`` pass
-``context_fn=recompute_in_current_scope`` so that the recompute runs on the same backends.
+Scopes are process-wide while they are entered, as ``torch.backends``' switches are: enter
+them in the thread that runs the model. They are plain lists, not :mod:`contextvars`, so that
+``torch.compile`` traces a forward that enters one, with no graph break on any torch version,
+and traces again when the scopes around a compiled call change. For non-reentrant
+``torch.utils.checkpoint`` pass ``context_fn=recompute_in_current_scope`` so that the
+recompute runs on the same backends.
 """
 import os
 from contextlib import contextmanager, nullcontext
-from contextvars import ContextVar
 from functools import wraps
 from typing import (Callable, ContextManager, Dict, Iterator, List, Mapping, NamedTuple, Optional,
                     Tuple, Union)
@@ -44,11 +46,9 @@ from mmengine.logging import print_log
 Choice = Union[str, Callable, None]
 # op -> (choice, who made it), one mapping per place that can choose
 _Layer = Dict[str, Tuple[Choice, str]]
-_code: ContextVar[_Layer] = ContextVar('segman_code_backends', default={})
-_config: ContextVar[_Layer] = ContextVar('segman_config_backends', default={})
-# torch.compile cannot trace ContextVar.set: scopes entered while it traces go on this stack
-# instead, as (variable name, layer); a compiled graph keeps the backends chosen when it was traced
-_traced: List[Tuple[str, _Layer]] = []
+# the scopes entered and not yet left, outermost first
+_code: List[_Layer] = []
+_config: List[_Layer] = []
 _registry: Dict[str, 'OpDispatcher'] = {}
 _ENV = 'SEGMAN_BACKEND'
 
@@ -98,31 +98,24 @@ def _layer(choices: Mapping[str, Choice], source: str, callables: bool) -> _Laye
     return layer
 
 
-def _current(var: ContextVar) -> _Layer:
-    """The choices of ``var``'s scopes, the innermost last."""
-    layer = var.get()
-    for name, traced_layer in _traced:
-        if name == var.name:
-            layer = {**layer, **traced_layer}
+def _current(scopes: List[_Layer]) -> _Layer:
+    """The choices of the entered ``scopes``; the innermost wins."""
+    layer = {}
+    for entered in scopes:
+        layer = {**layer, **entered}
     return layer
 
 
 @contextmanager
-def _entered(var: ContextVar, layer: _Layer) -> Iterator[None]:
+def _entered(scopes: List[_Layer], layer: _Layer) -> Iterator[None]:
     if not layer:
         yield
-    elif torch.compiler.is_compiling():
-        _traced.append((var.name, layer))
-        try:
-            yield
-        finally:
-            _traced.pop()
-    else:
-        token = var.set({**var.get(), **layer})
-        try:
-            yield
-        finally:
-            var.reset(token)
+        return
+    scopes.append(layer)
+    try:
+        yield
+    finally:
+        scopes.pop()
 
 
 def use_backends(choices: Union[str, Mapping[str, Choice], None] = None,
