@@ -195,6 +195,8 @@ def run(args) -> None:
                 cell['status'] = 'ok'
             except torch.OutOfMemoryError:
                 cell['status'] = 'OOM'
+            except Exception as error:  # e.g. a compilation failure: recorded, the run goes on
+                cell['status'] = f'error: {type(error).__name__}: {str(error).splitlines()[0][:200]}'
             finally:
                 gc.collect()
                 torch.cuda.empty_cache()

@@ -13,6 +13,7 @@ dynamo's default, a dynamic graph after the first recompilation). One line per m
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,16 +26,27 @@ from benchmark import MODELS, build_model  # noqa: E402  (tools/benchmark.py)
 SHAPES = [(512, 512 + 32 * i) for i in range(13)] + [(512 + 32 * i, 512) for i in range(1, 13)]
 
 
-def one_pass(model, dtype) -> float:
-    """Seconds for one inference at each shape, the GPU synchronised at the end."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
+def triton_cache_entries() -> int:
+    """Kernels in Triton's on-disk cache: one more for each compilation."""
+    cache = Path(os.environ.get('TRITON_CACHE_DIR', Path.home() / '.triton' / 'cache'))
+    return len(list(cache.iterdir())) if cache.is_dir() else 0
+
+
+def one_pass(model, dtype) -> dict:
+    """Seconds for one inference at each shape (the GPU synchronised after each), and the
+    Triton compilations each shape triggered."""
+    seconds, compilations = [], []
     for height, width in SHAPES:
         images = torch.randn(1, 3, height, width, device='cuda')
+        cached = triton_cache_entries()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
         with torch.inference_mode(), torch.autocast('cuda', dtype=dtype):
             model(images, mode='tensor')
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+        torch.cuda.synchronize()
+        seconds.append(round(time.perf_counter() - start, 3))
+        compilations.append(triton_cache_entries() - cached)
+    return dict(total_s=round(sum(seconds), 2), per_shape_s=seconds, triton_compilations=compilations)
 
 
 def main():
@@ -56,8 +68,9 @@ def main():
         warmup = time.perf_counter() - start
         first, second = one_pass(run_model, torch.bfloat16), one_pass(run_model, torch.bfloat16)
         row = dict(model=name, compiled=compiled, dynamic=args.dynamic if compiled else None,
-                   shapes=len(SHAPES), warmup_s=round(warmup, 2), first_pass_s=round(first, 2),
-                   second_pass_s=round(second, 2), ratio=round(first / second, 2))
+                   shapes=len(SHAPES), warmup_s=round(warmup, 2), first_pass_s=first['total_s'],
+                   second_pass_s=second['total_s'], ratio=round(first['total_s'] / second['total_s'], 2),
+                   first_pass=first, second_pass=second)
         print(json.dumps(row), flush=True)
         if args.out:
             with open(args.out, 'a') as f:
