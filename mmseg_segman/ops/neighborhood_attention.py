@@ -109,8 +109,7 @@ def _neighborhood_attention_torch(q: Tensor, k: Tensor, v: Tensor, kernel_size: 
     attn = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
     out = attn @ _tiles(v, k_rows, k_cols)  # (B, heads, rt, ct, TILE * TILE, d)
     out = out.view(batch, heads, *shape[:2], TILE, TILE, dim).transpose(3, 4)
-    out = out.reshape(batch, heads, shape[0] * TILE, shape[1] * TILE, dim)
-    return out.narrow(2, 0, height).narrow(3, 0, width)  # narrow: traced even where a no-op
+    return out.reshape(batch, heads, shape[0] * TILE, shape[1] * TILE, dim)[:, :, :height, :width]
 
 
 def _flex_attention_available() -> bool:

@@ -133,8 +133,8 @@ def linear_recurrence_exportable(log_decay: Tensor, drive: Tensor, levels: int =
     chunks = (length + EXPORT_CHUNK - 1) // EXPORT_CHUNK  # not -(-a // b): ONNX division truncates
 
     def chunked(t: Tensor) -> Tensor:  # (..., chunks, steps), padded with decay 1 and drive 0
-        return F.pad(t, (0, EXPORT_CHUNK - 1)).narrow(-1, 0, chunks * EXPORT_CHUNK) \
-                .unflatten(-1, (-1, EXPORT_CHUNK))
+        padded = F.pad(t, (0, EXPORT_CHUNK - 1))[..., :chunks * EXPORT_CHUNK]
+        return padded.unflatten(-1, (-1, EXPORT_CHUNK))
 
     log_decay, h = chunked(log_decay), chunked(drive)
     decayed, steps = log_decay.exp(), torch.arange(EXPORT_CHUNK, device=h.device)
@@ -146,10 +146,9 @@ def linear_recurrence_exportable(log_decay: Tensor, drive: Tensor, levels: int =
         shift *= 2
     if levels > 1:  # h at the end of each chunk, then carried into the next one
         ends = linear_recurrence_exportable(log_decay.sum(-1), h[..., -1], levels - 1, chunks)
-        carry = F.pad(ends, (1, 0)).narrow(-1, 0, chunks)  # h before each chunk
+        carry = F.pad(ends, (1, 0))[..., :chunks]  # h before each chunk
         h = torch.addcmul(h, decayed, carry.unsqueeze(-1))
-    # narrow, not [..., :length]: the tracer drops a slice that is a no-op at the traced size
-    return h.flatten(-2).narrow(-1, 0, length)
+    return h.flatten(-2)[..., :length]
 
 
 def _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus) -> Tensor:

@@ -101,9 +101,9 @@ class SegMANHead(BaseDecodeHead):
     def _mmscope(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` at 1/8 -> ``(B, 3C, H, W)``: the scan over three scales."""
         height, width = x.shape[-2:]
-        # zeros to a multiple of 4 (3 padded, the excess narrowed off: no size-dependent branch
-        # or padding, so that a graph traced at one size serves every size)
-        x = F.pad(x, (0, 3, 0, 3)).narrow(2, 0, (height + 3) // 4 * 4).narrow(3, 0, (width + 3) // 4 * 4)
+        # zeros to a multiple of 4: 3 padded, the excess cut off (no branch on the size and no
+        # padding by a size, which a traced graph would keep as constants)
+        x = F.pad(x, (0, 3, 0, 3))[..., :(height + 3) // 4 * 4, :(width + 3) // 4 * 4]
         stacked = torch.cat([
             self.reduce_channels[2](F.pixel_unshuffle(x, 4)),
             self.reduce_channels[1](F.pixel_unshuffle(self.conv_downsample_2(x), 2)),
@@ -111,7 +111,7 @@ class SegMANHead(BaseDecodeHead):
         ], dim=1)
         out = resize(self.vssm(stacked), size=x.shape[-2:], mode='bilinear',
                      align_corners=self.align_corners)
-        return out.narrow(2, 0, height).narrow(3, 0, width)
+        return out[..., :height, :width]
 
     def _check_widths(self, feats: Sequence[Tensor]) -> None:
         """Refuse encoder maps whose widths are not ``in_channels``, naming the fix."""
