@@ -72,7 +72,8 @@ def test_downstream_config_trains_through_mmseg_tools(tmp_path, toy_data):
 
 
 SHIPPED_TOOLS = ('convert_official_checkpoint.py', 'get_release_checkpoint.py', 'image_demo.py',
-                 'analysis_tools/get_flops.py', 'make_toy_dataset.py', 'visualize_predictions.py')
+                 'analysis_tools/get_flops.py', 'make_toy_dataset.py', 'visualize_predictions.py',
+                 'deployment/export_onnx.py')
 
 
 def source_copy(tmp_path: Path) -> Path:

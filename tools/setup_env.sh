@@ -13,8 +13,10 @@ PY="${PYTHON:-python3}"
 CACHE="${SEGMAN_CACHE:-$HOME/.cache/mmseg-segman}"
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 BUILD_PINS=("setuptools>=77,<81" wheel ninja)
+# onnx and onnxruntime: tools/deployment/export_onnx.py and its tests (the package needs neither)
 STACK_PINS=(mmengine==0.10.7 mmsegmentation==1.2.2 mmpretrain==1.2.0 natten==0.21.7
-            "numpy<2.3" ftfy regex pytest==8.3.4 pytest-timeout==2.3.1 openmim==0.3.9)
+            "numpy<2.3" ftfy regex pytest==8.3.4 pytest-timeout==2.3.1 openmim==0.3.9
+            onnx==1.23.2 onnxruntime==1.32.0)
 MMCV_VERSION=2.1.0
 
 # Everything that decides the environment's contents; a change makes the next run re-check.
@@ -70,7 +72,7 @@ log "installing the OpenMMLab stack and the plugin"
 pip_install "${STACK_PINS[@]}" "mmcv==$MMCV_VERSION" "${BUILD_PINS[@]}"
 pip_install --no-build-isolation --no-deps -e "$ROOT"
 mmcv_ok || { log "mmcv ops do not work in $VENV"; exit 1; }
-"$VPY" -c "import mmseg, mmpretrain, natten, mmseg_segman" || { log "import check failed"; exit 1; }
+"$VPY" -c "import mmseg, mmpretrain, natten, onnx, onnxruntime, mmseg_segman" || { log "import check failed"; exit 1; }
 rm -f "$VENV"/.segman-env-*
 touch "$STAMP"
 log "ready: $VENV"

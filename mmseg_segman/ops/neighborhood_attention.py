@@ -32,12 +32,11 @@ from .dispatch import Backend, OpDispatcher, runs_anywhere
 
 
 def window_starts(length: int, kernel_size: int, device=None) -> Tensor:
-    """``(length,)`` index of the first key of each query's window on one axis."""
+    """``(length,)`` index of the first key of each query's window on one axis (0 on an axis
+    no longer than the window: the rule's value there is at most 0)."""
     i = torch.arange(length, device=device)
-    if length <= kernel_size:
-        return torch.zeros_like(i)
     r = kernel_size // 2
-    return (i - r).clamp(min=0) + (i + r >= length) * (length - i - r - 1)
+    return ((i - r).clamp(min=0) + (i + r >= length) * (length - i - r - 1)).clamp(min=0)
 
 
 def _axis_windows(length: int, kernel_size: int, device):
@@ -55,23 +54,26 @@ def _axis_tiles(length: int, kernel_size: int, tile: int, device):
     """One axis cut into tiles of ``tile`` queries, each with the run of keys its windows use.
 
     Window starts never decrease and grow by at most one per query, so the windows of a tile
-    lie in ``region = min(tile + k - 1, length)`` keys from ``min(s(first query), length -
-    region)``. Returns, for tiles ``(t, tile)`` of queries (the last tile padded with the last
-    query) and keys ``(t, region)``: the query index ``(t, tile)``, the key index ``(t, region)``,
-    whether each key is in each query's window ``(t, tile, region)`` and its bias index
-    ``(t, tile, region)`` (clamped where it is not in the window).
+    lie in ``region = tile + k - 1`` keys from ``max(min(s(first query), length - region), 0)``
+    (on an axis shorter than ``region`` the keys past its end are masked out). No size here
+    depends on ``length`` but through the number of tiles, so that a traced graph (ONNX export)
+    serves every size. Returns, for tiles ``(t, tile)`` of queries (the last tile padded with
+    the last query) and keys ``(t, region)``: the query index ``(t, tile)``, the key index
+    ``(t, region)`` (clamped into the axis), whether each key is in each query's window
+    ``(t, tile, region)`` and its bias index ``(t, tile, region)`` (clamped where it is not in
+    the window).
     """
-    span = min(kernel_size, length)
-    region = min(tile + span - 1, length)
-    tiles = -(-length // tile)
+    region = tile + kernel_size - 1
+    tiles = (length + tile - 1) // tile  # not -(-a // b): ONNX integer division truncates
     queries = (torch.arange(tiles * tile, device=device).clamp(max=length - 1)).view(tiles, tile)
     starts = window_starts(length, kernel_size, device)[queries]  # (t, tile)
-    first = starts[:, 0].clamp(max=length - region)
+    first = starts[:, 0].clamp(max=length - region).clamp(min=0)
     keys = first[:, None] + torch.arange(region, device=device)  # (t, region)
     offset = keys[:, None, :] - starts[:, :, None]  # key - window start
-    inside = (offset >= 0) & (offset < span)
+    # in the window: k keys from its start, fewer where the axis ends first
+    inside = (offset >= 0) & (offset < kernel_size) & (keys < length)[:, None, :]
     bias = (keys[:, None, :] - queries[:, :, None] + kernel_size - 1).clamp(0, 2 * kernel_size - 2)
-    return queries, keys, inside, bias
+    return queries, keys.clamp(max=length - 1), inside, bias
 
 
 def _tiles(t: Tensor, rows: Tensor, cols: Tensor) -> Tensor:

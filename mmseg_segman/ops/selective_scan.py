@@ -88,7 +88,10 @@ def linear_recurrence(log_decay: Tensor, drive: Tensor) -> Tensor:
     carries, times those products, are added. The arithmetic of the recurrence itself
     (products of decays <= 1, no division, no logarithm), ``O(sqrt(L))`` Python steps, and
     temporaries of the inputs' size. For use without autograd (its graph would keep every step).
+    In an ONNX export it runs :func:`linear_recurrence_exportable` instead.
     """
+    if torch.onnx.is_in_onnx_export():
+        return linear_recurrence_exportable(log_decay, drive)
     length = log_decay.size(-1)
     steps = max(1, math.ceil(math.sqrt(length)))  # not isqrt: torch.compile cannot trace it
     pad = -length % steps
@@ -106,6 +109,46 @@ def linear_recurrence(log_decay: Tensor, drive: Tensor) -> Tensor:
         carry[..., chunk] = decayed[-1][..., chunk - 1] * carry[..., chunk - 1] + h[-1][..., chunk - 1]
     h.addcmul_(decayed, carry)
     return h.movedim(0, -1).flatten(-2)[..., :length]
+
+
+EXPORT_CHUNK = 64  # steps per chunk of the exportable recurrence (a power of 2)
+EXPORT_LEVELS = 4  # its levels of chunks: up to 64**4 (16.7M) steps, a 16k x 16k image's 1/4 map
+
+
+def linear_recurrence_exportable(log_decay: Tensor, drive: Tensor, levels: int = EXPORT_LEVELS,
+                                 length: Optional[int] = None) -> Tensor:
+    """:func:`linear_recurrence` without a Python number taken from the length, so that a
+    graph traced at one size computes every other (ONNX export with dynamic sizes).
+
+    The sequence is cut into chunks of ``EXPORT_CHUNK`` steps. In every chunk at once,
+    ``log2(EXPORT_CHUNK)`` doubling steps (Hillis-Steele) compose the steps' maps
+    ``h -> a h + b``: the recurrence from 0 and the product of the decays so far. The chunks'
+    ends are carried by this function on the sequence of chunks, ``levels`` deep, so sequences
+    of up to ``EXPORT_CHUNK ** levels`` steps are exact (longer ones would lose the carries
+    beyond). Products of decays <= 1, no division; ``O(L log EXPORT_CHUNK)`` work. Sizes are
+    computed from ``length`` (default: the last dim's), never read from an intermediate tensor:
+    the TorchScript exporter may fold those into constants.
+    """
+    length = log_decay.size(-1) if length is None else length
+    chunks = (length + EXPORT_CHUNK - 1) // EXPORT_CHUNK  # not -(-a // b): ONNX division truncates
+
+    def chunked(t: Tensor) -> Tensor:  # (..., chunks, steps), padded with decay 1 and drive 0
+        padded = F.pad(t, (0, EXPORT_CHUNK - 1))[..., :chunks * EXPORT_CHUNK]
+        return padded.unflatten(-1, (-1, EXPORT_CHUNK))
+
+    log_decay, h = chunked(log_decay), chunked(drive)
+    decayed, steps = log_decay.exp(), torch.arange(EXPORT_CHUNK, device=h.device)
+    shift = 1
+    while shift < EXPORT_CHUNK:  # each step composed with the `shift` steps before it
+        first = steps < shift  # no steps before these in the chunk: identity maps
+        h = torch.addcmul(h, decayed, h.roll(shift, -1).masked_fill(first, 0.0))
+        decayed = decayed * decayed.roll(shift, -1).masked_fill(first, 1.0)
+        shift *= 2
+    if levels > 1:  # h at the end of each chunk, then carried into the next one
+        ends = linear_recurrence_exportable(log_decay.sum(-1), h[..., -1], levels - 1, chunks)
+        carry = F.pad(ends, (1, 0))[..., :chunks]  # h before each chunk
+        h = torch.addcmul(h, decayed, carry.unsqueeze(-1))
+    return h.flatten(-2)[..., :length]
 
 
 def _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus) -> Tensor:

@@ -4,7 +4,8 @@ import torch
 
 from mmseg_segman.ops import cross_merge, cross_scan, cross_selective_scan, selective_scan
 from mmseg_segman.ops.cross_scan import uncross
-from mmseg_segman.ops.selective_scan import linear_recurrence, selective_scan_reference
+from mmseg_segman.ops.selective_scan import (linear_recurrence, linear_recurrence_exportable,
+                                              selective_scan_reference)
 
 from .autograd_memory import saved_bytes
 
@@ -21,16 +22,18 @@ def scan_inputs(batch=2, groups=4, channels=3, state=1, length=37, dtype=torch.f
                 delta_bias=torch.randn(gd, generator=g, dtype=dtype))
 
 
-@pytest.mark.parametrize('length', [1, 15, 16, 17, 255, 1000])
-def test_linear_recurrence_matches_loop(length):
+@pytest.mark.parametrize('recurrence', [linear_recurrence, linear_recurrence_exportable])
+@pytest.mark.parametrize('length', [1, 15, 16, 17, 255, 1000, 64**2 + 65])
+def test_linear_recurrence_matches_loop(recurrence, length):
+    """Both schedules; 64**2 + 65 steps take the exportable one's third level of chunks."""
     g = torch.Generator().manual_seed(length)
-    log_decay = -torch.rand(3, 2, length, generator=g, dtype=torch.float64) * 3
+    log_decay = -torch.rand(3, 2, length, generator=g, dtype=torch.float64) * 3 / length ** 0.5
     drive = torch.randn(3, 2, length, generator=g, dtype=torch.float64)
     h, expected = torch.zeros(3, 2, dtype=torch.float64), []
     for t in range(length):
         h = log_decay[..., t].exp() * h + drive[..., t]
         expected.append(h)
-    torch.testing.assert_close(linear_recurrence(log_decay, drive), torch.stack(expected, -1))
+    torch.testing.assert_close(recurrence(log_decay, drive), torch.stack(expected, -1))
 
 
 @pytest.mark.parametrize('state,length', [(1, 37), (1, 300), (2, 20)])

@@ -87,7 +87,8 @@ class LASS(nn.Module):
         if self.rpb is None:
             return None
         bias = self.rpb[1]
-        if bias.shape[-1] != length:
+        # an exported graph resizes at every size (to the learnt size, bicubic is the identity)
+        if bias.shape[-1] != length or torch.onnx.is_in_onnx_export():
             bias = F.interpolate(bias[None], size=(length, length), mode='bicubic',
                                  align_corners=False)[0]
         return bias

@@ -111,9 +111,9 @@ class SegMANHead(BaseDecodeHead):
     def _mmscope(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` at 1/8 -> ``(B, 3C, H, W)``: the scan over three scales."""
         height, width = x.shape[-2:]
-        pad_h, pad_w = -height % 4, -width % 4
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        # zeros to a multiple of 4: 3 padded, the excess cut off (no branch on the size and no
+        # padding by a size, which a traced graph would keep as constants)
+        x = F.pad(x, (0, 3, 0, 3))[..., :(height + 3) // 4 * 4, :(width + 3) // 4 * 4]
         stacked = torch.cat([
             self.reduce_channels[2](F.pixel_unshuffle(x, 4)),
             self.reduce_channels[1](F.pixel_unshuffle(self.conv_downsample_2(x), 2)),
