@@ -49,11 +49,27 @@ def one_pass(model, dtype) -> dict:
     return dict(total_s=round(sum(seconds), 2), per_shape_s=seconds, triton_compilations=compilations)
 
 
+def profile_new_shape(model) -> None:
+    """The operators with the most CPU time in one call at a shape not seen before (448x544,
+    not in :data:`SHAPES`): where a new shape's cost goes when nothing compiles."""
+    from torch.profiler import ProfilerActivity, profile
+
+    images = torch.randn(1, 3, 448, 544, device='cuda')
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
+            model(images, mode='tensor')
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=20,
+                                    max_name_column_width=60), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--models', nargs='+', choices=MODELS, default=['segman-t', 'segnext-t'])
     parser.add_argument('--compile', nargs='+', choices=['no', 'yes'], default=['no'])
     parser.add_argument('--dynamic', choices=['auto', 'true'], default='auto')
+    parser.add_argument('--profile-new-shape', action='store_true',
+                        help='after the warm-up, print where the time of one new shape goes')
     parser.add_argument('--out', help='append JSON lines here')
     args = parser.parse_args()
     for name, compiled in ((n, c == 'yes') for n in args.models for c in args.compile):
@@ -66,6 +82,8 @@ def main():
             run_model(torch.randn(1, 3, 480, 480, device='cuda'), mode='tensor')
         torch.cuda.synchronize()
         warmup = time.perf_counter() - start
+        if args.profile_new_shape:
+            profile_new_shape(run_model)
         first, second = one_pass(run_model, torch.bfloat16), one_pass(run_model, torch.bfloat16)
         row = dict(model=name, compiled=compiled, dynamic=args.dynamic if compiled else None,
                    shapes=len(SHAPES), warmup_s=round(warmup, 2), first_pass_s=first['total_s'],

@@ -25,4 +25,7 @@ default_hooks = dict(
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='SegVisualizationHook'),
     # random states in checkpoints, restored on --resume: resumed = uninterrupted training
-    rng_state=dict(type='RNGStateHook'))
+    rng_state=dict(type='RNGStateHook'),
+    # the config's compile (True or torch.compile's arguments) for validation and testing
+    # too; mmengine compiles only train_step
+    compile_eval=dict(type='CompileEvalHook'))
