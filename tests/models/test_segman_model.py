@@ -7,6 +7,7 @@ from mmseg.registry import MODELS
 import mmseg_segman  # noqa: F401
 from mmseg_segman.models import SegMANEncoder, SegMANHead
 from mmseg_segman.models.variants import head_widths
+from mmseg_segman.ops.dispatch import registered_ops
 
 from ..conftest import official_keys
 
@@ -75,3 +76,36 @@ def test_low_precision_segmentor_inference(mini_reference, dtype):
     assert logits.dtype == dtype
     scale = expected.abs().max()
     torch.testing.assert_close(logits.float() / scale, expected / scale, rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize('training', [True, False])
+def test_whole_segmentor_compiles_as_one_graph(training):
+    """``torch.compile(fullgraph=True)`` of the segmentor, as the config's ``compile`` runs it:
+    no graph break in the encoder, the head or the op dispatch (training mode with its
+    backward, and inference), and the eager outputs and gradients."""
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+
+    from ..toy_tools import TOY_CONFIG
+    cfg = Config.fromfile(str(TOY_CONFIG)).model
+    for part in (cfg.backbone, cfg.decode_head):
+        part.norm_cfg = dict(type='BN', requires_grad=True)  # SyncBN needs a process group
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = MODELS.build(cfg).train(training)
+    compiled = torch.compile(model, fullgraph=True, backend='eager')
+    images = torch.randn(2, 3, 64, 64)
+    for dispatcher in registered_ops().values():
+        dispatcher._logged.clear()  # the compiled run is the first call: no log line in its graph
+    results = []
+    for run in (compiled, model):
+        torch.manual_seed(0)  # the same dropout and drop path draws
+        with torch.set_grad_enabled(training):
+            logits = run(images, mode='tensor')
+        if training:
+            logits.square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        model.zero_grad(set_to_none=True)
+        results.append([logits.detach(), *grads])
+    assert len(results[0]) == len(results[1]) > (100 if training else 0)
+    for compiled_value, eager_value in zip(*results):
+        torch.testing.assert_close(compiled_value, eager_value, rtol=1e-5, atol=1e-6)
