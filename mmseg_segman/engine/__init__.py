@@ -1,7 +1,7 @@
-from .compile_hook import CompileEvalHook
+from .compile_hook import CompileHook
 from .loops import (EmptyDatasetError, NonEmptyIterBasedTrainLoop, NonEmptyTestLoop,
                     NonEmptyValLoop)
 from .rng_state_hook import RNGStateHook
 
-__all__ = ['CompileEvalHook', 'EmptyDatasetError', 'NonEmptyIterBasedTrainLoop',
+__all__ = ['CompileHook', 'EmptyDatasetError', 'NonEmptyIterBasedTrainLoop',
            'NonEmptyTestLoop', 'NonEmptyValLoop', 'RNGStateHook']

@@ -1,13 +1,13 @@
-"""The config's ``compile`` switch reaches testing: mmseg's ``tools/test.py`` with
-``--cfg-options compile.backend=eager`` runs a compiled ``test_step`` (dynamo traces the whole
-step; the ``eager`` backend keeps it cheap on the CPU) with the eager run's metrics."""
+"""The config's ``compile`` switch through mmseg's own tools: ``--cfg-options
+compile.backend=eager`` compiles training (mmengine), validation and testing (the hook); dynamo
+traces each whole step, the ``eager`` backend keeps it cheap on the CPU."""
 import re
 
 import pytest
 import torch
 from mmengine.config import Config
 
-from mmseg_segman.engine.compile_hook import CompileEvalHook, compile_options
+from mmseg_segman.engine.compile_hook import CompileHook, compile_options
 
 from ..toy_tools import REPO, TOOLS, TOY_CONFIG, data_root_options, make_toy_data, run
 
@@ -15,8 +15,9 @@ from ..toy_tools import REPO, TOOLS, TOY_CONFIG, data_root_options, make_toy_dat
 class _Runner:
     def __init__(self, compile_option):
         self.cfg = Config(dict(compile=compile_option))
-        self.model = torch.nn.Identity()
-        self.model.test_step = lambda data: data
+        self.model = torch.nn.Module()
+        self.model.backbone, self.model.decode_head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        self.model.train_step = 'compiled by mmengine'
 
 
 @pytest.mark.parametrize('option, expected', [(None, None), (False, None), (True, {}),
@@ -30,31 +31,41 @@ def test_a_bad_compile_option_is_named():
         compile_options(_Runner('yes'))
 
 
-def test_test_step_compiled_once():
+def test_network_compiled_once_and_mmengines_train_step_undone():
     runner = _Runner({'backend': 'eager'})
-    hook = CompileEvalHook()
+    hook = CompileHook()
+    hook.before_train(runner)
+    assert 'train_step' not in vars(runner.model)
+    backbone = runner.model.backbone
+    assert backbone._compiled_call_impl is not None
+    assert runner.model.decode_head._compiled_call_impl is not None
+    compiled_call = backbone._compiled_call_impl
+    hook.before_val(runner)
     hook.before_test(runner)
-    compiled = runner.model.test_step
-    assert compiled._segman_compiled and compiled(3) == 3
-    hook.before_test(runner)
-    assert runner.model.test_step is compiled
+    assert backbone._compiled_call_impl is compiled_call
+    eager = _Runner(None)
+    hook.before_test(eager)
+    assert eager.model.backbone._compiled_call_impl is None
 
 
-def test_tools_test_runs_compiled_with_the_eager_metrics(tmp_path):
+def test_tools_train_and_test_run_compiled(tmp_path):
+    """mmseg's train.py with ``compile.backend=eager`` trains and validates with the encoder and
+    head compiled (mmengine's compiled train_step would fail in the optimizer); test.py
+    compiled gives the eager run's mIoU."""
     toy = make_toy_data(tmp_path / 'toy')
-    checkpoint = tmp_path / 'random.pth'
-    code, out = run('-c', 'import sys, torch; from mmengine.config import Config; '
-                    'from mmseg.registry import MODELS; from mmseg.utils import register_all_modules; '
-                    'import mmseg_segman; register_all_modules(); torch.manual_seed(0); '
-                    'model = MODELS.build(Config.fromfile(sys.argv[1]).model); '
-                    'torch.save(dict(state_dict=model.state_dict()), sys.argv[2])',
-                    TOY_CONFIG, checkpoint, cwd=REPO, timeout=300)
+    compiled = ['compile.backend=eager', *data_root_options(toy)]
+    code, out = run(TOOLS / 'train.py', TOY_CONFIG, '--work-dir', tmp_path / 'train', '--cfg-options',
+                    'train_cfg.max_iters=2', 'train_cfg.val_interval=2', 'train_dataloader.batch_size=2',
+                    'default_hooks.checkpoint.interval=2', 'model.data_preprocessor.size=[64,64]',
+                    *compiled, cwd=REPO, timeout=600)
     assert code == 0, out[-3000:]
+    assert out.count('backbone, decode_head compiled with torch.compile') == 1, out[-3000:]
+    checkpoint = tmp_path / 'train' / 'iter_2.pth'
     results = {}
-    for name, extra in (('eager', []), ('compiled', ['compile.backend=eager'])):
+    for name, options in (('eager', data_root_options(toy)), ('compiled', compiled)):
         code, out = run(TOOLS / 'test.py', TOY_CONFIG, checkpoint, '--work-dir', tmp_path / name,
-                        '--cfg-options', *data_root_options(toy), *extra, cwd=REPO, timeout=600)
+                        '--cfg-options', *options, cwd=REPO, timeout=600)
         assert code == 0, out[-3000:]
-        assert ('test_step compiled with torch.compile' in out) == (name == 'compiled'), out[-3000:]
+        assert ('decode_head compiled with torch.compile' in out) == (name == 'compiled'), out[-3000:]
         results[name] = re.findall(r'mIoU: ([0-9.]+)', out)
     assert results['eager'] and results['compiled'] == results['eager']

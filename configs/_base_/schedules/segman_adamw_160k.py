@@ -26,6 +26,6 @@ default_hooks = dict(
     visualization=dict(type='SegVisualizationHook'),
     # random states in checkpoints, restored on --resume: resumed = uninterrupted training
     rng_state=dict(type='RNGStateHook'),
-    # the config's compile (True or torch.compile's arguments) for validation and testing
-    # too; mmengine compiles only train_step
-    compile_eval=dict(type='CompileEvalHook'))
+    # the config's compile (True or torch.compile's arguments) compiles the encoder and the
+    # head, for training, validation and testing (mmengine alone compiles train_step only)
+    compile=dict(type='CompileHook'))
