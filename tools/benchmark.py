@@ -27,7 +27,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -174,8 +174,15 @@ def cells(args) -> Iterable[Dict]:
                                        compiled=compiled == 'yes')
 
 
+def write_row(row: Dict, out: Optional[str]) -> None:
+    """Print ``row`` as a JSON line and append it to the file ``out`` (if given)."""
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+
+
 def run(args) -> None:
-    out = open(args.out, 'a') if args.out else None
     deadline = time.perf_counter() + args.budget_seconds
     model, built = None, None
     for cell in cells(args):
@@ -200,10 +207,7 @@ def run(args) -> None:
             finally:
                 gc.collect()
                 torch.cuda.empty_cache()
-        print(json.dumps(cell), flush=True)
-        if out:
-            out.write(json.dumps(cell) + '\n')
-            out.flush()
+        write_row(cell, args.out)
 
 
 def path_label(cell: Dict) -> str:

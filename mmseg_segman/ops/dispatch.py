@@ -46,7 +46,8 @@ from mmengine.logging import print_log
 Choice = Union[str, Callable, None]
 # op -> (choice, who made it), one mapping per place that can choose
 _Layer = Dict[str, Tuple[Choice, str]]
-# the scopes entered and not yet left, outermost first
+# the scopes entered and not yet left, outermost first; each entry holds its own choices
+# merged over those of the scopes around it, so the last entry is what holds now
 _code: List[_Layer] = []
 _config: List[_Layer] = []
 _registry: Dict[str, 'OpDispatcher'] = {}
@@ -100,10 +101,7 @@ def _layer(choices: Mapping[str, Choice], source: str, callables: bool) -> _Laye
 
 def _current(scopes: List[_Layer]) -> _Layer:
     """The choices of the entered ``scopes``; the innermost wins."""
-    layer = {}
-    for entered in scopes:
-        layer = {**layer, **entered}
-    return layer
+    return scopes[-1] if scopes else {}
 
 
 @contextmanager
@@ -111,7 +109,7 @@ def _entered(scopes: List[_Layer], layer: _Layer) -> Iterator[None]:
     if not layer:
         yield
         return
-    scopes.append(layer)
+    scopes.append({**_current(scopes), **layer})
     try:
         yield
     finally:

@@ -265,9 +265,6 @@ def _(x, delta, A, B, C, D, delta_bias, store_states, blocks):
             _float32(batch, 4, channels, height * width if store_states else 0, like=x))
 
 
-_GRAD_NAMES = ('x', 'delta', 'A', 'B', 'C', 'D', 'delta_bias')
-
-
 @torch.library.custom_op('mmseg_segman::cross_scan_backward', mutates_args=())
 def cross_scan_backward(dy: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                         D: Tensor, delta_bias: Tensor, h: Tensor,

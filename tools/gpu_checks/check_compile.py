@@ -10,7 +10,6 @@ logits, or the loss and the gradients of every parameter, as the largest differe
 to the largest eager value. bf16 autocast, batch 2 at 512x512 (``--size``), fixed seeds.
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmark import MODELS, build_model, data_samples  # noqa: E402  (tools/benchmark.py)
+from benchmark import MODELS, build_model, data_samples, write_row  # noqa: E402  (tools/benchmark.py)
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,10 +81,7 @@ def main():
     for name in args.models:
         for mode in args.modes:
             row = check(name, mode, args.size)
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, 'a') as f:
-                    f.write(json.dumps(row) + '\n')
+            write_row(row, args.out)
 
 
 if __name__ == '__main__':

@@ -12,7 +12,6 @@ warm. ``--compile yes``: ``torch.compile`` of the whole segmentor with ``--dynam
 dynamo's default, a dynamic graph after the first recompilation). One line per model.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmark import MODELS, build_model  # noqa: E402  (tools/benchmark.py)
+from benchmark import MODELS, build_model, write_row  # noqa: E402  (tools/benchmark.py)
 
 SHAPES = [(512, 512 + 32 * i) for i in range(13)] + [(512 + 32 * i, 512) for i in range(1, 13)]
 
@@ -89,10 +88,7 @@ def main():
                    shapes=len(SHAPES), warmup_s=round(warmup, 2), first_pass_s=first['total_s'],
                    second_pass_s=second['total_s'], ratio=round(first['total_s'] / second['total_s'], 2),
                    first_pass=first, second_pass=second)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, 'a') as f:
-                f.write(json.dumps(row) + '\n')
+        write_row(row, args.out)
         del model
         torch.cuda.empty_cache()
 

@@ -145,8 +145,7 @@ class SegMANHead(BaseDecodeHead):
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         """Four encoder maps -> logits ``(B, num_classes, H/8, W/8)``."""
         self.check_in_channels([x.size(1) for x in inputs])
-        feats = self._transform_inputs(inputs)
-        _, c2, c3, c4 = feats
+        _, c2, c3, c4 = self._transform_inputs(inputs)
         size = c2.shape[-2:]
         p2 = self.linear_c2(c2)
         p3 = resize(self.linear_c3(c3), size=size, mode='bilinear', align_corners=False)
