@@ -116,6 +116,9 @@ def timed_steps(step, warmup: int, iters: int, cell_seconds: float) -> Dict:
 def measure(model: nn.Module, mode: str, batch: int, height: int, width: int, dtype: torch.dtype,
             compiled: bool, args) -> Dict:
     images = torch.randn(batch, 3, height, width, device='cuda')
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     if compiled:
         torch._dynamo.reset()
     run_model = torch.compile(model) if compiled else model
@@ -171,7 +174,8 @@ def cells(args) -> Iterable[Dict]:
                         for compiled in args.compile:
                             yield dict(model=model, path=path, mode=args.mode, size=size,
                                        dtype=dtype, batch=batch, with_cp=args.with_cp,
-                                       compiled=compiled == 'yes')
+                                       compiled=compiled == 'yes',
+                                       channels_last=args.channels_last)
 
 
 def write_row(row: Dict, out: Optional[str]) -> None:
@@ -211,7 +215,8 @@ def run(args) -> None:
 
 
 def path_label(cell: Dict) -> str:
-    return cell['path'] + (' compiled' if cell.get('compiled') else '')
+    return cell['path'] + (' compiled' if cell.get('compiled') else '') + \
+        (' channels_last' if cell.get('channels_last') else '')
 
 
 def render(files: List[str]) -> str:
@@ -255,6 +260,8 @@ def main() -> None:
     parser.add_argument('--dtypes', nargs='+', choices=list(DTYPES), default=['bf16'])
     parser.add_argument('--compile', nargs='+', choices=['no', 'yes'], default=['no'],
                         help='eager and/or torch.compile of the whole segmentor')
+    parser.add_argument('--channels-last', action='store_true',
+                        help='model and images in channels-last memory format')
     parser.add_argument('--with-cp', action='store_true', help='gradient checkpointing (backbone)')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--iters', type=int, default=10)

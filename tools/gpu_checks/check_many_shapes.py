@@ -49,17 +49,26 @@ def one_pass(model, dtype) -> dict:
 
 
 def profile_new_shape(model) -> None:
-    """The operators with the most CPU time in one call at a shape not seen before (448x544,
-    not in :data:`SHAPES`): where a new shape's cost goes when nothing compiles."""
+    """Where the time of one call at a shape not seen before (448x544, not in :data:`SHAPES`)
+    goes: the operators with the most CPU time, then the Python functions with the most
+    cumulative time (a compilation or a cache miss shows there even where no operator does)."""
+    import cProfile
+    import pstats
     from torch.profiler import ProfilerActivity, profile
 
-    images = torch.randn(1, 3, 448, 544, device='cuda')
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    def call(height, width):
+        images = torch.randn(1, 3, height, width, device='cuda')
         with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
             model(images, mode='tensor')
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=20,
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        call(448, 544)
+    print(prof.key_averages().table(sort_by='cpu_time_total', row_limit=25,
                                     max_name_column_width=60), flush=True)
+    profiler = cProfile.Profile()
+    profiler.runcall(call, 544, 448)
+    pstats.Stats(profiler).sort_stats('cumulative').print_stats(40)
 
 
 def main():
