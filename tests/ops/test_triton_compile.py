@@ -12,12 +12,14 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from mmseg_segman.ops import triton_cross_selective_scan as cross  # noqa: E402
+from mmseg_segman.ops import triton_layer_norm as tln  # noqa: E402
 from mmseg_segman.ops import triton_neighborhood_attention as tna  # noqa: E402
 
 H100 = GPUTarget('cuda', 90, 32)
 SCAN_FLOAT32_POINTERS = {'a_ptr', 'd_ptr', 'bias_ptr', 'y_ptr', 'h_ptr', 'dy_ptr', 'du_ptr',
                          'ddelta_ptr', 'db_ptr', 'dc_ptr', 'da_ptr', 'dd_ptr', 'dbias_ptr'}
 NA_FLOAT32_POINTERS = {'rpb_ptr', 'lse_ptr', 'delta_ptr', 'g_ptr'}
+LN_FLOAT32_POINTERS = {'w_ptr', 'b_ptr', 'mean_ptr', 'rstd_ptr', 'dw_ptr', 'db_ptr'}
 
 
 def compile_for_h100(kernel, activation: str, float32_pointers, num_warps: int,
@@ -29,6 +31,8 @@ def compile_for_h100(kernel, activation: str, float32_pointers, num_warps: int,
     for name in names:
         if name in constexprs:
             signature[name] = 'constexpr'
+        elif name == 'eps':
+            signature[name] = 'fp32'
         elif name.endswith('_ptr'):
             signature[name] = '*fp32' if name in float32_pointers else f'*{activation}'
         else:
@@ -72,3 +76,12 @@ def test_neighborhood_attention_kernels_compile(activation, head_dim, kernel_siz
     assert compile_for_h100(tna._na_bwd_dkdv_kernel, activation, NA_FLOAT32_POINTERS,
                             dkdv.num_warps, dkdv.num_stages,
                             TILE_H=dkdv.tile_h, TILE_W=dkdv.tile_w, BLOCK_M=dkdv.block, **common)
+
+
+@pytest.mark.parametrize('activation', ['bf16', 'fp32'])
+def test_layer_norm_kernels_compile(activation):
+    blocks = dict(BLOCK_C=tln.BLOCK_C, BLOCK_P=tln.BLOCK_P)
+    assert compile_for_h100(tln._ln2d_fwd_kernel, activation, LN_FLOAT32_POINTERS, tln.NUM_WARPS,
+                            **blocks)
+    assert compile_for_h100(tln._ln2d_bwd_kernel, activation, LN_FLOAT32_POINTERS, tln.NUM_WARPS,
+                            **blocks)

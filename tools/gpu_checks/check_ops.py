@@ -25,7 +25,8 @@ from mmseg_segman.ops import dispatch
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 
 # Each case is (op, name, inputs(dtype) -> args); activations come in ``dtype``, parameters
-# (rpb, bias, A, D, delta_bias) stay float32, as under autocast. Every tensor gets gradients.
+# (rpb, bias, A, D, delta_bias, norm weights) stay float32, as under autocast. Every tensor
+# gets gradients.
 
 
 def _randn(*shape, dtype=torch.float32, scale=1.0) -> Tensor:
@@ -61,6 +62,13 @@ def scan_case(batch, channels, height, width, state=1):
     return 'cross_selective_scan', f'B{batch} d{channels} {height}x{width} N{state}', make
 
 
+def layer_norm_case(batch, channels, height, width):
+    def make(dtype):
+        return [_randn(batch, channels, height, width, dtype=dtype, scale=2.0), _randn(channels),
+                _randn(channels), 1e-6]
+    return 'layer_norm_2d', f'B{batch} C{channels} {height}x{width}', make
+
+
 CASES = [
     na_case(2, 4, 64, 64, 24, 11), na_case(2, 3, 37, 45, 20, 9), na_case(1, 2, 13, 9, 36, 7),
     na_case(2, 2, 5, 19, 28, 7), na_case(1, 4, 6, 4, 32, 11), na_case(2, 8, 16, 16, 24, 7),
@@ -68,6 +76,8 @@ CASES = [
     attention_case(2, 8, 256, 24), attention_case(2, 13, 63, 28), attention_case(1, 20, 35, 28),
     attention_case(2, 4, 77, 32, bias=False),
     scan_case(2, 64, 32, 32), scan_case(1, 36, 7, 13), scan_case(2, 96, 16, 23), scan_case(1, 17, 1, 5),
+    layer_norm_case(2, 96, 128, 128), layer_norm_case(1, 37, 13, 9), layer_norm_case(2, 560, 16, 16),
+    layer_norm_case(16, 64, 7, 5),
 ]
 
 

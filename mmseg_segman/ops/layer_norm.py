@@ -1,0 +1,77 @@
+"""LayerNorm over the channels of a ``(B, C, H, W)`` map (the SegMAN blocks' norms).
+
+Backends: ``triton`` (:mod:`.triton_layer_norm`: one kernel that reads and writes the map in
+its own layout, for eager runs on CUDA) and ``torch`` (``F.layer_norm`` on a channels-last
+view; on CUDA the result is made contiguous again so that the next layer's depthwise
+convolutions stay on PyTorch's own kernels: cuDNN runs channels-last ones but builds a plan
+for every new input shape, see docs/benchmarks.md). Under ``torch.compile`` the reference
+runs, since inductor fuses it with its neighbours.
+"""
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .dispatch import Backend, OpDispatcher, runs_anywhere
+
+
+def _output_dtype(x: Tensor) -> torch.dtype:
+    """The autocast dtype where autocast is on (the next layer's input dtype), else x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _layer_norm_2d_torch(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    out = F.layer_norm(x.permute(0, 2, 3, 1), (x.size(1),), weight, bias, eps).permute(0, 3, 1, 2)
+    return out.contiguous() if x.is_cuda else out
+
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _triton_unavailable(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Optional[str]:
+    """Runs CUDA maps (or CPU maps under ``TRITON_INTERPRET=1``) of float32, bfloat16 or
+    float16 whose ``H x W`` planes are contiguous, outside ``torch.compile``."""
+    if not x.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
+        return 'needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)'
+    if torch.compiler.is_compiling():
+        return 'under torch.compile the reference runs (inductor fuses it with its neighbours)'
+    if x.dtype not in _TRITON_DTYPES or _output_dtype(x) not in _TRITON_DTYPES:
+        return f'{x.dtype} maps are not float32, bfloat16 or float16'
+    if x.stride(3) != 1 or x.stride(2) != x.size(3):
+        return f'its H x W planes are not contiguous (strides {tuple(x.stride())})'
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return 'triton is not installed'
+    return None
+
+
+def _layer_norm_2d_triton(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    from .triton_layer_norm import layer_norm_2d_triton
+
+    return layer_norm_2d_triton(x, weight, bias, eps, _output_dtype(x))
+
+
+_layer_norm_2d = OpDispatcher('layer_norm_2d', {
+    'triton': Backend(_layer_norm_2d_triton, _triton_unavailable),
+    'torch': Backend(_layer_norm_2d_torch, runs_anywhere),
+})
+
+
+def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
+    """LayerNorm over dim 1 of ``x (B, C, H, W)`` with ``weight``, ``bias`` ``(C,)``.
+
+    Returns ``(B, C, H, W)``: float32 under autocast on the ``torch`` backend (as
+    ``F.layer_norm``), the autocast dtype on the ``triton`` one (what the next layer reads).
+    """
+    if x.dim() != 4:
+        raise ValueError(f'x must be (B, C, H, W), got {tuple(x.shape)}')
+    if weight.shape != (x.size(1),) or bias.shape != (x.size(1),):
+        raise ValueError(f'weight and bias must be ({x.size(1)},), got {tuple(weight.shape)} '
+                         f'and {tuple(bias.shape)}')
+    return _layer_norm_2d(x, weight, bias, eps)

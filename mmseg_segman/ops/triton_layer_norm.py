@@ -1,0 +1,188 @@
+"""Triton backend of :func:`mmseg_segman.ops.layer_norm_2d`: LayerNorm over the channels of
+a ``(B, C, H, W)`` map, read and written in that layout, forward and backward.
+
+The reference normalises a channels-last view (``permute`` to ``(B, H, W, C)``), so PyTorch
+copies the map into that layout first and hands a channels-last map to the next layer; its
+depthwise convolutions then go to cuDNN, which builds a new execution plan for every new
+input shape (about 0.1 s a convolution on an H100, seconds per image size for SegMAN). Here
+one program owns ``BLOCK_P`` pixels of one batch element and walks the channels in chunks of
+``BLOCK_C``: the mean, then the variance about it (two passes, no cancellation), then the
+output. Loads run along the pixels of a channel, which are contiguous.
+
+Backward: ``dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))`` with ``g = dy * weight``,
+from the saved per-pixel mean and ``rstd``; every program writes its partial sums of
+``dy * xhat`` and ``dy`` per channel (no atomics), which PyTorch adds up into the weight and
+bias gradients. Sizes and strides are runtime values: one compilation per dtype serves every
+map size.
+"""
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_jit import jit_with_runtime_ints
+
+BLOCK_C = 32
+BLOCK_P = 64
+NUM_WARPS = 4
+_RUNTIME_INTS = {'channels', 'pixels', 'pixel_blocks', 'sx_b', 'sx_c', 'sy_b', 'sy_c',
+                 'sd_b', 'sd_c'}
+
+
+@triton.jit
+def _tile(ptr, batch_offset, c, channel_stride, p, ok):
+    """The ``(BLOCK_C, BLOCK_P)`` tile of channels ``c`` and pixels ``p`` as float32."""
+    return tl.load(ptr + batch_offset + c[:, None] * channel_stride + p[None, :], mask=ok,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _program_pixels(pixels, BLOCK_P: tl.constexpr):
+    """The program's batch element (int64), its pixels and their mask."""
+    batch = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return batch, p, p < pixels
+
+
+@jit_with_runtime_ints(_RUNTIME_INTS)
+def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, channels, pixels,
+                     sx_b, sx_c, sy_b, sy_c, eps,
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    batch, p, p_ok = _program_pixels(pixels, BLOCK_P)
+    x_off = batch * sx_b
+    total = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, channels, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        total += tl.sum(_tile(x_ptr, x_off, c, sx_c, p, (c < channels)[:, None] & p_ok[None, :]), 0)
+    mean = total / channels
+    total = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, channels, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        ok = (c < channels)[:, None] & p_ok[None, :]
+        centred = tl.where(ok, _tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :], 0.0)
+        total += tl.sum(centred * centred, 0)
+    rstd = 1.0 / tl.sqrt(total / channels + eps)
+    for c0 in range(0, channels, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < channels
+        ok = c_ok[:, None] & p_ok[None, :]
+        w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        xhat = (_tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :]) * rstd[None, :]
+        tl.store(y_ptr + batch * sy_b + c[:, None] * sy_c + p[None, :],
+                 xhat * w[:, None] + b[:, None], mask=ok)
+    tl.store(mean_ptr + batch * pixels + p, mean, mask=p_ok)
+    tl.store(rstd_ptr + batch * pixels + p, rstd, mask=p_ok)
+
+
+@jit_with_runtime_ints(_RUNTIME_INTS)
+def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr,
+                     channels, pixels, pixel_blocks, sx_b, sx_c, sd_b, sd_c, sy_b, sy_c,
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    batch, p, p_ok = _program_pixels(pixels, BLOCK_P)
+    x_off, dy_off = batch * sx_b, batch * sd_b
+    mean = tl.load(mean_ptr + batch * pixels + p, mask=p_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + batch * pixels + p, mask=p_ok, other=0.0)
+    sum_g = tl.zeros([BLOCK_P], dtype=tl.float32)
+    sum_gx = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, channels, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < channels
+        ok = c_ok[:, None] & p_ok[None, :]
+        w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        g = _tile(dy_ptr, dy_off, c, sd_c, p, ok) * w[:, None]
+        xhat = (_tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :]) * rstd[None, :]
+        sum_g += tl.sum(g, 0)
+        sum_gx += tl.sum(g * xhat, 0)
+    mean_g = sum_g / channels
+    mean_gx = sum_gx / channels
+    partial_row = (batch * pixel_blocks + tl.program_id(0)) * channels
+    for c0 in range(0, channels, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < channels
+        ok = c_ok[:, None] & p_ok[None, :]
+        w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        dy = _tile(dy_ptr, dy_off, c, sd_c, p, ok)
+        xhat = tl.where(ok, (_tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :]) * rstd[None, :], 0.0)
+        dx = (dy * w[:, None] - mean_g[None, :] - xhat * mean_gx[None, :]) * rstd[None, :]
+        tl.store(dx_ptr + batch * sy_b + c[:, None] * sy_c + p[None, :], dx, mask=ok)
+        tl.store(dw_ptr + partial_row + c, tl.sum(dy * xhat, 1), mask=c_ok)
+        tl.store(db_ptr + partial_row + c, tl.sum(dy, 1), mask=c_ok)
+
+
+def _grid(x: Tensor) -> Tuple[int, int]:
+    return triton.cdiv(x.shape[2] * x.shape[3], BLOCK_P), x.shape[0]
+
+
+def _plane_strides(x: Tensor) -> Tuple[int, int]:
+    """Batch and channel strides of ``x``, whose ``H x W`` planes are contiguous."""
+    return x.stride(0), x.stride(1)
+
+
+@torch.library.custom_op('mmseg_segman::layer_norm_2d_forward', mutates_args=())
+def layer_norm_2d_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                          out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """``y (B, C, H, W)`` contiguous in ``out_dtype``, and the float32 mean and ``rstd``
+    ``(B, H*W)`` of every pixel."""
+    batch, channels, height, width = x.shape
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    mean, rstd = (torch.empty(batch, height * width, dtype=torch.float32, device=x.device)
+                  for _ in range(2))
+    _ln2d_fwd_kernel[_grid(x)](x, weight, bias, y, mean, rstd, channels, height * width,
+                               *_plane_strides(x), *_plane_strides(y), eps,
+                               BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, num_warps=NUM_WARPS)
+    return y, mean, rstd
+
+
+@layer_norm_2d_forward.register_fake
+def _(x, weight, bias, eps, out_dtype):
+    stats = x.new_empty(x.shape[0], x.shape[2] * x.shape[3], dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=out_dtype), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op('mmseg_segman::layer_norm_2d_backward', mutates_args=())
+def layer_norm_2d_backward(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
+                           rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``dx`` (contiguous, ``x``'s dtype), ``d weight`` and ``d bias`` (``weight``'s dtype)."""
+    channels = x.shape[1]
+    grid = _grid(x)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw, db = (torch.empty(grid[1] * grid[0], channels, dtype=torch.float32, device=x.device)
+              for _ in range(2))
+    _ln2d_bwd_kernel[grid](dy, x, weight, mean, rstd, dx, dw, db, channels,
+                           x.shape[2] * x.shape[3], grid[0], *_plane_strides(x),
+                           *_plane_strides(dy), *_plane_strides(dx),
+                           BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, num_warps=NUM_WARPS)
+    return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+
+
+@layer_norm_2d_backward.register_fake
+def _(dy, x, weight, mean, rstd):
+    return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, _, _ = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, mean, rstd)
+
+
+def _backward(ctx, dy, grad_mean, grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = layer_norm_2d_backward(dy.contiguous(), x, weight, mean, rstd)
+    needed = ctx.needs_input_grad
+    return (dx if needed[0] else None, dw if needed[1] else None, db if needed[2] else None,
+            None, None)
+
+
+layer_norm_2d_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def layer_norm_2d_triton(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                         out_dtype: torch.dtype) -> Tensor:
+    """LayerNorm over dim 1 of ``x (B, C, H, W)`` (each ``H x W`` plane contiguous), in
+    ``out_dtype``; returns a contiguous ``(B, C, H, W)``."""
+    return layer_norm_2d_forward(x, weight, bias, eps, out_dtype)[0]

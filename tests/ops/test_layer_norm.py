@@ -1,0 +1,123 @@
+"""``layer_norm_2d``: its checks, and the Triton backend against ``nn.LayerNorm`` (float64)
+in Triton's CPU interpreter (a subprocess running this file, see triton_interpreter.py)."""
+import pytest
+import torch
+
+from mmseg_segman.ops import layer_norm_2d
+from mmseg_segman.ops.layer_norm import _layer_norm_2d
+
+
+def test_triton_layer_norm_in_interpreter():
+    pytest.importorskip('triton')
+    from .triton_interpreter import assert_checks_pass_in_interpreter
+    assert_checks_pass_in_interpreter(__file__, timeout=300)
+
+
+def test_reference_matches_nn_layer_norm():
+    x, weight, bias = make_inputs(2, 5, 3, 4, torch.float32)
+    want = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (5,), weight, bias, 1e-6)
+    torch.testing.assert_close(layer_norm_2d(x, weight, bias), want.permute(0, 3, 1, 2))
+
+
+def test_not_chosen_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    inputs = make_inputs(1, 4, 3, 3, torch.float32)
+    assert 'TRITON_INTERPRET' in _layer_norm_2d.why_not('triton', *inputs, 1e-6)
+    assert _layer_norm_2d.select(*inputs, 1e-6) == 'torch'
+
+
+def test_bad_shapes_are_refused():
+    x, weight, bias = make_inputs(1, 4, 3, 3, torch.float32)
+    with pytest.raises(ValueError, match=r'\(B, C, H, W\)'):
+        layer_norm_2d(x[0], weight, bias)
+    with pytest.raises(ValueError, match=r'weight and bias must be \(4,\)'):
+        layer_norm_2d(x, weight[:3], bias)
+
+
+def make_inputs(batch, channels, height, width, dtype, seed=0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(batch, channels, height, width, generator=g) * 3 + offset).to(dtype)
+    return x, torch.randn(channels, generator=g), torch.randn(channels, generator=g)
+
+
+def outputs_and_grads(fn, inputs, dy):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(dy.to(out.dtype))
+    return [out] + [t.grad for t in leaves]
+
+
+def reference64(x, weight, bias):
+    return torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (x.size(1),), weight, bias,
+                                          1e-6).permute(0, 3, 1, 2)
+
+
+def check(batch, channels, height, width, dtype, tol, offset=0.0, view=None):
+    """Output and the gradients of x, weight and bias against float64 ``nn.LayerNorm``;
+    ``view`` makes the input a strided view of the same values."""
+    from mmseg_segman.ops.triton_layer_norm import layer_norm_2d_triton
+
+    inputs = make_inputs(batch, channels, height, width, dtype, seed=channels * height, offset=offset)
+    dy = torch.randn(batch, channels, height, width, generator=torch.Generator().manual_seed(1))
+
+    def triton(x, weight, bias):
+        return layer_norm_2d_triton(view(x) if view else x, weight, bias, 1e-6, dtype)
+
+    got = outputs_and_grads(triton, inputs, dy)
+    want = outputs_and_grads(reference64, [t.double() for t in inputs], dy.double())
+    # the bar: tol, or twice the error of PyTorch's own LayerNorm in float32 on these inputs
+    torch32 = outputs_and_grads(reference64, [t.float() for t in inputs], dy)
+    assert got[0].dtype == dtype and got[0].is_contiguous()
+    for name, a, b, c, t in zip(['y', 'dx', 'dweight', 'dbias'], got, want, torch32,
+                                [got[0], *inputs]):
+        assert a.shape == b.shape and a.dtype == t.dtype, (name, a.shape, a.dtype)
+        err, err32 = (((v.double() - b).abs().max() / (b.abs().max() + 1e-12)).item() for v in (a, c))
+        assert err <= max(tol, 2 * err32), (batch, channels, height, width, dtype, name, err, err32)
+    print(f'{str(dtype)[6:]} B{batch} C{channels} {height}x{width} offset {offset}: ok')
+
+
+def sliced(x):
+    """The same values as channels 2.. of a wider map: batch stride larger than C*H*W."""
+    wide = torch.cat([torch.zeros_like(x[:, :2]), x], 1)
+    return wide[:, 2:]
+
+
+def check_dispatch():
+    """Under the interpreter the dispatcher picks triton for plane-contiguous maps, the
+    reference for channels-last ones (with the reason) and float64; under autocast the
+    output is in the autocast dtype."""
+    inputs = make_inputs(2, 6, 3, 5, torch.float32)
+    assert _layer_norm_2d.select(*inputs, 1e-6) == 'triton'
+    channels_last = inputs[0].contiguous(memory_format=torch.channels_last)
+    assert 'not contiguous' in _layer_norm_2d.why_not('triton', channels_last, *inputs[1:], 1e-6)
+    assert _layer_norm_2d.select(inputs[0].double(), *inputs[1:], 1e-6) == 'torch'
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = layer_norm_2d(*inputs)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference64(*inputs), rtol=1e-2, atol=1e-2)
+    print('dispatch: ok')
+
+
+def check_custom_op():
+    import mmseg_segman.ops.triton_layer_norm  # noqa: F401  (registers the op)
+    x, weight, bias = (t.requires_grad_() for t in make_inputs(2, 3, 2, 5, torch.float32))
+    torch.library.opcheck(torch.ops.mmseg_segman.layer_norm_2d_forward,
+                          (x, weight, bias, 1e-6, torch.float32))
+    print('custom op: ok')
+
+
+def main():
+    # channels over and under one 32-channel chunk, pixels over and under one 64-pixel block
+    for shape in [(1, 3, 2, 5), (2, 37, 5, 13), (1, 70, 9, 8), (3, 3, 1, 1)]:
+        check(*shape, torch.float32, 1e-5)
+    check(2, 40, 4, 6, torch.float32, 1e-5, offset=1e3)  # a large mean: two passes, no cancellation
+    check(2, 33, 3, 7, torch.float32, 1e-5, view=sliced)
+    check(2, 37, 5, 13, torch.bfloat16, 2e-2)
+    check(1, 8, 4, 4, torch.float16, 2e-3)
+    check_dispatch()
+    check_custom_op()
+    print('all checks passed')
+
+
+if __name__ == '__main__':
+    main()
