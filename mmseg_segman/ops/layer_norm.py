@@ -26,7 +26,7 @@ def _output_dtype(x: Tensor) -> torch.dtype:
 
 
 def _layer_norm_2d_torch(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    out = F.layer_norm(x.permute(0, 2, 3, 1), (x.size(1),), weight, bias, eps).permute(0, 3, 1, 2)
+    out = F.layer_norm(x.permute(0, 2, 3, 1), weight.shape, weight, bias, eps).permute(0, 3, 1, 2)
     return out.contiguous() if x.is_cuda else out
 
 
