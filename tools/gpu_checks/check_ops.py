@@ -1,6 +1,6 @@
 """Every GPU backend of the SegMAN ops against the pure-PyTorch reference, on CUDA.
 
-    python tools/gpu_checks/check_ops.py [--seed 0]
+    python tools/gpu_checks/check_ops.py [--seed 0] [--ops layer_norm_2d ...]
 
 For each op, each non-reference backend that is available on CUDA, each case (odd sizes,
 axes shorter than the kernel) and float32 / bfloat16 inputs, the backend's output and the
@@ -106,10 +106,12 @@ def run(fn: Callable, args: List, cotangent: Optional[Tensor], upcast: bool = Fa
     return out.detach(), g, [leaf.grad for leaf in leaves]
 
 
-def check_op_backends(seed: int) -> List[bool]:
+def check_op_backends(seed: int, only: Optional[List[str]] = None) -> List[bool]:
     results = []
     ops = dispatch.registered_ops()
     for op_name, case_name, make in CASES:
+        if only and op_name not in only:
+            continue
         op = ops[op_name]
         reference = op.backends['torch'].fn
         for dtype in (torch.float32, torch.bfloat16):
@@ -179,6 +181,8 @@ def check_model(seed: int) -> List[bool]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--ops', nargs='+', choices=sorted(dispatch.registered_ops()),
+                        help='check only these ops (FlexAttention compiles for a minute first)')
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print('FAIL no CUDA device')
@@ -186,7 +190,7 @@ def main() -> int:
     print(f'torch {torch.__version__}, {torch.cuda.get_device_name()}')
     for name, op in dispatch.registered_ops().items():
         print(f'op {name}: backends {list(op.backends)}')
-    results = check_op_backends(args.seed) + check_model(args.seed)
+    results = check_op_backends(args.seed, args.ops) + check_model(args.seed)
     failed = results.count(False)
     print(f'{len(results) - failed} PASS, {failed} FAIL')
     return 1 if failed else 0
