@@ -108,7 +108,7 @@ def test_unknown_names_are_refused_where_given(monkeypatch):
 def test_general_environment_variable_applies_to_ops_that_have_the_backend(monkeypatch):
     monkeypatch.setenv('SEGMAN_BACKEND', 'flex')  # only neighborhood attention has flex
     q = torch.randn(1, 2, 4, 4)
-    assert registered_ops()['biased_attention'].select(q, q, q, None) == 'torch'
+    assert registered_ops()['biased_attention'].select(q, q, q, None) == 'sdpa'
     with pytest.raises(RuntimeError, match="'flex' of op 'neighborhood_attention' \\(chosen by "
                                            "SEGMAN_BACKEND\\) cannot run these inputs: needs CUDA"):
         neighborhood_attention_2d(*na_inputs())

@@ -262,3 +262,16 @@ def test_missing_checkpoint_is_named(tmp_path):
     encoder = SegMANEncoder(arch=TINY, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'nope.pth')))
     with pytest.raises(FileNotFoundError, match='nope.pth'):
         encoder.init_weights()
+
+
+@pytest.mark.parametrize('out_size', [1, 3, 37, 256, 500, 2048])
+def test_bicubic_matrix_resizes_as_f_interpolate(out_size):
+    """The stage-4 bias resize (two matrix products) against ``F.interpolate``, up and down:
+    within the float32 rounding of the source coordinates, which both compute in float32."""
+    from mmseg_segman.models.backbones.segman_encoder import bicubic_matrix
+    bias = torch.randn(4, 49, 49, generator=torch.Generator().manual_seed(0))
+    want = torch.nn.functional.interpolate(bias[None], size=(out_size, out_size), mode='bicubic',
+                                           align_corners=False)[0]
+    resize = bicubic_matrix(49, out_size, bias)
+    got = resize @ bias @ resize.t()
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
