@@ -20,7 +20,7 @@ Random images and labels; models built from ``cfg.model`` without pretrained wei
 without the data preprocessor (images are fed normalised), SyncBN reverted to BN; training
 steps are ``model.loss``, backward and AdamW. Prints one JSON line: peak GiB and the seconds
 of the last step. SegMAN runs whatever backend its ops choose (on the CPU: the ``torch``
-reference path).
+references, and PyTorch's SDPA for the stage-4 attention).
 """
 import argparse
 import json
