@@ -1,4 +1,5 @@
 """SegMAN encoder: a four-stage hierarchy of LASS blocks (local attention + state space)."""
+from contextlib import nullcontext
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -118,7 +119,9 @@ class LASS(nn.Module):
         # as F.interpolate, by two matrix products (6x as fast at 2048 tokens on the CPU), in
         # the bias's dtype under autocast too
         resize = bicubic_matrix(bias.shape[-1], length, bias)
-        with torch.autocast(bias.device.type, enabled=False):
+        device_type = bias.device.type
+        with torch.autocast(device_type, enabled=False) \
+                if torch.amp.is_autocast_available(device_type) else nullcontext():
             return resize @ bias @ resize.t()
 
     def forward(self, x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:

@@ -275,3 +275,11 @@ def test_bicubic_matrix_resizes_as_f_interpolate(out_size):
     resize = bicubic_matrix(49, out_size, bias)
     got = resize @ bias @ resize.t()
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def test_runs_on_the_meta_device():
+    """Shapes without data (deferred initialisation, memory estimates): the stage-4 bias
+    resize must not ask for autocast on a device that has none."""
+    encoder = SegMANEncoder(TINY).to('meta')
+    outs = encoder(torch.empty(1, 3, 64, 96, device='meta'))
+    assert [tuple(o.shape) for o in outs] == [(1, 8, 16, 24), (1, 16, 8, 12), (1, 24, 4, 6), (1, 32, 2, 3)]
