@@ -31,19 +31,27 @@ def triton_cache_entries() -> int:
     return len(list(cache.iterdir())) if cache.is_dir() else 0
 
 
-def one_pass(model, dtype) -> dict:
-    """Seconds for one inference at each shape (the GPU synchronised after each), and the
-    Triton compilations each shape triggered."""
+def infer_seconds(model, height: int, width: int, channels_last: bool = False) -> float:
+    """Seconds of one ``model(images, mode='tensor')`` on a random ``1 x 3 x height x width``
+    image (bf16 autocast, ``torch.inference_mode``), the GPU synchronised before and after."""
+    images = torch.randn(1, 3, height, width, device='cuda')
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
+        model(images, mode='tensor')
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def one_pass(model) -> dict:
+    """Seconds for one inference at each shape, and the Triton compilations each shape
+    triggered."""
     seconds, compilations = [], []
     for height, width in SHAPES:
-        images = torch.randn(1, 3, height, width, device='cuda')
         cached = triton_cache_entries()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.inference_mode(), torch.autocast('cuda', dtype=dtype):
-            model(images, mode='tensor')
-        torch.cuda.synchronize()
-        seconds.append(round(time.perf_counter() - start, 3))
+        seconds.append(round(infer_seconds(model, height, width), 3))
         compilations.append(triton_cache_entries() - cached)
     return dict(total_s=round(sum(seconds), 2), per_shape_s=seconds, triton_compilations=compilations)
 
@@ -56,18 +64,12 @@ def profile_new_shape(model) -> None:
     import pstats
     from torch.profiler import ProfilerActivity, profile
 
-    def call(height, width):
-        images = torch.randn(1, 3, height, width, device='cuda')
-        with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
-            model(images, mode='tensor')
-        torch.cuda.synchronize()
-
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        call(448, 544)
+        infer_seconds(model, 448, 544)
     print(prof.key_averages().table(sort_by='cpu_time_total', row_limit=25,
                                     max_name_column_width=60), flush=True)
     profiler = cProfile.Profile()
-    profiler.runcall(call, 544, 448)
+    profiler.runcall(infer_seconds, model, 544, 448)
     pstats.Stats(profiler).sort_stats('cumulative').print_stats(40)
 
 
@@ -85,14 +87,10 @@ def main():
         model = build_model(name).eval()
         run_model = torch.compile(model, dynamic=True if args.dynamic == 'true' else None) \
             if compiled else model
-        start = time.perf_counter()
-        with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
-            run_model(torch.randn(1, 3, 480, 480, device='cuda'), mode='tensor')
-        torch.cuda.synchronize()
-        warmup = time.perf_counter() - start
+        warmup = infer_seconds(run_model, 480, 480)
         if args.profile_new_shape:
             profile_new_shape(run_model)
-        first, second = one_pass(run_model, torch.bfloat16), one_pass(run_model, torch.bfloat16)
+        first, second = one_pass(run_model), one_pass(run_model)
         row = dict(model=name, compiled=compiled, dynamic=args.dynamic if compiled else None,
                    shapes=len(SHAPES), warmup_s=round(warmup, 2), first_pass_s=first['total_s'],
                    second_pass_s=second['total_s'], ratio=round(first['total_s'] / second['total_s'], 2),

@@ -22,6 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark import MODELS, build_model, write_row  # noqa: E402  (tools/benchmark.py)
+from check_many_shapes import infer_seconds as infer  # noqa: E402
 
 
 def conv_kind(conv: nn.Conv2d, x: torch.Tensor) -> str:
@@ -34,18 +35,6 @@ def conv_kind(conv: nn.Conv2d, x: torch.Tensor) -> str:
     layout = 'NCHW' if contiguous else \
         'NHWC' if x.is_contiguous(memory_format=torch.channels_last) else 'strided'
     return f'{kind}, {layout} input'
-
-
-def infer(model, height: int, width: int, channels_last: bool = False) -> float:
-    images = torch.randn(1, 3, height, width, device='cuda')
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
-        model(images, mode='tensor')
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def timed_convs(model, height: int, width: int) -> dict:
