@@ -67,6 +67,18 @@ def runs_anywhere(*args, **kwargs) -> None:
     return None
 
 
+def triton_unavailable(x: torch.Tensor) -> Optional[str]:
+    """``None`` where a Triton backend can run on ``x``'s device: CUDA, or the CPU under
+    ``TRITON_INTERPRET=1`` (Triton's interpreter, for CI), with triton installed; else why not."""
+    if not x.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
+        return 'needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)'
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return 'triton is not installed'
+    return None
+
+
 def registered_ops() -> Dict[str, 'OpDispatcher']:
     return dict(_registry)
 

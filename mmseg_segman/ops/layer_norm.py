@@ -7,14 +7,13 @@ convolutions stay on PyTorch's own kernels: cuDNN runs channels-last ones but bu
 for every new input shape, see docs/benchmarks.md). Under ``torch.compile`` the reference
 runs, since inductor fuses it with its neighbours.
 """
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import Backend, OpDispatcher, runs_anywhere
+from .dispatch import Backend, OpDispatcher, runs_anywhere, triton_unavailable
 
 
 def _output_dtype(x: Tensor) -> torch.dtype:
@@ -34,20 +33,17 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _triton_unavailable(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Optional[str]:
-    """Runs CUDA maps (or CPU maps under ``TRITON_INTERPRET=1``) of float32, bfloat16 or
+    """Runs maps where Triton runs (:func:`triton_unavailable`) of float32, bfloat16 or
     float16 whose ``H x W`` planes are contiguous, outside ``torch.compile``."""
-    if not x.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
-        return 'needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)'
+    reason = triton_unavailable(x)
+    if reason is not None:
+        return reason
     if torch.compiler.is_compiling():
         return 'under torch.compile the reference runs (inductor fuses it with its neighbours)'
     if x.dtype not in _TRITON_DTYPES or _output_dtype(x) not in _TRITON_DTYPES:
         return f'{x.dtype} maps are not float32, bfloat16 or float16'
     if x.stride(3) != 1 or x.stride(2) != x.size(3):
         return f'its H x W planes are not contiguous (strides {tuple(x.stride())})'
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return 'triton is not installed'
     return None
 
 

@@ -21,14 +21,13 @@ memory stays a small multiple of the inputs'). FlexAttention's block mask works 
 128 row-major tokens and computes most scores only to mask them, and it compiles anew for
 every map size; the Triton kernels take sizes at run time.
 """
-import os
 from functools import lru_cache
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .dispatch import Backend, OpDispatcher, runs_anywhere
+from .dispatch import Backend, OpDispatcher, runs_anywhere, triton_unavailable
 
 
 def window_starts(length: int, kernel_size: int, device=None) -> Tensor:
@@ -239,19 +238,16 @@ _TRITON_MAX_HEAD_DIM = 128
 
 
 def _triton_unavailable(q, k, v, kernel_size, rpb) -> Optional[str]:
-    """Runs CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``, for CI) of float32,
-    bfloat16 or float16 with a head dim up to 128, where triton imports."""
-    if not q.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
-        return 'needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)'
+    """Runs tensors where Triton runs (:func:`triton_unavailable`) of float32, bfloat16 or
+    float16 with a head dim up to 128."""
+    reason = triton_unavailable(q)
+    if reason is not None:
+        return reason
     if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
         return f'head dim {q.shape[-1]} is over {_TRITON_MAX_HEAD_DIM}'
     dtype = _compute_dtype(q, k, v)
     if dtype not in _TRITON_DTYPES:
         return f'computes in {dtype}, not float32, bfloat16 or float16'
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return 'triton is not installed'
     return None
 
 
