@@ -2,12 +2,14 @@
 (see :mod:`.dispatch` for how backends are chosen)."""
 from .attention import biased_attention
 from .cross_scan import cross_merge, cross_scan
+from .depthwise_conv import depthwise_conv2d
 from .dispatch import use_backends
 from .layer_norm import layer_norm_2d
 from .neighborhood_attention import neighborhood_attention_2d
 from .selective_scan import cross_selective_scan, selective_scan
 
 __all__ = [
-    'biased_attention', 'cross_merge', 'cross_scan', 'cross_selective_scan', 'layer_norm_2d',
+    'biased_attention', 'cross_merge', 'cross_scan', 'cross_selective_scan', 'depthwise_conv2d',
+    'layer_norm_2d',
     'neighborhood_attention_2d', 'selective_scan', 'use_backends'
 ]

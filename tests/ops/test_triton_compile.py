@@ -12,6 +12,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from mmseg_segman.ops import triton_cross_selective_scan as cross  # noqa: E402
+from mmseg_segman.ops import triton_depthwise_conv as tdw  # noqa: E402
 from mmseg_segman.ops import triton_layer_norm as tln  # noqa: E402
 from mmseg_segman.ops import triton_neighborhood_attention as tna  # noqa: E402
 
@@ -85,3 +86,14 @@ def test_layer_norm_kernels_compile(activation):
                             **blocks)
     assert compile_for_h100(tln._ln2d_bwd_kernel, activation, LN_FLOAT32_POINTERS, tln.NUM_WARPS,
                             **blocks)
+
+
+@pytest.mark.parametrize('activation', ['bf16', 'fp32'])
+@pytest.mark.parametrize('kernel', [3, 5])
+def test_depthwise_conv_kernels_compile(activation, kernel):
+    blocks = dict(KERNEL=kernel, BLOCK_H=tdw.BLOCK_H, BLOCK_W=tdw.BLOCK_W)
+    float32 = {'w_ptr', 'b_ptr', 'dw_ptr'}
+    for flip in (False, True):
+        assert compile_for_h100(tdw._dw_fwd_kernel, activation, float32, tdw.NUM_WARPS,
+                                HAS_BIAS=True, FLIP=flip, **blocks)
+    assert compile_for_h100(tdw._dw_bwd_weight_kernel, activation, float32, tdw.NUM_WARPS, **blocks)

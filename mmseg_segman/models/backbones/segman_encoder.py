@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...ops import biased_attention, neighborhood_attention_2d
 from ...ops.dispatch import check_op_backends, recompute_in_current_scope, with_op_backends
-from ..layers import SS2D, LayerNorm2d, RoPE2d, SegMANBlock, apply_rope
+from ..layers import SS2D, DepthwiseConv2d, LayerNorm2d, RoPE2d, SegMANBlock, apply_rope
 from ..strict_loading import WeightsMismatchError, refuse_mismatched_weights
 from ..variants import ENCODER_ARCHS
 
@@ -88,11 +88,11 @@ class LASS(nn.Module):
         self.global_mode = global_mode
 
         self.qkv = nn.Conv2d(embed_dim, embed_dim * 3, kernel_size=1)
-        self.lepe = nn.Conv2d(embed_dim, embed_dim, kernel_size=5, padding=2, groups=embed_dim)
+        self.lepe = DepthwiseConv2d(embed_dim, 5)
         self.proj = nn.Conv2d(embed_dim, embed_dim, kernel_size=1)
         if not global_mode:
             self.dwconv = nn.Sequential(
-                nn.Conv2d(embed_dim, embed_dim, kernel_size=3, padding=1, groups=embed_dim),
+                DepthwiseConv2d(embed_dim, 3),
                 build_norm_layer(norm_cfg, embed_dim)[1])
             self.ssm = SS2D(embed_dim)
             self.norm = LayerNorm2d(embed_dim)

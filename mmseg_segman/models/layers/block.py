@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
+from .depthwise import DepthwiseConv2d
 from .ffn import ConvFFN
 from .norm import LayerNorm2d
 
@@ -41,10 +42,10 @@ class SegMANBlock(nn.Module):
                  drop_path: float = 0.0, layer_scale_init: Optional[float] = None,
                  act_cfg: Dict = dict(type='GELU')):
         super().__init__()
-        self.cpe1 = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, groups=embed_dim)
+        self.cpe1 = DepthwiseConv2d(embed_dim, 3)
         self.norm1 = LayerNorm2d(embed_dim)
         self.token_mixer = token_mixer
-        self.cpe2 = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, groups=embed_dim)
+        self.cpe2 = DepthwiseConv2d(embed_dim, 3)
         self.norm2 = LayerNorm2d(embed_dim)
         self.mlp = ConvFFN(embed_dim, ffn_dim, act_cfg)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

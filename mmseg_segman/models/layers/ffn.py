@@ -4,6 +4,8 @@ from typing import Dict
 from mmcv.cnn import build_activation_layer
 from torch import Tensor, nn
 
+from .depthwise import DepthwiseConv2d
+
 
 class ConvFFN(nn.Module):
     """1x1 conv -> activation (GELU) -> ``x + dwconv3x3(x)`` -> 1x1 conv on ``(B, C, H, W)``."""
@@ -12,7 +14,7 @@ class ConvFFN(nn.Module):
         super().__init__()
         self.fc1 = nn.Conv2d(embed_dim, ffn_dim, kernel_size=1)
         self.act = build_activation_layer(act_cfg)
-        self.dwconv = nn.Conv2d(ffn_dim, ffn_dim, kernel_size=3, padding=1, groups=ffn_dim)
+        self.dwconv = DepthwiseConv2d(ffn_dim, 3)
         self.fc2 = nn.Conv2d(ffn_dim, embed_dim, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,0 +1,81 @@
+"""Depthwise ``k x k`` convolution of a ``(B, C, H, W)`` map, stride 1, ``k // 2`` padding
+(the SegMAN blocks' positional encodings, ``lepe``, the LASS and FFN depthwise convs).
+
+Backends: ``triton`` (:mod:`.triton_depthwise_conv`: one kernel in the map's layout, no
+per-shape plan, for eager runs on CUDA) and ``torch`` (``F.conv2d``). Under
+``torch.compile`` the reference runs.
+"""
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .dispatch import Backend, OpDispatcher, runs_anywhere
+
+
+def _depthwise_conv2d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _input_dtype(x: Tensor) -> torch.dtype:
+    """The autocast dtype where autocast is on (as F.conv2d casts), else x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _triton_unavailable(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[str]:
+    if not x.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
+        return 'needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)'
+    if torch.compiler.is_compiling():
+        return 'under torch.compile the reference runs (inductor plans it)'
+    if _input_dtype(x) not in _TRITON_DTYPES:
+        return f'computes in {_input_dtype(x)}, not float32, bfloat16 or float16'
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return 'triton is not installed'
+    return None
+
+
+def _depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    from .triton_depthwise_conv import depthwise_conv2d_triton
+
+    # each H x W plane contiguous (a channel slice of a contiguous map is)
+    x = x.to(_input_dtype(x))
+    if x.stride(3) != 1 or x.stride(2) != x.size(3):
+        x = x.contiguous()
+    return depthwise_conv2d_triton(x, weight, bias)
+
+
+_depthwise_conv2d = OpDispatcher('depthwise_conv2d', {
+    'triton': Backend(_depthwise_conv2d_triton, _triton_unavailable),
+    'torch': Backend(_depthwise_conv2d_torch, runs_anywhere),
+})
+
+
+def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)``.
+
+    Args:
+        x: ``(B, C, H, W)``.
+        weight: ``(C, 1, k, k)``, ``k`` odd.
+        bias: ``(C,)`` or None.
+
+    Returns:
+        ``(B, C, H, W)``.
+    """
+    channels = x.shape[1] if x.dim() == 4 else None
+    k = weight.shape[-1]
+    if x.dim() != 4 or weight.shape != (channels, 1, k, k) or k % 2 == 0:
+        raise ValueError(f'x must be (B, C, H, W) and weight (C, 1, k, k) with k odd, got '
+                         f'{tuple(x.shape)} and {tuple(weight.shape)}')
+    if bias is not None and bias.shape != (channels,):
+        raise ValueError(f'bias must be ({channels},), got {tuple(bias.shape)}')
+    return _depthwise_conv2d(x, weight, bias)

@@ -1,0 +1,101 @@
+"""``depthwise_conv2d``: its checks, and the Triton backend against ``F.conv2d`` (float64)
+in Triton's CPU interpreter (a subprocess running this file, see triton_interpreter.py)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmseg_segman.ops.depthwise_conv import _depthwise_conv2d, depthwise_conv2d
+
+
+def test_triton_depthwise_conv_in_interpreter():
+    pytest.importorskip('triton')
+    from .triton_interpreter import assert_checks_pass_in_interpreter
+    assert_checks_pass_in_interpreter(__file__, timeout=300)
+
+
+def test_not_chosen_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    x, w, b = make_inputs(1, 3, 4, 5, 3, torch.float32)
+    assert 'TRITON_INTERPRET' in _depthwise_conv2d.why_not('triton', x, w, b)
+    torch.testing.assert_close(depthwise_conv2d(x, w, b), F.conv2d(x, w, b, padding=1, groups=3))
+
+
+def test_bad_shapes_are_refused():
+    x, w, b = make_inputs(1, 3, 4, 5, 3, torch.float32)
+    with pytest.raises(ValueError, match='weight'):
+        depthwise_conv2d(x, w[:2], b)
+    with pytest.raises(ValueError, match='k odd'):
+        depthwise_conv2d(x, torch.randn(3, 1, 2, 2))
+    with pytest.raises(ValueError, match=r'bias must be \(3,\)'):
+        depthwise_conv2d(x, w, b[:2])
+
+
+def make_inputs(batch, channels, height, width, kernel, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, channels, height, width, generator=g).to(dtype),
+            torch.randn(channels, 1, kernel, kernel, generator=g), torch.randn(channels, generator=g))
+
+
+def outputs_and_grads(fn, inputs, dy):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(dy.to(out.dtype))
+    return [out] + [t.grad for t in leaves]
+
+
+def reference(x, weight, bias):
+    return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+
+def check(batch, channels, height, width, kernel, dtype, tol, bias=True):
+    from mmseg_segman.ops.triton_depthwise_conv import depthwise_conv2d_triton
+
+    x, w, b = make_inputs(batch, channels, height, width, kernel, dtype, seed=height * width)
+    inputs = [x, w, b] if bias else [x, w]
+    dy = torch.randn(batch, channels, height, width, generator=torch.Generator().manual_seed(1))
+    got = outputs_and_grads(lambda *t: depthwise_conv2d_triton(*t, *([] if bias else [None])),
+                            inputs, dy)
+    want = outputs_and_grads(lambda *t: reference(*t, *([] if bias else [None])),
+                             [t.double() for t in inputs], dy.double())
+    assert got[0].dtype == dtype
+    for name, a, e, t in zip(['y', 'dx', 'dweight', 'dbias'], got, want, [got[0], *inputs]):
+        assert a.shape == e.shape and a.dtype == t.dtype, (name, a.shape, a.dtype)
+        err = ((a.double() - e).abs().max() / (e.abs().max() + 1e-12)).item()
+        assert err <= tol, (batch, channels, height, width, kernel, dtype, name, err)
+    print(f'{str(dtype)[6:]} B{batch} C{channels} {height}x{width} k{kernel} bias={bias}: ok')
+
+
+def check_dispatch_and_autocast():
+    x, w, b = make_inputs(2, 3, 5, 7, 5, torch.float32)
+    assert _depthwise_conv2d.select(x, w, b) == 'triton'
+    assert _depthwise_conv2d.select(x.double(), w, b) == 'torch'
+    wide = torch.cat([x, x], 1)[:, 3:]  # a channel slice: planes contiguous, batch stride 6*H*W
+    torch.testing.assert_close(depthwise_conv2d(wide, w, b), reference(x, w, b), rtol=1e-5, atol=1e-5)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = depthwise_conv2d(x, w, b)
+        want = reference(x, w, b)
+    assert out.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=5e-2)
+    print('dispatch and autocast: ok')
+
+
+def check_custom_op():
+    import mmseg_segman.ops.triton_depthwise_conv  # noqa: F401  (registers the op)
+    x, w, b = (t.requires_grad_() for t in make_inputs(2, 3, 4, 6, 3, torch.float32))
+    torch.library.opcheck(torch.ops.mmseg_segman.depthwise_conv2d_forward, (x, w, b))
+    print('custom op: ok')
+
+
+def main():
+    # tiles over and under one 16x64 block, maps smaller than the kernel, k 3 and 5
+    for shape in [(1, 2, 5, 7, 3), (2, 3, 17, 70, 3), (1, 2, 18, 9, 5), (2, 1, 2, 3, 5), (1, 1, 1, 1, 3)]:
+        check(*shape, torch.float32, 1e-5)
+    check(1, 2, 6, 5, 3, torch.float32, 1e-5, bias=False)
+    check(2, 3, 9, 11, 5, torch.bfloat16, 2e-2)
+    check_dispatch_and_autocast()
+    check_custom_op()
+    print('all checks passed')
+
+
+if __name__ == '__main__':
+    main()
