@@ -5,14 +5,13 @@ Backends: ``triton`` (:mod:`.triton_depthwise_conv`: one kernel in the map's lay
 per-shape plan, for eager runs on CUDA) and ``torch`` (``F.conv2d``). Under
 ``torch.compile`` the reference runs.
 """
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import Backend, OpDispatcher, runs_anywhere
+from .dispatch import Backend, OpDispatcher, autocast_dtype, runs_anywhere, triton_unavailable
 
 
 def _depthwise_conv2d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -22,25 +21,16 @@ def _depthwise_conv2d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _input_dtype(x: Tensor) -> torch.dtype:
-    """The autocast dtype where autocast is on (as F.conv2d casts), else x's."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
-
-
 def _triton_unavailable(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[str]:
-    if not x.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
-        return 'needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)'
+    """Runs where Triton runs (:func:`triton_unavailable`), computing in float32, bfloat16
+    or float16 (the autocast dtype, as ``F.conv2d`` casts), outside ``torch.compile``."""
+    reason = triton_unavailable(x)
+    if reason is not None:
+        return reason
     if torch.compiler.is_compiling():
         return 'under torch.compile the reference runs (inductor plans it)'
-    if _input_dtype(x) not in _TRITON_DTYPES:
-        return f'computes in {_input_dtype(x)}, not float32, bfloat16 or float16'
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return 'triton is not installed'
+    if autocast_dtype(x) not in _TRITON_DTYPES:
+        return f'computes in {autocast_dtype(x)}, not float32, bfloat16 or float16'
     return None
 
 
@@ -48,7 +38,7 @@ def _depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor]) 
     from .triton_depthwise_conv import depthwise_conv2d_triton
 
     # each H x W plane contiguous (a channel slice of a contiguous map is)
-    x = x.to(_input_dtype(x))
+    x = x.to(autocast_dtype(x))
     if x.stride(3) != 1 or x.stride(2) != x.size(3):
         x = x.contiguous()
     return depthwise_conv2d_triton(x, weight, bias)

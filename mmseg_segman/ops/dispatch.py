@@ -79,6 +79,14 @@ def triton_unavailable(x: torch.Tensor) -> Optional[str]:
     return None
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast computes in on ``x``'s device where it is on, else ``x``'s dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 def registered_ops() -> Dict[str, 'OpDispatcher']:
     return dict(_registry)
 

@@ -13,15 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import Backend, OpDispatcher, runs_anywhere, triton_unavailable
-
-
-def _output_dtype(x: Tensor) -> torch.dtype:
-    """The autocast dtype where autocast is on (the next layer's input dtype), else x's."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
+from .dispatch import Backend, OpDispatcher, autocast_dtype, runs_anywhere, triton_unavailable
 
 
 def _layer_norm_2d_torch(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -40,7 +32,7 @@ def _triton_unavailable(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> 
         return reason
     if torch.compiler.is_compiling():
         return 'under torch.compile the reference runs (inductor fuses it with its neighbours)'
-    if x.dtype not in _TRITON_DTYPES or _output_dtype(x) not in _TRITON_DTYPES:
+    if x.dtype not in _TRITON_DTYPES or autocast_dtype(x) not in _TRITON_DTYPES:
         return f'{x.dtype} maps are not float32, bfloat16 or float16'
     if x.stride(3) != 1 or x.stride(2) != x.size(3):
         return f'its H x W planes are not contiguous (strides {tuple(x.stride())})'
@@ -50,7 +42,7 @@ def _triton_unavailable(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> 
 def _layer_norm_2d_triton(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     from .triton_layer_norm import layer_norm_2d_triton
 
-    return layer_norm_2d_triton(x, weight, bias, eps, _output_dtype(x))
+    return layer_norm_2d_triton(x, weight, bias, eps, autocast_dtype(x))
 
 
 _layer_norm_2d = OpDispatcher('layer_norm_2d', {

@@ -69,6 +69,13 @@ def layer_norm_case(batch, channels, height, width):
     return 'layer_norm_2d', f'B{batch} C{channels} {height}x{width}', make
 
 
+def depthwise_case(batch, channels, height, width, kernel):
+    def make(dtype):
+        return [_randn(batch, channels, height, width, dtype=dtype),
+                _randn(channels, 1, kernel, kernel, dtype=dtype, scale=0.2), _randn(channels, dtype=dtype)]
+    return 'depthwise_conv2d', f'B{batch} C{channels} {height}x{width} k{kernel}', make
+
+
 CASES = [
     na_case(2, 4, 64, 64, 24, 11), na_case(2, 3, 37, 45, 20, 9), na_case(1, 2, 13, 9, 36, 7),
     na_case(2, 2, 5, 19, 28, 7), na_case(1, 4, 6, 4, 32, 11), na_case(2, 8, 16, 16, 24, 7),
@@ -78,6 +85,8 @@ CASES = [
     scan_case(2, 64, 32, 32), scan_case(1, 36, 7, 13), scan_case(2, 96, 16, 23), scan_case(1, 17, 1, 5),
     layer_norm_case(2, 96, 128, 128), layer_norm_case(1, 37, 13, 9), layer_norm_case(2, 560, 16, 16),
     layer_norm_case(16, 64, 7, 5),
+    depthwise_case(2, 96, 128, 128, 3), depthwise_case(2, 40, 37, 45, 5), depthwise_case(1, 7, 2, 9, 5),
+    depthwise_case(4, 1456, 16, 16, 3),
 ]
 
 
