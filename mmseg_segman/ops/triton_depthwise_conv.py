@@ -7,9 +7,11 @@ SegMAN-B's inference time on an H100) and a channels-last one on cuDNN, which bu
 for every new input shape. Here one program owns a ``BLOCK_H x BLOCK_W`` tile of one
 (batch, channel) plane and adds its ``k * k`` shifted, masked loads times the taps (the
 shifted loads overlap and hit the cache). The input gradient is the same kernel with the
-taps flipped; the weight gradient: every program writes the ``k * k`` sums of ``dy`` times
-the shifted input over its tile, and PyTorch adds them up. Sizes and strides are runtime
-values: one compilation per (dtype, k) serves every map size.
+taps flipped. The weight and bias gradients: a few programs per channel each loop over a
+share of its tiles, accumulate ``dy`` times the input shifted by every tap element-wise,
+reduce once, and PyTorch adds the few partial sums. Sizes and strides are runtime values;
+the tile shape follows the map's size in powers of two (:func:`tile_shape`), so a bounded
+number of compilations per (dtype, k) serves every map size.
 """
 from typing import Optional, Tuple
 
@@ -20,19 +22,22 @@ from torch import Tensor
 
 from .triton_jit import jit_with_runtime_ints
 
-BLOCK_H = 16
-BLOCK_W = 64
+TILE_ELEMENTS = 1024  # forward and input-gradient programs: one tile of one plane
 NUM_WARPS = 4
-_RUNTIME_INTS = {'channels', 'height', 'width', 'sx_b', 'sx_c', 'sy_b', 'sy_c', 'tiles'}
+# weight-gradient programs: taps x tile elements in registers (padded taps x tile = 8192)
+WEIGHT_GRADIENT_ELEMENTS = 8192
+WEIGHT_GRADIENT_WARPS = 8
+WEIGHT_GRADIENT_PROGRAMS = 2048  # about; each loops over its share of one channel's tiles
+_RUNTIME_INTS = {'channels', 'height', 'width', 'sx_b', 'sx_c', 'sy_b', 'sy_c', 'batch',
+                 'tiles_w', 'tiles', 'splits'}
 
 
-@triton.jit
-def _program_tile(channels, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """The program's batch element, channel (int64), and the rows and columns of its tile."""
-    plane = tl.program_id(2).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    cols = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
-    return plane // channels, plane % channels, rows, cols
+def tile_shape(height: int, width: int, elements: int) -> Tuple[int, int]:
+    """``(BLOCK_H, BLOCK_W)``, powers of two with at most ``elements`` together, no wider
+    than 64 or than the map (down to 16), no taller than the map (down to 4): a bounded
+    set of compilations, and small maps do not leave most of a tile masked."""
+    block_w = min(64, max(16, triton.next_power_of_2(width)))
+    return min(elements // block_w, max(4, triton.next_power_of_2(height))), block_w
 
 
 @triton.jit
@@ -48,7 +53,10 @@ def _shifted(base, rows, cols, di, dj, height, width):
 def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, channels, height, width, sx_b, sx_c, sy_b, sy_c,
                    KERNEL: tl.constexpr, HAS_BIAS: tl.constexpr, FLIP: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    batch, channel, rows, cols = _program_tile(channels, BLOCK_H, BLOCK_W)
+    plane = tl.program_id(2).to(tl.int64)
+    batch, channel = plane // channels, plane % channels
+    rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
     x_base = x_ptr + batch * sx_b + channel * sx_c
     acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
     for i in tl.static_range(KERNEL):
@@ -64,35 +72,66 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, channels, height, width, sx_b, sx
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
-def _dw_bwd_weight_kernel(x_ptr, dy_ptr, dw_ptr, channels, height, width, sx_b, sx_c, sy_b, sy_c,
-                          tiles, KERNEL: tl.constexpr, BLOCK_H: tl.constexpr,
-                          BLOCK_W: tl.constexpr):
-    batch, channel, rows, cols = _program_tile(channels, BLOCK_H, BLOCK_W)
-    ok = (rows < height)[:, None] & (cols < width)[None, :]
-    dy = tl.load(dy_ptr + batch * sy_b + channel * sy_c + rows[:, None] * width + cols[None, :],
-                 mask=ok, other=0.0).to(tl.float32)
-    x_base = x_ptr + batch * sx_b + channel * sx_c
-    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    out = dw_ptr + ((tl.program_id(2).to(tl.int64) * tiles + tile) * KERNEL * KERNEL)
-    for i in tl.static_range(KERNEL):
-        for j in tl.static_range(KERNEL):
-            x = _shifted(x_base, rows, cols, i - KERNEL // 2, j - KERNEL // 2, height, width)
-            tl.store(out + i * KERNEL + j, tl.sum(tl.sum(dy * x, 1), 0))
-
-
-def _grid(x: Tensor) -> Tuple[int, int, int]:
-    batch, channels, height, width = x.shape
-    return triton.cdiv(width, BLOCK_W), triton.cdiv(height, BLOCK_H), batch * channels
+def _dw_bwd_weight_kernel(x_ptr, dy_ptr, partial_ptr, height, width, sx_b, sx_c, sy_b, sy_c,
+                          batch, tiles_w, tiles, splits, KERNEL: tl.constexpr,
+                          TAPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Program ``(split, channel)`` adds ``dy * x`` shifted by every tap over the tiles
+    ``split, split + splits, ...`` of the channel's ``batch * tiles`` tiles, element-wise in
+    a ``(TAPS, BLOCK_H, BLOCK_W)`` accumulator, and sums it once at the end. Slot
+    ``KERNEL * KERNEL`` collects the sum of ``dy`` (the bias gradient)."""
+    split = tl.program_id(0)
+    channel = tl.program_id(1).to(tl.int64)
+    taps = tl.arange(0, TAPS)
+    di = (taps // KERNEL - KERNEL // 2)[:, None, None]
+    dj = (taps % KERNEL - KERNEL // 2)[:, None, None]
+    is_tap = (taps < KERNEL * KERNEL)[:, None, None]
+    is_bias = (taps == KERNEL * KERNEL)[:, None, None]
+    acc = tl.zeros([TAPS, BLOCK_H, BLOCK_W], dtype=tl.float32)
+    for item in range(split, batch * tiles, splits):
+        b = (item // tiles).to(tl.int64)
+        tile = item % tiles
+        rows = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
+        cols = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
+        ok = (rows < height)[:, None] & (cols < width)[None, :]
+        dy = tl.load(dy_ptr + b * sy_b + channel * sy_c + rows[:, None] * width + cols[None, :],
+                     mask=ok, other=0.0).to(tl.float32)
+        r = rows[None, :, None] + di
+        q = cols[None, None, :] + dj
+        inside = is_tap & (r >= 0) & (r < height) & (q >= 0) & (q < width)
+        x = tl.load(x_ptr + b * sx_b + channel * sx_c + r * width + q, mask=inside, other=0.0)
+        acc += (x.to(tl.float32) + is_bias.to(tl.float32)) * dy[None, :, :]
+    tl.store(partial_ptr + (channel * splits + split) * TAPS + taps, tl.sum(tl.sum(acc, 2), 1))
 
 
 def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool,
               dtype: torch.dtype) -> Tensor:
+    batch, channels, height, width = x.shape
+    block_h, block_w = tile_shape(height, width, TILE_ELEMENTS)
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
-    _dw_fwd_kernel[_grid(x)](x, weight, x if bias is None else bias, y, x.shape[1], x.shape[2],
-                             x.shape[3], x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                             KERNEL=weight.shape[-1], HAS_BIAS=bias is not None, FLIP=flip,
-                             BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, num_warps=NUM_WARPS)
+    grid = (triton.cdiv(width, block_w), triton.cdiv(height, block_h), batch * channels)
+    _dw_fwd_kernel[grid](x, weight, x if bias is None else bias, y, channels, height, width,
+                         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                         KERNEL=weight.shape[-1], HAS_BIAS=bias is not None, FLIP=flip,
+                         BLOCK_H=block_h, BLOCK_W=block_w, num_warps=NUM_WARPS)
     return y
+
+
+def _weight_and_bias_gradients(dy: Tensor, x: Tensor, kernel: int) -> Tuple[Tensor, Tensor]:
+    """``(C, k * k)`` and ``(C,)`` float32: the sums over batch and pixels."""
+    batch, channels, height, width = x.shape
+    taps = triton.next_power_of_2(kernel * kernel + 1)
+    block_h, block_w = tile_shape(height, width, WEIGHT_GRADIENT_ELEMENTS // taps)
+    tiles_w = triton.cdiv(width, block_w)
+    tiles = tiles_w * triton.cdiv(height, block_h)
+    splits = max(1, min(batch * tiles, WEIGHT_GRADIENT_PROGRAMS // channels))
+    partial = torch.empty(channels, splits, taps, dtype=torch.float32, device=x.device)
+    _dw_bwd_weight_kernel[(splits, channels)](
+        x, dy, partial, height, width, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+        batch, tiles_w, tiles, splits, KERNEL=kernel, TAPS=taps, BLOCK_H=block_h,
+        BLOCK_W=block_w, num_warps=WEIGHT_GRADIENT_WARPS)
+    sums = partial.sum(1)  # copies: a custom op's outputs may not alias each other
+    return (sums[:, :kernel * kernel].clone(memory_format=torch.contiguous_format),
+            sums[:, kernel * kernel].clone())
 
 
 @torch.library.custom_op('mmseg_segman::depthwise_conv2d_forward', mutates_args=())
@@ -107,23 +146,18 @@ def _(x, weight, bias):
 
 
 @torch.library.custom_op('mmseg_segman::depthwise_conv2d_backward', mutates_args=())
-def depthwise_conv2d_backward(dy: Tensor, x: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
-    """``dx`` (``x``'s dtype) and ``d weight`` (``weight``'s dtype)."""
+def depthwise_conv2d_backward(dy: Tensor, x: Tensor,
+                              weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``dx`` (``x``'s dtype), ``d weight`` (``weight``'s dtype), ``d bias`` (float32)."""
     dx = _convolve(dy, weight, None, flip=True, dtype=x.dtype)
-    grid = _grid(x)
-    tiles = grid[0] * grid[1]
-    kernel = weight.shape[-1]
-    partial = torch.empty(grid[2] * tiles * kernel * kernel, dtype=torch.float32, device=x.device)
-    _dw_bwd_weight_kernel[grid](x, dy, partial, x.shape[1], x.shape[2], x.shape[3], x.stride(0),
-                                x.stride(1), dy.stride(0), dy.stride(1), tiles, KERNEL=kernel,
-                                BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, num_warps=NUM_WARPS)
-    dw = partial.view(x.shape[0], x.shape[1], tiles, kernel * kernel).sum((0, 2))
-    return dx, dw.view(weight.shape).to(weight.dtype)
+    dw, db = _weight_and_bias_gradients(dy, x, weight.shape[-1])
+    return dx, dw.reshape(weight.shape).to(weight.dtype), db
 
 
 @depthwise_conv2d_backward.register_fake
 def _(dy, x, weight):
-    return x.new_empty(x.shape), torch.empty_like(weight)
+    return (x.new_empty(x.shape), torch.empty_like(weight),
+            weight.new_empty(weight.shape[0], dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -136,9 +170,9 @@ def _backward(ctx, dy):
     x, weight = ctx.saved_tensors
     dy = dy.contiguous()
     needed = ctx.needs_input_grad
-    dx, dw = depthwise_conv2d_backward(dy, x, weight) if needed[0] or needed[1] else (None, None)
-    dbias = dy.float().sum((0, 2, 3)).to(ctx.bias_dtype) if needed[2] else None
-    return dx if needed[0] else None, dw if needed[1] else None, dbias
+    dx, dw, db = depthwise_conv2d_backward(dy, x, weight)
+    return (dx if needed[0] else None, dw if needed[1] else None,
+            db.to(ctx.bias_dtype) if needed[2] else None)
 
 
 depthwise_conv2d_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -87,9 +87,16 @@ def check_custom_op():
 
 
 def main():
-    # tiles over and under one 16x64 block, maps smaller than the kernel, k 3 and 5
+    from mmseg_segman.ops import triton_depthwise_conv as tdw
+
+    # maps over and under one tile, smaller than the kernel, k 3 and 5
     for shape in [(1, 2, 5, 7, 3), (2, 3, 17, 70, 3), (1, 2, 18, 9, 5), (2, 1, 2, 3, 5), (1, 1, 1, 1, 3)]:
         check(*shape, torch.float32, 1e-5)
+    programs = tdw.WEIGHT_GRADIENT_PROGRAMS
+    tdw.WEIGHT_GRADIENT_PROGRAMS = 5  # 1 or 2 per channel, each looping over several tiles
+    for shape in [(3, 3, 33, 70, 3), (2, 2, 20, 19, 5)]:
+        check(*shape, torch.float32, 1e-5)
+    tdw.WEIGHT_GRADIENT_PROGRAMS = programs
     check(1, 2, 6, 5, 3, torch.float32, 1e-5, bias=False)
     check(2, 3, 9, 11, 5, torch.bfloat16, 2e-2)
     check_dispatch_and_autocast()

@@ -91,9 +91,15 @@ def test_layer_norm_kernels_compile(activation):
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
 @pytest.mark.parametrize('kernel', [3, 5])
 def test_depthwise_conv_kernels_compile(activation, kernel):
-    blocks = dict(KERNEL=kernel, BLOCK_H=tdw.BLOCK_H, BLOCK_W=tdw.BLOCK_W)
-    float32 = {'w_ptr', 'b_ptr', 'dw_ptr'}
-    for flip in (False, True):
-        assert compile_for_h100(tdw._dw_fwd_kernel, activation, float32, tdw.NUM_WARPS,
-                                HAS_BIAS=True, FLIP=flip, **blocks)
-    assert compile_for_h100(tdw._dw_bwd_weight_kernel, activation, float32, tdw.NUM_WARPS, **blocks)
+    float32 = {'w_ptr', 'b_ptr', 'partial_ptr'}
+    for height, width in [(128, 128), (32, 32), (7, 9)]:  # SegMAN-B's stage 1 and 3, a small map
+        block_h, block_w = tdw.tile_shape(height, width, tdw.TILE_ELEMENTS)
+        for flip in (False, True):
+            assert compile_for_h100(tdw._dw_fwd_kernel, activation, float32, tdw.NUM_WARPS,
+                                    KERNEL=kernel, HAS_BIAS=True, FLIP=flip, BLOCK_H=block_h,
+                                    BLOCK_W=block_w)
+        taps = triton.next_power_of_2(kernel * kernel + 1)
+        block_h, block_w = tdw.tile_shape(height, width, tdw.WEIGHT_GRADIENT_ELEMENTS // taps)
+        assert compile_for_h100(tdw._dw_bwd_weight_kernel, activation, float32,
+                                tdw.WEIGHT_GRADIENT_WARPS, KERNEL=kernel, TAPS=taps,
+                                BLOCK_H=block_h, BLOCK_W=block_w)
