@@ -14,14 +14,17 @@ from torch import Tensor
 from .dispatch import Backend, OpDispatcher, autocast_dtype, runs_anywhere, triton_unavailable
 
 
-def _depthwise_conv2d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+def _depthwise_conv2d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                            residual: bool) -> Tensor:
+    out = F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+    return x + out if residual else out
 
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _triton_unavailable(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[str]:
+def _triton_unavailable(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                        residual: bool) -> Optional[str]:
     """Runs where Triton runs (:func:`triton_unavailable`), computing in float32, bfloat16
     or float16 (the autocast dtype, as ``F.conv2d`` casts), outside ``torch.compile``."""
     reason = triton_unavailable(x)
@@ -29,19 +32,23 @@ def _triton_unavailable(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Op
         return reason
     if torch.compiler.is_compiling():
         return 'under torch.compile the reference runs (inductor plans it)'
-    if autocast_dtype(x) not in _TRITON_DTYPES:
-        return f'computes in {autocast_dtype(x)}, not float32, bfloat16 or float16'
+    if x.dtype not in _TRITON_DTYPES or autocast_dtype(x) not in _TRITON_DTYPES:
+        return f'{x.dtype} maps (autocast to {autocast_dtype(x)}) are not float32, bfloat16 or float16'
     return None
 
 
-def _depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                             residual: bool) -> Tensor:
     from .triton_depthwise_conv import depthwise_conv2d_triton
 
+    # the dtype F.conv2d's output has (autocast's), and x + that with the residual
+    out_dtype = autocast_dtype(x)
+    if residual:
+        out_dtype = torch.promote_types(x.dtype, out_dtype)
     # each H x W plane contiguous (a channel slice of a contiguous map is)
-    x = x.to(autocast_dtype(x))
     if x.stride(3) != 1 or x.stride(2) != x.size(3):
         x = x.contiguous()
-    return depthwise_conv2d_triton(x, weight, bias)
+    return depthwise_conv2d_triton(x, weight, bias, residual, out_dtype)
 
 
 _depthwise_conv2d = OpDispatcher('depthwise_conv2d', {
@@ -50,13 +57,15 @@ _depthwise_conv2d = OpDispatcher('depthwise_conv2d', {
 })
 
 
-def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)``.
+def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                     residual: bool = False) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)``, plus ``x`` if ``residual``.
 
     Args:
         x: ``(B, C, H, W)``.
         weight: ``(C, 1, k, k)``, ``k`` odd.
         bias: ``(C,)`` or None.
+        residual: return ``x + conv(x)`` (one pass on the ``triton`` backend).
 
     Returns:
         ``(B, C, H, W)``.
@@ -68,4 +77,4 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
                          f'{tuple(x.shape)} and {tuple(weight.shape)}')
     if bias is not None and bias.shape != (channels,):
         raise ValueError(f'bias must be ({channels},), got {tuple(bias.shape)}')
-    return _depthwise_conv2d(x, weight, bias)
+    return _depthwise_conv2d(x, weight, bias, residual)

@@ -7,9 +7,10 @@ SegMAN-B's inference time on an H100) and a channels-last one on cuDNN, which bu
 for every new input shape. Here one program owns a ``BLOCK_H x BLOCK_W`` tile of one
 (batch, channel) plane and adds its ``k * k`` shifted, masked loads times the taps (the
 shifted loads overlap and hit the cache). The input gradient is the same kernel with the
-taps flipped. The weight and bias gradients: a few programs per channel each loop over a
-share of its tiles, accumulate ``dy`` times the input shifted by every tap element-wise,
-reduce once, and PyTorch adds the few partial sums. Sizes and strides are runtime values;
+taps flipped. ``residual`` adds the input (its centre tap) to the output, and ``dy`` to the
+input gradient: the blocks' ``x + dwconv(x)`` in one pass. The weight and bias gradients: a
+few programs per channel each loop over a share of its tiles, accumulate ``dy`` times the
+input shifted by every tap element-wise, reduce once, and PyTorch adds the few partial sums. Sizes and strides are runtime values;
 the tile shape follows the map's size in powers of two (:func:`tile_shape`), so a bounded
 number of compilations per (dtype, k) serves every map size.
 """
@@ -52,7 +53,7 @@ def _shifted(base, rows, cols, di, dj, height, width):
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, channels, height, width, sx_b, sx_c, sy_b, sy_c,
                    KERNEL: tl.constexpr, HAS_BIAS: tl.constexpr, FLIP: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+                   RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     plane = tl.program_id(2).to(tl.int64)
     batch, channel = plane // channels, plane % channels
     rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -63,7 +64,12 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, channels, height, width, sx_b, sx
         for j in tl.static_range(KERNEL):
             tap = (KERNEL * KERNEL - 1 - i * KERNEL - j) if FLIP else (i * KERNEL + j)
             w = tl.load(w_ptr + channel * KERNEL * KERNEL + tap).to(tl.float32)
-            acc += w * _shifted(x_base, rows, cols, i - KERNEL // 2, j - KERNEL // 2, height, width)
+            shifted = _shifted(x_base, rows, cols, i - KERNEL // 2, j - KERNEL // 2, height, width)
+            acc += w * shifted
+            if RESIDUAL:
+                if i == KERNEL // 2:
+                    if j == KERNEL // 2:
+                        acc += shifted  # the centre tap: x itself
     if HAS_BIAS:
         acc += tl.load(b_ptr + channel).to(tl.float32)
     ok = (rows < height)[:, None] & (cols < width)[None, :]
@@ -103,7 +109,7 @@ def _dw_bwd_weight_kernel(x_ptr, dy_ptr, partial_ptr, height, width, sx_b, sx_c,
     tl.store(partial_ptr + (channel * splits + split) * TAPS + taps, tl.sum(tl.sum(acc, 2), 1))
 
 
-def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool,
+def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool, residual: bool,
               dtype: torch.dtype) -> Tensor:
     batch, channels, height, width = x.shape
     block_h, block_w = tile_shape(height, width, TILE_ELEMENTS)
@@ -112,7 +118,7 @@ def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool,
     _dw_fwd_kernel[grid](x, weight, x if bias is None else bias, y, channels, height, width,
                          x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                          KERNEL=weight.shape[-1], HAS_BIAS=bias is not None, FLIP=flip,
-                         BLOCK_H=block_h, BLOCK_W=block_w, num_warps=NUM_WARPS)
+                         RESIDUAL=residual, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=NUM_WARPS)
     return y
 
 
@@ -135,50 +141,55 @@ def _weight_and_bias_gradients(dy: Tensor, x: Tensor, kernel: int) -> Tuple[Tens
 
 
 @torch.library.custom_op('mmseg_segman::depthwise_conv2d_forward', mutates_args=())
-def depthwise_conv2d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``(B, C, H, W)`` contiguous, in ``x``'s dtype."""
-    return _convolve(x, weight, bias, flip=False, dtype=x.dtype)
+def depthwise_conv2d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: bool,
+                             out_dtype: torch.dtype) -> Tensor:
+    """``(B, C, H, W)`` contiguous, in ``out_dtype``."""
+    return _convolve(x, weight, bias, flip=False, residual=residual, dtype=out_dtype)
 
 
 @depthwise_conv2d_forward.register_fake
-def _(x, weight, bias):
-    return x.new_empty(x.shape)
+def _(x, weight, bias, residual, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
 
 
 @torch.library.custom_op('mmseg_segman::depthwise_conv2d_backward', mutates_args=())
-def depthwise_conv2d_backward(dy: Tensor, x: Tensor,
-                              weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def depthwise_conv2d_backward(dy: Tensor, x: Tensor, weight: Tensor,
+                              residual: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """``dx`` (``x``'s dtype), ``d weight`` (``weight``'s dtype), ``d bias`` (float32)."""
-    dx = _convolve(dy, weight, None, flip=True, dtype=x.dtype)
+    dx = _convolve(dy, weight, None, flip=True, residual=residual, dtype=x.dtype)
     dw, db = _weight_and_bias_gradients(dy, x, weight.shape[-1])
     return dx, dw.reshape(weight.shape).to(weight.dtype), db
 
 
 @depthwise_conv2d_backward.register_fake
-def _(dy, x, weight):
+def _(dy, x, weight, residual):
     return (x.new_empty(x.shape), torch.empty_like(weight),
             weight.new_empty(weight.shape[0], dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias = inputs
+    x, weight, bias, residual, _ = inputs
     ctx.save_for_backward(x, weight)
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.residual = residual
 
 
 def _backward(ctx, dy):
     x, weight = ctx.saved_tensors
     dy = dy.contiguous()
     needed = ctx.needs_input_grad
-    dx, dw, db = depthwise_conv2d_backward(dy, x, weight)
+    dx, dw, db = depthwise_conv2d_backward(dy, x, weight, ctx.residual)
     return (dx if needed[0] else None, dw if needed[1] else None,
-            db.to(ctx.bias_dtype) if needed[2] else None)
+            db.to(ctx.bias_dtype) if needed[2] else None, None, None)
 
 
 depthwise_conv2d_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)`` for ``x (B, C, H, W)`` (each
-    ``H x W`` plane contiguous) and ``weight (C, 1, k, k)``, ``k`` odd."""
-    return depthwise_conv2d_forward(x, weight, bias)
+def depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                            residual: bool = False, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)``, plus ``x`` if ``residual``,
+    for ``x (B, C, H, W)`` (each ``H x W`` plane contiguous, any float dtype: read as is and
+    computed in float32) and ``weight (C, 1, k, k)``, ``k`` odd; in ``out_dtype`` (default
+    ``x``'s)."""
+    return depthwise_conv2d_forward(x, weight, bias, residual, out_dtype or x.dtype)

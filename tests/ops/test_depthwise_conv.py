@@ -16,8 +16,10 @@ def test_triton_depthwise_conv_in_interpreter():
 def test_not_chosen_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     x, w, b = make_inputs(1, 3, 4, 5, 3, torch.float32)
-    assert 'TRITON_INTERPRET' in _depthwise_conv2d.why_not('triton', x, w, b)
+    assert 'TRITON_INTERPRET' in _depthwise_conv2d.why_not('triton', x, w, b, False)
     torch.testing.assert_close(depthwise_conv2d(x, w, b), F.conv2d(x, w, b, padding=1, groups=3))
+    torch.testing.assert_close(depthwise_conv2d(x, w, b, residual=True),
+                               x + F.conv2d(x, w, b, padding=1, groups=3))
 
 
 def test_bad_shapes_are_refused():
@@ -43,46 +45,56 @@ def outputs_and_grads(fn, inputs, dy):
     return [out] + [t.grad for t in leaves]
 
 
-def reference(x, weight, bias):
-    return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+def reference(x, weight, bias, residual=False):
+    out = F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+    return x + out if residual else out
 
 
-def check(batch, channels, height, width, kernel, dtype, tol, bias=True):
+def check(batch, channels, height, width, kernel, dtype, tol, bias=True, residual=False):
     from mmseg_segman.ops.triton_depthwise_conv import depthwise_conv2d_triton
 
     x, w, b = make_inputs(batch, channels, height, width, kernel, dtype, seed=height * width)
     inputs = [x, w, b] if bias else [x, w]
     dy = torch.randn(batch, channels, height, width, generator=torch.Generator().manual_seed(1))
-    got = outputs_and_grads(lambda *t: depthwise_conv2d_triton(*t, *([] if bias else [None])),
-                            inputs, dy)
-    want = outputs_and_grads(lambda *t: reference(*t, *([] if bias else [None])),
+    got = outputs_and_grads(
+        lambda *t: depthwise_conv2d_triton(*t, *([] if bias else [None]), residual=residual),
+        inputs, dy)
+    want = outputs_and_grads(lambda *t: reference(*t, *([] if bias else [None]), residual=residual),
                              [t.double() for t in inputs], dy.double())
     assert got[0].dtype == dtype
     for name, a, e, t in zip(['y', 'dx', 'dweight', 'dbias'], got, want, [got[0], *inputs]):
         assert a.shape == e.shape and a.dtype == t.dtype, (name, a.shape, a.dtype)
         err = ((a.double() - e).abs().max() / (e.abs().max() + 1e-12)).item()
         assert err <= tol, (batch, channels, height, width, kernel, dtype, name, err)
-    print(f'{str(dtype)[6:]} B{batch} C{channels} {height}x{width} k{kernel} bias={bias}: ok')
+    print(f'{str(dtype)[6:]} B{batch} C{channels} {height}x{width} k{kernel} bias={bias} '
+          f'residual={residual}: ok')
 
 
 def check_dispatch_and_autocast():
     x, w, b = make_inputs(2, 3, 5, 7, 5, torch.float32)
-    assert _depthwise_conv2d.select(x, w, b) == 'triton'
-    assert _depthwise_conv2d.select(x.double(), w, b) == 'torch'
+    assert _depthwise_conv2d.select(x, w, b, False) == 'triton'
+    assert _depthwise_conv2d.select(x.double(), w, b, False) == 'torch'
     wide = torch.cat([x, x], 1)[:, 3:]  # a channel slice: planes contiguous, batch stride 6*H*W
     torch.testing.assert_close(depthwise_conv2d(wide, w, b), reference(x, w, b), rtol=1e-5, atol=1e-5)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = depthwise_conv2d(x, w, b)
         want = reference(x, w, b)
+        # x + conv(x): float32 x plus a bf16 conv is float32, as PyTorch promotes
+        out_residual = depthwise_conv2d(x, w, b, residual=True)
+        want_residual = x + reference(x, w, b)
     assert out.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=5e-2)
+    assert out_residual.dtype == want_residual.dtype == torch.float32
+    torch.testing.assert_close(out_residual, want_residual, rtol=2e-2, atol=5e-2)
     print('dispatch and autocast: ok')
 
 
 def check_custom_op():
     import mmseg_segman.ops.triton_depthwise_conv  # noqa: F401  (registers the op)
     x, w, b = (t.requires_grad_() for t in make_inputs(2, 3, 4, 6, 3, torch.float32))
-    torch.library.opcheck(torch.ops.mmseg_segman.depthwise_conv2d_forward, (x, w, b))
+    for residual in (False, True):
+        torch.library.opcheck(torch.ops.mmseg_segman.depthwise_conv2d_forward,
+                              (x, w, b, residual, torch.float32))
     print('custom op: ok')
 
 
@@ -99,6 +111,8 @@ def main():
     tdw.WEIGHT_GRADIENT_PROGRAMS = programs
     check(1, 2, 6, 5, 3, torch.float32, 1e-5, bias=False)
     check(2, 3, 9, 11, 5, torch.bfloat16, 2e-2)
+    check(2, 3, 9, 70, 3, torch.float32, 1e-5, residual=True)
+    check(1, 2, 5, 4, 5, torch.bfloat16, 2e-2, residual=True)
     check_dispatch_and_autocast()
     check_custom_op()
     print('all checks passed')

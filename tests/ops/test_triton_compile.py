@@ -96,8 +96,8 @@ def test_depthwise_conv_kernels_compile(activation, kernel):
         block_h, block_w = tdw.tile_shape(height, width, tdw.TILE_ELEMENTS)
         for flip in (False, True):
             assert compile_for_h100(tdw._dw_fwd_kernel, activation, float32, tdw.NUM_WARPS,
-                                    KERNEL=kernel, HAS_BIAS=True, FLIP=flip, BLOCK_H=block_h,
-                                    BLOCK_W=block_w)
+                                    KERNEL=kernel, HAS_BIAS=not flip, FLIP=flip, RESIDUAL=True,
+                                    BLOCK_H=block_h, BLOCK_W=block_w)
         taps = triton.next_power_of_2(kernel * kernel + 1)
         block_h, block_w = tdw.tile_shape(height, width, tdw.WEIGHT_GRADIENT_ELEMENTS // taps)
         assert compile_for_h100(tdw._dw_bwd_weight_kernel, activation, float32,

@@ -11,6 +11,11 @@ kernels one forward launches and ``gpu_ms`` adds their times (``torch.profiler``
 512x512 exceeds its GPU time is bound by the host there (``benchmark.py --profile``).
 ``--profile NAME``: Python's profile of NAME's forwards, the functions with the most own time.
 One JSON line per model.
+
+``--ops``: the host's microseconds per call of each layer of a SegMAN op on a tiny map (the
+public op with its dispatch, the registered custom op, the Python function behind it, which
+launches the kernel) and of PyTorch operations for scale (an add, ``F.layer_norm``, a 1x1
+``F.conv2d`` and the same as a matrix product), without and with autograd recording.
 """
 import argparse
 import cProfile
@@ -51,16 +56,63 @@ def kernels_and_gpu_ms(model, images):
     return len(kernels), sum(e.device_time for e in kernels) / 1e3
 
 
+def per_call_us(fn, calls: int = 2000) -> float:
+    """Host microseconds per ``fn()``: the GPU runs tiny kernels faster than they come."""
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - start) / calls
+
+
+def op_layers(grad: bool):
+    """``{name: fn}``: the layers of ``layer_norm_2d`` and ``depthwise_conv2d`` on a
+    ``(1, 32, 8, 8)`` map and PyTorch operations on it."""
+    import torch.nn.functional as F
+
+    from mmseg_segman.ops import depthwise_conv2d, layer_norm_2d
+    from mmseg_segman.ops import triton_depthwise_conv as tdw
+    from mmseg_segman.ops import triton_layer_norm as tln
+
+    x = torch.randn(1, 32, 8, 8, device='cuda', requires_grad=grad)
+    w, b = torch.ones(32, device='cuda'), torch.zeros(32, device='cuda')
+    taps = torch.randn(32, 1, 3, 3, device='cuda')
+    pointwise = torch.randn(64, 32, 1, 1, device='cuda')
+    ln_op, dw_op = tln.layer_norm_2d_forward, tdw.depthwise_conv2d_forward
+    return {
+        'add': lambda: x + x,
+        'F.layer_norm (channels last)': lambda: F.layer_norm(x.permute(0, 2, 3, 1), (32,), w, b),
+        'layer_norm_2d': lambda: layer_norm_2d(x, w, b),
+        'layer_norm_2d custom op': lambda: ln_op(x, w, b, 1e-6, x.dtype),
+        'layer_norm_2d launch': lambda: ln_op._init_fn(x, w, b, 1e-6, x.dtype),
+        'depthwise_conv2d': lambda: depthwise_conv2d(x, taps, b),
+        'depthwise_conv2d custom op': lambda: dw_op(x, taps, b),
+        'depthwise_conv2d launch': lambda: dw_op._init_fn(x, taps, b),
+        'F.conv2d depthwise 3x3': lambda: F.conv2d(x, taps, b, padding=1, groups=32),
+        'F.conv2d 1x1': lambda: F.conv2d(x, pointwise),
+        '1x1 as matmul': lambda: torch.matmul(pointwise.view(64, 32), x.view(1, 32, 64)),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--models', nargs='+', choices=MODELS, default=MODELS)
+    parser.add_argument('--models', nargs='*', choices=MODELS,
+                        help='default: all, or none with --ops')
     parser.add_argument('--size', type=int, default=256)
     parser.add_argument('--profile', nargs='*', choices=MODELS, default=[],
                         help='print the Python functions with the most own time')
+    parser.add_argument('--ops', action='store_true', help='host time per call of op layers')
     parser.add_argument('--out', help='append JSON lines here')
     args = parser.parse_args()
+    if args.ops:
+        for grad in (False, True):
+            for name, fn in op_layers(grad).items():
+                write_row(dict(op=name, autograd=grad, host_us=round(per_call_us(fn), 1)), args.out)
     images = torch.randn(1, 3, args.size, args.size, device='cuda')
-    for name in args.models:
+    for name in args.models if args.models is not None else ([] if args.ops else MODELS):
         model = build_model(name).cuda().eval()
         for _ in range(3):  # Triton's kernels, cuDNN's choices
             forward(model, images)

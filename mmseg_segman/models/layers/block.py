@@ -42,10 +42,10 @@ class SegMANBlock(nn.Module):
                  drop_path: float = 0.0, layer_scale_init: Optional[float] = None,
                  act_cfg: Dict = dict(type='GELU')):
         super().__init__()
-        self.cpe1 = DepthwiseConv2d(embed_dim, 3)
+        self.cpe1 = DepthwiseConv2d(embed_dim, 3, residual=True)
         self.norm1 = LayerNorm2d(embed_dim)
         self.token_mixer = token_mixer
-        self.cpe2 = DepthwiseConv2d(embed_dim, 3)
+        self.cpe2 = DepthwiseConv2d(embed_dim, 3, residual=True)
         self.norm2 = LayerNorm2d(embed_dim)
         self.mlp = ConvFFN(embed_dim, ffn_dim, act_cfg)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -56,7 +56,7 @@ class SegMANBlock(nn.Module):
             self.layer_scale2 = LayerScale(embed_dim, layer_scale_init)
 
     def forward(self, x: Tensor, *mixer_args) -> Tensor:
-        x = x + self.cpe1(x)
+        x = self.cpe1(x)
         x = x + self.drop_path(self.layer_scale1(self.token_mixer(self.norm1(x), *mixer_args)))
-        x = x + self.cpe2(x)
+        x = self.cpe2(x)
         return x + self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))

@@ -6,10 +6,16 @@ from ...ops import depthwise_conv2d
 
 class DepthwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels)`` (its keys
-    ``weight (C, 1, k, k)`` and ``bias``) running the op :func:`depthwise_conv2d`."""
+    ``weight (C, 1, k, k)`` and ``bias``) running the op :func:`depthwise_conv2d`; with
+    ``residual``, ``x + conv(x)`` (fused into the convolution on the fast path)."""
 
-    def __init__(self, channels: int, kernel_size: int):
+    def __init__(self, channels: int, kernel_size: int, residual: bool = False):
         super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+        self.residual = residual
 
     def forward(self, x: Tensor) -> Tensor:
-        return depthwise_conv2d(x, self.weight, self.bias)
+        """``(B, C, H, W) -> (B, C, H, W)``."""
+        return depthwise_conv2d(x, self.weight, self.bias, self.residual)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (', residual=True' if self.residual else '')

@@ -14,9 +14,8 @@ class ConvFFN(nn.Module):
         super().__init__()
         self.fc1 = nn.Conv2d(embed_dim, ffn_dim, kernel_size=1)
         self.act = build_activation_layer(act_cfg)
-        self.dwconv = DepthwiseConv2d(ffn_dim, 3)
+        self.dwconv = DepthwiseConv2d(ffn_dim, 3, residual=True)
         self.fc2 = nn.Conv2d(ffn_dim, embed_dim, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.act(self.fc1(x))
-        return self.fc2(x + self.dwconv(x))
+        return self.fc2(self.dwconv(self.act(self.fc1(x))))
