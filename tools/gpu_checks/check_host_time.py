@@ -14,8 +14,8 @@ One JSON line per model.
 
 ``--ops``: the host's microseconds per call of each layer of a SegMAN op on a tiny map (the
 public op with its dispatch, the registered custom op, the Python function behind it, which
-launches the kernel) and of PyTorch operations for scale (an add, ``F.layer_norm``, a 1x1
-``F.conv2d`` and the same as a matrix product), without and with autograd recording.
+launches the kernel) and of PyTorch operations for scale (an add, ``F.layer_norm``,
+``F.conv2d``), without and with autograd recording.
 """
 import argparse
 import cProfile
@@ -69,11 +69,11 @@ def per_call_us(fn, calls: int = 2000) -> float:
 
 
 def op_layers(grad: bool):
-    """``{name: fn}``: the layers of ``layer_norm_2d`` and ``depthwise_conv2d`` on a
-    ``(1, 32, 8, 8)`` map and PyTorch operations on it."""
+    """``{name: fn}``: the layers of ``layer_norm_2d`` and ``depthwise_conv2d``, the op
+    ``pointwise_conv2d``, and PyTorch operations, on a ``(1, 32, 8, 8)`` map."""
     import torch.nn.functional as F
 
-    from mmseg_segman.ops import depthwise_conv2d, layer_norm_2d
+    from mmseg_segman.ops import depthwise_conv2d, layer_norm_2d, pointwise_conv2d
     from mmseg_segman.ops import triton_depthwise_conv as tdw
     from mmseg_segman.ops import triton_layer_norm as tln
 
@@ -89,11 +89,11 @@ def op_layers(grad: bool):
         'layer_norm_2d custom op': lambda: ln_op(x, w, b, 1e-6, x.dtype),
         'layer_norm_2d launch': lambda: ln_op._init_fn(x, w, b, 1e-6, x.dtype),
         'depthwise_conv2d': lambda: depthwise_conv2d(x, taps, b),
-        'depthwise_conv2d custom op': lambda: dw_op(x, taps, b),
-        'depthwise_conv2d launch': lambda: dw_op._init_fn(x, taps, b),
+        'depthwise_conv2d custom op': lambda: dw_op(x, taps, b, False, x.dtype),
+        'depthwise_conv2d launch': lambda: dw_op._init_fn(x, taps, b, False, x.dtype),
         'F.conv2d depthwise 3x3': lambda: F.conv2d(x, taps, b, padding=1, groups=32),
-        'F.conv2d 1x1': lambda: F.conv2d(x, pointwise),
-        '1x1 as matmul': lambda: torch.matmul(pointwise.view(64, 32), x.view(1, 32, 64)),
+        'F.conv2d 1x1': lambda: F.conv2d(x, pointwise, b.repeat(2)),
+        'pointwise_conv2d (matmul)': lambda: pointwise_conv2d(x, pointwise, b.repeat(2)),
     }
 
 

@@ -69,11 +69,19 @@ def layer_norm_case(batch, channels, height, width):
     return 'layer_norm_2d', f'B{batch} C{channels} {height}x{width}', make
 
 
-def depthwise_case(batch, channels, height, width, kernel):
+def depthwise_case(batch, channels, height, width, kernel, residual=False):
     def make(dtype):
         return [_randn(batch, channels, height, width, dtype=dtype),
-                _randn(channels, 1, kernel, kernel, scale=0.2), _randn(channels)]
-    return 'depthwise_conv2d', f'B{batch} C{channels} {height}x{width} k{kernel}', make
+                _randn(channels, 1, kernel, kernel, scale=0.2), _randn(channels), residual]
+    name = f'B{batch} C{channels} {height}x{width} k{kernel}' + (' residual' if residual else '')
+    return 'depthwise_conv2d', name, make
+
+
+def pointwise_case(batch, channels, out_channels, height, width):
+    def make(dtype):
+        return [_randn(batch, channels, height, width, dtype=dtype),
+                _randn(out_channels, channels, 1, 1, scale=channels ** -0.5), _randn(out_channels)]
+    return 'pointwise_conv2d', f'B{batch} C{channels}->{out_channels} {height}x{width}', make
 
 
 CASES = [
@@ -86,13 +94,15 @@ CASES = [
     layer_norm_case(2, 96, 128, 128), layer_norm_case(1, 37, 13, 9), layer_norm_case(2, 560, 16, 16),
     layer_norm_case(16, 64, 7, 5),
     depthwise_case(2, 96, 128, 128, 3), depthwise_case(2, 40, 37, 45, 5), depthwise_case(1, 7, 2, 9, 5),
-    depthwise_case(4, 1456, 16, 16, 3),
+    depthwise_case(4, 1456, 16, 16, 3), depthwise_case(2, 64, 33, 70, 3, residual=True),
+    depthwise_case(2, 40, 9, 11, 5, residual=True),
+    pointwise_case(2, 96, 288, 128, 128), pointwise_case(3, 37, 5, 13, 9),
 ]
 
 
 # ops that the models call on half-precision maps with float32 parameters, which only
 # autocast allows: their half-precision checks run under autocast, as in the models
-UNDER_AUTOCAST = {'layer_norm_2d', 'depthwise_conv2d'}
+UNDER_AUTOCAST = {'layer_norm_2d', 'depthwise_conv2d', 'pointwise_conv2d'}
 
 
 def rel_error(x: Optional[Tensor], ref: Optional[Tensor]) -> float:

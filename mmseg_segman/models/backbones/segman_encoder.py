@@ -15,7 +15,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...ops import biased_attention, neighborhood_attention_2d
 from ...ops.dispatch import check_op_backends, recompute_in_current_scope, with_op_backends
-from ..layers import SS2D, DepthwiseConv2d, LayerNorm2d, RoPE2d, SegMANBlock, apply_rope
+from ..layers import (SS2D, DepthwiseConv2d, LayerNorm2d, PointwiseConv2d, RoPE2d, SegMANBlock,
+                      apply_rope)
 from ..strict_loading import WeightsMismatchError, refuse_mismatched_weights
 from ..variants import ENCODER_ARCHS
 
@@ -87,9 +88,9 @@ class LASS(nn.Module):
         self.kernel_size = kernel_size
         self.global_mode = global_mode
 
-        self.qkv = nn.Conv2d(embed_dim, embed_dim * 3, kernel_size=1)
+        self.qkv = PointwiseConv2d(embed_dim, embed_dim * 3)
         self.lepe = DepthwiseConv2d(embed_dim, 5)
-        self.proj = nn.Conv2d(embed_dim, embed_dim, kernel_size=1)
+        self.proj = PointwiseConv2d(embed_dim, embed_dim)
         if not global_mode:
             self.dwconv = nn.Sequential(
                 DepthwiseConv2d(embed_dim, 3),

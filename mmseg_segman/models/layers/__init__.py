@@ -1,9 +1,10 @@
 """Building blocks shared by the SegMAN encoder and decoder."""
 from .block import LayerScale, SegMANBlock
-from .depthwise import DepthwiseConv2d
+from .conv import DepthwiseConv2d, PointwiseConv2d
 from .ffn import ConvFFN
 from .norm import LayerNorm2d
 from .rope import RoPE2d, apply_rope
 from .ss2d import SS2D
 
-__all__ = ['ConvFFN', 'DepthwiseConv2d', 'LayerNorm2d', 'LayerScale', 'RoPE2d', 'SS2D', 'SegMANBlock', 'apply_rope']
+__all__ = ['ConvFFN', 'DepthwiseConv2d', 'LayerNorm2d', 'LayerScale', 'PointwiseConv2d', 'RoPE2d', 'SS2D',
+           'SegMANBlock', 'apply_rope']

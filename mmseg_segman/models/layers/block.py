@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
-from .depthwise import DepthwiseConv2d
+from .conv import DepthwiseConv2d
 from .ffn import ConvFFN
 from .norm import LayerNorm2d
 

@@ -4,7 +4,7 @@ from typing import Dict
 from mmcv.cnn import build_activation_layer
 from torch import Tensor, nn
 
-from .depthwise import DepthwiseConv2d
+from .conv import DepthwiseConv2d, PointwiseConv2d
 
 
 class ConvFFN(nn.Module):
@@ -12,10 +12,10 @@ class ConvFFN(nn.Module):
 
     def __init__(self, embed_dim: int, ffn_dim: int, act_cfg: Dict = dict(type='GELU')):
         super().__init__()
-        self.fc1 = nn.Conv2d(embed_dim, ffn_dim, kernel_size=1)
+        self.fc1 = PointwiseConv2d(embed_dim, ffn_dim)
         self.act = build_activation_layer(act_cfg)
         self.dwconv = DepthwiseConv2d(ffn_dim, 3, residual=True)
-        self.fc2 = nn.Conv2d(ffn_dim, embed_dim, kernel_size=1)
+        self.fc2 = PointwiseConv2d(ffn_dim, embed_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.dwconv(self.act(self.fc1(x))))

@@ -1,7 +1,7 @@
-"""The depthwise convolution of the SegMAN blocks."""
+"""The convolutions of the SegMAN blocks, each running its op (release keys unchanged)."""
 from torch import Tensor, nn
 
-from ...ops import depthwise_conv2d
+from ...ops import depthwise_conv2d, pointwise_conv2d
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -19,3 +19,15 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (', residual=True' if self.residual else '')
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, 1)`` (keys ``weight (O, C, 1, 1)``, ``bias``)
+    running the op :func:`pointwise_conv2d`."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, O, H, W)``."""
+        return pointwise_conv2d(x, self.weight, self.bias)
