@@ -204,14 +204,28 @@ def _check_environment_names() -> None:
     _checked_environment_keys = keys
 
 
+# POSIX keeps the environment as a dict of bytes: reading it directly skips os.environ's
+# encoding of the name and decoding of the value (a few us an op call)
+_RAW_ENVIRON = getattr(os.environ, '_data', None) if os.name == 'posix' else None
+
+
+def _environment_value(name: str) -> Optional[str]:
+    """``os.environ.get(name)``."""
+    if not isinstance(_RAW_ENVIRON, dict):
+        return os.environ.get(name)
+    value = _RAW_ENVIRON.get(name.encode())
+    return None if value is None else os.fsdecode(value)
+
+
 def _environment_choice(op: str) -> Optional[Tuple[Choice, str]]:
     """``SEGMAN_BACKEND_<OP>``, else ``SEGMAN_BACKEND``; unknown names refused."""
     _check_environment_names()
     specific = f'{_ENV}_{op.upper()}'
-    if os.environ.get(specific):
-        _registry[op].check_name(os.environ[specific], f'{specific}={os.environ[specific]}')
-        return os.environ[specific], specific
-    general = os.environ.get(_ENV)
+    value = _environment_value(specific)
+    if value:
+        _registry[op].check_name(value, f'{specific}={value}')
+        return value, specific
+    general = _environment_value(_ENV)
     if general and op in _every_op(general, f'{_ENV}={general}'):
         return general, _ENV
     return None

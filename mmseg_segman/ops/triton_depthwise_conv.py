@@ -12,7 +12,8 @@ input gradient: the blocks' ``x + dwconv(x)`` in one pass. The weight and bias g
 few programs per channel each loop over a share of its tiles, accumulate ``dy`` times the
 input shifted by every tap element-wise, reduce once, and PyTorch adds the few partial sums. Sizes and strides are runtime values;
 the tile shape follows the map's size in powers of two (:func:`tile_shape`), so a bounded
-number of compilations per (dtype, k) serves every map size.
+number of compilations per (dtype, k) serves every map size. A plain
+``torch.autograd.Function``, as :mod:`.triton_layer_norm` explains.
 """
 from typing import Optional, Tuple
 
@@ -135,55 +136,33 @@ def _weight_and_bias_gradients(dy: Tensor, x: Tensor, kernel: int) -> Tuple[Tens
         x, dy, partial, height, width, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
         batch, tiles_w, tiles, splits, KERNEL=kernel, TAPS=taps, BLOCK_H=block_h,
         BLOCK_W=block_w, num_warps=WEIGHT_GRADIENT_WARPS)
-    sums = partial.sum(1)  # copies: a custom op's outputs may not alias each other
-    return (sums[:, :kernel * kernel].clone(memory_format=torch.contiguous_format),
-            sums[:, kernel * kernel].clone())
+    sums = partial.sum(1)
+    return sums[:, :kernel * kernel], sums[:, kernel * kernel]
 
 
-@torch.library.custom_op('mmseg_segman::depthwise_conv2d_forward', mutates_args=())
-def depthwise_conv2d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: bool,
-                             out_dtype: torch.dtype) -> Tensor:
-    """``(B, C, H, W)`` contiguous, in ``out_dtype``."""
-    return _convolve(x, weight, bias, flip=False, residual=residual, dtype=out_dtype)
+class _DepthwiseConv2d(torch.autograd.Function):
 
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: bool,
+                out_dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.residual = residual
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _convolve(x, weight, bias, flip=False, residual=residual, dtype=out_dtype)
 
-@depthwise_conv2d_forward.register_fake
-def _(x, weight, bias, residual, out_dtype):
-    return x.new_empty(x.shape, dtype=out_dtype)
-
-
-@torch.library.custom_op('mmseg_segman::depthwise_conv2d_backward', mutates_args=())
-def depthwise_conv2d_backward(dy: Tensor, x: Tensor, weight: Tensor,
-                              residual: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """``dx`` (``x``'s dtype), ``d weight`` (``weight``'s dtype), ``d bias`` (float32)."""
-    dx = _convolve(dy, weight, None, flip=True, residual=residual, dtype=x.dtype)
-    dw, db = _weight_and_bias_gradients(dy, x, weight.shape[-1])
-    return dx, dw.reshape(weight.shape).to(weight.dtype), db
-
-
-@depthwise_conv2d_backward.register_fake
-def _(dy, x, weight, residual):
-    return (x.new_empty(x.shape), torch.empty_like(weight),
-            weight.new_empty(weight.shape[0], dtype=torch.float32))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, _ = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.residual = residual
-
-
-def _backward(ctx, dy):
-    x, weight = ctx.saved_tensors
-    dy = dy.contiguous()
-    needed = ctx.needs_input_grad
-    dx, dw, db = depthwise_conv2d_backward(dy, x, weight, ctx.residual)
-    return (dx if needed[0] else None, dw if needed[1] else None,
-            db.to(ctx.bias_dtype) if needed[2] else None, None, None)
-
-
-depthwise_conv2d_forward.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight = ctx.saved_tensors
+        dy = dy.contiguous()
+        needed = ctx.needs_input_grad
+        dx = _convolve(dy, weight, None, flip=True, residual=ctx.residual, dtype=x.dtype) \
+            if needed[0] else None
+        dw = db = None
+        if needed[1] or needed[2]:
+            dw, db = _weight_and_bias_gradients(dy, x, weight.shape[-1])
+            dw = dw.view(weight.shape).to(weight.dtype)
+            db = db.to(ctx.bias_dtype) if needed[2] else None
+        return dx, dw if needed[1] else None, db, None, None
 
 
 def depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -191,5 +170,9 @@ def depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)``, plus ``x`` if ``residual``,
     for ``x (B, C, H, W)`` (each ``H x W`` plane contiguous, any float dtype: read as is and
     computed in float32) and ``weight (C, 1, k, k)``, ``k`` odd; in ``out_dtype`` (default
-    ``x``'s)."""
-    return depthwise_conv2d_forward(x, weight, bias, residual, out_dtype or x.dtype)
+    ``x``'s). Without autograd recording (inference) the kernel is launched directly."""
+    out_dtype = out_dtype or x.dtype
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _DepthwiseConv2d.apply(x, weight, bias, residual, out_dtype)
+    return _convolve(x, weight, bias, flip=False, residual=residual, dtype=out_dtype)

@@ -14,6 +14,10 @@ from the saved per-pixel mean and ``rstd``; every program writes its partial sum
 ``dy * xhat`` and ``dy`` per channel (no atomics), which PyTorch adds up into the weight and
 bias gradients. Sizes and strides are runtime values: one compilation per dtype serves every
 map size.
+
+A plain ``torch.autograd.Function``, not a ``torch.library`` custom op: under ``torch.compile``
+the reference runs, so nothing traces it, and a custom op's dispatch cost 20-45 us of host
+time a call on the GPU machine (``tools/gpu_checks/check_host_time.py --ops``).
 """
 from typing import Tuple
 
@@ -121,9 +125,8 @@ def _plane_strides(x: Tensor) -> Tuple[int, int]:
     return x.stride(0), x.stride(1)
 
 
-@torch.library.custom_op('mmseg_segman::layer_norm_2d_forward', mutates_args=())
-def layer_norm_2d_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
-                          out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+def _forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+             out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
     """``y (B, C, H, W)`` contiguous in ``out_dtype``, and the float32 mean and ``rstd``
     ``(B, H*W)`` of every pixel."""
     batch, channels, height, width = x.shape
@@ -136,15 +139,8 @@ def layer_norm_2d_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
     return y, mean, rstd
 
 
-@layer_norm_2d_forward.register_fake
-def _(x, weight, bias, eps, out_dtype):
-    stats = x.new_empty(x.shape[0], x.shape[2] * x.shape[3], dtype=torch.float32)
-    return x.new_empty(x.shape, dtype=out_dtype), stats, torch.empty_like(stats)
-
-
-@torch.library.custom_op('mmseg_segman::layer_norm_2d_backward', mutates_args=())
-def layer_norm_2d_backward(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
-                           rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def _backward(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
+              rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """``dx`` (contiguous, ``x``'s dtype), ``d weight`` and ``d bias`` (``weight``'s dtype)."""
     channels = x.shape[1]
     grid = _grid(x)
@@ -158,31 +154,28 @@ def layer_norm_2d_backward(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
     return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
 
 
-@layer_norm_2d_backward.register_fake
-def _(dy, x, weight, mean, rstd):
-    return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(weight)
+class _LayerNorm2d(torch.autograd.Function):
 
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                out_dtype: torch.dtype) -> Tensor:
+        y, mean, rstd = _forward(x, weight, bias, eps, out_dtype)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
 
-def _setup_context(ctx, inputs, output):
-    x, weight, _, _, _ = inputs
-    _, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(x, weight, mean, rstd)
-
-
-def _backward(ctx, dy, grad_mean, grad_rstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = layer_norm_2d_backward(dy.contiguous(), x, weight, mean, rstd)
-    needed = ctx.needs_input_grad
-    return (dx if needed[0] else None, dw if needed[1] else None, db if needed[2] else None,
-            None, None)
-
-
-layer_norm_2d_forward.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        dx, dw, db = _backward(dy.contiguous(), *ctx.saved_tensors)
+        needed = ctx.needs_input_grad
+        return (dx if needed[0] else None, dw if needed[1] else None, db if needed[2] else None,
+                None, None)
 
 
 def layer_norm_2d_triton(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
                          out_dtype: torch.dtype) -> Tensor:
     """LayerNorm over dim 1 of ``x (B, C, H, W)`` (each ``H x W`` plane contiguous), in
-    ``out_dtype``; returns a contiguous ``(B, C, H, W)``."""
-    return layer_norm_2d_forward(x, weight, bias, eps, out_dtype)[0]
+    ``out_dtype``; returns a contiguous ``(B, C, H, W)``. Without autograd recording (inference)
+    the kernel is launched directly, with no autograd node."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return _LayerNorm2d.apply(x, weight, bias, eps, out_dtype)
+    return _forward(x, weight, bias, eps, out_dtype)[0]

@@ -13,8 +13,8 @@ kernels one forward launches and ``gpu_ms`` adds their times (``torch.profiler``
 One JSON line per model.
 
 ``--ops``: the host's microseconds per call of each layer of a SegMAN op on a tiny map (the
-public op with its dispatch, the registered custom op, the Python function behind it, which
-launches the kernel) and of PyTorch operations for scale (an add, ``F.layer_norm``,
+public op with its dispatch, the Triton backend with its autograd wrapper, the kernel
+launch) and of PyTorch operations for scale (an add, ``F.layer_norm``,
 ``F.conv2d``), without and with autograd recording.
 """
 import argparse
@@ -81,16 +81,15 @@ def op_layers(grad: bool):
     w, b = torch.ones(32, device='cuda'), torch.zeros(32, device='cuda')
     taps = torch.randn(32, 1, 3, 3, device='cuda')
     pointwise = torch.randn(64, 32, 1, 1, device='cuda')
-    ln_op, dw_op = tln.layer_norm_2d_forward, tdw.depthwise_conv2d_forward
     return {
         'add': lambda: x + x,
         'F.layer_norm (channels last)': lambda: F.layer_norm(x.permute(0, 2, 3, 1), (32,), w, b),
         'layer_norm_2d': lambda: layer_norm_2d(x, w, b),
-        'layer_norm_2d custom op': lambda: ln_op(x, w, b, 1e-6, x.dtype),
-        'layer_norm_2d launch': lambda: ln_op._init_fn(x, w, b, 1e-6, x.dtype),
+        'layer_norm_2d triton backend': lambda: tln.layer_norm_2d_triton(x, w, b, 1e-6, x.dtype),
+        'layer_norm_2d launch': lambda: tln._forward(x, w, b, 1e-6, x.dtype),
         'depthwise_conv2d': lambda: depthwise_conv2d(x, taps, b),
-        'depthwise_conv2d custom op': lambda: dw_op(x, taps, b, False, x.dtype),
-        'depthwise_conv2d launch': lambda: dw_op._init_fn(x, taps, b, False, x.dtype),
+        'depthwise_conv2d triton backend': lambda: tdw.depthwise_conv2d_triton(x, taps, b),
+        'depthwise_conv2d launch': lambda: tdw._convolve(x, taps, b, False, False, x.dtype),
         'F.conv2d depthwise 3x3': lambda: F.conv2d(x, taps, b, padding=1, groups=32),
         'F.conv2d 1x1': lambda: F.conv2d(x, pointwise, b.repeat(2)),
         'pointwise_conv2d (matmul)': lambda: pointwise_conv2d(x, pointwise, b.repeat(2)),
