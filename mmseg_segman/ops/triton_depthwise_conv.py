@@ -10,9 +10,9 @@ shifted loads overlap and hit the cache). The input gradient is the same kernel 
 taps flipped. ``residual`` adds the input (its centre tap) to the output, and ``dy`` to the
 input gradient: the blocks' ``x + dwconv(x)`` in one pass. The weight and bias gradients: a
 few programs per channel each loop over a share of its tiles, accumulate ``dy`` times the
-input shifted by every tap element-wise, reduce once, and PyTorch adds the few partial sums. Sizes and strides are runtime values;
-the tile shape follows the map's size in powers of two (:func:`tile_shape`), so a bounded
-number of compilations per (dtype, k) serves every map size. A plain
+input shifted by every tap element-wise, reduce once, and PyTorch adds the few partial sums.
+Sizes and strides are runtime values and the tile is 32 or 64 wide after the map's width
+(:func:`tile_shape`): two compilations per (dtype, k) serve every map size. A plain
 ``torch.autograd.Function``, as :mod:`.triton_layer_norm` explains.
 """
 from typing import Optional, Tuple
@@ -34,12 +34,13 @@ _RUNTIME_INTS = {'channels', 'height', 'width', 'sx_b', 'sx_c', 'sy_b', 'sy_c', 
                  'tiles_w', 'tiles', 'splits'}
 
 
-def tile_shape(height: int, width: int, elements: int) -> Tuple[int, int]:
-    """``(BLOCK_H, BLOCK_W)``, powers of two with at most ``elements`` together, no wider
-    than 64 or than the map (down to 16), no taller than the map (down to 4): a bounded
-    set of compilations, and small maps do not leave most of a tile masked."""
-    block_w = min(64, max(16, triton.next_power_of_2(width)))
-    return min(elements // block_w, max(4, triton.next_power_of_2(height))), block_w
+def tile_shape(width: int, elements: int) -> Tuple[int, int]:
+    """``(BLOCK_H, BLOCK_W)`` of ``elements``: 32 wide for maps up to 32 wide (SegMAN's
+    stages 3 and 4 at 512x512 would leave half of a 64-wide tile masked), else 64. Two
+    shapes only, each compiled once: a 480x480 image already meets both in the four stages,
+    so later image sizes compile nothing (a shape per map size cost 0.3-0.7 s a new size)."""
+    block_w = 32 if width <= 32 else 64
+    return elements // block_w, block_w
 
 
 @triton.jit
@@ -113,7 +114,7 @@ def _dw_bwd_weight_kernel(x_ptr, dy_ptr, partial_ptr, height, width, sx_b, sx_c,
 def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool, residual: bool,
               dtype: torch.dtype) -> Tensor:
     batch, channels, height, width = x.shape
-    block_h, block_w = tile_shape(height, width, TILE_ELEMENTS)
+    block_h, block_w = tile_shape(width, TILE_ELEMENTS)
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
     grid = (triton.cdiv(width, block_w), triton.cdiv(height, block_h), batch * channels)
     _dw_fwd_kernel[grid](x, weight, x if bias is None else bias, y, channels, height, width,
@@ -127,7 +128,7 @@ def _weight_and_bias_gradients(dy: Tensor, x: Tensor, kernel: int) -> Tuple[Tens
     """``(C, k * k)`` and ``(C,)`` float32: the sums over batch and pixels."""
     batch, channels, height, width = x.shape
     taps = triton.next_power_of_2(kernel * kernel + 1)
-    block_h, block_w = tile_shape(height, width, WEIGHT_GRADIENT_ELEMENTS // taps)
+    block_h, block_w = tile_shape(width, WEIGHT_GRADIENT_ELEMENTS // taps)
     tiles_w = triton.cdiv(width, block_w)
     tiles = tiles_w * triton.cdiv(height, block_h)
     splits = max(1, min(batch * tiles, WEIGHT_GRADIENT_PROGRAMS // channels))
