@@ -7,9 +7,11 @@ from .dispatch import use_backends
 from .layer_norm import layer_norm_2d
 from .neighborhood_attention import neighborhood_attention_2d
 from .pointwise_conv import pointwise_conv2d
+from .resize import resize_bilinear
 from .selective_scan import cross_selective_scan, selective_scan
 
 __all__ = [
     'biased_attention', 'cross_merge', 'cross_scan', 'cross_selective_scan', 'depthwise_conv2d',
-    'layer_norm_2d', 'neighborhood_attention_2d', 'pointwise_conv2d', 'selective_scan', 'use_backends'
+    'layer_norm_2d', 'neighborhood_attention_2d', 'pointwise_conv2d', 'resize_bilinear',
+    'selective_scan', 'use_backends'
 ]

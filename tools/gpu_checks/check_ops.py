@@ -84,6 +84,12 @@ def pointwise_case(batch, channels, out_channels, height, width):
     return 'pointwise_conv2d', f'B{batch} C{channels}->{out_channels} {height}x{width}', make
 
 
+def resize_case(batch, channels, height, width, size, align_corners=False):
+    def make(dtype):
+        return [_randn(batch, channels, height, width, dtype=dtype), size, align_corners]
+    return 'resize_bilinear', f'B{batch} C{channels} {height}x{width} -> {size} ac={align_corners}', make
+
+
 CASES = [
     na_case(2, 4, 64, 64, 24, 11), na_case(2, 3, 37, 45, 20, 9), na_case(1, 2, 13, 9, 36, 7),
     na_case(2, 2, 5, 19, 28, 7), na_case(1, 4, 6, 4, 32, 11), na_case(2, 8, 16, 16, 24, 7),
@@ -97,6 +103,7 @@ CASES = [
     depthwise_case(4, 1456, 16, 16, 3), depthwise_case(2, 64, 33, 70, 3, residual=True),
     depthwise_case(2, 40, 9, 11, 5, residual=True),
     pointwise_case(2, 96, 288, 128, 128), pointwise_case(3, 37, 5, 13, 9),
+    resize_case(2, 150, 64, 64, (512, 512)), resize_case(1, 7, 13, 9, (5, 31), True),
 ]
 
 

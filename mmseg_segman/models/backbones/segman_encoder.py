@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...ops import biased_attention, neighborhood_attention_2d
 from ...ops.dispatch import check_op_backends, recompute_in_current_scope, with_op_backends
+from ...ops.resize import bicubic_matrix
 from ..layers import (SS2D, DepthwiseConv2d, LayerNorm2d, PointwiseConv2d, RoPE2d, SegMANBlock,
                       apply_rope)
 from ..strict_loading import WeightsMismatchError, refuse_mismatched_weights
@@ -33,28 +34,6 @@ def layer_index(stage: int, downsample: bool = False) -> int:
 def stage_prefix(stage: int) -> str:
     """State-dict prefix of stage ``stage`` in the encoder: ``'layers.{2 * stage}'``."""
     return f'layers.{layer_index(stage)}'
-
-
-def bicubic_matrix(in_size: int, out_size: int, like: Tensor) -> Tensor:
-    """``(out_size, in_size)`` matrix ``M``: ``M @ v`` resizes ``v`` along dim 0 as
-    ``F.interpolate(mode='bicubic', align_corners=False)`` resizes an axis (cubic convolution,
-    ``A = -0.75``, source indices clamped to the axis), coordinates in float32 as there."""
-    a = -0.75
-    scale = torch.full((), float(in_size), device=like.device) / out_size
-    source = scale * (torch.arange(out_size, dtype=torch.float32, device=like.device) + 0.5) - 0.5
-    first = source.floor()
-    t = source - first
-
-    def near(x: Tensor) -> Tensor:  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x: Tensor) -> Tensor:  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    weights = torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], 1)
-    taps = (first.long()[:, None] + torch.arange(-1, 3, device=like.device)).clamp(0, in_size - 1)
-    matrix = torch.zeros(out_size, in_size, device=like.device)
-    return matrix.scatter_add_(1, taps, weights).to(like.dtype)
 
 
 class LASS(nn.Module):

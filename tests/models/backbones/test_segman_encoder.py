@@ -268,7 +268,7 @@ def test_missing_checkpoint_is_named(tmp_path):
 def test_bicubic_matrix_resizes_as_f_interpolate(out_size):
     """The stage-4 bias resize (two matrix products) against ``F.interpolate``, up and down:
     within the float32 rounding of the source coordinates, which both compute in float32."""
-    from mmseg_segman.models.backbones.segman_encoder import bicubic_matrix
+    from mmseg_segman.ops.resize import bicubic_matrix
     bias = torch.randn(4, 49, 49, generator=torch.Generator().manual_seed(0))
     want = torch.nn.functional.interpolate(bias[None], size=(out_size, out_size), mode='bicubic',
                                            align_corners=False)[0]

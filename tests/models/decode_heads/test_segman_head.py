@@ -60,6 +60,35 @@ def test_mmseg_loss_and_predict_api():
     assert seg.shape == (2, 5, 64, 64)
 
 
+@pytest.mark.parametrize('ignored', ['some', 'all'])
+@pytest.mark.parametrize('losses', ['one', 'two of one name'])
+@pytest.mark.parametrize('ignore_index', [255, 0])
+def test_loss_by_feat_as_mmseg(ignored, losses, ignore_index):
+    """SegMANHead's loss (its own resize and accuracy) against mmseg's BaseDecodeHead's:
+    the same losses and accuracy, with ignored pixels, all pixels ignored, an ignored index
+    that is also a class, and two loss terms adding under one name."""
+    from mmseg.models.decode_heads.decode_head import BaseDecodeHead
+
+    ce = dict(type='CrossEntropyLoss', loss_weight=1.0)
+    head = tiny_head(loss_decode=ce if losses == 'one' else [ce, dict(ce, loss_weight=0.5)],
+                     ignore_index=ignore_index)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 8, 10, generator=g)
+    samples = []
+    for _ in range(2):
+        label = torch.randint(0, 5, (1, 64, 80), generator=g)
+        label[:, :10] = ignore_index
+        if ignored == 'all':
+            label[:] = ignore_index
+        samples.append(SegDataSample(gt_sem_seg=PixelData(data=label)))
+    got = head.loss_by_feat(logits, samples)
+    want = BaseDecodeHead.loss_by_feat(head, logits, samples)
+    assert set(got) == set(want) == {'loss_ce', 'acc_seg'}
+    for key in want:
+        assert got[key].shape == want[key].shape
+        torch.testing.assert_close(got[key], want[key])
+
+
 def test_needs_four_encoder_maps():
     with pytest.raises(ValueError, match='four encoder maps'):
         SegMANHead(in_channels=[8, 16, 24], in_index=[0, 1, 2], channels=8, feat_proj_dim=12,
