@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import Backend, OpDispatcher, autocast_dtype, runs_anywhere, triton_unavailable
+from .dispatch import Backend, OpDispatcher, autocast_dtype, eager_triton_unavailable, runs_anywhere
 
 
 def _depthwise_conv2d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -20,21 +20,9 @@ def _depthwise_conv2d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     return x + out if residual else out
 
 
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _triton_unavailable(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                         residual: bool) -> Optional[str]:
-    """Runs where Triton runs (:func:`triton_unavailable`), computing in float32, bfloat16
-    or float16 (the autocast dtype, as ``F.conv2d`` casts), outside ``torch.compile``."""
-    reason = triton_unavailable(x)
-    if reason is not None:
-        return reason
-    if torch.compiler.is_compiling():
-        return 'under torch.compile the reference runs (inductor plans it)'
-    if x.dtype not in _TRITON_DTYPES or autocast_dtype(x) not in _TRITON_DTYPES:
-        return f'{x.dtype} maps (autocast to {autocast_dtype(x)}) are not float32, bfloat16 or float16'
-    return None
+    return eager_triton_unavailable(x)
 
 
 def _depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import Backend, OpDispatcher, autocast_dtype, runs_anywhere, triton_unavailable
+from .dispatch import Backend, OpDispatcher, autocast_dtype, eager_triton_unavailable, runs_anywhere
 
 
 def _layer_norm_2d_torch(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -21,19 +21,11 @@ def _layer_norm_2d_torch(x: Tensor, weight: Tensor, bias: Tensor, eps: float) ->
     return out.contiguous() if x.is_cuda else out
 
 
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _triton_unavailable(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Optional[str]:
-    """Runs maps where Triton runs (:func:`triton_unavailable`) of float32, bfloat16 or
-    float16 whose ``H x W`` planes are contiguous, outside ``torch.compile``."""
-    reason = triton_unavailable(x)
+    """As :func:`eager_triton_unavailable`, for maps whose ``H x W`` planes are contiguous."""
+    reason = eager_triton_unavailable(x)
     if reason is not None:
         return reason
-    if torch.compiler.is_compiling():
-        return 'under torch.compile the reference runs (inductor fuses it with its neighbours)'
-    if x.dtype not in _TRITON_DTYPES or autocast_dtype(x) not in _TRITON_DTYPES:
-        return f'{x.dtype} maps are not float32, bfloat16 or float16'
     if x.stride(3) != 1 or x.stride(2) != x.size(3):
         return f'its H x W planes are not contiguous (strides {tuple(x.stride())})'
     return None

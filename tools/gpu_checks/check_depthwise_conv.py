@@ -10,7 +10,6 @@ float64, the median time of forward and forward + backward (CUDA events), and th
 at a new map size (cuDNN builds a plan per shape). One JSON line per case and way.
 """
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import write_row  # noqa: E402  (tools/benchmark.py)
+from check_cross_selective_scan import median_ms  # noqa: E402
 
 from mmseg_segman.ops.triton_depthwise_conv import depthwise_conv2d_triton  # noqa: E402
 
@@ -30,20 +31,6 @@ CASES = [('ffn stage 1', 384, 128, 3), ('cpe stage 1', 96, 128, 3), ('lepe stage
 
 def torch_conv(x, w, b):
     return F.conv2d(x, w.to(x.dtype), b.to(x.dtype), padding=w.shape[-1] // 2, groups=x.shape[1])
-
-
-def timed(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main():
@@ -86,8 +73,8 @@ def main():
             torch.cuda.synchronize()
             write_row(dict(case=name, channels=channels, side=side, kernel=kernel, batch=args.batch,
                            way=way, errors={k: float(f'{v:.2e}') for k, v in errors.items()},
-                           forward_ms=round(timed(forward), 3),
-                           forward_backward_ms=round(timed(forward_backward), 3),
+                           forward_ms=round(median_ms(forward, 20), 3),
+                           forward_backward_ms=round(median_ms(forward_backward, 20), 3),
                            new_shape_first_call_ms=round(1e3 * (time.perf_counter() - start), 1)),
                       args.out)
 
