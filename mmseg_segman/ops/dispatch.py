@@ -204,6 +204,12 @@ def recompute_in_current_scope() -> Tuple[ContextManager, ContextManager]:
 _checked_environment_keys: Tuple = ()
 
 
+# os.environ's own dict (of bytes on POSIX): its keys compare at C speed, and a value read
+# from it skips os.environ's encoding of the name and decoding of the value (a few us a call)
+_RAW_ENVIRON = getattr(os.environ, '_data', None)
+_RAW_ENVIRON_IS_BYTES = os.name == 'posix' and isinstance(_RAW_ENVIRON, dict)
+
+
 def _check_environment_names() -> None:
     """Refuse ``SEGMAN_BACKEND_<X>`` variables that name no op. The names are decoded and
     scanned again only when the environment's keys have changed (compared as os.environ's
@@ -211,8 +217,7 @@ def _check_environment_names() -> None:
     global _checked_environment_keys
     if torch.compiler.is_compiling():
         return
-    raw = getattr(os.environ, '_data', None)
-    keys = tuple(raw if raw is not None else os.environ)
+    keys = tuple(_RAW_ENVIRON if _RAW_ENVIRON is not None else os.environ)
     if keys == _checked_environment_keys:
         return
     for key in os.environ:
@@ -222,14 +227,9 @@ def _check_environment_names() -> None:
     _checked_environment_keys = keys
 
 
-# POSIX keeps the environment as a dict of bytes: reading it directly skips os.environ's
-# encoding of the name and decoding of the value (a few us an op call)
-_RAW_ENVIRON = getattr(os.environ, '_data', None) if os.name == 'posix' else None
-
-
 def _environment_value(name: str) -> Optional[str]:
     """``os.environ.get(name)``."""
-    if not isinstance(_RAW_ENVIRON, dict):
+    if not _RAW_ENVIRON_IS_BYTES:
         return os.environ.get(name)
     value = _RAW_ENVIRON.get(name.encode())
     return None if value is None else os.fsdecode(value)

@@ -7,8 +7,8 @@ backward scatters with atomic adds, 11% of SegMAN-B's training step on an H200 w
 resized the logits to the labels with it) and ``torch`` (``F.interpolate``, the reference,
 and what an ONNX export and ``torch.compile`` get).
 """
-from functools import lru_cache
-from typing import Optional, Sequence
+from functools import lru_cache, wraps
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,13 +17,43 @@ from torch import Tensor
 from .dispatch import Backend, OpDispatcher, autocast_dtype, runs_anywhere
 
 
-def bicubic_matrix(in_size: int, out_size: int, like: Tensor) -> Tensor:
+def _cached_matrix(build: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``build(in_size, out_size, *args, device)`` (a float32 matrix) in ``dtype``, cached per
+    arguments (the same few sizes recur) and built as a normal tensor inside
+    ``torch.inference_mode`` too, so that autograd may save it later. Under ``torch.compile``
+    it is built in the graph (dynamo would trace through the cache, and warn)."""
+
+    @lru_cache(maxsize=64)
+    def cached(in_size: int, out_size: int, *args, dtype: torch.dtype,
+               device: torch.device) -> Tensor:
+        with torch.inference_mode(False), torch.no_grad():
+            return build(in_size, out_size, *args, device=device).to(dtype)
+
+    @wraps(build)
+    def matrix(in_size: int, out_size: int, *args, dtype: torch.dtype,
+               device: torch.device) -> Tensor:
+        if torch.compiler.is_compiling():
+            return build(in_size, out_size, *args, device=device).to(dtype)
+        return cached(in_size, out_size, *args, dtype=dtype, device=device)
+
+    matrix.cache_clear = cached.cache_clear
+    return matrix
+
+
+def _half_pixel_sources(in_size: int, out_size: int, device: torch.device) -> Tensor:
+    """The source coordinate of each output index (``align_corners=False``), in float32 as
+    ``F.interpolate`` computes it."""
+    scale = torch.full((), float(in_size), device=device) / out_size
+    return scale * (torch.arange(out_size, dtype=torch.float32, device=device) + 0.5) - 0.5
+
+
+@_cached_matrix
+def bicubic_matrix(in_size: int, out_size: int, device: torch.device) -> Tensor:
     """``(out_size, in_size)`` matrix ``M``: ``M @ v`` resizes ``v`` along dim 0 as
     ``F.interpolate(mode='bicubic', align_corners=False)`` resizes an axis (cubic convolution,
-    ``A = -0.75``, source indices clamped to the axis), coordinates in float32 as there."""
+    ``A = -0.75``, source indices clamped to the axis)."""
     a = -0.75
-    scale = torch.full((), float(in_size), device=like.device) / out_size
-    source = scale * (torch.arange(out_size, dtype=torch.float32, device=like.device) + 0.5) - 0.5
+    source = _half_pixel_sources(in_size, out_size, device)
     first = source.floor()
     t = source - first
 
@@ -34,31 +64,21 @@ def bicubic_matrix(in_size: int, out_size: int, like: Tensor) -> Tensor:
         return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
 
     weights = torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], 1)
-    taps = (first.long()[:, None] + torch.arange(-1, 3, device=like.device)).clamp(0, in_size - 1)
-    matrix = torch.zeros(out_size, in_size, device=like.device)
-    return matrix.scatter_add_(1, taps, weights).to(like.dtype)
+    taps = (first.long()[:, None] + torch.arange(-1, 3, device=device)).clamp(0, in_size - 1)
+    return torch.zeros(out_size, in_size, device=device).scatter_add_(1, taps, weights)
 
 
-@lru_cache(maxsize=64)
-def bilinear_matrix(in_size: int, out_size: int, align_corners: bool, dtype: torch.dtype,
+@_cached_matrix
+def bilinear_matrix(in_size: int, out_size: int, align_corners: bool,
                     device: torch.device) -> Tensor:
     """``(out_size, in_size)`` matrix ``M``: ``M @ v`` resizes ``v`` along dim 0 as
     ``F.interpolate(mode='bilinear', align_corners=align_corners)`` resizes an axis to a
-    given size (source coordinates in float32, clamped at 0, as there). Cached (the same
-    few sizes recur), and built as a normal tensor inside ``torch.inference_mode`` too, so
-    that autograd may save it later."""
-    with torch.inference_mode(False), torch.no_grad():
-        return _bilinear_matrix(in_size, out_size, align_corners, device).to(dtype)
-
-
-def _bilinear_matrix(in_size: int, out_size: int, align_corners: bool,
-                     device: torch.device) -> Tensor:
-    out = torch.arange(out_size, dtype=torch.float32, device=device)
+    given size (source coordinates clamped at 0, as there)."""
     if align_corners:
+        out = torch.arange(out_size, dtype=torch.float32, device=device)
         source = out * ((in_size - 1) / (out_size - 1)) if out_size > 1 else out * 0
     else:
-        scale = torch.full((), float(in_size), device=device) / out_size
-        source = (scale * (out + 0.5) - 0.5).clamp_min(0)
+        source = _half_pixel_sources(in_size, out_size, device).clamp_min(0)
     first = source.floor().long().clamp_max(in_size - 1)
     t = source - first
     taps = torch.stack([first, (first + 1).clamp_max(in_size - 1)], 1)
@@ -80,8 +100,8 @@ def _matmul_unavailable(x: Tensor, size: Sequence[int], align_corners: bool) -> 
 
 def _resize_bilinear_matmul(x: Tensor, size: Sequence[int], align_corners: bool) -> Tensor:
     dtype = autocast_dtype(x)
-    rows = bilinear_matrix(x.shape[-2], size[0], align_corners, dtype, x.device)
-    cols = bilinear_matrix(x.shape[-1], size[1], align_corners, dtype, x.device)
+    rows = bilinear_matrix(x.shape[-2], size[0], align_corners, dtype=dtype, device=x.device)
+    cols = bilinear_matrix(x.shape[-1], size[1], align_corners, dtype=dtype, device=x.device)
     return torch.matmul(torch.matmul(rows, x.to(dtype)), cols.t())
 
 

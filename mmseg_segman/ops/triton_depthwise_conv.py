@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import jit_with_runtime_ints
+from .triton_jit import jit_with_runtime_ints, records_autograd
 
 TILE_ELEMENTS = 1024  # forward and input-gradient programs: one tile of one plane
 NUM_WARPS = 4
@@ -173,7 +173,6 @@ def depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     computed in float32) and ``weight (C, 1, k, k)``, ``k`` odd; in ``out_dtype`` (default
     ``x``'s). Without autograd recording (inference) the kernel is launched directly."""
     out_dtype = out_dtype or x.dtype
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if records_autograd(x, weight, bias):
         return _DepthwiseConv2d.apply(x, weight, bias, residual, out_dtype)
     return _convolve(x, weight, bias, flip=False, residual=residual, dtype=out_dtype)

@@ -1,7 +1,9 @@
-"""``triton.jit`` for kernels whose sizes and strides stay runtime values."""
+"""``triton.jit`` for kernels whose sizes and strides stay runtime values, and when a
+Triton backend needs its autograd wrapper."""
 import inspect
-from typing import Callable, Collection
+from typing import Callable, Collection, Optional
 
+import torch
 import triton
 
 
@@ -16,3 +18,9 @@ def jit_with_runtime_ints(runtime_ints: Collection[str]) -> Callable:
         return triton.jit(do_not_specialize=names)(fn)
 
     return decorate
+
+
+def records_autograd(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd records an op on ``tensors`` (``None`` allowed): where it does not
+    (inference), a backend launches its kernel without an ``autograd.Function`` around it."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import jit_with_runtime_ints
+from .triton_jit import jit_with_runtime_ints, records_autograd
 
 BLOCK_C = 32
 BLOCK_P = 64
@@ -176,6 +176,6 @@ def layer_norm_2d_triton(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
     """LayerNorm over dim 1 of ``x (B, C, H, W)`` (each ``H x W`` plane contiguous), in
     ``out_dtype``; returns a contiguous ``(B, C, H, W)``. Without autograd recording (inference)
     the kernel is launched directly, with no autograd node."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+    if records_autograd(x, weight, bias):
         return _LayerNorm2d.apply(x, weight, bias, eps, out_dtype)
     return _forward(x, weight, bias, eps, out_dtype)[0]

@@ -29,7 +29,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import MODELS, build_model, write_row  # noqa: E402  (tools/benchmark.py)
+from check_many_shapes import infer_seconds  # noqa: E402
 
 
 def forward(model, images) -> None:
@@ -37,15 +39,8 @@ def forward(model, images) -> None:
         model(images, mode='tensor')
 
 
-def host_ms(model, images, repeats: int = 20) -> float:
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        forward(model, images)
-        torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
+def host_ms(model, size: int, repeats: int = 20) -> float:
+    return 1e3 * statistics.median(infer_seconds(model, size, size) for _ in range(repeats))
 
 
 def kernels_and_gpu_ms(model, images):
@@ -115,7 +110,7 @@ def main():
         model = build_model(name).cuda().eval()
         for _ in range(3):  # Triton's kernels, cuDNN's choices
             forward(model, images)
-        host = host_ms(model, images)
+        host = host_ms(model, args.size)
         kernels, gpu = kernels_and_gpu_ms(model, images)
         write_row(dict(model=name, size=args.size, host_ms=round(host, 2), kernels=kernels,
                        gpu_ms=round(gpu, 2), host_us_per_kernel=round(1e3 * host / kernels, 1)),
