@@ -30,15 +30,22 @@ Then ``du``, ``ddelta`` (through softplus and bias), and per program: ``dB``, ``
 summed over the program's channels, ``dA``, ``dD``, ``d delta_bias`` summed over its steps.
 These partial sums are reduced in PyTorch (over channel blocks, resp. the batch); again
 no atomics. Gradients are returned in the inputs' dtypes.
+
+``torch.compile`` traces the kernels as the ``torch.library`` custom ops
+``mmseg_segman::cross_scan_forward`` and ``cross_scan_backward`` (with fake implementations
+and autograd), while eager calls skip the custom-op layer, whose dispatch costs host time at
+every call (:mod:`.triton_layer_norm`): they run the same functions in a plain
+``torch.autograd.Function`` with the same saved tensors, or launch the forward directly (no
+states stored) where autograd does not record.
 """
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import jit_with_runtime_ints
+from .triton_jit import jit_with_runtime_ints, records_autograd
 
 
 # Sizes and the strides that follow them stay runtime values (one compilation for every map
@@ -240,10 +247,9 @@ def _float32(*shape: int, like: Tensor) -> Tensor:
     return torch.empty(*shape, device=like.device, dtype=torch.float32)
 
 
-@torch.library.custom_op('mmseg_segman::cross_scan_forward', mutates_args=())
-def cross_scan_forward(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
-                       delta_bias: Tensor, store_states: bool,
-                       blocks: List[int]) -> Tuple[Tensor, Tensor]:
+def _cross_scan_forward_impl(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                             D: Tensor, delta_bias: Tensor, store_states: bool,
+                             blocks: List[int]) -> Tuple[Tensor, Tensor]:
     """``y (B, D, H, W)`` float32 and, if ``store_states``, the states ``h (B, 4, D, H*W)``
     float32 in scan order for the backward pass (else an empty tensor). ``blocks``: the
     forward's then the backward's ``(BLOCK_D, BLOCK_L, num_warps)``, or empty (defaults)."""
@@ -258,6 +264,14 @@ def cross_scan_forward(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     return ys.sum(1), h
 
 
+@torch.library.custom_op('mmseg_segman::cross_scan_forward', mutates_args=())
+def cross_scan_forward(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                       delta_bias: Tensor, store_states: bool,
+                       blocks: List[int]) -> Tuple[Tensor, Tensor]:
+    """:func:`_cross_scan_forward_impl` as an op that ``torch.compile`` traces."""
+    return _cross_scan_forward_impl(x, delta, A, B, C, D, delta_bias, store_states, blocks)
+
+
 @cross_scan_forward.register_fake
 def _(x, delta, A, B, C, D, delta_bias, store_states, blocks):
     batch, channels, height, width = x.shape
@@ -265,11 +279,12 @@ def _(x, delta, A, B, C, D, delta_bias, store_states, blocks):
             _float32(batch, 4, channels, height * width if store_states else 0, like=x))
 
 
-@torch.library.custom_op('mmseg_segman::cross_scan_backward', mutates_args=())
-def cross_scan_backward(dy: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                        D: Tensor, delta_bias: Tensor, h: Tensor,
-                        blocks: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                    Tensor, Tensor]:
+Gradients = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]  # of x .. delta_bias
+
+
+def _cross_scan_backward_impl(dy: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+                              C: Tensor, D: Tensor, delta_bias: Tensor, h: Tensor,
+                              blocks: List[int]) -> Gradients:
     """The gradients of ``x, delta, A, B, C, D, delta_bias``, in their shapes and dtypes."""
     inputs = x, delta, A, B, C, D, delta_bias
     block_d, block_l, warps = _blocks(x, blocks, backward=True)
@@ -288,6 +303,13 @@ def cross_scan_backward(dy: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tens
     return tuple(g.view(t.shape).to(t.dtype) for g, t in zip(grads, inputs))
 
 
+@torch.library.custom_op('mmseg_segman::cross_scan_backward', mutates_args=())
+def cross_scan_backward(dy: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                        D: Tensor, delta_bias: Tensor, h: Tensor, blocks: List[int]) -> Gradients:
+    """:func:`_cross_scan_backward_impl` as an op that ``torch.compile`` traces."""
+    return _cross_scan_backward_impl(dy, x, delta, A, B, C, D, delta_bias, h, blocks)
+
+
 @cross_scan_backward.register_fake
 def _(dy, x, delta, A, B, C, D, delta_bias, h, blocks):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
@@ -295,23 +317,39 @@ def _(dy, x, delta, A, B, C, D, delta_bias, h, blocks):
 
 
 def _setup_context(ctx, inputs, output):
+    """What the backward needs, for the custom op and :class:`_CrossSelectiveScan` alike."""
     *tensors, store_states, blocks = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(*tensors, output[1])
     ctx.store_states, ctx.blocks = store_states, blocks
 
 
-def _backward(ctx, dy, grad_h):
-    # saved_tensors is unpacked once: checkpointing (with_cp) forbids a second unpack
-    *inputs, h = ctx.saved_tensors
-    if not ctx.store_states:  # a forward that did not expect a backward: states recomputed
-        h = cross_scan_forward(*inputs, True, ctx.blocks)[1]
-    grads = cross_scan_backward(dy, *inputs, h, ctx.blocks[3:])
-    return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)),
-            None, None)
+def _backward_through(forward: Callable, backward: Callable) -> Callable:
+    """The autograd backward that recomputes states with ``forward`` and computes the
+    gradients with ``backward``: the custom ops (under ``torch.compile``) or
+    :func:`_cross_scan_forward_impl` and :func:`_cross_scan_backward_impl` (eager)."""
+
+    def gradients(ctx, dy, grad_h):
+        # saved_tensors is unpacked once: checkpointing (with_cp) forbids a second unpack
+        *inputs, h = ctx.saved_tensors
+        if not ctx.store_states:  # a forward that did not expect a backward: states recomputed
+            h = forward(*inputs, True, ctx.blocks)[1]
+        grads = backward(dy, *inputs, h, ctx.blocks[3:])
+        return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)),
+                None, None)
+
+    return gradients
 
 
-cross_scan_forward.register_autograd(_backward, setup_context=_setup_context)
+cross_scan_forward.register_autograd(_backward_through(cross_scan_forward, cross_scan_backward),
+                                     setup_context=_setup_context)
+
+
+class _CrossSelectiveScan(torch.autograd.Function):
+    """The custom op's autograd without its dispatch, for eager calls."""
+    forward = staticmethod(_cross_scan_forward_impl)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward_through(_cross_scan_forward_impl, _cross_scan_backward_impl))
 
 
 def cross_selective_scan_triton(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -327,12 +365,18 @@ def cross_selective_scan_triton(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, 
             map's size.
 
     Returns:
-        ``(B, D, H, W)`` float32.
+        ``(B, D, H, W)`` float32. Under ``torch.compile`` the custom op
+        :func:`cross_scan_forward` runs; eagerly the kernels are launched through
+        :class:`_CrossSelectiveScan`, or directly without autograd recording (inference).
     """
     inputs = (x, delta, A, B, C, D, delta_bias)
-    store_states = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    store_states = records_autograd(*inputs)
     blocks = []
     if fwd_blocks is not None or bwd_blocks is not None:
         blocks = [*(fwd_blocks or _blocks(x, [], backward=False)),
                   *(bwd_blocks or _blocks(x, [], backward=True))]
-    return cross_scan_forward(*inputs, store_states, blocks)[0]
+    if torch.compiler.is_compiling():
+        return cross_scan_forward(*inputs, store_states, blocks)[0]
+    if store_states:
+        return _CrossSelectiveScan.apply(*inputs, store_states, blocks)[0]
+    return _cross_scan_forward_impl(*inputs, store_states, blocks)[0]

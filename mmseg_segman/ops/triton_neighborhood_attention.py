@@ -30,10 +30,16 @@ PyTorch then folds ``G`` into the ``(heads, 2k-1, 2k-1)`` table with matrix prod
 
 Sizes and strides are runtime values (not specialised by Triton): one compilation per
 (dtype, head dim, kernel size, rpb or not) serves every batch and map size.
+
+``torch.compile`` traces the kernels as the ``torch.library`` custom ops
+``mmseg_segman::na2d_forward`` and ``na2d_backward`` (with fake implementations and autograd),
+while eager calls skip the custom-op layer, whose dispatch costs host time at every call
+(:mod:`.triton_layer_norm`): they run the same functions in a plain ``torch.autograd.Function``
+with the same saved tensors, or launch the forward directly where autograd does not record.
 """
 import math
 from functools import lru_cache
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +47,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import jit_with_runtime_ints
+from .triton_jit import dot_precision, jit_with_runtime_ints, records_autograd
 
 LOG2E = tl.constexpr(1.4426950408889634)
 NEG = tl.constexpr(-1.0e30)  # the masked score: finite, so rows without a valid key yet stay NaN-free
@@ -332,14 +338,6 @@ def _head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """float32 products as PyTorch's matmuls make them: float32-accurate (three TF32 products
-    on the tensor cores, ``tf32x3``) unless TF32 is allowed; ignored for 16-bit inputs."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == 'highest':
-        return 'tf32x3'
-    return 'tf32'
-
-
 def _launch(blocks: Blocks) -> dict:
     return dict(TILE_H=blocks.tile_h, TILE_W=blocks.tile_w, num_warps=blocks.num_warps,
                 num_stages=blocks.num_stages)
@@ -358,12 +356,11 @@ def _channels_first(like: Tensor) -> Tensor:
 
 def _common(q: Tensor, kernel_size: int, rpb: Optional[Tensor]) -> dict:
     return dict(HEAD_DIM=q.shape[-1], KERNEL=kernel_size, HAS_RPB=rpb is not None,
-                BLOCK_D=_head_block(q.shape[-1]), DOT_PRECISION=_dot_precision(q.dtype))
+                BLOCK_D=_head_block(q.shape[-1]), DOT_PRECISION=dot_precision(q.dtype))
 
 
-@torch.library.custom_op('mmseg_segman::na2d_forward', mutates_args=())
-def na2d_forward(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size: int,
-                 blocks: List[int]) -> Tuple[Tensor, Tensor]:
+def _na2d_forward_impl(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size: int,
+                      blocks: List[int]) -> Tuple[Tensor, Tensor]:
     """Output ``(B, heads, H, W, d)`` (``q``'s dtype, see :func:`_channels_first`) and the
     base-2 log-sum-exp ``(B, heads, H, W)`` float32 of every query."""
     batch, heads, height, width, _ = q.shape
@@ -375,6 +372,13 @@ def na2d_forward(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         BLOCK_N=fwd.block, **_common(q, kernel_size, rpb), **_launch(fwd))
     return out, lse
+
+
+@torch.library.custom_op('mmseg_segman::na2d_forward', mutates_args=())
+def na2d_forward(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size: int,
+                 blocks: List[int]) -> Tuple[Tensor, Tensor]:
+    """:func:`_na2d_forward_impl` as an op that ``torch.compile`` traces."""
+    return _na2d_forward_impl(q, k, v, rpb, kernel_size, blocks)
 
 
 @na2d_forward.register_fake
@@ -405,10 +409,9 @@ def _fold_bias_grad(g: Tensor, kernel_size: int) -> Tensor:
     return F.fold(patches, (2 * k - 1, 2 * k - 1), kernel_size=k)[:, 0]
 
 
-@torch.library.custom_op('mmseg_segman::na2d_backward', mutates_args=())
-def na2d_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor],
-                  out: Tensor, lse: Tensor, kernel_size: int, rpb_grad: bool,
-                  blocks: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _na2d_backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor],
+                       out: Tensor, lse: Tensor, kernel_size: int, rpb_grad: bool,
+                       blocks: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``dq``, ``dk``, ``dv`` (laid out as ``out``, dtypes of q, k, v) and ``d rpb`` (``rpb``'s
     dtype, or an empty tensor unless ``rpb_grad``)."""
     batch, heads, height, width, _ = q.shape
@@ -440,6 +443,14 @@ def na2d_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Option
     return dq, dk, dv, drpb
 
 
+@torch.library.custom_op('mmseg_segman::na2d_backward', mutates_args=())
+def na2d_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor],
+                  out: Tensor, lse: Tensor, kernel_size: int, rpb_grad: bool,
+                  blocks: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_na2d_backward_impl` as an op that ``torch.compile`` traces."""
+    return _na2d_backward_impl(grad_out, q, k, v, rpb, out, lse, kernel_size, rpb_grad, blocks)
+
+
 @na2d_backward.register_fake
 def _(grad_out, q, k, v, rpb, out, lse, kernel_size, rpb_grad, blocks):
     drpb = rpb.new_empty(rpb.shape) if rpb is not None and rpb_grad else q.new_empty(0)
@@ -447,6 +458,7 @@ def _(grad_out, q, k, v, rpb, out, lse, kernel_size, rpb_grad, blocks):
 
 
 def _setup_context(ctx, inputs, output):
+    """What the backward needs, for the custom op and :class:`_NeighborhoodAttention` alike."""
     q, k, v, rpb, kernel_size, blocks = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
@@ -455,15 +467,28 @@ def _setup_context(ctx, inputs, output):
     ctx.rpb_grad = rpb is not None and ctx.needs_input_grad[3]
 
 
-def _backward(ctx, grad_out, grad_lse):
-    # saved_tensors is unpacked once: checkpointing (with_cp) forbids a second unpack
-    q, k, v, rpb, out, lse = ctx.saved_tensors
-    dq, dk, dv, drpb = na2d_backward(grad_out, q, k, v, rpb, out, lse, ctx.kernel_size,
-                                     ctx.rpb_grad, ctx.blocks)
-    return dq, dk, dv, drpb if ctx.rpb_grad else None, None, None
+def _backward_through(backward: Callable) -> Callable:
+    """The autograd backward that computes the gradients with ``backward``: the custom op
+    :func:`na2d_backward` (under ``torch.compile``) or :func:`_na2d_backward_impl` (eager)."""
+
+    def gradients(ctx, grad_out, grad_lse):
+        # saved_tensors is unpacked once: checkpointing (with_cp) forbids a second unpack
+        q, k, v, rpb, out, lse = ctx.saved_tensors
+        dq, dk, dv, drpb = backward(grad_out, q, k, v, rpb, out, lse, ctx.kernel_size,
+                                    ctx.rpb_grad, ctx.blocks)
+        return dq, dk, dv, drpb if ctx.rpb_grad else None, None, None
+
+    return gradients
 
 
-na2d_forward.register_autograd(_backward, setup_context=_setup_context)
+na2d_forward.register_autograd(_backward_through(na2d_backward), setup_context=_setup_context)
+
+
+class _NeighborhoodAttention(torch.autograd.Function):
+    """The custom op's autograd without its dispatch, for eager calls."""
+    forward = staticmethod(_na2d_forward_impl)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward_through(_na2d_backward_impl))
 
 
 def neighborhood_attention_triton(q: Tensor, k: Tensor, v: Tensor, kernel_size: int,
@@ -474,8 +499,14 @@ def neighborhood_attention_triton(q: Tensor, k: Tensor, v: Tensor, kernel_size: 
     ``q``, ``k``, ``v`` share one dtype (float32, bfloat16 or float16) and may have any
     strides. ``blocks``: launch shapes of the forward, ``dq`` and ``dk``/``dv`` kernels
     (default :func:`block_sizes`). Returns ``(B, heads, H, W, d)`` laid out as
-    ``(B, heads, d, H, W)``.
+    ``(B, heads, d, H, W)``. Under ``torch.compile`` the custom op :func:`na2d_forward` runs;
+    eagerly the kernels are launched through :class:`_NeighborhoodAttention`, or directly
+    without autograd recording (inference).
     """
     blocks = blocks or block_sizes(q.shape[-1], kernel_size)
-    out, _ = na2d_forward(q, k, v, rpb, kernel_size, [n for b in blocks for n in b])
-    return out
+    launch = [n for b in blocks for n in b]
+    if torch.compiler.is_compiling():
+        return na2d_forward(q, k, v, rpb, kernel_size, launch)[0]
+    if records_autograd(q, k, v, rpb):
+        return _NeighborhoodAttention.apply(q, k, v, rpb, kernel_size, launch)[0]
+    return _na2d_forward_impl(q, k, v, rpb, kernel_size, launch)[0]

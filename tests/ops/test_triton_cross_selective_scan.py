@@ -171,6 +171,25 @@ def check_custom_op():
     print('custom op: ok')
 
 
+def check_eager_path():
+    """Eager calls skip the custom ops (host time) and match them bitwise; torch.compile
+    traces the custom ops (see :func:`triton_interpreter.check_eager_calls_skip_custom_ops`)."""
+    import torch
+    from triton_interpreter import check_eager_calls_skip_custom_ops
+
+    from mmseg_segman.ops.triton_cross_selective_scan import cross_selective_scan_triton
+    from mmseg_segman.ops.triton_jit import records_autograd
+
+    def custom_op(*inputs):  # storing the states where the backend would
+        return torch.ops.mmseg_segman.cross_scan_forward(*inputs, records_autograd(*inputs), [])[0]
+
+    inputs = make_inputs(1, 3, 4, 5, torch.float32, seed=4)
+    dy = torch.randn(1, 3, 4, 5, generator=torch.Generator().manual_seed(4))
+    check_eager_calls_skip_custom_ops(cross_selective_scan_triton, custom_op, inputs, dy,
+                                      ('cross_scan_forward', 'cross_scan_backward'))
+    print('eager path and torch.compile: ok', flush=True)
+
+
 def main():
     import torch
 
@@ -188,6 +207,7 @@ def main():
     check_checkpointed()
     check_dispatch_and_no_grad()
     check_custom_op()
+    check_eager_path()
     print(f'all checks passed in {time.perf_counter() - start:.1f} s')
 
 

@@ -57,6 +57,24 @@ def relative_errors(case, dtype, blocks=None):
     return [((x.double() - r.double()).norm() / r.double().norm()).item() for x, r in zip(fast, ref)]
 
 
+def check_eager_path():
+    """Eager calls skip the custom ops (host time) and match them bitwise; torch.compile
+    traces the custom ops (see :func:`triton_interpreter.check_eager_calls_skip_custom_ops`)."""
+    from triton_interpreter import check_eager_calls_skip_custom_ops
+
+    from mmseg_segman.ops.triton_neighborhood_attention import Blocks, neighborhood_attention_triton
+    blocks = (Blocks(4, 4, 16, 4, 1),) * 3
+    launch = [n for b in blocks for n in b]
+    g = torch.Generator().manual_seed(5)
+    q, k, v, grad_out = (torch.randn(1, 2, 5, 6, 8, generator=g) for _ in range(4))
+    for rpb in (torch.randn(2, 5, 5, generator=g), None):
+        check_eager_calls_skip_custom_ops(
+            lambda *t: neighborhood_attention_triton(*t[:3], 3, t[3], blocks),
+            lambda *t: torch.ops.mmseg_segman.na2d_forward(*t, 3, launch)[0],
+            (q, k, v, rpb), grad_out, ('na2d_forward', 'na2d_backward'))
+    print('eager path and torch.compile: ok', flush=True)
+
+
 def interpreter_checks():
     """Run in the interpreter subprocess; prints one line per check, then 'all checks passed'."""
     from mmseg_segman.ops import neighborhood_attention as na
@@ -85,6 +103,7 @@ def interpreter_checks():
     for rpb in (torch.randn(2, 5, 5, requires_grad=True), None):
         torch.library.opcheck(torch.ops.mmseg_segman.na2d_forward, (q, k, v, rpb, 3, blocks))
     print('custom op: ok')
+    check_eager_path()
     print('all checks passed')
 
 
