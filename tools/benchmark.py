@@ -155,7 +155,7 @@ def print_profile(step, steps: int = 3) -> None:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by='self_cuda_time_total', row_limit=25, max_name_column_width=70),
+    print(prof.key_averages().table(sort_by='self_cuda_time_total', row_limit=45, max_name_column_width=70),
           flush=True)
 
 

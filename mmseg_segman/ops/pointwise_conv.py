@@ -1,25 +1,63 @@
 """1x1 convolution of a ``(B, C, H, W)`` map (the blocks' ``qkv``, ``proj`` and FFN
-``fc1`` / ``fc2``).
+``fc1`` / ``fc2``), optionally followed by a GELU or by a block's residual connection
+(:class:`Residual`: layer scale, stochastic depth and the shortcut).
 
-Backends: ``matmul`` (one batched matrix product with the weight broadcast over the batch,
-then the bias; cuBLAS picks its kernel per shape in microseconds, where cuDNN builds an
-execution plan for every new input shape, about 2 ms for each of SegMAN-T's 60 convolutions
-on an H100) and ``torch`` (``F.conv2d``). Under ``torch.compile`` the reference runs.
+Backends: ``triton`` (:mod:`.triton_pointwise_conv`: the product on the tensor cores with
+the bias, the GELU and the residual connection applied before the result is stored; eager
+runs on CUDA), ``matmul`` (one batched matrix product with the weight broadcast over the
+batch, then the bias: cuBLAS picks its kernel per shape in microseconds, where cuDNN builds
+an execution plan for every new input shape, about 2 ms for each of SegMAN-T's 60
+convolutions on an H100) and ``torch`` (``F.conv2d``, ``F.gelu`` and the residual connection
+as the released model computes it). Under ``torch.compile`` the reference runs.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import Backend, OpDispatcher, autocast_dtype, runs_anywhere
+from .dispatch import Backend, OpDispatcher, autocast_dtype, eager_triton_unavailable, runs_anywhere
+
+ACTIVATIONS = ('gelu', )
 
 
-def _pointwise_conv2d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return F.conv2d(x, weight, bias)
+class Residual(NamedTuple):
+    """A block's residual connection around a branch ``y``:
+    ``shortcut + sample_scale[b] * (scale * y + shift)``.
+
+    ``scale``/``shift`` ``(C,)`` are a layer scale (the release's depthwise 1x1 convolution,
+    whose weight and bias they are), ``sample_scale`` ``(B,)`` the per-sample factor of
+    stochastic depth (0 or ``1 / keep probability``); each may be None.
+    """
+    shortcut: Tensor
+    scale: Optional[Tensor] = None
+    shift: Optional[Tensor] = None
+    sample_scale: Optional[Tensor] = None
+
+    def add_to(self, branch: Tensor) -> Tensor:
+        """``shortcut + sample_scale[b] * (scale * branch + shift)`` for a ``(B, C, H, W)``
+        branch, as the released model computes it (layer scale as a grouped convolution)."""
+        if self.scale is not None:
+            branch = F.conv2d(branch, self.scale.view(-1, 1, 1, 1), self.shift, groups=branch.shape[1])
+        elif self.shift is not None:
+            branch = branch + self.shift.view(-1, 1, 1)
+        if self.sample_scale is not None:
+            branch = branch * self.sample_scale.view(-1, 1, 1, 1).to(branch.dtype)
+        return self.shortcut + branch
 
 
-def _matmul_unavailable(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[str]:
+def _epilogue(out: Tensor, activation: Optional[str], residual: Optional[Residual]) -> Tensor:
+    if activation == 'gelu':
+        out = F.gelu(out)
+    return out if residual is None else residual.add_to(out)
+
+
+def _pointwise_conv2d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                            activation: Optional[str], residual: Optional[Residual]) -> Tensor:
+    return _epilogue(F.conv2d(x, weight, bias), activation, residual)
+
+
+def _matmul_unavailable(x: Tensor, *args) -> Optional[str]:
     if not x.is_cuda:
         return 'CUDA only (it avoids cuDNN\'s per-shape plans; the CPU runs F.conv2d well)'
     if torch.compiler.is_compiling():
@@ -27,29 +65,59 @@ def _matmul_unavailable(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Op
     return None
 
 
-def _pointwise_conv2d_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _pointwise_conv2d_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                             activation: Optional[str], residual: Optional[Residual]) -> Tensor:
     batch, channels, height, width = x.shape
     dtype = autocast_dtype(x)  # F.conv2d's compute dtype: autocast's, else x's
     w = weight.view(weight.shape[0], channels).to(dtype)
     out = torch.bmm(w.expand(batch, -1, -1), x.reshape(batch, channels, height * width).to(dtype))
     if bias is not None:
         out = out.add_(bias.view(-1, 1))
+    return _epilogue(out.view(batch, -1, height, width), activation, residual)
+
+
+def _triton_unavailable(x: Tensor, *args) -> Optional[str]:
+    return eager_triton_unavailable(x)
+
+
+def _pointwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                             activation: Optional[str], residual: Optional[Residual]) -> Tensor:
+    from .triton_pointwise_conv import pointwise_conv2d_triton
+
+    batch, channels, height, width = x.shape
+    dtype = autocast_dtype(x)
+    out_dtype = dtype
+    shortcut = scale = shift = sample_scale = None
+    if residual is not None:
+        out_dtype = torch.promote_types(residual.shortcut.dtype, dtype)
+        shortcut = residual.shortcut.reshape(batch, -1, height * width).contiguous()
+        scale = None if residual.scale is None else residual.scale.reshape(-1)
+        shift, sample_scale = residual.shift, residual.sample_scale
+    out = pointwise_conv2d_triton(
+        x.reshape(batch, channels, height * width).to(dtype).contiguous(),
+        weight.view(weight.shape[0], channels).to(dtype), bias, activation == 'gelu', shortcut,
+        scale, shift, sample_scale, out_dtype)
     return out.view(batch, -1, height, width)
 
 
 _pointwise_conv2d = OpDispatcher('pointwise_conv2d', {
+    'triton': Backend(_pointwise_conv2d_triton, _triton_unavailable),
     'matmul': Backend(_pointwise_conv2d_matmul, _matmul_unavailable),
     'torch': Backend(_pointwise_conv2d_torch, runs_anywhere),
 })
 
 
-def pointwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.conv2d(x, weight, bias)`` with a 1x1 ``weight``.
+def pointwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                     activation: Optional[str] = None, residual: Optional[Residual] = None) -> Tensor:
+    """``F.conv2d(x, weight, bias)`` with a 1x1 ``weight``, then ``activation``, then
+    ``residual.add_to``.
 
     Args:
         x: ``(B, C, H, W)``.
         weight: ``(O, C, 1, 1)``.
         bias: ``(O,)`` or None.
+        activation: ``'gelu'`` (``F.gelu``, exact) or None.
+        residual: a :class:`Residual` whose ``shortcut`` is ``(B, O, H, W)``, or None.
 
     Returns:
         ``(B, O, H, W)``.
@@ -57,6 +125,24 @@ def pointwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[1:] != (x.shape[1], 1, 1):
         raise ValueError(f'x must be (B, C, H, W) and weight (O, C, 1, 1), got {tuple(x.shape)} '
                          f'and {tuple(weight.shape)}')
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f'bias must be ({weight.shape[0]},), got {tuple(bias.shape)}')
-    return _pointwise_conv2d(x, weight, bias)
+    out_channels = weight.shape[0]
+    if bias is not None and bias.shape != (out_channels, ):
+        raise ValueError(f'bias must be ({out_channels},), got {tuple(bias.shape)}')
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f'activation must be one of {ACTIVATIONS} or None, got {activation!r}')
+    if residual is not None:
+        _check_residual(residual, (x.shape[0], out_channels, *x.shape[2:]))
+    return _pointwise_conv2d(x, weight, bias, activation, residual)
+
+
+def _check_residual(residual: Residual, out_shape) -> None:
+    if not isinstance(residual, Residual):
+        raise TypeError(f'residual must be a Residual, got {type(residual).__name__}')
+    if residual.shortcut.shape != out_shape:
+        raise ValueError(f'residual shortcut must be {tuple(out_shape)} (the output), got '
+                         f'{tuple(residual.shortcut.shape)}')
+    for name, size in (('scale', out_shape[1]), ('shift', out_shape[1]),
+                       ('sample_scale', out_shape[0])):
+        value = getattr(residual, name)
+        if value is not None and value.numel() != size:
+            raise ValueError(f'residual {name} must have {size} values, got shape {tuple(value.shape)}')

@@ -1,5 +1,5 @@
-"""``triton.jit`` for kernels whose sizes and strides stay runtime values, and when a
-Triton backend needs its autograd wrapper."""
+"""``triton.jit`` for kernels whose sizes and strides stay runtime values, when a Triton
+backend needs its autograd wrapper, and the precision of float32 products."""
 import inspect
 from typing import Callable, Collection, Optional
 
@@ -24,3 +24,12 @@ def records_autograd(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether autograd records an op on ``tensors`` (``None`` allowed): where it does not
     (inference), a backend launches its kernel without an ``autograd.Function`` around it."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for products of ``dtype`` as PyTorch's matmuls make them:
+    float32-accurate (three TF32 products on the tensor cores, ``tf32x3``) unless TF32 is
+    allowed; ignored for 16-bit inputs."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == 'highest':
+        return 'tf32x3'
+    return 'tf32'

@@ -1,26 +1,46 @@
-"""``pointwise_conv2d``: its checks, and the ``matmul`` backend against ``F.conv2d``."""
+"""``pointwise_conv2d``: its checks, the reference's GELU and residual connection, the
+``matmul`` backend against ``F.conv2d``, and the Triton backend against float64 in Triton's
+CPU interpreter (a subprocess running this file, see triton_interpreter.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mmseg_segman.ops import pointwise_conv2d
-from mmseg_segman.ops.pointwise_conv import _pointwise_conv2d
+from mmseg_segman.ops.pointwise_conv import Residual, _pointwise_conv2d
 
 matmul = _pointwise_conv2d.backends['matmul'].fn
 
 
-def make_inputs(batch=2, channels=5, out_channels=7, height=3, width=4, seed=0):
+def make_inputs(batch=2, channels=5, out_channels=7, height=3, width=4, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, channels, height, width, generator=g, dtype=torch.float64),
-            torch.randn(out_channels, channels, 1, 1, generator=g, dtype=torch.float64),
-            torch.randn(out_channels, generator=g, dtype=torch.float64))
+    return (torch.randn(batch, channels, height, width, generator=g, dtype=dtype),
+            torch.randn(out_channels, channels, 1, 1, generator=g, dtype=dtype),
+            torch.randn(out_channels, generator=g, dtype=dtype))
 
 
-def outputs_and_grads(fn, inputs):
+def make_residual(batch, out_channels, height, width, scale=True, sample=True, seed=1,
+                  dtype=torch.float64):
+    """Tensors of a Residual: shortcut, scale, shift, sample_scale (a dropped sample, a kept one)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(batch, out_channels, height, width, generator=g, dtype=dtype)]
+    if scale:
+        tensors += [torch.randn(out_channels, generator=g, dtype=dtype),
+                    torch.randn(out_channels, generator=g, dtype=dtype)]
+    sample_scale = torch.tensor([0.0, 1.25] * batch, dtype=dtype)[:batch] if sample else None
+    return tensors, sample_scale
+
+
+def outputs_and_grads(fn, inputs, seed=2):
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     out = fn(*leaves)
-    out.backward(torch.arange(out.numel(), dtype=out.dtype).view(out.shape).cos())
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    out.backward(dy)
     return [out] + [t.grad for t in leaves]
+
+
+def as_residual(tensors, sample_scale):
+    shortcut, *scale_shift = tensors
+    return Residual(shortcut, *(scale_shift or [None, None]), sample_scale)
 
 
 @pytest.mark.parametrize('layout', ['contiguous', 'channels_last'])
@@ -30,7 +50,7 @@ def test_matmul_backend_matches_conv2d(layout, bias):
     if layout == 'channels_last':
         x = x.contiguous(memory_format=torch.channels_last)
     inputs = [x, w, b] if bias else [x, w]
-    got = outputs_and_grads(lambda *t: matmul(*t, *([] if bias else [None])), inputs)
+    got = outputs_and_grads(lambda *t: matmul(*t, *([] if bias else [None]), None, None), inputs)
     want = outputs_and_grads(lambda *t: F.conv2d(*t, *([] if bias else [None])), inputs)
     assert got[0].shape == (2, 7, 3, 4) and got[0].is_contiguous()
     for a, e in zip(got, want):
@@ -40,19 +60,39 @@ def test_matmul_backend_matches_conv2d(layout, bias):
 def test_matmul_backend_under_autocast_computes_as_conv2d():
     x, w, b = (t.float() for t in make_inputs())
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        got, want = matmul(x, w, b), F.conv2d(x, w, b)
+        got, want = matmul(x, w, b, None, None), F.conv2d(x, w, b)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=5e-2)
 
 
-def test_reference_on_cpu_and_why_matmul_declines():
+def test_reference_gelu_and_residual_are_the_release_layers():
+    """The reference applies F.gelu, then the layer scale as the release's grouped 1x1
+    convolution, the per-sample factor and the shortcut; every backend on this machine
+    (matmul's epilogue is the same code) agrees."""
+    x, w, b = make_inputs()
+    (shortcut, scale, shift), sample_scale = make_residual(2, 7, 3, 4)
+    residual = Residual(shortcut, scale, shift, sample_scale)
+    out = F.conv2d(x, w, b)
+    layer_scaled = F.conv2d(out, scale.view(-1, 1, 1, 1), shift, groups=7)
+    want = shortcut + layer_scaled * sample_scale.view(-1, 1, 1, 1)
+    torch.testing.assert_close(pointwise_conv2d(x, w, b, residual=residual), want)
+    torch.testing.assert_close(matmul(x, w, b, None, residual), want)
+    torch.testing.assert_close(pointwise_conv2d(x, w, b, 'gelu'), F.gelu(out))
+    torch.testing.assert_close(pointwise_conv2d(x, w, b, residual=Residual(shortcut)), shortcut + out)
+    torch.testing.assert_close(pointwise_conv2d(x, w, b, residual=Residual(shortcut, shift=shift)),
+                               shortcut + out + shift.view(-1, 1, 1))
+
+
+def test_reference_on_cpu_and_why_the_fast_backends_decline(monkeypatch):
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     x, w, b = (t.float() for t in make_inputs())
-    assert 'CUDA only' in _pointwise_conv2d.why_not('matmul', x, w, b)
-    assert _pointwise_conv2d.select(x, w, b) == 'torch'
+    assert 'CUDA only' in _pointwise_conv2d.why_not('matmul', x, w, b, None, None)
+    assert 'TRITON_INTERPRET' in _pointwise_conv2d.why_not('triton', x, w, b, None, None)
+    assert _pointwise_conv2d.select(x, w, b, None, None) == 'torch'
     torch.testing.assert_close(pointwise_conv2d(x, w, b), F.conv2d(x, w, b))
 
 
-def test_bad_shapes_are_refused():
+def test_bad_arguments_are_refused():
     x, w, b = make_inputs()
     with pytest.raises(ValueError, match=r'weight \(O, C, 1, 1\)'):
         pointwise_conv2d(x, w[:, :4])
@@ -60,3 +100,89 @@ def test_bad_shapes_are_refused():
         pointwise_conv2d(x, torch.randn(7, 5, 3, 3, dtype=x.dtype))
     with pytest.raises(ValueError, match=r'bias must be \(7,\)'):
         pointwise_conv2d(x, w, b[:3])
+    with pytest.raises(ValueError, match="activation must be one of \\('gelu',\\)"):
+        pointwise_conv2d(x, w, b, 'relu')
+    (shortcut, scale, shift), sample_scale = make_residual(2, 7, 3, 4)
+    with pytest.raises(ValueError, match=r'shortcut must be \(2, 7, 3, 4\)'):
+        pointwise_conv2d(x, w, b, residual=Residual(shortcut[:, :5]))
+    with pytest.raises(ValueError, match='scale must have 7 values'):
+        pointwise_conv2d(x, w, b, residual=Residual(shortcut, scale[:6], shift))
+    with pytest.raises(ValueError, match='sample_scale must have 2 values'):
+        pointwise_conv2d(x, w, b, residual=Residual(shortcut, sample_scale=sample_scale[:1]))
+    with pytest.raises(TypeError, match='must be a Residual'):
+        pointwise_conv2d(x, w, b, residual=(shortcut, ))
+
+
+def test_triton_pointwise_conv_in_interpreter():
+    pytest.importorskip('triton')
+    from .triton_interpreter import assert_checks_pass_in_interpreter
+    assert_checks_pass_in_interpreter(__file__, timeout=600)
+
+
+# ---- run in Triton's interpreter (python tests/ops/test_pointwise_conv.py, TRITON_INTERPRET=1)
+
+def check(batch, channels, out_channels, height, width, dtype, tol, activation=None,
+          residual=None, bias=True):
+    """The Triton backend's output and every gradient against the float64 reference;
+    ``residual``: None, 'plain' (shortcut only) or 'scaled' (layer scale and per-sample factor)."""
+    x, w, b = make_inputs(batch, channels, out_channels, height, width, seed=height * width)
+    tensors, sample_scale = ([], None) if residual is None else make_residual(
+        batch, out_channels, height, width, scale=residual == 'scaled', sample=residual == 'scaled')
+    inputs = [x, w] + ([b] if bias else []) + tensors
+
+    def run(backend, dtype):
+        def call(x, w, *rest):
+            bias_, rest = (rest[0], rest[1:]) if bias else (None, rest)
+            scale = None if sample_scale is None else sample_scale.to(dtype)
+            return _pointwise_conv2d.backends[backend].fn(
+                x, w, bias_, activation, as_residual(rest, scale) if rest else None)
+        return outputs_and_grads(call, [t.to(dtype) for t in inputs])
+
+    got, want = run('triton', dtype), run('torch', torch.float64)
+    assert got[0].dtype == dtype and got[0].shape == want[0].shape
+    names = ['out', 'x', 'w'] + ['bias'] * bias + ['shortcut', 'scale', 'shift'][:len(tensors)]
+    for name, a, e in zip(names, got, want):
+        error = (a.double() - e).abs().max().item() / (e.abs().max().item() + 1e-12)
+        assert error < tol, f'{name}: relative error {error:.2e} over {tol} ' \
+                            f'({batch, channels, out_channels, height, width, dtype, activation, residual})'
+
+
+def check_direct_launch_equals_function():
+    """Without autograd recording the kernel runs without its autograd.Function: same output."""
+    from mmseg_segman.ops import triton_pointwise_conv as tpw
+
+    x, w, b = (t.half() for t in make_inputs(2, 40, 70, 5, 9))
+    (shortcut, scale, shift), sample_scale = make_residual(2, 70, 5, 9, dtype=torch.float16)
+    residual = Residual(shortcut, scale, shift, sample_scale)
+    backend = _pointwise_conv2d.backends['triton'].fn
+    applied = []
+    original = tpw._PointwiseConv2d.apply
+    tpw._PointwiseConv2d.apply = lambda *a: applied.append(1) or original(*a)
+    try:
+        with torch.no_grad():
+            direct = backend(x, w, b, None, residual)
+        assert not applied, 'the autograd.Function ran without autograd recording'
+        through_function = backend(x, w.requires_grad_(), b, None, residual)
+        assert applied
+    finally:
+        tpw._PointwiseConv2d.apply = original
+    torch.testing.assert_close(direct, through_function.detach(), rtol=0, atol=0)
+
+
+def main():
+    # channels over and under BLOCK_K, outputs over and under BLOCK_O (64 and 128), pixels
+    # over one BLOCK_P tile and not a multiple of 16
+    for shape in [(2, 5, 7, 3, 4), (1, 40, 70, 9, 17), (2, 33, 130, 2, 3)]:
+        check(*shape, torch.float32, 1e-5)
+        check(*shape, torch.float32, 1e-5, activation='gelu')
+        check(*shape, torch.float32, 1e-5, residual='scaled')
+    check(2, 5, 7, 3, 4, torch.float32, 1e-5, residual='plain', bias=False)
+    check(2, 5, 7, 3, 4, torch.float32, 1e-5, activation='gelu', residual='scaled')
+    check(1, 40, 70, 9, 17, torch.float16, 2e-2, activation='gelu')
+    check(1, 40, 70, 9, 17, torch.float16, 2e-2, residual='scaled')
+    check_direct_launch_equals_function()
+    print('all checks passed')
+
+
+if __name__ == '__main__':
+    main()

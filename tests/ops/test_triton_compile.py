@@ -15,6 +15,7 @@ from mmseg_segman.ops import triton_cross_selective_scan as cross  # noqa: E402
 from mmseg_segman.ops import triton_depthwise_conv as tdw  # noqa: E402
 from mmseg_segman.ops import triton_layer_norm as tln  # noqa: E402
 from mmseg_segman.ops import triton_neighborhood_attention as tna  # noqa: E402
+from mmseg_segman.ops import triton_pointwise_conv as tpw  # noqa: E402
 
 H100 = GPUTarget('cuda', 90, 32)
 SCAN_FLOAT32_POINTERS = {'a_ptr', 'd_ptr', 'bias_ptr', 'y_ptr', 'h_ptr', 'dy_ptr', 'du_ptr',
@@ -103,3 +104,16 @@ def test_depthwise_conv_kernels_compile(activation, kernel):
         assert compile_for_h100(tdw._dw_bwd_weight_kernel, activation, float32,
                                 tdw.WEIGHT_GRADIENT_WARPS, KERNEL=kernel, TAPS=taps,
                                 BLOCK_H=block_h, BLOCK_W=block_w)
+
+
+@pytest.mark.parametrize('activation', ['bf16', 'fp32'])
+@pytest.mark.parametrize('out_channels', [32, 384])  # both output tiles (64 and 128 channels)
+def test_pointwise_conv_kernel_compiles(activation, out_channels):
+    float32 = {'bias_ptr', 'scale_ptr', 'shift_ptr', 'sample_ptr'}
+    block, warps = tpw.block_o(out_channels)
+    common = dict(DOT_PRECISION='tf32x3' if activation == 'fp32' else 'tf32', BLOCK_O=block,
+                  BLOCK_P=tpw.BLOCK_P, BLOCK_K=tpw.BLOCK_K)
+    for gelu, residual in ((True, False), (False, True)):
+        assert compile_for_h100(tpw._pw_fwd_kernel, activation, float32, warps, tpw.NUM_STAGES,
+                                HAS_BIAS=True, GELU=gelu, HAS_SHORTCUT=residual, HAS_SCALE=residual,
+                                HAS_SHIFT=residual, HAS_SAMPLE=residual, **common)

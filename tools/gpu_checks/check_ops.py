@@ -21,6 +21,7 @@ from torch import Tensor
 
 import mmseg_segman  # noqa: F401  (registers the models and the ops)
 from mmseg_segman.ops import dispatch
+from mmseg_segman.ops.pointwise_conv import Residual
 
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 
@@ -77,11 +78,21 @@ def depthwise_case(batch, channels, height, width, kernel, residual=False):
     return 'depthwise_conv2d', name, make
 
 
-def pointwise_case(batch, channels, out_channels, height, width):
+def pointwise_case(batch, channels, out_channels, height, width, epilogue=None):
+    """``epilogue``: None, ``'gelu'`` or ``'residual'`` (a shortcut, a layer scale and a
+    per-sample factor that drops the first sample)."""
     def make(dtype):
+        residual = None
+        if epilogue == 'residual':
+            sample_scale = torch.full((batch, ), 1.25, device='cuda')
+            sample_scale[0] = 0
+            residual = Residual(_randn(batch, out_channels, height, width, dtype=dtype),
+                                _randn(out_channels), _randn(out_channels), sample_scale)
         return [_randn(batch, channels, height, width, dtype=dtype),
-                _randn(out_channels, channels, 1, 1, scale=channels ** -0.5), _randn(out_channels)]
-    return 'pointwise_conv2d', f'B{batch} C{channels}->{out_channels} {height}x{width}', make
+                _randn(out_channels, channels, 1, 1, scale=channels ** -0.5), _randn(out_channels),
+                'gelu' if epilogue == 'gelu' else None, residual]
+    name = f'B{batch} C{channels}->{out_channels} {height}x{width}' + (f' {epilogue}' if epilogue else '')
+    return 'pointwise_conv2d', name, make
 
 
 def resize_case(batch, channels, height, width, size, align_corners=False):
@@ -103,6 +114,8 @@ CASES = [
     depthwise_case(4, 1456, 16, 16, 3), depthwise_case(2, 64, 33, 70, 3, residual=True),
     depthwise_case(2, 40, 9, 11, 5, residual=True),
     pointwise_case(2, 96, 288, 128, 128), pointwise_case(3, 37, 5, 13, 9),
+    pointwise_case(2, 96, 384, 64, 64, 'gelu'), pointwise_case(2, 1296, 432, 32, 32, 'residual'),
+    pointwise_case(3, 37, 70, 13, 9, 'residual'), pointwise_case(1, 20, 33, 7, 5, 'gelu'),
     resize_case(2, 150, 64, 64, (512, 512)), resize_case(1, 7, 13, 9, (5, 31), True),
 ]
 
@@ -122,16 +135,21 @@ def rel_error(x: Optional[Tensor], ref: Optional[Tensor]) -> float:
 
 
 def run(fn: Callable, args: List, cotangent: Optional[Tensor], upcast: bool = False):
-    """``fn(*args)`` and the gradients of its floating-point tensor args for ``cotangent``."""
+    """``fn(*args)`` and the gradients of its floating-point tensor args (and of the tensors
+    of a :class:`Residual`, but its per-sample factor) for ``cotangent``."""
     leaves = []
-    call = []
-    for a in args:
+
+    def leaf(a, differentiable=True):
         if isinstance(a, Tensor) and a.is_floating_point():
             a = a.detach().double() if upcast else a.detach().clone()
-            a.requires_grad_(True)
-            leaves.append(a)
-        call.append(a)
-    out = fn(*call)
+            if differentiable:
+                a.requires_grad_(True)
+                leaves.append(a)
+        elif isinstance(a, Residual):
+            a = Residual(*(leaf(t, name != 'sample_scale') for name, t in zip(a._fields, a)))
+        return a
+
+    out = fn(*[leaf(a) for a in args])
     g = torch.randn_like(out, dtype=torch.float32) if cotangent is None else cotangent
     out.backward(g.to(out.dtype))
     return out.detach(), g, [leaf.grad for leaf in leaves]

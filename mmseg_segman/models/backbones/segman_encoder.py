@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...ops import biased_attention, neighborhood_attention_2d
 from ...ops.dispatch import check_op_backends, recompute_in_current_scope, with_op_backends
+from ...ops.pointwise_conv import Residual
 from ...ops.resize import bicubic_matrix
 from ..layers import (SS2D, DepthwiseConv2d, LayerNorm2d, PointwiseConv2d, RoPE2d, SegMANBlock,
                       apply_rope)
@@ -104,8 +105,10 @@ class LASS(nn.Module):
                 if torch.amp.is_autocast_available(device_type) else nullcontext():
             return resize @ bias @ resize.t()
 
-    def forward(self, x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, C, H, W)``; ``sin``/``cos`` ``(H, W, head_dim)`` from RoPE2d."""
+    def forward(self, x: Tensor, sin: Tensor, cos: Tensor,
+                residual: Optional[Residual] = None) -> Tensor:
+        """``(B, C, H, W) -> (B, C, H, W)``; ``sin``/``cos`` ``(H, W, head_dim)`` from RoPE2d;
+        ``residual`` is added by ``proj``'s op."""
         batch, channels, height, width = x.shape
         qkv = self.qkv(x)
         lepe = self.lepe(qkv[:, 2 * channels:])
@@ -125,7 +128,7 @@ class LASS(nn.Module):
         else:
             y = y.permute(0, 1, 4, 2, 3).reshape(batch, channels, height, width)
             y = self.norm(self.ssm(F.silu(self.dwconv(y)))) + y
-        return self.proj(y + lepe)
+        return self.proj(y + lepe, residual=residual)
 
 
 class SegMANStage(nn.Module):

@@ -2,25 +2,24 @@
 from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
+from ...ops.pointwise_conv import Residual
 from .conv import DepthwiseConv2d
 from .ffn import ConvFFN
 from .norm import LayerNorm2d
 
 
 class LayerScale(nn.Module):
-    """Per-channel scale and shift as a depthwise 1x1 conv (keys ``weight (C,1,1,1)``, ``bias``)."""
+    """The parameters of a per-channel scale and shift, released as a depthwise 1x1 conv (keys
+    ``weight (C,1,1,1)``, ``bias``); :class:`SegMANBlock` applies them through its
+    :class:`~mmseg_segman.ops.pointwise_conv.Residual`."""
 
     def __init__(self, embed_dim: int, init_value: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.full((embed_dim, 1, 1, 1), init_value))
         self.bias = nn.Parameter(torch.zeros(embed_dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight, self.bias, groups=x.size(1))
 
 
 class SegMANBlock(nn.Module):
@@ -28,6 +27,10 @@ class SegMANBlock(nn.Module):
 
     ``x = x + cpe1(x); x = x + drop_path(ls1(token_mixer(norm1(x), *mixer_args)))``
     ``x = x + cpe2(x); x = x + drop_path(ls2(mlp(norm2(x))))``
+
+    The token mixer and the FFN take each residual connection (``x + drop_path(ls(.))``) as a
+    :class:`~mmseg_segman.ops.pointwise_conv.Residual` and apply it themselves, inside the op of
+    their last 1x1 convolution where they end with one (one pass on the fast path).
 
     Args:
         embed_dim: channels of the ``(B, C, H, W)`` input.
@@ -57,6 +60,19 @@ class SegMANBlock(nn.Module):
 
     def forward(self, x: Tensor, *mixer_args) -> Tensor:
         x = self.cpe1(x)
-        x = x + self.drop_path(self.layer_scale1(self.token_mixer(self.norm1(x), *mixer_args)))
+        x = self.token_mixer(self.norm1(x), *mixer_args, residual=self._residual(x, self.layer_scale1))
         x = self.cpe2(x)
-        return x + self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
+        return self.mlp(self.norm2(x), residual=self._residual(x, self.layer_scale2))
+
+    def _residual(self, shortcut: Tensor, layer_scale: nn.Module) -> Residual:
+        """``shortcut + drop_path(layer_scale(.))`` as a :class:`Residual`: stochastic depth
+        draws its per-sample factor as mmcv's ``drop_path`` does (``floor(keep + U[0, 1))``
+        over ``keep``, one draw per batch element)."""
+        scale = shift = sample_scale = None
+        if isinstance(layer_scale, LayerScale):
+            scale, shift = layer_scale.weight.view(-1), layer_scale.bias
+        if isinstance(self.drop_path, DropPath) and self.training and self.drop_path.drop_prob > 0:
+            keep = 1 - self.drop_path.drop_prob
+            draw = torch.rand(shortcut.shape[0], dtype=shortcut.dtype, device=shortcut.device)
+            sample_scale = (keep + draw).floor_().div_(keep)
+        return Residual(shortcut, scale, shift, sample_scale)

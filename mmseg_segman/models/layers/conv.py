@@ -1,7 +1,10 @@
 """The convolutions of the SegMAN blocks, each running its op (release keys unchanged)."""
+from typing import Optional
+
 from torch import Tensor, nn
 
 from ...ops import depthwise_conv2d, pointwise_conv2d
+from ...ops.pointwise_conv import Residual
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -23,11 +26,14 @@ class DepthwiseConv2d(nn.Conv2d):
 
 class PointwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(in_channels, out_channels, 1)`` (keys ``weight (O, C, 1, 1)``, ``bias``)
-    running the op :func:`pointwise_conv2d`."""
+    running the op :func:`pointwise_conv2d`, which can apply a GELU or a block's residual
+    connection to the result in the same pass."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, kernel_size=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, O, H, W)``."""
-        return pointwise_conv2d(x, self.weight, self.bias)
+    def forward(self, x: Tensor, activation: Optional[str] = None,
+                residual: Optional[Residual] = None) -> Tensor:
+        """``(B, C, H, W) -> (B, O, H, W)``, then ``activation`` (``'gelu'``) and
+        ``residual.add_to``."""
+        return pointwise_conv2d(x, self.weight, self.bias, activation, residual)

@@ -1,14 +1,18 @@
 """The convolutional feed-forward network of SegMAN blocks."""
-from typing import Dict
+from typing import Dict, Optional
 
 from mmcv.cnn import build_activation_layer
 from torch import Tensor, nn
 
+from ...ops.pointwise_conv import Residual
 from .conv import DepthwiseConv2d, PointwiseConv2d
 
 
 class ConvFFN(nn.Module):
-    """1x1 conv -> activation (GELU) -> ``x + dwconv3x3(x)`` -> 1x1 conv on ``(B, C, H, W)``."""
+    """1x1 conv -> activation (GELU) -> ``x + dwconv3x3(x)`` -> 1x1 conv on ``(B, C, H, W)``.
+
+    An exact GELU runs inside ``fc1``'s op (one pass on the fast path); another activation
+    runs as its own layer."""
 
     def __init__(self, embed_dim: int, ffn_dim: int, act_cfg: Dict = dict(type='GELU')):
         super().__init__()
@@ -16,6 +20,12 @@ class ConvFFN(nn.Module):
         self.act = build_activation_layer(act_cfg)
         self.dwconv = DepthwiseConv2d(ffn_dim, 3, residual=True)
         self.fc2 = PointwiseConv2d(ffn_dim, embed_dim)
+        self.fused_activation = 'gelu' if type(self.act) is nn.GELU and self.act.approximate == 'none' \
+            else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.dwconv(self.act(self.fc1(x))))
+    def forward(self, x: Tensor, residual: Optional[Residual] = None) -> Tensor:
+        """``(B, C, H, W) -> (B, C, H, W)``, then ``residual.add_to`` (inside ``fc2``'s op)."""
+        hidden = self.fc1(x, self.fused_activation)
+        if self.fused_activation is None:
+            hidden = self.act(hidden)
+        return self.fc2(self.dwconv(hidden), residual=residual)

@@ -1,10 +1,12 @@
 """SS2D: the 2-D selective-scan token mixer (VMamba style, used by encoder and decoder)."""
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ...ops import cross_selective_scan
+from ...ops.pointwise_conv import Residual
 
 NUM_DIRECTIONS = 4
 
@@ -48,8 +50,9 @@ class SS2D(nn.Module):
         self.A_logs._no_weight_decay = True
         self.Ds._no_weight_decay = True
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, C, H, W)`` in ``x``'s dtype (the scan runs in float32)."""
+    def forward(self, x: Tensor, residual: Optional[Residual] = None) -> Tensor:
+        """``(B, C, H, W) -> (B, C, H, W)`` in ``x``'s dtype (the scan runs in float32), then
+        ``residual.add_to``."""
         k, c, r, n = NUM_DIRECTIONS, self.embed_dim, self.dt_rank, self.d_state
         # Per-pixel projections in the map's own layout: the same numbers as projecting
         # each direction's sequence, since a 1x1 projection commutes with reordering.
@@ -58,7 +61,8 @@ class SS2D(nn.Module):
         dts = torch.einsum('kcr,bkrhw->bkchw', self.dt_projs_weight, dts)
         y = cross_selective_scan(x, dts, -torch.exp(self.A_logs.float()), Bs, Cs,
                                  self.Ds.float(), self.dt_projs_bias.reshape(-1).float())
-        return y.to(x.dtype)
+        y = y.to(x.dtype)
+        return y if residual is None else residual.add_to(y)
 
     def extra_repr(self) -> str:
         return f'embed_dim={self.embed_dim}, d_state={self.d_state}, dt_rank={self.dt_rank}'
