@@ -84,20 +84,17 @@ def _pointwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                              activation: Optional[str], residual: Optional[Residual]) -> Tensor:
     from .triton_pointwise_conv import pointwise_conv2d_triton
 
-    batch, channels, height, width = x.shape
     dtype = autocast_dtype(x)
     out_dtype = dtype
     shortcut = scale = shift = sample_scale = None
     if residual is not None:
         out_dtype = torch.promote_types(residual.shortcut.dtype, dtype)
-        shortcut = residual.shortcut.reshape(batch, -1, height * width).contiguous()
+        shortcut = residual.shortcut.contiguous()
         scale = None if residual.scale is None else residual.scale.reshape(-1)
         shift, sample_scale = residual.shift, residual.sample_scale
-    out = pointwise_conv2d_triton(
-        x.reshape(batch, channels, height * width).to(dtype).contiguous(),
-        weight.view(weight.shape[0], channels).to(dtype), bias, activation == 'gelu', shortcut,
-        scale, shift, sample_scale, out_dtype)
-    return out.view(batch, -1, height, width)
+    return pointwise_conv2d_triton(
+        x.to(dtype).contiguous(), weight.view(weight.shape[0], x.shape[1]).to(dtype), bias,
+        activation == 'gelu', shortcut, scale, shift, sample_scale, out_dtype)
 
 
 _pointwise_conv2d = OpDispatcher('pointwise_conv2d', {

@@ -12,38 +12,51 @@ convolution), the GELU and the residual adds 8% more. One program here owns a
 steps of ``BLOCK_K`` on the tensor cores (float32 accumulation); programs of one pixel tile
 are launched together, so its input is read from the cache by all but the first.
 
-Backward (PyTorch's batched matrix products, cuBLAS): with ``g`` the output gradient, the
-shortcut's gradient is ``g`` itself; without GELU the layer scale and the per-sample factor
-fold into the weight, ``dx[b] = (k_b s W)^T g[b]``, and every parameter gradient comes from
-``G = sum_b k_b g[b] x[b]^T`` and ``S = sum_b k_b sum_p g[b]``: ``dW = s G``,
-``d bias = s S``, ``d scale = rowsum(W G) + bias S``, ``d shift = S``, so no product is
-saved and no map-sized pass runs but the reduction of ``g``. With GELU the pre-activation is
-recomputed (the same kernel without it) instead of kept: a product against a map 4 channels
-wide less in memory. Sizes are runtime values but for the pixel count (whether it is a
-multiple of 16, which aligns the loads): at most two compilations per (dtype, epilogue).
-A plain ``torch.autograd.Function``, launched directly when autograd does not record, as
-:mod:`.triton_layer_norm` explains; under ``torch.compile`` the reference runs.
+Backward: PyTorch's convolution backward (cuDNN: the weight gradient reduces over batch and
+pixels in one product), once. The shortcut's gradient is the output gradient ``g`` itself.
+Without GELU the layer scale folds into the weight: the call with ``k_b g`` and ``s W`` gives
+``dx``, and ``G = sum_b k_b g[b] x[b]^T`` and ``S = sum k_b g`` give every parameter gradient,
+``dW = s G``, ``d bias = s S``, ``d scale = rowsum(W G) + bias S``, ``d shift = S``: no
+product is saved and no map-sized pass runs (but ``k_b g`` under stochastic depth). With
+GELU the pre-activation is recomputed (the same kernel without it) instead of kept: a map
+4 channels wide less in memory. Sizes are runtime values but for the pixel count (whether
+it is a multiple of 16, which aligns the loads): at most two compilations per (dtype,
+epilogue, launch shape). A plain ``torch.autograd.Function``, launched directly when
+autograd does not record, as :mod:`.triton_layer_norm` explains; under ``torch.compile`` the
+reference runs.
 """
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .triton_jit import dot_precision, jit_with_runtime_ints, records_autograd
 
-BLOCK_P = 128
-BLOCK_K = 32
-NUM_STAGES = 3
 _RUNTIME_INTS = {'channels', 'out_channels'}
 SQRT_HALF = tl.constexpr(0.7071067811865476)
 
 
-def block_o(out_channels: int) -> Tuple[int, int]:
-    """``(BLOCK_O, num_warps)``: 64 output channels with 4 warps where there are at most 64
-    (SegMAN-T's first stage), else 128 with 8."""
-    return (64, 4) if out_channels <= 64 else (128, 8)
+class Config(NamedTuple):
+    """Launch shape: a ``block_o x block_p`` output tile, ``block_k`` input channels a step."""
+    block_o: int
+    block_p: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def launch_config(channels: int, out_channels: int, pixels: int) -> Config:
+    """The launch shape for a product of ``out_channels x channels`` by ``channels x pixels``:
+    64 x 128 tiles with 4 warps where there are at most 64 output channels (SegMAN-T's first
+    stage), else 128 x 256 with 8; 64 channels a step. The fastest, or within 10% of it, of
+    the shapes ``tools/gpu_checks/check_pointwise_conv.py --sweep`` tried for SegMAN-T's and
+    -L's layers on an H200 (docs/benchmarks.md)."""
+    if out_channels <= 64:
+        return Config(64, 128, 64, 4, 4)
+    return Config(128, 256, 64, 8, 3)
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
@@ -87,46 +100,50 @@ def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, shortcut_ptr, scale_ptr, shift_ptr, s
 
 def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool,
             shortcut: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
-            sample_scale: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
-    """``x (B, C, P)`` and ``weight (O, C)`` contiguous, of one dtype; ``shortcut (B, O, P)``
-    contiguous; the vectors contiguous, any float dtype. Returns ``(B, O, P)``."""
-    batch, channels, pixels = x.shape
-    out_channels = weight.shape[0]
-    out = torch.empty(batch, out_channels, pixels, dtype=out_dtype, device=x.device)
-    block, warps = block_o(out_channels)
-    grid = (triton.cdiv(out_channels, block), triton.cdiv(pixels, BLOCK_P), batch)
+            sample_scale: Optional[Tensor], out_dtype: torch.dtype,
+            config: Optional[Config] = None) -> Tensor:
+    """``x (B, C, H, W)`` and ``weight (O, C)`` contiguous, of one dtype; ``shortcut
+    (B, O, H, W)`` contiguous; the vectors contiguous, any float dtype. Returns ``(B, O, H, W)``."""
+    batch, channels, height, width = x.shape
+    pixels, out_channels = height * width, weight.shape[0]
+    out = torch.empty(batch, out_channels, height, width, dtype=out_dtype, device=x.device)
+    config = config or launch_config(channels, out_channels, pixels)
+    grid = (triton.cdiv(out_channels, config.block_o), triton.cdiv(pixels, config.block_p), batch)
     _pw_fwd_kernel[grid](
         x, weight, *(x if t is None else t for t in (bias, shortcut, scale, shift, sample_scale)),
         out, channels, out_channels, pixels, HAS_BIAS=bias is not None, GELU=gelu,
         HAS_SHORTCUT=shortcut is not None, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, HAS_SAMPLE=sample_scale is not None,
-        DOT_PRECISION=dot_precision(x.dtype), BLOCK_O=block, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K,
-        num_warps=warps, num_stages=NUM_STAGES)
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_O=config.block_o, BLOCK_P=config.block_p,
+        BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 
-def _weight_products(g: Tensor, x: Tensor, sample_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """``G = sum_b k_b g[b] x[b]^T (O, C)`` and ``S = sum_b k_b sum_p g[b] (O,)``, float32."""
-    per_batch = torch.bmm(g, x.transpose(1, 2)).float()  # (B, O, C)
-    sums = g.sum(2, dtype=torch.float32)  # (B, O)
-    if sample_scale is not None:
-        k = sample_scale.float()
-        per_batch, sums = per_batch * k[:, None, None], sums * k[:, None]
-    return per_batch.sum(0), sums.sum(0)
+def _conv_backward(g: Tensor, x: Tensor, weight: Tensor, mask) -> Tuple[Optional[Tensor], ...]:
+    """``dx (B, C, H, W)``, ``dW (O, C)`` and ``d bias (O,)`` (each where ``mask`` asks) of the
+    1x1 convolution of ``x (B, C, H, W)`` by ``weight (O, C)`` for ``g (B, O, H, W)``: PyTorch's
+    convolution backward (cuDNN), whose weight gradient reduces over batch and pixels in one
+    product."""
+    out_channels, channels = weight.shape
+    dx, dw, db = torch.ops.aten.convolution_backward(
+        g, x, weight.view(out_channels, channels, 1, 1), [out_channels], [1, 1], [0, 0], [1, 1],
+        False, [0, 0], 1, list(mask))
+    return dx, None if dw is None else dw.view(weight.shape), db
 
 
 class _PointwiseConv2d(torch.autograd.Function):
-    """``shortcut + k_b * (scale * act(W x + bias) + shift)`` on ``(B, C, P)`` maps."""
+    """``shortcut + k_b * (scale * act(W x + bias) + shift)`` on ``(B, C, H, W)`` maps."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool,
                 shortcut: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
-                sample_scale: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+                sample_scale: Optional[Tensor], out_dtype: torch.dtype,
+                config: Optional[Config]) -> Tensor:
         ctx.save_for_backward(x, weight, bias, scale, sample_scale)
-        ctx.gelu = gelu
+        ctx.gelu, ctx.config = gelu, config
         ctx.shortcut_dtype = None if shortcut is None else shortcut.dtype
         ctx.shift_dtype = None if shift is None else shift.dtype
-        return _launch(x, weight, bias, gelu, shortcut, scale, shift, sample_scale, out_dtype)
+        return _launch(x, weight, bias, gelu, shortcut, scale, shift, sample_scale, out_dtype, config)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -134,57 +151,51 @@ class _PointwiseConv2d(torch.autograd.Function):
         needed = ctx.needs_input_grad
         g = g.contiguous()
         d_shortcut = g.to(ctx.shortcut_dtype) if needed[4] else None
-        factor = None  # k_b * scale_o, (B, O, 1)
-        if scale is not None or sample_scale is not None:
-            factor = torch.ones(1, weight.shape[0], 1, device=g.device)
-            if scale is not None:
-                factor = factor * scale.float().view(1, -1, 1)
-            if sample_scale is not None:
-                factor = factor * sample_scale.float().view(-1, 1, 1)
+        # the gradient of the branch after the layer scale: g times the per-sample factor
+        g = (g if sample_scale is None else g * sample_scale.view(-1, 1, 1, 1).to(g.dtype)).to(x.dtype)
         d_scale = d_shift = None
+        if needed[6]:
+            d_shift = g.sum((0, 2, 3), dtype=torch.float32)
         if ctx.gelu:
-            pre = _launch(x, weight, bias, False, None, None, None, None, g.dtype)
-            if needed[5]:  # d scale = sum k_b g gelu(pre)
-                k = 1.0 if sample_scale is None else sample_scale.float().view(-1, 1, 1)
-                d_scale = (g.float() * k * torch.nn.functional.gelu(pre.float())).sum((0, 2))
-            if needed[6]:
-                k = 1.0 if sample_scale is None else sample_scale.float().view(-1, 1)
-                d_shift = (g.sum(2, dtype=torch.float32) * k).sum(0)
-            g_pre = torch.ops.aten.gelu_backward(g if factor is None else (g * factor).to(g.dtype), pre)
-            d_weight, d_bias = _weight_products(g_pre, x, None)
-            dx = torch.bmm(weight.t().expand(g.shape[0], -1, -1), g_pre) if needed[0] else None
-        else:
-            products, sums = _weight_products(g, x, sample_scale)
-            s = None if scale is None else scale.float()
-            d_weight = products if s is None else products * s[:, None]
-            d_bias = sums if s is None else sums * s
+            pre = _launch(x, weight, bias, False, None, None, None, None, x.dtype, ctx.config)  # recomputed
             if needed[5]:
-                d_scale = (weight.float() * products).sum(1)
+                d_scale = (g.float() * F.gelu(pre.float())).sum((0, 2, 3))
+            if scale is not None:
+                g = g * scale.view(-1, 1, 1).to(g.dtype)
+            dx, d_weight, d_bias = _conv_backward(torch.ops.aten.gelu_backward(g, pre), x, weight,
+                                                  needed[:3])
+        else:
+            # one convolution backward: dW and d bias before the layer scale (G and S), dx
+            # through the layer-scaled weight
+            w = weight if scale is None else (weight.float() * scale.float()[:, None]).to(weight.dtype)
+            dx, products, sums = _conv_backward(g, x, w, (needed[0], needed[1] or needed[5],
+                                                          needed[2] or needed[5]))
+            d_weight = products if scale is None or not needed[1] else products.float() * scale.float()[:, None]
+            d_bias = sums if scale is None or not needed[2] else sums.float() * scale.float()
+            if needed[5]:
+                d_scale = (weight.float() * products.float()).sum(1)
                 if bias is not None:
-                    d_scale = d_scale + bias.float() * sums
-            d_shift = sums if needed[6] else None
-            dx = None
-            if needed[0]:
-                w = weight[None] if factor is None else (weight.float()[None] * factor).to(weight.dtype)
-                dx = torch.bmm(w.transpose(1, 2).expand(g.shape[0], -1, -1), g)
+                    d_scale = d_scale + bias.float() * sums.float()
         return (dx, d_weight.to(weight.dtype) if needed[1] else None,
                 d_bias.to(bias.dtype) if needed[2] else None, None, d_shortcut,
                 d_scale.to(scale.dtype) if needed[5] else None,
-                d_shift.to(ctx.shift_dtype) if needed[6] else None, None, None)
+                d_shift.to(ctx.shift_dtype) if needed[6] else None, None, None, None)
 
 
 def pointwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                             gelu: bool = False, shortcut: Optional[Tensor] = None,
                             scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
                             sample_scale: Optional[Tensor] = None,
-                            out_dtype: Optional[torch.dtype] = None) -> Tensor:
+                            out_dtype: Optional[torch.dtype] = None,
+                            config: Optional[Config] = None) -> Tensor:
     """``shortcut + sample_scale[b] * (scale * act(W x + bias) + shift)``, each term optional
-    (``act`` GELU if ``gelu``), for ``x (B, C, P)`` and ``weight (O, C)`` contiguous and of one
-    float dtype, ``shortcut (B, O, P)`` contiguous, ``bias``/``scale``/``shift`` ``(O,)`` and
-    ``sample_scale (B,)`` of any float dtype. Returns ``(B, O, P)`` in ``out_dtype`` (default
-    ``x``'s). Without autograd recording (inference) the kernel is launched directly."""
+    (``act`` GELU if ``gelu``), for ``x (B, C, H, W)`` and ``weight (O, C)`` contiguous and of
+    one float dtype, ``shortcut (B, O, H, W)`` contiguous, ``bias``/``scale``/``shift`` ``(O,)``
+    and ``sample_scale (B,)`` of any float dtype. Returns ``(B, O, H, W)`` in ``out_dtype`` (default
+    ``x``'s). ``config``: the launch shape (default :func:`launch_config`). Without autograd
+    recording (inference) the kernel is launched directly."""
     out_dtype = out_dtype or x.dtype
-    args = (x, weight, bias, gelu, shortcut, scale, shift, sample_scale, out_dtype)
+    args = (x, weight, bias, gelu, shortcut, scale, shift, sample_scale, out_dtype, config)
     if records_autograd(x, weight, bias, shortcut, scale, shift):
         return _PointwiseConv2d.apply(*args)
     return _launch(*args)

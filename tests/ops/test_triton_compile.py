@@ -110,10 +110,11 @@ def test_depthwise_conv_kernels_compile(activation, kernel):
 @pytest.mark.parametrize('out_channels', [32, 384])  # both output tiles (64 and 128 channels)
 def test_pointwise_conv_kernel_compiles(activation, out_channels):
     float32 = {'bias_ptr', 'scale_ptr', 'shift_ptr', 'sample_ptr'}
-    block, warps = tpw.block_o(out_channels)
-    common = dict(DOT_PRECISION='tf32x3' if activation == 'fp32' else 'tf32', BLOCK_O=block,
-                  BLOCK_P=tpw.BLOCK_P, BLOCK_K=tpw.BLOCK_K)
+    config = tpw.launch_config(4 * out_channels, out_channels, 64 * 64)
+    common = dict(DOT_PRECISION='tf32x3' if activation == 'fp32' else 'tf32', BLOCK_O=config.block_o,
+                  BLOCK_P=config.block_p, BLOCK_K=config.block_k)
     for gelu, residual in ((True, False), (False, True)):
-        assert compile_for_h100(tpw._pw_fwd_kernel, activation, float32, warps, tpw.NUM_STAGES,
+        assert compile_for_h100(tpw._pw_fwd_kernel, activation, float32, config.num_warps,
+                                config.num_stages,
                                 HAS_BIAS=True, GELU=gelu, HAS_SHORTCUT=residual, HAS_SCALE=residual,
                                 HAS_SHIFT=residual, HAS_SAMPLE=residual, **common)

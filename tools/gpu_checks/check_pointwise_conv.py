@@ -2,6 +2,7 @@
 on CUDA: time of forward and forward + backward.
 
     python3 tools/gpu_checks/check_pointwise_conv.py [--arch l] [--batch 16] [--out pw.jsonl]
+    python3 tools/gpu_checks/check_pointwise_conv.py --sweep [--arch l] ...   # launch shapes
 
 For each stage of a SegMAN size at 512x512 (bf16 autocast): ``qkv`` (C -> 3C, bias), ``proj``
 (C -> C, then the block's residual connection with its layer scale), ``fc1`` (C -> rC, GELU)
@@ -9,6 +10,8 @@ and ``fc2`` (rC -> C, residual connection), on the backends ``triton`` (one kern
 epilogue fused), ``matmul`` (a batched cuBLAS product, then PyTorch's bias add, GELU, layer
 scale convolution and add) and ``torch`` (``F.conv2d`` and the same layers). Median of 20
 (CUDA events), ms; one JSON line per layer and backend. Errors are checked by ``check_ops.py``.
+``--sweep``: the Triton forward (no autograd) of each layer under each launch shape of
+:data:`SWEEP` and the default one (:func:`launch_config`), one JSON line per layer.
 """
 import argparse
 import sys
@@ -23,6 +26,12 @@ from check_cross_selective_scan import median_ms  # noqa: E402
 
 from mmseg_segman.models.variants import ENCODER_ARCHS  # noqa: E402
 from mmseg_segman.ops.pointwise_conv import Residual, _pointwise_conv2d  # noqa: E402
+from mmseg_segman.ops.triton_pointwise_conv import (Config, launch_config,  # noqa: E402
+                                                    pointwise_conv2d_triton)
+
+SWEEP = [Config(128, 128, 32, 8, 3), Config(128, 128, 64, 8, 3), Config(128, 128, 64, 8, 4),
+         Config(128, 64, 64, 4, 4), Config(64, 128, 64, 4, 4), Config(128, 256, 64, 8, 3),
+         Config(256, 128, 64, 8, 3), Config(64, 64, 64, 4, 4), Config(128, 128, 128, 8, 3)]
 
 
 def layers(arch: str, batch: int):
@@ -48,12 +57,36 @@ def layers(arch: str, batch: int):
         yield conv('fc2', hidden, dim, residual=True)
 
 
+def sweep(args) -> None:
+    for name, x, weight, bias, activation, residual in layers(args.arch, args.batch):
+        batch, channels, height, width = x.shape
+        w2 = weight.view(weight.shape[0], -1).to(x.dtype)
+        extra = {} if residual is None else dict(shortcut=residual.shortcut, scale=residual.scale,
+                                                 shift=residual.shift)
+        times = {}
+        for config in SWEEP:
+            def forward():
+                pointwise_conv2d_triton(x, w2, bias, activation == 'gelu', config=config, **extra)
+            key = '/'.join(map(str, config))
+            try:
+                times[key] = round(median_ms(forward, 20), 3)
+            except Exception as error:  # a shape that does not fit the GPU's shared memory
+                times[key] = f'{type(error).__name__}: {str(error)[:80]}'
+        write_row(dict(arch=args.arch, layer=name, batch=args.batch, channels=channels,
+                       out_channels=weight.shape[0], pixels=height * width,
+                       default='/'.join(map(str, launch_config(channels, weight.shape[0], height * width))),
+                       forward_ms=times), args.out)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--arch', default='l', choices=sorted(ENCODER_ARCHS))
     parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--sweep', action='store_true', help='time the Triton forward per launch shape')
     parser.add_argument('--out', help='append JSON lines here')
     args = parser.parse_args()
+    if args.sweep:
+        return sweep(args)
     for name, x, weight, bias, activation, residual in layers(args.arch, args.batch):
         for backend in ('triton', 'matmul', 'torch'):
             fn = _pointwise_conv2d.backends[backend].fn
