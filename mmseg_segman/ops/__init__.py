@@ -8,10 +8,11 @@ from .layer_norm import layer_norm_2d
 from .neighborhood_attention import neighborhood_attention_2d
 from .pointwise_conv import pointwise_conv2d
 from .resize import resize_bilinear
+from .rotary_embedding import rotary_embedding_2d
 from .selective_scan import cross_selective_scan, selective_scan
 
 __all__ = [
     'biased_attention', 'cross_merge', 'cross_scan', 'cross_selective_scan', 'depthwise_conv2d',
     'layer_norm_2d', 'neighborhood_attention_2d', 'pointwise_conv2d', 'resize_bilinear',
-    'selective_scan', 'use_backends'
+    'rotary_embedding_2d', 'selective_scan', 'use_backends'
 ]

@@ -16,6 +16,7 @@ from mmseg_segman.ops import triton_depthwise_conv as tdw  # noqa: E402
 from mmseg_segman.ops import triton_layer_norm as tln  # noqa: E402
 from mmseg_segman.ops import triton_neighborhood_attention as tna  # noqa: E402
 from mmseg_segman.ops import triton_pointwise_conv as tpw  # noqa: E402
+from mmseg_segman.ops import triton_rotary_embedding as trope  # noqa: E402
 
 H100 = GPUTarget('cuda', 90, 32)
 SCAN_FLOAT32_POINTERS = {'a_ptr', 'd_ptr', 'bias_ptr', 'y_ptr', 'h_ptr', 'dy_ptr', 'du_ptr',
@@ -33,7 +34,7 @@ def compile_for_h100(kernel, activation: str, float32_pointers, num_warps: int,
     for name in names:
         if name in constexprs:
             signature[name] = 'constexpr'
-        elif name == 'eps':
+        elif name in ('eps', 'scale'):
             signature[name] = 'fp32'
         elif name.endswith('_ptr'):
             signature[name] = '*fp32' if name in float32_pointers else f'*{activation}'
@@ -118,3 +119,13 @@ def test_pointwise_conv_kernel_compiles(activation, out_channels):
                                 config.num_stages,
                                 HAS_BIAS=True, GELU=gelu, HAS_SHORTCUT=residual, HAS_SCALE=residual,
                                 HAS_SHIFT=residual, HAS_SAMPLE=residual, **common)
+
+
+@pytest.mark.parametrize('activation', ['bf16', 'fp32'])
+@pytest.mark.parametrize('head_dim', [24, 36])  # SegMAN-B's stage 1 and SegMAN-T's stage 3
+def test_rotary_embedding_kernel_compiles(activation, head_dim):
+    for inverse in (False, True):
+        assert compile_for_h100(trope._rope_kernel, activation, {'sin_ptr', 'cos_ptr'},
+                                trope.NUM_WARPS, HEAD_DIM=head_dim,
+                                BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_P=trope.BLOCK_P,
+                                NEGATE_SIN=inverse)

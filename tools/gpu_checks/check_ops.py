@@ -14,12 +14,13 @@ Prints one PASS/FAIL line per check and exits 1 if any failed.
 import argparse
 import math
 import sys
-from typing import Callable, List, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 import mmseg_segman  # noqa: F401  (registers the models and the ops)
+from mmseg_segman.models.layers import RoPE2d
 from mmseg_segman.ops import dispatch
 from mmseg_segman.ops.pointwise_conv import Residual
 
@@ -101,6 +102,20 @@ def resize_case(batch, channels, height, width, size, align_corners=False):
     return 'resize_bilinear', f'B{batch} C{channels} {height}x{width} -> {size} ac={align_corners}', make
 
 
+class Fixed(NamedTuple):
+    """A tensor argument without a gradient (upcast with the others)."""
+    tensor: Tensor
+
+
+def rope_case(batch, heads, height, width, dim, scale=1.0):
+    def make(dtype):
+        # a permuted view of a qkv map, as the encoder passes queries and keys
+        qkv = _randn(batch, 3, heads, dim, height, width, dtype=dtype)
+        sin, cos = RoPE2d(dim).cuda()((height, width))
+        return [qkv.permute(1, 0, 2, 4, 5, 3)[0], Fixed(sin), Fixed(cos), scale]
+    return 'rotary_embedding', f'B{batch} h{heads} {height}x{width} d{dim} scale {scale}', make
+
+
 CASES = [
     na_case(2, 4, 64, 64, 24, 11), na_case(2, 3, 37, 45, 20, 9), na_case(1, 2, 13, 9, 36, 7),
     na_case(2, 2, 5, 19, 28, 7), na_case(1, 4, 6, 4, 32, 11), na_case(2, 8, 16, 16, 24, 7),
@@ -116,6 +131,7 @@ CASES = [
     pointwise_case(2, 96, 288, 128, 128), pointwise_case(3, 37, 5, 13, 9),
     pointwise_case(2, 96, 384, 64, 64, 'gelu'), pointwise_case(2, 1296, 432, 32, 32, 'residual'),
     pointwise_case(3, 37, 70, 13, 9, 'residual'), pointwise_case(1, 20, 33, 7, 5, 'gelu'),
+    rope_case(2, 4, 128, 128, 24, 24 ** -0.5), rope_case(1, 13, 13, 9, 28),
     resize_case(2, 150, 64, 64, (512, 512)), resize_case(1, 7, 13, 9, (5, 31), True),
 ]
 
@@ -136,7 +152,8 @@ def rel_error(x: Optional[Tensor], ref: Optional[Tensor]) -> float:
 
 def run(fn: Callable, args: List, cotangent: Optional[Tensor], upcast: bool = False):
     """``fn(*args)`` and the gradients of its floating-point tensor args (and of the tensors
-    of a :class:`Residual`, but its per-sample factor) for ``cotangent``."""
+    of a :class:`Residual`, but its per-sample factor; not of :class:`Fixed` ones) for
+    ``cotangent``."""
     leaves = []
 
     def leaf(a, differentiable=True):
@@ -147,6 +164,8 @@ def run(fn: Callable, args: List, cotangent: Optional[Tensor], upcast: bool = Fa
                 leaves.append(a)
         elif isinstance(a, Residual):
             a = Residual(*(leaf(t, name != 'sample_scale') for name, t in zip(a._fields, a)))
+        elif isinstance(a, Fixed):
+            a = leaf(a.tensor, differentiable=False)
         return a
 
     out = fn(*[leaf(a) for a in args])
@@ -168,7 +187,8 @@ def check_op_backends(seed: int, only: Optional[List[str]] = None) -> List[bool]
             args = make(dtype)
             autocast = torch.autocast('cuda', dtype, enabled=op_name in UNDER_AUTOCAST and dtype != torch.float32)
             with autocast:
-                names = [n for n in op.backends if n != 'torch' and op.why_not(n, *args) is None]
+                plain = [a.tensor if isinstance(a, Fixed) else a for a in args]
+                names = [n for n in op.backends if n != 'torch' and op.why_not(n, *plain) is None]
             if not names:
                 continue
             ref_out, g, ref_grads = run(reference, args, None, upcast=True)

@@ -13,12 +13,11 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...ops import biased_attention, neighborhood_attention_2d
+from ...ops import biased_attention, neighborhood_attention_2d, rotary_embedding_2d
 from ...ops.dispatch import check_op_backends, recompute_in_current_scope, with_op_backends
 from ...ops.pointwise_conv import Residual
 from ...ops.resize import bicubic_matrix
-from ..layers import (SS2D, DepthwiseConv2d, LayerNorm2d, PointwiseConv2d, RoPE2d, SegMANBlock,
-                      apply_rope)
+from ..layers import SS2D, DepthwiseConv2d, LayerNorm2d, PointwiseConv2d, RoPE2d, SegMANBlock
 from ..strict_loading import WeightsMismatchError, refuse_mismatched_weights
 from ..variants import ENCODER_ARCHS
 
@@ -114,8 +113,8 @@ class LASS(nn.Module):
         lepe = self.lepe(qkv[:, 2 * channels:])
         q, k, v = qkv.view(batch, 3, self.num_heads, self.head_dim, height, width) \
                      .permute(1, 0, 2, 4, 5, 3)  # each (B, heads, H, W, head_dim)
-        q = apply_rope(q, sin, cos) * self.scale
-        k = apply_rope(k, sin, cos)
+        q = rotary_embedding_2d(q, sin, cos, self.scale)
+        k = rotary_embedding_2d(k, sin, cos)
         y = neighborhood_attention_2d(q, k, v, self.kernel_size,
                                       None if self.rpb is None else self.rpb[0])
         if self.global_mode:

@@ -3,8 +3,8 @@ from .block import LayerScale, SegMANBlock
 from .conv import DepthwiseConv2d, PointwiseConv2d
 from .ffn import ConvFFN
 from .norm import LayerNorm2d
-from .rope import RoPE2d, apply_rope
+from .rope import RoPE2d
 from .ss2d import SS2D
 
 __all__ = ['ConvFFN', 'DepthwiseConv2d', 'LayerNorm2d', 'LayerScale', 'PointwiseConv2d', 'RoPE2d', 'SS2D',
-           'SegMANBlock', 'apply_rope']
+           'SegMANBlock']

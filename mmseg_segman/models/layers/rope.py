@@ -6,7 +6,8 @@ from torch import Tensor, nn
 
 
 class RoPE2d(nn.Module):
-    """Rotary embedding for a ``head_dim`` split between rows and columns.
+    """Rotary embedding tables for a ``head_dim`` split between rows and columns (applied by
+    the op :func:`~mmseg_segman.ops.rotary_embedding_2d`).
 
     The buffer ``angle`` (``head_dim // 2``, each frequency twice) is kept in the state
     dict, as in the released checkpoints.
@@ -28,10 +29,3 @@ class RoPE2d(nn.Module):
         col_phase = (cols[:, None] * self.angle).unsqueeze(0).expand(height, -1, -1)
         phase = torch.cat([row_phase, col_phase], dim=-1)
         return phase.sin(), phase.cos()
-
-
-def apply_rope(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
-    """Rotate channel pairs ``(2m, 2m+1)`` of ``x (..., H, W, head_dim)`` (in ``x``'s dtype)."""
-    sin, cos = sin.to(x.dtype), cos.to(x.dtype)
-    rotated = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
-    return x * cos + rotated * sin

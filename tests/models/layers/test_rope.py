@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from mmseg_segman.models.layers import RoPE2d, apply_rope
+from mmseg_segman.models.layers import RoPE2d
+from mmseg_segman.ops import rotary_embedding_2d
 
 
 def test_rope_follows_spec():
@@ -12,7 +13,7 @@ def test_rope_follows_spec():
     sin, cos = rope((height, width))
     assert sin.shape == cos.shape == (height, width, head_dim)
     x = torch.randn(2, 1, height, width, head_dim)
-    out = apply_rope(x, sin, cos)
+    out = rotary_embedding_2d(x, sin, cos)
     for i in range(height):
         for j in range(width):
             phase = torch.cat([i * rope.angle, j * rope.angle])
@@ -28,7 +29,7 @@ def test_rope_keeps_angle_in_state_dict_and_checks_head_dim():
         RoPE2d(18)
 
 
-def test_apply_rope_gradcheck():
+def test_rotary_embedding_gradcheck():
     sin, cos = RoPE2d(8).double()((2, 3))
     x = torch.randn(1, 2, 2, 3, 8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: apply_rope(t, sin, cos), (x,))
+    assert torch.autograd.gradcheck(lambda t: rotary_embedding_2d(t, sin, cos, 0.5), (x,))

@@ -1,0 +1,83 @@
+"""Triton backend of :func:`mmseg_segman.ops.rotary_embedding_2d`: the 2-D rotary embedding
+in one pass, forward and backward.
+
+The reference makes six element-wise passes over the map (the rotated copy, its negation,
+two products, a sum, the scale) on queries and keys that are a permuted view of the ``qkv``
+projection: in SegMAN-L's inference about a fifth of the GPU time went to them and to the
+copies around them. One program here owns ``BLOCK_P`` pixels of one (batch, head): it loads
+their head vectors through the input's strides, the same vectors with each channel pair
+swapped (``d ^ 1``, from the cache), and the float32 tables, and writes the rotated,
+scaled vectors contiguous, as the attention reads them. The rotation is orthogonal with the
+same angle for both channels of a pair, so the input gradient is the same kernel with
+``sin`` negated. Sizes and strides are runtime values: one compilation per (dtype, head dim).
+A plain ``torch.autograd.Function``, launched directly when autograd does not record, as
+:mod:`.triton_layer_norm` explains.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_jit import jit_with_runtime_ints, records_autograd
+
+BLOCK_P = 64
+NUM_WARPS = 4
+_RUNTIME_INTS = {'heads', 'height', 'width', 'sx_b', 'sx_h', 'sx_y', 'sx_x', 'sx_d'}
+
+
+@jit_with_runtime_ints(_RUNTIME_INTS)
+def _rope_kernel(x_ptr, sin_ptr, cos_ptr, out_ptr, scale, heads, height, width,
+                 sx_b, sx_h, sx_y, sx_x, sx_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_P: tl.constexpr, NEGATE_SIN: tl.constexpr):
+    plane = tl.program_id(1).to(tl.int64)  # batch * heads + head
+    pixels = height * width
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    d = tl.arange(0, BLOCK_D)
+    ok = (p < pixels)[:, None] & (d < HEAD_DIM)[None, :]
+    base = x_ptr + (plane // heads) * sx_b + (plane % heads) * sx_h \
+        + ((p // width) * sx_y + (p % width) * sx_x)[:, None]
+    x = tl.load(base + d[None, :] * sx_d, mask=ok, other=0.0).to(tl.float32)
+    swapped = tl.load(base + (d ^ 1)[None, :] * sx_d, mask=ok, other=0.0).to(tl.float32)
+    table = p[:, None] * HEAD_DIM + d[None, :]
+    sin = tl.load(sin_ptr + table, mask=ok, other=0.0)
+    cos = tl.load(cos_ptr + table, mask=ok, other=0.0)
+    if NEGATE_SIN:
+        sin = -sin
+    # rotate(x)[2m] = -x[2m+1], rotate(x)[2m+1] = x[2m]
+    rotated = tl.where((d % 2 == 0)[None, :], -swapped, swapped)
+    out = (x * cos + rotated * sin) * scale
+    tl.store(out_ptr + plane * pixels * HEAD_DIM + table, out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _rotate(x: Tensor, sin: Tensor, cos: Tensor, scale: float, inverse: bool) -> Tensor:
+    batch, heads, height, width, dim = x.shape
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(height * width, BLOCK_P), batch * heads)
+    _rope_kernel[grid](x, sin, cos, out, scale, heads, height, width, *x.stride(), HEAD_DIM=dim,
+                       BLOCK_D=triton.next_power_of_2(dim), BLOCK_P=BLOCK_P, NEGATE_SIN=inverse,
+                       num_warps=NUM_WARPS)
+    return out
+
+
+class _RotaryEmbedding(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sin: Tensor, cos: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(sin, cos)
+        ctx.scale = scale
+        return _rotate(x, sin, cos, scale, inverse=False)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        sin, cos = ctx.saved_tensors
+        return _rotate(dy, sin, cos, ctx.scale, inverse=True), None, None, None
+
+
+def rotary_embedding_triton(x: Tensor, sin: Tensor, cos: Tensor, scale: float = 1.0) -> Tensor:
+    """:func:`~mmseg_segman.ops.rotary_embedding_2d` of ``x (B, heads, H, W, d)`` (any strides,
+    float32, bfloat16 or float16) with float32 contiguous ``sin``/``cos`` ``(H, W, d)``;
+    contiguous output in ``x``'s dtype. Without autograd recording (inference) the kernel is
+    launched directly."""
+    if records_autograd(x):
+        return _RotaryEmbedding.apply(x, sin, cos, scale)
+    return _rotate(x, sin, cos, scale, inverse=False)
