@@ -48,15 +48,16 @@ class Config(NamedTuple):
     num_stages: int
 
 
-def launch_config(channels: int, out_channels: int, pixels: int) -> Config:
-    """The launch shape for a product of ``out_channels x channels`` by ``channels x pixels``:
-    64 x 128 tiles with 4 warps where there are at most 64 output channels (SegMAN-T's first
-    stage), else 128 x 256 with 8; 64 channels a step. The fastest, or within 10% of it, of
-    the shapes ``tools/gpu_checks/check_pointwise_conv.py --sweep`` tried for SegMAN-T's and
-    -L's layers on an H200 (docs/benchmarks.md)."""
-    if out_channels <= 64:
-        return Config(64, 128, 64, 4, 4)
-    return Config(128, 256, 64, 8, 3)
+def launch_config(channels: int, out_channels: int, pixels: int, element_size: int = 2) -> Config:
+    """The launch shape for a product of ``out_channels x channels`` by ``channels x pixels``
+    of ``element_size``-byte numbers: 64 x 128 tiles with 4 warps where there are at most 64
+    output channels (SegMAN-T's first stage), else 128 x 256 with 8; 64 channels a step, 32
+    for float32 (whose pipelined tiles would not fit an H100's 227 KiB of shared memory). For
+    16-bit inputs the fastest, or within 10% of it, of the shapes
+    ``tools/gpu_checks/check_pointwise_conv.py --sweep`` tried for SegMAN-T's and -L's layers
+    on an H200 (docs/benchmarks.md)."""
+    config = Config(64, 128, 64, 4, 4) if out_channels <= 64 else Config(128, 256, 64, 8, 3)
+    return config._replace(block_k=32) if element_size > 2 else config
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
@@ -107,7 +108,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool,
     batch, channels, height, width = x.shape
     pixels, out_channels = height * width, weight.shape[0]
     out = torch.empty(batch, out_channels, height, width, dtype=out_dtype, device=x.device)
-    config = config or launch_config(channels, out_channels, pixels)
+    config = config or launch_config(channels, out_channels, pixels, x.element_size())
     grid = (triton.cdiv(out_channels, config.block_o), triton.cdiv(pixels, config.block_p), batch)
     _pw_fwd_kernel[grid](
         x, weight, *(x if t is None else t for t in (bias, shortcut, scale, shift, sample_scale)),
