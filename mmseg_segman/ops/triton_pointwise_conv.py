@@ -153,26 +153,33 @@ class _PointwiseConv2d(torch.autograd.Function):
         g = g.contiguous()
         d_shortcut = g.to(ctx.shortcut_dtype) if needed[4] else None
         # the gradient of the branch after the layer scale: g times the per-sample factor
-        g = (g if sample_scale is None else g * sample_scale.view(-1, 1, 1, 1).to(g.dtype)).to(x.dtype)
+        if sample_scale is not None:
+            g = g * sample_scale.view(-1, 1, 1, 1).to(g.dtype)
+        g = g.to(x.dtype)
         d_scale = d_shift = None
         if needed[6]:
             d_shift = g.sum((0, 2, 3), dtype=torch.float32)
         if ctx.gelu:
-            pre = _launch(x, weight, bias, False, None, None, None, None, x.dtype, ctx.config)  # recomputed
+            pre = _launch(x, weight, bias, False, None, None, None, None, x.dtype, ctx.config)
             if needed[5]:
                 d_scale = (g.float() * F.gelu(pre.float())).sum((0, 2, 3))
             if scale is not None:
                 g = g * scale.view(-1, 1, 1).to(g.dtype)
-            dx, d_weight, d_bias = _conv_backward(torch.ops.aten.gelu_backward(g, pre), x, weight,
-                                                  needed[:3])
+            g_pre = torch.ops.aten.gelu_backward(g, pre)
+            dx, d_weight, d_bias = _conv_backward(g_pre, x, weight, needed[:3])
         else:
             # one convolution backward: dW and d bias before the layer scale (G and S), dx
             # through the layer-scaled weight
-            w = weight if scale is None else (weight.float() * scale.float()[:, None]).to(weight.dtype)
-            dx, products, sums = _conv_backward(g, x, w, (needed[0], needed[1] or needed[5],
-                                                          needed[2] or needed[5]))
-            d_weight = products if scale is None or not needed[1] else products.float() * scale.float()[:, None]
-            d_bias = sums if scale is None or not needed[2] else sums.float() * scale.float()
+            w = weight
+            if scale is not None:
+                w = (weight.float() * scale.float()[:, None]).to(weight.dtype)
+            mask = (needed[0], needed[1] or needed[5], needed[2] or needed[5])
+            dx, products, sums = _conv_backward(g, x, w, mask)
+            d_weight, d_bias = products, sums
+            if scale is not None:
+                s = scale.float()
+                d_weight = products.float() * s[:, None] if needed[1] else None
+                d_bias = sums.float() * s if needed[2] else None
             if needed[5]:
                 d_scale = (weight.float() * products.float()).sum(1)
                 if bias is not None:
