@@ -101,3 +101,20 @@ def check_eager_calls_skip_custom_ops(eager, custom_op, inputs, grad_out, op_nam
     for kind, op in (('forward', forward_op), ('backward', backward_op)):
         assert op.replace('::', '.') + '.default' in targets[kind], (kind, targets[kind])
     assert_identical(got, want, 'compiled')
+
+
+def check_launches_directly(function, call, inputs, differentiable: int) -> None:
+    """``call(*inputs)`` of a Triton backend launches its kernel without ``function`` (the
+    backend's ``torch.autograd.Function``) where autograd does not record, and through it where
+    ``inputs[differentiable]`` needs a gradient; both give the same output, bitwise."""
+    from unittest import mock
+
+    with mock.patch.object(function, 'apply', side_effect=function.apply) as spy:
+        with torch.no_grad():
+            direct = call(*inputs)
+        assert not spy.called, 'the autograd.Function ran without autograd recording'
+        recording = list(inputs)
+        recording[differentiable] = inputs[differentiable].detach().requires_grad_()
+        through_function = call(*recording)
+        assert spy.called, 'the autograd.Function did not run with autograd recording'
+    assert_identical([direct], [through_function.detach()], 'direct launch')
