@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import jit_with_runtime_ints, records_autograd
+from .triton_jit import jit_with_runtime_ints, launch, records_autograd
 
 
 # Sizes and the strides that follow them stay runtime values (one compilation for every map
@@ -257,10 +257,10 @@ def _cross_scan_forward_impl(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     ys = _float32(batch, 4, channels, height, width, like=x)
     h = _float32(batch, 4, channels, height * width if store_states else 0, like=x)
     block_d, block_l, warps = _blocks(x, blocks[:3], backward=False)
-    _cross_scan_fwd_kernel[(triton.cdiv(channels, block_d), 4, batch)](
-        x, delta, *_flat(A, D, delta_bias), B, C, ys, h if store_states else ys, channels,
-        height, width, *_strides(x, delta, B, C), STORE_H=store_states, BLOCK_D=block_d,
-        BLOCK_L=block_l, num_warps=warps)
+    launch(_cross_scan_fwd_kernel, (triton.cdiv(channels, block_d), 4, batch),
+           x, delta, *_flat(A, D, delta_bias), B, C, ys, h if store_states else ys, channels,
+           height, width, *_strides(x, delta, B, C), STORE_H=store_states, BLOCK_D=block_d,
+           BLOCK_L=block_l, num_warps=warps)
     return ys.sum(1), h
 
 
@@ -294,10 +294,10 @@ def _cross_scan_backward_impl(dy: Tensor, x: Tensor, delta: Tensor, A: Tensor, B
     ddelta = torch.empty_like(du)
     dB, dC = (_float32(batch, 4, grid[0], height, width, like=x) for _ in range(2))
     dA, dD, dbias = (_float32(batch, 4 * channels, like=x) for _ in range(3))
-    _cross_scan_bwd_kernel[grid](x, delta, *_flat(A, D, delta_bias), B, C, h, dy,
-                                 du, ddelta, dB, dC, dA, dD, dbias,
-                                 channels, height, width, *_strides(x, delta, B, C), *dy.stride(),
-                                 BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
+    launch(_cross_scan_bwd_kernel, grid, x, delta, *_flat(A, D, delta_bias), B, C, h, dy,
+           du, ddelta, dB, dC, dA, dD, dbias,
+           channels, height, width, *_strides(x, delta, B, C), *dy.stride(),
+           BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
     grads = (du.sum(1), ddelta, dA.sum(0), dB.sum(2, keepdim=True), dC.sum(2, keepdim=True),
              dD.sum(0), dbias.sum(0))
     return tuple(g.view(t.shape).to(t.dtype) for g, t in zip(grads, inputs))

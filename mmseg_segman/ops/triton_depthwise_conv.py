@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import jit_with_runtime_ints, records_autograd
+from .triton_jit import jit_with_runtime_ints, launch, records_autograd
 
 TILE_ELEMENTS = 1024  # forward and input-gradient programs: one tile of one plane
 NUM_WARPS = 4
@@ -117,10 +117,10 @@ def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool, res
     block_h, block_w = tile_shape(width, TILE_ELEMENTS)
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
     grid = (triton.cdiv(width, block_w), triton.cdiv(height, block_h), batch * channels)
-    _dw_fwd_kernel[grid](x, weight, x if bias is None else bias, y, channels, height, width,
-                         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                         KERNEL=weight.shape[-1], HAS_BIAS=bias is not None, FLIP=flip,
-                         RESIDUAL=residual, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=NUM_WARPS)
+    launch(_dw_fwd_kernel, grid, x, weight, x if bias is None else bias, y, channels, height,
+           width, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+           KERNEL=weight.shape[-1], HAS_BIAS=bias is not None, FLIP=flip,
+           RESIDUAL=residual, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=NUM_WARPS)
     return y
 
 
@@ -133,10 +133,10 @@ def _weight_and_bias_gradients(dy: Tensor, x: Tensor, kernel: int) -> Tuple[Tens
     tiles = tiles_w * triton.cdiv(height, block_h)
     splits = max(1, min(batch * tiles, WEIGHT_GRADIENT_PROGRAMS // channels))
     partial = torch.empty(channels, splits, taps, dtype=torch.float32, device=x.device)
-    _dw_bwd_weight_kernel[(splits, channels)](
-        x, dy, partial, height, width, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        batch, tiles_w, tiles, splits, KERNEL=kernel, TAPS=taps, BLOCK_H=block_h,
-        BLOCK_W=block_w, num_warps=WEIGHT_GRADIENT_WARPS)
+    launch(_dw_bwd_weight_kernel, (splits, channels),
+           x, dy, partial, height, width, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+           batch, tiles_w, tiles, splits, KERNEL=kernel, TAPS=taps, BLOCK_H=block_h,
+           BLOCK_W=block_w, num_warps=WEIGHT_GRADIENT_WARPS)
     sums = partial.sum(1)
     return sums[:, :kernel * kernel], sums[:, kernel * kernel]
 
@@ -146,24 +146,24 @@ class _DepthwiseConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: bool,
                 out_dtype: torch.dtype) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.residual = residual
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return _convolve(x, weight, bias, flip=False, residual=residual, dtype=out_dtype)
+           ctx.save_for_backward(x, weight)
+           ctx.residual = residual
+           ctx.bias_dtype = None if bias is None else bias.dtype
+           return _convolve(x, weight, bias, flip=False, residual=residual, dtype=out_dtype)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, weight = ctx.saved_tensors
-        dy = dy.contiguous()
-        needed = ctx.needs_input_grad
-        dx = _convolve(dy, weight, None, flip=True, residual=ctx.residual, dtype=x.dtype) \
+           x, weight = ctx.saved_tensors
+           dy = dy.contiguous()
+           needed = ctx.needs_input_grad
+           dx = _convolve(dy, weight, None, flip=True, residual=ctx.residual, dtype=x.dtype) \
             if needed[0] else None
-        dw = db = None
-        if needed[1] or needed[2]:
+           dw = db = None
+           if needed[1] or needed[2]:
             dw, db = _weight_and_bias_gradients(dy, x, weight.shape[-1])
             dw = dw.view(weight.shape).to(weight.dtype)
             db = db.to(ctx.bias_dtype) if needed[2] else None
-        return dx, dw if needed[1] else None, db, None, None
+           return dx, dw if needed[1] else None, db, None, None
 
 
 def depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -174,5 +174,5 @@ def depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     ``x``'s). Without autograd recording (inference) the kernel is launched directly."""
     out_dtype = out_dtype or x.dtype
     if records_autograd(x, weight, bias):
-        return _DepthwiseConv2d.apply(x, weight, bias, residual, out_dtype)
+           return _DepthwiseConv2d.apply(x, weight, bias, residual, out_dtype)
     return _convolve(x, weight, bias, flip=False, residual=residual, dtype=out_dtype)

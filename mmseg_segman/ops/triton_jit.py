@@ -1,10 +1,14 @@
-"""``triton.jit`` for kernels whose sizes and strides stay runtime values, when a Triton
-backend needs its autograd wrapper, and the precision of float32 products."""
+"""``triton.jit`` for kernels whose sizes and strides stay runtime values, the launch of a
+compiled kernel without Triton's per-call work, when a Triton backend needs its autograd
+wrapper, and the precision of float32 products."""
 import inspect
-from typing import Callable, Collection, Optional
+import os
+import warnings
+from typing import Callable, Collection, Dict, Hashable, Optional, Sequence, Tuple
 
 import torch
 import triton
+from triton.compiler import CompiledKernel
 
 
 def jit_with_runtime_ints(runtime_ints: Collection[str]) -> Callable:
@@ -33,3 +37,79 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == 'highest':
         return 'tf32x3'
     return 'tf32'
+
+
+def _specialization(arg) -> Hashable:
+    """What Triton compiles an argument for: a tensor's dtype and whether its address is
+    16-byte aligned; an int's type (32 or 64 bits), whether it is 1 or a multiple of 16;
+    None and bools by value; other scalars by type. Conservative: a key finer than
+    Triton's only sends more calls through Triton's own path."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if type(arg) is int:
+        return arg == 1, arg % 16 == 0, -2 ** 31 <= arg < 2 ** 31
+    return arg if arg is None or type(arg) is bool else type(arg)
+
+
+# (kernel, device, specialization of the arguments, keyword arguments) -> the compiled
+# kernel's launcher, its function handle, packed metadata and the values of the parameters
+# passed by keyword or left to their defaults, in the kernel's parameter order
+_Launch = Tuple[Callable, object, object, Tuple]
+_launches: Dict[Tuple, _Launch] = {}
+# read once, as Triton's own switches are: set it before the process starts
+DIRECT_LAUNCH = os.environ.get('SEGMAN_TRITON_DIRECT_LAUNCH', '1') != '0'
+
+
+def _current_stream(device: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+def _hook_set(hook) -> bool:
+    """Whether a Triton launch hook is set: a function, or a hook chain with calls."""
+    return hook is not None and bool(getattr(hook, 'calls', True))
+
+
+def _direct_launch_possible() -> bool:
+    """:data:`DIRECT_LAUNCH` (``SEGMAN_TRITON_DIRECT_LAUNCH=0`` turns it off), and no launch
+    hook set (a Triton profiler sees every launch through Triton's path)."""
+    runtime = getattr(getattr(triton, 'knobs', None), 'runtime', None)
+    return DIRECT_LAUNCH and runtime is not None and not _hook_set(runtime.launch_enter_hook) \
+        and not _hook_set(runtime.launch_exit_hook)
+
+
+def launch(kernel, grid: Sequence[int], *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)``, the first time for each specialization (Triton binds the
+    arguments, finds or compiles the kernel and launches it), then as a direct call of the
+    compiled kernel's launcher on the current stream: Triton's launch path costs about 20-40
+    us of host time a call on the H100 machines, and a SegMAN-B training step launches about
+    a thousand Triton kernels (docs/benchmarks.md). Positional ``args`` are the kernel's
+    leading parameters; ``meta`` holds the rest (constexprs) and launch options
+    (``num_warps``, ``num_stages``). Under Triton's interpreter, or where
+    :func:`_direct_launch_possible` is false, every call takes Triton's path."""
+    device = torch.cuda.current_device() if torch.cuda.is_initialized() else -1
+    if device < 0 or not _direct_launch_possible():
+        kernel[grid](*args, **meta)
+        return
+    key = (id(kernel), device, tuple(map(_specialization, args)), tuple(meta.items()))
+    entry = _launches.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **meta)
+        if isinstance(compiled, CompiledKernel):
+            rest = kernel.params[len(args):]
+            tail = tuple(meta[p.name] if p.name in meta else p.default for p in rest)
+            _launches[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail)
+        return
+    run, function, packed_metadata, tail = entry
+    try:
+        run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+            _current_stream(device), function, packed_metadata, None, None, None, *args, *tail)
+    except TypeError as error:  # a Triton whose launcher takes other arguments
+        _stop_direct_launch(error)
+        kernel[grid](*args, **meta)
+
+
+def _stop_direct_launch(error: Exception) -> None:
+    global DIRECT_LAUNCH
+    DIRECT_LAUNCH = False
+    warnings.warn(f'Triton {triton.__version__} refused a direct kernel launch ({error}); '
+                  'SegMAN launches its kernels through Triton from now on (slower on the host)')

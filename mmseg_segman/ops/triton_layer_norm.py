@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import jit_with_runtime_ints, records_autograd
+from .triton_jit import jit_with_runtime_ints, launch, records_autograd
 
 BLOCK_C = 32
 BLOCK_P = 64
@@ -133,9 +133,9 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     mean, rstd = (torch.empty(batch, height * width, dtype=torch.float32, device=x.device)
                   for _ in range(2))
-    _ln2d_fwd_kernel[_grid(x)](x, weight, bias, y, mean, rstd, channels, height * width,
-                               *_plane_strides(x), *_plane_strides(y), eps,
-                               BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, num_warps=NUM_WARPS)
+    launch(_ln2d_fwd_kernel, _grid(x), x, weight, bias, y, mean, rstd, channels, height * width,
+           *_plane_strides(x), *_plane_strides(y), eps,
+           BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, num_warps=NUM_WARPS)
     return y, mean, rstd
 
 
@@ -147,10 +147,10 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dw, db = (torch.empty(grid[1] * grid[0], channels, dtype=torch.float32, device=x.device)
               for _ in range(2))
-    _ln2d_bwd_kernel[grid](dy, x, weight, mean, rstd, dx, dw, db, channels,
-                           x.shape[2] * x.shape[3], grid[0], *_plane_strides(x),
-                           *_plane_strides(dy), *_plane_strides(dx),
-                           BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, num_warps=NUM_WARPS)
+    launch(_ln2d_bwd_kernel, grid, dy, x, weight, mean, rstd, dx, dw, db, channels,
+           x.shape[2] * x.shape[3], grid[0], *_plane_strides(x),
+           *_plane_strides(dy), *_plane_strides(dx),
+           BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, num_warps=NUM_WARPS)
     return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
 
 

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import dot_precision, jit_with_runtime_ints, records_autograd
+from .triton_jit import dot_precision, jit_with_runtime_ints, launch, records_autograd
 
 LOG2E = tl.constexpr(1.4426950408889634)
 NEG = tl.constexpr(-1.0e30)  # the masked score: finite, so rows without a valid key yet stay NaN-free
@@ -367,10 +367,10 @@ def _na2d_forward_impl(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], k
     fwd = Blocks(*blocks[:5])
     out = _channels_first(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    _na_fwd_kernel[(_tiles(height, width, fwd), batch * heads)](
-        q, k, v, q if rpb is None else rpb, out, lse, heads, height, width,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        BLOCK_N=fwd.block, **_common(q, kernel_size, rpb), **_launch(fwd))
+    launch(_na_fwd_kernel, (_tiles(height, width, fwd), batch * heads),
+           q, k, v, q if rpb is None else rpb, out, lse, heads, height, width,
+           *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+           BLOCK_N=fwd.block, **_common(q, kernel_size, rpb), **_launch(fwd))
     return out, lse
 
 
@@ -430,15 +430,15 @@ def _na2d_backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: 
         dtype=torch.float32, device=q.device)
     common = _common(q, kernel_size, rpb)
     rpb_arg = q if rpb is None else rpb
-    _na_bwd_dq_kernel[(_tiles(height, width, dq_blocks), heads, groups)](
-        q, k, v, rpb_arg, out, grad_out, lse, delta, dq, g, batch, batches_per_group, heads, height,
-        width, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
-        STORE_G=store_g, ACCUMULATE_G=batches_per_group > 1, BLOCK_N=dq_blocks.block, **common,
-        **_launch(dq_blocks))
-    _na_bwd_dkdv_kernel[(_tiles(height, width, dkdv_blocks), batch * heads)](
-        q, k, v, rpb_arg, grad_out, lse, delta, dk, dv, heads, height, width,
-        *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *grad_out.stride(),
-        BLOCK_M=dkdv_blocks.block, **common, **_launch(dkdv_blocks))
+    launch(_na_bwd_dq_kernel, (_tiles(height, width, dq_blocks), heads, groups),
+           q, k, v, rpb_arg, out, grad_out, lse, delta, dq, g, batch, batches_per_group, heads,
+           height, width, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+           *grad_out.stride(), STORE_G=store_g, ACCUMULATE_G=batches_per_group > 1,
+           BLOCK_N=dq_blocks.block, **common, **_launch(dq_blocks))
+    launch(_na_bwd_dkdv_kernel, (_tiles(height, width, dkdv_blocks), batch * heads),
+           q, k, v, rpb_arg, grad_out, lse, delta, dk, dv, heads, height, width,
+           *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *grad_out.stride(),
+           BLOCK_M=dkdv_blocks.block, **common, **_launch(dkdv_blocks))
     drpb = _fold_bias_grad(g, kernel_size).to(rpb.dtype) if store_g else q.new_empty(0)
     return dq, dk, dv, drpb
 

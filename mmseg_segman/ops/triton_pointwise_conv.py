@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import dot_precision, jit_with_runtime_ints, records_autograd
+from .triton_jit import dot_precision, jit_with_runtime_ints, launch, records_autograd
 
 _RUNTIME_INTS = {'channels', 'out_channels'}
 SQRT_HALF = tl.constexpr(0.7071067811865476)
@@ -110,13 +110,13 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool,
     out = torch.empty(batch, out_channels, height, width, dtype=out_dtype, device=x.device)
     config = config or launch_config(channels, out_channels, pixels, x.element_size())
     grid = (triton.cdiv(out_channels, config.block_o), triton.cdiv(pixels, config.block_p), batch)
-    _pw_fwd_kernel[grid](
-        x, weight, *(x if t is None else t for t in (bias, shortcut, scale, shift, sample_scale)),
-        out, channels, out_channels, pixels, HAS_BIAS=bias is not None, GELU=gelu,
-        HAS_SHORTCUT=shortcut is not None, HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None, HAS_SAMPLE=sample_scale is not None,
-        DOT_PRECISION=dot_precision(x.dtype), BLOCK_O=config.block_o, BLOCK_P=config.block_p,
-        BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
+    vectors = (x if t is None else t for t in (bias, shortcut, scale, shift, sample_scale))
+    launch(_pw_fwd_kernel, grid, x, weight, *vectors, out, channels, out_channels, pixels,
+           HAS_BIAS=bias is not None, GELU=gelu, HAS_SHORTCUT=shortcut is not None,
+           HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+           HAS_SAMPLE=sample_scale is not None,
+           DOT_PRECISION=dot_precision(x.dtype), BLOCK_O=config.block_o, BLOCK_P=config.block_p,
+           BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import jit_with_runtime_ints, records_autograd
+from .triton_jit import jit_with_runtime_ints, launch, records_autograd
 
 BLOCK_P = 64
 NUM_WARPS = 4
@@ -53,9 +53,9 @@ def _rotate(x: Tensor, sin: Tensor, cos: Tensor, scale: float, inverse: bool) ->
     batch, heads, height, width, dim = x.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(height * width, BLOCK_P), batch * heads)
-    _rope_kernel[grid](x, sin, cos, out, scale, heads, height, width, *x.stride(), HEAD_DIM=dim,
-                       BLOCK_D=triton.next_power_of_2(dim), BLOCK_P=BLOCK_P, NEGATE_SIN=inverse,
-                       num_warps=NUM_WARPS)
+    launch(_rope_kernel, grid, x, sin, cos, out, scale, heads, height, width, *x.stride(),
+           HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_P=BLOCK_P,
+           NEGATE_SIN=inverse, num_warps=NUM_WARPS)
     return out
 
 

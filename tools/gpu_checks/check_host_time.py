@@ -12,6 +12,12 @@ kernels one forward launches and ``gpu_ms`` adds their times (``torch.profiler``
 ``--profile NAME``: Python's profile of NAME's forwards, the functions with the most own time.
 One JSON line per model.
 
+``--train``: the same for one training step (batch 1, ``--size`` square, random labels):
+the wall milliseconds of the forward with the loss, the backward and the AdamW step, each
+the median of 10 synchronised steps, and the kernels a step launches; ``--profile NAME`` then
+profiles NAME's training steps, Python's functions and ``torch.profiler``'s operators by
+their own CPU time.
+
 ``--ops``: the host's microseconds per call of each layer of a SegMAN op on a tiny map (the
 public op with its dispatch, the Triton backend with its autograd wrapper, the kernel
 launch) and of PyTorch operations for scale (an add, ``F.layer_norm``,
@@ -30,7 +36,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import MODELS, build_model, write_row  # noqa: E402  (tools/benchmark.py)
+from benchmark import MODELS, build_model, data_samples, write_row  # noqa: E402  (tools/benchmark.py)
 from check_many_shapes import infer_seconds  # noqa: E402
 
 
@@ -49,6 +55,65 @@ def kernels_and_gpu_ms(model, images):
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     return len(kernels), sum(e.device_time for e in kernels) / 1e3
+
+
+def infer_host(name: str, model, size: int, profiled: bool) -> dict:
+    """Median wall ms of a forward at batch 1 (the host's time), its kernels and GPU ms."""
+    images = torch.randn(1, 3, size, size, device='cuda')
+    for _ in range(3):  # Triton's kernels, cuDNN's choices
+        forward(model, images)
+    host = host_ms(model, size)
+    kernels, gpu = kernels_and_gpu_ms(model, images)
+    if profiled:
+        profiler = cProfile.Profile()
+        profiler.runcall(lambda: [forward(model, images) for _ in range(5)])
+        pstats.Stats(profiler).sort_stats('tottime').print_stats(30)
+    return dict(model=name, size=size, host_ms=round(host, 2), kernels=kernels, gpu_ms=round(gpu, 2),
+                host_us_per_kernel=round(1e3 * host / kernels, 1))
+
+
+def train_step(model, images, samples, optimizer, marks: list) -> None:
+    """One training step as ``tools/benchmark.py`` runs it, appending ``time.perf_counter()``
+    to ``marks`` after the forward with the loss, the backward and the optimizer step, each
+    synchronised."""
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        losses = model(images, samples, mode='loss')
+    loss = sum(v for k, v in losses.items() if 'loss' in k)
+    for phase in (lambda: None, loss.backward, optimizer.step):
+        phase()
+        torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_host(name: str, model, size: int, profiled: bool, repeats: int = 10) -> dict:
+    """Median wall ms of each training phase at batch 1 (the host's time), and kernels a step."""
+    model.train()
+    images = torch.randn(1, 3, size, size, device='cuda')
+    samples = data_samples(1, size, size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01)
+    phases = {'forward_ms': [], 'backward_ms': [], 'optimizer_ms': []}
+    for step in range(3 + repeats):  # 3 warm-up steps: Triton's kernels, cuDNN's choices
+        torch.cuda.synchronize()
+        marks = [time.perf_counter()]
+        train_step(model, images, samples, optimizer, marks)
+        if step >= 3:
+            for key, start, end in zip(phases, marks, marks[1:]):
+                phases[key].append(1e3 * (end - start))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        train_step(model, images, samples, optimizer, [])
+    kernels = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+    if profiled:
+        profiler = cProfile.Profile()
+        profiler.runcall(lambda: [train_step(model, images, samples, optimizer, []) for _ in range(5)])
+        pstats.Stats(profiler).sort_stats('tottime').print_stats(40)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                train_step(model, images, samples, optimizer, [])
+        print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=40,
+                                        max_name_column_width=60), flush=True)
+    row = {key: round(statistics.median(values), 2) for key, values in phases.items()}
+    return dict(model=name, size=size, mode='train', **row, kernels=kernels)
 
 
 def per_call_us(fn, calls: int = 2000) -> float:
@@ -99,29 +164,19 @@ def main():
     parser.add_argument('--profile', nargs='*', choices=MODELS, default=[],
                         help='print the Python functions with the most own time')
     parser.add_argument('--ops', action='store_true', help='host time per call of op layers')
+    parser.add_argument('--train', action='store_true', help='time training steps, not forwards')
     parser.add_argument('--out', help='append JSON lines here')
     args = parser.parse_args()
     if args.ops:
         for grad in (False, True):
             for name, fn in op_layers(grad).items():
                 write_row(dict(op=name, autograd=grad, host_us=round(per_call_us(fn), 1)), args.out)
-    images = torch.randn(1, 3, args.size, args.size, device='cuda')
     for name in args.models if args.models is not None else ([] if args.ops else MODELS):
         model = build_model(name).cuda().eval()
-        for _ in range(3):  # Triton's kernels, cuDNN's choices
-            forward(model, images)
-        host = host_ms(model, args.size)
-        kernels, gpu = kernels_and_gpu_ms(model, images)
-        write_row(dict(model=name, size=args.size, host_ms=round(host, 2), kernels=kernels,
-                       gpu_ms=round(gpu, 2), host_us_per_kernel=round(1e3 * host / kernels, 1)),
-                  args.out)
-        if name in args.profile:
-            profiler = cProfile.Profile()
-            profiler.runcall(lambda: [forward(model, images) for _ in range(5)])
-            pstats.Stats(profiler).sort_stats('tottime').print_stats(30)
+        measure = train_host if args.train else infer_host
+        write_row(measure(name, model, args.size, name in args.profile), args.out)
         del model
         torch.cuda.empty_cache()
-
 
 if __name__ == '__main__':
     main()

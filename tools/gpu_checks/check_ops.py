@@ -7,7 +7,9 @@ axes shorter than the kernel) and float32 / bfloat16 inputs, the backend's outpu
 gradients of all its inputs are compared with the ``torch`` backend run on the same inputs
 upcast to float64. The error is ``||x - ref|| / ||ref||``; a check passes when it is under
 the dtype's tolerance, or under twice the error of the ``torch`` backend itself in that
-dtype (the reference's own rounding sets the floor). Last, the SegMAN-T encoder runs
+dtype (the reference's own rounding sets the floor); a ``triton`` backend must also give the
+same numbers bit for bit in a second run (its kernels then launch directly,
+``triton_jit.launch``). Last, the SegMAN-T encoder runs
 forward and backward on the fast and the reference path (float32 and bf16 autocast).
 Prints one PASS/FAIL line per check and exits 1 if any failed.
 """
@@ -198,6 +200,7 @@ def check_op_backends(seed: int, only: Optional[List[str]] = None) -> List[bool]
                 try:
                     with autocast:
                         out, _, grads = run(op.backends[name].fn, args, g)
+                        again = run(op.backends[name].fn, args, g) if name == 'triton' else None
                 except Exception as e:  # a crash is a failure of this backend, not of the script
                     print(f'FAIL {op_name:24s} {name:7s} {str(dtype)[6:]:8s} {case_name}: '
                           f'{type(e).__name__}: {str(e)[:200]}')
@@ -212,10 +215,18 @@ def check_op_backends(seed: int, only: Optional[List[str]] = None) -> List[bool]
                     passed = err <= max(TOLERANCE[dtype], 2 * floor_err)
                     ok &= passed
                     worst.append(f'{label} {err:.1e}' + ('' if passed else f'(torch {floor_err:.1e})'))
+                if again is not None:  # its kernels launched directly (triton_jit.launch)
+                    repeated = same(again[0], out) and all(map(same, again[2], grads))
+                    ok &= repeated
+                    worst.append('repeat ' + ('equal' if repeated else 'DIFFERS'))
                 results.append(ok)
                 print(f'{"PASS" if ok else "FAIL"} {op_name:24s} {name:7s} {str(dtype)[6:]:8s} '
                       f'{case_name}: ' + ', '.join(worst))
     return results
+
+
+def same(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 def check_model(seed: int) -> List[bool]:

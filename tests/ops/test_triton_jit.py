@@ -1,0 +1,120 @@
+"""``triton_jit.launch``: Triton's path the first time for each specialization, then the
+compiled kernel's launcher with the same arguments. The launcher is a stand-in here (no GPU);
+``tools/gpu_checks/check_ops.py`` runs every backend twice on the GPU and compares."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+triton = pytest.importorskip('triton')
+
+from triton.compiler import CompiledKernel  # noqa: E402
+
+from mmseg_segman.ops import triton_jit  # noqa: E402
+
+
+class StandIn(CompiledKernel):
+    """A compiled kernel whose launcher records its calls."""
+
+    def __init__(self):
+        self.module, self.function, self.packed_metadata = None, 'function', 'metadata'
+        self.launches = []
+        self.launcher = lambda *call: self.launches.append(call)
+
+    @property
+    def run(self):
+        return self.launcher
+
+
+class Kernel:
+    """A kernel ``k(x_ptr, n, SCALE: constexpr, FLAG: constexpr = False)``: ``kernel[grid]``
+    records the call and returns :class:`StandIn`."""
+
+    def __init__(self):
+        self.params = [SimpleNamespace(name=n, default=d) for n, d in
+                       (('x_ptr', None), ('n', None), ('SCALE', None), ('FLAG', False))]
+        self.compiled = StandIn()
+        self.triton_calls = []
+
+    def __getitem__(self, grid):
+        def call(*args, **meta):
+            self.triton_calls.append((grid, args, meta))
+            return self.compiled
+        return call
+
+
+@pytest.fixture
+def on_device(monkeypatch):
+    """A CUDA device 0 with stream 7, direct launches on, an empty cache."""
+    monkeypatch.setattr(torch.cuda, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
+    monkeypatch.setattr(triton_jit, '_current_stream', lambda device: 7)
+    monkeypatch.setattr(triton_jit, 'DIRECT_LAUNCH', True)
+    monkeypatch.setattr(triton_jit, '_launches', {})
+
+
+def test_launches_directly_after_the_first_call(on_device):
+    kernel, x = Kernel(), torch.zeros(64)
+    triton_jit.launch(kernel, (3, 2), x, 100, SCALE=4, num_warps=8)
+    assert len(kernel.triton_calls) == 1 and not kernel.compiled.launches
+    y = torch.ones(64)
+    triton_jit.launch(kernel, (5, ), y, 200, SCALE=4, num_warps=8)
+    assert len(kernel.triton_calls) == 1
+    (call, ) = kernel.compiled.launches
+    # grid to three dims, the stream, handle and metadata, no launch metadata or hooks, then
+    # every parameter in order: the positional ones, SCALE from the call, FLAG's default
+    assert call == (5, 1, 1, 7, 'function', 'metadata', None, None, None, y, 200, 4, False)
+
+
+@pytest.mark.parametrize('change', ['dtype', 'alignment', 'int class', 'constexpr', 'option'])
+def test_a_new_specialization_takes_tritons_path(on_device, change):
+    kernel, x = Kernel(), torch.zeros(64)
+    triton_jit.launch(kernel, (1, ), x, 32, SCALE=4, num_warps=8)
+    args, meta = [x, 32], dict(SCALE=4, num_warps=8)
+    if change == 'dtype':
+        args[0] = x.double()
+    elif change == 'alignment':
+        args[0] = x[1:]  # 4 bytes past an aligned address
+    elif change == 'int class':
+        args[1] = 33  # not a multiple of 16
+    elif change == 'constexpr':
+        meta['SCALE'] = 2
+    else:
+        meta['num_warps'] = 4
+    triton_jit.launch(kernel, (1, ), *args, **meta)
+    assert len(kernel.triton_calls) == 2 and not kernel.compiled.launches
+
+
+def test_switched_off_or_hooked_takes_tritons_path(on_device, monkeypatch):
+    kernel, x = Kernel(), torch.zeros(64)
+    monkeypatch.setattr(triton_jit, 'DIRECT_LAUNCH', False)
+    for _ in range(2):
+        triton_jit.launch(kernel, (1, ), x, 32, SCALE=4)
+    monkeypatch.setattr(triton_jit, 'DIRECT_LAUNCH', True)
+    monkeypatch.setattr(triton_jit, '_hook_set', lambda hook: True)  # a Triton profiler
+    for _ in range(2):
+        triton_jit.launch(kernel, (1, ), x, 32, SCALE=4)
+    assert len(kernel.triton_calls) == 4 and not kernel.compiled.launches
+
+
+def test_a_launcher_that_refuses_the_call_falls_back_once_for_all(on_device):
+    kernel, x = Kernel(), torch.zeros(64)
+
+    def refuse(*call):
+        raise TypeError('function takes 12 positional arguments')
+    kernel.compiled.launcher = refuse
+    triton_jit.launch(kernel, (1, ), x, 32, SCALE=4)
+    with pytest.warns(UserWarning, match='refused a direct kernel launch'):
+        triton_jit.launch(kernel, (1, ), x, 32, SCALE=4)
+    triton_jit.launch(kernel, (1, ), x, 32, SCALE=4)
+    assert len(kernel.triton_calls) == 3 and not triton_jit.DIRECT_LAUNCH
+
+
+def test_without_cuda_every_call_takes_tritons_path(monkeypatch):
+    """Triton's interpreter (CPU tensors, CUDA not initialised) never caches."""
+    monkeypatch.setattr(torch.cuda, 'is_initialized', lambda: False)
+    monkeypatch.setattr(triton_jit, '_launches', {})
+    kernel, x = Kernel(), torch.zeros(64)
+    for _ in range(2):
+        triton_jit.launch(kernel, (1, ), x, 32, SCALE=4)
+    assert len(kernel.triton_calls) == 2 and not triton_jit._launches
