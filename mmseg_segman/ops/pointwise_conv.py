@@ -92,9 +92,8 @@ def _pointwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
         shortcut = residual.shortcut.contiguous()
         scale = None if residual.scale is None else residual.scale.reshape(-1)
         shift, sample_scale = residual.shift, residual.sample_scale
-    return pointwise_conv2d_triton(
-        x.to(dtype).contiguous(), weight.view(weight.shape[0], x.shape[1]).to(dtype), bias,
-        activation == 'gelu', shortcut, scale, shift, sample_scale, out_dtype)
+    return pointwise_conv2d_triton(x.to(dtype).contiguous(), weight, bias, activation == 'gelu',
+                                   shortcut, scale, shift, sample_scale, out_dtype)
 
 
 _pointwise_conv2d = OpDispatcher('pointwise_conv2d', {

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import jit_with_runtime_ints, launch, records_autograd
+from .triton_jit import cdiv, jit_with_runtime_ints, launch, next_power_of_2, records_autograd
 
 
 # Sizes and the strides that follow them stay runtime values (one compilation for every map
@@ -217,7 +217,7 @@ def block_sizes(channels: int, length: int, backward: bool = False) -> Blocks:
     program walks its sequence one tile after another; the forward runs best with few
     channels a program on long maps, the backward with 8 warps.
     """
-    tile = max(16, triton.next_power_of_2(length))
+    tile = max(16, next_power_of_2(length))
     if backward:
         return 4, min(tile, 512 if length >= 4096 else 256), 8
     if length >= 8192:
@@ -257,7 +257,7 @@ def _cross_scan_forward_impl(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     ys = _float32(batch, 4, channels, height, width, like=x)
     h = _float32(batch, 4, channels, height * width if store_states else 0, like=x)
     block_d, block_l, warps = _blocks(x, blocks[:3], backward=False)
-    launch(_cross_scan_fwd_kernel, (triton.cdiv(channels, block_d), 4, batch),
+    launch(_cross_scan_fwd_kernel, (cdiv(channels, block_d), 4, batch),
            x, delta, *_flat(A, D, delta_bias), B, C, ys, h if store_states else ys, channels,
            height, width, *_strides(x, delta, B, C), STORE_H=store_states, BLOCK_D=block_d,
            BLOCK_L=block_l, num_warps=warps)
@@ -289,7 +289,7 @@ def _cross_scan_backward_impl(dy: Tensor, x: Tensor, delta: Tensor, A: Tensor, B
     inputs = x, delta, A, B, C, D, delta_bias
     block_d, block_l, warps = _blocks(x, blocks, backward=True)
     batch, channels, height, width = x.shape
-    grid = (triton.cdiv(channels, block_d), 4, batch)
+    grid = (cdiv(channels, block_d), 4, batch)
     du = _float32(batch, 4, channels, height, width, like=x)
     ddelta = torch.empty_like(du)
     dB, dC = (_float32(batch, 4, grid[0], height, width, like=x) for _ in range(2))

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import jit_with_runtime_ints, launch, records_autograd
+from .triton_jit import cdiv, jit_with_runtime_ints, launch, next_power_of_2, records_autograd
 
 TILE_ELEMENTS = 1024  # forward and input-gradient programs: one tile of one plane
 NUM_WARPS = 4
@@ -116,7 +116,7 @@ def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool, res
     batch, channels, height, width = x.shape
     block_h, block_w = tile_shape(width, TILE_ELEMENTS)
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
-    grid = (triton.cdiv(width, block_w), triton.cdiv(height, block_h), batch * channels)
+    grid = (cdiv(width, block_w), cdiv(height, block_h), batch * channels)
     launch(_dw_fwd_kernel, grid, x, weight, x if bias is None else bias, y, channels, height,
            width, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
            KERNEL=weight.shape[-1], HAS_BIAS=bias is not None, FLIP=flip,
@@ -127,10 +127,10 @@ def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool, res
 def _weight_and_bias_gradients(dy: Tensor, x: Tensor, kernel: int) -> Tuple[Tensor, Tensor]:
     """``(C, k * k)`` and ``(C,)`` float32: the sums over batch and pixels."""
     batch, channels, height, width = x.shape
-    taps = triton.next_power_of_2(kernel * kernel + 1)
+    taps = next_power_of_2(kernel * kernel + 1)
     block_h, block_w = tile_shape(width, WEIGHT_GRADIENT_ELEMENTS // taps)
-    tiles_w = triton.cdiv(width, block_w)
-    tiles = tiles_w * triton.cdiv(height, block_h)
+    tiles_w = cdiv(width, block_w)
+    tiles = tiles_w * cdiv(height, block_h)
     splits = max(1, min(batch * tiles, WEIGHT_GRADIENT_PROGRAMS // channels))
     partial = torch.empty(channels, splits, taps, dtype=torch.float32, device=x.device)
     launch(_dw_bwd_weight_kernel, (splits, channels),

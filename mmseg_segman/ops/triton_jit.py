@@ -24,6 +24,17 @@ def jit_with_runtime_ints(runtime_ints: Collection[str]) -> Callable:
     return decorate
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints: ``triton.cdiv`` outside kernels, without the cost of its
+    ``constexpr_function`` wrapper (a few us of host time a call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two ``>= n`` for ``n >= 1``, as ``triton.next_power_of_2``."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def records_autograd(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether autograd records an op on ``tensors`` (``None`` allowed): where it does not
     (inference), a backend launches its kernel without an ``autograd.Function`` around it."""

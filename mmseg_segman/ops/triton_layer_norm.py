@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import jit_with_runtime_ints, launch, records_autograd
+from .triton_jit import cdiv, jit_with_runtime_ints, launch, records_autograd
 
 BLOCK_C = 32
 BLOCK_P = 64
@@ -117,7 +117,7 @@ def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, d
 
 
 def _grid(x: Tensor) -> Tuple[int, int]:
-    return triton.cdiv(x.shape[2] * x.shape[3], BLOCK_P), x.shape[0]
+    return cdiv(x.shape[2] * x.shape[3], BLOCK_P), x.shape[0]
 
 
 def _plane_strides(x: Tensor) -> Tuple[int, int]:

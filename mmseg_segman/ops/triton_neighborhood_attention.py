@@ -47,7 +47,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import dot_precision, jit_with_runtime_ints, launch, records_autograd
+from .triton_jit import (cdiv, dot_precision, jit_with_runtime_ints, launch, next_power_of_2,
+                         records_autograd)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 NEG = tl.constexpr(-1.0e30)  # the masked score: finite, so rows without a valid key yet stay NaN-free
@@ -335,7 +336,7 @@ def block_sizes(head_dim: int, kernel_size: int) -> Tuple[Blocks, Blocks, Blocks
 
 
 def _head_block(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _launch(blocks: Blocks) -> dict:
@@ -344,7 +345,7 @@ def _launch(blocks: Blocks) -> dict:
 
 
 def _tiles(height: int, width: int, blocks: Blocks) -> int:
-    return triton.cdiv(height, blocks.tile_h) * triton.cdiv(width, blocks.tile_w)
+    return cdiv(height, blocks.tile_h) * cdiv(width, blocks.tile_w)
 
 
 def _channels_first(like: Tensor) -> Tensor:

@@ -10,33 +10,37 @@ took 14% of the GPU time, more than the products themselves, the layer scale (a 
 convolution), the GELU and the residual adds 8% more. One program here owns a
 ``BLOCK_O x BLOCK_P`` tile of outputs of one batch element and walks the input channels in
 steps of ``BLOCK_K`` on the tensor cores (float32 accumulation); programs of one pixel tile
-are launched together, so its input is read from the cache by all but the first.
+are launched together, so its input is read from the cache by all but the first. The weight
+is read in its own dtype (the float32 parameter) and rounded to the map's in the tile, as
+autocast rounds it, so no cast of it is made or kept.
 
-Backward: PyTorch's convolution backward (cuDNN: the weight gradient reduces over batch and
-pixels in one product), once. The shortcut's gradient is the output gradient ``g`` itself.
-Without GELU the layer scale folds into the weight: the call with ``k_b g`` and ``s W`` gives
-``dx``, and ``G = sum_b k_b g[b] x[b]^T`` and ``S = sum k_b g`` give every parameter gradient,
-``dW = s G``, ``d bias = s S``, ``d scale = rowsum(W G) + bias S``, ``d shift = S``: no
-product is saved and no map-sized pass runs (but ``k_b g`` under stochastic depth). With
-GELU the pre-activation is recomputed (the same kernel without it) instead of kept: a map
-4 channels wide less in memory. Sizes are runtime values but for the pixel count (whether
-it is a multiple of 16, which aligns the loads): at most two compilations per (dtype,
-epilogue, launch shape). A plain ``torch.autograd.Function``, launched directly when
-autograd does not record, as :mod:`.triton_layer_norm` explains; under ``torch.compile`` the
-reference runs.
+Backward, in Triton too (cuDNN's convolution backward costs about 0.15 ms of host time a
+call and converts the maps to channels-last and back). The shortcut's gradient is the output
+gradient ``g`` itself. With GELU, one pass of the forward's product computes
+``g' = g k_b s GELU'(W x + bias)`` (the pre-activation recomputed in the tile, not kept);
+without it ``g' = g`` and the layer scale ``s`` and factor ``k_b`` stay outside the products.
+Then ``dx = (s W)^T (k_b g')`` is the forward kernel again on the transposed weight (its
+columns scaled by ``s``, each batch element's result by ``k_b``), and the weight gradient
+``G = sum_b k_b g'[b] x[b]^T`` with ``S = sum k_b g'`` one product split over the batch and
+pixels (partial sums, then one pass that adds them) which also gives every parameter
+gradient: ``dW = s G``, ``d bias = s S``, ``d scale = rowsum(W G) + bias S``, ``d shift = S``.
+Sizes are runtime values but for the pixel count (whether it is a multiple of 16, which
+aligns the loads): at most two compilations per (dtype, epilogue, launch shape). A plain
+``torch.autograd.Function``, launched directly when autograd does not record, as
+:mod:`.triton_layer_norm` explains; under ``torch.compile`` the reference runs.
 """
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
-import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import dot_precision, jit_with_runtime_ints, launch, records_autograd
+from .triton_jit import cdiv, dot_precision, jit_with_runtime_ints, launch, records_autograd
 
 _RUNTIME_INTS = {'channels', 'out_channels'}
 SQRT_HALF = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 class Config(NamedTuple):
@@ -61,12 +65,16 @@ def launch_config(channels: int, out_channels: int, pixels: int, element_size: i
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
-def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, shortcut_ptr, scale_ptr, shift_ptr, sample_ptr, out_ptr,
-                   channels, out_channels, pixels,
-                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
-                   HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SAMPLE: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, shortcut_ptr, scale_ptr, shift_ptr, sample_ptr,
+                   grad_ptr, out_ptr, channels, out_channels, pixels, sw_o, sw_k,
+                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GELU_GRAD: tl.constexpr,
+                   HAS_SHORTCUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                   HAS_SAMPLE: tl.constexpr, SCALE_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out[b] = epilogue(W x[b])`` for ``W (out_channels, channels)`` at strides
+    ``(sw_o, sw_k)``, its columns times ``scale`` if ``SCALE_K``. Epilogue, in order: ``+ bias``;
+    then either ``GELU`` and ``* scale``, ``+ shift``, ``* sample[b]``, ``+ shortcut``, or
+    (``GELU_GRAD``) ``grad * GELU'(.) * scale * sample[b]``, the gradient before the GELU."""
     o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     b = tl.program_id(2).to(tl.int64)
@@ -77,14 +85,23 @@ def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, shortcut_ptr, scale_ptr, shift_ptr, s
     for k0 in range(0, channels, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < channels
-        w = tl.load(w_ptr + o[:, None] * channels + k[None, :], mask=o_ok[:, None] & k_ok[None, :],
-                    other=0.0)
+        w = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k,
+                    mask=o_ok[:, None] & k_ok[None, :], other=0.0)
+        if SCALE_K:
+            column_scale = tl.load(scale_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            w = w.to(tl.float32) * column_scale[None, :]
         x = tl.load(x_base + k[:, None] * pixels + p[None, :], mask=k_ok[:, None] & p_ok[None, :],
                     other=0.0)
-        acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(w.to(x.dtype), x, acc, input_precision=DOT_PRECISION)
+    offsets = b * out_channels * pixels + o[:, None] * pixels + p[None, :]
+    ok = o_ok[:, None] & p_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
-    if GELU:
+    if GELU_GRAD:
+        cdf = 0.5 * (1.0 + tl.math.erf(acc * SQRT_HALF))
+        acc = tl.load(grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32) \
+            * (cdf + acc * tl.exp(-0.5 * acc * acc) * INV_SQRT_2PI)
+    elif GELU:
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * SQRT_HALF))
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
@@ -92,44 +109,158 @@ def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, shortcut_ptr, scale_ptr, shift_ptr, s
         acc += tl.load(shift_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
     if HAS_SAMPLE:
         acc *= tl.load(sample_ptr + b).to(tl.float32)
-    offsets = b * out_channels * pixels + o[:, None] * pixels + p[None, :]
-    ok = o_ok[:, None] & p_ok[None, :]
     if HAS_SHORTCUT:
         acc += tl.load(shortcut_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool,
-            shortcut: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
-            sample_scale: Optional[Tensor], out_dtype: torch.dtype,
-            config: Optional[Config] = None) -> Tensor:
-    """``x (B, C, H, W)`` and ``weight (O, C)`` contiguous, of one dtype; ``shortcut
-    (B, O, H, W)`` contiguous; the vectors contiguous, any float dtype. Returns ``(B, O, H, W)``."""
+@jit_with_runtime_ints({'channels', 'out_channels', 'items', 'items_per_split'})
+def _pw_wgrad_kernel(g_ptr, x_ptr, sample_ptr, partial_ptr, sums_ptr, channels, out_channels,
+                     pixels, items, items_per_split, HAS_SAMPLE: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_P: tl.constexpr):
+    """Split ``program_id(2)``'s share of the ``(batch element, pixel tile)`` items:
+    ``partial[split] = sum sample[b] g[b] x[b]^T`` ``(out_channels, channels)`` and
+    ``sums[split] = sum sample[b] g[b]`` ``(out_channels,)``, float32."""
+    o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(2)
+    o_ok = o < out_channels
+    c_ok = c < channels
+    tiles = tl.cdiv(pixels, BLOCK_P)
+    first = split * items_per_split
+    acc = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
+    sums = tl.zeros((BLOCK_O, ), dtype=tl.float32)
+    for item in range(first, tl.minimum(first + items_per_split, items)):
+        b = (item // tiles).to(tl.int64)
+        p = (item % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_ok = p < pixels
+        g = tl.load(g_ptr + b * out_channels * pixels + o[:, None] * pixels + p[None, :],
+                    mask=o_ok[:, None] & p_ok[None, :], other=0.0)
+        if HAS_SAMPLE:
+            g = (g.to(tl.float32) * tl.load(sample_ptr + b).to(tl.float32)).to(g.dtype)
+        x = tl.load(x_ptr + b * channels * pixels + c[:, None] * pixels + p[None, :],
+                    mask=c_ok[:, None] & p_ok[None, :], other=0.0)
+        acc = tl.dot(g, tl.trans(x), acc, input_precision=DOT_PRECISION)
+        sums += tl.sum(g.to(tl.float32), axis=1)
+    rows = split * out_channels + o
+    tl.store(partial_ptr + rows[:, None].to(tl.int64) * channels + c[None, :], acc,
+             mask=o_ok[:, None] & c_ok[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(sums_ptr + rows, sums, mask=o_ok)
+
+
+@jit_with_runtime_ints({'channels', 'out_channels', 'splits'})
+def _pw_param_grad_kernel(partial_ptr, sums_ptr, w_ptr, bias_ptr, scale_ptr, dw_ptr, dbias_ptr,
+                          dscale_ptr, dshift_ptr, channels, out_channels, splits, sw_o, sw_k,
+                          HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                          BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The splits of :func:`_pw_wgrad_kernel` added (``G``, ``S``), then ``dW = s G``
+    (``(out_channels, channels)`` contiguous), ``d bias = s S``, ``d scale = rowsum(W G) +
+    bias S`` and ``d shift = S``, float32 (``s = 1`` without ``HAS_SCALE``)."""
+    o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = o < out_channels
+    total = tl.zeros((BLOCK_O, ), dtype=tl.float32)
+    for split in range(0, splits):
+        total += tl.load(sums_ptr + split * out_channels + o, mask=o_ok, other=0.0)
+    scale = tl.full((BLOCK_O, ), 1.0, tl.float32)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + o, mask=o_ok, other=0.0).to(tl.float32)
+    row = tl.zeros((BLOCK_O, ), dtype=tl.float32)
+    for c0 in range(0, channels, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        ok = o_ok[:, None] & (c < channels)[None, :]
+        product = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
+        for split in range(0, splits):
+            rows = (split * out_channels + o).to(tl.int64)
+            product += tl.load(partial_ptr + rows[:, None] * channels + c[None, :], mask=ok,
+                               other=0.0)
+        tl.store(dw_ptr + o[:, None] * channels + c[None, :],
+                 (product * scale[:, None]).to(dw_ptr.dtype.element_ty), mask=ok)
+        if HAS_SCALE:
+            w = tl.load(w_ptr + o[:, None] * sw_o + c[None, :] * sw_k, mask=ok, other=0.0)
+            row += tl.sum(w.to(tl.float32) * product, axis=1)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + o, (total * scale).to(dbias_ptr.dtype.element_ty), mask=o_ok)
+    if HAS_SCALE:
+        if HAS_BIAS:
+            row += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32) * total
+        tl.store(dscale_ptr + o, row.to(dscale_ptr.dtype.element_ty), mask=o_ok)
+    tl.store(dshift_ptr + o, total.to(dshift_ptr.dtype.element_ty), mask=o_ok)
+
+
+def _product(x: Tensor, weight: Tensor, out_dtype: torch.dtype, bias: Optional[Tensor] = None,
+             gelu: bool = False, shortcut: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+             shift: Optional[Tensor] = None, sample_scale: Optional[Tensor] = None,
+             gelu_grad: Optional[Tensor] = None, transpose: bool = False,
+             config: Optional[Config] = None) -> Tensor:
+    """:func:`_pw_fwd_kernel` for ``x (B, C, H, W)`` contiguous and ``weight (O, C, ...)`` of
+    any float dtype; with ``transpose`` the product is by ``weight^T`` (``x`` has ``O``
+    channels) and ``scale`` scales its columns. ``shortcut`` and ``gelu_grad`` are ``(B, O,
+    H, W)`` contiguous, the vectors contiguous. Returns the ``(B, O, H, W)`` result (``(B, C,
+    H, W)`` with ``transpose``)."""
     batch, channels, height, width = x.shape
-    pixels, out_channels = height * width, weight.shape[0]
+    pixels = height * width
+    w_strides = (weight.stride(1), weight.stride(0)) if transpose else weight.stride()[:2]
+    out_channels = weight.shape[1] if transpose else weight.shape[0]
     out = torch.empty(batch, out_channels, height, width, dtype=out_dtype, device=x.device)
     config = config or launch_config(channels, out_channels, pixels, x.element_size())
-    grid = (triton.cdiv(out_channels, config.block_o), triton.cdiv(pixels, config.block_p), batch)
-    vectors = (x if t is None else t for t in (bias, shortcut, scale, shift, sample_scale))
+    grid = (cdiv(out_channels, config.block_o), cdiv(pixels, config.block_p), batch)
+    vectors = (x if t is None else t
+               for t in (bias, shortcut, scale, shift, sample_scale, gelu_grad))
     launch(_pw_fwd_kernel, grid, x, weight, *vectors, out, channels, out_channels, pixels,
-           HAS_BIAS=bias is not None, GELU=gelu, HAS_SHORTCUT=shortcut is not None,
-           HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-           HAS_SAMPLE=sample_scale is not None,
-           DOT_PRECISION=dot_precision(x.dtype), BLOCK_O=config.block_o, BLOCK_P=config.block_p,
-           BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
+           *w_strides, HAS_BIAS=bias is not None, GELU=gelu, GELU_GRAD=gelu_grad is not None,
+           HAS_SHORTCUT=shortcut is not None, HAS_SCALE=scale is not None and not transpose,
+           HAS_SHIFT=shift is not None, HAS_SAMPLE=sample_scale is not None,
+           SCALE_K=scale is not None and transpose, DOT_PRECISION=dot_precision(x.dtype),
+           BLOCK_O=config.block_o, BLOCK_P=config.block_p, BLOCK_K=config.block_k,
+           num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 
-def _conv_backward(g: Tensor, x: Tensor, weight: Tensor, mask) -> Tuple[Optional[Tensor], ...]:
-    """``dx (B, C, H, W)``, ``dW (O, C)`` and ``d bias (O,)`` (each where ``mask`` asks) of the
-    1x1 convolution of ``x (B, C, H, W)`` by ``weight (O, C)`` for ``g (B, O, H, W)``: PyTorch's
-    convolution backward (cuDNN), whose weight gradient reduces over batch and pixels in one
-    product."""
-    out_channels, channels = weight.shape
-    dx, dw, db = torch.ops.aten.convolution_backward(
-        g, x, weight.view(out_channels, channels, 1, 1), [out_channels], [1, 1], [0, 0], [1, 1],
-        False, [0, 0], 1, list(mask))
-    return dx, None if dw is None else dw.view(weight.shape), db
+WGRAD_PROGRAMS = 264  # programs the weight gradient spreads over: two per SM of an H100
+
+
+@functools.lru_cache(maxsize=None)
+def _wgrad_config(channels: int, out_channels: int, element_size: int) -> Tuple[int, int, int, int]:
+    """``(BLOCK_O, BLOCK_C, BLOCK_P, num_warps)`` of :func:`_pw_wgrad_kernel`."""
+    block_o, block_c = (128 if out_channels > 64 else 64), (128 if channels > 64 else 64)
+    block_p = 32 if element_size > 2 else 64
+    return block_o, block_c, block_p, (8 if block_o * block_c > 8192 else 4)
+
+
+def _parameter_gradients(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                         scale: Optional[Tensor],
+                         sample_scale: Optional[Tensor]) -> Tuple[Tensor, ...]:
+    """``dW`` (``weight``'s shape and dtype), ``d bias``, ``d scale`` and ``d shift``
+    (float32 ``(O,)``) for ``g (B, O, H, W)`` and ``x (B, C, H, W)``, contiguous and of one
+    dtype; see the module doc."""
+    batch, channels, height, width = x.shape
+    out_channels, pixels = g.shape[1], height * width
+    block_o, block_c, block_p, warps = _wgrad_config(channels, out_channels, x.element_size())
+    tiles = cdiv(out_channels, block_o) * cdiv(channels, block_c)
+    items = batch * cdiv(pixels, block_p)
+    items_per_split = max(1, cdiv(items, max(1, min(items, WGRAD_PROGRAMS // tiles))))
+    splits = max(1, cdiv(items, items_per_split))
+    partial = torch.empty(splits, out_channels, channels, dtype=torch.float32, device=x.device)
+    sums = torch.empty(splits, out_channels, dtype=torch.float32, device=x.device)
+    launch(_pw_wgrad_kernel, (cdiv(out_channels, block_o), cdiv(channels, block_c), splits),
+           g, x, g if sample_scale is None else sample_scale, partial, sums, channels, out_channels,
+           pixels, items, items_per_split, HAS_SAMPLE=sample_scale is not None,
+           DOT_PRECISION=dot_precision(x.dtype), BLOCK_O=block_o, BLOCK_C=block_c,
+           BLOCK_P=block_p, num_warps=warps, num_stages=3)
+    d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
+    d_bias, d_scale, d_shift = (torch.empty(out_channels, dtype=torch.float32, device=x.device)
+                                for _ in range(3))
+    launch(_pw_param_grad_kernel, (cdiv(out_channels, PARAM_BLOCK_O), ), partial, sums, weight,
+           weight if bias is None else bias, weight if scale is None else scale, d_weight, d_bias,
+           d_scale, d_shift, channels, out_channels, splits, *weight.stride()[:2],
+           HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BLOCK_O=PARAM_BLOCK_O,
+           BLOCK_C=PARAM_BLOCK_C, num_warps=4)
+    return d_weight, d_bias, d_scale, d_shift
+
+
+PARAM_BLOCK_O, PARAM_BLOCK_C = 32, 64
 
 
 class _PointwiseConv2d(torch.autograd.Function):
@@ -140,54 +271,52 @@ class _PointwiseConv2d(torch.autograd.Function):
                 shortcut: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
                 sample_scale: Optional[Tensor], out_dtype: torch.dtype,
                 config: Optional[Config]) -> Tensor:
-        ctx.save_for_backward(x, weight, bias, scale, sample_scale)
+        ctx.save_for_backward(x, weight, bias, scale, shift, sample_scale)
         ctx.gelu, ctx.config = gelu, config
         ctx.shortcut_dtype = None if shortcut is None else shortcut.dtype
-        ctx.shift_dtype = None if shift is None else shift.dtype
-        return _launch(x, weight, bias, gelu, shortcut, scale, shift, sample_scale, out_dtype, config)
+        return _product(x, weight, out_dtype, bias, gelu, shortcut, scale, shift, sample_scale,
+                        config=config)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, weight, bias, scale, sample_scale = ctx.saved_tensors
+        x, weight, bias, scale, shift, sample_scale = ctx.saved_tensors
         needed = ctx.needs_input_grad
         g = g.contiguous()
         d_shortcut = g.to(ctx.shortcut_dtype) if needed[4] else None
-        # the gradient of the branch after the layer scale: g times the per-sample factor
-        if sample_scale is not None:
-            g = g * sample_scale.view(-1, 1, 1, 1).to(g.dtype)
         g = g.to(x.dtype)
         d_scale = d_shift = None
-        if needed[6]:
-            d_shift = g.sum((0, 2, 3), dtype=torch.float32)
-        if ctx.gelu:
-            pre = _launch(x, weight, bias, False, None, None, None, None, x.dtype, ctx.config)
-            if needed[5]:
-                d_scale = (g.float() * F.gelu(pre.float())).sum((0, 2, 3))
-            if scale is not None:
-                g = g * scale.view(-1, 1, 1).to(g.dtype)
-            g_pre = torch.ops.aten.gelu_backward(g, pre)
-            dx, d_weight, d_bias = _conv_backward(g_pre, x, weight, needed[:3])
-        else:
-            # one convolution backward: dW and d bias before the layer scale (G and S), dx
-            # through the layer-scaled weight
-            w = weight
-            if scale is not None:
-                w = (weight.float() * scale.float()[:, None]).to(weight.dtype)
-            mask = (needed[0], needed[1] or needed[5], needed[2] or needed[5])
-            dx, products, sums = _conv_backward(g, x, w, mask)
-            d_weight, d_bias = products, sums
-            if scale is not None:
-                s = scale.float()
-                d_weight = products.float() * s[:, None] if needed[1] else None
-                d_bias = sums.float() * s if needed[2] else None
-            if needed[5]:
-                d_scale = (weight.float() * products.float()).sum(1)
-                if bias is not None:
-                    d_scale = d_scale + bias.float() * sums.float()
-        return (dx, d_weight.to(weight.dtype) if needed[1] else None,
+        # the layer scale and per-sample factor applied in the products below
+        outer_scale, outer_sample = scale, sample_scale
+        if ctx.gelu:  # the gradient before the GELU, which takes them in
+            if needed[5] or needed[6]:
+                d_scale, d_shift = _gelu_scale_and_shift_gradients(g, x, weight, bias, sample_scale,
+                                                                   ctx.config)
+            g = _product(x, weight, x.dtype, bias, scale=scale, sample_scale=sample_scale,
+                         gelu_grad=g, config=ctx.config)
+            outer_scale = outer_sample = None
+        dx = _product(g, weight, x.dtype, scale=outer_scale, sample_scale=outer_sample,
+                      transpose=True) if needed[0] else None
+        d_weight = d_bias = None
+        if needed[1] or needed[2] or needed[5] or needed[6]:
+            d_weight, d_bias, linear_d_scale, linear_d_shift = _parameter_gradients(
+                g, x, weight, bias, outer_scale, outer_sample)
+            if not ctx.gelu:
+                d_scale, d_shift = linear_d_scale, linear_d_shift
+        return (dx, d_weight if needed[1] else None,
                 d_bias.to(bias.dtype) if needed[2] else None, None, d_shortcut,
                 d_scale.to(scale.dtype) if needed[5] else None,
-                d_shift.to(ctx.shift_dtype) if needed[6] else None, None, None, None)
+                d_shift.to(shift.dtype) if needed[6] else None, None, None, None)
+
+
+def _gelu_scale_and_shift_gradients(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                    sample_scale: Optional[Tensor],
+                                    config: Optional[Config]) -> Tuple[Tensor, Tensor]:
+    """``d scale = sum k_b g GELU(W x + bias)`` and ``d shift = sum k_b g`` (float32), for a
+    layer scale after the GELU (not in SegMAN: its FFN scales its second 1x1 convolution)."""
+    if sample_scale is not None:
+        g = g * sample_scale.view(-1, 1, 1, 1).to(g.dtype)
+    activation = _product(x, weight, torch.float32, bias, gelu=True, config=config)
+    return (g.float() * activation).sum((0, 2, 3)), g.sum((0, 2, 3), dtype=torch.float32)
 
 
 def pointwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -197,13 +326,15 @@ def pointwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = 
                             out_dtype: Optional[torch.dtype] = None,
                             config: Optional[Config] = None) -> Tensor:
     """``shortcut + sample_scale[b] * (scale * act(W x + bias) + shift)``, each term optional
-    (``act`` GELU if ``gelu``), for ``x (B, C, H, W)`` and ``weight (O, C)`` contiguous and of
-    one float dtype, ``shortcut (B, O, H, W)`` contiguous, ``bias``/``scale``/``shift`` ``(O,)``
-    and ``sample_scale (B,)`` of any float dtype. Returns ``(B, O, H, W)`` in ``out_dtype`` (default
+    (``act`` GELU if ``gelu``), for ``x (B, C, H, W)`` contiguous of a float dtype, ``weight
+    (O, C)`` or ``(O, C, 1, 1)`` of any float dtype (rounded to ``x``'s in the product),
+    ``shortcut (B, O, H, W)`` contiguous, ``bias``/``scale``/``shift`` ``(O,)`` and
+    ``sample_scale (B,)`` of any float dtype. Returns ``(B, O, H, W)`` in ``out_dtype`` (default
     ``x``'s). ``config``: the launch shape (default :func:`launch_config`). Without autograd
     recording (inference) the kernel is launched directly."""
     out_dtype = out_dtype or x.dtype
-    args = (x, weight, bias, gelu, shortcut, scale, shift, sample_scale, out_dtype, config)
     if records_autograd(x, weight, bias, shortcut, scale, shift):
-        return _PointwiseConv2d.apply(*args)
-    return _launch(*args)
+        return _PointwiseConv2d.apply(x, weight, bias, gelu, shortcut, scale, shift, sample_scale,
+                                      out_dtype, config)
+    return _product(x, weight, out_dtype, bias, gelu, shortcut, scale, shift, sample_scale,
+                    config=config)

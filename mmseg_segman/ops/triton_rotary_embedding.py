@@ -14,11 +14,10 @@ A plain ``torch.autograd.Function``, launched directly when autograd does not re
 :mod:`.triton_layer_norm` explains.
 """
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import jit_with_runtime_ints, launch, records_autograd
+from .triton_jit import cdiv, jit_with_runtime_ints, launch, next_power_of_2, records_autograd
 
 BLOCK_P = 64
 NUM_WARPS = 4
@@ -52,9 +51,9 @@ def _rope_kernel(x_ptr, sin_ptr, cos_ptr, out_ptr, scale, heads, height, width,
 def _rotate(x: Tensor, sin: Tensor, cos: Tensor, scale: float, inverse: bool) -> Tensor:
     batch, heads, height, width, dim = x.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(height * width, BLOCK_P), batch * heads)
+    grid = (cdiv(height * width, BLOCK_P), batch * heads)
     launch(_rope_kernel, grid, x, sin, cos, out, scale, heads, height, width, *x.stride(),
-           HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_P=BLOCK_P,
+           HEAD_DIM=dim, BLOCK_D=next_power_of_2(dim), BLOCK_P=BLOCK_P,
            NEGATE_SIN=inverse, num_warps=NUM_WARPS)
     return out
 

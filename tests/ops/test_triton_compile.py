@@ -113,16 +113,30 @@ def test_depthwise_conv_kernels_compile(activation, kernel):
 
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
 @pytest.mark.parametrize('out_channels', [32, 384])  # both output tiles (64 and 128 channels)
-def test_pointwise_conv_kernel_compiles(activation, out_channels):
-    float32 = {'bias_ptr', 'scale_ptr', 'shift_ptr', 'sample_ptr'}
-    config = tpw.launch_config(4 * out_channels, out_channels, 64 * 64, 4 if activation == 'fp32' else 2)
-    common = dict(DOT_PRECISION='tf32x3' if activation == 'fp32' else 'tf32', BLOCK_O=config.block_o,
-                  BLOCK_P=config.block_p, BLOCK_K=config.block_k)
-    for gelu, residual in ((True, False), (False, True)):
+def test_pointwise_conv_kernels_compile(activation, out_channels):
+    float32 = {'w_ptr', 'bias_ptr', 'scale_ptr', 'shift_ptr', 'sample_ptr'}
+    element_size = 4 if activation == 'fp32' else 2
+    precision = 'tf32x3' if activation == 'fp32' else 'tf32'
+    config = tpw.launch_config(4 * out_channels, out_channels, 64 * 64, element_size)
+    common = dict(DOT_PRECISION=precision, BLOCK_O=config.block_o, BLOCK_P=config.block_p,
+                  BLOCK_K=config.block_k)
+    # the FFN's first convolution, a block's last one, the gradient before the GELU, dx
+    for gelu, residual, gelu_grad, transposed in ((True, False, False, False),
+                                                  (False, True, False, False),
+                                                  (False, False, True, False),
+                                                  (False, False, False, True)):
         assert compile_for_h100(tpw._pw_fwd_kernel, activation, float32, config.num_warps,
-                                config.num_stages,
-                                HAS_BIAS=True, GELU=gelu, HAS_SHORTCUT=residual, HAS_SCALE=residual,
-                                HAS_SHIFT=residual, HAS_SAMPLE=residual, **common)
+                                config.num_stages, HAS_BIAS=not transposed, GELU=gelu,
+                                GELU_GRAD=gelu_grad, HAS_SHORTCUT=residual,
+                                HAS_SCALE=residual or gelu_grad, HAS_SHIFT=residual,
+                                HAS_SAMPLE=residual or gelu_grad or transposed,
+                                SCALE_K=transposed, **common)
+    block_o, block_c, block_p, warps = tpw._wgrad_config(4 * out_channels, out_channels, element_size)
+    sums = {'sample_ptr', 'partial_ptr', 'sums_ptr'}
+    assert compile_for_h100(tpw._pw_wgrad_kernel, activation, sums, warps, 3, HAS_SAMPLE=True, DOT_PRECISION=precision, BLOCK_O=block_o,
+                            BLOCK_C=block_c, BLOCK_P=block_p)
+    assert compile_for_h100(tpw._pw_param_grad_kernel, 'fp32', set(), 4, HAS_BIAS=True,
+                            HAS_SCALE=True, BLOCK_O=tpw.PARAM_BLOCK_O, BLOCK_C=tpw.PARAM_BLOCK_C)
 
 
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
