@@ -121,29 +121,34 @@ def _pw_wgrad_kernel(g_ptr, x_ptr, sample_ptr, partial_ptr, sums_ptr, channels, 
                      BLOCK_P: tl.constexpr):
     """Split ``program_id(2)``'s share of the ``(batch element, pixel tile)`` items:
     ``partial[split] = sum sample[b] g[b] x[b]^T`` ``(out_channels, channels)`` and
-    ``sums[split] = sum sample[b] g[b]`` ``(out_channels,)``, float32."""
+    ``sums[split] = sum sample[b] g[b]`` ``(out_channels,)``, float32. Every program walks
+    ``items_per_split`` steps, those past the last item masked: a loop of the same length in
+    every program (with per-program lengths, the last split shorter, the bfloat16 products
+    came out wrong and run-dependent on an H100 with Triton 3.6)."""
     o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split = tl.program_id(2)
+    first = tl.program_id(2) * items_per_split
     o_ok = o < out_channels
     c_ok = c < channels
     tiles = tl.cdiv(pixels, BLOCK_P)
-    first = split * items_per_split
     acc = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
     sums = tl.zeros((BLOCK_O, ), dtype=tl.float32)
-    for item in range(first, tl.minimum(first + items_per_split, items)):
+    for step in range(0, items_per_split):
+        item = first + step
         b = (item // tiles).to(tl.int64)
         p = (item % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_ok = p < pixels
+        p_ok = (p < pixels) & (item < items)
         g = tl.load(g_ptr + b * out_channels * pixels + o[:, None] * pixels + p[None, :],
                     mask=o_ok[:, None] & p_ok[None, :], other=0.0)
         if HAS_SAMPLE:
-            g = (g.to(tl.float32) * tl.load(sample_ptr + b).to(tl.float32)).to(g.dtype)
-        x = tl.load(x_ptr + b * channels * pixels + c[:, None] * pixels + p[None, :],
-                    mask=c_ok[:, None] & p_ok[None, :], other=0.0)
-        acc = tl.dot(g, tl.trans(x), acc, input_precision=DOT_PRECISION)
+            factor = tl.load(sample_ptr + b, mask=item < items, other=0.0).to(tl.float32)
+            g = (g.to(tl.float32) * factor).to(g.dtype)
+        # x[b]^T as loaded: pixels down, channels across
+        x_t = tl.load(x_ptr + b * channels * pixels + c[None, :] * pixels + p[:, None],
+                      mask=p_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = tl.dot(g, x_t, acc, input_precision=DOT_PRECISION)
         sums += tl.sum(g.to(tl.float32), axis=1)
-    rows = split * out_channels + o
+    rows = tl.program_id(2) * out_channels + o
     tl.store(partial_ptr + rows[:, None].to(tl.int64) * channels + c[None, :], acc,
              mask=o_ok[:, None] & c_ok[None, :])
     if tl.program_id(1) == 0:
