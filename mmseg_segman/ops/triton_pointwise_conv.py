@@ -14,22 +14,23 @@ are launched together, so its input is read from the cache by all but the first.
 is read in its own dtype (the float32 parameter) and rounded to the map's in the tile, as
 autocast rounds it, so no cast of it is made or kept.
 
-Backward, in Triton too (cuDNN's convolution backward costs about 0.15 ms of host time a
+Backward, mostly in Triton (cuDNN's convolution backward costs about 0.15 ms of host time a
 call and converts the maps to channels-last and back). The shortcut's gradient is the output
 gradient ``g`` itself. With GELU, one pass of the forward's product computes
 ``g' = g k_b s GELU'(W x + bias)`` (the pre-activation recomputed in the tile, not kept);
 without it ``g' = g`` and the layer scale ``s`` and factor ``k_b`` stay outside the products.
 Then ``dx = (s W)^T (k_b g')`` is the forward kernel again on the transposed weight (its
-columns scaled by ``s``, each batch element's result by ``k_b``), and the weight gradient
-``G = sum_b k_b g'[b] x[b]^T`` with ``S = sum k_b g'`` one product split over the batch and
-pixels (partial sums, then one pass that adds them) which also gives every parameter
-gradient: ``dW = s G``, ``d bias = s S``, ``d scale = rowsum(W G) + bias S``, ``d shift = S``.
+columns scaled by ``s``, each batch element's result by ``k_b``). The weight gradient ``G =
+sum_b k_b g'[b] x[b]^T`` and ``S = sum k_b g'`` come from PyTorch's convolution backward
+(cuDNN: one product over batch and pixels; a Triton product split over them gave wrong,
+run-dependent bfloat16 results on an H100 for 96 input channels, cause not found), and one
+more kernel turns them into every parameter gradient: ``dW = s G``, ``d bias = s S``,
+``d scale = rowsum(W G) + bias S``, ``d shift = S``.
 Sizes are runtime values but for the pixel count (whether it is a multiple of 16, which
 aligns the loads): at most two compilations per (dtype, epilogue, launch shape). A plain
 ``torch.autograd.Function``, launched directly when autograd does not record, as
 :mod:`.triton_layer_norm` explains; under ``torch.compile`` the reference runs.
 """
-import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -114,60 +115,17 @@ def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, shortcut_ptr, scale_ptr, shift_ptr, s
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@jit_with_runtime_ints({'channels', 'out_channels', 'items', 'items_per_split'})
-def _pw_wgrad_kernel(g_ptr, x_ptr, sample_ptr, partial_ptr, sums_ptr, channels, out_channels,
-                     pixels, items, items_per_split, HAS_SAMPLE: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_P: tl.constexpr):
-    """Split ``program_id(2)``'s share of the ``(batch element, pixel tile)`` items:
-    ``partial[split] = sum sample[b] g[b] x[b]^T`` ``(out_channels, channels)`` and
-    ``sums[split] = sum sample[b] g[b]`` ``(out_channels,)``, float32. Every program walks
-    ``items_per_split`` steps, those past the last item masked: a loop of the same length in
-    every program (with per-program lengths, the last split shorter, the bfloat16 products
-    came out wrong and run-dependent on an H100 with Triton 3.6)."""
-    o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    first = tl.program_id(2) * items_per_split
-    o_ok = o < out_channels
-    c_ok = c < channels
-    tiles = tl.cdiv(pixels, BLOCK_P)
-    acc = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
-    sums = tl.zeros((BLOCK_O, ), dtype=tl.float32)
-    for step in range(0, items_per_split):
-        item = first + step
-        b = (item // tiles).to(tl.int64)
-        p = (item % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_ok = (p < pixels) & (item < items)
-        g = tl.load(g_ptr + b * out_channels * pixels + o[:, None] * pixels + p[None, :],
-                    mask=o_ok[:, None] & p_ok[None, :], other=0.0)
-        if HAS_SAMPLE:
-            factor = tl.load(sample_ptr + b, mask=item < items, other=0.0).to(tl.float32)
-            g = (g.to(tl.float32) * factor).to(g.dtype)
-        # x[b]^T as loaded: pixels down, channels across
-        x_t = tl.load(x_ptr + b * channels * pixels + c[None, :] * pixels + p[:, None],
-                      mask=p_ok[:, None] & c_ok[None, :], other=0.0)
-        acc = tl.dot(g, x_t, acc, input_precision=DOT_PRECISION)
-        sums += tl.sum(g.to(tl.float32), axis=1)
-    rows = tl.program_id(2) * out_channels + o
-    tl.store(partial_ptr + rows[:, None].to(tl.int64) * channels + c[None, :], acc,
-             mask=o_ok[:, None] & c_ok[None, :])
-    if tl.program_id(1) == 0:
-        tl.store(sums_ptr + rows, sums, mask=o_ok)
-
-
-@jit_with_runtime_ints({'channels', 'out_channels', 'splits'})
-def _pw_param_grad_kernel(partial_ptr, sums_ptr, w_ptr, bias_ptr, scale_ptr, dw_ptr, dbias_ptr,
-                          dscale_ptr, dshift_ptr, channels, out_channels, splits, sw_o, sw_k,
+@jit_with_runtime_ints(_RUNTIME_INTS)
+def _pw_param_grad_kernel(g_ptr, s_ptr, w_ptr, bias_ptr, scale_ptr, dw_ptr, dbias_ptr,
+                          dscale_ptr, dshift_ptr, channels, out_channels, sw_o, sw_k,
                           HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                           BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The splits of :func:`_pw_wgrad_kernel` added (``G``, ``S``), then ``dW = s G``
-    (``(out_channels, channels)`` contiguous), ``d bias = s S``, ``d scale = rowsum(W G) +
-    bias S`` and ``d shift = S``, float32 (``s = 1`` without ``HAS_SCALE``)."""
+    """From ``G (out_channels, channels)`` and ``S (out_channels,)`` (contiguous, any float
+    dtype): ``dW = s G``, ``d bias = s S``, ``d scale = rowsum(W G) + bias S`` and ``d shift =
+    S`` (``s = 1`` without ``HAS_SCALE``), computed in float32."""
     o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = o < out_channels
-    total = tl.zeros((BLOCK_O, ), dtype=tl.float32)
-    for split in range(0, splits):
-        total += tl.load(sums_ptr + split * out_channels + o, mask=o_ok, other=0.0)
+    total = tl.load(s_ptr + o, mask=o_ok, other=0.0).to(tl.float32)
     scale = tl.full((BLOCK_O, ), 1.0, tl.float32)
     if HAS_SCALE:
         scale = tl.load(scale_ptr + o, mask=o_ok, other=0.0).to(tl.float32)
@@ -175,11 +133,8 @@ def _pw_param_grad_kernel(partial_ptr, sums_ptr, w_ptr, bias_ptr, scale_ptr, dw_
     for c0 in range(0, channels, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         ok = o_ok[:, None] & (c < channels)[None, :]
-        product = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
-        for split in range(0, splits):
-            rows = (split * out_channels + o).to(tl.int64)
-            product += tl.load(partial_ptr + rows[:, None] * channels + c[None, :], mask=ok,
-                               other=0.0)
+        product = tl.load(g_ptr + o[:, None] * channels + c[None, :], mask=ok, other=0.0)
+        product = product.to(tl.float32)
         tl.store(dw_ptr + o[:, None] * channels + c[None, :],
                  (product * scale[:, None]).to(dw_ptr.dtype.element_ty), mask=ok)
         if HAS_SCALE:
@@ -223,15 +178,7 @@ def _product(x: Tensor, weight: Tensor, out_dtype: torch.dtype, bias: Optional[T
     return out
 
 
-WGRAD_PROGRAMS = 264  # programs the weight gradient spreads over: two per SM of an H100
-
-
-@functools.lru_cache(maxsize=None)
-def _wgrad_config(channels: int, out_channels: int, element_size: int) -> Tuple[int, int, int, int]:
-    """``(BLOCK_O, BLOCK_C, BLOCK_P, num_warps)`` of :func:`_pw_wgrad_kernel`."""
-    block_o, block_c = (128 if out_channels > 64 else 64), (128 if channels > 64 else 64)
-    block_p = 32 if element_size > 2 else 64
-    return block_o, block_c, block_p, (8 if block_o * block_c > 8192 else 4)
+PARAM_BLOCK_O, PARAM_BLOCK_C = 32, 64
 
 
 def _parameter_gradients(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -239,33 +186,23 @@ def _parameter_gradients(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
                          sample_scale: Optional[Tensor]) -> Tuple[Tensor, ...]:
     """``dW`` (``weight``'s shape and dtype), ``d bias``, ``d scale`` and ``d shift``
     (float32 ``(O,)``) for ``g (B, O, H, W)`` and ``x (B, C, H, W)``, contiguous and of one
-    dtype; see the module doc."""
-    batch, channels, height, width = x.shape
-    out_channels, pixels = g.shape[1], height * width
-    block_o, block_c, block_p, warps = _wgrad_config(channels, out_channels, x.element_size())
-    tiles = cdiv(out_channels, block_o) * cdiv(channels, block_c)
-    items = batch * cdiv(pixels, block_p)
-    items_per_split = max(1, cdiv(items, max(1, min(items, WGRAD_PROGRAMS // tiles))))
-    splits = max(1, cdiv(items, items_per_split))
-    partial = torch.empty(splits, out_channels, channels, dtype=torch.float32, device=x.device)
-    sums = torch.empty(splits, out_channels, dtype=torch.float32, device=x.device)
-    launch(_pw_wgrad_kernel, (cdiv(out_channels, block_o), cdiv(channels, block_c), splits),
-           g, x, g if sample_scale is None else sample_scale, partial, sums, channels, out_channels,
-           pixels, items, items_per_split, HAS_SAMPLE=sample_scale is not None,
-           DOT_PRECISION=dot_precision(x.dtype), BLOCK_O=block_o, BLOCK_C=block_c,
-           BLOCK_P=block_p, num_warps=warps, num_stages=3)
+    dtype; see the module doc. ``G`` and ``S`` come from PyTorch's convolution backward
+    (cuDNN), which reduces over batch and pixels in one product."""
+    out_channels, channels = weight.shape[:2]
+    if sample_scale is not None:
+        g = g * sample_scale.view(-1, 1, 1, 1).to(g.dtype)
+    _, products, sums = torch.ops.aten.convolution_backward(
+        g, x, weight.view(out_channels, channels, 1, 1).to(x.dtype), [out_channels], [1, 1],
+        [0, 0], [1, 1], False, [0, 0], 1, [False, True, True])
     d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
     d_bias, d_scale, d_shift = (torch.empty(out_channels, dtype=torch.float32, device=x.device)
                                 for _ in range(3))
-    launch(_pw_param_grad_kernel, (cdiv(out_channels, PARAM_BLOCK_O), ), partial, sums, weight,
+    launch(_pw_param_grad_kernel, (cdiv(out_channels, PARAM_BLOCK_O), ), products, sums, weight,
            weight if bias is None else bias, weight if scale is None else scale, d_weight, d_bias,
-           d_scale, d_shift, channels, out_channels, splits, *weight.stride()[:2],
+           d_scale, d_shift, channels, out_channels, *weight.stride()[:2],
            HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BLOCK_O=PARAM_BLOCK_O,
            BLOCK_C=PARAM_BLOCK_C, num_warps=4)
     return d_weight, d_bias, d_scale, d_shift
-
-
-PARAM_BLOCK_O, PARAM_BLOCK_C = 32, 64
 
 
 class _PointwiseConv2d(torch.autograd.Function):
