@@ -192,7 +192,7 @@ def _parameter_gradients(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
     if sample_scale is not None:
         g = g * sample_scale.view(-1, 1, 1, 1).to(g.dtype)
     _, products, sums = torch.ops.aten.convolution_backward(
-        g, x, weight.view(out_channels, channels, 1, 1).to(x.dtype), [out_channels], [1, 1],
+        g, x, weight.reshape(out_channels, channels, 1, 1).to(x.dtype), [out_channels], [1, 1],
         [0, 0], [1, 1], False, [0, 0], 1, [False, True, True])
     d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
     d_bias, d_scale, d_shift = (torch.empty(out_channels, dtype=torch.float32, device=x.device)
