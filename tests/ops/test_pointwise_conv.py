@@ -147,6 +147,25 @@ def check(batch, channels, out_channels, height, width, dtype, tol, activation=N
                             f'({batch, channels, out_channels, height, width, dtype, activation, residual})'
 
 
+def check_float32_weight_with_half_map():
+    """As under autocast: a float16 map and the float32 parameters, which the kernels read as
+    they are (the weight rounded to float16 in the product): every result matches the float64
+    reference."""
+    x, w, b = make_inputs(2, 40, 70, 5, 9, seed=3)
+    (shortcut, scale, shift), sample_scale = make_residual(2, 70, 5, 9)
+    backend = _pointwise_conv2d.backends['triton'].fn
+
+    def run(x, w, b, shortcut, scale, shift, fn):
+        return fn(x, w, b, None, Residual(shortcut, scale, shift, sample_scale.to(x.dtype)))
+    inputs = [x, w, b, shortcut, scale, shift]
+    got = outputs_and_grads(lambda x, *rest: run(x.half(), *rest, fn=backend),
+                            [inputs[0]] + [t.float() for t in inputs[1:]])
+    want = outputs_and_grads(lambda *t: run(*t, fn=_pointwise_conv2d.backends['torch'].fn), inputs)
+    for name, a, e in zip(['out', 'x', 'w', 'bias', 'shortcut', 'scale', 'shift'], got, want):
+        error = (a.double() - e).abs().max().item() / (e.abs().max().item() + 1e-12)
+        assert error < 2e-2, f'{name}: relative error {error:.2e} (float16 map, float32 weight)'
+
+
 def check_direct_launch_equals_function():
     """Without autograd recording the kernel runs without its autograd.Function: same output."""
     from triton_interpreter import check_launches_directly
@@ -172,6 +191,7 @@ def main():
     check(2, 5, 7, 3, 4, torch.float32, 1e-5, activation='gelu', residual='scaled')
     check(1, 40, 70, 9, 17, torch.float16, 2e-2, activation='gelu')
     check(1, 40, 70, 9, 17, torch.float16, 2e-2, residual='scaled')
+    check_float32_weight_with_half_map()
     check_direct_launch_equals_function()
     print('all checks passed')
 
