@@ -52,17 +52,18 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def _specialization(arg) -> Hashable:
     """What Triton compiles an argument for: a tensor's dtype and whether its address is
-    16-byte aligned; an int's type (32 or 64 bits), whether it is 1 or a multiple of 16;
-    None and bools by value; other scalars by type. Conservative: a key finer than
-    Triton's only sends more calls through Triton's own path."""
+    16-byte aligned; an int's type (32-bit, 64-bit or unsigned 64-bit), whether it is 1 or a
+    multiple of 16; None and bools by value; other scalars by type. Conservative: a key finer
+    than Triton's only sends more calls through Triton's own path."""
     if isinstance(arg, torch.Tensor):
         return arg.dtype, arg.data_ptr() % 16 == 0
     if type(arg) is int:
-        return arg == 1, arg % 16 == 0, -2 ** 31 <= arg < 2 ** 31
+        return arg == 1, arg % 16 == 0, -2 ** 31 <= arg < 2 ** 31, arg >= 2 ** 63
     return arg if arg is None or type(arg) is bool else type(arg)
 
 
-# (kernel, device, specialization of the arguments, keyword arguments) -> the compiled
+# (id of the kernel, a module-level object that lives as long as the process; device;
+# specialization of the arguments; keyword arguments) -> the compiled
 # kernel's launcher, its function handle, packed metadata and the values of the parameters
 # passed by keyword or left to their defaults, in the kernel's parameter order
 _Launch = Tuple[Callable, object, object, Tuple]
@@ -91,9 +92,9 @@ def _direct_launch_possible() -> bool:
 def launch(kernel, grid: Sequence[int], *args, **meta) -> None:
     """``kernel[grid](*args, **meta)``, the first time for each specialization (Triton binds the
     arguments, finds or compiles the kernel and launches it), then as a direct call of the
-    compiled kernel's launcher on the current stream: Triton's launch path costs about 20-40
-    us of host time a call on the H100 machines, and a SegMAN-B training step launches about
-    a thousand Triton kernels (docs/benchmarks.md). Positional ``args`` are the kernel's
+    compiled kernel's launcher on the current stream: Triton's launch path costs about 20 us
+    more host time a call on the H100 machines, and a SegMAN-B training step launches about a
+    thousand Triton kernels (docs/benchmarks.md). Positional ``args`` are the kernel's
     leading parameters; ``meta`` holds the rest (constexprs) and launch options
     (``num_warps``, ``num_stages``). Under Triton's interpreter, or where
     :func:`_direct_launch_possible` is false, every call takes Triton's path."""
