@@ -1,7 +1,8 @@
-"""The host's (CPU's) time for one eager inference, per model: Python and kernel launches.
+"""The host's (CPU's) time for one eager inference or training step, per model: Python and
+kernel launches.
 
     python3 tools/gpu_checks/check_host_time.py --models segman-t segman-b segnext-l \
-        [--size 256] [--profile segman-b] [--out host.jsonl]
+        [--size 256] [--train] [--profile segman-b] [--out host.jsonl]
 
 At a small input (batch 1, ``--size`` square, bf16 autocast, ``torch.inference_mode``) the GPU
 finishes each kernel before the host has launched the next, so a forward's wall time is the
