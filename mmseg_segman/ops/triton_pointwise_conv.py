@@ -16,9 +16,9 @@ autocast rounds it, so no cast of it is made or kept.
 
 Backward: the input gradient in Triton, the weight gradient by cuDNN, and few small
 operations around them (the convolution backward of both gradients with PyTorch's operations
-for the rest cost about 0.3 ms of host time a call). The shortcut's gradient is the output
-gradient ``g`` itself. With GELU, one pass of the forward's product computes
-``g' = g k_b s GELU'(W x + bias)`` (the pre-activation recomputed in the tile, not kept);
+for the rest took 585 us of host time a call under torch.profiler, docs/benchmarks.md). The
+shortcut's gradient is the output gradient ``g`` itself. With GELU, one pass of the forward's
+product computes ``g' = g k_b s GELU'(W x + bias)`` (the pre-activation recomputed in the tile, not kept);
 without it ``g' = g`` and the layer scale ``s`` and factor ``k_b`` stay outside the products.
 Then ``dx = (s W)^T (k_b g')`` is the forward kernel again on the transposed weight (its
 columns scaled by ``s``, each batch element's result by ``k_b``). The weight gradient ``G =
