@@ -17,16 +17,16 @@ autocast rounds it, so no cast of it is made or kept.
 Backward: the input gradient in Triton, the weight gradient by cuDNN, and few small
 operations around them (the convolution backward of both gradients with PyTorch's operations
 for the rest took 585 us of host time a call under torch.profiler, docs/benchmarks.md). The
-shortcut's gradient is the output gradient ``g`` itself. With GELU, one pass of the forward's
-product computes ``g' = g k_b s GELU'(W x + bias)`` (the pre-activation recomputed in the tile, not kept);
-without it ``g' = g`` and the layer scale ``s`` and factor ``k_b`` stay outside the products.
-Then ``dx = (s W)^T (k_b g')`` is the forward kernel again on the transposed weight (its
-columns scaled by ``s``, each batch element's result by ``k_b``). The weight gradient ``G =
-sum_b k_b g'[b] x[b]^T`` and ``S = sum k_b g'`` come from PyTorch's convolution backward
-(cuDNN: one product over batch and pixels; a Triton product split over them gave wrong,
-run-dependent bfloat16 results on an H100 for 96 input channels, cause not found), and one
-more kernel turns them into every parameter gradient: ``dW = s G``, ``d bias = s S``,
-``d scale = rowsum(W G) + bias S``, ``d shift = S``.
+shortcut's gradient is the output gradient ``g`` itself. With GELU, one pass of the
+forward's product computes ``g' = g k_b s GELU'(W x + bias)`` (the pre-activation recomputed
+in the tile, not kept); without it ``g' = g`` and the layer scale ``s`` and factor ``k_b``
+stay outside the products. Then ``dx = (s W)^T (k_b g')`` is the forward kernel again on the
+transposed weight (its columns scaled by ``s``, each batch element's result by ``k_b``). The
+weight gradient ``G = sum_b k_b g'[b] x[b]^T`` and ``S = sum k_b g'`` come from PyTorch's
+convolution backward (cuDNN: one product over batch and pixels; a Triton product split over
+them gave wrong, run-dependent bfloat16 results on an H100 for 96 input channels, cause not
+found), and one more kernel turns them into every parameter gradient: ``dW = s G``,
+``d bias = s S``, ``d scale = rowsum(W G) + bias S``, ``d shift = S``.
 Sizes are runtime values but for the pixel count (whether it is a multiple of 16, which
 aligns the loads): at most two compilations per (dtype, epilogue, launch shape). A plain
 ``torch.autograd.Function``, launched directly when autograd does not record, as
