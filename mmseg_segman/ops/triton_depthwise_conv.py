@@ -146,24 +146,24 @@ class _DepthwiseConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: bool,
                 out_dtype: torch.dtype) -> Tensor:
-           ctx.save_for_backward(x, weight)
-           ctx.residual = residual
-           ctx.bias_dtype = None if bias is None else bias.dtype
-           return _convolve(x, weight, bias, flip=False, residual=residual, dtype=out_dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.residual = residual
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _convolve(x, weight, bias, flip=False, residual=residual, dtype=out_dtype)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-           x, weight = ctx.saved_tensors
-           dy = dy.contiguous()
-           needed = ctx.needs_input_grad
-           dx = _convolve(dy, weight, None, flip=True, residual=ctx.residual, dtype=x.dtype) \
+        x, weight = ctx.saved_tensors
+        dy = dy.contiguous()
+        needed = ctx.needs_input_grad
+        dx = _convolve(dy, weight, None, flip=True, residual=ctx.residual, dtype=x.dtype) \
             if needed[0] else None
-           dw = db = None
-           if needed[1] or needed[2]:
+        dw = db = None
+        if needed[1] or needed[2]:
             dw, db = _weight_and_bias_gradients(dy, x, weight.shape[-1])
             dw = dw.view(weight.shape).to(weight.dtype)
             db = db.to(ctx.bias_dtype) if needed[2] else None
-           return dx, dw if needed[1] else None, db, None, None
+        return dx, dw if needed[1] else None, db, None, None
 
 
 def depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -174,5 +174,5 @@ def depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     ``x``'s). Without autograd recording (inference) the kernel is launched directly."""
     out_dtype = out_dtype or x.dtype
     if records_autograd(x, weight, bias):
-           return _DepthwiseConv2d.apply(x, weight, bias, residual, out_dtype)
+        return _DepthwiseConv2d.apply(x, weight, bias, residual, out_dtype)
     return _convolve(x, weight, bias, flip=False, residual=residual, dtype=out_dtype)
