@@ -240,7 +240,8 @@ class _PointwiseConv2d(torch.autograd.Function):
         dx = _product(g, weight, x.dtype, scale=outer_scale, sample_scale=outer_sample,
                       transpose=True) if needed[0] else None
         d_weight = d_bias = None
-        if needed[1] or needed[2] or needed[5] or needed[6]:
+        # with GELU the scale's and shift's gradients came from the activation above
+        if needed[1] or needed[2] or (not ctx.gelu and (needed[5] or needed[6])):
             d_weight, d_bias, linear_d_scale, linear_d_shift = _parameter_gradients(
                 g, x, weight, bias, outer_scale, outer_sample)
             if not ctx.gelu:
