@@ -65,7 +65,7 @@ def _scan_flops(batch: int, channels: int, length: int, state: int, with_d: bool
 
 def cross_selective_scan_flops(inputs: List[Any], outputs: List[Any]) -> int:
     """``cross_selective_scan(x, delta, A, B, C, D, delta_bias)``: four directions over
-    x ``(B, D, H, W)``, B ``(B, 4, N, H, W)``."""
+    x ``(B, D, H, W)``, B ``(B, 4, N, H*W)``."""
     x, _, _, b, _, d = _node_args(inputs, outputs)[:6]
     batch, channels, height, width = x
     return _scan_flops(batch, b[1] * channels, height * width, b[2], d is not None)

@@ -9,8 +9,9 @@ For each channel ``c`` of group ``g`` and step ``t`` (``h_0 = 0``)::
 Two entry points:
 
 * :func:`cross_selective_scan`, what SS2D calls: the four directions of a 2-D map
-  (see :mod:`.cross_scan`) scanned and merged back. Its inputs stay in the map's own
-  layout, so fused backends can read the scan orders in place. Backends: ``triton``
+  (see :mod:`.cross_scan`) scanned and merged back. Its per-direction inputs come in
+  direction order (each direction's sequence contiguous, reversed or not), so fused backends
+  read every direction coalesced and in place. Backends: ``triton``
   (fused kernels, state size 1) and ``torch``, the pure-PyTorch reference;
 * :func:`selective_scan` on sequences laid out in scan order: the reference scan alone
   (pure PyTorch, no other backend), the building block of the ``torch`` backend above.
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cross_scan import cross_merge, cross_scan, uncross
+from .cross_scan import cross_merge, cross_scan, flip_reversed
 from .dispatch import Backend, OpDispatcher, runs_anywhere
 
 
@@ -244,22 +245,22 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
 
 
 def _scan_order(x: Tensor, delta: Tensor, B: Tensor, C: Tensor) -> Tuple[Tensor, ...]:
-    """Map-layout inputs as the ``(b, 4*D, L)`` / ``(b, 4, N, L)`` sequences of the four directions."""
+    """The inputs as the ``(b, 4*D, L)`` / ``(b, 4, N, L)`` sequences of the four directions."""
     batch, length = x.size(0), x.size(2) * x.size(3)
-    return (cross_scan(x).reshape(batch, -1, length), cross_scan(delta).reshape(batch, -1, length),
-            cross_scan(B), cross_scan(C))
+    return (cross_scan(x).reshape(batch, -1, length), flip_reversed(delta).reshape(batch, -1, length),
+            flip_reversed(B), flip_reversed(C))
 
 
 class _CrossSelectiveScan(torch.autograd.Function):
     """The ``torch`` backend: cross scan, the reference scan, cross merge, with one backward
-    for the three that keeps only the map-layout inputs (see :class:`_SelectiveScan`)."""
+    for the three that keeps only the inputs (see :class:`_SelectiveScan`)."""
 
     @staticmethod
     def forward(ctx, x, delta, A, B, C, D, delta_bias):
         ctx.save_for_backward(x, delta, A, B, C, D, delta_bias)
         u, dts, Bs, Cs = _scan_order(x, delta, B, C)
         y = _scan_forward(u, dts, A, Bs, Cs, D, delta_bias, True)
-        return cross_merge(y.view(x.size(0), 4, x.size(1), -1), *x.shape[2:])
+        return cross_merge(y.view(x.size(0), 4, x.size(1), -1), *x.shape[2:]).to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -270,8 +271,8 @@ class _CrossSelectiveScan(torch.autograd.Function):
         du, ddelta, dA, dB, dC, dD, dbias = _scan_backward(
             u, dts, A, Bs, Cs, D, delta_bias, True, cross_scan(dy).reshape(batch, -1, height * width))
         dx = cross_merge(du.view(batch, 4, channels, -1), height, width)
-        grads = (dx, uncross(ddelta.view(batch, 4, channels, -1), height, width), dA,
-                 uncross(dB, height, width), uncross(dC, height, width), dD, dbias)
+        grads = (dx, flip_reversed(ddelta.view(batch, 4, channels, -1)), dA, flip_reversed(dB),
+                 flip_reversed(dC), dD, dbias)
         return _in_dtypes(grads, inputs)
 
 
@@ -318,21 +319,27 @@ def cross_selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
                          D: Tensor, delta_bias: Tensor) -> Tensor:
     """The SS2D scan: four directions over a map, each scanned, then merged.
 
+    The per-direction inputs come in direction order (:mod:`.cross_scan`): direction k's
+    map flattened row-major (k = 0, 2) or column-major (k = 1, 3), so that every direction
+    reads its sequence contiguously (:func:`~.cross_scan.direction_order` lays maps out so).
+
     Args:
         x: ``(B, D, H, W)``, the input ``u`` of every direction.
-        delta: ``(B, 4, D, H, W)``, before ``delta_bias`` and softplus; direction k's map.
+        delta: ``(B, 4, D, H*W)``, before ``delta_bias`` and softplus.
         A: ``(4*D, N)``.
-        B, C: ``(B, 4, N, H, W)``.
+        B, C: ``(B, 4, N, H*W)``.
         D, delta_bias: ``(4*D,)``.
 
     Returns:
-        ``(B, D, H, W)`` in float32: the sum over directions of each direction's output,
-        put back at the pixel it belongs to.
+        ``(B, D, H, W)`` in ``x``'s dtype (computed in float32): the sum over directions of
+        each direction's output, put back at the pixel it belongs to.
     """
     batch, channels, height, width = x.shape
-    if delta.shape != (batch, 4, channels, height, width):
-        raise ValueError(f'delta must be {(batch, 4, channels, height, width)}, got {tuple(delta.shape)}')
-    if B.dim() != 5 or B.shape[:2] != (batch, 4) or B.shape[3:] != (height, width) or C.shape != B.shape:
-        raise ValueError(f'B and C must be ({batch}, 4, N, {height}, {width}), got '
+    length = height * width
+    if delta.shape != (batch, 4, channels, length):
+        raise ValueError(f'delta must be {(batch, 4, channels, length)} (direction order), got '
+                         f'{tuple(delta.shape)}')
+    if B.dim() != 4 or B.shape[:2] != (batch, 4) or B.shape[3] != length or C.shape != B.shape:
+        raise ValueError(f'B and C must be ({batch}, 4, N, {length}) (direction order), got '
                          f'{tuple(B.shape)} and {tuple(C.shape)}')
     return _cross_selective_scan(x, delta, A, B, C, D, delta_bias)

@@ -1,11 +1,14 @@
 """Triton backend of :func:`mmseg_segman.ops.selective_scan.cross_selective_scan` (N = 1).
 
-Layout. The four scan directions are read in place from the map layout, with index
-arithmetic only (no cross-scan copies): ``x (B, D, H, W)``, ``delta (B, 4, D, H, W)``,
-``B``/``C (B, 4, 1, H, W)``, any strides. Scan step ``t`` of direction ``k`` is position
-``s = t`` (``k < 2``) or ``s = H*W - 1 - t`` (``k >= 2``) of the row-major (``k`` even) or
-column-major (``k`` odd) order of the map, i.e. pixel ``(s // W, s % W)`` or
-``(s % H, s // H)``. ``A``, ``D``, ``delta_bias`` are ``(4*D,)``, direction-major.
+Layout. The per-direction inputs ``delta (B, 4, D, L)`` and ``B``/``C (B, 4, 1, L)`` come in
+direction order (:mod:`.cross_scan`: row-major for directions 0 and 2, column-major for 1 and
+3), contiguous along ``L``; ``x (B, D, H, W)`` is copied once into both orders,
+``(B, 2, D, L)``. Scan step ``t`` of direction ``k`` is position ``t`` (``k < 2``) or
+``L - 1 - t`` (``k >= 2``) of its sequences, so every load and store walks memory
+contiguously, forwards or backwards. (Reading the column-major directions straight from the
+map, as this backend first did, gathered one element a 32-byte sector: 2.1x the time of the
+row-major directions at SegMAN-L's stage 1.) ``A``, ``D``, ``delta_bias`` are ``(4*D,)``,
+direction-major.
 
 Forward. One program owns ``BLOCK_D`` channels of one direction of one batch element
 (grid ``cdiv(D, BLOCK_D) x 4 x B``) and walks the sequence in tiles of ``BLOCK_L`` steps.
@@ -13,23 +16,23 @@ Forward. One program owns ``BLOCK_D`` channels of one direction of one batch ele
 inside a tile ``h_t = a_t h_{t-1} + dt_t B_t u_t`` is one ``tl.associative_scan`` over
 ``(a, b)`` pairs and the state is carried to the next tile. Everything is float32.
 
-Merge. Each direction writes its ``y`` into its own slot of a float32 ``(B, 4, D, H, W)``
-buffer at the pixel the step belongs to, and the four slots are summed in PyTorch. This is
-deterministic (atomics into ``(B, D, H, W)`` would add the four terms in a run-dependent
-order) and keeps all four directions in parallel; it costs one float32 buffer of four
-outputs, freed after the sum. ``du`` in the backward pass is merged the same way.
+Merge. Each direction writes its ``y`` into its own slot of a float32 ``(B, 4, D, L)``
+buffer in direction order, and one more kernel sums the four slots at each pixel (the
+column-major ones read as transposed tiles) into the output's dtype. This is deterministic
+(atomics would add the four terms in a run-dependent order) and keeps all four directions in
+parallel; it costs one float32 buffer of four outputs, freed after the merge. ``du`` in the
+backward pass is merged the same way, and ``dy`` is read from both orders like ``x``.
 
 Backward. When a gradient is needed the forward pass also stores ``h`` (float32, in scan
-order, so that store is coalesced in every direction). The backward program walks the
-tiles from the end, each read in reversed order, so the adjoint recurrence
-``dh_t = C_t dy_t + a_{t+1} dh_{t+1}`` is again a forward ``tl.associative_scan`` (no
-``reverse=True`` scan, whose results have been wrong on some Triton versions);
-``a_{t+1}`` is recomputed from ``delta`` at the next step and ``h_{t-1}`` read back
-(not ``h_t - b_t``, which cancels when ``a_t`` is small and would spoil ``dA``).
+order). The backward program walks the tiles from the end, each read in reversed order, so
+the adjoint recurrence ``dh_t = C_t dy_t + a_{t+1} dh_{t+1}`` is again a forward
+``tl.associative_scan`` (no ``reverse=True`` scan, whose results have been wrong on some
+Triton versions); ``a_{t+1}`` is recomputed from ``delta`` at the next step and ``h_{t-1}``
+read back (not ``h_t - b_t``, which cancels when ``a_t`` is small and would spoil ``dA``).
 Then ``du``, ``ddelta`` (through softplus and bias), and per program: ``dB``, ``dC``
 summed over the program's channels, ``dA``, ``dD``, ``d delta_bias`` summed over its steps.
 These partial sums are reduced in PyTorch (over channel blocks, resp. the batch); again
-no atomics. Gradients are returned in the inputs' dtypes.
+no atomics. Gradients are returned in the inputs' dtypes and layouts.
 
 ``torch.compile`` traces the kernels as the ``torch.library`` custom ops
 ``mmseg_segman::cross_scan_forward`` and ``cross_scan_backward`` (with fake implementations
@@ -49,9 +52,9 @@ from .triton_jit import cdiv, jit_with_runtime_ints, launch, next_power_of_2, re
 
 
 # Sizes and the strides that follow them stay runtime values (one compilation for every map
-# size); the innermost strides, 1 for any contiguous input, are left to Triton's specialisation.
-_RUNTIME_INTS = {'channels', 'height', 'width',
-                 *(f's{t}_{dim}' for t in 'xdbcy' for dim in 'bkch')}
+# size); the sequences' own stride is 1.
+_RUNTIME_INTS = {'channels', 'length', 'height', 'width',
+                 *(f's{t}_{dim}' for t in 'xdbcy' for dim in 'bkc')}
 
 
 @triton.jit
@@ -90,27 +93,18 @@ def _load_channel_params(a_ptr, d_ptr, bias_ptr, index, mask):
 
 
 @triton.jit
-def _pixel(step, length, height, width, direction):
-    """Row and column of scan step ``step`` (any shape) of ``direction`` in an ``H x W`` map."""
-    pos = tl.where(direction >= 2, length - 1 - step, step)
-    column_major = direction % 2 == 1
-    inner = tl.where(column_major, height, width)
-    outer_idx = pos // inner
-    inner_idx = pos % inner
-    return tl.where(column_major, inner_idx, outer_idx), tl.where(column_major, outer_idx, inner_idx)
-
-
-@triton.jit
-def _direction_program(x_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, channels, length,
-                       sx_b, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, BLOCK_D: tl.constexpr):
+def _direction_program(xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, channels, length,
+                       sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k,
+                       BLOCK_D: tl.constexpr):
     """The program's direction, batch element and channels, their parameters, the base
-    pointers of its inputs and the offset of its rows in the ``(B, 4, D, L)`` buffers."""
+    pointers of its sequences (``x`` in the direction's order) and the offset of its rows in
+    the ``(B, 4, D, L)`` buffers."""
     direction = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
     ch = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     ch_ok = ch < channels
     A, D, bias = _load_channel_params(a_ptr, d_ptr, bias_ptr, direction * channels + ch, ch_ok)
-    x_base = x_ptr + batch * sx_b + ch[:, None] * sx_c
+    x_base = xs_ptr + batch * sx_b + (direction % 2) * sx_k + ch[:, None] * sx_c
     delta_base = delta_ptr + batch * sd_b + direction * sd_k + ch[:, None] * sd_c
     b_base = b_ptr + batch * sb_b + direction * sb_k
     c_base = c_ptr + batch * sc_b + direction * sc_k
@@ -118,49 +112,49 @@ def _direction_program(x_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, c
     return direction, batch, ch, ch_ok, A, D, bias, x_base, delta_base, b_base, c_base, row_base
 
 
+@triton.jit
+def _position(step, length, direction):
+    """Position in the direction-order sequence of scan step ``step`` (any shape)."""
+    return tl.where(direction >= 2, length - 1 - step, step)
+
+
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _cross_scan_fwd_kernel(
-        x_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, y_ptr, h_ptr,
-        channels, height, width,
-        sx_b, sx_c, sx_h, sx_w, sd_b, sd_k, sd_c, sd_h, sd_w,
-        sb_b, sb_k, sb_h, sb_w, sc_b, sc_k, sc_h, sc_w,
+        xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, y_ptr, h_ptr, channels, length,
+        sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k,
         STORE_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    length = height * width
     direction, batch, ch, ch_ok, A, D, bias, x_base, delta_base, b_base, c_base, row_base = \
-        _direction_program(x_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, channels, length,
-                           sx_b, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, BLOCK_D)
+        _direction_program(xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, channels, length,
+                           sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, BLOCK_D)
     steps = tl.arange(0, BLOCK_L)
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(0, length, BLOCK_L):
         t = start + steps
         t_ok = t < length
         ok = ch_ok[:, None] & t_ok[None, :]
-        i, j = _pixel(t, length, height, width, direction)
-        u = tl.load(x_base + (i * sx_h + j * sx_w)[None, :], mask=ok, other=0.0).to(tl.float32)
-        z = tl.load(delta_base + (i * sd_h + j * sd_w)[None, :], mask=ok, other=0.0).to(tl.float32)
-        Bt = tl.load(b_base + i * sb_h + j * sb_w, mask=t_ok, other=0.0).to(tl.float32)[None, :]
-        Ct = tl.load(c_base + i * sc_h + j * sc_w, mask=t_ok, other=0.0).to(tl.float32)[None, :]
+        pos = _position(t, length, direction)
+        u = tl.load(x_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(delta_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
+        Bt = tl.load(b_base + pos, mask=t_ok, other=0.0).to(tl.float32)[None, :]
+        Ct = tl.load(c_base + pos, mask=t_ok, other=0.0).to(tl.float32)[None, :]
         dt = _softplus(z + bias)
         decay = tl.where(ok, tl.exp(dt * A), 1.0)
         h, carry = _scan_tile(decay, dt * Bt * u, carry, BLOCK_L)
-        tl.store(y_ptr + row_base + (i * width + j)[None, :], Ct * h + D * u, mask=ok)
+        tl.store(y_ptr + row_base + pos[None, :], Ct * h + D * u, mask=ok)
         if STORE_H:
             tl.store(h_ptr + row_base + t[None, :], h, mask=ok)
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _cross_scan_bwd_kernel(
-        x_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, h_ptr, dy_ptr,
-        du_ptr, ddelta_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr,
-        channels, height, width,
-        sx_b, sx_c, sx_h, sx_w, sd_b, sd_k, sd_c, sd_h, sd_w,
-        sb_b, sb_k, sb_h, sb_w, sc_b, sc_k, sc_h, sc_w, sy_b, sy_c, sy_h, sy_w,
+        xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, h_ptr, dys_ptr,
+        du_ptr, ddelta_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr, channels, length,
+        sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, sy_b, sy_k, sy_c,
         BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    length = height * width
     direction, batch, ch, ch_ok, A, D, bias, x_base, delta_base, b_base, c_base, row_base = \
-        _direction_program(x_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, channels, length,
-                           sx_b, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, BLOCK_D)
-    dy_base = dy_ptr + batch * sy_b + ch[:, None] * sy_c
+        _direction_program(xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, channels, length,
+                           sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, BLOCK_D)
+    dy_base = dys_ptr + batch * sy_b + (direction % 2) * sy_k + ch[:, None] * sy_c
     bc_base = ((batch * 4 + direction) * tl.num_programs(0) + tl.program_id(0)) * length  # dB, dC partials
     steps = tl.arange(0, BLOCK_L)
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -172,19 +166,19 @@ def _cross_scan_bwd_kernel(
         t = (num_tiles - tile) * BLOCK_L - 1 - steps  # the tile, last step first
         t_ok = t < length
         ok = ch_ok[:, None] & t_ok[None, :]
-        i, j = _pixel(t, length, height, width, direction)
-        u = tl.load(x_base + (i * sx_h + j * sx_w)[None, :], mask=ok, other=0.0).to(tl.float32)
-        z = tl.load(delta_base + (i * sd_h + j * sd_w)[None, :], mask=ok, other=0.0).to(tl.float32)
+        pos = _position(t, length, direction)
+        u = tl.load(x_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(delta_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
         z += bias
-        Bt = tl.load(b_base + i * sb_h + j * sb_w, mask=t_ok, other=0.0).to(tl.float32)[None, :]
-        Ct = tl.load(c_base + i * sc_h + j * sc_w, mask=t_ok, other=0.0).to(tl.float32)[None, :]
-        dy = tl.load(dy_base + (i * sy_h + j * sy_w)[None, :], mask=ok, other=0.0).to(tl.float32)
+        Bt = tl.load(b_base + pos, mask=t_ok, other=0.0).to(tl.float32)[None, :]
+        Ct = tl.load(c_base + pos, mask=t_ok, other=0.0).to(tl.float32)[None, :]
+        dy = tl.load(dy_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
         h = tl.load(h_ptr + row_base + t[None, :], mask=ok, other=0.0)
         h_prev = tl.load(h_ptr + row_base + t[None, :] - 1, mask=ok & (t >= 1)[None, :], other=0.0)
         # a_{t+1}, zero past the end
         next_ok = ch_ok[:, None] & (t + 1 < length)[None, :]
-        i1, j1 = _pixel(t + 1, length, height, width, direction)
-        z1 = tl.load(delta_base + (i1 * sd_h + j1 * sd_w)[None, :], mask=next_ok, other=0.0)
+        next_pos = _position(t + 1, length, direction)
+        z1 = tl.load(delta_base + next_pos[None, :], mask=next_ok, other=0.0)
         decay_next = tl.where(next_ok, tl.exp(_softplus(z1.to(tl.float32) + bias) * A), 0.0)
 
         dh, carry = _scan_tile(decay_next, Ct * dy, carry, BLOCK_L)
@@ -192,11 +186,10 @@ def _cross_scan_bwd_kernel(
         dt = _softplus(z)
         decayed_prev = tl.exp(dt * A) * h_prev
         dz = tl.where(ok, dh * (Bt * u + A * decayed_prev) * tl.sigmoid(z), 0.0)
-        pixel = (i * width + j)[None, :]
-        tl.store(du_ptr + row_base + pixel, dh * dt * Bt + D * dy, mask=ok)
-        tl.store(ddelta_ptr + row_base + pixel, dz, mask=ok)
-        tl.store(db_ptr + bc_base + i * width + j, tl.sum(dh * dt * u, axis=0), mask=t_ok)
-        tl.store(dc_ptr + bc_base + i * width + j, tl.sum(dy * h, axis=0), mask=t_ok)
+        tl.store(du_ptr + row_base + pos[None, :], dh * dt * Bt + D * dy, mask=ok)
+        tl.store(ddelta_ptr + row_base + pos[None, :], dz, mask=ok)
+        tl.store(db_ptr + bc_base + pos, tl.sum(dh * dt * u, axis=0), mask=t_ok)
+        tl.store(dc_ptr + bc_base + pos, tl.sum(dy * h, axis=0), mask=t_ok)
         dA += tl.sum(dh * decayed_prev * dt, axis=1)
         dD += tl.sum(dy * u, axis=1)
         dbias += tl.sum(dz, axis=1)
@@ -206,28 +199,74 @@ def _cross_scan_bwd_kernel(
     tl.store(dbias_ptr + out, dbias, mask=ch_ok)
 
 
+@jit_with_runtime_ints(_RUNTIME_INTS)
+def _merge_kernel(ys_ptr, out_ptr, channels, height, width,
+                  BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """``out[b, c] = ys[b, 0, c] + ys[b, 2, c] + (ys[b, 1, c] + ys[b, 3, c])^T`` for a
+    ``BLOCK_H x BLOCK_W`` tile of one plane: ``ys (B, 4, D, L)`` in direction order, the
+    column-major slots loaded as ``(BLOCK_W, BLOCK_H)`` tiles (contiguous along H) and
+    transposed in registers; ``out (B, D, H, W)`` contiguous, in its own dtype."""
+    plane = tl.program_id(2).to(tl.int64)
+    batch, channel = plane // channels, plane % channels
+    length = height * width
+    slot = channels * length
+    base = ys_ptr + (batch * 4 * channels + channel) * length
+    rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    row_ok, col_ok = rows < height, cols < width
+    row_major = rows[:, None] * width + cols[None, :]
+    ok = row_ok[:, None] & col_ok[None, :]
+    y = tl.load(base + row_major, mask=ok, other=0.0) + tl.load(base + 2 * slot + row_major, mask=ok,
+                                                                other=0.0)
+    col_major = cols[:, None] * height + rows[None, :]
+    ok_t = col_ok[:, None] & row_ok[None, :]
+    y_t = tl.load(base + slot + col_major, mask=ok_t, other=0.0) + \
+        tl.load(base + 3 * slot + col_major, mask=ok_t, other=0.0)
+    y += tl.trans(y_t)
+    tl.store(out_ptr + plane * length + row_major, y, mask=ok)
+
+
 Blocks = Tuple[int, int, int]  # (BLOCK_D, BLOCK_L, num_warps)
 
 
-def block_sizes(channels: int, length: int, backward: bool = False) -> Blocks:
-    """Default ``(BLOCK_D, BLOCK_L, num_warps)`` of the forward or the backward kernel.
+def block_sizes(length: int) -> Blocks:
+    """Default ``(BLOCK_D, BLOCK_L, num_warps)`` of the forward and the backward kernel.
 
     Chosen by ``tools/gpu_checks/check_cross_selective_scan.py --sweep`` on an H100 (bfloat16,
-    SegMAN's stage sizes at 512x512, see docs/benchmarks.md): long tiles pay off since each
-    program walks its sequence one tile after another; the forward runs best with few
-    channels a program on long maps, the backward with 8 warps.
+    SegMAN's stage sizes at 512x512, see docs/benchmarks.md): with every direction read
+    contiguously, two channels and 256 steps a program with 4 warps ran fastest at every size,
+    in both passes (within 5% of the best at 16x16 maps).
     """
-    tile = max(16, next_power_of_2(length))
-    if backward:
-        return 4, min(tile, 512 if length >= 4096 else 256), 8
-    if length >= 8192:
-        return 2, min(tile, 512), 4
-    return (8 if length <= 256 else 4), min(tile, 256), 4
+    return 2, min(max(16, next_power_of_2(length)), 256), 4
 
 
-def _strides(x: Tensor, delta: Tensor, B: Tensor, C: Tensor) -> Tuple[int, ...]:
-    """The kernels' stride arguments: all of x and delta, B and C without the state dim."""
-    return (*x.stride(), *delta.stride(), *(s for t in (B, C) for i, s in enumerate(t.stride()) if i != 2))
+MERGE_TILE = (32, 32)  # (BLOCK_H, BLOCK_W) of the merge kernel
+
+
+def _sequences(*tensors: Tensor) -> Tuple[Tensor, ...]:
+    """Each ``(B, 4, ., L)`` input with unit stride along ``L`` (copied where it has not)."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
+def _both_orders(x: Tensor) -> Tensor:
+    """``(B, D, H, W) -> (B, 2, D, H*W)``: the map row-major and column-major."""
+    return torch.stack([x.flatten(2), x.transpose(2, 3).flatten(2)], dim=1)
+
+
+def _strides(xs: Tensor, delta: Tensor, B: Tensor, C: Tensor) -> Tuple[int, ...]:
+    """The kernels' stride arguments: batch, direction (or order) and channel strides."""
+    return (*xs.stride()[:3], *delta.stride()[:3], *B.stride()[:2], *C.stride()[:2])
+
+
+def _merge(ys: Tensor, height: int, width: int, dtype: torch.dtype) -> Tensor:
+    """``(B, 4, D, L)`` float32 in direction order -> ``(B, D, H, W)`` in ``dtype``: the sum
+    of the four directions at each pixel (:func:`_merge_kernel`)."""
+    batch, _, channels, _ = ys.shape
+    out = torch.empty(batch, channels, height, width, dtype=dtype, device=ys.device)
+    block_h, block_w = MERGE_TILE
+    launch(_merge_kernel, (cdiv(width, block_w), cdiv(height, block_h), batch * channels),
+           ys, out, channels, height, width, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4)
+    return out
 
 
 def _flat(*params: Tensor) -> Tuple[Tensor, ...]:
@@ -235,12 +274,12 @@ def _flat(*params: Tensor) -> Tuple[Tensor, ...]:
     return tuple(t.reshape(-1).contiguous() for t in params)
 
 
-def _blocks(x: Tensor, blocks: List[int], backward: bool) -> Blocks:
+def _blocks(x: Tensor, blocks: List[int]) -> Blocks:
     """``blocks`` as given, or the default of ``x``'s map size when empty (chosen inside the
     ops, so that compiled graphs do not depend on the map size through their arguments)."""
     if blocks:
         return tuple(blocks)
-    return block_sizes(x.shape[1], x.shape[2] * x.shape[3], backward)
+    return block_sizes(x.shape[2] * x.shape[3])
 
 
 def _float32(*shape: int, like: Tensor) -> Tensor:
@@ -250,18 +289,21 @@ def _float32(*shape: int, like: Tensor) -> Tensor:
 def _cross_scan_forward_impl(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                              D: Tensor, delta_bias: Tensor, store_states: bool,
                              blocks: List[int]) -> Tuple[Tensor, Tensor]:
-    """``y (B, D, H, W)`` float32 and, if ``store_states``, the states ``h (B, 4, D, H*W)``
-    float32 in scan order for the backward pass (else an empty tensor). ``blocks``: the
-    forward's then the backward's ``(BLOCK_D, BLOCK_L, num_warps)``, or empty (defaults)."""
+    """``y (B, D, H, W)`` in ``x``'s dtype and, if ``store_states``, the states
+    ``h (B, 4, D, H*W)`` float32 in scan order for the backward pass (else an empty tensor).
+    ``blocks``: the forward's then the backward's ``(BLOCK_D, BLOCK_L, num_warps)``, or empty
+    (defaults)."""
     batch, channels, height, width = x.shape
-    ys = _float32(batch, 4, channels, height, width, like=x)
-    h = _float32(batch, 4, channels, height * width if store_states else 0, like=x)
-    block_d, block_l, warps = _blocks(x, blocks[:3], backward=False)
+    length = height * width
+    xs, (delta, B, C) = _both_orders(x), _sequences(delta, B, C)
+    ys = _float32(batch, 4, channels, length, like=x)
+    h = _float32(batch, 4, channels, length if store_states else 0, like=x)
+    block_d, block_l, warps = _blocks(x, blocks[:3])
     launch(_cross_scan_fwd_kernel, (cdiv(channels, block_d), 4, batch),
-           x, delta, *_flat(A, D, delta_bias), B, C, ys, h if store_states else ys, channels,
-           height, width, *_strides(x, delta, B, C), STORE_H=store_states, BLOCK_D=block_d,
+           xs, delta, *_flat(A, D, delta_bias), B, C, ys, h if store_states else ys, channels,
+           length, *_strides(xs, delta, B, C), STORE_H=store_states, BLOCK_D=block_d,
            BLOCK_L=block_l, num_warps=warps)
-    return ys.sum(1), h
+    return _merge(ys, height, width, x.dtype), h
 
 
 @torch.library.custom_op('mmseg_segman::cross_scan_forward', mutates_args=())
@@ -275,7 +317,7 @@ def cross_scan_forward(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 @cross_scan_forward.register_fake
 def _(x, delta, A, B, C, D, delta_bias, store_states, blocks):
     batch, channels, height, width = x.shape
-    return (_float32(batch, channels, height, width, like=x),
+    return (x.new_empty(batch, channels, height, width),
             _float32(batch, 4, channels, height * width if store_states else 0, like=x))
 
 
@@ -287,19 +329,20 @@ def _cross_scan_backward_impl(dy: Tensor, x: Tensor, delta: Tensor, A: Tensor, B
                               blocks: List[int]) -> Gradients:
     """The gradients of ``x, delta, A, B, C, D, delta_bias``, in their shapes and dtypes."""
     inputs = x, delta, A, B, C, D, delta_bias
-    block_d, block_l, warps = _blocks(x, blocks, backward=True)
+    block_d, block_l, warps = _blocks(x, blocks)
     batch, channels, height, width = x.shape
+    length = height * width
+    xs, dys, (delta, B, C) = _both_orders(x), _both_orders(dy), _sequences(delta, B, C)
     grid = (cdiv(channels, block_d), 4, batch)
-    du = _float32(batch, 4, channels, height, width, like=x)
+    du = _float32(batch, 4, channels, length, like=x)
     ddelta = torch.empty_like(du)
-    dB, dC = (_float32(batch, 4, grid[0], height, width, like=x) for _ in range(2))
+    dB, dC = (_float32(batch, 4, grid[0], length, like=x) for _ in range(2))
     dA, dD, dbias = (_float32(batch, 4 * channels, like=x) for _ in range(3))
-    launch(_cross_scan_bwd_kernel, grid, x, delta, *_flat(A, D, delta_bias), B, C, h, dy,
-           du, ddelta, dB, dC, dA, dD, dbias,
-           channels, height, width, *_strides(x, delta, B, C), *dy.stride(),
-           BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
-    grads = (du.sum(1), ddelta, dA.sum(0), dB.sum(2, keepdim=True), dC.sum(2, keepdim=True),
-             dD.sum(0), dbias.sum(0))
+    launch(_cross_scan_bwd_kernel, grid, xs, delta, *_flat(A, D, delta_bias), B, C, h, dys,
+           du, ddelta, dB, dC, dA, dD, dbias, channels, length, *_strides(xs, delta, B, C),
+           *dys.stride()[:3], BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
+    grads = (_merge(du, height, width, x.dtype), ddelta, dA.sum(0), dB.sum(2, keepdim=True),
+             dC.sum(2, keepdim=True), dD.sum(0), dbias.sum(0))
     return tuple(g.view(t.shape).to(t.dtype) for g, t in zip(grads, inputs))
 
 
@@ -358,14 +401,15 @@ def cross_selective_scan_triton(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, 
     """The SS2D scan (state size 1) as fused Triton kernels; see the module doc.
 
     Args:
-        x: ``(B, D, H, W)``; delta: ``(B, 4, D, H, W)``; A: ``(4*D, 1)``;
-            B, C: ``(B, 4, 1, H, W)``; D, delta_bias: ``(4*D,)``.
+        x: ``(B, D, H, W)``; delta: ``(B, 4, D, H*W)``; A: ``(4*D, 1)``;
+            B, C: ``(B, 4, 1, H*W)`` (direction order, see the module doc);
+            D, delta_bias: ``(4*D,)``.
         fwd_blocks, bwd_blocks: ``(BLOCK_D, BLOCK_L, num_warps)`` of the forward and the
             backward kernel (block sizes powers of two); default :func:`block_sizes` of the
             map's size.
 
     Returns:
-        ``(B, D, H, W)`` float32. Under ``torch.compile`` the custom op
+        ``(B, D, H, W)`` in ``x``'s dtype. Under ``torch.compile`` the custom op
         :func:`cross_scan_forward` runs; eagerly the kernels are launched through
         :class:`_CrossSelectiveScan`, or directly without autograd recording (inference).
     """
@@ -373,8 +417,8 @@ def cross_selective_scan_triton(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, 
     store_states = records_autograd(*inputs)
     blocks = []
     if fwd_blocks is not None or bwd_blocks is not None:
-        blocks = [*(fwd_blocks or _blocks(x, [], backward=False)),
-                  *(bwd_blocks or _blocks(x, [], backward=True))]
+        blocks = [*(fwd_blocks or _blocks(x, [])),
+                  *(bwd_blocks or _blocks(x, []))]
     if torch.compiler.is_compiling():
         return cross_scan_forward(*inputs, store_states, blocks)[0]
     if store_states:

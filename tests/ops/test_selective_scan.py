@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from mmseg_segman.ops import cross_merge, cross_scan, cross_selective_scan, selective_scan
-from mmseg_segman.ops.cross_scan import uncross
+from mmseg_segman.ops import (cross_merge, cross_scan, cross_selective_scan, direction_order,
+                              flip_reversed, selective_scan)
 from mmseg_segman.ops.selective_scan import (linear_recurrence, linear_recurrence_exportable,
                                               selective_scan_reference)
 
@@ -75,10 +75,14 @@ def test_cross_scan_orders_and_merge_inverts(height, width):
     assert torch.equal(xs[:, 1], x.transpose(2, 3).flatten(2))
     assert torch.equal(xs[:, 2], x.flatten(2).flip(-1))
     assert torch.equal(xs[:, 3], x.transpose(2, 3).flatten(2).flip(-1))
-    # per-direction maps: direction k of a (B, 4, C, H, W) input is read in order k
+    # per-direction maps in direction order: row-major (0, 2), column-major (1, 3), not reversed
     per_direction = torch.stack([x, x + 1, x + 2, x + 3], 1)
-    assert torch.equal(cross_scan(per_direction), xs + torch.arange(4.).view(1, 4, 1, 1).double())
-    assert torch.equal(uncross(cross_scan(per_direction), height, width), per_direction)
+    ordered = direction_order(per_direction)
+    for k in range(4):
+        flat = x.flatten(2) if k % 2 == 0 else x.transpose(2, 3).flatten(2)
+        assert torch.equal(ordered[:, k], flat + k)
+    assert torch.equal(flip_reversed(ordered), xs + torch.arange(4.).view(1, 4, 1, 1).double())
+    assert torch.equal(flip_reversed(flip_reversed(ordered)), ordered)
     # merge undoes each order and sums
     torch.testing.assert_close(cross_merge(xs, height, width), 4 * x)
 
@@ -91,9 +95,13 @@ def test_cross_selective_scan_is_four_sequential_scans():
     Bs, Cs = torch.randn(2, batch, 4, state, height, width, dtype=torch.float64)
     A = -torch.rand(4 * channels, state, dtype=torch.float64)
     D, bias = torch.randn(2, 4 * channels, dtype=torch.float64)
-    out = cross_selective_scan(x, delta, A, Bs, Cs, D, bias)
+    # the per-direction maps in direction order, written out here
+    rows, cols = (lambda t: t.flatten(-2)), (lambda t: t.transpose(-1, -2).flatten(-2))
+    ordered = [torch.stack([(rows, cols)[k % 2](t[:, k]) for k in range(4)], 1)
+               for t in (delta, Bs, Cs)]
+    out = cross_selective_scan(x, ordered[0], A, ordered[1], ordered[2], D, bias)
     expected = torch.zeros_like(x)
-    orders = [lambda t: t.flatten(-2), lambda t: t.transpose(-1, -2).flatten(-2)]
+    orders = [rows, cols]
     for k in range(4):
         order = orders[k % 2]
         seq = lambda t: order(t).flip(-1) if k >= 2 else order(t)  # noqa: E731
@@ -114,8 +122,12 @@ def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match='B and C must be'):
         selective_scan(**{**inputs, 'B': inputs['B'][..., :3]})
     x = torch.randn(1, 3, 4, 4)
-    with pytest.raises(ValueError, match='delta must be'):
-        cross_selective_scan(x, torch.randn(1, 4, 3, 4, 5), torch.randn(12, 1),
+    with pytest.raises(ValueError, match=r'delta must be \(1, 4, 3, 16\) \(direction order\)'):
+        cross_selective_scan(x, torch.randn(1, 4, 3, 4, 4), torch.randn(12, 1),
+                             torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16),
+                             torch.randn(12), torch.randn(12))
+    with pytest.raises(ValueError, match='B and C must be'):
+        cross_selective_scan(x, torch.randn(1, 4, 3, 16), torch.randn(12, 1),
                              torch.randn(1, 4, 1, 4, 4), torch.randn(1, 4, 1, 4, 4),
                              torch.randn(12), torch.randn(12))
 
@@ -124,11 +136,12 @@ def test_cross_selective_scan_gradcheck():
     """Covers cross scan and merge: gradients reach the map-layout inputs."""
     g = torch.Generator().manual_seed(0)
     channels, height, width = 2, 3, 2
+    length = height * width
     inputs = [torch.randn(1, channels, height, width, generator=g, dtype=torch.float64),
-              torch.randn(1, 4, channels, height, width, generator=g, dtype=torch.float64),
+              torch.randn(1, 4, channels, length, generator=g, dtype=torch.float64),
               -torch.rand(4 * channels, 1, generator=g, dtype=torch.float64),
-              torch.randn(1, 4, 1, height, width, generator=g, dtype=torch.float64),
-              torch.randn(1, 4, 1, height, width, generator=g, dtype=torch.float64),
+              torch.randn(1, 4, 1, length, generator=g, dtype=torch.float64),
+              torch.randn(1, 4, 1, length, generator=g, dtype=torch.float64),
               torch.randn(4 * channels, generator=g, dtype=torch.float64),
               torch.randn(4 * channels, generator=g, dtype=torch.float64)]
     assert torch.autograd.gradcheck(cross_selective_scan, [t.requires_grad_() for t in inputs])
@@ -138,9 +151,10 @@ def cross_inputs(batch=2, channels=3, state=1, height=9, width=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     def randn(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
-    return [randn(batch, channels, height, width), randn(batch, 4, channels, height, width),
+    length = height * width
+    return [randn(batch, channels, height, width), randn(batch, 4, channels, length),
             -torch.rand(4 * channels, state, generator=g, dtype=torch.float64),
-            randn(batch, 4, state, height, width), randn(batch, 4, state, height, width),
+            randn(batch, 4, state, length), randn(batch, 4, state, length),
             randn(4 * channels), randn(4 * channels)]
 
 

@@ -27,26 +27,28 @@ def test_not_chosen_on_cpu_without_interpreter(monkeypatch):
 
 
 def make_inputs(batch, channels, height, width, dtype, state=1, seed=0):
-    """SS2D-like inputs: activations in ``dtype``, parameters (A, D, delta_bias) float32."""
+    """SS2D-like inputs: activations in ``dtype`` (delta, B, C in direction order), parameters
+    (A, D, delta_bias) float32."""
     import torch
     g = torch.Generator().manual_seed(seed)
     def act(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
-    return [act(batch, channels, height, width), act(batch, 4, channels, height, width),
+    length = height * width
+    return [act(batch, channels, height, width), act(batch, 4, channels, length),
             -torch.rand(4 * channels, state, generator=g) * 2 - 0.05,
-            act(batch, 4, state, height, width), act(batch, 4, state, height, width),
+            act(batch, 4, state, length), act(batch, 4, state, length),
             torch.randn(4 * channels, generator=g), torch.randn(4 * channels, generator=g) - 2]
 
 
 def sequential(x, delta, A, B, C, D, delta_bias):
     """The ground truth: cross scan, the step-by-step loop, cross merge (float64)."""
-    from mmseg_segman.ops.cross_scan import cross_merge, cross_scan
+    from mmseg_segman.ops.cross_scan import cross_merge, cross_scan, flip_reversed
     from mmseg_segman.ops.selective_scan import selective_scan_reference
     batch, channels, height, width = x.shape
     length = height * width
     ys = selective_scan_reference(cross_scan(x).reshape(batch, -1, length),
-                                  cross_scan(delta).reshape(batch, -1, length), A,
-                                  cross_scan(B), cross_scan(C), D, delta_bias)
+                                  flip_reversed(delta).reshape(batch, -1, length), A,
+                                  flip_reversed(B), flip_reversed(C), D, delta_bias)
     return cross_merge(ys.view(batch, 4, channels, length), height, width)
 
 
@@ -87,7 +89,7 @@ def check(batch, channels, height, width, dtype, tol, blocks=(None, None), trans
     seconds = time.perf_counter() - start
     for t, g in zip(inputs, got[1:]):
         assert g.dtype == t.dtype, (g.dtype, t.dtype)
-    assert got[0].dtype == torch.float32
+    assert got[0].dtype == dtype
     label = f'{str(dtype)[6:]} B{batch} D{channels} {height}x{width} blocks={blocks}' + \
         (' strided' if transform else '')
     compare(f'{label} vs torch  [{seconds:.2f} s]', got,
@@ -97,12 +99,12 @@ def check(batch, channels, height, width, dtype, tol, blocks=(None, None), trans
 
 
 def strided_views(inputs):
-    """The same values with the strides SS2D produces and more: B, C split from one tensor,
-    delta and x channels-last; the kernel reads them in place."""
+    """The same values with the strides SS2D produces and more: B, C split from one tensor
+    (read in place), delta with the sequence not innermost (copied), x channels-last."""
     import torch
     x, delta, A, B, C, D, delta_bias = inputs
-    bc = torch.cat([B, C], 2).permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-    delta = delta.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    bc = torch.cat([B, C], 2)
+    delta = delta.transpose(-1, -2).contiguous().transpose(-1, -2)
     return [x.contiguous(memory_format=torch.channels_last), delta, A, bc[:, :, :1], bc[:, :, 1:],
             D, delta_bias]
 
@@ -122,6 +124,21 @@ def check_stiff_decay():
     err = ((got.double() - want) / want).abs().max().item()
     print(f'stiff decay: dA entry-wise rel err {err:.1e}')
     assert err <= 1e-4, err
+
+
+def check_merge():
+    """The merge kernel against :func:`cross_merge` over several tiles, the last partial,
+    into float32 and bfloat16."""
+    import torch
+
+    from mmseg_segman.ops.cross_scan import cross_merge, flip_reversed
+    from mmseg_segman.ops.triton_cross_selective_scan import _merge
+    for height, width in ((37, 70), (70, 5)):
+        ys = torch.randn(2, 4, 3, height * width, generator=torch.Generator().manual_seed(height))
+        want = cross_merge(flip_reversed(ys), height, width)
+        torch.testing.assert_close(_merge(ys, height, width, torch.float32), want)
+        torch.testing.assert_close(_merge(ys, height, width, torch.bfloat16), want.bfloat16())
+    print('merge: ok')
 
 
 def check_checkpointed():
@@ -204,6 +221,7 @@ def main():
     check(1, 5, 6, 3, torch.bfloat16, 1e-2, blocks=((4, 16, 2), (2, 32, 4)))
     check(1, 3, 3, 5, torch.float16, 2e-3)
     check_stiff_decay()
+    check_merge()
     check_checkpointed()
     check_dispatch_and_no_grad()
     check_custom_op()

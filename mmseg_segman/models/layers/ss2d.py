@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ...ops import cross_selective_scan
+from ...ops import cross_selective_scan, direction_order
 from ...ops.pointwise_conv import Residual
 
 NUM_DIRECTIONS = 4
@@ -55,13 +55,14 @@ class SS2D(nn.Module):
         ``residual.add_to``."""
         k, c, r, n = NUM_DIRECTIONS, self.embed_dim, self.dt_rank, self.d_state
         # Per-pixel projections in the map's own layout: the same numbers as projecting
-        # each direction's sequence, since a 1x1 projection commutes with reordering.
-        x_dbl = torch.einsum('kjc,bchw->bkjhw', self.x_proj_weight.view(k, -1, c), x)
+        # each direction's sequence, since a 1x1 projection commutes with reordering. Their
+        # (R + 2N)-channel result is laid out in direction order for the scan (a small copy),
+        # and the step projection then yields delta in that order too.
+        x_dbl = direction_order(torch.einsum('kjc,bchw->bkjhw', self.x_proj_weight.view(k, -1, c), x))
         dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = torch.einsum('kcr,bkrhw->bkchw', self.dt_projs_weight, dts)
+        dts = torch.einsum('kcr,bkrl->bkcl', self.dt_projs_weight, dts)
         y = cross_selective_scan(x, dts, -torch.exp(self.A_logs.float()), Bs, Cs,
                                  self.Ds.float(), self.dt_projs_bias.reshape(-1).float())
-        y = y.to(x.dtype)
         return y if residual is None else residual.add_to(y)
 
     def extra_repr(self) -> str:
