@@ -9,10 +9,12 @@ for every new input shape. Here one program owns a ``BLOCK_H x BLOCK_W`` tile of
 shifted loads overlap and hit the cache). The input gradient is the same kernel with the
 taps flipped. ``residual`` adds the input (its centre tap) to the output, and ``dy`` to the
 input gradient: the blocks' ``x + dwconv(x)`` in one pass. The weight and bias gradients: a
-few programs per channel each loop over a share of its tiles, accumulate ``dy`` times the
-input shifted by every tap element-wise, reduce once, and PyTorch adds the few partial sums.
-Sizes and strides are runtime values and the tile is 32 or 64 wide after the map's width
-(:func:`tile_shape`): two compilations per (dtype, k) serve every map size. A plain
+program walks a band of rows of one channel down the map on a (batch elements x columns)
+tile, loads each input row once per column shift and keeps the ``k`` rows of the window in
+registers, so that each ``dy`` element costs ``k + 1`` loads and ``k * k`` multiply-adds
+(:func:`_dw_bwd_weight_kernel`); PyTorch adds the programs' partial sums. Sizes and strides
+are runtime values and the tiles are 32 or 64 wide after the map's width (:func:`tile_shape`):
+two compilations per (dtype, k) and kernel serve every map size. A plain
 ``torch.autograd.Function``, as :mod:`.triton_layer_norm` explains.
 """
 from typing import Optional, Tuple
@@ -22,16 +24,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import cdiv, jit_with_runtime_ints, launch, next_power_of_2, records_autograd
+from .triton_jit import cdiv, jit_with_runtime_ints, launch, records_autograd
 
 TILE_ELEMENTS = 1024  # forward and input-gradient programs: one tile of one plane
 NUM_WARPS = 4
-# weight-gradient programs: taps x tile elements in registers (padded taps x tile = 8192)
-WEIGHT_GRADIENT_ELEMENTS = 8192
-WEIGHT_GRADIENT_WARPS = 8
-WEIGHT_GRADIENT_PROGRAMS = 2048  # about; each loops over its share of one channel's tiles
+# weight-gradient programs: k -> (tile elements, rows a block), 4 warps; chosen on an H100
+# (docs/benchmarks.md): 3.9-6.3x the kernel they replaced at SegMAN-B's and -L's sizes
+WEIGHT_GRADIENT_TILES = {3: (128, 3), 5: (128, 2)}
+WEIGHT_GRADIENT_TILE_OTHER_K = (128, 1)
+WEIGHT_GRADIENT_PROGRAMS = 2048  # about: (batch, column) tiles x row bands x channels
+WEIGHT_GRADIENT_MIN_BAND = 8  # rows
 _RUNTIME_INTS = {'channels', 'height', 'width', 'sx_b', 'sx_c', 'sy_b', 'sy_c', 'batch',
-                 'tiles_w', 'tiles', 'splits'}
+                 'strips', 'band'}
 
 
 def tile_shape(width: int, elements: int) -> Tuple[int, int]:
@@ -79,36 +83,111 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, channels, height, width, sx_b, sx
              mask=ok)
 
 
+@triton.jit
+def _x_row(ptrs, shifted_cols, row, height, width, SHIFT: tl.constexpr):
+    """Row ``row`` of a ``(batch, BLOCK_W)`` tile (``ptrs`` at its unshifted start) shifted by
+    ``SHIFT`` columns, raw, zero outside the map: one unsigned compare an element
+    (``shifted_cols`` as uint32 against ``width``, or against 0 for a row outside the map)."""
+    limit = tl.where((row >= 0) & (row < height), width, 0).to(tl.uint32)
+    return tl.load(ptrs + SHIFT, mask=(shifted_cols < limit)[None, :], other=0.0)
+
+
+@triton.jit
+def _x_rows(ptrs, shifted_cols, row, height, width, KERNEL: tl.constexpr, UNROLL: tl.constexpr):
+    """Rows ``row .. row + UNROLL - 1`` (``ptrs`` at ``row``), each at the ``k`` column shifts."""
+    out = ()
+    for u in tl.static_range(UNROLL):
+        for j in tl.static_range(KERNEL):
+            out = out + (_x_row(ptrs + u * width, shifted_cols[j], row + u, height, width,
+                                j - KERNEL // 2),)
+    return out
+
+
+@triton.jit
+def _dy_rows(ptrs, cols_u, row, end, width, UNROLL: tl.constexpr):
+    """``dy`` rows ``row .. row + UNROLL - 1`` (``ptrs`` at ``row``), zero from row ``end`` on
+    and in the lanes past the batch (``cols_u`` holds ~0 there)."""
+    out = ()
+    for u in tl.static_range(UNROLL):
+        limit = tl.where(row + u < end, width, 0).to(tl.uint32)
+        out = out + (tl.load(ptrs + u * width, mask=cols_u < limit, other=0.0),)
+    return out
+
+
+@triton.jit
+def _accumulate(acc, dy_sum, window, xs, dys, KERNEL: tl.constexpr, UNROLL: tl.constexpr):
+    """For each of the ``UNROLL`` rows: the window (rows ``r - k//2 .. r + k//2`` at every
+    column shift) completed by its newest row, times that row's ``dy``, into the ``k * k``
+    accumulators; then the window slides down one row."""
+    for u in tl.static_range(UNROLL):
+        full = window
+        for j in tl.static_range(KERNEL):
+            full = full + (xs[u * KERNEL + j].to(tl.float32),)
+        dy = dys[u].to(tl.float32)
+        updated = ()
+        for t in tl.static_range(KERNEL * KERNEL):
+            updated = updated + (acc[t] + full[t] * dy,)
+        acc = updated
+        dy_sum += dy
+        window = full[KERNEL:]
+    return acc, dy_sum, window
+
+
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _dw_bwd_weight_kernel(x_ptr, dy_ptr, partial_ptr, height, width, sx_b, sx_c, sy_b, sy_c,
-                          batch, tiles_w, tiles, splits, KERNEL: tl.constexpr,
-                          TAPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Program ``(split, channel)`` adds ``dy * x`` shifted by every tap over the tiles
-    ``split, split + splits, ...`` of the channel's ``batch * tiles`` tiles, element-wise in
-    a ``(TAPS, BLOCK_H, BLOCK_W)`` accumulator, and sums it once at the end. Slot
-    ``KERNEL * KERNEL`` collects the sum of ``dy`` (the bias gradient)."""
-    split = tl.program_id(0)
-    channel = tl.program_id(1).to(tl.int64)
-    taps = tl.arange(0, TAPS)
-    di = (taps // KERNEL - KERNEL // 2)[:, None, None]
-    dj = (taps % KERNEL - KERNEL // 2)[:, None, None]
-    is_tap = (taps < KERNEL * KERNEL)[:, None, None]
-    is_bias = (taps == KERNEL * KERNEL)[:, None, None]
-    acc = tl.zeros([TAPS, BLOCK_H, BLOCK_W], dtype=tl.float32)
-    for item in range(split, batch * tiles, splits):
-        b = (item // tiles).to(tl.int64)
-        tile = item % tiles
-        rows = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
-        cols = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-        ok = (rows < height)[:, None] & (cols < width)[None, :]
-        dy = tl.load(dy_ptr + b * sy_b + channel * sy_c + rows[:, None] * width + cols[None, :],
-                     mask=ok, other=0.0).to(tl.float32)
-        r = rows[None, :, None] + di
-        q = cols[None, None, :] + dj
-        inside = is_tap & (r >= 0) & (r < height) & (q >= 0) & (q < width)
-        x = tl.load(x_ptr + b * sx_b + channel * sx_c + r * width + q, mask=inside, other=0.0)
-        acc += (x.to(tl.float32) + is_bias.to(tl.float32)) * dy[None, :, :]
-    tl.store(partial_ptr + (channel * splits + split) * TAPS + taps, tl.sum(tl.sum(acc, 2), 1))
+                          batch, strips, band, KERNEL: tl.constexpr, NB: tl.constexpr,
+                          BLOCK_W: tl.constexpr, UNROLL: tl.constexpr):
+    """Program ``(lane, band, channel)``: ``NB`` batch elements x ``BLOCK_W`` columns (the
+    lane), rows ``band * b .. band * (b + 1) - 1`` of one channel. Writes the ``k * k`` sums
+    of ``dy`` times the shifted input, then the sum of ``dy`` (the bias gradient).
+
+    Rows go in blocks of ``UNROLL``, two blocks a loop iteration: one block's loads are issued
+    before the other is summed. Lanes past the batch read the last batch element's input
+    (their ``dy`` is zero), so the input is masked only at the map's edges; a non-finite
+    input there (already a non-finite gradient) can turn an infinite sum into NaN."""
+    P: tl.constexpr = KERNEL // 2
+    TAPS: tl.constexpr = KERNEL * KERNEL
+    lane = tl.program_id(0)
+    band_id = tl.program_id(1)
+    channel = tl.program_id(2).to(tl.int64)
+    batches = (lane // strips) * NB + tl.arange(0, NB)
+    cols = (lane % strips) * BLOCK_W + tl.arange(0, BLOCK_W)
+    clamped = tl.minimum(batches, batch - 1).to(tl.int64)
+    x_ptrs = (x_ptr + channel * sx_c + clamped * sx_b)[:, None] + cols[None, :]
+    dy_ptrs = (dy_ptr + channel * sy_c + clamped * sy_b)[:, None] + cols[None, :]
+    cols_u = tl.where((batches < batch)[:, None], cols[None, :], -1).to(tl.uint32)
+    shifted_cols = ()
+    for j in tl.static_range(KERNEL):
+        shifted_cols = shifted_cols + ((cols + (j - P)).to(tl.uint32),)
+    first = band_id * band
+    end = tl.minimum(first + band, height)
+    # the window before the first row: rows first - P .. first + P - 1 at every column shift
+    window = ()
+    for i in tl.static_range(KERNEL - 1):
+        for j in tl.static_range(KERNEL):
+            window = window + (_x_row(x_ptrs + (first - P + i) * width, shifted_cols[j],
+                                      first - P + i, height, width, j - P).to(tl.float32),)
+    x_next = x_ptrs + (first + P) * width  # the next input row to load: r + P
+    dy_next = dy_ptrs + first * width
+    xs0 = _x_rows(x_next, shifted_cols, first + P, height, width, KERNEL, UNROLL)
+    dys0 = _dy_rows(dy_next, cols_u, first, end, width, UNROLL)
+    acc = (tl.zeros([NB, BLOCK_W], dtype=tl.float32),) * TAPS
+    dy_sum = tl.zeros([NB, BLOCK_W], dtype=tl.float32)
+    for row in range(first, end, 2 * UNROLL):
+        x_next += UNROLL * width
+        dy_next += UNROLL * width
+        xs1 = _x_rows(x_next, shifted_cols, row + UNROLL + P, height, width, KERNEL, UNROLL)
+        dys1 = _dy_rows(dy_next, cols_u, row + UNROLL, end, width, UNROLL)
+        acc, dy_sum, window = _accumulate(acc, dy_sum, window, xs0, dys0, KERNEL, UNROLL)
+        x_next += UNROLL * width
+        dy_next += UNROLL * width
+        xs0 = _x_rows(x_next, shifted_cols, row + 2 * UNROLL + P, height, width, KERNEL, UNROLL)
+        dys0 = _dy_rows(dy_next, cols_u, row + 2 * UNROLL, end, width, UNROLL)
+        acc, dy_sum, window = _accumulate(acc, dy_sum, window, xs1, dys1, KERNEL, UNROLL)
+    out = partial_ptr + ((channel * tl.num_programs(1) + band_id) * tl.num_programs(0) + lane) * (TAPS + 1)
+    for t in tl.static_range(TAPS):
+        tl.store(out + t, tl.sum(acc[t]))
+    tl.store(out + TAPS, tl.sum(dy_sum))
 
 
 def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool, residual: bool,
@@ -127,17 +206,20 @@ def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool, res
 def _weight_and_bias_gradients(dy: Tensor, x: Tensor, kernel: int) -> Tuple[Tensor, Tensor]:
     """``(C, k * k)`` and ``(C,)`` float32: the sums over batch and pixels."""
     batch, channels, height, width = x.shape
-    taps = next_power_of_2(kernel * kernel + 1)
-    block_h, block_w = tile_shape(width, WEIGHT_GRADIENT_ELEMENTS // taps)
-    tiles_w = cdiv(width, block_w)
-    tiles = tiles_w * cdiv(height, block_h)
-    splits = max(1, min(batch * tiles, WEIGHT_GRADIENT_PROGRAMS // channels))
-    partial = torch.empty(channels, splits, taps, dtype=torch.float32, device=x.device)
-    launch(_dw_bwd_weight_kernel, (splits, channels),
-           x, dy, partial, height, width, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-           batch, tiles_w, tiles, splits, KERNEL=kernel, TAPS=taps, BLOCK_H=block_h,
-           BLOCK_W=block_w, num_warps=WEIGHT_GRADIENT_WARPS)
-    sums = partial.sum(1)
+    elements, unroll = WEIGHT_GRADIENT_TILES.get(kernel, WEIGHT_GRADIENT_TILE_OTHER_K)
+    batches, block_w = tile_shape(width, elements)
+    strips = cdiv(width, block_w)
+    lanes = cdiv(batch, batches) * strips
+    rows_a_step = 2 * unroll
+    wanted = max(1, WEIGHT_GRADIENT_PROGRAMS // (lanes * channels))
+    band = rows_a_step * cdiv(max(WEIGHT_GRADIENT_MIN_BAND, cdiv(height, wanted)), rows_a_step)
+    bands = cdiv(height, band)
+    partial = torch.empty(channels, bands, lanes, kernel * kernel + 1, dtype=torch.float32,
+                          device=x.device)
+    launch(_dw_bwd_weight_kernel, (lanes, bands, channels), x, dy, partial, height, width,
+           x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), batch, strips, band,
+           KERNEL=kernel, NB=batches, BLOCK_W=block_w, UNROLL=unroll, num_warps=NUM_WARPS)
+    sums = partial.sum((1, 2))
     return sums[:, :kernel * kernel], sums[:, kernel * kernel]
 
 

@@ -108,11 +108,14 @@ def main():
     # maps over and under one tile, smaller than the kernel, k 3 and 5
     for shape in [(1, 2, 5, 7, 3), (2, 3, 17, 70, 3), (1, 2, 18, 9, 5), (2, 1, 2, 3, 5), (1, 1, 1, 1, 3)]:
         check(*shape, torch.float32, 1e-5)
+    # the weight gradient's programs: few of them (long row bands, several loop iterations),
+    # batches that leave tile lanes empty, a kernel size without its own tile (k = 7)
     programs = tdw.WEIGHT_GRADIENT_PROGRAMS
-    tdw.WEIGHT_GRADIENT_PROGRAMS = 5  # 1 or 2 per channel, each looping over several tiles
-    for shape in [(3, 3, 33, 70, 3), (2, 2, 20, 19, 5)]:
+    tdw.WEIGHT_GRADIENT_PROGRAMS = 5
+    for shape in [(3, 3, 33, 70, 3), (2, 2, 20, 19, 5), (5, 2, 23, 30, 3)]:
         check(*shape, torch.float32, 1e-5)
     tdw.WEIGHT_GRADIENT_PROGRAMS = programs
+    check(3, 2, 11, 9, 7, torch.float32, 1e-5)
     check(1, 2, 6, 5, 3, torch.float32, 1e-5, bias=False)
     check(2, 3, 9, 11, 5, torch.bfloat16, 2e-2)
     check(2, 3, 9, 70, 3, torch.float32, 1e-5, residual=True)

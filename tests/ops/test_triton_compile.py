@@ -102,11 +102,10 @@ def test_depthwise_conv_kernels_compile(activation, kernel):
             assert compile_for_h100(tdw._dw_fwd_kernel, activation, float32, tdw.NUM_WARPS,
                                     KERNEL=kernel, HAS_BIAS=not flip, FLIP=flip, RESIDUAL=True,
                                     BLOCK_H=block_h, BLOCK_W=block_w)
-        taps = triton.next_power_of_2(kernel * kernel + 1)
-        block_h, block_w = tdw.tile_shape(width, tdw.WEIGHT_GRADIENT_ELEMENTS // taps)
-        assert compile_for_h100(tdw._dw_bwd_weight_kernel, activation, float32,
-                                tdw.WEIGHT_GRADIENT_WARPS, KERNEL=kernel, TAPS=taps,
-                                BLOCK_H=block_h, BLOCK_W=block_w)
+        elements, unroll = tdw.WEIGHT_GRADIENT_TILES[kernel]
+        batches, block_w = tdw.tile_shape(width, elements)
+        assert compile_for_h100(tdw._dw_bwd_weight_kernel, activation, float32, tdw.NUM_WARPS,
+                                KERNEL=kernel, NB=batches, BLOCK_W=block_w, UNROLL=unroll)
 
 
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
