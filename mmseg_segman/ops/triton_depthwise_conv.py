@@ -29,7 +29,7 @@ from .triton_jit import cdiv, jit_with_runtime_ints, launch, records_autograd
 TILE_ELEMENTS = 1024  # forward and input-gradient programs: one tile of one plane
 NUM_WARPS = 4
 # weight-gradient programs: k -> (tile elements, rows a block), 4 warps; chosen on an H100
-# (docs/benchmarks.md): 3.9-6.3x the kernel they replaced at SegMAN-B's and -L's sizes
+# (docs/benchmarks.md): 3.2-6.3x the kernel they replaced at SegMAN-B's and -L's sizes
 WEIGHT_GRADIENT_TILES = {3: (128, 3), 5: (128, 2)}
 WEIGHT_GRADIENT_TILE_OTHER_K = (128, 1)
 WEIGHT_GRADIENT_PROGRAMS = 2048  # about: (batch, column) tiles x row bands x channels
