@@ -11,11 +11,18 @@ import torch
 from torch import Tensor
 
 
+def both_orders(x: Tensor) -> Tensor:
+    """A map flattened row-major and column-major: ``(B, C, H, W) -> (B, 2, C, H*W)``, the
+    direction order of directions 0 and 2, and of 1 and 3 (a copy)."""
+    if x.dim() != 4:
+        raise ValueError(f'expected a (B, C, H, W) map, got {tuple(x.shape)}')
+    return torch.stack([x.flatten(2), x.transpose(2, 3).flatten(2)], dim=1)
+
+
 def cross_scan(x: Tensor) -> Tensor:
     """Lay a map out in the four scan orders: ``(B, C, H, W) -> (B, 4, C, H*W)``."""
-    if x.dim() != 4:
-        raise ValueError(f'cross_scan expects (B, C, H, W), got {tuple(x.shape)}')
-    return flip_reversed(direction_order(x.unsqueeze(1).expand(-1, 4, -1, -1, -1)))
+    forward = both_orders(x)
+    return torch.cat([forward, forward.flip(-1)], dim=1)
 
 
 def direction_order(maps: Tensor) -> Tensor:

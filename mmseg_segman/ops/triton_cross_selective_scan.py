@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .cross_scan import both_orders
 from .triton_jit import cdiv, jit_with_runtime_ints, launch, next_power_of_2, records_autograd
 
 
@@ -216,8 +217,8 @@ def _merge_kernel(ys_ptr, out_ptr, channels, height, width,
     row_ok, col_ok = rows < height, cols < width
     row_major = rows[:, None] * width + cols[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
-    y = tl.load(base + row_major, mask=ok, other=0.0) + tl.load(base + 2 * slot + row_major, mask=ok,
-                                                                other=0.0)
+    y = tl.load(base + row_major, mask=ok, other=0.0) + \
+        tl.load(base + 2 * slot + row_major, mask=ok, other=0.0)
     col_major = cols[:, None] * height + rows[None, :]
     ok_t = col_ok[:, None] & row_ok[None, :]
     y_t = tl.load(base + slot + col_major, mask=ok_t, other=0.0) + \
@@ -246,11 +247,6 @@ MERGE_TILE = (32, 32)  # (BLOCK_H, BLOCK_W) of the merge kernel
 def _sequences(*tensors: Tensor) -> Tuple[Tensor, ...]:
     """Each ``(B, 4, ., L)`` input with unit stride along ``L`` (copied where it has not)."""
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
-
-
-def _both_orders(x: Tensor) -> Tensor:
-    """``(B, D, H, W) -> (B, 2, D, H*W)``: the map row-major and column-major."""
-    return torch.stack([x.flatten(2), x.transpose(2, 3).flatten(2)], dim=1)
 
 
 def _strides(xs: Tensor, delta: Tensor, B: Tensor, C: Tensor) -> Tuple[int, ...]:
@@ -295,7 +291,7 @@ def _cross_scan_forward_impl(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     (defaults)."""
     batch, channels, height, width = x.shape
     length = height * width
-    xs, (delta, B, C) = _both_orders(x), _sequences(delta, B, C)
+    xs, (delta, B, C) = both_orders(x), _sequences(delta, B, C)
     ys = _float32(batch, 4, channels, length, like=x)
     h = _float32(batch, 4, channels, length if store_states else 0, like=x)
     block_d, block_l, warps = _blocks(x, blocks[:3])
@@ -332,7 +328,7 @@ def _cross_scan_backward_impl(dy: Tensor, x: Tensor, delta: Tensor, A: Tensor, B
     block_d, block_l, warps = _blocks(x, blocks)
     batch, channels, height, width = x.shape
     length = height * width
-    xs, dys, (delta, B, C) = _both_orders(x), _both_orders(dy), _sequences(delta, B, C)
+    xs, dys, (delta, B, C) = both_orders(x), both_orders(dy), _sequences(delta, B, C)
     grid = (cdiv(channels, block_d), 4, batch)
     du = _float32(batch, 4, channels, length, like=x)
     ddelta = torch.empty_like(du)

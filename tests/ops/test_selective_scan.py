@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from mmseg_segman.ops import (cross_merge, cross_scan, cross_selective_scan, direction_order,
-                              flip_reversed, selective_scan)
+from mmseg_segman.ops import (both_orders, cross_merge, cross_scan, cross_selective_scan,
+                              direction_order, flip_reversed, selective_scan)
 from mmseg_segman.ops.selective_scan import (linear_recurrence, linear_recurrence_exportable,
                                               selective_scan_reference)
 
@@ -75,6 +75,7 @@ def test_cross_scan_orders_and_merge_inverts(height, width):
     assert torch.equal(xs[:, 1], x.transpose(2, 3).flatten(2))
     assert torch.equal(xs[:, 2], x.flatten(2).flip(-1))
     assert torch.equal(xs[:, 3], x.transpose(2, 3).flatten(2).flip(-1))
+    assert torch.equal(both_orders(x), xs[:, :2])
     # per-direction maps in direction order: row-major (0, 2), column-major (1, 3), not reversed
     per_direction = torch.stack([x, x + 1, x + 2, x + 3], 1)
     ordered = direction_order(per_direction)
