@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ...ops import cross_selective_scan, direction_order
+from ...ops import cross_selective_scan, direction_order, pointwise_conv2d
 from ...ops.pointwise_conv import Residual
 
 NUM_DIRECTIONS = 4
@@ -55,10 +55,14 @@ class SS2D(nn.Module):
         ``residual.add_to``."""
         k, c, r, n = NUM_DIRECTIONS, self.embed_dim, self.dt_rank, self.d_state
         # Per-pixel projections in the map's own layout: the same numbers as projecting
-        # each direction's sequence, since a 1x1 projection commutes with reordering. Their
-        # (R + 2N)-channel result is laid out in direction order for the scan (a small copy),
-        # and the step projection then yields delta in that order too.
-        x_dbl = direction_order(torch.einsum('kjc,bchw->bkjhw', self.x_proj_weight.view(k, -1, c), x))
+        # each direction's sequence, since a 1x1 projection commutes with reordering. As a 1x1
+        # convolution it keeps x itself for the backward (the scan keeps it too), where an
+        # einsum would keep a transposed copy. Its (R + 2N)-channel result is laid out in
+        # direction order for the scan (a small copy), and the step projection then yields
+        # delta in that order too.
+        batch, _, height, width = x.shape
+        x_dbl = pointwise_conv2d(x, self.x_proj_weight.unsqueeze(-1))
+        x_dbl = direction_order(x_dbl.view(batch, k, r + 2 * n, height, width))
         dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=2)
         dts = torch.einsum('kcr,bkrl->bkcl', self.dt_projs_weight, dts)
         y = cross_selective_scan(x, dts, -torch.exp(self.A_logs.float()), Bs, Cs,
