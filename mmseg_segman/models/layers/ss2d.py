@@ -53,7 +53,7 @@ class SS2D(nn.Module):
     def forward(self, x: Tensor, residual: Optional[Residual] = None) -> Tensor:
         """``(B, C, H, W) -> (B, C, H, W)`` in ``x``'s dtype (the scan runs in float32), then
         ``residual.add_to``."""
-        k, c, r, n = NUM_DIRECTIONS, self.embed_dim, self.dt_rank, self.d_state
+        k, r, n = NUM_DIRECTIONS, self.dt_rank, self.d_state
         # Per-pixel projections in the map's own layout: the same numbers as projecting
         # each direction's sequence, since a 1x1 projection commutes with reordering. As a 1x1
         # convolution it keeps x itself for the backward (the scan keeps it too), where an
