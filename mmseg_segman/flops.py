@@ -13,7 +13,8 @@ release (fvcore with natten's handles and VMamba's selective-scan formula):
 * global attention (stage 4): ``q.k`` and ``attn.v``, ``B*heads*L*L*d`` each (the release's
   two einsums; its bias add and softmax are not counted);
 * selective scan: ``9*B*L*D*N`` plus ``B*D*L`` for the ``D`` skip, ``D`` counting the
-  channels of all four directions.
+  channels of all four directions, plus the step projection that it applies (``B*L*D*R``,
+  the release's einsum, counted as mmengine counts einsums).
 
 A segmentor is counted on ``encode_decode``: encoder, decode head and the bilinear resize
 of the logits to the input size, as mmseg 0.x's ``forward_dummy`` in the release's
@@ -64,11 +65,13 @@ def _scan_flops(batch: int, channels: int, length: int, state: int, with_d: bool
 
 
 def cross_selective_scan_flops(inputs: List[Any], outputs: List[Any]) -> int:
-    """``cross_selective_scan(x, delta, A, B, C, D, delta_bias)``: four directions over
-    x ``(B, D, H, W)``, B ``(B, 4, N, H*W)``."""
-    x, _, _, b, _, d = _node_args(inputs, outputs)[:6]
+    """``cross_selective_scan(x, dt_low, dt_proj, A, B, C, D, delta_bias)``: four directions
+    over x ``(B, D, H, W)``, B ``(B, 4, N, H*W)``, with steps ``dt_proj (4, D, R)`` times
+    ``dt_low``."""
+    x, _, dt_proj, _, b, _, d = _node_args(inputs, outputs)[:7]
     batch, channels, height, width = x
-    return _scan_flops(batch, b[1] * channels, height * width, b[2], d is not None)
+    projection = batch * height * width * dt_proj[0] * channels * dt_proj[2]
+    return _scan_flops(batch, b[1] * channels, height * width, b[2], d is not None) + projection
 
 
 OP_FLOPS: Dict[str, Callable] = {

@@ -251,52 +251,69 @@ def _scan_order(x: Tensor, delta: Tensor, B: Tensor, C: Tensor) -> Tuple[Tensor,
             flip_reversed(B), flip_reversed(C))
 
 
+def project_steps(dt_low: Tensor, dt_proj: Tensor) -> Tensor:
+    """The steps ``delta (B, 4, D, L)`` from their low-rank form: ``dt_proj[k] @ dt_low[b, k]``
+    for ``dt_low (B, 4, R, L)`` and ``dt_proj (4, D, R)``, in ``dt_low``'s dtype (as an einsum
+    under autocast computes it: bfloat16 in AMP training)."""
+    return torch.einsum('kdr,bkrl->bkdl', dt_proj.to(dt_low.dtype), dt_low)
+
+
+def project_steps_backward(ddelta: Tensor, dt_low: Tensor, dt_proj: Tensor) -> Tuple[Tensor, Tensor]:
+    """The gradients of ``dt_low`` and ``dt_proj`` from that of :func:`project_steps`'
+    output, computed in ``dt_low``'s dtype as autograd computes an einsum's (``dt_proj``'s
+    then cast to its own dtype)."""
+    ddelta = ddelta.to(dt_low.dtype)
+    return (torch.einsum('kdr,bkdl->bkrl', dt_proj.to(dt_low.dtype), ddelta),
+            torch.einsum('bkdl,bkrl->kdr', ddelta, dt_low).to(dt_proj.dtype))
+
+
 class _CrossSelectiveScan(torch.autograd.Function):
-    """The ``torch`` backend: cross scan, the reference scan, cross merge, with one backward
-    for the three that keeps only the inputs (see :class:`_SelectiveScan`)."""
+    """The ``torch`` backend: step projection, cross scan, the reference scan, cross merge,
+    with one backward for the four that keeps only the inputs (see :class:`_SelectiveScan`)."""
 
     @staticmethod
-    def forward(ctx, x, delta, A, B, C, D, delta_bias):
-        ctx.save_for_backward(x, delta, A, B, C, D, delta_bias)
-        u, dts, Bs, Cs = _scan_order(x, delta, B, C)
+    def forward(ctx, x, dt_low, dt_proj, A, B, C, D, delta_bias):
+        ctx.save_for_backward(x, dt_low, dt_proj, A, B, C, D, delta_bias)
+        u, dts, Bs, Cs = _scan_order(x, project_steps(dt_low, dt_proj), B, C)
         y = _scan_forward(u, dts, A, Bs, Cs, D, delta_bias, True)
         return cross_merge(y.view(x.size(0), 4, x.size(1), -1), *x.shape[2:]).to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        inputs = x, delta, A, B, C, D, delta_bias = ctx.saved_tensors
+        inputs = x, dt_low, dt_proj, A, B, C, D, delta_bias = ctx.saved_tensors
         batch, channels, height, width = x.shape
-        u, dts, Bs, Cs = _scan_order(x, delta, B, C)
+        u, dts, Bs, Cs = _scan_order(x, project_steps(dt_low, dt_proj), B, C)
         du, ddelta, dA, dB, dC, dD, dbias = _scan_backward(
             u, dts, A, Bs, Cs, D, delta_bias, True, cross_scan(dy).reshape(batch, -1, height * width))
         dx = cross_merge(du.view(batch, 4, channels, -1), height, width)
-        grads = (dx, flip_reversed(ddelta.view(batch, 4, channels, -1)), dA, flip_reversed(dB),
-                 flip_reversed(dC), dD, dbias)
+        d_dt_low, d_dt_proj = project_steps_backward(
+            flip_reversed(ddelta.view(batch, 4, channels, -1)), dt_low, dt_proj)
+        grads = (dx, d_dt_low, d_dt_proj, dA, flip_reversed(dB), flip_reversed(dC), dD, dbias)
         return _in_dtypes(grads, inputs)
 
 
-def _cross_selective_scan_torch(x, delta, A, B, C, D, delta_bias):
-    return _CrossSelectiveScan.apply(x, delta, A, B, C, D, delta_bias)
+def _cross_selective_scan_torch(x, dt_low, dt_proj, A, B, C, D, delta_bias):
+    return _CrossSelectiveScan.apply(x, dt_low, dt_proj, A, B, C, D, delta_bias)
 
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _cross_triton_unavailable(x, delta, A, B, C, D, delta_bias) -> Optional[str]:
-    """The Triton cross scan runs when the state size N is 1, x, delta, B and C are
+def _cross_triton_unavailable(x, dt_low, dt_proj, A, B, C, D, delta_bias) -> Optional[str]:
+    """The Triton cross scan runs when the state size N is 1, x, dt_low, B and C are
     float32, bfloat16 or float16, triton imports, and either every input is on CUDA or
     every input is on the CPU with ``TRITON_INTERPRET=1`` (Triton's interpreter, for CI;
     the variable must be set before triton is first imported)."""
-    tensors = (x, delta, A, B, C, D, delta_bias)
+    tensors = (x, dt_low, dt_proj, A, B, C, D, delta_bias)
     if not (all(t.is_cuda for t in tensors) or (os.environ.get('TRITON_INTERPRET') == '1'
                                                 and not any(t.is_cuda for t in tensors))):
         return 'needs every input on CUDA (or on the CPU with TRITON_INTERPRET=1)'
     if A.shape[1] != 1:
         return f'needs state size N = 1, got {A.shape[1]}'
-    dtypes = {str(t.dtype) for t in (x, delta, B, C)}
-    if any(t.dtype not in _TRITON_DTYPES for t in (x, delta, B, C)):
-        return f'needs float32, bfloat16 or float16 x, delta, B, C, got {sorted(dtypes)}'
+    dtypes = {str(t.dtype) for t in (x, dt_low, B, C)}
+    if any(t.dtype not in _TRITON_DTYPES for t in (x, dt_low, B, C)):
+        return f'needs float32, bfloat16 or float16 x, dt_low, B, C, got {sorted(dtypes)}'
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -304,9 +321,9 @@ def _cross_triton_unavailable(x, delta, A, B, C, D, delta_bias) -> Optional[str]
     return None
 
 
-def _cross_selective_scan_triton(x, delta, A, B, C, D, delta_bias):
+def _cross_selective_scan_triton(x, dt_low, dt_proj, A, B, C, D, delta_bias):
     from .triton_cross_selective_scan import cross_selective_scan_triton
-    return cross_selective_scan_triton(x, delta, A, B, C, D, delta_bias)
+    return cross_selective_scan_triton(x, dt_low, dt_proj, A, B, C, D, delta_bias)
 
 
 _cross_selective_scan = OpDispatcher('cross_selective_scan', {
@@ -315,17 +332,23 @@ _cross_selective_scan = OpDispatcher('cross_selective_scan', {
 })
 
 
-def cross_selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                         D: Tensor, delta_bias: Tensor) -> Tensor:
+def cross_selective_scan(x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tensor, B: Tensor,
+                         C: Tensor, D: Tensor, delta_bias: Tensor) -> Tensor:
     """The SS2D scan: four directions over a map, each scanned, then merged.
 
     The per-direction inputs come in direction order (:mod:`.cross_scan`): direction k's
     map flattened row-major (k = 0, 2) or column-major (k = 1, 3), so that every direction
     reads its sequence contiguously (:func:`~.cross_scan.direction_order` lays maps out so).
+    The steps come in their low-rank form, ``delta = dt_proj[k] @ dt_low[b, k]``
+    (:func:`project_steps`), so that a backend may recompute ``delta`` for the backward pass
+    instead of keeping it (the Triton backend does: ``(B, 4, D, L)`` against ``R = D / 16``
+    rows of ``dt_low``).
 
     Args:
         x: ``(B, D, H, W)``, the input ``u`` of every direction.
-        delta: ``(B, 4, D, H*W)``, before ``delta_bias`` and softplus.
+        dt_low: ``(B, 4, R, H*W)``, the steps' low-rank form.
+        dt_proj: ``(4, D, R)``, their projection; ``delta`` is taken before ``delta_bias``
+            and softplus.
         A: ``(4*D, N)``.
         B, C: ``(B, 4, N, H*W)``.
         D, delta_bias: ``(4*D,)``.
@@ -336,10 +359,13 @@ def cross_selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     """
     batch, channels, height, width = x.shape
     length = height * width
-    if delta.shape != (batch, 4, channels, length):
-        raise ValueError(f'delta must be {(batch, 4, channels, length)} (direction order), got '
-                         f'{tuple(delta.shape)}')
+    if dt_low.dim() != 4 or dt_low.shape[:2] != (batch, 4) or dt_low.shape[3] != length:
+        raise ValueError(f'dt_low must be ({batch}, 4, R, {length}) (direction order), got '
+                         f'{tuple(dt_low.shape)}')
+    if dt_proj.shape != (4, channels, dt_low.shape[2]):
+        raise ValueError(f'dt_proj must be (4, {channels}, {dt_low.shape[2]}) (4, D, R), got '
+                         f'{tuple(dt_proj.shape)}')
     if B.dim() != 4 or B.shape[:2] != (batch, 4) or B.shape[3] != length or C.shape != B.shape:
         raise ValueError(f'B and C must be ({batch}, 4, N, {length}) (direction order), got '
                          f'{tuple(B.shape)} and {tuple(C.shape)}')
-    return _cross_selective_scan(x, delta, A, B, C, D, delta_bias)
+    return _cross_selective_scan(x, dt_low, dt_proj, A, B, C, D, delta_bias)

@@ -2,7 +2,10 @@
 
 Layout. The per-direction inputs ``delta (B, 4, D, L)`` and ``B``/``C (B, 4, 1, L)`` come in
 direction order (:mod:`.cross_scan`: row-major for directions 0 and 2, column-major for 1 and
-3), contiguous along ``L``; ``x (B, D, H, W)`` is copied once into both orders,
+3), contiguous along ``L``; ``delta`` is computed from its low-rank form (one einsum,
+:func:`~.selective_scan.project_steps`) before each kernel that reads it, and dropped after,
+so the backward pass does not keep it (it would be the largest saved tensor after the
+states: ``D / R = 16`` times ``dt_low``). ``x (B, D, H, W)`` is copied once into both orders,
 ``(B, 2, D, L)``. Scan step ``t`` of direction ``k`` is position ``t`` (``k < 2``) or
 ``L - 1 - t`` (``k >= 2``) of its sequences, so every load and store walks memory
 contiguously, forwards or backwards. (Reading the column-major directions straight from the
@@ -32,7 +35,9 @@ read back (not ``h_t - b_t``, which cancels when ``a_t`` is small and would spoi
 Then ``du``, ``ddelta`` (through softplus and bias), and per program: ``dB``, ``dC``
 summed over the program's channels, ``dA``, ``dD``, ``d delta_bias`` summed over its steps.
 These partial sums are reduced in PyTorch (over channel blocks, resp. the batch); again
-no atomics. Gradients are returned in the inputs' dtypes and layouts.
+no atomics; ``ddelta`` goes back through the step projection by two einsums in ``delta``'s
+dtype (:func:`~.selective_scan.project_steps_backward`). Gradients are returned in the
+inputs' dtypes and layouts.
 
 ``torch.compile`` traces the kernels as the ``torch.library`` custom ops
 ``mmseg_segman::cross_scan_forward`` and ``cross_scan_backward`` (with fake implementations
@@ -49,6 +54,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .cross_scan import both_orders
+from .selective_scan import project_steps, project_steps_backward
 from .triton_jit import cdiv, jit_with_runtime_ints, launch, next_power_of_2, records_autograd
 
 
@@ -282,8 +288,8 @@ def _float32(*shape: int, like: Tensor) -> Tensor:
     return torch.empty(*shape, device=like.device, dtype=torch.float32)
 
 
-def _cross_scan_forward_impl(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                             D: Tensor, delta_bias: Tensor, store_states: bool,
+def _cross_scan_forward_impl(x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tensor, B: Tensor,
+                             C: Tensor, D: Tensor, delta_bias: Tensor, store_states: bool,
                              blocks: List[int]) -> Tuple[Tensor, Tensor]:
     """``y (B, D, H, W)`` in ``x``'s dtype and, if ``store_states``, the states
     ``h (B, 4, D, H*W)`` float32 in scan order for the backward pass (else an empty tensor).
@@ -291,7 +297,8 @@ def _cross_scan_forward_impl(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     (defaults)."""
     batch, channels, height, width = x.shape
     length = height * width
-    xs, (delta, B, C) = both_orders(x), _sequences(delta, B, C)
+    # delta is freed after the kernel: the backward pass recomputes it
+    xs, (delta, B, C) = both_orders(x), _sequences(project_steps(dt_low, dt_proj), B, C)
     ys = _float32(batch, 4, channels, length, like=x)
     h = _float32(batch, 4, channels, length if store_states else 0, like=x)
     block_d, block_l, warps = _blocks(x, blocks[:3])
@@ -303,56 +310,64 @@ def _cross_scan_forward_impl(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
 
 
 @torch.library.custom_op('mmseg_segman::cross_scan_forward', mutates_args=())
-def cross_scan_forward(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
-                       delta_bias: Tensor, store_states: bool,
+def cross_scan_forward(x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tensor, B: Tensor,
+                       C: Tensor, D: Tensor, delta_bias: Tensor, store_states: bool,
                        blocks: List[int]) -> Tuple[Tensor, Tensor]:
     """:func:`_cross_scan_forward_impl` as an op that ``torch.compile`` traces."""
-    return _cross_scan_forward_impl(x, delta, A, B, C, D, delta_bias, store_states, blocks)
+    return _cross_scan_forward_impl(x, dt_low, dt_proj, A, B, C, D, delta_bias, store_states,
+                                    blocks)
 
 
 @cross_scan_forward.register_fake
-def _(x, delta, A, B, C, D, delta_bias, store_states, blocks):
+def _(x, dt_low, dt_proj, A, B, C, D, delta_bias, store_states, blocks):
     batch, channels, height, width = x.shape
     return (x.new_empty(batch, channels, height, width),
             _float32(batch, 4, channels, height * width if store_states else 0, like=x))
 
 
-Gradients = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]  # of x .. delta_bias
+# the gradients of x, dt_low, dt_proj, A, B, C, D, delta_bias
+Gradients = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
-def _cross_scan_backward_impl(dy: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor,
-                              C: Tensor, D: Tensor, delta_bias: Tensor, h: Tensor,
+def _cross_scan_backward_impl(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tensor,
+                              B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor, h: Tensor,
                               blocks: List[int]) -> Gradients:
-    """The gradients of ``x, delta, A, B, C, D, delta_bias``, in their shapes and dtypes."""
-    inputs = x, delta, A, B, C, D, delta_bias
+    """The gradients of ``x, dt_low, dt_proj, A, B, C, D, delta_bias``, in their shapes and
+    dtypes. ``delta`` is recomputed from ``dt_low`` and ``dt_proj``, and its gradient taken
+    back through that product (:func:`~.selective_scan.project_steps_backward`)."""
     block_d, block_l, warps = _blocks(x, blocks)
     batch, channels, height, width = x.shape
     length = height * width
-    xs, dys, (delta, B, C) = both_orders(x), both_orders(dy), _sequences(delta, B, C)
+    xs, dys = both_orders(x), both_orders(dy)
+    delta, B_seq, C_seq = _sequences(project_steps(dt_low, dt_proj), B, C)
     grid = (cdiv(channels, block_d), 4, batch)
     du = _float32(batch, 4, channels, length, like=x)
     ddelta = torch.empty_like(du)
     dB, dC = (_float32(batch, 4, grid[0], length, like=x) for _ in range(2))
     dA, dD, dbias = (_float32(batch, 4 * channels, like=x) for _ in range(3))
-    launch(_cross_scan_bwd_kernel, grid, xs, delta, *_flat(A, D, delta_bias), B, C, h, dys,
-           du, ddelta, dB, dC, dA, dD, dbias, channels, length, *_strides(xs, delta, B, C),
-           *dys.stride()[:3], BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
-    grads = (_merge(du, height, width, x.dtype), ddelta, dA.sum(0), dB.sum(2, keepdim=True),
-             dC.sum(2, keepdim=True), dD.sum(0), dbias.sum(0))
+    launch(_cross_scan_bwd_kernel, grid, xs, delta, *_flat(A, D, delta_bias), B_seq, C_seq, h,
+           dys, du, ddelta, dB, dC, dA, dD, dbias, channels, length,
+           *_strides(xs, delta, B_seq, C_seq), *dys.stride()[:3], BLOCK_D=block_d,
+           BLOCK_L=block_l, num_warps=warps)
+    d_dt_low, d_dt_proj = project_steps_backward(ddelta, dt_low, dt_proj)
+    grads = (_merge(du, height, width, x.dtype), d_dt_low, d_dt_proj, dA.sum(0),
+             dB.sum(2, keepdim=True), dC.sum(2, keepdim=True), dD.sum(0), dbias.sum(0))
+    inputs = x, dt_low, dt_proj, A, B, C, D, delta_bias
     return tuple(g.view(t.shape).to(t.dtype) for g, t in zip(grads, inputs))
 
 
 @torch.library.custom_op('mmseg_segman::cross_scan_backward', mutates_args=())
-def cross_scan_backward(dy: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                        D: Tensor, delta_bias: Tensor, h: Tensor, blocks: List[int]) -> Gradients:
+def cross_scan_backward(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tensor,
+                        B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor, h: Tensor,
+                        blocks: List[int]) -> Gradients:
     """:func:`_cross_scan_backward_impl` as an op that ``torch.compile`` traces."""
-    return _cross_scan_backward_impl(dy, x, delta, A, B, C, D, delta_bias, h, blocks)
+    return _cross_scan_backward_impl(dy, x, dt_low, dt_proj, A, B, C, D, delta_bias, h, blocks)
 
 
 @cross_scan_backward.register_fake
-def _(dy, x, delta, A, B, C, D, delta_bias, h, blocks):
+def _(dy, x, dt_low, dt_proj, A, B, C, D, delta_bias, h, blocks):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
-                 for t in (x, delta, A, B, C, D, delta_bias))
+                 for t in (x, dt_low, dt_proj, A, B, C, D, delta_bias))
 
 
 def _setup_context(ctx, inputs, output):
@@ -391,14 +406,16 @@ class _CrossSelectiveScan(torch.autograd.Function):
     backward = staticmethod(_backward_through(_cross_scan_forward_impl, _cross_scan_backward_impl))
 
 
-def cross_selective_scan_triton(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                                D: Tensor, delta_bias: Tensor, fwd_blocks: Optional[Blocks] = None,
+def cross_selective_scan_triton(x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tensor,
+                                B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor,
+                                fwd_blocks: Optional[Blocks] = None,
                                 bwd_blocks: Optional[Blocks] = None) -> Tensor:
     """The SS2D scan (state size 1) as fused Triton kernels; see the module doc.
 
     Args:
-        x: ``(B, D, H, W)``; delta: ``(B, 4, D, H*W)``; A: ``(4*D, 1)``;
-            B, C: ``(B, 4, 1, H*W)`` (direction order, see the module doc);
+        x: ``(B, D, H, W)``; dt_low: ``(B, 4, R, H*W)`` and dt_proj: ``(4, D, R)``, the steps
+            ``delta (B, 4, D, H*W)`` in low-rank form (:func:`.selective_scan.project_steps`);
+            A: ``(4*D, 1)``; B, C: ``(B, 4, 1, H*W)`` (direction order, see the module doc);
             D, delta_bias: ``(4*D,)``.
         fwd_blocks, bwd_blocks: ``(BLOCK_D, BLOCK_L, num_warps)`` of the forward and the
             backward kernel (block sizes powers of two); default :func:`block_sizes` of the
@@ -409,7 +426,7 @@ def cross_selective_scan_triton(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, 
         :func:`cross_scan_forward` runs; eagerly the kernels are launched through
         :class:`_CrossSelectiveScan`, or directly without autograd recording (inference).
     """
-    inputs = (x, delta, A, B, C, D, delta_bias)
+    inputs = (x, dt_low, dt_proj, A, B, C, D, delta_bias)
     store_states = records_autograd(*inputs)
     blocks = []
     if fwd_blocks is not None or bwd_blocks is not None:

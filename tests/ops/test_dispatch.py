@@ -124,8 +124,8 @@ def test_refusal_says_who_chose_and_why():
     assert NA.why_not('flex', q, q, q, 3, None) == 'needs CUDA tensors'
     scan = registered_ops()['cross_selective_scan']
     x = torch.randn(1, 2, 3, 3)
-    inputs = (x, torch.randn(1, 4, 2, 9), -torch.rand(8, 1), torch.randn(1, 4, 1, 9),
-              torch.randn(1, 4, 1, 9), torch.randn(8), torch.randn(8))
+    inputs = (x, torch.randn(1, 4, 1, 9), torch.randn(4, 2, 1), -torch.rand(8, 1),
+              torch.randn(1, 4, 1, 9), torch.randn(1, 4, 1, 9), torch.randn(8), torch.randn(8))
     assert 'needs every input on CUDA' in scan.why_not('triton', *inputs)
 
 

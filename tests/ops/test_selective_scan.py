@@ -92,15 +92,21 @@ def test_cross_selective_scan_is_four_sequential_scans():
     torch.manual_seed(0)
     batch, channels, state, height, width = 2, 3, 1, 4, 5
     x = torch.randn(batch, channels, height, width, dtype=torch.float64)
-    delta = torch.randn(batch, 4, channels, height, width, dtype=torch.float64)
+    dt_low = torch.randn(batch, 4, 2, height * width, dtype=torch.float64)
+    dt_proj = torch.randn(4, channels, 2, dtype=torch.float64)
+    # delta = dt_proj[k] @ dt_low[b, k], in direction order: back to maps for the loop below
+    delta = torch.einsum('kdr,bkrl->bkdl', dt_proj, dt_low)
+    delta = torch.stack([delta[:, k].unflatten(-1, (height, width)) if k % 2 == 0 else
+                         delta[:, k].unflatten(-1, (width, height)).transpose(-1, -2)
+                         for k in range(4)], 1)
     Bs, Cs = torch.randn(2, batch, 4, state, height, width, dtype=torch.float64)
     A = -torch.rand(4 * channels, state, dtype=torch.float64)
     D, bias = torch.randn(2, 4 * channels, dtype=torch.float64)
     # the per-direction maps in direction order, written out here
     rows, cols = (lambda t: t.flatten(-2)), (lambda t: t.transpose(-1, -2).flatten(-2))
     ordered = [torch.stack([(rows, cols)[k % 2](t[:, k]) for k in range(4)], 1)
-               for t in (delta, Bs, Cs)]
-    out = cross_selective_scan(x, ordered[0], A, ordered[1], ordered[2], D, bias)
+               for t in (Bs, Cs)]
+    out = cross_selective_scan(x, dt_low, dt_proj, A, ordered[0], ordered[1], D, bias)
     expected = torch.zeros_like(x)
     orders = [rows, cols]
     for k in range(4):
@@ -123,12 +129,14 @@ def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match='B and C must be'):
         selective_scan(**{**inputs, 'B': inputs['B'][..., :3]})
     x = torch.randn(1, 3, 4, 4)
-    with pytest.raises(ValueError, match=r'delta must be \(1, 4, 3, 16\) \(direction order\)'):
-        cross_selective_scan(x, torch.randn(1, 4, 3, 4, 4), torch.randn(12, 1),
-                             torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16),
-                             torch.randn(12), torch.randn(12))
+    rest = torch.randn(12, 1), torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16), \
+        torch.randn(12), torch.randn(12)
+    with pytest.raises(ValueError, match=r'dt_low must be \(1, 4, R, 16\) \(direction order\)'):
+        cross_selective_scan(x, torch.randn(1, 4, 2, 4, 4), torch.randn(4, 3, 2), *rest)
+    with pytest.raises(ValueError, match=r'dt_proj must be \(4, 3, 2\) \(4, D, R\)'):
+        cross_selective_scan(x, torch.randn(1, 4, 2, 16), torch.randn(4, 2, 3), *rest)
     with pytest.raises(ValueError, match='B and C must be'):
-        cross_selective_scan(x, torch.randn(1, 4, 3, 16), torch.randn(12, 1),
+        cross_selective_scan(x, torch.randn(1, 4, 2, 16), torch.randn(4, 3, 2), torch.randn(12, 1),
                              torch.randn(1, 4, 1, 4, 4), torch.randn(1, 4, 1, 4, 4),
                              torch.randn(12), torch.randn(12))
 
@@ -139,7 +147,8 @@ def test_cross_selective_scan_gradcheck():
     channels, height, width = 2, 3, 2
     length = height * width
     inputs = [torch.randn(1, channels, height, width, generator=g, dtype=torch.float64),
-              torch.randn(1, 4, channels, length, generator=g, dtype=torch.float64),
+              torch.randn(1, 4, 2, length, generator=g, dtype=torch.float64),
+              torch.randn(4, channels, 2, generator=g, dtype=torch.float64),
               -torch.rand(4 * channels, 1, generator=g, dtype=torch.float64),
               torch.randn(1, 4, 1, length, generator=g, dtype=torch.float64),
               torch.randn(1, 4, 1, length, generator=g, dtype=torch.float64),
@@ -153,8 +162,9 @@ def cross_inputs(batch=2, channels=3, state=1, height=9, width=7, seed=0):
     def randn(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
     length = height * width
-    return [randn(batch, channels, height, width), randn(batch, 4, channels, length),
-            -torch.rand(4 * channels, state, generator=g, dtype=torch.float64),
+    rank = max(1, channels // 4)
+    return [randn(batch, channels, height, width), randn(batch, 4, rank, length),
+            randn(4, channels, rank), -torch.rand(4 * channels, state, generator=g, dtype=torch.float64),
             randn(batch, 4, state, length), randn(batch, 4, state, length),
             randn(4 * channels), randn(4 * channels)]
 

@@ -27,25 +27,30 @@ def test_not_chosen_on_cpu_without_interpreter(monkeypatch):
 
 
 def make_inputs(batch, channels, height, width, dtype, state=1, seed=0):
-    """SS2D-like inputs: activations in ``dtype`` (delta, B, C in direction order), parameters
-    (A, D, delta_bias) float32."""
+    """SS2D-like inputs: activations in ``dtype`` (dt_low, B, C in direction order), parameters
+    (dt_proj, A, D, delta_bias) float32."""
     import torch
     g = torch.Generator().manual_seed(seed)
     def act(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
-    length = height * width
-    return [act(batch, channels, height, width), act(batch, 4, channels, length),
+    length, rank = height * width, max(1, (channels + 1) // 2)
+    return [act(batch, channels, height, width), act(batch, 4, rank, length),
+            torch.randn(4, channels, rank, generator=g) * rank ** -0.5,
             -torch.rand(4 * channels, state, generator=g) * 2 - 0.05,
             act(batch, 4, state, length), act(batch, 4, state, length),
             torch.randn(4 * channels, generator=g), torch.randn(4 * channels, generator=g) - 2]
 
 
-def sequential(x, delta, A, B, C, D, delta_bias):
-    """The ground truth: cross scan, the step-by-step loop, cross merge (float64)."""
+def sequential(x, dt_low, dt_proj, A, B, C, D, delta_bias):
+    """The ground truth: step projection, cross scan, the step-by-step loop, cross merge
+    (float64)."""
+    import torch
+
     from mmseg_segman.ops.cross_scan import cross_merge, cross_scan, flip_reversed
     from mmseg_segman.ops.selective_scan import selective_scan_reference
     batch, channels, height, width = x.shape
     length = height * width
+    delta = torch.einsum('kdr,bkrl->bkdl', dt_proj, dt_low)
     ys = selective_scan_reference(cross_scan(x).reshape(batch, -1, length),
                                   flip_reversed(delta).reshape(batch, -1, length), A,
                                   flip_reversed(B), flip_reversed(C), D, delta_bias)
@@ -59,7 +64,7 @@ def outputs_and_grads(fn, inputs, dy, **kwargs):
     return [out] + [t.grad for t in leaves]
 
 
-NAMES = ['y', 'dx', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias']
+NAMES = ['y', 'dx', 'ddt_low', 'ddt_proj', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias']
 
 
 def compare(label, got, want, tol):
@@ -99,14 +104,14 @@ def check(batch, channels, height, width, dtype, tol, blocks=(None, None), trans
 
 
 def strided_views(inputs):
-    """The same values with the strides SS2D produces and more: B, C split from one tensor
-    (read in place), delta with the sequence not innermost (copied), x channels-last."""
+    """The same values with the strides SS2D produces and more: dt_low, B, C split from one
+    tensor (read in place), dt_low also with the sequence not innermost, x channels-last."""
     import torch
-    x, delta, A, B, C, D, delta_bias = inputs
-    bc = torch.cat([B, C], 2)
-    delta = delta.transpose(-1, -2).contiguous().transpose(-1, -2)
-    return [x.contiguous(memory_format=torch.channels_last), delta, A, bc[:, :, :1], bc[:, :, 1:],
-            D, delta_bias]
+    x, dt_low, dt_proj, A, B, C, D, delta_bias = inputs
+    rank = dt_low.shape[2]
+    packed = torch.cat([dt_low, B, C], 2).transpose(-1, -2).contiguous().transpose(-1, -2)
+    return [x.contiguous(memory_format=torch.channels_last), packed[:, :, :rank], dt_proj, A,
+            packed[:, :, rank:rank + 1], packed[:, :, rank + 1:], D, delta_bias]
 
 
 def check_stiff_decay():
@@ -116,8 +121,8 @@ def check_stiff_decay():
 
     from mmseg_segman.ops.triton_cross_selective_scan import cross_selective_scan_triton
     inputs = make_inputs(2, 4, 5, 6, torch.float32)
-    inputs[1] = inputs[1] + 8  # dt about 6 to 10
-    inputs[2] = inputs[2] - 2  # A from -4 to -2: a_t < exp(-12)
+    inputs[7] = inputs[7] + 8  # delta_bias: dt about 6 to 10
+    inputs[3] = inputs[3] - 2  # A from -4 to -2: a_t < exp(-12)
     dy = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(2))
     got = outputs_and_grads(cross_selective_scan_triton, inputs, dy)[NAMES.index('dA')]
     want = outputs_and_grads(sequential, [t.double() for t in inputs], dy.double())[NAMES.index('dA')]
@@ -156,6 +161,21 @@ def check_checkpointed():
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     print('checkpointed: ok')
+
+
+def check_keeps_inputs_and_states_only():
+    """For the backward the op keeps its inputs and the float32 states, not ``delta``
+    ``(B, 4, D, L)``: it recomputes that from ``dt_low`` and ``dt_proj``."""
+    import torch
+    from autograd_memory import saved_bytes
+
+    from mmseg_segman.ops.triton_cross_selective_scan import (_cross_scan_forward_impl,
+                                                              cross_selective_scan_triton)
+    inputs = [t.requires_grad_() for t in make_inputs(2, 6, 4, 5, torch.float32)]
+    states = _cross_scan_forward_impl(*inputs, True, [])[1]
+    expected = sum(t.numel() * t.element_size() for t in (*inputs, states))
+    assert saved_bytes(cross_selective_scan_triton, *inputs) == expected
+    print('keeps inputs and states only: ok')
 
 
 def check_dispatch_and_no_grad():
@@ -223,6 +243,7 @@ def main():
     check_stiff_decay()
     check_merge()
     check_checkpointed()
+    check_keeps_inputs_and_states_only()
     check_dispatch_and_no_grad()
     check_custom_op()
     check_eager_path()

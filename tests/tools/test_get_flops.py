@@ -60,9 +60,10 @@ def test_selective_scan_rule_and_projections():
     r, n, length = ss2d.dt_rank, ss2d.d_state, h * w
     total, by_op = count(ss2d, torch.randn(b, c, h, w))
     scan = 9 * b * length * 4 * c * n + b * 4 * c * length  # the release's formula, 4 directions
-    projections = b * length * 4 * (r + 2 * n) * c + b * length * 4 * c * r  # x_proj, dt_projs
-    assert by_op[node_name('cross_selective_scan')[len('prim::'):]] == scan
-    assert total == pytest.approx(scan + projections, rel=1e-3)  # mmengine rounds einsum counts
+    dt_projs = b * length * 4 * c * r  # the step projection, applied inside the scan op
+    x_proj = b * length * 4 * (r + 2 * n) * c
+    assert by_op[node_name('cross_selective_scan')[len('prim::'):]] == scan + dt_projs
+    assert total == pytest.approx(scan + dt_projs + x_proj, rel=1e-3)  # mmengine rounds einsums
     # mmengine alone counts the reference scan's chunked matmuls instead of the recurrence
     plain = FlopAnalyzer(ss2d, (torch.randn(b, c, h, w), ))
     plain.unsupported_ops_warnings(False)

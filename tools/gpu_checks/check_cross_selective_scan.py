@@ -48,7 +48,7 @@ scan_mod, = load_ops('selective_scan')
 
 VARIANTS = ['triton', 'torch']  # backends of cross_selective_scan
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
-NAMES = ['y', 'dx', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias']
+NAMES = ['y', 'dx', 'ddt_low', 'ddt_proj', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias']
 # (batch, channels, height, width, delta scale): odd sizes, H or W = 1, several tiles,
 # softplus' linear and exponential ends (scale 10), then encoder stage 1 of SegMAN-B at
 # 512x512 and the decoder's MMSCopE (3*128 channels at 16x16)
@@ -64,15 +64,16 @@ BWD_SWEEP = [(1, 128, 4), (2, 128, 4), (2, 256, 2), (2, 256, 4), (1, 256, 4), (4
 
 
 def make_inputs(batch, channels, height, width, dtype, delta_scale=0.5, seed=0) -> List[Tensor]:
-    """SS2D-like inputs: activations in ``dtype`` (delta, B, C in direction order), parameters
-    float32, VMamba's dt init."""
+    """SS2D-like inputs: activations in ``dtype`` (dt_low, B, C in direction order), parameters
+    float32 (rank R = ceil(D / 16), delta = dt_proj @ dt_low about ``delta_scale`` in
+    size), VMamba's dt init."""
     g = torch.Generator(device='cuda').manual_seed(seed)
     def randn(*shape, scale=1.0):
         return torch.randn(*shape, generator=g, device='cuda') * scale
     dt = torch.empty(4 * channels, device='cuda').uniform_(math.log(1e-3), math.log(0.1)).exp()
-    length = height * width
+    length, rank = height * width, math.ceil(channels / 16)
     return [randn(batch, channels, height, width).to(dtype),
-            randn(batch, 4, channels, length, scale=delta_scale).to(dtype),
+            randn(batch, 4, rank, length).to(dtype), randn(4, channels, rank, scale=delta_scale / rank ** 0.5),
             -torch.exp(randn(4 * channels, 1, scale=0.5)),
             randn(batch, 4, 1, length).to(dtype), randn(batch, 4, 1, length).to(dtype),
             randn(4 * channels), dt + torch.log(-torch.expm1(-dt))]

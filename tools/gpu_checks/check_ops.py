@@ -56,13 +56,15 @@ def attention_case(batch, heads, length, dim, bias=True):
 def scan_case(batch, channels, height, width, state=1):
     def make(dtype):
         x = _randn(batch, channels, height, width, dtype=dtype)
-        delta = _randn(batch, 4, channels, height * width, dtype=dtype, scale=0.5)  # direction order
+        rank = math.ceil(channels / 16)  # delta = dt_proj @ dt_low about 0.5 in size
+        dt_low = _randn(batch, 4, rank, height * width, dtype=dtype)  # direction order
+        dt_proj = _randn(4, channels, rank, scale=0.5 / rank ** 0.5)
         A = -torch.exp(_randn(4 * channels, state, scale=0.5))
         B, C = (_randn(batch, 4, state, height * width, dtype=dtype) for _ in range(2))
         D = _randn(4 * channels)
         dt = torch.empty(4 * channels, device='cuda').uniform_(math.log(1e-3), math.log(0.1)).exp()
         delta_bias = dt + torch.log(-torch.expm1(-dt))  # inverse softplus, as VMamba's init
-        return [x, delta, A, B, C, D, delta_bias]
+        return [x, dt_low, dt_proj, A, B, C, D, delta_bias]
     return 'cross_selective_scan', f'B{batch} d{channels} {height}x{width} N{state}', make
 
 

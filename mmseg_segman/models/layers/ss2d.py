@@ -58,15 +58,14 @@ class SS2D(nn.Module):
         # each direction's sequence, since a 1x1 projection commutes with reordering. As a 1x1
         # convolution it keeps x itself for the backward (the scan keeps it too), where an
         # einsum would keep a transposed copy. Its (R + 2N)-channel result is laid out in
-        # direction order for the scan (a small copy), and the step projection then yields
-        # delta in that order too.
+        # direction order for the scan (a small copy). The scan takes the steps in their
+        # low-rank form (R rows) with their projection dt_projs_weight.
         batch, _, height, width = x.shape
         x_dbl = pointwise_conv2d(x, self.x_proj_weight.unsqueeze(-1))
         x_dbl = direction_order(x_dbl.view(batch, k, r + 2 * n, height, width))
-        dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = torch.einsum('kcr,bkrl->bkcl', self.dt_projs_weight, dts)
-        y = cross_selective_scan(x, dts, -torch.exp(self.A_logs.float()), Bs, Cs,
-                                 self.Ds.float(), self.dt_projs_bias.reshape(-1).float())
+        dt_low, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=2)
+        y = cross_selective_scan(x, dt_low, self.dt_projs_weight, -torch.exp(self.A_logs.float()),
+                                 Bs, Cs, self.Ds.float(), self.dt_projs_bias.reshape(-1).float())
         return y if residual is None else residual.add_to(y)
 
     def extra_repr(self) -> str:
