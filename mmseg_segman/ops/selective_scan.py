@@ -253,18 +253,20 @@ def _scan_order(x: Tensor, delta: Tensor, B: Tensor, C: Tensor) -> Tuple[Tensor,
 
 def project_steps(dt_low: Tensor, dt_proj: Tensor) -> Tensor:
     """The steps ``delta (B, 4, D, L)`` from their low-rank form: ``dt_proj[k] @ dt_low[b, k]``
-    for ``dt_low (B, 4, R, L)`` and ``dt_proj (4, D, R)``, in ``dt_low``'s dtype (as an einsum
-    under autocast computes it: bfloat16 in AMP training)."""
-    return torch.einsum('kdr,bkrl->bkdl', dt_proj.to(dt_low.dtype), dt_low)
+    for ``dt_low (B, 4, R, L)`` and ``dt_proj (4, D, R)``, in ``dt_low``'s dtype (bfloat16 in
+    AMP training, as the release's einsum under autocast)."""
+    return dt_proj.to(dt_low.dtype) @ dt_low
 
 
 def project_steps_backward(ddelta: Tensor, dt_low: Tensor, dt_proj: Tensor) -> Tuple[Tensor, Tensor]:
-    """The gradients of ``dt_low`` and ``dt_proj`` from that of :func:`project_steps`'
-    output, computed in ``dt_low``'s dtype as autograd computes an einsum's (``dt_proj``'s
-    then cast to its own dtype)."""
-    ddelta = ddelta.to(dt_low.dtype)
-    return (torch.einsum('kdr,bkdl->bkrl', dt_proj.to(dt_low.dtype), ddelta),
-            torch.einsum('bkdl,bkrl->kdr', ddelta, dt_low).to(dt_proj.dtype))
+    """The gradients of ``dt_low`` and ``dt_proj`` from ``ddelta``, that of
+    :func:`project_steps`' output, computed in ``ddelta``'s dtype (float32 from the scans,
+    where autograd through a bfloat16 product would round ``ddelta`` first) and returned in
+    the inputs' dtypes. Matrix products batched over ``(B, 4)``: none copies ``ddelta``
+    (an einsum would transpose it to one product per direction)."""
+    d_dt_low = dt_proj.to(ddelta.dtype).transpose(-1, -2) @ ddelta
+    d_dt_proj = (ddelta @ dt_low.to(ddelta.dtype).transpose(-1, -2)).sum(0)
+    return d_dt_low.to(dt_low.dtype), d_dt_proj.to(dt_proj.dtype)
 
 
 class _CrossSelectiveScan(torch.autograd.Function):

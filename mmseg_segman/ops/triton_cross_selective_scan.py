@@ -2,7 +2,7 @@
 
 Layout. The per-direction inputs ``delta (B, 4, D, L)`` and ``B``/``C (B, 4, 1, L)`` come in
 direction order (:mod:`.cross_scan`: row-major for directions 0 and 2, column-major for 1 and
-3), contiguous along ``L``; ``delta`` is computed from its low-rank form (one einsum,
+3), contiguous along ``L``; ``delta`` is computed from its low-rank form (one matrix product,
 :func:`~.selective_scan.project_steps`) before each kernel that reads it, and dropped after,
 so the backward pass does not keep it (it would be the largest saved tensor after the
 states: ``D / R = 16`` times ``dt_low``). ``x (B, D, H, W)`` is copied once into both orders,
@@ -35,8 +35,8 @@ read back (not ``h_t - b_t``, which cancels when ``a_t`` is small and would spoi
 Then ``du``, ``ddelta`` (through softplus and bias), and per program: ``dB``, ``dC``
 summed over the program's channels, ``dA``, ``dD``, ``d delta_bias`` summed over its steps.
 These partial sums are reduced in PyTorch (over channel blocks, resp. the batch); again
-no atomics; ``ddelta`` goes back through the step projection by two einsums in ``delta``'s
-dtype (:func:`~.selective_scan.project_steps_backward`). Gradients are returned in the
+no atomics; ``ddelta`` goes back through the step projection by two matrix products in
+float32 (:func:`~.selective_scan.project_steps_backward`). Gradients are returned in the
 inputs' dtypes and layouts.
 
 ``torch.compile`` traces the kernels as the ``torch.library`` custom ops
@@ -349,7 +349,7 @@ def _cross_scan_backward_impl(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Te
            dys, du, ddelta, dB, dC, dA, dD, dbias, channels, length,
            *_strides(xs, delta, B_seq, C_seq), *dys.stride()[:3], BLOCK_D=block_d,
            BLOCK_L=block_l, num_warps=warps)
-    d_dt_low, d_dt_proj = project_steps_backward(ddelta, dt_low, dt_proj)
+    d_dt_low, d_dt_proj = project_steps_backward(ddelta, dt_low, dt_proj)  # ddelta float32
     grads = (_merge(du, height, width, x.dtype), d_dt_low, d_dt_proj, dA.sum(0),
              dB.sum(2, keepdim=True), dC.sum(2, keepdim=True), dD.sum(0), dbias.sum(0))
     inputs = x, dt_low, dt_proj, A, B, C, D, delta_bias
