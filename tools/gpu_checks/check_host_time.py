@@ -22,15 +22,21 @@ their own CPU time.
 ``--ops``: the host's microseconds per call of each layer of a SegMAN op on a tiny map (the
 public op with its dispatch, the Triton backend with its autograd wrapper, the kernel
 launch) and of PyTorch operations for scale (an add, ``F.layer_norm``,
-``F.conv2d``), without and with autograd recording.
+``F.conv2d``), without and with autograd recording. ``--ops --cpu`` measures the same layers
+on CPU tensors under Triton's interpreter with the kernels not launched: the Python layers'
+host time without a GPU (``TRITON_INTERPRET=1 python3 tools/gpu_checks/check_host_time.py
+--ops --cpu``; PyTorch's own operations then compute on the CPU).
 """
 import argparse
 import cProfile
+import os
 import pstats
 import statistics
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -117,31 +123,47 @@ def train_host(name: str, model, size: int, profiled: bool, repeats: int = 10) -
     return dict(model=name, size=size, mode='train', **row, kernels=kernels)
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def per_call_us(fn, calls: int = 2000) -> float:
     """Host microseconds per ``fn()``: the GPU runs tiny kernels faster than they come."""
     for _ in range(50):
         fn()
-    torch.cuda.synchronize()
+    _synchronize()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
-    torch.cuda.synchronize()
+    _synchronize()
     return 1e6 * (time.perf_counter() - start) / calls
 
 
-def op_layers(grad: bool):
-    """``{name: fn}``: the layers of ``layer_norm_2d`` and ``depthwise_conv2d``, the op
-    ``pointwise_conv2d``, and PyTorch operations, on a ``(1, 32, 8, 8)`` map."""
+def op_layers(grad: bool, device: str = 'cuda'):
+    """``{name: fn}``: the layers of ``layer_norm_2d`` and ``depthwise_conv2d``, the ops
+    ``pointwise_conv2d``, ``neighborhood_attention_2d`` and ``cross_selective_scan`` with
+    their Triton backends, and PyTorch operations, on a ``(1, 32, 8, 8)`` map."""
     import torch.nn.functional as F
 
-    from mmseg_segman.ops import depthwise_conv2d, layer_norm_2d, pointwise_conv2d
+    from mmseg_segman.ops import (cross_selective_scan, depthwise_conv2d, layer_norm_2d,
+                                  neighborhood_attention_2d, pointwise_conv2d)
+    from mmseg_segman.ops import triton_cross_selective_scan as tcs
     from mmseg_segman.ops import triton_depthwise_conv as tdw
     from mmseg_segman.ops import triton_layer_norm as tln
+    from mmseg_segman.ops import triton_neighborhood_attention as tna
 
-    x = torch.randn(1, 32, 8, 8, device='cuda', requires_grad=grad)
-    w, b = torch.ones(32, device='cuda'), torch.zeros(32, device='cuda')
-    taps = torch.randn(32, 1, 3, 3, device='cuda')
-    pointwise = torch.randn(64, 32, 1, 1, device='cuda')
+    def randn(*shape, grad=False):
+        return torch.randn(*shape, device=device, requires_grad=grad)
+
+    x = randn(1, 32, 8, 8, grad=grad)
+    w, b = torch.ones(32, device=device), torch.zeros(32, device=device)
+    taps = randn(32, 1, 3, 3)
+    pointwise = randn(64, 32, 1, 1)
+    q, rpb = randn(1, 2, 8, 8, 16, grad=grad), torch.zeros(2, 13, 13, device=device)
+    # x, dt_low (R = 2), dt_proj, A, B, C, D, delta_bias of a 32-channel SS2D
+    scan = (x, randn(1, 4, 2, 64), randn(4, 32, 2), -torch.ones(128, 1, device=device),
+            randn(1, 4, 1, 64), randn(1, 4, 1, 64), randn(128), randn(128))
     return {
         'add': lambda: x + x,
         'F.layer_norm (channels last)': lambda: F.layer_norm(x.permute(0, 2, 3, 1), (32,), w, b),
@@ -153,8 +175,24 @@ def op_layers(grad: bool):
         'depthwise_conv2d launch': lambda: tdw._convolve(x, taps, b, False, False, x.dtype),
         'F.conv2d depthwise 3x3': lambda: F.conv2d(x, taps, b, padding=1, groups=32),
         'F.conv2d 1x1': lambda: F.conv2d(x, pointwise, b.repeat(2)),
-        'pointwise_conv2d (matmul)': lambda: pointwise_conv2d(x, pointwise, b.repeat(2)),
+        'pointwise_conv2d': lambda: pointwise_conv2d(x, pointwise, b.repeat(2)),
+        'neighborhood_attention_2d': lambda: neighborhood_attention_2d(q, q, q, 7, rpb),
+        'neighborhood_attention_2d triton backend': lambda: tna.neighborhood_attention_triton(
+            q, q, q, 7, rpb),
+        'cross_selective_scan': lambda: cross_selective_scan(*scan),
+        'cross_selective_scan triton backend': lambda: tcs.cross_selective_scan_triton(*scan),
     }
+
+
+@contextmanager
+def kernels_not_launched() -> Iterator[None]:
+    """Triton's interpreter (``TRITON_INTERPRET=1``) with every kernel call a no-op."""
+    from unittest import mock
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    with mock.patch.object(InterpretedFunction, 'run', lambda self, *args, **kwargs: None):
+        yield
 
 
 def main():
@@ -165,13 +203,21 @@ def main():
     parser.add_argument('--profile', nargs='*', choices=MODELS, default=[],
                         help='print the Python functions with the most own time')
     parser.add_argument('--ops', action='store_true', help='host time per call of op layers')
+    parser.add_argument('--cpu', action='store_true',
+                        help='--ops on the CPU, under TRITON_INTERPRET=1, kernels not launched')
     parser.add_argument('--train', action='store_true', help='time training steps, not forwards')
     parser.add_argument('--out', help='append JSON lines here')
     args = parser.parse_args()
+    if args.cpu and (not args.ops or args.models or os.environ.get('TRITON_INTERPRET') != '1'):
+        parser.error('--cpu measures --ops only, with TRITON_INTERPRET=1 set')
+    if args.cpu:
+        torch.set_num_threads(1)  # PyTorch's own CPU operations: no waiting on busy cores
     if args.ops:
-        for grad in (False, True):
-            for name, fn in op_layers(grad).items():
-                write_row(dict(op=name, autograd=grad, host_us=round(per_call_us(fn), 1)), args.out)
+        with kernels_not_launched() if args.cpu else nullcontext():
+            for grad in (False, True):
+                for name, fn in op_layers(grad, 'cpu' if args.cpu else 'cuda').items():
+                    write_row(dict(op=name, autograd=grad, device='cpu' if args.cpu else 'cuda',
+                                   host_us=round(per_call_us(fn), 1)), args.out)
     for name in args.models if args.models is not None else ([] if args.ops else MODELS):
         model = build_model(name).cuda().eval()
         measure = train_host if args.train else infer_host
