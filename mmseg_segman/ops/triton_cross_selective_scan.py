@@ -55,7 +55,8 @@ from torch import Tensor
 
 from .cross_scan import both_orders
 from .selective_scan import project_steps, project_steps_backward
-from .triton_jit import cdiv, jit_with_runtime_ints, launch, next_power_of_2, records_autograd
+from .triton_jit import (cdiv, eager_autograd, jit_with_runtime_ints, launch, next_power_of_2,
+                         records_autograd)
 
 
 # Sizes and the strides that follow them stay runtime values (one compilation for every map
@@ -399,18 +400,10 @@ cross_scan_forward.register_autograd(_backward_through(cross_scan_forward, cross
                                      setup_context=_setup_context)
 
 
-class _CrossSelectiveScan(torch.autograd.Function):
-    """The custom op's autograd without its dispatch, for eager calls. ``forward`` takes
-    ``ctx``: a Function with a separate ``setup_context`` has its arguments bound through
-    ``inspect.signature`` at every call (60-100 us of host time a call on the CPU)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _cross_scan_forward_impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_backward_through(_cross_scan_forward_impl, _cross_scan_backward_impl))
+# the custom op's autograd without its dispatch, for eager calls
+_CrossSelectiveScan = eager_autograd(
+    '_CrossSelectiveScan', _cross_scan_forward_impl, _setup_context,
+    _backward_through(_cross_scan_forward_impl, _cross_scan_backward_impl))
 
 
 def cross_selective_scan_triton(x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tensor,

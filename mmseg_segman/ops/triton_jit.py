@@ -4,7 +4,7 @@ wrapper, and the precision of float32 products."""
 import inspect
 import os
 import warnings
-from typing import Callable, Collection, Dict, Hashable, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, Hashable, Optional, Sequence, Tuple, Type
 
 import torch
 import triton
@@ -39,6 +39,25 @@ def records_autograd(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether autograd records an op on ``tensors`` (``None`` allowed): where it does not
     (inference), a backend launches its kernel without an ``autograd.Function`` around it."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def eager_autograd(name: str, forward: Callable, setup_context: Callable,
+                   backward: Callable) -> Type[torch.autograd.Function]:
+    """A ``torch.autograd.Function`` named ``name`` for the eager calls of a custom op's
+    kernels (the custom op's dispatch costs host time at every call): ``forward(*inputs)``,
+    then ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` as the custom op
+    registers them. Its ``forward`` takes ``ctx`` itself: a Function with a separate
+    ``setup_context`` has its arguments bound through ``inspect.signature`` at every call
+    (60-100 us of host time a call on the CPU, docs/benchmarks.md)."""
+
+    def forward_with_ctx(ctx, *inputs):
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), dict(
+        __doc__=f'Eager autograd of ``{getattr(forward, "__name__", forward)}``.',
+        forward=staticmethod(forward_with_ctx), backward=staticmethod(backward)))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

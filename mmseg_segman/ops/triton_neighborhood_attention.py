@@ -47,8 +47,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import (cdiv, dot_precision, jit_with_runtime_ints, launch, next_power_of_2,
-                         records_autograd)
+from .triton_jit import (cdiv, dot_precision, eager_autograd, jit_with_runtime_ints, launch,
+                         next_power_of_2, records_autograd)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 NEG = tl.constexpr(-1.0e30)  # the masked score: finite, so rows without a valid key yet stay NaN-free
@@ -485,18 +485,9 @@ def _backward_through(backward: Callable) -> Callable:
 na2d_forward.register_autograd(_backward_through(na2d_backward), setup_context=_setup_context)
 
 
-class _NeighborhoodAttention(torch.autograd.Function):
-    """The custom op's autograd without its dispatch, for eager calls. ``forward`` takes
-    ``ctx``: a Function with a separate ``setup_context`` has its arguments bound through
-    ``inspect.signature`` at every call (60-100 us of host time a call on the CPU)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _na2d_forward_impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_backward_through(_na2d_backward_impl))
+# the custom op's autograd without its dispatch, for eager calls
+_NeighborhoodAttention = eager_autograd('_NeighborhoodAttention', _na2d_forward_impl,
+                                        _setup_context, _backward_through(_na2d_backward_impl))
 
 
 def neighborhood_attention_triton(q: Tensor, k: Tensor, v: Tensor, kernel_size: int,
