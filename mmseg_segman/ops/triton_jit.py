@@ -1,10 +1,13 @@
 """``triton.jit`` for kernels whose sizes and strides stay runtime values, the launch of a
 compiled kernel without Triton's per-call work, when a Triton backend needs its autograd
-wrapper, and the precision of float32 products."""
+wrapper, and the precision of float32 products; kernels made no-ops, for counting without a
+GPU."""
 import inspect
 import os
 import warnings
-from typing import Callable, Collection, Dict, Hashable, Optional, Sequence, Tuple, Type
+from contextlib import contextmanager
+from typing import (Callable, Collection, Dict, Hashable, Iterator, Optional, Sequence, Tuple,
+                    Type)
 
 import torch
 import triton
@@ -58,6 +61,23 @@ def eager_autograd(name: str, forward: Callable, setup_context: Callable,
     return type(name, (torch.autograd.Function,), dict(
         __doc__=f'Eager autograd of ``{getattr(forward, "__name__", forward)}``.',
         forward=staticmethod(forward_with_ctx), backward=staticmethod(backward)))
+
+
+@contextmanager
+def kernels_not_launched() -> Iterator[None]:
+    """Every Triton kernel call a no-op, compiled or under Triton's interpreter: the host's
+    side of the ops alone, for counting without a GPU (outputs are left as allocated)."""
+    from unittest import mock
+
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    def no_launch(self, *args, **kwargs):
+        return None
+
+    with mock.patch.object(JITFunction, 'run', no_launch), \
+            mock.patch.object(InterpretedFunction, 'run', no_launch):
+        yield
 
 
 def dot_precision(dtype: torch.dtype) -> str:

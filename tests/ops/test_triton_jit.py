@@ -1,6 +1,7 @@
 """``triton_jit.launch``: Triton's path the first time for each specialization, then the
 compiled kernel's launcher with the same arguments. The launcher is a stand-in here (no GPU);
 ``tools/gpu_checks/check_ops.py`` runs every backend twice on the GPU and compares."""
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -144,3 +145,20 @@ def test_eager_autograd_binds_no_arguments_through_inspect():
         y.sum().backward()
     torch.testing.assert_close(y, x.detach() * 3)
     torch.testing.assert_close(x.grad, torch.full((3,), 3.0))
+
+
+@triton.jit
+def _fill_kernel(ptr):
+    triton.language.store(ptr, 1.0)
+
+
+def test_kernels_not_launched():
+    """Inside the scope a kernel call does nothing (no GPU, no interpreter needed); outside,
+    this machine's Triton tries to launch it."""
+    x = torch.zeros(1)
+    with triton_jit.kernels_not_launched():
+        _fill_kernel[(1,)](x)
+    assert x.item() == 0.0
+    if not torch.cuda.is_available() and os.environ.get('TRITON_INTERPRET') != '1':
+        with pytest.raises(Exception):
+            _fill_kernel[(1,)](x)

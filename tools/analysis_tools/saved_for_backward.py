@@ -37,15 +37,10 @@ from mmseg_segman.ops import use_backends
 def fake_cuda() -> Iterator[None]:
     """Fake CUDA tensors on any machine (``FakeTensorMode``), Triton kernels not launched."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
 
-    def no_launch(self, *args, **kwargs):
-        return None
+    from mmseg_segman.ops.triton_jit import kernels_not_launched
 
-    with FakeTensorMode(allow_non_fake_inputs=True), \
-            mock.patch.object(JITFunction, 'run', no_launch), \
-            mock.patch.object(InterpretedFunction, 'run', no_launch):  # under TRITON_INTERPRET=1
+    with FakeTensorMode(allow_non_fake_inputs=True), kernels_not_launched():
         yield
 
 

@@ -34,9 +34,8 @@ import pstats
 import statistics
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -184,16 +183,6 @@ def op_layers(grad: bool, device: str = 'cuda'):
     }
 
 
-@contextmanager
-def kernels_not_launched() -> Iterator[None]:
-    """Triton's interpreter (``TRITON_INTERPRET=1``) with every kernel call a no-op."""
-    from unittest import mock
-
-    from triton.runtime.interpreter import InterpretedFunction
-
-    with mock.patch.object(InterpretedFunction, 'run', lambda self, *args, **kwargs: None):
-        yield
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -213,6 +202,8 @@ def main():
     if args.cpu:
         torch.set_num_threads(1)  # PyTorch's own CPU operations: no waiting on busy cores
     if args.ops:
+        from mmseg_segman.ops.triton_jit import kernels_not_launched
+
         with kernels_not_launched() if args.cpu else nullcontext():
             for grad in (False, True):
                 for name, fn in op_layers(grad, 'cpu' if args.cpu else 'cuda').items():
