@@ -53,6 +53,11 @@ def cuda_bf16_autocast() -> Iterator[None]:
         yield
 
 
+def default_device(path: str) -> str:
+    """``'fake-cuda'`` for the fast path, ``'meta'`` for the reference."""
+    return 'fake-cuda' if path == 'fast' else 'meta'
+
+
 def saved_bytes_by_module(arch: str, batch: int, height: int, width: int, path: str = 'ref',
                           amp: bool = False, device: Optional[str] = None
                           ) -> Tuple[int, Dict[str, int]]:
@@ -61,9 +66,10 @@ def saved_bytes_by_module(arch: str, batch: int, height: int, width: int, path: 
     ``path``: ``'ref'`` (every op on its reference) or ``'fast'`` (automatic backend choice);
     ``device``: ``'meta'`` (the default of ``'ref'``), ``'fake-cuda'`` (the default of
     ``'fast'``: :func:`fake_cuda`) or a real device; ``amp``: bf16 autocast (CUDA only)."""
-    device = device or ('fake-cuda' if path == 'fast' else 'meta')
+    device = device or default_device(path)
     if amp and 'cuda' not in device:
-        raise ValueError(f'amp is bf16 autocast for CUDA, not for {device!r} tensors')
+        raise ValueError(f'amp is bf16 autocast for CUDA: it needs the fast path or a CUDA '
+                         f'device, not {device!r}')
     encoder = SegMANEncoder(arch=arch).train()
     head = SegMANHead(**head_widths(arch, 'ade20k'), num_classes=150).train()
     storages: Dict[int, int] = {}
@@ -119,11 +125,12 @@ def main():
     parser.add_argument('--device', help="'meta' (default of --path ref), 'fake-cuda' (default of "
                                          "--path fast) or a real device")
     args = parser.parse_args()
-    device = args.device or ('fake-cuda' if args.path == 'fast' else 'meta')
-    if args.amp and 'cuda' not in device:
-        parser.error(f'--amp is bf16 autocast for CUDA: it needs --path fast or a CUDA --device, not {device}')
-    total, by_type = saved_bytes_by_module(args.arch, args.batch, *args.size, args.path, args.amp,
-                                           device)
+    device = args.device or default_device(args.path)
+    try:
+        total, by_type = saved_bytes_by_module(args.arch, args.batch, *args.size, args.path,
+                                               args.amp, device)
+    except ValueError as error:
+        parser.error(str(error))
     print(json.dumps(dict(arch=args.arch, batch=args.batch, size=args.size, path=args.path,
                           device=device, amp=args.amp, saved_gib=round(total / 2 ** 30, 2),
                           by_module_type={k: round(v / 2 ** 30, 3) for k, v in by_type.items()})))
