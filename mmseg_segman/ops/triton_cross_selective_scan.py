@@ -26,18 +26,27 @@ column-major ones read as transposed tiles) into the output's dtype. This is det
 parallel; it costs one float32 buffer of four outputs, freed after the merge. ``du`` in the
 backward pass is merged the same way, and ``dy`` is read from both orders like ``x``.
 
-Backward. When a gradient is needed the forward pass also stores ``h`` (float32, in scan
-order). The backward program walks the tiles from the end, each read in reversed order, so
-the adjoint recurrence ``dh_t = C_t dy_t + a_{t+1} dh_{t+1}`` is again a forward
-``tl.associative_scan`` (no ``reverse=True`` scan, whose results have been wrong on some
-Triton versions); ``a_{t+1}`` is recomputed from ``delta`` at the next step and ``h_{t-1}``
-read back (not ``h_t - b_t``, which cancels when ``a_t`` is small and would spoil ``dA``).
-Then ``du``, ``ddelta`` (through softplus and bias), and per program: ``dB``, ``dC``
-summed over the program's channels, ``dA``, ``dD``, ``d delta_bias`` summed over its steps.
-These partial sums are reduced in PyTorch (over channel blocks, resp. the batch); again
-no atomics; ``ddelta`` goes back through the step projection by two matrix products in
-float32 (:func:`~.selective_scan.project_steps_backward`). Gradients are returned in the
-inputs' dtypes and layouts.
+Backward. When a gradient is needed the forward pass also keeps checkpoints of the state:
+``h_t`` at the end of every backward tile but the last (every ``CKPT`` steps, ``CKPT`` the
+backward's ``BLOCK_L``, whatever the forward's), float32 ``(B, 4, D, (L - 1) // CKPT)`` in
+scan order, ``1/CKPT`` of the memory of all the states (1/256 at the default blocks; these
+were SegMAN-L's largest saved activation at batch 8, about 2.7 GiB). The backward program
+walks the tiles from the end, each read in reversed order, so the adjoint recurrence
+``dh_t = C_t dy_t + a_{t+1} dh_{t+1}`` is again a forward ``tl.associative_scan`` (no
+``reverse=True`` scan, whose results have been wrong on some Triton versions); ``a_{t+1}`` is
+recomputed from ``delta`` at the next step. The tile's states are recomputed from the
+checkpoint before it: its inputs are read again one step back in natural order (the same
+addresses as the reversed reads, mostly from cache) and scanned forwards from the checkpoint
+as in the forward pass, giving ``h_{t-1}``, which ``tl.flip`` puts in reversed order; then
+``h_t = a_t h_{t-1} + b_t`` (``h_{t-1}`` is never derived from ``h_t - b_t``, which cancels
+when ``a_t`` is small and would spoil ``dA``). This costs the backward a second scan and
+one more softplus and exp an element. Then ``du``, ``ddelta`` (through softplus and bias),
+and per program: ``dB``, ``dC`` summed over the program's channels, ``dA``, ``dD``,
+``d delta_bias`` summed over its steps. These partial sums are reduced in PyTorch (over
+channel blocks, resp. the batch); again no atomics; ``ddelta`` goes back through the step
+projection by two matrix products in float32
+(:func:`~.selective_scan.project_steps_backward`). Gradients are returned in the inputs'
+dtypes and layouts.
 
 ``torch.compile`` traces the kernels as the ``torch.library`` custom ops
 ``mmseg_segman::cross_scan_forward`` and ``cross_scan_backward`` (with fake implementations
@@ -105,8 +114,8 @@ def _direction_program(xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, 
                        sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k,
                        BLOCK_D: tl.constexpr):
     """The program's direction, batch element and channels, their parameters, the base
-    pointers of its sequences (``x`` in the direction's order) and the offset of its rows in
-    the ``(B, 4, D, L)`` buffers."""
+    pointers of its sequences (``x`` in the direction's order) and the index of its rows
+    ``(BLOCK_D,)`` in the ``(B, 4, D, .)`` buffers."""
     direction = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
     ch = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -116,8 +125,8 @@ def _direction_program(xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, 
     delta_base = delta_ptr + batch * sd_b + direction * sd_k + ch[:, None] * sd_c
     b_base = b_ptr + batch * sb_b + direction * sb_k
     c_base = c_ptr + batch * sc_b + direction * sc_k
-    row_base = ((batch * 4 + direction) * channels + ch[:, None]) * length
-    return direction, batch, ch, ch_ok, A, D, bias, x_base, delta_base, b_base, c_base, row_base
+    rows = (batch * 4 + direction) * channels + ch
+    return direction, batch, ch, ch_ok, A, D, bias, x_base, delta_base, b_base, c_base, rows
 
 
 @triton.jit
@@ -128,12 +137,17 @@ def _position(step, length, direction):
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _cross_scan_fwd_kernel(
-        xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, y_ptr, h_ptr, channels, length,
+        xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, y_ptr, ckpt_ptr, channels, length,
         sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k,
-        STORE_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    direction, batch, ch, ch_ok, A, D, bias, x_base, delta_base, b_base, c_base, row_base = \
+        STORE_CKPT: tl.constexpr, CKPT: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_L: tl.constexpr):
+    """``y`` and, if ``STORE_CKPT``, the checkpoints ``ckpt[.., k] = h_{(k + 1) CKPT - 1}``,
+    ``k < (length - 1) // CKPT``: the state at the end of every backward tile but the last."""
+    direction, batch, ch, ch_ok, A, D, bias, x_base, delta_base, b_base, c_base, rows = \
         _direction_program(xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, channels, length,
                            sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, BLOCK_D)
+    row_base = rows[:, None] * length
+    ckpt_base = ckpt_ptr + rows[:, None] * ((length - 1) // CKPT)
     steps = tl.arange(0, BLOCK_L)
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(0, length, BLOCK_L):
@@ -149,19 +163,23 @@ def _cross_scan_fwd_kernel(
         decay = tl.where(ok, tl.exp(dt * A), 1.0)
         h, carry = _scan_tile(decay, dt * Bt * u, carry, BLOCK_L)
         tl.store(y_ptr + row_base + pos[None, :], Ct * h + D * u, mask=ok)
-        if STORE_H:
-            tl.store(h_ptr + row_base + t[None, :], h, mask=ok)
+        if STORE_CKPT:
+            at_ckpt = ((t + 1) % CKPT == 0) & (t + 1 < length)
+            tl.store(ckpt_base + ((t + 1) // CKPT - 1)[None, :], h,
+                     mask=ch_ok[:, None] & at_ckpt[None, :])
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _cross_scan_bwd_kernel(
-        xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, h_ptr, dys_ptr,
+        xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, ckpt_ptr, dys_ptr,
         du_ptr, ddelta_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr, channels, length,
         sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, sy_b, sy_k, sy_c,
         BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    direction, batch, ch, ch_ok, A, D, bias, x_base, delta_base, b_base, c_base, row_base = \
+    direction, batch, ch, ch_ok, A, D, bias, x_base, delta_base, b_base, c_base, rows = \
         _direction_program(xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, channels, length,
                            sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, BLOCK_D)
+    row_base = rows[:, None] * length
+    ckpt_base = ckpt_ptr + rows * ((length - 1) // BLOCK_L)
     dy_base = dys_ptr + batch * sy_b + (direction % 2) * sy_k + ch[:, None] * sy_c
     bc_base = ((batch * 4 + direction) * tl.num_programs(0) + tl.program_id(0)) * length  # dB, dC partials
     steps = tl.arange(0, BLOCK_L)
@@ -171,7 +189,8 @@ def _cross_scan_bwd_kernel(
     dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
     num_tiles = tl.cdiv(length, BLOCK_L)
     for tile in range(0, num_tiles):
-        t = (num_tiles - tile) * BLOCK_L - 1 - steps  # the tile, last step first
+        index = num_tiles - 1 - tile
+        t = (index + 1) * BLOCK_L - 1 - steps  # the tile, last step first
         t_ok = t < length
         ok = ch_ok[:, None] & t_ok[None, :]
         pos = _position(t, length, direction)
@@ -181,8 +200,20 @@ def _cross_scan_bwd_kernel(
         Bt = tl.load(b_base + pos, mask=t_ok, other=0.0).to(tl.float32)[None, :]
         Ct = tl.load(c_base + pos, mask=t_ok, other=0.0).to(tl.float32)[None, :]
         dy = tl.load(dy_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
-        h = tl.load(h_ptr + row_base + t[None, :], mask=ok, other=0.0)
-        h_prev = tl.load(h_ptr + row_base + t[None, :] - 1, mask=ok & (t >= 1)[None, :], other=0.0)
+        # h_{t-1}: steps t - 1 in natural order from the checkpoint before the tile (the state
+        # at its first step - 1; zero for the first tile), scanned forwards, then reversed
+        t_prev = index * BLOCK_L - 1 + steps
+        t_prev_ok = (steps > 0) & (t_prev < length)
+        prev_ok = ch_ok[:, None] & t_prev_ok[None, :]
+        pos_prev = _position(t_prev, length, direction)
+        u_prev = tl.load(x_base + pos_prev[None, :], mask=prev_ok, other=0.0).to(tl.float32)
+        z_prev = tl.load(delta_base + pos_prev[None, :], mask=prev_ok, other=0.0).to(tl.float32)
+        B_prev = tl.load(b_base + pos_prev, mask=t_prev_ok, other=0.0).to(tl.float32)[None, :]
+        dt_prev = _softplus(z_prev + bias)
+        ckpt = tl.load(ckpt_base + index - 1, mask=ch_ok & (index > 0), other=0.0)
+        h_prev, _ = _scan_tile(tl.where(prev_ok, tl.exp(dt_prev * A), 1.0),
+                               dt_prev * B_prev * u_prev, ckpt, BLOCK_L)
+        h_prev = tl.flip(h_prev, 1)
         # a_{t+1}, zero past the end
         next_ok = ch_ok[:, None] & (t + 1 < length)[None, :]
         next_pos = _position(t + 1, length, direction)
@@ -193,6 +224,7 @@ def _cross_scan_bwd_kernel(
 
         dt = _softplus(z)
         decayed_prev = tl.exp(dt * A) * h_prev
+        h = decayed_prev + dt * Bt * u
         dz = tl.where(ok, dh * (Bt * u + A * decayed_prev) * tl.sigmoid(z), 0.0)
         tl.store(du_ptr + row_base + pos[None, :], dh * dt * Bt + D * dy, mask=ok)
         tl.store(ddelta_ptr + row_base + pos[None, :], dz, mask=ok)
@@ -201,10 +233,9 @@ def _cross_scan_bwd_kernel(
         dA += tl.sum(dh * decayed_prev * dt, axis=1)
         dD += tl.sum(dy * u, axis=1)
         dbias += tl.sum(dz, axis=1)
-    out = (batch * 4 + direction) * channels + ch
-    tl.store(da_ptr + out, dA, mask=ch_ok)
-    tl.store(dd_ptr + out, dD, mask=ch_ok)
-    tl.store(dbias_ptr + out, dbias, mask=ch_ok)
+    tl.store(da_ptr + rows, dA, mask=ch_ok)
+    tl.store(dd_ptr + rows, dD, mask=ch_ok)
+    tl.store(dbias_ptr + rows, dbias, mask=ch_ok)
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
@@ -235,6 +266,7 @@ def _merge_kernel(ys_ptr, out_ptr, channels, height, width,
 
 
 Blocks = Tuple[int, int, int]  # (BLOCK_D, BLOCK_L, num_warps)
+MAX_BLOCK_L = 256
 
 
 def block_sizes(length: int) -> Blocks:
@@ -245,7 +277,7 @@ def block_sizes(length: int) -> Blocks:
     contiguously, two channels and 256 steps a program with 4 warps ran fastest at every size,
     in both passes (within 5% of the best at 16x16 maps).
     """
-    return 2, min(max(16, next_power_of_2(length)), 256), 4
+    return 2, min(max(16, next_power_of_2(length)), MAX_BLOCK_L), 4
 
 
 MERGE_TILE = (32, 32)  # (BLOCK_H, BLOCK_W) of the merge kernel
@@ -289,25 +321,36 @@ def _float32(*shape: int, like: Tensor) -> Tensor:
     return torch.empty(*shape, device=like.device, dtype=torch.float32)
 
 
+def checkpoint_count(length: int, bwd_blocks: List[int]) -> int:
+    """How many states the forward pass keeps for the backward pass: one at the end of every
+    backward tile but the last, ``(length - 1) // BLOCK_L``. The default ``BLOCK_L``
+    (:func:`block_sizes`) is :data:`MAX_BLOCK_L`, or at least ``length`` (no checkpoints),
+    so ``(length - 1) // MAX_BLOCK_L`` is the count either way, and needs no power of two of a
+    symbolic length (the fake implementation under dynamic shapes)."""
+    return (length - 1) // (bwd_blocks[1] if bwd_blocks else MAX_BLOCK_L)
+
+
 def _cross_scan_forward_impl(x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tensor, B: Tensor,
                              C: Tensor, D: Tensor, delta_bias: Tensor, store_states: bool,
                              blocks: List[int]) -> Tuple[Tensor, Tensor]:
-    """``y (B, D, H, W)`` in ``x``'s dtype and, if ``store_states``, the states
-    ``h (B, 4, D, H*W)`` float32 in scan order for the backward pass (else an empty tensor).
-    ``blocks``: the forward's then the backward's ``(BLOCK_D, BLOCK_L, num_warps)``, or empty
-    (defaults)."""
+    """``y (B, D, H, W)`` in ``x``'s dtype and, if ``store_states``, the checkpointed
+    states for the backward pass (else an empty tensor): float32
+    ``(B, 4, D, checkpoint_count(H*W, ..))``, in scan order the state after every
+    backward tile but the last. ``blocks``: the forward's then the backward's
+    ``(BLOCK_D, BLOCK_L, num_warps)``, or empty (defaults)."""
     batch, channels, height, width = x.shape
     length = height * width
     # delta is freed after the kernel: the backward pass recomputes it
     xs, (delta, B, C) = both_orders(x), _sequences(project_steps(dt_low, dt_proj), B, C)
     ys = _float32(batch, 4, channels, length, like=x)
-    h = _float32(batch, 4, channels, length if store_states else 0, like=x)
     block_d, block_l, warps = _blocks(x, blocks[:3])
+    ckpt = _blocks(x, blocks[3:])[1]  # the backward's tile
+    states = _float32(batch, 4, channels, (length - 1) // ckpt if store_states else 0, like=x)
     launch(_cross_scan_fwd_kernel, (cdiv(channels, block_d), 4, batch),
-           xs, delta, *_flat(A, D, delta_bias), B, C, ys, h if store_states else ys, channels,
-           length, *_strides(xs, delta, B, C), STORE_H=store_states, BLOCK_D=block_d,
+           xs, delta, *_flat(A, D, delta_bias), B, C, ys, states, channels, length,
+           *_strides(xs, delta, B, C), STORE_CKPT=store_states, CKPT=ckpt, BLOCK_D=block_d,
            BLOCK_L=block_l, num_warps=warps)
-    return _merge(ys, height, width, x.dtype), h
+    return _merge(ys, height, width, x.dtype), states
 
 
 @torch.library.custom_op('mmseg_segman::cross_scan_forward', mutates_args=())
@@ -322,8 +365,8 @@ def cross_scan_forward(x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tensor, B:
 @cross_scan_forward.register_fake
 def _(x, dt_low, dt_proj, A, B, C, D, delta_bias, store_states, blocks):
     batch, channels, height, width = x.shape
-    return (x.new_empty(batch, channels, height, width),
-            _float32(batch, 4, channels, height * width if store_states else 0, like=x))
+    count = checkpoint_count(height * width, blocks[3:]) if store_states else 0
+    return x.new_empty(batch, channels, height, width), _float32(batch, 4, channels, count, like=x)
 
 
 # the gradients of x, dt_low, dt_proj, A, B, C, D, delta_bias
@@ -331,14 +374,16 @@ Gradients = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
 
 
 def _cross_scan_backward_impl(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tensor,
-                              B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor, h: Tensor,
+                              B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor, states: Tensor,
                               blocks: List[int]) -> Gradients:
     """The gradients of ``x, dt_low, dt_proj, A, B, C, D, delta_bias``, in their shapes and
-    dtypes. ``delta`` is recomputed from ``dt_low`` and ``dt_proj``, and its gradient taken
-    back through that product (:func:`~.selective_scan.project_steps_backward`)."""
+    dtypes, from the forward's checkpointed ``states`` for the backward ``blocks``. ``delta``
+    is recomputed from ``dt_low`` and ``dt_proj``, and its gradient taken back through that
+    product (:func:`~.selective_scan.project_steps_backward`)."""
     block_d, block_l, warps = _blocks(x, blocks)
     batch, channels, height, width = x.shape
     length = height * width
+    assert states.shape == (batch, 4, channels, (length - 1) // block_l), states.shape
     xs, dys = both_orders(x), both_orders(dy)
     delta, B_seq, C_seq = _sequences(project_steps(dt_low, dt_proj), B, C)
     grid = (cdiv(channels, block_d), 4, batch)
@@ -346,8 +391,8 @@ def _cross_scan_backward_impl(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Te
     ddelta = torch.empty_like(du)
     dB, dC = (_float32(batch, 4, grid[0], length, like=x) for _ in range(2))
     dA, dD, dbias = (_float32(batch, 4 * channels, like=x) for _ in range(3))
-    launch(_cross_scan_bwd_kernel, grid, xs, delta, *_flat(A, D, delta_bias), B_seq, C_seq, h,
-           dys, du, ddelta, dB, dC, dA, dD, dbias, channels, length,
+    launch(_cross_scan_bwd_kernel, grid, xs, delta, *_flat(A, D, delta_bias), B_seq, C_seq,
+           states, dys, du, ddelta, dB, dC, dA, dD, dbias, channels, length,
            *_strides(xs, delta, B_seq, C_seq), *dys.stride()[:3], BLOCK_D=block_d,
            BLOCK_L=block_l, num_warps=warps)
     d_dt_low, d_dt_proj = project_steps_backward(ddelta, dt_low, dt_proj)  # ddelta float32
@@ -359,14 +404,15 @@ def _cross_scan_backward_impl(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Te
 
 @torch.library.custom_op('mmseg_segman::cross_scan_backward', mutates_args=())
 def cross_scan_backward(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tensor,
-                        B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor, h: Tensor,
+                        B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor, states: Tensor,
                         blocks: List[int]) -> Gradients:
     """:func:`_cross_scan_backward_impl` as an op that ``torch.compile`` traces."""
-    return _cross_scan_backward_impl(dy, x, dt_low, dt_proj, A, B, C, D, delta_bias, h, blocks)
+    return _cross_scan_backward_impl(dy, x, dt_low, dt_proj, A, B, C, D, delta_bias, states,
+                                     blocks)
 
 
 @cross_scan_backward.register_fake
-def _(dy, x, dt_low, dt_proj, A, B, C, D, delta_bias, h, blocks):
+def _(dy, x, dt_low, dt_proj, A, B, C, D, delta_bias, states, blocks):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (x, dt_low, dt_proj, A, B, C, D, delta_bias))
 
@@ -384,12 +430,12 @@ def _backward_through(forward: Callable, backward: Callable) -> Callable:
     gradients with ``backward``: the custom ops (under ``torch.compile``) or
     :func:`_cross_scan_forward_impl` and :func:`_cross_scan_backward_impl` (eager)."""
 
-    def gradients(ctx, dy, grad_h):
+    def gradients(ctx, dy, grad_states):
         # saved_tensors is unpacked once: checkpointing (with_cp) forbids a second unpack
-        *inputs, h = ctx.saved_tensors
+        *inputs, states = ctx.saved_tensors
         if not ctx.store_states:  # a forward that did not expect a backward: states recomputed
-            h = forward(*inputs, True, ctx.blocks)[1]
-        grads = backward(dy, *inputs, h, ctx.blocks[3:])
+            states = forward(*inputs, True, ctx.blocks)[1]
+        grads = backward(dy, *inputs, states, ctx.blocks[3:])
         return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)),
                 None, None)
 

@@ -20,7 +20,7 @@ from mmseg_segman.ops import triton_rotary_embedding as trope  # noqa: E402
 
 H100 = GPUTarget('cuda', 90, 32)
 H100_SHARED_MEMORY = 232448  # bytes a block may use (227 KiB); Triton refuses more at launch
-SCAN_FLOAT32_POINTERS = {'a_ptr', 'd_ptr', 'bias_ptr', 'y_ptr', 'h_ptr', 'du_ptr', 'ddelta_ptr',
+SCAN_FLOAT32_POINTERS = {'a_ptr', 'd_ptr', 'bias_ptr', 'y_ptr', 'ckpt_ptr', 'du_ptr', 'ddelta_ptr',
                          'db_ptr', 'dc_ptr', 'da_ptr', 'dd_ptr', 'dbias_ptr', 'ys_ptr'}
 NA_FLOAT32_POINTERS = {'rpb_ptr', 'lse_ptr', 'delta_ptr', 'g_ptr'}
 LN_FLOAT32_POINTERS = {'w_ptr', 'b_ptr', 'mean_ptr', 'rstd_ptr', 'dw_ptr', 'db_ptr'}
@@ -54,14 +54,26 @@ def compile_for_h100(kernel, activation: str, float32_pointers, num_warps: int,
 @pytest.mark.parametrize('length', [128 * 128, 16 * 16])  # SegMAN's stage 1 and decoder at 512x512
 def test_cross_scan_kernels_compile(activation, length):
     block_d, block_l, warps = cross.block_sizes(length)
-    for store_h in (True, False):
+    for store_ckpt in (True, False):
         assert compile_for_h100(cross._cross_scan_fwd_kernel, activation, SCAN_FLOAT32_POINTERS,
-                                warps, STORE_H=store_h, BLOCK_D=block_d, BLOCK_L=block_l)
+                                warps, STORE_CKPT=store_ckpt, CKPT=block_l, BLOCK_D=block_d,
+                                BLOCK_L=block_l)
     assert compile_for_h100(cross._cross_scan_bwd_kernel, activation, SCAN_FLOAT32_POINTERS, warps,
                             BLOCK_D=block_d, BLOCK_L=block_l)
     block_h, block_w = cross.MERGE_TILE
     assert compile_for_h100(cross._merge_kernel, activation, SCAN_FLOAT32_POINTERS, 4,
                             BLOCK_H=block_h, BLOCK_W=block_w)
+
+
+# other blocks of tools/gpu_checks/check_cross_selective_scan.py --sweep: the backward's tl.flip
+# of a (BLOCK_D, BLOCK_L) tile, the forward's checkpoints every CKPT steps across its tiles
+@pytest.mark.parametrize('block_d,block_l,warps', [(1, 128, 4), (4, 256, 8), (8, 16, 4)])
+def test_cross_scan_kernels_compile_at_other_blocks(block_d, block_l, warps):
+    assert compile_for_h100(cross._cross_scan_bwd_kernel, 'bf16', SCAN_FLOAT32_POINTERS, warps,
+                            BLOCK_D=block_d, BLOCK_L=block_l)
+    assert compile_for_h100(cross._cross_scan_fwd_kernel, 'bf16', SCAN_FLOAT32_POINTERS, warps,
+                            STORE_CKPT=True, CKPT=512 // block_l, BLOCK_D=block_d,
+                            BLOCK_L=block_l)
 
 
 # SegMAN-B stage 1 and S stage 3; float32 (three TF32 products a dot) compiles slowly: one shape
