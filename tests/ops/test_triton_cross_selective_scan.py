@@ -26,6 +26,16 @@ def test_not_chosen_on_cpu_without_interpreter(monkeypatch):
     assert _cross_selective_scan.select(*inputs) == 'torch'
 
 
+def test_checkpoint_count_of_default_blocks():
+    """The fake implementation's count of checkpointed states without blocks (no power of
+    two of a symbolic length) is the count the default backward tile gives."""
+    pytest.importorskip('triton')
+    from mmseg_segman.ops.triton_cross_selective_scan import block_sizes, checkpoint_count
+    for length in range(1, 5000):
+        assert checkpoint_count(length, []) == (length - 1) // block_sizes(length)[1], length
+    assert checkpoint_count(100, [2, 16, 4]) == 6
+
+
 def make_inputs(batch, channels, height, width, dtype, state=1, seed=0):
     """SS2D-like inputs: activations in ``dtype`` (dt_low, B, C in direction order), parameters
     (dt_proj, A, D, delta_bias) float32."""
@@ -114,7 +124,7 @@ def strided_views(inputs):
             packed[:, :, rank:rank + 1], packed[:, :, rank + 1:], D, delta_bias]
 
 
-def check_stiff_decay():
+def check_stiff_decay(blocks=(None, None)):
     """Large steps (``a_t = exp(dt * A)`` near 0): every entry of dA, not only the largest,
     matches the float64 loop to float32 accuracy (no cancellation in ``a_t h_{t-1}``)."""
     import torch
@@ -124,11 +134,65 @@ def check_stiff_decay():
     inputs[7] = inputs[7] + 8  # delta_bias: dt about 6 to 10
     inputs[3] = inputs[3] - 2  # A from -4 to -2: a_t < exp(-12)
     dy = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(2))
-    got = outputs_and_grads(cross_selective_scan_triton, inputs, dy)[NAMES.index('dA')]
+    got = outputs_and_grads(lambda *t: cross_selective_scan_triton(*t, *blocks), inputs,
+                            dy)[NAMES.index('dA')]
     want = outputs_and_grads(sequential, [t.double() for t in inputs], dy.double())[NAMES.index('dA')]
     err = ((got.double() - want) / want).abs().max().item()
-    print(f'stiff decay: dA entry-wise rel err {err:.1e}')
+    print(f'stiff decay, blocks={blocks}: dA entry-wise rel err {err:.1e}')
     assert err <= 1e-4, err
+
+
+def states_in_scan_order(x, delta, A, B, C, D, delta_bias):
+    """Every state ``h (B, 4, D, L)`` of the four scans in scan order (float64 loop)."""
+    import torch
+
+    from mmseg_segman.ops.cross_scan import cross_scan, flip_reversed
+    x, delta, A, B, delta_bias = (t.detach().double() for t in (x, delta, A, B, delta_bias))
+    dt = torch.nn.functional.softplus(flip_reversed(delta) + delta_bias.view(4, -1, 1))
+    decay, drive = torch.exp(dt * A.view(4, -1, 1)), dt * flip_reversed(B) * cross_scan(x)
+    h, states = torch.zeros_like(decay[..., 0]), []
+    for t in range(decay.shape[-1]):
+        h = decay[..., t] * h + drive[..., t]
+        states.append(h)
+    return torch.stack(states, -1)
+
+
+def check_saved_states():
+    """What autograd keeps besides the inputs is the checkpointed states: float32
+    ``(B, 4, D, (L - 1) // BLOCK_L)`` of the backward's ``BLOCK_L``, whatever the forward's,
+    the state at the end of each backward tile but the last. Without a forward that stored
+    them (``store_states=False``) the backward recomputes them and gives the same gradients,
+    bitwise."""
+    import torch
+    from autograd_memory import saved_bytes
+
+    from mmseg_segman.ops.triton_cross_selective_scan import cross_selective_scan_triton
+    op = torch.ops.mmseg_segman.cross_scan_forward
+    # forward tiles longer, shorter than the backward's; L a multiple of the backward tile
+    for shape, blocks in (((2, 3, 9, 9), [2, 64, 4, 2, 16, 4]), ((1, 3, 4, 8), [2, 16, 4, 2, 8, 4]),
+                          ((1, 2, 16, 32), [])):
+        inputs = make_inputs(*shape, torch.float32)
+        block_l = blocks[4] if blocks else 256
+        want = states_in_scan_order(*inputs)[..., block_l - 1:-1:block_l]
+        got = op(*inputs, True, blocks)[1]
+        assert got.dtype == torch.float32 and got.shape[-1] == (shape[2] * shape[3] - 1) // block_l
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for (batch, channels, height, width), fwd, bwd in (((2, 3, 9, 9), (2, 64, 4), (2, 16, 4)),
+                                                      ((1, 2, 17, 17), None, None)):
+        inputs = [t.requires_grad_() for t in make_inputs(batch, channels, height, width,
+                                                          torch.bfloat16)]
+        block_l = (bwd or (2, 256, 4))[1]
+        states = batch * 4 * channels * ((height * width - 1) // block_l) * 4
+        assert states > 0
+        got = saved_bytes(cross_selective_scan_triton, *inputs, fwd, bwd)
+        assert got == sum(t.numel() * t.element_size() for t in inputs) + states, (got, states)
+    inputs, blocks = make_inputs(2, 3, 9, 9, torch.float32), [2, 64, 4, 2, 16, 4]
+    dy = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(5))
+    stored, recomputed = (outputs_and_grads(lambda *t: op(*t, store, blocks)[0], inputs, dy)
+                          for store in (True, False))
+    for a, b in zip(stored, recomputed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    print('saved states: ok')
 
 
 def check_merge():
@@ -204,6 +268,10 @@ def check_custom_op():
     inputs = [t.requires_grad_() for t in make_inputs(1, 2, 3, 4, torch.float32)]
     for store_states in (True, False):
         torch.library.opcheck(cross_scan_forward, (*inputs, store_states, []))
+    # states checkpointed, L a multiple of the backward's tile: with the blocks given, default
+    for shape, blocks in (((1, 2, 4, 8), [2, 64, 4, 2, 16, 4]), ((1, 1, 16, 32), [])):
+        inputs = [t.requires_grad_() for t in make_inputs(*shape, torch.float32)]
+        torch.library.opcheck(cross_scan_forward, (*inputs, True, blocks))
     print('custom op: ok')
 
 
@@ -239,7 +307,17 @@ def main():
     check(2, 4, 4, 4, torch.bfloat16, 1e-2)
     check(1, 5, 6, 3, torch.bfloat16, 1e-2, blocks=((4, 16, 2), (2, 32, 4)))
     check(1, 3, 3, 5, torch.float16, 2e-3)
+    # checkpointed states: forward tiles longer and shorter than the backward's, the length a
+    # multiple of the backward tile (its last state not kept) or not, shorter than one tile
+    check(2, 3, 5, 9, torch.float32, 1e-5, blocks=((2, 64, 4), (2, 16, 4)))
+    check(1, 5, 9, 9, torch.float32, 1e-5, blocks=((2, 16, 4), (2, 32, 4)))
+    check(1, 3, 4, 8, torch.float32, 1e-5, blocks=((4, 32, 4), (2, 16, 4)))
+    check(1, 3, 5, 7, torch.float32, 1e-5, blocks=((2, 16, 4), (1, 64, 4)))
+    check(1, 3, 6, 7, torch.bfloat16, 1e-2, blocks=((2, 16, 4), (4, 16, 4)),
+          transform=strided_views)
     check_stiff_decay()
+    check_stiff_decay(blocks=((2, 16, 4), (2, 8, 4)))
+    check_saved_states()
     check_merge()
     check_checkpointed()
     check_keeps_inputs_and_states_only()
