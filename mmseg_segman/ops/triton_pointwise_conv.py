@@ -14,19 +14,21 @@ are launched together, so its input is read from the cache by all but the first.
 is read in its own dtype (the float32 parameter) and rounded to the map's in the tile, as
 autocast rounds it, so no cast of it is made or kept.
 
-Backward: the input gradient in Triton, the weight gradient by cuDNN, and few small
-operations around them (the convolution backward of both gradients with PyTorch's operations
-for the rest took 585 us of host time a call under torch.profiler, docs/benchmarks.md). The
-shortcut's gradient is the output gradient ``g`` itself. With GELU, one pass of the
-forward's product computes ``g' = g k_b s GELU'(W x + bias)`` (the pre-activation recomputed
-in the tile, not kept); without it ``g' = g`` and the layer scale ``s`` and factor ``k_b``
-stay outside the products. Then ``dx = (s W)^T (k_b g')`` is the forward kernel again on the
+Backward: the input gradient in Triton, the weight gradient by cuBLAS, and few small
+operations around them (training is bound by the host's time, docs/benchmarks.md). The
+shortcut's gradient is the output gradient ``g`` itself. With GELU, one pass of the forward's
+product computes ``g' = g k_b s GELU'(W x + bias)`` (the pre-activation recomputed in the
+tile, not kept); without it ``g' = g`` and the layer scale ``s`` and factor ``k_b`` stay
+outside the products. Then ``dx = (s W)^T (k_b g')`` is the forward kernel again on the
 transposed weight (its columns scaled by ``s``, each batch element's result by ``k_b``). The
-weight gradient ``G = sum_b k_b g'[b] x[b]^T`` and ``S = sum k_b g'`` come from PyTorch's
-convolution backward (cuDNN: one product over batch and pixels; a Triton product split over
-them gave wrong, run-dependent bfloat16 results on an H100 for 96 input channels, cause not
-found), and one more kernel turns them into every parameter gradient: ``dW = s G``,
-``d bias = s S``, ``d scale = rowsum(W G) + bias S``, ``d shift = S``.
+weight products ``G = sum_b k_b g'[b] x[b]^T`` and the sums ``S_b = sum g'[b]`` come from one
+batched cuBLAS product (float32 accumulation and result), its weighted sum over the batch and
+one sum (cuDNN's weight gradient, which reduces over the batch too, launches more kernels,
+transposing both maps to channels-last first, docs/benchmarks.md; a Triton product split over
+batch and pixels gave wrong, run-dependent bfloat16 results on an H100 for 96 input channels,
+cause not found), and one more kernel turns them into every parameter gradient: with ``S =
+sum_b k_b S_b``, ``dW = s G``, ``d bias = s S``, ``d scale = rowsum(W G) + bias S``, ``d shift
+= S``.
 Sizes are runtime values but for the pixel count (whether it is a multiple of 16, which
 aligns the loads): at most two compilations per (dtype, epilogue, launch shape). A plain
 ``torch.autograd.Function``, launched directly when autograd does not record, as
@@ -116,17 +118,23 @@ def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, shortcut_ptr, scale_ptr, shift_ptr, s
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@jit_with_runtime_ints(_RUNTIME_INTS)
-def _pw_param_grad_kernel(g_ptr, s_ptr, w_ptr, bias_ptr, scale_ptr, dw_ptr, dbias_ptr,
-                          dscale_ptr, dshift_ptr, channels, out_channels, sw_o, sw_k,
-                          HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                          BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr):
-    """From ``G (out_channels, channels)`` and ``S (out_channels,)`` (contiguous, any float
-    dtype): ``dW = s G``, ``d bias = s S``, ``d scale = rowsum(W G) + bias S`` and ``d shift =
-    S`` (``s = 1`` without ``HAS_SCALE``), computed in float32."""
+@jit_with_runtime_ints(_RUNTIME_INTS | {'batch'})
+def _pw_param_grad_kernel(g_ptr, s_ptr, sample_ptr, w_ptr, bias_ptr, scale_ptr, dw_ptr,
+                          dbias_ptr, dscale_ptr, dshift_ptr, batch, channels, out_channels, sw_o,
+                          sw_k, HAS_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_SCALE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr):
+    """From ``G (out_channels, channels)`` and the per-sample sums ``S_b (batch,
+    out_channels)`` (float32, contiguous), with ``S = sum_b k_b S_b`` (``k_b = sample[b]``, 1
+    without ``HAS_SAMPLE``): ``dW = s G``, ``d bias = s S``, ``d scale = rowsum(W G) + bias
+    S`` and ``d shift = S`` (``s = 1`` without ``HAS_SCALE``), computed in float32."""
     o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = o < out_channels
-    total = tl.load(s_ptr + o, mask=o_ok, other=0.0).to(tl.float32)
+    total = tl.zeros((BLOCK_O, ), dtype=tl.float32)
+    for b in range(batch):
+        sums = tl.load(s_ptr + b * out_channels + o, mask=o_ok, other=0.0)
+        if HAS_SAMPLE:
+            sums *= tl.load(sample_ptr + b).to(tl.float32)
+        total += sums
     scale = tl.full((BLOCK_O, ), 1.0, tl.float32)
     if HAS_SCALE:
         scale = tl.load(scale_ptr + o, mask=o_ok, other=0.0).to(tl.float32)
@@ -135,7 +143,6 @@ def _pw_param_grad_kernel(g_ptr, s_ptr, w_ptr, bias_ptr, scale_ptr, dw_ptr, dbia
         c = c0 + tl.arange(0, BLOCK_C)
         ok = o_ok[:, None] & (c < channels)[None, :]
         product = tl.load(g_ptr + o[:, None] * channels + c[None, :], mask=ok, other=0.0)
-        product = product.to(tl.float32)
         tl.store(dw_ptr + o[:, None] * channels + c[None, :],
                  (product * scale[:, None]).to(dw_ptr.dtype.element_ty), mask=ok)
         if HAS_SCALE:
@@ -180,6 +187,32 @@ def _product(x: Tensor, weight: Tensor, out_dtype: torch.dtype, bias: Optional[T
 
 
 PARAM_BLOCK_O, PARAM_BLOCK_C = 32, 64
+# torch.bmm(..., out_dtype=float32) of 16-bit inputs: CUDA only (PyTorch >= 2.8)
+_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, 'dtype')
+
+
+def _weight_products(g: Tensor, x: Tensor,
+                     sample_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``G = sum_b k_b g[b] x[b]^T (O, C)`` and the per-sample sums ``S_b = sum_p g[b] (B,
+    O)``, float32, for ``g (B, O, H, W)`` and ``x (B, C, H, W)`` contiguous and of one dtype:
+    one batched cuBLAS product (float32 accumulation and result, for 16-bit inputs too), its
+    sum over the batch, weighted by ``sample_scale (B,)`` (``k_b``, 1 when None), and one sum
+    over the pixels."""
+    g_rows, x_columns = g.flatten(2), x.flatten(2).transpose(1, 2)
+    if g.dtype == torch.float32:
+        products = torch.bmm(g_rows, x_columns)
+    elif g.is_cuda and _BMM_OUT_DTYPE:
+        products = torch.bmm(g_rows, x_columns, out_dtype=torch.float32)
+    else:  # the CPU (Triton's interpreter in the tests) has no bmm with out_dtype
+        products = torch.bmm(g_rows.float(), x_columns.float())
+    if sample_scale is not None:
+        products = (sample_scale.to(torch.float32)[None] @ products.flatten(1)).view(
+            products.shape[1:])
+    elif g.size(0) > 1:
+        products = products.sum(0)
+    else:
+        products = products[0]
+    return products, g_rows.sum(2, dtype=torch.float32)
 
 
 def _parameter_gradients(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -187,22 +220,19 @@ def _parameter_gradients(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
                          sample_scale: Optional[Tensor]) -> Tuple[Tensor, ...]:
     """``dW`` (``weight``'s shape and dtype), ``d bias``, ``d scale`` and ``d shift``
     (float32 ``(O,)``) for ``g (B, O, H, W)`` and ``x (B, C, H, W)``, contiguous and of one
-    dtype; see the module doc. ``G`` and ``S`` come from PyTorch's convolution backward
-    (cuDNN), which reduces over batch and pixels in one product."""
+    dtype; see the module doc. The products and sums of :func:`_weight_products`, then one
+    kernel."""
     out_channels, channels = weight.shape[:2]
-    if sample_scale is not None:
-        g = g * sample_scale.view(-1, 1, 1, 1).to(g.dtype)
-    _, products, sums = torch.ops.aten.convolution_backward(
-        g, x, weight.reshape(out_channels, channels, 1, 1).to(x.dtype), [out_channels], [1, 1],
-        [0, 0], [1, 1], False, [0, 0], 1, [False, True, True])
+    products, sums = _weight_products(g, x, sample_scale)
     d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
-    d_bias, d_scale, d_shift = (torch.empty(out_channels, dtype=torch.float32, device=x.device)
-                                for _ in range(3))
-    launch(_pw_param_grad_kernel, (cdiv(out_channels, PARAM_BLOCK_O), ), products, sums, weight,
+    d_bias, d_scale, d_shift = torch.empty(3, out_channels, dtype=torch.float32,
+                                           device=x.device).unbind()
+    launch(_pw_param_grad_kernel, (cdiv(out_channels, PARAM_BLOCK_O), ), products, sums,
+           weight if sample_scale is None else sample_scale, weight,
            weight if bias is None else bias, weight if scale is None else scale, d_weight, d_bias,
-           d_scale, d_shift, channels, out_channels, *weight.stride()[:2],
-           HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BLOCK_O=PARAM_BLOCK_O,
-           BLOCK_C=PARAM_BLOCK_C, num_warps=4)
+           d_scale, d_shift, g.size(0), channels, out_channels, *weight.stride()[:2],
+           HAS_SAMPLE=sample_scale is not None, HAS_BIAS=bias is not None,
+           HAS_SCALE=scale is not None, BLOCK_O=PARAM_BLOCK_O, BLOCK_C=PARAM_BLOCK_C, num_warps=4)
     return d_weight, d_bias, d_scale, d_shift
 
 

@@ -140,10 +140,11 @@ def test_pointwise_conv_kernels_compile(activation, out_channels):
                                 HAS_SCALE=residual or gelu_grad, HAS_SHIFT=residual,
                                 HAS_SAMPLE=residual or gelu_grad or transposed,
                                 SCALE_K=transposed, **common)
-    gradients = {'dw_ptr', 'dbias_ptr', 'dscale_ptr', 'dshift_ptr'}
+    # the per-sample products and sums are float32 whatever the activations' dtype
+    gradients = {'g_ptr', 's_ptr', 'dw_ptr', 'dbias_ptr', 'dscale_ptr', 'dshift_ptr'}
     assert compile_for_h100(tpw._pw_param_grad_kernel, activation, float32 | gradients, 4,
-                            HAS_BIAS=True, HAS_SCALE=True, BLOCK_O=tpw.PARAM_BLOCK_O,
-                            BLOCK_C=tpw.PARAM_BLOCK_C)
+                            HAS_SAMPLE=True, HAS_BIAS=True, HAS_SCALE=True,
+                            BLOCK_O=tpw.PARAM_BLOCK_O, BLOCK_C=tpw.PARAM_BLOCK_C)
 
 
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
