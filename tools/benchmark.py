@@ -15,19 +15,28 @@ warm-up, whose seconds are recorded, pays for the compilation).
 
     python tools/benchmark.py --mode infer --models segman-t segnext-t --sizes 512 \\
         --batches 1 16 --dtypes bf16 --paths fast ref --compile no yes --out results.jsonl
+    python tools/benchmark.py --mode train --batches 8 --models segman-l segformer-b4 \\
+        --rounds 3 --out train.jsonl          # each model 3 times, alternating, one process a run
     python tools/benchmark.py --render results.jsonl [more.jsonl ...]   # markdown tables
 
 Results go to ``--out`` as JSON lines as each cell finishes; ``--render`` prints the tables
-of one or more such files. ``--budget-seconds`` stops before a time limit; cells left are
+of one or more such files.
+
+``--rounds N`` runs every model N times, each run in its own process (a cell bound by the
+host varies by tens of percent between processes of the same code), the models' order
+reversed in every other round, so that SegMAN and its peer alternate; rows carry their
+``round``, and ``--render`` gives the median of a cell's runs with their range. ``--budget-seconds`` stops before a time limit; cells left are
 recorded as not run.
 """
 import argparse
 import gc
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -175,7 +184,7 @@ def cells(args) -> Iterable[Dict]:
                             yield dict(model=model, path=path, mode=args.mode, size=size,
                                        dtype=dtype, batch=batch, with_cp=args.with_cp,
                                        compiled=compiled == 'yes',
-                                       channels_last=args.channels_last)
+                                       channels_last=args.channels_last, round=args.round)
 
 
 def write_row(row: Dict, out: Optional[str]) -> None:
@@ -214,9 +223,48 @@ def run(args) -> None:
         write_row(cell, args.out)
 
 
+def round_order(models: List[str], rounds: int) -> List[Tuple[int, str]]:
+    """``(round, model)`` runs in order: the models as given, reversed in every other round."""
+    return [(r, model) for r in range(rounds) for model in (models if r % 2 == 0 else models[::-1])]
+
+
+def run_rounds(args, argv: List[str]) -> None:
+    """Each ``(round, model)`` of :func:`round_order` as a process of this script with the
+    same arguments (``--round`` marks its rows; the time budget shrinks as runs finish)."""
+    deadline = time.perf_counter() + args.budget_seconds
+    rest = _without_options(argv, {'--models', '--rounds', '--budget-seconds'})
+    for r, model in round_order(args.models, args.rounds):
+        budget = deadline - time.perf_counter()
+        subprocess.run([sys.executable, __file__, *rest, '--models', model, '--round', str(r),
+                        '--budget-seconds', str(max(0.0, budget))], check=False)
+
+
+def _without_options(argv: List[str], options: set) -> List[str]:
+    """``argv`` without the named options and their values."""
+    kept, skipping = [], False
+    for arg in argv:
+        if arg.startswith('--'):
+            skipping = arg.split('=', 1)[0] in options
+        if not skipping:
+            kept.append(arg)
+    return kept
+
+
 def path_label(cell: Dict) -> str:
     return cell['path'] + (' compiled' if cell.get('compiled') else '') + \
         (' channels_last' if cell.get('channels_last') else '')
+
+
+def cell_text(runs: List[Dict]) -> str:
+    """A cell's images/s and peak GiB: the median of its runs that finished, with their range
+    where there are several (``median [min-max] (peak)``), else the first run's status."""
+    done = [r for r in runs if r['status'] == 'ok']
+    if not done:
+        return runs[0]['status'] if runs else 'not run'
+    speeds = sorted(r['img_s'] for r in done)
+    peak = max(r['peak_gib'] for r in done)
+    spread = f' [{speeds[0]:.1f}-{speeds[-1]:.1f}]' if len(speeds) > 1 else ''
+    return f'{statistics.median(speeds):.1f}{spread} ({peak:.1f})'
 
 
 def render(files: List[str]) -> str:
@@ -234,16 +282,8 @@ def render(files: List[str]) -> str:
                   '| model | path | ' + ' | '.join(sizes) + ' |',
                   '|---|---|' + '---|' * len(sizes)]
         for model, path in dict.fromkeys((r['model'], path_label(r)) for r in group):
-            cellmap = {r['size']: r for r in group if (r['model'], path_label(r)) == (model, path)}
-            values = []
-            for size in sizes:
-                r = cellmap.get(size)
-                if r is None:
-                    values.append('not run')
-                elif r['status'] == 'ok':
-                    values.append(f"{r['img_s']:.1f} ({r['peak_gib']:.1f})")
-                else:
-                    values.append(r['status'])
+            runs = [r for r in group if (r['model'], path_label(r)) == (model, path)]
+            values = [cell_text([r for r in runs if r['size'] == size]) for size in sizes]
             lines.append(f'| {model} | {path} | ' + ' | '.join(values) + ' |')
     return '\n'.join(lines)
 
@@ -268,10 +308,16 @@ def main() -> None:
     parser.add_argument('--cell-seconds', type=float, default=3.0)
     parser.add_argument('--budget-seconds', type=float, default=1e9)
     parser.add_argument('--profile', action='store_true', help='print the top kernels of each cell')
+    parser.add_argument('--rounds', type=int, default=1,
+                        help='run each model this many times, each in its own process')
+    parser.add_argument('--round', type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument('--out', help='append JSON lines here')
     args = parser.parse_args()
     if args.render:
         print(render(args.render))
+        return
+    if args.rounds > 1:
+        run_rounds(args, sys.argv[1:])
         return
     print(f'# torch {torch.__version__}, {torch.cuda.get_device_name()}', flush=True)
     run(args)
