@@ -8,11 +8,12 @@ The step is ``tools/benchmark.py``'s (bf16 autocast; training: the loss on rando
 backward, AdamW step). After four warm-up steps, six steps are timed unprofiled: ``wall_ms``
 (synchronised) and ``host_ms``, the time until the step's Python returns without
 synchronising, with the host's ms of each phase (forward with the loss, backward, optimizer
-step). When ``host_ms`` equals ``wall_ms`` the host never waited for the GPU. Then ``--steps``
-steps under ``torch.profiler``: ``gpu_busy_ms`` a step, the union of the intervals in which a
-kernel, copy or memset ran, and ``busy_share``, its share of the profiled wall time (the
-profiler slows the host, so the share is a lower bound); per phase the host's span and the
-GPU's busy time inside it; the GPU's idle gaps. Medians over steps, one JSON line per model.
+step), medians of the six. When ``host_ms`` equals ``wall_ms`` the host never waited for the
+GPU: the GPU waited for the host. Then ``--steps`` steps under ``torch.profiler``, means a
+step: ``gpu_busy_ms``, the union of the intervals in which a kernel, copy or memset ran, and
+``busy_share``, its share of the profiled wall time (the profiler slows the host, so the
+share is a lower bound); per phase the host's span and the GPU's busy time inside it; the
+GPU's idle gaps over 1 ms. One JSON line per model.
 ``--table``: torch.profiler's operators by their own CPU time.
 """
 import argparse
