@@ -25,8 +25,8 @@ of one or more such files.
 ``--rounds N`` runs every model N times, each run in its own process (a cell bound by the
 host varies by tens of percent between processes of the same code), the models' order
 reversed in every other round, so that SegMAN and its peer alternate; rows carry their
-``round``, and ``--render`` gives the median of a cell's runs with their range. ``--budget-seconds`` stops before a time limit; cells left are
-recorded as not run.
+``round``, and ``--render`` gives the median of a cell's runs with their range.
+``--budget-seconds`` stops before a time limit; cells left are recorded as not run.
 """
 import argparse
 import gc
@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -122,6 +122,30 @@ def timed_steps(step, warmup: int, iters: int, cell_seconds: float) -> Dict:
                 peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
 
 
+TRAINING_PHASES = ('forward', 'backward', 'optimizer')
+
+
+def training_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """The AdamW of every training cell (ADE20K configs' learning rate and weight decay)."""
+    return torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01)
+
+
+def training_phases(model: nn.Module, images, samples, optimizer: torch.optim.Optimizer,
+                    dtype: torch.dtype = torch.bfloat16) -> Iterator[str]:
+    """One training step, yielding each of :data:`TRAINING_PHASES` as it ends: the loss
+    (``dtype`` autocast unless float32), its backward, the optimizer step; the gradients are
+    dropped when the iteration resumes after the last."""
+    with torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
+        losses = model(images, samples, mode='loss')
+    loss = sum(v for k, v in losses.items() if 'loss' in k)
+    yield 'forward'
+    loss.backward()
+    yield 'backward'
+    optimizer.step()
+    yield 'optimizer'
+    optimizer.zero_grad(set_to_none=True)
+
+
 def measure(model: nn.Module, mode: str, batch: int, height: int, width: int, dtype: torch.dtype,
             compiled: bool, args) -> Dict:
     images = torch.randn(batch, 3, height, width, device='cuda')
@@ -131,9 +155,9 @@ def measure(model: nn.Module, mode: str, batch: int, height: int, width: int, dt
     if compiled:
         torch._dynamo.reset()
     run_model = torch.compile(model) if compiled else model
-    autocast = torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32)
     if mode == 'infer':
         model.eval()
+        autocast = torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32)
 
         def step():
             with torch.inference_mode(), autocast:
@@ -141,14 +165,11 @@ def measure(model: nn.Module, mode: str, batch: int, height: int, width: int, dt
     else:
         model.train()
         samples = data_samples(batch, height, width)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01)
+        optimizer = training_optimizer(model)
 
         def step():
-            with autocast:
-                losses = run_model(images, samples, mode='loss')
-            sum(v for k, v in losses.items() if 'loss' in k).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for _ in training_phases(run_model, images, samples, optimizer, dtype):
+                pass
     result = timed_steps(step, args.warmup, args.iters, args.cell_seconds)
     result['img_s'] = batch / result.pop('step_s')
     if args.profile:

@@ -30,9 +30,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmark import MODELS, build_model, data_samples, write_row  # noqa: E402  (tools/benchmark.py)
-
-PHASES = ('forward', 'backward', 'optimizer')
+from benchmark import (MODELS, TRAINING_PHASES as PHASES, build_model,  # noqa: E402
+                       data_samples, training_optimizer, training_phases, write_row)
 GPU_CATEGORIES = ('kernel', 'gpu_memcpy', 'gpu_memset')
 Interval = Tuple[float, float]
 
@@ -85,31 +84,26 @@ def summarize_trace(events: List[Dict], steps: int) -> Dict:
 def make_step(model, mode: str, batch: int, size: int):
     """``step(marks)``: one step, appending ``time.perf_counter()`` after each phase."""
     images = torch.randn(batch, 3, size, size, device='cuda')
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16)
     if mode == 'infer':
         model.eval()
 
         def step(marks: list) -> None:
-            with record_function('phase:forward'), torch.inference_mode(), autocast:
+            with record_function('phase:forward'), torch.inference_mode(), \
+                    torch.autocast('cuda', dtype=torch.bfloat16):
                 model(images, mode='tensor')
             marks.append(time.perf_counter())
         return step
     model.train()
     samples = data_samples(batch, size, size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01)
+    optimizer = training_optimizer(model)
 
     def step(marks: list) -> None:
-        with record_function('phase:forward'), autocast:
-            losses = model(images, samples, mode='loss')
-            loss = sum(v for k, v in losses.items() if 'loss' in k)
-        marks.append(time.perf_counter())
-        with record_function('phase:backward'):
-            loss.backward()
-        marks.append(time.perf_counter())
-        with record_function('phase:optimizer'):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        marks.append(time.perf_counter())
+        phases = training_phases(model, images, samples, optimizer)
+        for phase in PHASES:
+            with record_function(f'phase:{phase}'):
+                next(phases)
+            marks.append(time.perf_counter())
+        next(phases, None)  # the gradients dropped
     return step
 
 

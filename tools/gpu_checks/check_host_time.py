@@ -42,7 +42,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import MODELS, build_model, data_samples, write_row  # noqa: E402  (tools/benchmark.py)
+from benchmark import (MODELS, build_model, data_samples, training_optimizer,  # noqa: E402
+                       training_phases, write_row)  # (tools/benchmark.py)
 from check_many_shapes import infer_seconds  # noqa: E402
 
 
@@ -82,14 +83,9 @@ def train_step(model, images, samples, optimizer, marks: list) -> None:
     """One training step as ``tools/benchmark.py`` runs it, appending ``time.perf_counter()``
     to ``marks`` after the forward with the loss, the backward and the optimizer step, each
     synchronised."""
-    with torch.autocast('cuda', dtype=torch.bfloat16):
-        losses = model(images, samples, mode='loss')
-    loss = sum(v for k, v in losses.items() if 'loss' in k)
-    for phase in (lambda: None, loss.backward, optimizer.step):
-        phase()
+    for _ in training_phases(model, images, samples, optimizer):
         torch.cuda.synchronize()
         marks.append(time.perf_counter())
-    optimizer.zero_grad(set_to_none=True)
 
 
 def train_host(name: str, model, size: int, profiled: bool, repeats: int = 10) -> dict:
@@ -97,7 +93,7 @@ def train_host(name: str, model, size: int, profiled: bool, repeats: int = 10) -
     model.train()
     images = torch.randn(1, 3, size, size, device='cuda')
     samples = data_samples(1, size, size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01)
+    optimizer = training_optimizer(model)
     phases = {'forward_ms': [], 'backward_ms': [], 'optimizer_ms': []}
     for step in range(3 + repeats):  # 3 warm-up steps: Triton's kernels, cuDNN's choices
         torch.cuda.synchronize()
@@ -181,7 +177,6 @@ def op_layers(grad: bool, device: str = 'cuda'):
         'cross_selective_scan': lambda: cross_selective_scan(*scan),
         'cross_selective_scan triton backend': lambda: tcs.cross_selective_scan_triton(*scan),
     }
-
 
 
 def main():
