@@ -345,7 +345,8 @@ def _cross_scan_forward_impl(x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tens
     ys = _float32(batch, 4, channels, length, like=x)
     block_d, block_l, warps = _blocks(x, blocks[:3])
     ckpt = _blocks(x, blocks[3:])[1]  # the backward's tile
-    states = _float32(batch, 4, channels, (length - 1) // ckpt if store_states else 0, like=x)
+    states = _float32(batch, 4, channels,
+                      checkpoint_count(length, blocks[3:]) if store_states else 0, like=x)
     launch(_cross_scan_fwd_kernel, (cdiv(channels, block_d), 4, batch),
            xs, delta, *_flat(A, D, delta_bias), B, C, ys, states, channels, length,
            *_strides(xs, delta, B, C), STORE_CKPT=store_states, CKPT=ckpt, BLOCK_D=block_d,
@@ -383,7 +384,7 @@ def _cross_scan_backward_impl(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Te
     block_d, block_l, warps = _blocks(x, blocks)
     batch, channels, height, width = x.shape
     length = height * width
-    assert states.shape == (batch, 4, channels, (length - 1) // block_l), states.shape
+    assert states.shape == (batch, 4, channels, checkpoint_count(length, blocks)), states.shape
     xs, dys = both_orders(x), both_orders(dy)
     delta, B_seq, C_seq = _sequences(project_steps(dt_low, dt_proj), B, C)
     grid = (cdiv(channels, block_d), 4, batch)

@@ -77,9 +77,8 @@ def check_eager_calls_skip_custom_ops(eager, custom_op, inputs, grad_out, op_nam
     and its gradients (also under non-reentrant checkpointing), bitwise, without binding
     arguments through ``inspect.signature`` (what ``torch.autograd.Function.apply`` does at
     every call of a Function with a separate ``setup_context``: 60-100 us of host time);
-    ``torch.compile``
-    of ``eager`` traces the forward op into the forward graph and the backward op into the
-    backward graph, with the same results."""
+    ``torch.compile`` of ``eager`` traces the forward op into the forward graph and the
+    backward op into the backward graph, with the same results."""
     import inspect
     from unittest import mock
 
