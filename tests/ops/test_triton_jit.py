@@ -63,11 +63,42 @@ def test_launches_directly_after_the_first_call(on_device):
     assert len(kernel.triton_calls) == 1
     (call, ) = kernel.compiled.launches
     # grid to three dims, the stream, handle and metadata, no launch metadata or hooks, then
-    # every parameter in order: the positional ones, SCALE from the call, FLAG's default
-    assert call == (5, 1, 1, 7, 'function', 'metadata', None, None, None, y, 200, 4, False)
+    # every parameter in order: the positional ones (a tensor as its address, which the
+    # launcher takes without asking the driver), SCALE from the call, FLAG's default
+    assert call == (5, 1, 1, 7, 'function', 'metadata', None, None, None, y.data_ptr(), 200, 4,
+                    False)
 
 
-@pytest.mark.parametrize('change', ['dtype', 'alignment', 'int class', 'constexpr', 'option'])
+@pytest.mark.parametrize('first, second', [(17, 1), (2 ** 36, 2 ** 64 - 32)],
+                         ids=['one apart from other ints', 'signed and unsigned 64-bit'])
+def test_int_classes_are_launched_apart(on_device, first, second):
+    kernel, x = Kernel(), torch.zeros(64)
+    triton_jit.launch(kernel, (1, ), x, first, SCALE=4)
+    triton_jit.launch(kernel, (1, ), x, second, SCALE=4)
+    assert len(kernel.triton_calls) == 2 and not kernel.compiled.launches
+
+
+class OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_a_tensor_off_cuda_where_one_on_cuda_was_launched_takes_tritons_path(on_device):
+    """Triton's launcher refuses a host pointer (its first call for that key): a tensor off
+    CUDA never reaches the direct launch, which passes addresses unchecked."""
+    kernel, x = Kernel(), torch.zeros(64)
+    triton_jit.launch(kernel, (1, ), x.as_subclass(OnCuda), 32, SCALE=4)
+    triton_jit.launch(kernel, (1, ), x.as_subclass(OnCuda), 32, SCALE=4)
+    assert len(kernel.triton_calls) == 1 and len(kernel.compiled.launches) == 1
+    triton_jit.launch(kernel, (1, ), x, 32, SCALE=4)
+    assert len(kernel.triton_calls) == 2 and len(kernel.compiled.launches) == 1
+
+
+@pytest.mark.parametrize('change', ['dtype', 'alignment', 'int class', 'int width', 'constexpr',
+                                    'option'])
 def test_a_new_specialization_takes_tritons_path(on_device, change):
     kernel, x = Kernel(), torch.zeros(64)
     triton_jit.launch(kernel, (1, ), x, 32, SCALE=4, num_warps=8)
@@ -78,6 +109,8 @@ def test_a_new_specialization_takes_tritons_path(on_device, change):
         args[0] = x[1:]  # 4 bytes past an aligned address
     elif change == 'int class':
         args[1] = 33  # not a multiple of 16
+    elif change == 'int width':
+        args[1] = 2 ** 36  # a multiple of 16 too, but 64-bit
     elif change == 'constexpr':
         meta['SCALE'] = 2
     else:
