@@ -64,8 +64,8 @@ from torch import Tensor
 
 from .cross_scan import both_orders
 from .selective_scan import project_steps, project_steps_backward
-from .triton_jit import (cdiv, eager_autograd, jit_with_runtime_ints, launch, next_power_of_2,
-                         records_autograd)
+from .triton_jit import (cast, cdiv, eager_autograd, jit_with_runtime_ints, launch,
+                         next_power_of_2, records_autograd)
 
 
 # Sizes and the strides that follow them stay runtime values (one compilation for every map
@@ -370,17 +370,26 @@ def _(x, dt_low, dt_proj, A, B, C, D, delta_bias, store_states, blocks):
     return x.new_empty(batch, channels, height, width), _float32(batch, 4, channels, count, like=x)
 
 
-# the gradients of x, dt_low, dt_proj, A, B, C, D, delta_bias
-Gradients = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+# the gradients of x, dt_low, dt_proj (in their shapes and dtypes); of B and C, stacked
+# ``(2, B, 4, 1, L)`` (in :func:`_bc_dtype`); of A, D and delta_bias, stacked ``(3, 4*D)`` in
+# float32
+PackedGradients = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _bc_dtype(B: Tensor, C: Tensor) -> torch.dtype:
+    """The dtype of the stacked gradients of B and C: theirs (one, in SS2D), else float32."""
+    return B.dtype if B.dtype == C.dtype else torch.float32
 
 
 def _cross_scan_backward_impl(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tensor,
                               B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor, states: Tensor,
-                              blocks: List[int]) -> Gradients:
-    """The gradients of ``x, dt_low, dt_proj, A, B, C, D, delta_bias``, in their shapes and
-    dtypes, from the forward's checkpointed ``states`` for the backward ``blocks``. ``delta``
-    is recomputed from ``dt_low`` and ``dt_proj``, and its gradient taken back through that
-    product (:func:`~.selective_scan.project_steps_backward`)."""
+                              blocks: List[int]) -> PackedGradients:
+    """The gradients of ``x, dt_low, dt_proj, A, B, C, D, delta_bias`` (as
+    :data:`PackedGradients`: the partial sums of B's and C's, and of A's, D's and
+    delta_bias's, are reduced together, one reduction each, and :func:`_unpacked` makes them
+    the inputs' shapes and dtypes) from the forward's checkpointed ``states`` for the
+    backward ``blocks``. ``delta`` is recomputed from ``dt_low`` and ``dt_proj``, and its
+    gradient taken back through that product (:func:`~.selective_scan.project_steps_backward`)."""
     block_d, block_l, warps = _blocks(x, blocks)
     batch, channels, height, width = x.shape
     length = height * width
@@ -388,25 +397,22 @@ def _cross_scan_backward_impl(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Te
     xs, dys = both_orders(x), both_orders(dy)
     delta, B_seq, C_seq = _sequences(project_steps(dt_low, dt_proj), B, C)
     grid = (cdiv(channels, block_d), 4, batch)
-    du = _float32(batch, 4, channels, length, like=x)
-    ddelta = torch.empty_like(du)
-    dB, dC = (_float32(batch, 4, grid[0], length, like=x) for _ in range(2))
-    dA, dD, dbias = (_float32(batch, 4 * channels, like=x) for _ in range(3))
+    du, ddelta = _float32(2, batch, 4, channels, length, like=x).unbind()
+    d_bc = _float32(2, batch, 4, grid[0], length, like=x)  # partial sums over channel blocks
+    d_params = _float32(3, batch, 4 * channels, like=x)  # partial sums over the batch
     launch(_cross_scan_bwd_kernel, grid, xs, delta, *_flat(A, D, delta_bias), B_seq, C_seq,
-           states, dys, du, ddelta, dB, dC, dA, dD, dbias, channels, length,
+           states, dys, du, ddelta, *d_bc.unbind(), *d_params.unbind(), channels, length,
            *_strides(xs, delta, B_seq, C_seq), *dys.stride()[:3], BLOCK_D=block_d,
            BLOCK_L=block_l, num_warps=warps)
     d_dt_low, d_dt_proj = project_steps_backward(ddelta, dt_low, dt_proj)  # ddelta float32
-    grads = (_merge(du, height, width, x.dtype), d_dt_low, d_dt_proj, dA.sum(0),
-             dB.sum(2, keepdim=True), dC.sum(2, keepdim=True), dD.sum(0), dbias.sum(0))
-    inputs = x, dt_low, dt_proj, A, B, C, D, delta_bias
-    return tuple(g.view(t.shape).to(t.dtype) for g, t in zip(grads, inputs))
+    return (_merge(du, height, width, x.dtype), d_dt_low, d_dt_proj,
+            cast(d_bc.sum(3, keepdim=True), _bc_dtype(B, C)), d_params.sum(1))
 
 
 @torch.library.custom_op('mmseg_segman::cross_scan_backward', mutates_args=())
 def cross_scan_backward(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tensor,
                         B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor, states: Tensor,
-                        blocks: List[int]) -> Gradients:
+                        blocks: List[int]) -> PackedGradients:
     """:func:`_cross_scan_backward_impl` as an op that ``torch.compile`` traces."""
     return _cross_scan_backward_impl(dy, x, dt_low, dt_proj, A, B, C, D, delta_bias, states,
                                      blocks)
@@ -414,8 +420,21 @@ def cross_scan_backward(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Tensor, 
 
 @cross_scan_backward.register_fake
 def _(dy, x, dt_low, dt_proj, A, B, C, D, delta_bias, states, blocks):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
-                 for t in (x, dt_low, dt_proj, A, B, C, D, delta_bias))
+    return (*(torch.empty_like(t, memory_format=torch.contiguous_format)
+              for t in (x, dt_low, dt_proj)),
+            B.new_empty(2, *B.shape, dtype=_bc_dtype(B, C)), _float32(3, D.shape[0], like=x))
+
+
+def _unpacked(grads: PackedGradients, inputs: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+    """The eight gradients of :data:`PackedGradients`, in the inputs' shapes and dtypes (views
+    of the stacked ones: outside the custom op, whose outputs may not alias each other)."""
+    dx, d_dt_low, d_dt_proj, d_bc, d_params = grads
+    _, _, _, A, B, C, D, delta_bias = inputs
+    dB, dC = d_bc.unbind()
+    dA, dD, dbias = d_params.unbind()
+    return (dx, d_dt_low, d_dt_proj, cast(dA.view(A.shape), A.dtype), cast(dB, B.dtype),
+            cast(dC, C.dtype),
+            cast(dD, D.dtype), cast(dbias, delta_bias.dtype))
 
 
 def _setup_context(ctx, inputs, output):
@@ -436,7 +455,7 @@ def _backward_through(forward: Callable, backward: Callable) -> Callable:
         *inputs, states = ctx.saved_tensors
         if not ctx.store_states:  # a forward that did not expect a backward: states recomputed
             states = forward(*inputs, True, ctx.blocks)[1]
-        grads = backward(dy, *inputs, states, ctx.blocks[3:])
+        grads = _unpacked(backward(dy, *inputs, states, ctx.blocks[3:]), inputs)
         return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)),
                 None, None)
 

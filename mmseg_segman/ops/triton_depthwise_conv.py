@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import cdiv, jit_with_runtime_ints, launch, records_autograd
+from .triton_jit import cast, cdiv, jit_with_runtime_ints, launch, records_autograd
 
 TILE_ELEMENTS = 1024  # forward and input-gradient programs: one tile of one plane
 NUM_WARPS = 4
@@ -138,8 +138,10 @@ def _dw_bwd_weight_kernel(x_ptr, dy_ptr, partial_ptr, height, width, sx_b, sx_c,
                           batch, strips, band, KERNEL: tl.constexpr, NB: tl.constexpr,
                           BLOCK_W: tl.constexpr, UNROLL: tl.constexpr):
     """Program ``(lane, band, channel)``: ``NB`` batch elements x ``BLOCK_W`` columns (the
-    lane), rows ``band * b .. band * (b + 1) - 1`` of one channel. Writes the ``k * k`` sums
-    of ``dy`` times the shifted input, then the sum of ``dy`` (the bias gradient).
+    lane), rows ``band * b .. band * (b + 1) - 1`` of one channel. Writes, in row ``band *
+    lanes + lane`` of the ``(bands * lanes, channels * (k * k + 1))`` partial sums, the
+    channel's ``k * k`` sums of ``dy`` times the shifted input (the first ``channels * k * k``
+    columns, channel-major) and its sum of ``dy`` (the bias gradient, the last ``channels``).
 
     Rows go in blocks of ``UNROLL``, two blocks a loop iteration: one block's loads are issued
     before the other is summed. Lanes past the batch read the last batch element's input
@@ -184,10 +186,11 @@ def _dw_bwd_weight_kernel(x_ptr, dy_ptr, partial_ptr, height, width, sx_b, sx_c,
         xs0 = _x_rows(x_next, shifted_cols, row + 2 * UNROLL + P, height, width, KERNEL, UNROLL)
         dys0 = _dy_rows(dy_next, cols_u, row + 2 * UNROLL, end, width, UNROLL)
         acc, dy_sum, window = _accumulate(acc, dy_sum, window, xs1, dys1, KERNEL, UNROLL)
-    out = partial_ptr + ((channel * tl.num_programs(1) + band_id) * tl.num_programs(0) + lane) * (TAPS + 1)
+    channels = tl.num_programs(2)
+    row = partial_ptr + (band_id * tl.num_programs(0) + lane).to(tl.int64) * channels * (TAPS + 1)
     for t in tl.static_range(TAPS):
-        tl.store(out + t, tl.sum(acc[t]))
-    tl.store(out + TAPS, tl.sum(dy_sum))
+        tl.store(row + channel * TAPS + t, tl.sum(acc[t]))
+    tl.store(row + channels * TAPS + channel, tl.sum(dy_sum))
 
 
 def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool, residual: bool,
@@ -204,7 +207,9 @@ def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool, res
 
 
 def _weight_and_bias_gradients(dy: Tensor, x: Tensor, kernel: int) -> Tuple[Tensor, Tensor]:
-    """``(C, k * k)`` and ``(C,)`` float32: the sums over batch and pixels."""
+    """``(C * k * k)`` and ``(C,)`` float32, contiguous: the sums over batch and pixels, one
+    reduction of the programs' partial sums (each gradient a contiguous part of its result,
+    which autograd accumulates as it is, where a strided one would be copied first)."""
     batch, channels, height, width = x.shape
     elements, unroll = WEIGHT_GRADIENT_TILES.get(kernel, WEIGHT_GRADIENT_TILE_OTHER_K)
     batches, block_w = tile_shape(width, elements)
@@ -214,13 +219,13 @@ def _weight_and_bias_gradients(dy: Tensor, x: Tensor, kernel: int) -> Tuple[Tens
     wanted = max(1, WEIGHT_GRADIENT_PROGRAMS // (lanes * channels))
     band = rows_a_step * cdiv(max(WEIGHT_GRADIENT_MIN_BAND, cdiv(height, wanted)), rows_a_step)
     bands = cdiv(height, band)
-    partial = torch.empty(channels, bands, lanes, kernel * kernel + 1, dtype=torch.float32,
+    partial = torch.empty(bands * lanes, channels * (kernel * kernel + 1), dtype=torch.float32,
                           device=x.device)
     launch(_dw_bwd_weight_kernel, (lanes, bands, channels), x, dy, partial, height, width,
            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), batch, strips, band,
            KERNEL=kernel, NB=batches, BLOCK_W=block_w, UNROLL=unroll, num_warps=NUM_WARPS)
-    sums = partial.sum((1, 2))
-    return sums[:, :kernel * kernel], sums[:, kernel * kernel]
+    sums = partial.sum(0)
+    return sums[:channels * kernel * kernel], sums[channels * kernel * kernel:]
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
@@ -243,8 +248,8 @@ class _DepthwiseConv2d(torch.autograd.Function):
         dw = db = None
         if needed[1] or needed[2]:
             dw, db = _weight_and_bias_gradients(dy, x, weight.shape[-1])
-            dw = dw.view(weight.shape).to(weight.dtype)
-            db = db.to(ctx.bias_dtype) if needed[2] else None
+            dw = cast(dw.view(weight.shape), weight.dtype)
+            db = cast(db, ctx.bias_dtype) if needed[2] else None
         return dx, dw if needed[1] else None, db, None, None
 
 

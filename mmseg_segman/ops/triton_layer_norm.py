@@ -12,7 +12,7 @@ output. Loads run along the pixels of a channel, which are contiguous.
 Backward: ``dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))`` with ``g = dy * weight``,
 from the saved per-pixel mean and ``rstd``; every program writes its partial sums of
 ``dy * xhat`` and ``dy`` per channel (no atomics), which PyTorch adds up into the weight and
-bias gradients. Sizes and strides are runtime values: one compilation per dtype serves every
+bias gradients (one reduction). Sizes and strides are runtime values: one compilation per dtype serves every
 map size.
 
 A plain ``torch.autograd.Function``, not a ``torch.library`` custom op: under ``torch.compile``
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import cdiv, jit_with_runtime_ints, launch, records_autograd
+from .triton_jit import cast, cdiv, jit_with_runtime_ints, launch, records_autograd
 
 BLOCK_C = 32
 BLOCK_P = 64
@@ -82,8 +82,7 @@ def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, channels, p
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
-def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr,
-                     channels, pixels, pixel_blocks, sx_b, sx_c, sd_b, sd_c, sy_b, sy_c,
+def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, partial_ptr, channels, pixels, pixel_blocks, sx_b, sx_c, sd_b, sd_c, sy_b, sy_c,
                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     batch, p, p_ok = _program_pixels(pixels, BLOCK_P)
     x_off, dy_off = batch * sx_b, batch * sd_b
@@ -102,7 +101,8 @@ def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, d
         sum_gx += tl.sum(g * xhat, 0)
     mean_g = sum_g / channels
     mean_gx = sum_gx / channels
-    partial_row = (batch * pixel_blocks + tl.program_id(0)) * channels
+    # the program's row of partial sums: d weight's, then d bias's
+    partial_row = partial_ptr + (batch * pixel_blocks + tl.program_id(0)) * 2 * channels
     for c0 in range(0, channels, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < channels
@@ -112,8 +112,8 @@ def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, d
         xhat = tl.where(ok, (_tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :]) * rstd[None, :], 0.0)
         dx = (dy * w[:, None] - mean_g[None, :] - xhat * mean_gx[None, :]) * rstd[None, :]
         tl.store(dx_ptr + batch * sy_b + c[:, None] * sy_c + p[None, :], dx, mask=ok)
-        tl.store(dw_ptr + partial_row + c, tl.sum(dy * xhat, 1), mask=c_ok)
-        tl.store(db_ptr + partial_row + c, tl.sum(dy, 1), mask=c_ok)
+        tl.store(partial_row + c, tl.sum(dy * xhat, 1), mask=c_ok)
+        tl.store(partial_row + channels + c, tl.sum(dy, 1), mask=c_ok)
 
 
 def _grid(x: Tensor) -> Tuple[int, int]:
@@ -145,13 +145,13 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
     channels = x.shape[1]
     grid = _grid(x)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dw, db = (torch.empty(grid[1] * grid[0], channels, dtype=torch.float32, device=x.device)
-              for _ in range(2))
-    launch(_ln2d_bwd_kernel, grid, dy, x, weight, mean, rstd, dx, dw, db, channels,
+    partial = torch.empty(grid[1] * grid[0], 2 * channels, dtype=torch.float32, device=x.device)
+    launch(_ln2d_bwd_kernel, grid, dy, x, weight, mean, rstd, dx, partial, channels,
            x.shape[2] * x.shape[3], grid[0], *_plane_strides(x),
            *_plane_strides(dy), *_plane_strides(dx),
            BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, num_warps=NUM_WARPS)
-    return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+    sums = cast(partial.sum(0), weight.dtype)  # one reduction for both
+    return dx, sums[:channels], sums[channels:]
 
 
 class _LayerNorm2d(torch.autograd.Function):

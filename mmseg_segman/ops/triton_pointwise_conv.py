@@ -40,7 +40,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import cdiv, dot_precision, jit_with_runtime_ints, launch, records_autograd
+from .triton_jit import cast, cdiv, dot_precision, jit_with_runtime_ints, launch, records_autograd
 
 _RUNTIME_INTS = {'channels', 'out_channels'}
 SQRT_HALF = tl.constexpr(0.7071067811865476)
@@ -255,8 +255,8 @@ class _PointwiseConv2d(torch.autograd.Function):
         x, weight, bias, scale, shift, sample_scale = ctx.saved_tensors
         needed = ctx.needs_input_grad
         g = g.contiguous()
-        d_shortcut = g.to(ctx.shortcut_dtype) if needed[4] else None
-        g = g.to(x.dtype)
+        d_shortcut = cast(g, ctx.shortcut_dtype) if needed[4] else None
+        g = cast(g, x.dtype)
         d_scale = d_shift = None
         # the layer scale and per-sample factor applied in the products below
         outer_scale, outer_sample = scale, sample_scale
@@ -277,9 +277,9 @@ class _PointwiseConv2d(torch.autograd.Function):
             if not ctx.gelu:
                 d_scale, d_shift = linear_d_scale, linear_d_shift
         return (dx, d_weight if needed[1] else None,
-                d_bias.to(bias.dtype) if needed[2] else None, None, d_shortcut,
-                d_scale.to(scale.dtype) if needed[5] else None,
-                d_shift.to(shift.dtype) if needed[6] else None, None, None, None)
+                cast(d_bias, bias.dtype) if needed[2] else None, None, d_shortcut,
+                cast(d_scale, scale.dtype) if needed[5] else None,
+                cast(d_shift, shift.dtype) if needed[6] else None, None, None, None)
 
 
 def _gelu_scale_and_shift_gradients(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],

@@ -102,6 +102,18 @@ def check_inference_path():
     print('inference path: ok')
 
 
+def check_parameter_gradients_contiguous():
+    """The weight and bias gradients come contiguous: autograd would copy strided ones
+    before accumulating them (a kernel and an allocation each)."""
+    from mmseg_segman.ops.triton_depthwise_conv import depthwise_conv2d_triton
+
+    x, w, b = (t.requires_grad_() for t in make_inputs(2, 3, 6, 5, 3, torch.float32))
+    out = depthwise_conv2d_triton(x, w, b)
+    dw, db = torch.autograd.grad(out, (w, b), torch.ones_like(out))
+    assert dw.is_contiguous() and db.is_contiguous(), (dw.stride(), db.stride())
+    print('contiguous parameter gradients: ok')
+
+
 def main():
     from mmseg_segman.ops import triton_depthwise_conv as tdw
 
@@ -122,6 +134,7 @@ def main():
     check(1, 2, 5, 4, 5, torch.bfloat16, 2e-2, residual=True)
     check_dispatch_and_autocast()
     check_inference_path()
+    check_parameter_gradients_contiguous()
     print('all checks passed')
 
 

@@ -252,7 +252,7 @@ def check_custom_op():
     fake implementation under dynamic shapes (what torch.compile traces)."""
     import torch
 
-    from mmseg_segman.ops.triton_cross_selective_scan import cross_scan_forward
+    from mmseg_segman.ops.triton_cross_selective_scan import cross_scan_backward, cross_scan_forward
     inputs = [t.requires_grad_() for t in make_inputs(1, 2, 3, 4, torch.float32)]
     for store_states in (True, False):
         torch.library.opcheck(cross_scan_forward, (*inputs, store_states, []))
@@ -260,6 +260,13 @@ def check_custom_op():
     for shape, blocks in (((1, 2, 4, 8), [2, 64, 4, 2, 16, 4]), ((1, 1, 16, 32), [])):
         inputs = [t.requires_grad_() for t in make_inputs(*shape, torch.float32)]
         torch.library.opcheck(cross_scan_forward, (*inputs, True, blocks))
+    # the backward op on its own: its fake implementation's packed gradients against the real
+    # ones, B and C of one dtype and of two
+    for b_dtype in (torch.float32, torch.bfloat16):
+        inputs = [t.detach() for t in make_inputs(1, 2, 4, 8, torch.float32)]
+        inputs[4] = inputs[4].to(b_dtype)
+        y, states = cross_scan_forward(*inputs, True, [])
+        torch.library.opcheck(cross_scan_backward, (torch.randn_like(y), *inputs, states, []))
     print('custom op: ok')
 
 
