@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'tools' / 'gpu_checks'))
-from check_gpu_busy import merged, summarize_trace  # noqa: E402
+from check_gpu_busy import interleaved_timings, merged, summarize_trace  # noqa: E402
 
 
 def event(cat, name, ts, dur):
@@ -44,3 +44,14 @@ def test_trace_summary_per_step_and_phase():
 def test_a_trace_without_gpu_activity_is_refused():
     with pytest.raises(RuntimeError, match='no GPU activity'):
         summarize_trace([event('user_annotation', 'phase:forward', 0, 10)], steps=1)
+
+
+def test_models_are_timed_in_turn_the_order_reversed_every_other_round(monkeypatch):
+    import check_gpu_busy
+
+    order = []
+    monkeypatch.setattr(check_gpu_busy, 'timed_step', lambda step: step())
+    steps = {name: (lambda name=name: order.append(name) or name) for name in 'abc'}
+    timings = interleaved_timings(steps, rounds=3)
+    assert order == list('abccbaabc')
+    assert timings == {name: [name] * 3 for name in 'abc'}
