@@ -26,6 +26,11 @@ launch) and of PyTorch operations for scale (an add, ``F.layer_norm``,
 on CPU tensors under Triton's interpreter with the kernels not launched: the Python layers'
 host time without a GPU (``TRITON_INTERPRET=1 python3 tools/gpu_checks/check_host_time.py
 --ops --cpu``; PyTorch's own operations then compute on the CPU).
+
+``--ops --backward`` (with ``--cpu`` or on the GPU): the host's microseconds a backward
+node of each op's fast backend, and the PyTorch operations it calls (those not inside
+another), from the backward of 40 chained calls on a ``(2, 32, 8, 8)`` map; ``x * 1.0``, a
+node of PyTorch's own, for scale.
 """
 import argparse
 import cProfile
@@ -179,6 +184,66 @@ def op_layers(grad: bool, device: str = 'cuda'):
     }
 
 
+def backward_chains(device: str = 'cuda'):
+    """``{name: step}``: ``step(x)`` one call of a SegMAN op (its fast backend) on a ``(2, 32,
+    8, 8)`` map, chained into the next, and ``x * 1.0`` for scale (PyTorch's own node)."""
+    from mmseg_segman.ops import (cross_selective_scan, depthwise_conv2d, layer_norm_2d,
+                                  neighborhood_attention_2d, pointwise_conv2d)
+    from mmseg_segman.ops.pointwise_conv import Residual
+
+    def param(*shape):
+        return torch.randn(*shape, device=device, requires_grad=True)
+
+    norm, shift, taps, pointwise = param(32), param(32), param(32, 1, 3, 3), param(32, 32, 1, 1)
+    # dt_low (R = 2), dt_proj, A, B, C, D, delta_bias of a 32-channel SS2D; the bias of NA
+    scan = (param(2, 4, 2, 64), param(4, 32, 2), -torch.ones(128, 1, device=device),
+            param(2, 4, 1, 64), param(2, 4, 1, 64), param(128), param(128))
+    rpb = param(2, 13, 13)
+
+    def heads(x):  # (2, 32, 8, 8) as (B, heads, H, W, d)
+        return x.view(2, 2, 16, 8, 8).permute(0, 1, 3, 4, 2)
+
+    return {
+        'x * 1.0': lambda x: x * 1.0,
+        'layer_norm_2d': lambda x: layer_norm_2d(x, norm, shift),
+        'depthwise_conv2d, residual': lambda x: depthwise_conv2d(x, taps, shift, True),
+        'pointwise_conv2d': lambda x: pointwise_conv2d(x, pointwise, shift),
+        'pointwise_conv2d, gelu': lambda x: pointwise_conv2d(x, pointwise, shift, 'gelu'),
+        'pointwise_conv2d, residual': lambda x: pointwise_conv2d(
+            x, pointwise, shift, None, Residual(x, norm, shift)),
+        'neighborhood_attention_2d': lambda x: neighborhood_attention_2d(
+            heads(x), heads(x), heads(x), 7, rpb).permute(0, 1, 4, 2, 3).reshape(2, 32, 8, 8),
+        'cross_selective_scan': lambda x: cross_selective_scan(x, *scan),
+    }
+
+
+def backward_node(step, device: str, chain: int = 40, repeats: int = 7) -> dict:
+    """Host us a node of ``chain`` calls' backward (the least of ``repeats`` backward passes),
+    and PyTorch operations a node (those the autograd nodes call, not counting their parts;
+    the pass adds three over the chain: its seed, the final sum's, the input's)."""
+    def chained():
+        x = torch.randn(2, 32, 8, 8, device=device, requires_grad=True)
+        for _ in range(chain):
+            x = step(x)
+        return x.sum()
+
+    times = []
+    for _ in range(repeats):
+        loss = chained()
+        _synchronize()
+        start = time.perf_counter()
+        loss.backward()
+        _synchronize()
+        times.append(1e6 * (time.perf_counter() - start) / chain)
+    loss = chained()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    operations = sum(1 for e in prof.events() if e.name.startswith('aten::')
+                     and (e.cpu_parent is None or not e.cpu_parent.name.startswith('aten::')))
+    return dict(backward_us_a_node=round(min(times), 1),
+                operations_a_node=round(operations / chain, 1))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--models', nargs='*', choices=MODELS,
@@ -187,6 +252,8 @@ def main():
     parser.add_argument('--profile', nargs='*', choices=MODELS, default=[],
                         help='print the Python functions with the most own time')
     parser.add_argument('--ops', action='store_true', help='host time per call of op layers')
+    parser.add_argument('--backward', action='store_true',
+                        help='with --ops: host time and operations a backward node of each op')
     parser.add_argument('--cpu', action='store_true',
                         help='--ops on the CPU, under TRITON_INTERPRET=1, kernels not launched')
     parser.add_argument('--train', action='store_true', help='time training steps, not forwards')
@@ -194,16 +261,24 @@ def main():
     args = parser.parse_args()
     if args.cpu and (not args.ops or args.models or os.environ.get('TRITON_INTERPRET') != '1'):
         parser.error('--cpu measures --ops only, with TRITON_INTERPRET=1 set')
+    if args.backward and not args.ops:
+        parser.error('--backward measures --ops')
     if args.cpu:
         torch.set_num_threads(1)  # PyTorch's own CPU operations: no waiting on busy cores
     if args.ops:
         from mmseg_segman.ops.triton_jit import kernels_not_launched
 
+        device = 'cpu' if args.cpu else 'cuda'
         with kernels_not_launched() if args.cpu else nullcontext():
-            for grad in (False, True):
-                for name, fn in op_layers(grad, 'cpu' if args.cpu else 'cuda').items():
-                    write_row(dict(op=name, autograd=grad, device='cpu' if args.cpu else 'cuda',
-                                   host_us=round(per_call_us(fn), 1)), args.out)
+            if args.backward:
+                for name, step in backward_chains(device).items():
+                    write_row(dict(op=name, device=device, **backward_node(step, device)),
+                              args.out)
+            else:
+                for grad in (False, True):
+                    for name, fn in op_layers(grad, device).items():
+                        write_row(dict(op=name, autograd=grad, device=device,
+                                       host_us=round(per_call_us(fn), 1)), args.out)
     for name in args.models if args.models is not None else ([] if args.ops else MODELS):
         model = build_model(name).cuda().eval()
         measure = train_host if args.train else infer_host
