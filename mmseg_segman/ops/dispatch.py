@@ -105,6 +105,22 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# the device types autocast exists for (all but meta), probed once: torch 2.11's dynamo does not
+# trace torch.amp.is_autocast_available (a graph break), a set membership it does
+_AUTOCAST_DEVICE_TYPES = frozenset(
+    device_type for device_type in ('cpu', 'cuda', 'xpu', 'hpu', 'mps', 'xla', 'mtia', 'maia',
+                                    torch._C._get_privateuse1_backend_name())
+    if torch.amp.is_autocast_available(device_type))
+
+
+def autocast_off(device_type: str) -> ContextManager[None]:
+    """Autocast disabled on ``device_type`` (nothing to disable where it does not exist, such as
+    the meta device)."""
+    if device_type in _AUTOCAST_DEVICE_TYPES:
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
 def registered_ops() -> Dict[str, 'OpDispatcher']:
     return dict(_registry)
 

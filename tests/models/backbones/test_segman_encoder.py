@@ -283,3 +283,16 @@ def test_runs_on_the_meta_device():
     encoder = SegMANEncoder(TINY).to('meta')
     outs = encoder(torch.empty(1, 3, 64, 96, device='meta'))
     assert [tuple(o.shape) for o in outs] == [(1, 8, 16, 24), (1, 16, 8, 12), (1, 24, 4, 6), (1, 32, 2, 3)]
+
+
+def test_the_bias_resize_keeps_float32_under_autocast_without_asking_torch_each_call(monkeypatch):
+    """Autocast is switched off around the stage-4 bias resize (float32 products under bf16
+    autocast) through a set of device types probed once: torch 2.11's dynamo cannot trace
+    ``torch.amp.is_autocast_available`` (a graph break in the compiled segmentor)."""
+    def not_traceable(device_type):
+        raise AssertionError('torch.amp.is_autocast_available called in a forward')
+    monkeypatch.setattr(torch.amp, 'is_autocast_available', not_traceable)
+    lass = SegMANEncoder(TINY).layers[-1].blocks[0].token_mixer
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        bias = lass._global_bias(36)
+    assert bias.shape == (lass.num_heads, 36, 36) and bias.dtype == torch.float32
