@@ -107,10 +107,11 @@ class LASS(nn.Module):
         """``(B, C, H, W) -> (B, C, H, W)``; ``sin``/``cos`` ``(H, W, head_dim)`` from RoPE2d;
         ``residual`` is added by ``proj``'s op."""
         batch, channels, height, width = x.shape
-        qkv = self.qkv(x)
-        lepe = self.lepe(qkv[:, 2 * channels:])
-        q, k, v = qkv.view(batch, 3, self.num_heads, self.head_dim, height, width) \
-                     .permute(1, 0, 2, 4, 5, 3)  # each (B, heads, H, W, head_dim)
+        q, k, v = self.qkv(x).view(batch, 3, self.num_heads, self.head_dim, height, width) \
+                             .permute(1, 0, 2, 4, 5, 3)  # each (B, heads, H, W, head_dim)
+        # v's channels as a map: a view of qkv, so that lepe's gradient joins v's (a channel
+        # slice of qkv would zero-fill and copy a map of 3C channels in the backward pass)
+        lepe = self.lepe(v.permute(0, 1, 4, 2, 3).reshape(batch, channels, height, width))
         q = rotary_embedding_2d(q, sin, cos, self.scale)
         k = rotary_embedding_2d(k, sin, cos)
         y = neighborhood_attention_2d(q, k, v, self.kernel_size,
