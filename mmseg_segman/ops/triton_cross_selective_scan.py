@@ -433,8 +433,7 @@ def _unpacked(grads: PackedGradients, inputs: Tuple[Tensor, ...]) -> Tuple[Tenso
     dB, dC = d_bc.unbind()
     dA, dD, dbias = d_params.unbind()
     return (dx, d_dt_low, d_dt_proj, cast(dA.view(A.shape), A.dtype), cast(dB, B.dtype),
-            cast(dC, C.dtype),
-            cast(dD, D.dtype), cast(dbias, delta_bias.dtype))
+            cast(dC, C.dtype), cast(dD, D.dtype), cast(dbias, delta_bias.dtype))
 
 
 def _setup_context(ctx, inputs, output):

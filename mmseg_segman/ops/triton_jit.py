@@ -109,7 +109,8 @@ def _direct_arguments(args: Sequence) -> Tuple[Tuple, list]:
     directly. An int counts by whether it is 1 or a multiple of 16 and by its type (32-bit,
     64-bit or unsigned 64-bit); None and bools by value, other scalars by type. Conservative:
     a key finer than Triton's only sends more calls through Triton's own path. One loop with
-    the checks inline (about 0.15 us an argument on the CPU, half of a call per argument)."""
+    the checks inline: 8.6 us for 58 arguments on the CPU, where a function call per argument
+    took 14.6."""
     key, values = [], []
     for arg in args:
         if type(arg) is int:

@@ -12,8 +12,8 @@ output. Loads run along the pixels of a channel, which are contiguous.
 Backward: ``dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))`` with ``g = dy * weight``,
 from the saved per-pixel mean and ``rstd``; every program writes its partial sums of
 ``dy * xhat`` and ``dy`` per channel (no atomics), which PyTorch adds up into the weight and
-bias gradients (one reduction). Sizes and strides are runtime values: one compilation per dtype serves every
-map size.
+bias gradients (one reduction). Sizes and strides are runtime values: one compilation per
+dtype serves every map size.
 
 A plain ``torch.autograd.Function``, not a ``torch.library`` custom op: under ``torch.compile``
 the reference runs, so nothing traces it, and a custom op's dispatch cost 20-45 us of host
@@ -82,7 +82,8 @@ def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, channels, p
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
-def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, partial_ptr, channels, pixels, pixel_blocks, sx_b, sx_c, sd_b, sd_c, sy_b, sy_c,
+def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, partial_ptr, channels,
+                     pixels, pixel_blocks, sx_b, sx_c, sd_b, sd_c, sy_b, sy_c,
                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     batch, p, p_ok = _program_pixels(pixels, BLOCK_P)
     x_off, dy_off = batch * sx_b, batch * sd_b

@@ -140,6 +140,16 @@ def per_call_us(fn, calls: int = 2000) -> float:
     return 1e6 * (time.perf_counter() - start) / calls
 
 
+def scan_parameters(batch: int, device: str, grad: bool) -> tuple:
+    """``dt_low`` (R = 2), ``dt_proj``, ``A``, ``B``, ``C``, ``D``, ``delta_bias`` of a
+    32-channel SS2D on an 8 x 8 map (``A`` never needs a gradient)."""
+    def randn(*shape):
+        return torch.randn(*shape, device=device, requires_grad=grad)
+
+    return (randn(batch, 4, 2, 64), randn(4, 32, 2), -torch.ones(128, 1, device=device),
+            randn(batch, 4, 1, 64), randn(batch, 4, 1, 64), randn(128), randn(128))
+
+
 def op_layers(grad: bool, device: str = 'cuda'):
     """``{name: fn}``: the layers of ``layer_norm_2d`` and ``depthwise_conv2d``, the ops
     ``pointwise_conv2d``, ``neighborhood_attention_2d`` and ``cross_selective_scan`` with
@@ -161,9 +171,7 @@ def op_layers(grad: bool, device: str = 'cuda'):
     taps = randn(32, 1, 3, 3)
     pointwise = randn(64, 32, 1, 1)
     q, rpb = randn(1, 2, 8, 8, 16, grad=grad), torch.zeros(2, 13, 13, device=device)
-    # x, dt_low (R = 2), dt_proj, A, B, C, D, delta_bias of a 32-channel SS2D
-    scan = (x, randn(1, 4, 2, 64), randn(4, 32, 2), -torch.ones(128, 1, device=device),
-            randn(1, 4, 1, 64), randn(1, 4, 1, 64), randn(128), randn(128))
+    scan = (x, *scan_parameters(1, device, grad=False))
     return {
         'add': lambda: x + x,
         'F.layer_norm (channels last)': lambda: F.layer_norm(x.permute(0, 2, 3, 1), (32,), w, b),
@@ -195,10 +203,7 @@ def backward_chains(device: str = 'cuda'):
         return torch.randn(*shape, device=device, requires_grad=True)
 
     norm, shift, taps, pointwise = param(32), param(32), param(32, 1, 3, 3), param(32, 32, 1, 1)
-    # dt_low (R = 2), dt_proj, A, B, C, D, delta_bias of a 32-channel SS2D; the bias of NA
-    scan = (param(2, 4, 2, 64), param(4, 32, 2), -torch.ones(128, 1, device=device),
-            param(2, 4, 1, 64), param(2, 4, 1, 64), param(128), param(128))
-    rpb = param(2, 13, 13)
+    scan, rpb = scan_parameters(2, device, grad=True), param(2, 13, 13)
 
     def heads(x):  # (2, 32, 8, 8) as (B, heads, H, W, d)
         return x.view(2, 2, 16, 8, 8).permute(0, 1, 3, 4, 2)
