@@ -4,30 +4,44 @@ read and written in that layout, forward and backward.
 
 PyTorch runs a bf16 NCHW depthwise convolution on its own CUDA kernel (slow: 24% of
 SegMAN-B's inference time on an H100) and a channels-last one on cuDNN, which builds a plan
-for every new input shape. Here one program owns a ``BLOCK_H x BLOCK_W`` tile of one
-(batch, channel) plane and adds its ``k * k`` shifted, masked loads times the taps (the
-shifted loads overlap and hit the cache). The input gradient is the same kernel with the
-taps flipped. ``residual`` adds the input (its centre tap) to the output, and ``dy`` to the
-input gradient: the blocks' ``x + dwconv(x)`` in one pass. The weight and bias gradients: a
-program walks a band of rows of one channel down the map on a (batch elements x columns)
-tile, loads each input row once per column shift and keeps the ``k`` rows of the window in
-registers, so that each ``dy`` element costs ``k + 1`` loads and ``k * k`` multiply-adds
-(:func:`_dw_bwd_weight_kernel`); PyTorch adds the programs' partial sums. Sizes and strides
-are runtime values and the tiles are 32 or 64 wide after the map's width (:func:`tile_shape`):
-two compilations per (dtype, k) and kernel serve every map size. A plain
-``torch.autograd.Function``, as :mod:`.triton_layer_norm` explains.
+for every new input shape. Here every kernel walks a band of rows of one channel down the map
+on a (batch elements x columns) tile, loads each input row once per column shift and keeps
+the ``k`` rows of the window in registers. The forward (:func:`_dw_fwd_kernel`): each output
+element costs ``k`` loads and ``k * k`` multiply-adds (a kernel with a tile per plane and
+``k * k`` shifted, masked loads an element took 1.6-2.6x its time at SegMAN-L's sizes). The
+input gradient is the same kernel with the taps flipped. ``residual`` adds the input (its
+centre tap) to the output, and ``dy`` to the input gradient: the blocks' ``x + dwconv(x)``
+in one pass. The weight and bias gradients (:func:`_dw_bwd_weight_kernel`): each ``dy``
+element costs ``k + 1`` loads and ``k * k`` multiply-adds into the program's sums, which
+PyTorch adds up. Sizes and strides are runtime values and the tiles are 32 or 64 wide after
+the map's width (:func:`tile_shape`): a few compilations per (dtype, k) and kernel serve
+every map size. A plain ``torch.autograd.Function``, as :mod:`.triton_layer_norm` explains.
 """
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import cast, cdiv, jit_with_runtime_ints, launch, records_autograd
+from .triton_jit import (cast, cdiv, jit_with_runtime_ints, launch, next_power_of_2,
+                         records_autograd)
 
-TILE_ELEMENTS = 1024  # forward and input-gradient programs: one tile of one plane
 NUM_WARPS = 4
+
+
+class ConvolutionTile(NamedTuple):
+    """Launch shape of the forward and input-gradient programs: ``elements`` of a row tile
+    (batch elements x columns, :func:`tile_shape`), ``unroll`` rows a block, ``band`` rows a
+    program."""
+    elements: int
+    unroll: int
+    band: int
+
+
+# chosen on an H100 (check_depthwise_conv.py --sweep, docs/benchmarks.md): best or within 5%
+# of the best of 14 shapes at SegMAN-B's and -L's sizes, batch 16
+CONVOLUTION_TILE = ConvolutionTile(256, 2, 32)
 # weight-gradient programs: k -> (tile elements, rows a block), 4 warps; chosen on an H100
 # (docs/benchmarks.md): 3.2-6.3x the kernel they replaced at SegMAN-B's and -L's sizes
 WEIGHT_GRADIENT_TILES = {3: (128, 3), 5: (128, 2)}
@@ -38,49 +52,15 @@ _RUNTIME_INTS = {'channels', 'height', 'width', 'sx_b', 'sx_c', 'sy_b', 'sy_c', 
                  'strips', 'band'}
 
 
-def tile_shape(width: int, elements: int) -> Tuple[int, int]:
-    """``(BLOCK_H, BLOCK_W)`` of ``elements``: 32 wide for maps up to 32 wide (SegMAN's
-    stages 3 and 4 at 512x512 would leave half of a 64-wide tile masked), else 64. Two
-    shapes only, each compiled once: a 480x480 image already meets both in the four stages,
-    so later image sizes compile nothing (a shape per map size cost 0.3-0.7 s a new size)."""
+def tile_shape(width: int, elements: int, batch: int) -> Tuple[int, int]:
+    """``(NB, BLOCK_W)``, a tile of at most ``elements``: ``BLOCK_W`` 32 for maps up to 32
+    wide (SegMAN's stages 3 and 4 at 512x512 would leave half of a 64-wide tile masked), else
+    64; ``NB`` batch elements, no more than the batch's next power of two (lanes past the
+    batch compute for nothing). A few shapes only, each compiled once: a 480x480 image
+    already meets both widths in the four stages, so later image sizes compile nothing (a
+    shape per map size cost 0.3-0.7 s a new size)."""
     block_w = 32 if width <= 32 else 64
-    return elements // block_w, block_w
-
-
-@triton.jit
-def _shifted(base, rows, cols, di, dj, height, width):
-    """The map at ``(rows + di, cols + dj)`` as float32, zero outside it."""
-    r = rows + di
-    q = cols + dj
-    ok = ((r >= 0) & (r < height))[:, None] & ((q >= 0) & (q < width))[None, :]
-    return tl.load(base + r[:, None] * width + q[None, :], mask=ok, other=0.0).to(tl.float32)
-
-
-@jit_with_runtime_ints(_RUNTIME_INTS)
-def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, channels, height, width, sx_b, sx_c, sy_b, sy_c,
-                   KERNEL: tl.constexpr, HAS_BIAS: tl.constexpr, FLIP: tl.constexpr,
-                   RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    plane = tl.program_id(2).to(tl.int64)
-    batch, channel = plane // channels, plane % channels
-    rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    cols = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
-    x_base = x_ptr + batch * sx_b + channel * sx_c
-    acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
-    for i in tl.static_range(KERNEL):
-        for j in tl.static_range(KERNEL):
-            tap = (KERNEL * KERNEL - 1 - i * KERNEL - j) if FLIP else (i * KERNEL + j)
-            w = tl.load(w_ptr + channel * KERNEL * KERNEL + tap).to(tl.float32)
-            shifted = _shifted(x_base, rows, cols, i - KERNEL // 2, j - KERNEL // 2, height, width)
-            acc += w * shifted
-            if RESIDUAL:
-                if i == KERNEL // 2:
-                    if j == KERNEL // 2:
-                        acc += shifted  # the centre tap: x itself
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + channel).to(tl.float32)
-    ok = (rows < height)[:, None] & (cols < width)[None, :]
-    tl.store(y_ptr + batch * sy_b + channel * sy_c + rows[:, None] * width + cols[None, :], acc,
-             mask=ok)
+    return min(elements // block_w, next_power_of_2(batch)), block_w
 
 
 @triton.jit
@@ -101,6 +81,19 @@ def _x_rows(ptrs, shifted_cols, row, height, width, KERNEL: tl.constexpr, UNROLL
             out = out + (_x_row(ptrs + u * width, shifted_cols[j], row + u, height, width,
                                 j - KERNEL // 2),)
     return out
+
+
+@triton.jit
+def _window_above(ptrs, shifted_cols, first, height, width, KERNEL: tl.constexpr):
+    """The window before row ``first``: rows ``first - k//2 .. first + k//2 - 1`` at every
+    column shift, float32 (``ptrs`` at row 0)."""
+    window = ()
+    for i in tl.static_range(KERNEL - 1):
+        for j in tl.static_range(KERNEL):
+            window = window + (_x_row(ptrs + (first - KERNEL // 2 + i) * width, shifted_cols[j],
+                                      first - KERNEL // 2 + i, height, width,
+                                      j - KERNEL // 2).to(tl.float32),)
+    return window
 
 
 @triton.jit
@@ -133,6 +126,78 @@ def _accumulate(acc, dy_sum, window, xs, dys, KERNEL: tl.constexpr, UNROLL: tl.c
     return acc, dy_sum, window
 
 
+@triton.jit
+def _convolve_rows(window, xs, taps, bias, y_ptrs, cols_u, row, end, width, KERNEL: tl.constexpr,
+                   UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
+    """For each of the ``UNROLL`` rows: the window completed by its newest row (``xs``), times
+    the taps, plus the bias and the centre tap (``RESIDUAL``), stored as output row ``row + u``
+    (none from row ``end`` on, nor in the lanes past the batch); then the window slides down."""
+    for u in tl.static_range(UNROLL):
+        full = window
+        for j in tl.static_range(KERNEL):
+            full = full + (xs[u * KERNEL + j].to(tl.float32),)
+        acc = full[0] * taps[0]
+        for t in tl.static_range(1, KERNEL * KERNEL):
+            acc += full[t] * taps[t]
+        if RESIDUAL:
+            acc += full[(KERNEL // 2) * KERNEL + KERNEL // 2]  # the centre tap: x itself
+        if HAS_BIAS:
+            acc += bias
+        limit = tl.where(row + u < end, width, 0).to(tl.uint32)
+        tl.store(y_ptrs + u * width, acc, mask=cols_u < limit)
+        window = full[KERNEL:]
+    return window
+
+
+@jit_with_runtime_ints(_RUNTIME_INTS)
+def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, height, width, sx_b, sx_c, sy_b, sy_c, batch,
+                   strips, band, KERNEL: tl.constexpr, HAS_BIAS: tl.constexpr, FLIP: tl.constexpr,
+                   RESIDUAL: tl.constexpr, NB: tl.constexpr, BLOCK_W: tl.constexpr,
+                   UNROLL: tl.constexpr):
+    """Program ``(lane, band, channel)``: output rows ``band * b .. band * (b + 1) - 1`` of one
+    channel on an ``NB`` batch elements x ``BLOCK_W`` columns tile (the lane), walking down
+    the map with the ``k`` input rows of the window at the ``k`` column shifts in registers:
+    each output element costs ``k`` loads (of its newest input row) and ``k * k``
+    multiply-adds. ``FLIP`` reverses the taps (the input gradient). Rows go in blocks of
+    ``UNROLL``, two blocks a loop iteration: one block's loads are issued before the other is
+    summed. Lanes past the batch read the last batch element and store nothing."""
+    P: tl.constexpr = KERNEL // 2
+    TAPS: tl.constexpr = KERNEL * KERNEL
+    lane = tl.program_id(0)
+    band_id = tl.program_id(1)
+    channel = tl.program_id(2).to(tl.int64)
+    batches = (lane // strips) * NB + tl.arange(0, NB)
+    cols = (lane % strips) * BLOCK_W + tl.arange(0, BLOCK_W)
+    clamped = tl.minimum(batches, batch - 1).to(tl.int64)
+    x_ptrs = (x_ptr + channel * sx_c + clamped * sx_b)[:, None] + cols[None, :]
+    y_ptrs = (y_ptr + channel * sy_c + clamped * sy_b)[:, None] + cols[None, :]
+    cols_u = tl.where((batches < batch)[:, None], cols[None, :], -1).to(tl.uint32)
+    shifted_cols = ()
+    for j in tl.static_range(KERNEL):
+        shifted_cols = shifted_cols + ((cols + (j - P)).to(tl.uint32),)
+    taps = ()
+    for t in tl.static_range(TAPS):
+        taps = taps + (tl.load(w_ptr + channel * TAPS + ((TAPS - 1 - t) if FLIP else t)).to(tl.float32),)
+    bias = tl.load(b_ptr + channel).to(tl.float32)  # b_ptr is x's when there is no bias
+    first = band_id * band
+    end = tl.minimum(first + band, height)
+    window = _window_above(x_ptrs, shifted_cols, first, height, width, KERNEL)
+    x_next = x_ptrs + (first + P) * width  # the next input row to load: r + P
+    y_next = y_ptrs + first * width
+    xs0 = _x_rows(x_next, shifted_cols, first + P, height, width, KERNEL, UNROLL)
+    for row in range(first, end, 2 * UNROLL):
+        x_next += UNROLL * width
+        xs1 = _x_rows(x_next, shifted_cols, row + UNROLL + P, height, width, KERNEL, UNROLL)
+        window = _convolve_rows(window, xs0, taps, bias, y_next, cols_u, row, end, width, KERNEL,
+                                UNROLL, HAS_BIAS, RESIDUAL)
+        x_next += UNROLL * width
+        y_next += UNROLL * width
+        xs0 = _x_rows(x_next, shifted_cols, row + 2 * UNROLL + P, height, width, KERNEL, UNROLL)
+        window = _convolve_rows(window, xs1, taps, bias, y_next, cols_u, row + UNROLL, end, width,
+                                KERNEL, UNROLL, HAS_BIAS, RESIDUAL)
+        y_next += UNROLL * width
+
+
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _dw_bwd_weight_kernel(x_ptr, dy_ptr, partial_ptr, height, width, sx_b, sx_c, sy_b, sy_c,
                           batch, strips, band, KERNEL: tl.constexpr, NB: tl.constexpr,
@@ -163,12 +228,7 @@ def _dw_bwd_weight_kernel(x_ptr, dy_ptr, partial_ptr, height, width, sx_b, sx_c,
         shifted_cols = shifted_cols + ((cols + (j - P)).to(tl.uint32),)
     first = band_id * band
     end = tl.minimum(first + band, height)
-    # the window before the first row: rows first - P .. first + P - 1 at every column shift
-    window = ()
-    for i in tl.static_range(KERNEL - 1):
-        for j in tl.static_range(KERNEL):
-            window = window + (_x_row(x_ptrs + (first - P + i) * width, shifted_cols[j],
-                                      first - P + i, height, width, j - P).to(tl.float32),)
+    window = _window_above(x_ptrs, shifted_cols, first, height, width, KERNEL)
     x_next = x_ptrs + (first + P) * width  # the next input row to load: r + P
     dy_next = dy_ptrs + first * width
     xs0 = _x_rows(x_next, shifted_cols, first + P, height, width, KERNEL, UNROLL)
@@ -194,15 +254,16 @@ def _dw_bwd_weight_kernel(x_ptr, dy_ptr, partial_ptr, height, width, sx_b, sx_c,
 
 
 def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool, residual: bool,
-              dtype: torch.dtype) -> Tensor:
+              dtype: torch.dtype, tile: ConvolutionTile = CONVOLUTION_TILE) -> Tensor:
     batch, channels, height, width = x.shape
-    block_h, block_w = tile_shape(width, TILE_ELEMENTS)
+    batches, block_w = tile_shape(width, tile.elements, batch)
+    strips = cdiv(width, block_w)
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
-    grid = (cdiv(width, block_w), cdiv(height, block_h), batch * channels)
-    launch(_dw_fwd_kernel, grid, x, weight, x if bias is None else bias, y, channels, height,
-           width, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-           KERNEL=weight.shape[-1], HAS_BIAS=bias is not None, FLIP=flip,
-           RESIDUAL=residual, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=NUM_WARPS)
+    grid = (cdiv(batch, batches) * strips, cdiv(height, tile.band), channels)
+    launch(_dw_fwd_kernel, grid, x, weight, x if bias is None else bias, y, height, width,
+           x.stride(0), x.stride(1), y.stride(0), y.stride(1), batch, strips, tile.band,
+           KERNEL=weight.shape[-1], HAS_BIAS=bias is not None, FLIP=flip, RESIDUAL=residual,
+           NB=batches, BLOCK_W=block_w, UNROLL=tile.unroll, num_warps=NUM_WARPS)
     return y
 
 
@@ -212,7 +273,7 @@ def _weight_and_bias_gradients(dy: Tensor, x: Tensor, kernel: int) -> Tuple[Tens
     which autograd accumulates as it is, where a strided one would be copied first)."""
     batch, channels, height, width = x.shape
     elements, unroll = WEIGHT_GRADIENT_TILES.get(kernel, WEIGHT_GRADIENT_TILE_OTHER_K)
-    batches, block_w = tile_shape(width, elements)
+    batches, block_w = tile_shape(width, elements, batch)
     strips = cdiv(width, block_w)
     lanes = cdiv(batch, batches) * strips
     rows_a_step = 2 * unroll

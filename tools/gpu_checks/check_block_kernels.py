@@ -1,0 +1,119 @@
+"""The GPU kernels of one encoder block of each stage, in launch order, against the memory
+traffic of the block's feature map: which kernels are far from the memory bound.
+
+    python3 tools/gpu_checks/check_block_kernels.py [--arch l] [--batch 16] [--size 512] \
+        [--mode infer|train] [--steps 5] [--out kernels.jsonl]
+
+For each stage of a SegMAN size, the first block of the stage (the fast path, bf16 autocast,
+eval mode for ``infer``; forward and backward for ``train``) runs ``--steps`` times under
+``torch.profiler``. Each kernel, copy or memset of a step is listed in launch order with its
+mean duration (us) and ``maps``: how many reads or writes of the stage's ``(B, C, H, W)``
+bf16 map the H100's peak memory bandwidth (3.35 TB/s) would move in that time. A kernel whose
+``maps`` is well above the number of maps it reads and writes is far from the memory bound.
+Then the block's total, and the total times the stage's depth. One JSON line per stage.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmark import write_row  # noqa: E402  (tools/benchmark.py)
+
+from mmseg_segman.models import SegMANEncoder  # noqa: E402
+from mmseg_segman.models.variants import ENCODER_ARCHS  # noqa: E402
+
+PEAK_BYTES_PER_US = 3.35e6  # H100 SXM HBM3
+GPU_CATEGORIES = ('kernel', 'gpu_memcpy', 'gpu_memset')
+STEP = 'block_step'
+
+
+def step_kernels(events: List[Dict], steps: int) -> List[Dict]:
+    """The GPU events of each step (inside the ``block_step`` annotations' GPU spans) in launch
+    order, their durations averaged over the steps: ``[{name, us}]``."""
+    complete = [e for e in events if e.get('ph') == 'X']
+    gpu = sorted((e for e in complete if e.get('cat') in GPU_CATEGORIES), key=lambda e: e['ts'])
+    marks = sorted(e['ts'] for e in complete
+                   if e.get('cat') == 'gpu_user_annotation' and e['name'] == STEP)
+    if len(marks) != steps:  # no GPU-side annotation: split by count instead
+        if len(gpu) % steps:
+            raise RuntimeError(f'{len(gpu)} GPU events do not split into {steps} steps')
+        per_step = [gpu[i * (len(gpu) // steps):(i + 1) * (len(gpu) // steps)] for i in range(steps)]
+    else:
+        bounds = marks + [float('inf')]
+        per_step = [[e for e in gpu if bounds[i] <= e['ts'] < bounds[i + 1]] for i in range(steps)]
+    counts = {len(s) for s in per_step}
+    if len(counts) != 1:
+        raise RuntimeError(f'the steps launched different numbers of GPU events: {sorted(counts)}')
+    return [dict(name=first['name'], us=sum(s[i]['dur'] for s in per_step) / steps)
+            for i, first in enumerate(per_step[0])]
+
+
+def profile_block(block, x: torch.Tensor, sin, cos, mode: str, steps: int) -> List[Dict]:
+    def step():
+        with record_function(STEP), torch.autocast('cuda', dtype=torch.bfloat16):
+            if mode == 'infer':
+                with torch.inference_mode():
+                    block(x, sin, cos)
+            else:
+                block(x, sin, cos).float().sum().backward()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, 'trace.json')
+        prof.export_chrome_trace(path)
+        with open(path) as trace:
+            return step_kernels(json.load(trace)['traceEvents'], steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--arch', default='l', choices=sorted(ENCODER_ARCHS))
+    parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--size', type=int, default=512)
+    parser.add_argument('--mode', choices=['infer', 'train'], default='infer')
+    parser.add_argument('--steps', type=int, default=5)
+    parser.add_argument('--out', help='append JSON lines here')
+    args = parser.parse_args()
+    print(f'# torch {torch.__version__}, {torch.cuda.get_device_name()}', flush=True)
+    encoder = SegMANEncoder(arch=args.arch).cuda().train(args.mode == 'train')
+    depths = ENCODER_ARCHS[args.arch]['depths']
+    grand_total = 0.0
+    for index, stage in enumerate(encoder.stages):
+        side = args.size // 4 // 2 ** index
+        channels = ENCODER_ARCHS[args.arch]['embed_dims'][index]
+        x = torch.randn(args.batch, channels, side, side, device='cuda', dtype=torch.bfloat16,
+                        requires_grad=args.mode == 'train')
+        sin, cos = stage.rope((side, side))
+        kernels = profile_block(stage.blocks[0], x, sin, cos, args.mode, args.steps)
+        map_bytes = x.numel() * x.element_size()
+        print(f'## stage {index + 1}: ({args.batch}, {channels}, {side}, {side}) bf16 map '
+              f'{map_bytes / 2 ** 20:.1f} MiB, {args.mode}', flush=True)
+        for k in kernels:
+            k['maps'] = round(k['us'] * PEAK_BYTES_PER_US / map_bytes, 2)
+            print(f"{k['us']:9.1f} us {k['maps']:6.2f} maps  {k['name'][:100]}", flush=True)
+        total = sum(k['us'] for k in kernels)
+        grand_total += total * depths[index]
+        print(f'block {total:.1f} us; x {depths[index]} blocks = {total * depths[index] / 1e3:.2f} ms',
+              flush=True)
+        write_row(dict(arch=args.arch, stage=index + 1, mode=args.mode, batch=args.batch,
+                       size=args.size, map_mib=round(map_bytes / 2 ** 20, 2),
+                       block_us=round(total, 1), stage_ms=round(total * depths[index] / 1e3, 3),
+                       kernels=[{**k, 'us': round(k['us'], 1)} for k in kernels]), args.out)
+    print(f'# all blocks: {grand_total / 1e3:.2f} ms', flush=True)
+
+
+if __name__ == '__main__':
+    main()
