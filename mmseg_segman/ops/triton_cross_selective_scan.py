@@ -2,12 +2,13 @@
 
 Layout. The per-direction inputs ``delta (B, 4, D, L)`` and ``B``/``C (B, 4, 1, L)`` come in
 direction order (:mod:`.cross_scan`: row-major for directions 0 and 2, column-major for 1 and
-3), contiguous along ``L``; ``delta`` is computed from its low-rank form (one matrix product,
-:func:`~.selective_scan.project_steps`) before each kernel that reads it, and dropped after,
+3), contiguous along ``L``; ``delta`` is computed from its low-rank form (one kernel,
+:func:`_project_steps_kernel`) before each kernel that reads it, and dropped after,
 so the backward pass does not keep it (it would be the largest saved tensor after the
 states: ``D / R = 16`` times ``dt_low``). ``x (B, D, H, W)`` is copied once into both orders,
-``(B, 2, D, L)``. Scan step ``t`` of direction ``k`` is position ``t`` (``k < 2``) or
-``L - 1 - t`` (``k >= 2``) of its sequences, so every load and store walks memory
+``(B, 2, D, L)`` (one kernel, :func:`_both_orders_kernel`). Scan step ``t`` of direction
+``k`` is position ``t`` (``k < 2``) or ``L - 1 - t`` (``k >= 2``) of its sequences, so
+every load and store walks memory
 contiguously, forwards or backwards. (Reading the column-major directions straight from the
 map, as this backend first did, gathered one element a 32-byte sector: 2.1x the time of the
 row-major directions at SegMAN-L's stage 1.) ``A``, ``D``, ``delta_bias`` are ``(4*D,)``,
@@ -62,16 +63,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .cross_scan import both_orders
-from .selective_scan import project_steps, project_steps_backward
-from .triton_jit import (cast, cdiv, eager_autograd, jit_with_runtime_ints, launch,
+from .selective_scan import project_steps_backward
+from .triton_jit import (cast, cdiv, dot_precision, eager_autograd, jit_with_runtime_ints, launch,
                          next_power_of_2, records_autograd)
 
 
 # Sizes and the strides that follow them stay runtime values (one compilation for every map
 # size); the sequences' own stride is 1.
-_RUNTIME_INTS = {'channels', 'length', 'height', 'width',
-                 *(f's{t}_{dim}' for t in 'xdbcy' for dim in 'bkc')}
+_RUNTIME_INTS = {'channels', 'length', 'height', 'width', 'rank',
+                 *(f's{t}_{dim}' for t in 'xdbcy' for dim in 'bkc'), 'sl_b', 'sl_k', 'sl_r'}
 
 
 @triton.jit
@@ -265,6 +265,56 @@ def _merge_kernel(ys_ptr, out_ptr, channels, height, width,
     tl.store(out_ptr + plane * length + row_major, y, mask=ok)
 
 
+@jit_with_runtime_ints(_RUNTIME_INTS)
+def _both_orders_kernel(x_ptr, out_ptr, channels, height, width, sx_b, sx_c,
+                        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """A ``BLOCK_H x BLOCK_W`` tile of one plane of ``x (B, D, H, W)`` (each plane
+    contiguous) into ``out (B, 2, D, L)``: row-major into slot 0, transposed in registers and
+    column-major into slot 1. One read of ``x``; PyTorch's strided copy and ``stack`` took
+    about three times as long."""
+    plane = tl.program_id(2).to(tl.int64)
+    batch, channel = plane // channels, plane % channels
+    length = height * width
+    rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    row_ok, col_ok = rows < height, cols < width
+    row_major = rows[:, None] * width + cols[None, :]
+    tile = tl.load(x_ptr + batch * sx_b + channel * sx_c + row_major,
+                   mask=row_ok[:, None] & col_ok[None, :])
+    base = out_ptr + (batch * 2 * channels + channel) * length
+    tl.store(base + row_major, tile, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(base + channels * length + cols[:, None] * height + rows[None, :], tl.trans(tile),
+             mask=col_ok[:, None] & row_ok[None, :])
+
+
+@jit_with_runtime_ints(_RUNTIME_INTS)
+def _project_steps_kernel(lo_ptr, w_ptr, out_ptr, channels, rank, length, sl_b, sl_k, sl_r,
+                          BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    """``delta[b, k, c, l] = sum_r w[k, c, r] lo[b, k, r, l]`` for a ``BLOCK_C x BLOCK_L``
+    tile, program ``(l tile, c tile, b * 4 + k)``: ``w (4, D, R)`` contiguous in ``lo``'s
+    dtype (as :func:`~.selective_scan.project_steps` casts it); ``lo``'s rows contiguous;
+    ``delta (B, 4, D, L)`` contiguous in ``lo``'s dtype. The rank is padded to ``BLOCK_R``
+    (at least 16) with zeros: one product on the tensor cores, in TF32 for 16-bit inputs
+    (exact products). cuBLAS chose 32x32 tiles for
+    these products (a rank not a multiple of 8): about four times the time of the store."""
+    sequence = tl.program_id(2).to(tl.int64)
+    batch, direction = sequence // 4, sequence % 4
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    r = tl.arange(0, BLOCK_R)
+    c_ok, l_ok, r_ok = c < channels, l < length, r < rank
+    lo = tl.load(lo_ptr + batch * sl_b + direction * sl_k + r[:, None] * sl_r + l[None, :],
+                 mask=r_ok[:, None] & l_ok[None, :], other=0.0)
+    w = tl.load(w_ptr + (direction * channels + c[:, None]) * rank + r[None, :],
+                mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+    # as float32: TF32 holds 16-bit floats exactly (Triton's interpreter multiplies bfloat16
+    # wrongly and rounds float32 to bfloat16 towards zero, hence w comes in lo's dtype)
+    delta = tl.dot(w.to(tl.float32), lo.to(tl.float32), input_precision=DOT_PRECISION)
+    tl.store(out_ptr + (sequence * channels + c[:, None]) * length + l[None, :], delta,
+             mask=c_ok[:, None] & l_ok[None, :])
+
+
 Blocks = Tuple[int, int, int]  # (BLOCK_D, BLOCK_L, num_warps)
 MAX_BLOCK_L = 256
 
@@ -280,7 +330,8 @@ def block_sizes(length: int) -> Blocks:
     return 2, min(max(16, next_power_of_2(length)), MAX_BLOCK_L), 4
 
 
-MERGE_TILE = (32, 32)  # (BLOCK_H, BLOCK_W) of the merge kernel
+MERGE_TILE = (32, 32)  # (BLOCK_H, BLOCK_W) of the merge kernel and of _both_orders_kernel
+PROJECTION_TILE = (32, 128)  # (BLOCK_C, BLOCK_L) of _project_steps_kernel
 
 
 def _sequences(*tensors: Tensor) -> Tuple[Tensor, ...]:
@@ -302,6 +353,35 @@ def _merge(ys: Tensor, height: int, width: int, dtype: torch.dtype) -> Tensor:
     launch(_merge_kernel, (cdiv(width, block_w), cdiv(height, block_h), batch * channels),
            ys, out, channels, height, width, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4)
     return out
+
+
+def _both_orders(x: Tensor) -> Tensor:
+    """:func:`.cross_scan.both_orders` in one kernel (:func:`_both_orders_kernel`)."""
+    if x.stride(3) != 1 or x.stride(2) != x.size(3):
+        x = x.contiguous()
+    batch, channels, height, width = x.shape
+    out = torch.empty(batch, 2, channels, height * width, dtype=x.dtype, device=x.device)
+    block_h, block_w = MERGE_TILE
+    launch(_both_orders_kernel, (cdiv(width, block_w), cdiv(height, block_h), batch * channels),
+           x, out, channels, height, width, x.stride(0), x.stride(1), BLOCK_H=block_h,
+           BLOCK_W=block_w, num_warps=4)
+    return out
+
+
+def _project_steps(dt_low: Tensor, dt_proj: Tensor) -> Tensor:
+    """:func:`.selective_scan.project_steps` in one kernel (:func:`_project_steps_kernel`)."""
+    if dt_low.stride(-1) != 1:
+        dt_low = dt_low.contiguous()
+    batch, _, rank, length = dt_low.shape
+    channels = dt_proj.shape[1]
+    dt_proj = cast(dt_proj, dt_low.dtype).contiguous()
+    delta = torch.empty(batch, 4, channels, length, dtype=dt_low.dtype, device=dt_low.device)
+    block_c, block_l = PROJECTION_TILE
+    launch(_project_steps_kernel, (cdiv(length, block_l), cdiv(channels, block_c), batch * 4),
+           dt_low, dt_proj, delta, channels, rank, length, *dt_low.stride()[:3],
+           BLOCK_C=block_c, BLOCK_L=block_l, BLOCK_R=max(16, next_power_of_2(rank)),
+           DOT_PRECISION=dot_precision(dt_low.dtype), num_warps=4)
+    return delta
 
 
 def _flat(*params: Tensor) -> Tuple[Tensor, ...]:
@@ -341,7 +421,7 @@ def _cross_scan_forward_impl(x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tens
     batch, channels, height, width = x.shape
     length = height * width
     # delta is freed after the kernel: the backward pass recomputes it
-    xs, (delta, B, C) = both_orders(x), _sequences(project_steps(dt_low, dt_proj), B, C)
+    xs, (delta, B, C) = _both_orders(x), _sequences(_project_steps(dt_low, dt_proj), B, C)
     ys = _float32(batch, 4, channels, length, like=x)
     block_d, block_l, warps = _blocks(x, blocks[:3])
     ckpt = _blocks(x, blocks[3:])[1]  # the backward's tile
@@ -394,8 +474,8 @@ def _cross_scan_backward_impl(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Te
     batch, channels, height, width = x.shape
     length = height * width
     assert states.shape == (batch, 4, channels, checkpoint_count(length, blocks)), states.shape
-    xs, dys = both_orders(x), both_orders(dy)
-    delta, B_seq, C_seq = _sequences(project_steps(dt_low, dt_proj), B, C)
+    xs, dys = _both_orders(x), _both_orders(dy)
+    delta, B_seq, C_seq = _sequences(_project_steps(dt_low, dt_proj), B, C)
     grid = (cdiv(channels, block_d), 4, batch)
     du, ddelta = _float32(2, batch, 4, channels, length, like=x).unbind()
     d_bc = _float32(2, batch, 4, grid[0], length, like=x)  # partial sums over channel blocks

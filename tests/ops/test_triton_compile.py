@@ -61,8 +61,15 @@ def test_cross_scan_kernels_compile(activation, length):
     assert compile_for_h100(cross._cross_scan_bwd_kernel, activation, SCAN_FLOAT32_POINTERS, warps,
                             BLOCK_D=block_d, BLOCK_L=block_l)
     block_h, block_w = cross.MERGE_TILE
-    assert compile_for_h100(cross._merge_kernel, activation, SCAN_FLOAT32_POINTERS, 4,
-                            BLOCK_H=block_h, BLOCK_W=block_w)
+    for layout in (cross._merge_kernel, cross._both_orders_kernel):
+        assert compile_for_h100(layout, activation, SCAN_FLOAT32_POINTERS, 4,
+                                BLOCK_H=block_h, BLOCK_W=block_w)
+    block_c, block_l = cross.PROJECTION_TILE
+    for rank in (6, 40):  # SegMAN-L's stage 1 and 4
+        assert compile_for_h100(cross._project_steps_kernel, activation, set(), 4,
+                                BLOCK_C=block_c, BLOCK_L=block_l,
+                                BLOCK_R=max(16, cross.next_power_of_2(rank)),
+                                DOT_PRECISION='tf32x3' if activation == 'fp32' else 'tf32')
 
 
 # other blocks of tools/gpu_checks/check_cross_selective_scan.py --sweep: the backward's tl.flip
