@@ -331,7 +331,9 @@ def block_sizes(length: int) -> Blocks:
 
 
 MERGE_TILE = (32, 32)  # (BLOCK_H, BLOCK_W) of the merge kernel and of _both_orders_kernel
-PROJECTION_TILE = (32, 128)  # (BLOCK_C, BLOCK_L) of _project_steps_kernel
+# (BLOCK_C, BLOCK_L) of _project_steps_kernel: the fastest of six at SegMAN-L's stages 1-3
+# (batch 16, an H100; 0.41x, 0.47x and 0.84x the time of cuBLAS's product, docs/benchmarks.md)
+PROJECTION_TILE = (32, 256)
 
 
 def _sequences(*tensors: Tensor) -> Tuple[Tensor, ...]:
