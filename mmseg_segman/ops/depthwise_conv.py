@@ -5,28 +5,53 @@ Backends: ``triton`` (:mod:`.triton_depthwise_conv`: one kernel in the map's lay
 per-shape plan, for eager runs on CUDA) and ``torch`` (``F.conv2d``). Under
 ``torch.compile`` the reference runs.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .dispatch import Backend, OpDispatcher, autocast_dtype, eager_triton_unavailable, runs_anywhere
 
+ACTIVATIONS = (None, 'silu')
 
-def _depthwise_conv2d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                            residual: bool) -> Tensor:
+
+class RunningBatchNorm(NamedTuple):
+    """A batch norm by its running statistics (eval mode):
+    ``(x - mean) / sqrt(var + eps) * weight + bias``, each tensor ``(C,)``."""
+    mean: Tensor
+    var: Tensor
+    weight: Tensor
+    bias: Tensor
+    eps: float
+
+    @classmethod
+    def of(cls, norm: nn.modules.batchnorm._BatchNorm) -> 'RunningBatchNorm':
+        return cls(norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.batch_norm(x, self.mean, self.var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def norm_and_activation(out: Tensor, norm: Optional[RunningBatchNorm],
+                         activation: Optional[str]) -> Tensor:
+    if norm is not None:
+        out = norm(out)
+    return F.silu(out) if activation == 'silu' else out
+
+
+def _depthwise_conv2d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: bool,
+                            norm: Optional[RunningBatchNorm], activation: Optional[str]) -> Tensor:
     out = F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
-    return x + out if residual else out
+    return norm_and_activation(x + out if residual else out, norm, activation)
 
 
-def _triton_unavailable(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                        residual: bool) -> Optional[str]:
+def _triton_unavailable(x: Tensor, *args) -> Optional[str]:
     return eager_triton_unavailable(x)
 
 
-def _depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                             residual: bool) -> Tensor:
+def _depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: bool,
+                             norm: Optional[RunningBatchNorm], activation: Optional[str]) -> Tensor:
     from .triton_depthwise_conv import depthwise_conv2d_triton
 
     # the dtype F.conv2d's output has (autocast's), and x + that with the residual
@@ -36,7 +61,7 @@ def _depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     # each H x W plane contiguous (a channel slice of a contiguous map is)
     if x.stride(3) != 1 or x.stride(2) != x.size(3):
         x = x.contiguous()
-    return depthwise_conv2d_triton(x, weight, bias, residual, out_dtype)
+    return depthwise_conv2d_triton(x, weight, bias, residual, out_dtype, norm, activation)
 
 
 _depthwise_conv2d = OpDispatcher('depthwise_conv2d', {
@@ -46,14 +71,19 @@ _depthwise_conv2d = OpDispatcher('depthwise_conv2d', {
 
 
 def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                     residual: bool = False) -> Tensor:
-    """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)``, plus ``x`` if ``residual``.
+                     residual: bool = False, norm: Optional[RunningBatchNorm] = None,
+                     activation: Optional[str] = None) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)``, plus ``x`` if ``residual``,
+    then ``norm`` and ``activation``.
 
     Args:
         x: ``(B, C, H, W)``.
         weight: ``(C, 1, k, k)``, ``k`` odd.
         bias: ``(C,)`` or None.
         residual: return ``x + conv(x)`` (one pass on the ``triton`` backend).
+        norm: a batch norm in eval mode (:meth:`RunningBatchNorm.of`) applied to the result.
+        activation: None or ``'silu'``, applied last. The ``triton`` backend applies the norm
+            and the activation in the convolution's pass where autograd does not record.
 
     Returns:
         ``(B, C, H, W)``.
@@ -65,4 +95,9 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                          f'{tuple(x.shape)} and {tuple(weight.shape)}')
     if bias is not None and bias.shape != (channels,):
         raise ValueError(f'bias must be ({channels},), got {tuple(bias.shape)}')
-    return _depthwise_conv2d(x, weight, bias, residual)
+    if norm is not None and any(t.shape != (channels,) for t in norm[:4]):
+        raise ValueError(f'the norm\'s statistics and parameters must be ({channels},), got '
+                         f'{[tuple(t.shape) for t in norm[:4]]}')
+    if activation not in ACTIVATIONS:
+        raise ValueError(f'activation must be one of {ACTIVATIONS}, got {activation!r}')
+    return _depthwise_conv2d(x, weight, bias, residual, norm, activation)

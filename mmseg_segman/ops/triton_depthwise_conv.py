@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .depthwise_conv import RunningBatchNorm, norm_and_activation
 from .triton_jit import (cast, cdiv, jit_with_runtime_ints, launch, next_power_of_2,
                          records_autograd)
 
@@ -127,11 +128,13 @@ def _accumulate(acc, dy_sum, window, xs, dys, KERNEL: tl.constexpr, UNROLL: tl.c
 
 
 @triton.jit
-def _convolve_rows(window, xs, taps, bias, y_ptrs, cols_u, row, end, width, KERNEL: tl.constexpr,
-                   UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
+def _convolve_rows(window, xs, taps, bias, scale, shift, y_ptrs, cols_u, row, end, width,
+                   KERNEL: tl.constexpr, UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, SILU: tl.constexpr):
     """For each of the ``UNROLL`` rows: the window completed by its newest row (``xs``), times
-    the taps, plus the bias and the centre tap (``RESIDUAL``), stored as output row ``row + u``
-    (none from row ``end`` on, nor in the lanes past the batch); then the window slides down."""
+    the taps, plus the bias and the centre tap (``RESIDUAL``), then ``* scale + shift``
+    (``HAS_NORM``) and SiLU, stored as output row ``row + u`` (none from row ``end`` on, nor
+    in the lanes past the batch); then the window slides down."""
     for u in tl.static_range(UNROLL):
         full = window
         for j in tl.static_range(KERNEL):
@@ -143,6 +146,10 @@ def _convolve_rows(window, xs, taps, bias, y_ptrs, cols_u, row, end, width, KERN
             acc += full[(KERNEL // 2) * KERNEL + KERNEL // 2]  # the centre tap: x itself
         if HAS_BIAS:
             acc += bias
+        if HAS_NORM:
+            acc = acc * scale + shift
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
         limit = tl.where(row + u < end, width, 0).to(tl.uint32)
         tl.store(y_ptrs + u * width, acc, mask=cols_u < limit)
         window = full[KERNEL:]
@@ -150,15 +157,18 @@ def _convolve_rows(window, xs, taps, bias, y_ptrs, cols_u, row, end, width, KERN
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
-def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, height, width, sx_b, sx_c, sy_b, sy_c, batch,
-                   strips, band, KERNEL: tl.constexpr, HAS_BIAS: tl.constexpr, FLIP: tl.constexpr,
-                   RESIDUAL: tl.constexpr, NB: tl.constexpr, BLOCK_W: tl.constexpr,
-                   UNROLL: tl.constexpr):
+def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, y_ptr, eps,
+                   height, width, sx_b, sx_c, sy_b, sy_c, batch, strips, band,
+                   KERNEL: tl.constexpr, HAS_BIAS: tl.constexpr, FLIP: tl.constexpr,
+                   RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, SILU: tl.constexpr,
+                   NB: tl.constexpr, BLOCK_W: tl.constexpr, UNROLL: tl.constexpr):
     """Program ``(lane, band, channel)``: output rows ``band * b .. band * (b + 1) - 1`` of one
     channel on an ``NB`` batch elements x ``BLOCK_W`` columns tile (the lane), walking down
     the map with the ``k`` input rows of the window at the ``k`` column shifts in registers:
     each output element costs ``k`` loads (of its newest input row) and ``k * k``
-    multiply-adds. ``FLIP`` reverses the taps (the input gradient). Rows go in blocks of
+    multiply-adds. ``FLIP`` reverses the taps (the input gradient). ``HAS_NORM``: a batch
+    norm with running statistics follows (``mean``, ``var``, ``gamma``, ``beta``, ``eps``),
+    and ``SILU`` an activation, in the same pass (inference). Rows go in blocks of
     ``UNROLL``, two blocks a loop iteration: one block's loads are issued before the other is
     summed. Lanes past the batch read the last batch element and store nothing."""
     P: tl.constexpr = KERNEL // 2
@@ -179,6 +189,13 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, height, width, sx_b, sx_c, sy_b, 
     for t in tl.static_range(TAPS):
         taps = taps + (tl.load(w_ptr + channel * TAPS + ((TAPS - 1 - t) if FLIP else t)).to(tl.float32),)
     bias = tl.load(b_ptr + channel).to(tl.float32)  # b_ptr is x's when there is no bias
+    scale = 1.0
+    shift = 0.0
+    if HAS_NORM:
+        scale = tl.load(gamma_ptr + channel).to(tl.float32) / tl.sqrt(
+            tl.load(var_ptr + channel).to(tl.float32) + eps)
+        shift = tl.load(beta_ptr + channel).to(tl.float32) - \
+            tl.load(mean_ptr + channel).to(tl.float32) * scale
     first = band_id * band
     end = tl.minimum(first + band, height)
     window = _window_above(x_ptrs, shifted_cols, first, height, width, KERNEL)
@@ -188,13 +205,14 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, height, width, sx_b, sx_c, sy_b, 
     for row in range(first, end, 2 * UNROLL):
         x_next += UNROLL * width
         xs1 = _x_rows(x_next, shifted_cols, row + UNROLL + P, height, width, KERNEL, UNROLL)
-        window = _convolve_rows(window, xs0, taps, bias, y_next, cols_u, row, end, width, KERNEL,
-                                UNROLL, HAS_BIAS, RESIDUAL)
+        window = _convolve_rows(window, xs0, taps, bias, scale, shift, y_next, cols_u, row, end,
+                                width, KERNEL, UNROLL, HAS_BIAS, RESIDUAL, HAS_NORM, SILU)
         x_next += UNROLL * width
         y_next += UNROLL * width
         xs0 = _x_rows(x_next, shifted_cols, row + 2 * UNROLL + P, height, width, KERNEL, UNROLL)
-        window = _convolve_rows(window, xs1, taps, bias, y_next, cols_u, row + UNROLL, end, width,
-                                KERNEL, UNROLL, HAS_BIAS, RESIDUAL)
+        window = _convolve_rows(window, xs1, taps, bias, scale, shift, y_next, cols_u,
+                                row + UNROLL, end, width, KERNEL, UNROLL, HAS_BIAS, RESIDUAL,
+                                HAS_NORM, SILU)
         y_next += UNROLL * width
 
 
@@ -254,16 +272,20 @@ def _dw_bwd_weight_kernel(x_ptr, dy_ptr, partial_ptr, height, width, sx_b, sx_c,
 
 
 def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool, residual: bool,
-              dtype: torch.dtype, tile: ConvolutionTile = CONVOLUTION_TILE) -> Tensor:
+              dtype: torch.dtype, tile: ConvolutionTile = CONVOLUTION_TILE,
+              norm: Optional[RunningBatchNorm] = None, silu: bool = False) -> Tensor:
     batch, channels, height, width = x.shape
     batches, block_w = tile_shape(width, tile.elements, batch)
     strips = cdiv(width, block_w)
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
     grid = (cdiv(batch, batches) * strips, cdiv(height, tile.band), channels)
-    launch(_dw_fwd_kernel, grid, x, weight, x if bias is None else bias, y, height, width,
-           x.stride(0), x.stride(1), y.stride(0), y.stride(1), batch, strips, tile.band,
-           KERNEL=weight.shape[-1], HAS_BIAS=bias is not None, FLIP=flip, RESIDUAL=residual,
-           NB=batches, BLOCK_W=block_w, UNROLL=tile.unroll, num_warps=NUM_WARPS)
+    # x stands for the pointers that are not read
+    mean, var, gamma, beta, eps = norm if norm is not None else (x, x, x, x, 0.0)
+    launch(_dw_fwd_kernel, grid, x, weight, x if bias is None else bias, mean, var, gamma, beta,
+           y, eps, height, width, x.stride(0), x.stride(1), y.stride(0), y.stride(1), batch,
+           strips, tile.band, KERNEL=weight.shape[-1], HAS_BIAS=bias is not None, FLIP=flip,
+           RESIDUAL=residual, HAS_NORM=norm is not None, SILU=silu, NB=batches,
+           BLOCK_W=block_w, UNROLL=tile.unroll, num_warps=NUM_WARPS)
     return y
 
 
@@ -315,12 +337,18 @@ class _DepthwiseConv2d(torch.autograd.Function):
 
 
 def depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                            residual: bool = False, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+                            residual: bool = False, out_dtype: Optional[torch.dtype] = None,
+                            norm: Optional[RunningBatchNorm] = None,
+                            activation: Optional[str] = None) -> Tensor:
     """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)``, plus ``x`` if ``residual``,
-    for ``x (B, C, H, W)`` (each ``H x W`` plane contiguous, any float dtype: read as is and
-    computed in float32) and ``weight (C, 1, k, k)``, ``k`` odd; in ``out_dtype`` (default
-    ``x``'s). Without autograd recording (inference) the kernel is launched directly."""
+    then ``norm`` and ``activation`` (None or ``'silu'``), for ``x (B, C, H, W)`` (each
+    ``H x W`` plane contiguous, any float dtype: read as is and computed in float32) and
+    ``weight (C, 1, k, k)``, ``k`` odd; in ``out_dtype`` (default ``x``'s). Without autograd
+    recording (inference) the kernel is launched directly, the norm and the activation in its
+    pass; else they follow as PyTorch's ops (the kernel has no backward for them)."""
     out_dtype = out_dtype or x.dtype
-    if records_autograd(x, weight, bias):
-        return _DepthwiseConv2d.apply(x, weight, bias, residual, out_dtype)
-    return _convolve(x, weight, bias, flip=False, residual=residual, dtype=out_dtype)
+    if records_autograd(x, weight, bias, *(norm or ())[:4]):
+        out = _DepthwiseConv2d.apply(x, weight, bias, residual, out_dtype)
+        return norm_and_activation(out, norm, activation)
+    return _convolve(x, weight, bias, flip=False, residual=residual, dtype=out_dtype, norm=norm,
+                     silu=activation == 'silu')

@@ -32,6 +32,16 @@ def test_bad_shapes_are_refused():
         depthwise_conv2d(x, w, b[:2])
 
 
+def test_bad_norm_and_activation_are_refused():
+    from mmseg_segman.ops.depthwise_conv import RunningBatchNorm
+    x, w, b = make_inputs(1, 3, 4, 5, 3, torch.float32)
+    with pytest.raises(ValueError, match='activation must be one of'):
+        depthwise_conv2d(x, w, b, activation='gelu')
+    norm = RunningBatchNorm(b[:2], b[:2].abs(), b[:2], b[:2], 1e-5)
+    with pytest.raises(ValueError, match=r"statistics and parameters must be \(3,\)"):
+        depthwise_conv2d(x, w, b, norm=norm)
+
+
 def make_inputs(batch, channels, height, width, kernel, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, channels, height, width, generator=g).to(dtype),
@@ -114,6 +124,34 @@ def check_parameter_gradients_contiguous():
     print('contiguous parameter gradients: ok')
 
 
+def check_norm_and_activation():
+    """An eval-mode batch norm and SiLU after the convolution: in the kernel's pass without
+    autograd, as PyTorch's ops with it; both against float64."""
+    from mmseg_segman.ops.depthwise_conv import RunningBatchNorm, _depthwise_conv2d
+
+    g = torch.Generator().manual_seed(7)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        x, w, b = make_inputs(2, 3, 9, 37, 3, dtype)
+        stats = [torch.randn(3, generator=g), torch.rand(3, generator=g) + 0.5,
+                 torch.randn(3, generator=g), torch.randn(3, generator=g)]
+        norm = RunningBatchNorm(*stats, 1e-3)
+        want = F.silu(F.batch_norm(reference(x.double(), w.double(), b.double()),
+                                   *(t.double() for t in stats), False, 0.0, 1e-3))
+        with torch.no_grad():
+            got = depthwise_conv2d(x, w, b, norm=norm, activation='silu')
+        assert _depthwise_conv2d.select(x, w, b, False, norm, 'silu') == 'triton'
+        assert got.dtype == dtype
+        err = ((got.double() - want).abs().max() / want.abs().max()).item()
+        assert err <= tol, (dtype, err)
+        leaves = [t.clone().requires_grad_() for t in (x, w)]
+        recorded = depthwise_conv2d(*leaves, b, norm=norm, activation='silu')
+        assert recorded.grad_fn is not None
+        torch.testing.assert_close(recorded, got, rtol=tol, atol=tol)
+        recorded.sum().backward()
+        assert leaves[1].grad is not None
+    print('norm and activation: ok')
+
+
 def main():
     from mmseg_segman.ops import triton_depthwise_conv as tdw
 
@@ -135,6 +173,7 @@ def main():
     check_dispatch_and_autocast()
     check_inference_path()
     check_parameter_gradients_contiguous()
+    check_norm_and_activation()
     print('all checks passed')
 
 

@@ -115,12 +115,15 @@ def test_layer_norm_kernels_compile(activation):
 @pytest.mark.parametrize('kernel', [3, 5])
 def test_depthwise_conv_kernels_compile(activation, kernel):
     float32 = {'w_ptr', 'b_ptr', 'partial_ptr'}
+    norm_pointers = {'mean_ptr', 'var_ptr', 'gamma_ptr', 'beta_ptr'}
     for width in (128, 32):  # SegMAN-B's stage 1 and 3 at 512x512: both tile shapes
         batches, block_w = tdw.tile_shape(width, tdw.CONVOLUTION_TILE.elements, 16)
-        for flip in (False, True):
-            assert compile_for_h100(tdw._dw_fwd_kernel, activation, float32, tdw.NUM_WARPS,
-                                    KERNEL=kernel, HAS_BIAS=not flip, FLIP=flip, RESIDUAL=True,
-                                    NB=batches, BLOCK_W=block_w, UNROLL=tdw.CONVOLUTION_TILE.unroll)
+        # the forward, the input gradient, LASS's convolution with its norm and SiLU
+        for flip, norm in ((False, False), (True, False), (False, True)):
+            assert compile_for_h100(tdw._dw_fwd_kernel, activation, float32 | norm_pointers,
+                                    tdw.NUM_WARPS, KERNEL=kernel, HAS_BIAS=not flip, FLIP=flip,
+                                    RESIDUAL=not norm, HAS_NORM=norm, SILU=norm, NB=batches,
+                                    BLOCK_W=block_w, UNROLL=tdw.CONVOLUTION_TILE.unroll)
         elements, unroll = tdw.WEIGHT_GRADIENT_TILES[kernel]
         batches, block_w = tdw.tile_shape(width, elements, 8)
         assert compile_for_h100(tdw._dw_bwd_weight_kernel, activation, float32, tdw.NUM_WARPS,

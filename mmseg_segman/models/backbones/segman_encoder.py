@@ -12,7 +12,9 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...ops import biased_attention, neighborhood_attention_2d, rotary_embedding_2d
+from ...ops import (biased_attention, depthwise_conv2d, neighborhood_attention_2d,
+                    rotary_embedding_2d)
+from ...ops.depthwise_conv import RunningBatchNorm
 from ...ops.dispatch import (autocast_off, check_op_backends, recompute_in_current_scope,
                              with_op_backends)
 from ...ops.pointwise_conv import Residual
@@ -102,6 +104,16 @@ class LASS(nn.Module):
         with autocast_off(bias.device.type):
             return resize @ bias @ resize.t()
 
+    def _dwconv_silu(self, y: Tensor) -> Tensor:
+        """``silu(dwconv(y))``: a batch norm in eval mode runs in the convolution's op (one
+        pass on the fast path, where the norm and the activation took two more)."""
+        conv, norm = self.dwconv
+        if isinstance(norm, _BatchNorm) and not norm.training and norm.track_running_stats \
+                and norm.affine:
+            return depthwise_conv2d(y, conv.weight, conv.bias, norm=RunningBatchNorm.of(norm),
+                                    activation='silu')
+        return F.silu(self.dwconv(y))
+
     def forward(self, x: Tensor, sin: Tensor, cos: Tensor,
                 residual: Optional[Residual] = None) -> Tensor:
         """``(B, C, H, W) -> (B, C, H, W)``; ``sin``/``cos`` ``(H, W, head_dim)`` from RoPE2d;
@@ -125,7 +137,7 @@ class LASS(nn.Module):
             y = y.transpose(-1, -2).reshape(batch, channels, height, width)
         else:
             y = y.permute(0, 1, 4, 2, 3).reshape(batch, channels, height, width)
-            y = self.norm(self.ssm(F.silu(self.dwconv(y)))) + y
+            y = self.norm(self.ssm(self._dwconv_silu(y))) + y
         return self.proj(y + lepe, residual=residual)
 
 

@@ -296,3 +296,33 @@ def test_the_bias_resize_keeps_float32_under_autocast_without_asking_torch_each_
     with torch.autocast('cpu', dtype=torch.bfloat16):
         bias = lass._global_bias(36)
     assert bias.shape == (lass.num_heads, 36, 36) and bias.dtype == torch.float32
+
+
+def test_lass_convolution_takes_its_eval_norm_into_the_op(monkeypatch):
+    # in eval mode the batch norm after LASS's depthwise conv (and the SiLU) run inside the
+    # convolution's op (one pass on the fast path); in training the norm's batch statistics
+    # run as the module; both give silu(dwconv(y))
+    import torch.nn.functional as F
+
+    from mmseg_segman.models.backbones import segman_encoder
+    from mmseg_segman.models.backbones.segman_encoder import LASS
+    lass = LASS(8, 2, 3)
+    norm = lass.dwconv[1]
+    norm.running_mean.uniform_(-1, 1)
+    norm.running_var.uniform_(0.5, 2)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    y = torch.randn(2, 8, 5, 6)
+    calls = []
+    op = segman_encoder.depthwise_conv2d
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(segman_encoder, 'depthwise_conv2d', recording)
+    for training in (False, True):
+        lass.train(training)
+        with torch.no_grad():
+            torch.testing.assert_close(lass._dwconv_silu(y), F.silu(lass.dwconv(y)))
+    assert [call.get('activation') for call in calls] == ['silu']
