@@ -128,6 +128,28 @@ def _accumulate(acc, dy_sum, window, xs, dys, KERNEL: tl.constexpr, UNROLL: tl.c
 
 
 @triton.jit
+def _band_tile(x_ptr, y_ptr, height, sx_b, sx_c, sy_b, sy_c, batch, strips, band,
+               KERNEL: tl.constexpr, NB: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Program ``(lane, band, channel)``'s channel, rows ``first .. end - 1``, the pointers of
+    its tile's row 0 in ``x`` and in ``y`` (the lanes past the batch at the last batch
+    element), its columns as uint32 (~0 in the lanes past the batch) and at the ``k`` column
+    shifts."""
+    lane = tl.program_id(0)
+    channel = tl.program_id(2).to(tl.int64)
+    batches = (lane // strips) * NB + tl.arange(0, NB)
+    cols = (lane % strips) * BLOCK_W + tl.arange(0, BLOCK_W)
+    clamped = tl.minimum(batches, batch - 1).to(tl.int64)
+    x_ptrs = (x_ptr + channel * sx_c + clamped * sx_b)[:, None] + cols[None, :]
+    y_ptrs = (y_ptr + channel * sy_c + clamped * sy_b)[:, None] + cols[None, :]
+    cols_u = tl.where((batches < batch)[:, None], cols[None, :], -1).to(tl.uint32)
+    shifted_cols = ()
+    for j in tl.static_range(KERNEL):
+        shifted_cols = shifted_cols + ((cols + (j - KERNEL // 2)).to(tl.uint32),)
+    first = tl.program_id(1) * band
+    return channel, first, tl.minimum(first + band, height), x_ptrs, y_ptrs, cols_u, shifted_cols
+
+
+@triton.jit
 def _convolve_rows(window, xs, taps, bias, scale, shift, y_ptrs, cols_u, row, end, width,
                    KERNEL: tl.constexpr, UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr,
                    RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, SILU: tl.constexpr):
@@ -173,18 +195,8 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, 
     summed. Lanes past the batch read the last batch element and store nothing."""
     P: tl.constexpr = KERNEL // 2
     TAPS: tl.constexpr = KERNEL * KERNEL
-    lane = tl.program_id(0)
-    band_id = tl.program_id(1)
-    channel = tl.program_id(2).to(tl.int64)
-    batches = (lane // strips) * NB + tl.arange(0, NB)
-    cols = (lane % strips) * BLOCK_W + tl.arange(0, BLOCK_W)
-    clamped = tl.minimum(batches, batch - 1).to(tl.int64)
-    x_ptrs = (x_ptr + channel * sx_c + clamped * sx_b)[:, None] + cols[None, :]
-    y_ptrs = (y_ptr + channel * sy_c + clamped * sy_b)[:, None] + cols[None, :]
-    cols_u = tl.where((batches < batch)[:, None], cols[None, :], -1).to(tl.uint32)
-    shifted_cols = ()
-    for j in tl.static_range(KERNEL):
-        shifted_cols = shifted_cols + ((cols + (j - P)).to(tl.uint32),)
+    channel, first, end, x_ptrs, y_ptrs, cols_u, shifted_cols = _band_tile(
+        x_ptr, y_ptr, height, sx_b, sx_c, sy_b, sy_c, batch, strips, band, KERNEL, NB, BLOCK_W)
     taps = ()
     for t in tl.static_range(TAPS):
         taps = taps + (tl.load(w_ptr + channel * TAPS + ((TAPS - 1 - t) if FLIP else t)).to(tl.float32),)
@@ -196,8 +208,6 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, 
             tl.load(var_ptr + channel).to(tl.float32) + eps)
         shift = tl.load(beta_ptr + channel).to(tl.float32) - \
             tl.load(mean_ptr + channel).to(tl.float32) * scale
-    first = band_id * band
-    end = tl.minimum(first + band, height)
     window = _window_above(x_ptrs, shifted_cols, first, height, width, KERNEL)
     x_next = x_ptrs + (first + P) * width  # the next input row to load: r + P
     y_next = y_ptrs + first * width
@@ -232,20 +242,8 @@ def _dw_bwd_weight_kernel(x_ptr, dy_ptr, partial_ptr, height, width, sx_b, sx_c,
     input there (already a non-finite gradient) can turn an infinite sum into NaN."""
     P: tl.constexpr = KERNEL // 2
     TAPS: tl.constexpr = KERNEL * KERNEL
-    lane = tl.program_id(0)
-    band_id = tl.program_id(1)
-    channel = tl.program_id(2).to(tl.int64)
-    batches = (lane // strips) * NB + tl.arange(0, NB)
-    cols = (lane % strips) * BLOCK_W + tl.arange(0, BLOCK_W)
-    clamped = tl.minimum(batches, batch - 1).to(tl.int64)
-    x_ptrs = (x_ptr + channel * sx_c + clamped * sx_b)[:, None] + cols[None, :]
-    dy_ptrs = (dy_ptr + channel * sy_c + clamped * sy_b)[:, None] + cols[None, :]
-    cols_u = tl.where((batches < batch)[:, None], cols[None, :], -1).to(tl.uint32)
-    shifted_cols = ()
-    for j in tl.static_range(KERNEL):
-        shifted_cols = shifted_cols + ((cols + (j - P)).to(tl.uint32),)
-    first = band_id * band
-    end = tl.minimum(first + band, height)
+    channel, first, end, x_ptrs, dy_ptrs, cols_u, shifted_cols = _band_tile(
+        x_ptr, dy_ptr, height, sx_b, sx_c, sy_b, sy_c, batch, strips, band, KERNEL, NB, BLOCK_W)
     window = _window_above(x_ptrs, shifted_cols, first, height, width, KERNEL)
     x_next = x_ptrs + (first + P) * width  # the next input row to load: r + P
     dy_next = dy_ptrs + first * width
@@ -265,7 +263,8 @@ def _dw_bwd_weight_kernel(x_ptr, dy_ptr, partial_ptr, height, width, sx_b, sx_c,
         dys0 = _dy_rows(dy_next, cols_u, row + 2 * UNROLL, end, width, UNROLL)
         acc, dy_sum, window = _accumulate(acc, dy_sum, window, xs1, dys1, KERNEL, UNROLL)
     channels = tl.num_programs(2)
-    row = partial_ptr + (band_id * tl.num_programs(0) + lane).to(tl.int64) * channels * (TAPS + 1)
+    row = partial_ptr + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) \
+        * channels * (TAPS + 1)
     for t in tl.static_range(TAPS):
         tl.store(row + channel * TAPS + t, tl.sum(acc[t]))
     tl.store(row + channels * TAPS + channel, tl.sum(dy_sum))
