@@ -78,7 +78,8 @@ def layer_norm_case(batch, channels, height, width):
 def depthwise_case(batch, channels, height, width, kernel, residual=False):
     def make(dtype):
         return [_randn(batch, channels, height, width, dtype=dtype),
-                _randn(channels, 1, kernel, kernel, scale=0.2), _randn(channels), residual]
+                _randn(channels, 1, kernel, kernel, scale=0.2), _randn(channels), residual,
+                None, None]  # no norm, no activation
     name = f'B{batch} C{channels} {height}x{width} k{kernel}' + (' residual' if residual else '')
     return 'depthwise_conv2d', name, make
 
