@@ -19,7 +19,7 @@ A plain ``torch.autograd.Function``, not a ``torch.library`` custom op: under ``
 the reference runs, so nothing traces it, and a custom op's dispatch cost 20-45 us of host
 time a call on the GPU machine (``tools/gpu_checks/check_host_time.py --ops``).
 """
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
 import triton
@@ -32,7 +32,7 @@ BLOCK_C = 32
 BLOCK_P = 64
 NUM_WARPS = 4
 _RUNTIME_INTS = {'channels', 'pixels', 'pixel_blocks', 'sx_b', 'sx_c', 'sy_b', 'sy_c',
-                 'sd_b', 'sd_c'}
+                 'sd_b', 'sd_c', 'sa1_b', 'sa1_c', 'sa2_b', 'sa2_c'}
 
 
 @triton.jit
@@ -51,9 +51,11 @@ def _program_pixels(pixels, BLOCK_P: tl.constexpr):
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
-def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, channels, pixels,
-                     sx_b, sx_c, sy_b, sy_c, eps,
-                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, a1_ptr, a2_ptr, y_ptr, mean_ptr, rstd_ptr, channels,
+                     pixels, sx_b, sx_c, sa1_b, sa1_c, sa2_b, sa2_c, sy_b, sy_c, eps,
+                     ADDENDS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """``y = layer_norm(x) + a1 + a2`` (the first ``ADDENDS`` of them) for ``BLOCK_P``
+    pixels of one batch element, the mean and ``rstd`` stored for the backward pass."""
     batch, p, p_ok = _program_pixels(pixels, BLOCK_P)
     x_off = batch * sx_b
     total = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -75,8 +77,12 @@ def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, channels, p
         w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
         xhat = (_tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :]) * rstd[None, :]
-        tl.store(y_ptr + batch * sy_b + c[:, None] * sy_c + p[None, :],
-                 xhat * w[:, None] + b[:, None], mask=ok)
+        out = xhat * w[:, None] + b[:, None]
+        if ADDENDS >= 1:
+            out += _tile(a1_ptr, batch * sa1_b, c, sa1_c, p, ok)
+        if ADDENDS >= 2:
+            out += _tile(a2_ptr, batch * sa2_b, c, sa2_c, p, ok)
+        tl.store(y_ptr + batch * sy_b + c[:, None] * sy_c + p[None, :], out, mask=ok)
     tl.store(mean_ptr + batch * pixels + p, mean, mask=p_ok)
     tl.store(rstd_ptr + batch * pixels + p, rstd, mask=p_ok)
 
@@ -126,17 +132,20 @@ def _plane_strides(x: Tensor) -> Tuple[int, int]:
     return x.stride(0), x.stride(1)
 
 
-def _forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
-             out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-    """``y (B, C, H, W)`` contiguous in ``out_dtype``, and the float32 mean and ``rstd``
-    ``(B, H*W)`` of every pixel."""
+def _forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype,
+             addends: Sequence[Tensor] = ()) -> Tuple[Tensor, Tensor, Tensor]:
+    """``y (B, C, H, W)`` contiguous in ``out_dtype`` (plus the ``addends``, at most two, each
+    with contiguous ``H x W`` planes), and the float32 mean and ``rstd`` ``(B, H*W)`` of every
+    pixel."""
     batch, channels, height, width = x.shape
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     mean, rstd = (torch.empty(batch, height * width, dtype=torch.float32, device=x.device)
                   for _ in range(2))
-    launch(_ln2d_fwd_kernel, _grid(x), x, weight, bias, y, mean, rstd, channels, height * width,
-           *_plane_strides(x), *_plane_strides(y), eps,
-           BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, num_warps=NUM_WARPS)
+    a1, a2 = (*addends, x, x)[:2]  # x stands for the addends that are not read
+    launch(_ln2d_fwd_kernel, _grid(x), x, weight, bias, a1, a2, y, mean, rstd, channels,
+           height * width, *_plane_strides(x), *_plane_strides(a1), *_plane_strides(a2),
+           *_plane_strides(y), eps, ADDENDS=len(addends), BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
+           num_warps=NUM_WARPS)
     return y, mean, rstd
 
 
@@ -159,24 +168,30 @@ class _LayerNorm2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float,
-                out_dtype: torch.dtype) -> Tensor:
-        y, mean, rstd = _forward(x, weight, bias, eps, out_dtype)
+                out_dtype: torch.dtype, *addends: Tensor) -> Tensor:
+        y, mean, rstd = _forward(x, weight, bias, eps, out_dtype, addends)
         ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.addend_dtypes = [a.dtype for a in addends]
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        dx, dw, db = _backward(dy.contiguous(), *ctx.saved_tensors)
+        dy = dy.contiguous()
+        dx, dw, db = _backward(dy, *ctx.saved_tensors)
         needed = ctx.needs_input_grad
         return (dx if needed[0] else None, dw if needed[1] else None, db if needed[2] else None,
-                None, None)
+                None, None, *(cast(dy, dtype) if need else None
+                              for dtype, need in zip(ctx.addend_dtypes, needed[5:])))
 
 
 def layer_norm_2d_triton(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
-                         out_dtype: torch.dtype) -> Tensor:
-    """LayerNorm over dim 1 of ``x (B, C, H, W)`` (each ``H x W`` plane contiguous), in
-    ``out_dtype``; returns a contiguous ``(B, C, H, W)``. Without autograd recording (inference)
-    the kernel is launched directly, with no autograd node."""
-    if records_autograd(x, weight, bias):
-        return _LayerNorm2d.apply(x, weight, bias, eps, out_dtype)
-    return _forward(x, weight, bias, eps, out_dtype)[0]
+                         out_dtype: torch.dtype, addends: Sequence[Tensor] = ()) -> Tensor:
+    """LayerNorm over dim 1 of ``x (B, C, H, W)`` (each ``H x W`` plane contiguous), plus
+    the ``addends`` (at most two maps of ``x``'s shape: the residual sums that follow the norm,
+    in the same pass), in ``out_dtype``; returns a contiguous ``(B, C, H, W)``. Without
+    autograd recording (inference) the kernel is launched directly, with no autograd node."""
+    addends = tuple(a if a.stride(3) == 1 and a.stride(2) == a.size(3) else a.contiguous()
+                    for a in addends)
+    if records_autograd(x, weight, bias, *addends):
+        return _LayerNorm2d.apply(x, weight, bias, eps, out_dtype, *addends)
+    return _forward(x, weight, bias, eps, out_dtype, addends)[0]

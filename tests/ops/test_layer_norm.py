@@ -22,8 +22,8 @@ def test_reference_matches_nn_layer_norm():
 def test_not_chosen_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     inputs = make_inputs(1, 4, 3, 3, torch.float32)
-    assert 'TRITON_INTERPRET' in _layer_norm_2d.why_not('triton', *inputs, 1e-6)
-    assert _layer_norm_2d.select(*inputs, 1e-6) == 'torch'
+    assert 'TRITON_INTERPRET' in _layer_norm_2d.why_not('triton', *inputs, 1e-6, ())
+    assert _layer_norm_2d.select(*inputs, 1e-6, ()) == 'torch'
 
 
 def test_bad_shapes_are_refused():
@@ -32,6 +32,15 @@ def test_bad_shapes_are_refused():
         layer_norm_2d(x[0], weight, bias)
     with pytest.raises(ValueError, match=r'weight and bias must be \(4,\)'):
         layer_norm_2d(x, weight[:3], bias)
+    with pytest.raises(ValueError, match=r'addends must be \(1, 4, 3, 3\)'):
+        layer_norm_2d(x, weight, bias, addends=[x[:, :2]])
+
+
+def test_reference_adds_the_addends():
+    x, weight, bias = make_inputs(2, 5, 3, 4, torch.float32)
+    a, b = torch.randn_like(x), torch.randn_like(x)
+    torch.testing.assert_close(layer_norm_2d(x, weight, bias, addends=(a, b)),
+                               layer_norm_2d(x, weight, bias) + a + b)
 
 
 def make_inputs(batch, channels, height, width, dtype, seed=0, offset=0.0):
@@ -87,10 +96,10 @@ def check_dispatch():
     reference for channels-last ones (with the reason) and float64; under autocast the
     output is in the autocast dtype."""
     inputs = make_inputs(2, 6, 3, 5, torch.float32)
-    assert _layer_norm_2d.select(*inputs, 1e-6) == 'triton'
+    assert _layer_norm_2d.select(*inputs, 1e-6, ()) == 'triton'
     channels_last = inputs[0].contiguous(memory_format=torch.channels_last)
-    assert 'not contiguous' in _layer_norm_2d.why_not('triton', channels_last, *inputs[1:], 1e-6)
-    assert _layer_norm_2d.select(inputs[0].double(), *inputs[1:], 1e-6) == 'torch'
+    assert 'not contiguous' in _layer_norm_2d.why_not('triton', channels_last, *inputs[1:], 1e-6, ())
+    assert _layer_norm_2d.select(inputs[0].double(), *inputs[1:], 1e-6, ()) == 'torch'
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = layer_norm_2d(*inputs)
     assert out.dtype == torch.bfloat16
@@ -111,6 +120,32 @@ def check_inference_path():
     print('inference path: ok')
 
 
+def check_addends():
+    """``norm(x) + a1 + a2`` in the kernel's pass: output and every gradient against float64,
+    one addend a channel slice (strided batch), the other contiguous; a third refused."""
+    from mmseg_segman.ops.triton_layer_norm import layer_norm_2d_triton
+
+    g = torch.Generator().manual_seed(3)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        x, weight, bias = make_inputs(2, 37, 5, 13, dtype)
+        a1 = sliced(torch.randn(x.shape, generator=g).to(dtype))
+        a2 = torch.randn(x.shape, generator=g).to(dtype)
+        dy = torch.randn(x.shape, generator=g)
+        for addends in ((a1,), (a1, a2)):
+            got = outputs_and_grads(lambda *t: layer_norm_2d_triton(*t[:3], 1e-6, dtype, t[3:]),
+                                    [x, weight, bias, *addends], dy)
+            want = outputs_and_grads(lambda *t: reference64(*t[:3]) + sum(t[3:]),
+                                     [t.double() for t in (x, weight, bias, *addends)], dy.double())
+            for name, a, b in zip(['y', 'dx', 'dweight', 'dbias', 'da1', 'da2'], got, want):
+                err = ((a.double() - b).abs().max() / (b.abs().max() + 1e-12)).item()
+                assert err <= tol, (dtype, len(addends), name, err)
+            with torch.no_grad():
+                direct = layer_norm_2d_triton(x, weight, bias, 1e-6, dtype, addends)
+            torch.testing.assert_close(direct, got[0], rtol=0, atol=0)
+    assert 'at most two' in _layer_norm_2d.why_not('triton', x, weight, bias, 1e-6, (a2,) * 3)
+    print('addends: ok')
+
+
 def main():
     # channels over and under one 32-channel chunk, pixels over and under one 64-pixel block
     for shape in [(1, 3, 2, 5), (2, 37, 5, 13), (1, 70, 9, 8), (3, 3, 1, 1)]:
@@ -121,6 +156,7 @@ def main():
     check(1, 8, 4, 4, torch.float16, 2e-3)
     check_dispatch()
     check_inference_path()
+    check_addends()
     print('all checks passed')
 
 

@@ -105,8 +105,9 @@ def test_neighborhood_attention_kernels_compile(activation, head_dim, kernel_siz
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
 def test_layer_norm_kernels_compile(activation):
     blocks = dict(BLOCK_C=tln.BLOCK_C, BLOCK_P=tln.BLOCK_P)
-    assert compile_for_h100(tln._ln2d_fwd_kernel, activation, LN_FLOAT32_POINTERS, tln.NUM_WARPS,
-                            **blocks)
+    for addends in (0, 2):  # the blocks' norms; LASS's norm with its two sums
+        assert compile_for_h100(tln._ln2d_fwd_kernel, activation, LN_FLOAT32_POINTERS,
+                                tln.NUM_WARPS, ADDENDS=addends, **blocks)
     assert compile_for_h100(tln._ln2d_bwd_kernel, activation, LN_FLOAT32_POINTERS, tln.NUM_WARPS,
                             **blocks)
 

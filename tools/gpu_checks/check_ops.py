@@ -68,11 +68,14 @@ def scan_case(batch, channels, height, width, state=1):
     return 'cross_selective_scan', f'B{batch} d{channels} {height}x{width} N{state}', make
 
 
-def layer_norm_case(batch, channels, height, width):
+def layer_norm_case(batch, channels, height, width, addends=0):
+    """``addends`` maps added after the norm (fixed: their gradient is the output's)."""
     def make(dtype):
         return [_randn(batch, channels, height, width, dtype=dtype, scale=2.0), _randn(channels),
-                _randn(channels), 1e-6]
-    return 'layer_norm_2d', f'B{batch} C{channels} {height}x{width}', make
+                _randn(channels), 1e-6,
+                tuple(_randn(batch, channels, height, width, dtype=dtype) for _ in range(addends))]
+    name = f'B{batch} C{channels} {height}x{width}' + (f' +{addends} addends' if addends else '')
+    return 'layer_norm_2d', name, make
 
 
 def depthwise_case(batch, channels, height, width, kernel, residual=False):
@@ -129,7 +132,7 @@ CASES = [
     attention_case(2, 4, 77, 32, bias=False),
     scan_case(2, 64, 32, 32), scan_case(1, 36, 7, 13), scan_case(2, 96, 16, 23), scan_case(1, 17, 1, 5),
     layer_norm_case(2, 96, 128, 128), layer_norm_case(1, 37, 13, 9), layer_norm_case(2, 560, 16, 16),
-    layer_norm_case(16, 64, 7, 5),
+    layer_norm_case(16, 64, 7, 5), layer_norm_case(2, 96, 33, 20, addends=2),
     depthwise_case(2, 96, 128, 128, 3), depthwise_case(2, 40, 37, 45, 5), depthwise_case(1, 7, 2, 9, 5),
     depthwise_case(4, 1456, 16, 16, 3), depthwise_case(2, 64, 33, 70, 3, residual=True),
     depthwise_case(2, 40, 9, 11, 5, residual=True),

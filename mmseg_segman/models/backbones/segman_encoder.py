@@ -134,11 +134,12 @@ class LASS(nn.Module):
                                  k.reshape(batch, self.num_heads, tokens, self.head_dim),
                                  y.reshape(batch, self.num_heads, tokens, self.head_dim),
                                  self._global_bias(tokens))
-            y = y.transpose(-1, -2).reshape(batch, channels, height, width)
+            y = y.transpose(-1, -2).reshape(batch, channels, height, width) + lepe
         else:
             y = y.permute(0, 1, 4, 2, 3).reshape(batch, channels, height, width)
-            y = self.norm(self.ssm(self._dwconv_silu(y))) + y
-        return self.proj(y + lepe, residual=residual)
+            # norm(ssm(.)) + y + lepe: the sums in the norm's pass on the fast path
+            y = self.norm(self.ssm(self._dwconv_silu(y)), y, lepe)
+        return self.proj(y, residual=residual)
 
 
 class SegMANStage(nn.Module):

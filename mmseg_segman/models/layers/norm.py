@@ -11,5 +11,7 @@ class LayerNorm2d(nn.LayerNorm):
     def __init__(self, num_channels: int, eps: float = 1e-6):
         super().__init__(num_channels, eps=eps)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return layer_norm_2d(x, self.weight, self.bias, self.eps)
+    def forward(self, x: Tensor, *addends: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, C, H, W)``, plus the ``addends`` (in the norm's pass on the
+        fast path)."""
+        return layer_norm_2d(x, self.weight, self.bias, self.eps, addends)
