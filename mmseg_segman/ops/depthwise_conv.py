@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import Backend, OpDispatcher, autocast_dtype, eager_triton_unavailable, runs_anywhere
+from .dispatch import (Backend, OpDispatcher, autocast_dtype, eager_triton_unavailable,
+                       runs_anywhere, with_contiguous_planes)
 
 ACTIVATIONS = (None, 'silu')
 
@@ -58,10 +59,8 @@ def _depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     out_dtype = autocast_dtype(x)
     if residual:
         out_dtype = torch.promote_types(x.dtype, out_dtype)
-    # each H x W plane contiguous (a channel slice of a contiguous map is)
-    if x.stride(3) != 1 or x.stride(2) != x.size(3):
-        x = x.contiguous()
-    return depthwise_conv2d_triton(x, weight, bias, residual, out_dtype, norm, activation)
+    return depthwise_conv2d_triton(with_contiguous_planes(x), weight, bias, residual, out_dtype,
+                                   norm, activation)
 
 
 _depthwise_conv2d = OpDispatcher('depthwise_conv2d', {

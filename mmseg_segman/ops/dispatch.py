@@ -105,6 +105,18 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def planes_contiguous(x: torch.Tensor) -> bool:
+    """Whether each ``H x W`` plane of ``x (B, C, H, W)`` is contiguous (a channel slice of
+    a contiguous map is): the layout the Triton kernels read, with any batch and channel
+    strides."""
+    return x.stride(3) == 1 and x.stride(2) == x.size(3)
+
+
+def with_contiguous_planes(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself where :func:`planes_contiguous`, else a contiguous copy."""
+    return x if planes_contiguous(x) else x.contiguous()
+
+
 # the device types autocast exists for (all but meta), probed once: torch 2.11's dynamo does not
 # trace torch.amp.is_autocast_available (a graph break), a set membership it does
 _AUTOCAST_DEVICE_TYPES = frozenset(

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import Backend, OpDispatcher, autocast_dtype, eager_triton_unavailable, runs_anywhere
+from .dispatch import (Backend, OpDispatcher, autocast_dtype, eager_triton_unavailable,
+                       planes_contiguous, runs_anywhere)
 
 
 def _layer_norm_2d_torch(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
@@ -32,7 +33,7 @@ def _triton_unavailable(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
     reason = eager_triton_unavailable(x)
     if reason is not None:
         return reason
-    if x.stride(3) != 1 or x.stride(2) != x.size(3):
+    if not planes_contiguous(x):
         return f'its H x W planes are not contiguous (strides {tuple(x.stride())})'
     if len(addends) > 2:
         return f'{len(addends)} addends (the kernel adds at most two)'

@@ -8,11 +8,10 @@ so the backward pass does not keep it (it would be the largest saved tensor afte
 states: ``D / R = 16`` times ``dt_low``). ``x (B, D, H, W)`` is copied once into both orders,
 ``(B, 2, D, L)`` (one kernel, :func:`_both_orders_kernel`). Scan step ``t`` of direction
 ``k`` is position ``t`` (``k < 2``) or ``L - 1 - t`` (``k >= 2``) of its sequences, so
-every load and store walks memory
-contiguously, forwards or backwards. (Reading the column-major directions straight from the
-map, as this backend first did, gathered one element a 32-byte sector: 2.1x the time of the
-row-major directions at SegMAN-L's stage 1.) ``A``, ``D``, ``delta_bias`` are ``(4*D,)``,
-direction-major.
+every load and store walks memory contiguously, forwards or backwards. (Reading the
+column-major directions straight from the map, as this backend first did, gathered one
+element a 32-byte sector: 2.1x the time of the row-major directions at SegMAN-L's stage 1.)
+``A``, ``D``, ``delta_bias`` are ``(4*D,)``, direction-major.
 
 Forward. One program owns ``BLOCK_D`` channels of one direction of one batch element
 (grid ``cdiv(D, BLOCK_D) x 4 x B``) and walks the sequence in tiles of ``BLOCK_L`` steps.
@@ -63,6 +62,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .dispatch import with_contiguous_planes
 from .selective_scan import project_steps_backward
 from .triton_jit import (cast, cdiv, dot_precision, eager_autograd, jit_with_runtime_ints, launch,
                          next_power_of_2, records_autograd)
@@ -296,8 +296,8 @@ def _project_steps_kernel(lo_ptr, w_ptr, out_ptr, channels, rank, length, sl_b, 
     dtype (as :func:`~.selective_scan.project_steps` casts it); ``lo``'s rows contiguous;
     ``delta (B, 4, D, L)`` contiguous in ``lo``'s dtype. The rank is padded to ``BLOCK_R``
     (at least 16) with zeros: one product on the tensor cores, in TF32 for 16-bit inputs
-    (exact products). cuBLAS chose 32x32 tiles for
-    these products (a rank not a multiple of 8): about four times the time of the store."""
+    (exact products). cuBLAS chose 32x32 tiles for these products (a rank not a multiple
+    of 8): about four times the time of the store."""
     sequence = tl.program_id(2).to(tl.int64)
     batch, direction = sequence // 4, sequence % 4
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -359,8 +359,7 @@ def _merge(ys: Tensor, height: int, width: int, dtype: torch.dtype) -> Tensor:
 
 def _both_orders(x: Tensor) -> Tensor:
     """:func:`.cross_scan.both_orders` in one kernel (:func:`_both_orders_kernel`)."""
-    if x.stride(3) != 1 or x.stride(2) != x.size(3):
-        x = x.contiguous()
+    x = with_contiguous_planes(x)
     batch, channels, height, width = x.shape
     out = torch.empty(batch, 2, channels, height * width, dtype=x.dtype, device=x.device)
     block_h, block_w = MERGE_TILE

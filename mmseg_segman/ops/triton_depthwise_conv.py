@@ -199,7 +199,8 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, 
         x_ptr, y_ptr, height, sx_b, sx_c, sy_b, sy_c, batch, strips, band, KERNEL, NB, BLOCK_W)
     taps = ()
     for t in tl.static_range(TAPS):
-        taps = taps + (tl.load(w_ptr + channel * TAPS + ((TAPS - 1 - t) if FLIP else t)).to(tl.float32),)
+        tap = (TAPS - 1 - t) if FLIP else t
+        taps = taps + (tl.load(w_ptr + channel * TAPS + tap).to(tl.float32),)
     bias = tl.load(b_ptr + channel).to(tl.float32)  # b_ptr is x's when there is no bias
     scale = 1.0
     shift = 0.0

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .dispatch import with_contiguous_planes
 from .triton_jit import cast, cdiv, jit_with_runtime_ints, launch, records_autograd
 
 BLOCK_C = 32
@@ -190,8 +191,7 @@ def layer_norm_2d_triton(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
     the ``addends`` (at most two maps of ``x``'s shape: the residual sums that follow the norm,
     in the same pass), in ``out_dtype``; returns a contiguous ``(B, C, H, W)``. Without
     autograd recording (inference) the kernel is launched directly, with no autograd node."""
-    addends = tuple(a if a.stride(3) == 1 and a.stride(2) == a.size(3) else a.contiguous()
-                    for a in addends)
+    addends = tuple(map(with_contiguous_planes, addends))
     if records_autograd(x, weight, bias, *addends):
         return _LayerNorm2d.apply(x, weight, bias, eps, out_dtype, *addends)
     return _forward(x, weight, bias, eps, out_dtype, addends)[0]

@@ -24,13 +24,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import write_row  # noqa: E402  (tools/benchmark.py)
+from check_gpu_busy import GPU_CATEGORIES  # noqa: E402
 
 from mmseg_segman.models import SegMANEncoder  # noqa: E402
 from mmseg_segman.models.variants import ENCODER_ARCHS  # noqa: E402
 
 PEAK_BYTES_PER_US = 3.35e6  # H100 SXM HBM3
-GPU_CATEGORIES = ('kernel', 'gpu_memcpy', 'gpu_memset')
 STEP = 'block_step'
 
 
