@@ -8,7 +8,7 @@ for every new input shape. Here every kernel walks a band of rows of one channel
 on a (batch elements x columns) tile, loads each input row once per column shift and keeps
 the ``k`` rows of the window in registers. The forward (:func:`_dw_fwd_kernel`): each output
 element costs ``k`` loads and ``k * k`` multiply-adds (a kernel with a tile per plane and
-``k * k`` shifted, masked loads an element took 1.6-2.6x its time at SegMAN-L's sizes). The
+``k * k`` shifted, masked loads an element took 1.3-2.6x its time at SegMAN-B's sizes). The
 input gradient is the same kernel with the taps flipped. ``residual`` adds the input (its
 centre tap) to the output, and ``dy`` to the input gradient: the blocks' ``x + dwconv(x)``
 in one pass. The weight and bias gradients (:func:`_dw_bwd_weight_kernel`): each ``dy``
