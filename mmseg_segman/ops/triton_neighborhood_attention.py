@@ -8,17 +8,23 @@ biased by ``rpb[h, m - i + k - 1, ...]``.
 
 Forward. One program owns a ``TILE_H x TILE_W`` tile of queries of one (batch, head). The
 keys its queries attend form one box of at most ``(TILE_H + k - 1) x (TILE_W + k - 1)``
-pixels; the box is flattened and walked in chunks of ``BLOCK_N`` keys, so a program visits
-only the union of its tile's windows (FlexAttention's row-major blocks visit whole rows of
-blocks). Per chunk: ``s = q k^T`` on the tensor cores, the bias gathered from the small
-``rpb`` table, keys outside a query's window masked, then online softmax in float32 (base 2)
-and ``acc += p v``. The log-sum-exp of every query is stored for the backward pass.
+pixels, so a program visits only the union of its tile's windows (FlexAttention's row-major
+blocks visit whole rows of blocks). The box is walked a row at a time, ``BLOCK_N`` columns a
+step (a whole row where the tile is away from the map's borders, see :func:`box_columns`):
+whether a key column is in a query's window, and the bias pointers along the row, are
+computed once per program; a row adds one comparison per query and one offset. (The first
+version walked the box flattened, in chunks of ``BLOCK_N`` keys: each key's row and column
+then took an integer division, and the window tests and bias offsets were computed for every
+pair; on an H100 the forward was bound by the integer units, about 90 instructions a pair,
+docs/benchmarks.md.) Per step: ``s = q k^T`` on the tensor cores, the bias gathered from the
+small ``rpb`` table, keys outside a query's window masked, then online softmax in float32
+(base 2) and ``acc += p v``. The log-sum-exp of every query is stored for the backward pass.
 
 Backward (recomputation, as in FlashAttention), two kernels. ``dq``: the forward's programs
 again, ``delta = rowsum(dO * O)`` (stored for the next kernel), ``dS = P (dO V^T - delta)``,
-``dq = dS K``. ``dk, dv``: one program per tile of keys walks the box of queries whose
-windows contain them (the inverse neighborhood: at most ``TILE + 3r`` rows and columns at the
-borders), ``dv = P^T dO``, ``dk = dS^T Q``. No atomics anywhere.
+``dq = dS K``. ``dk, dv``: one program per tile of keys walks, the same way, the box of
+queries whose windows contain them (the inverse neighborhood: at most ``TILE + 3r`` rows and
+columns at the borders), ``dv = P^T dO``, ``dk = dS^T Q``. No atomics anywhere.
 
 Bias gradient. ``d rpb[h, a + i', b + j']`` sums ``dS`` over the batch and over all queries
 whose window offset is ``(a, b)`` and whose window sits at ``(i', j')`` relative to them.
@@ -28,8 +34,9 @@ k*k)`` (each element is written by one program only, so plain loads and stores s
 PyTorch then folds ``G`` into the ``(heads, 2k-1, 2k-1)`` table with matrix products and
 ``F.fold``: deterministic, and no colliding atomics.
 
-Sizes and strides are runtime values (not specialised by Triton): one compilation per
-(dtype, head dim, kernel size, rpb or not) serves every batch and map size.
+Sizes and strides are runtime values (not specialised by Triton) but for the column strides,
+which depend on the layout and the head dim only: one compilation per (dtype, head dim, kernel
+size, rpb or not, layout) serves every batch and map size.
 
 ``torch.compile`` traces the kernels as the ``torch.library`` custom ops
 ``mmseg_segman::na2d_forward`` and ``na2d_backward`` (with fake implementations and autograd),
@@ -55,17 +62,22 @@ NEG = tl.constexpr(-1.0e30)  # the masked score: finite, so rows without a valid
 
 
 # Sizes and strides: runtime values, one compilation for every input size
+# Sizes and strides: runtime values, one compilation for every input size. The column strides
+# (``s*_x``) stay specialised: they do not change with the size, and where they are 1 (the
+# model's layout) the loads along a box row are known to be contiguous (the forward at
+# SegMAN-L's stage 1 took 21% less time, docs/benchmarks.md)
 _RUNTIME_INTS = {
     'batch_size', 'batches_per_group', 'heads', 'height', 'width',
-    *(f's{t}_{dim}' for t in ('q', 'k', 'v', 'o', 'do') for dim in 'bhyxd')}
+    *(f's{t}_{dim}' for t in ('q', 'k', 'v', 'o', 'do') for dim in 'bhyd')}
 
 
 class Blocks(NamedTuple):
     """Launch shape of one kernel: a ``tile_h x tile_w`` tile of queries (dk/dv: of keys),
-    ``block`` keys (dk/dv: queries) a step, ``num_warps`` and ``num_stages``."""
+    ``columns`` columns of the box of keys (dk/dv: of queries) a step, ``num_warps`` and
+    ``num_stages``."""
     tile_h: int
     tile_w: int
-    block: int
+    columns: int
     num_warps: int
     num_stages: int
 
@@ -108,28 +120,39 @@ def _batch_and_head(heads):
 
 
 @triton.jit
-def _box_pixels(start, top, left, box_w, box, BLOCK: tl.constexpr):
-    """Rows, columns and flags of pixels ``start .. start + BLOCK`` of a flattened box."""
-    n = start + tl.arange(0, BLOCK)
-    return top + n // box_w, left + n % box_w, n < box
+def _spans(height, width, KERNEL: tl.constexpr):
+    """Window height and width: the kernel size, or the axis where it is shorter."""
+    return tl.minimum(height, KERNEL), tl.minimum(width, KERNEL)
 
 
 @triton.jit
-def _scores(q, kt, qy, qx, ky, kx, pair_ok, rpb_base, height, width,
-            KERNEL: tl.constexpr, HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``(q k^T + rpb) * log2(e)`` for a ``[M, N]`` tile of (query, key) pairs given by their
-    pixels (``qy``/``qx`` ``[M, 1]`` or ``[1, N]``, ``ky``/``kx`` the other way round),
-    ``NEG`` where the key is outside the query's window or ``pair_ok`` is false."""
-    span_h = tl.minimum(height, KERNEL)
-    span_w = tl.minimum(width, KERNEL)
-    wy = _window_start(qy, height, span_h, KERNEL // 2)
-    wx = _window_start(qx, width, span_w, KERNEL // 2)
-    valid = pair_ok & (ky >= wy) & (ky < wy + span_h) & (kx >= wx) & (kx < wx + span_w)
-    s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+def _window_columns(kx, wx, ok):
+    """Column of key column ``kx`` in the window that starts at ``wx`` (``-1`` where not
+    ``ok``); the key is in the window's columns where it is in ``[0, span_w)``. Operands come
+    as ``[M, 1]`` and ``[1, N]``, either way round: a ``[M, N]`` tile of int32 that stays
+    the same along the box's rows (an int32 a pair, where pointers would take two registers
+    and flags one more)."""
+    return tl.where(ok, kx - wx, -1)
+
+
+@triton.jit
+def _bias_offset(qy, qx, ky, wx, KERNEL: tl.constexpr):
+    """Offset in ``rpb[h]`` of the bias of key ``(ky, wx + c)`` seen from query ``(qy, qx)``,
+    less the key's window column ``c``."""
+    return (ky - qy + KERNEL - 1) * (2 * KERNEL - 1) + wx - qx + KERNEL - 1
+
+
+@triton.jit
+def _scores(s, column, span_w, row_ok, bias_offset, rpb_base, HAS_RPB: tl.constexpr):
+    """``(s + rpb) * log2(e)`` for a tile of products ``s = q k^T`` of (query, key) pairs,
+    ``NEG`` outside the windows. A pair is in its query's window where the key's window
+    column ``column`` (:func:`_window_columns`) is in ``[0, span_w)`` and ``row_ok`` (the key
+    row is in the window); its bias is at ``bias_offset + column`` (:func:`_bias_offset`).
+    Returns the scores and the flags of the pairs in a window."""
+    valid = row_ok & (column >= 0) & (column < span_w)
     if HAS_RPB:
-        offset = (ky - qy + KERNEL - 1) * (2 * KERNEL - 1) + (kx - qx + KERNEL - 1)
-        s += tl.load(rpb_base + offset, mask=valid, other=0.0).to(tl.float32)
-    return tl.where(valid, s * LOG2E, NEG), valid, wy, wx
+        s += tl.load(rpb_base + bias_offset + column, mask=valid, other=0.0).to(tl.float32)
+    return tl.where(valid, s * LOG2E, NEG), valid
 
 
 @triton.jit
@@ -158,28 +181,13 @@ def _store_rows(base, value, y, x, ok, sy, sx, sd, HEAD_DIM: tl.constexpr, BLOCK
 @triton.jit
 def _query_box(y0, x0, height, width, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                KERNEL: tl.constexpr):
-    """Top-left corner, width and size of the box of keys that a query tile attends."""
-    span_h = tl.minimum(height, KERNEL)
-    span_w = tl.minimum(width, KERNEL)
+    """Top-left corner, height and width of the box of keys that a query tile attends."""
+    span_h, span_w = _spans(height, width, KERNEL)
     top = _window_start(y0, height, span_h, KERNEL // 2)
     left = _window_start(x0, width, span_w, KERNEL // 2)
     bottom = _window_start(tl.minimum(y0 + TILE_H, height) - 1, height, span_h, KERNEL // 2) + span_h
     right = _window_start(tl.minimum(x0 + TILE_W, width) - 1, width, span_w, KERNEL // 2) + span_w
-    return top, left, right - left, (bottom - top) * (right - left)
-
-
-@triton.jit
-def _key_chunk(q, qy, qx, q_ok, start, top, left, box_w, box, k_base, sk_y, sk_x, sk_d, rpb_base,
-               height, width, HEAD_DIM: tl.constexpr, KERNEL: tl.constexpr, HAS_RPB: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Keys ``start .. start + BLOCK_N`` of a query tile's box: their pixels, ``k^T``
-    ``[BLOCK_D, BLOCK_N]`` and the scores of the tile's queries (see :func:`_scores`)."""
-    ky, kx, k_ok = _box_pixels(start, top, left, box_w, box, BLOCK_N)
-    kt = _load_cols(k_base, ky, kx, k_ok, sk_y, sk_x, sk_d, HEAD_DIM, BLOCK_D)
-    s, valid, wy, wx = _scores(q, kt, qy[:, None], qx[:, None], ky[None, :], kx[None, :],
-                               q_ok[:, None] & k_ok[None, :], rpb_base, height, width,
-                               KERNEL, HAS_RPB, DOT_PRECISION)
-    return ky, kx, k_ok, kt, s, valid, wy, wx
+    return top, left, bottom - top, right - left
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
@@ -191,7 +199,10 @@ def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, 
                    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     batch, head = _batch_and_head(heads)
     qy, qx, q_ok, y0, x0 = _tile(height, width, TILE_H, TILE_W)
-    top, left, box_w, box = _query_box(y0, x0, height, width, TILE_H, TILE_W, KERNEL)
+    top, left, box_h, box_w = _query_box(y0, x0, height, width, TILE_H, TILE_W, KERNEL)
+    span_h, span_w = _spans(height, width, KERNEL)
+    wy = _window_start(qy, height, span_h, KERNEL // 2)
+    wx = _window_start(qx, width, span_w, KERNEL // 2)
     q = _load_rows(q_ptr + batch * sq_b + head * sq_h, qy, qx, q_ok, sq_y, sq_x, sq_d,
                    HEAD_DIM, BLOCK_D)
     k_base = k_ptr + batch * sk_b + head * sk_h
@@ -200,17 +211,22 @@ def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, 
     m_i = tl.full([TILE_H * TILE_W], NEG, tl.float32)
     l_i = tl.zeros([TILE_H * TILE_W], tl.float32)
     acc = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
-    for start in range(0, box, BLOCK_N):
-        ky, kx, k_ok, kt, s, valid, wy, wx = _key_chunk(
-            q, qy, qx, q_ok, start, top, left, box_w, box, k_base, sk_y, sk_x, sk_d, rpb_base,
-            height, width, HEAD_DIM, KERNEL, HAS_RPB, BLOCK_N, BLOCK_D, DOT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base, ky, kx, k_ok, sv_y, sv_x, sv_d, HEAD_DIM, BLOCK_D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    for c0 in range(0, box_w, BLOCK_N):
+        kx = left + c0 + tl.arange(0, BLOCK_N)
+        k_ok = kx < left + box_w
+        column = _window_columns(kx[None, :], wx[:, None], q_ok[:, None])
+        for ky in range(top, top + box_h):
+            kt = _load_cols(k_base, ky, kx, k_ok, sk_y, sk_x, sk_d, HEAD_DIM, BLOCK_D)
+            s, _ = _scores(tl.dot(q, kt, input_precision=DOT_PRECISION), column, span_w,
+                           ((ky >= wy) & (ky < wy + span_h))[:, None],
+                           _bias_offset(qy, qx, ky, wx, KERNEL)[:, None], rpb_base, HAS_RPB)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_rows(v_base, ky, kx, k_ok, sv_y, sv_x, sv_d, HEAD_DIM, BLOCK_D)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
     _store_rows(o_ptr + batch * so_b + head * so_h, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
                 qy, qx, q_ok, so_y, so_x, so_d, HEAD_DIM, BLOCK_D)
     row = tl.program_id(1).to(tl.int64) * height * width + qy * width + qx
@@ -233,7 +249,10 @@ def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delt
     head = tl.program_id(1)
     group = tl.program_id(2)
     qy, qx, q_ok, y0, x0 = _tile(height, width, TILE_H, TILE_W)
-    top, left, box_w, box = _query_box(y0, x0, height, width, TILE_H, TILE_W, KERNEL)
+    top, left, box_h, box_w = _query_box(y0, x0, height, width, TILE_H, TILE_W, KERNEL)
+    span_h, span_w = _spans(height, width, KERNEL)
+    wy = _window_start(qy, height, span_h, KERNEL // 2)
+    wx = _window_start(qx, width, span_w, KERNEL // 2)
     rpb_base = rpb_ptr + head * (2 * KERNEL - 1) * (2 * KERNEL - 1)
     g_rows = ((group * heads + head).to(tl.int64) * height * width + qy * width + qx) * KERNEL * KERNEL
     first = group * batches_per_group
@@ -252,19 +271,25 @@ def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delt
         k_base = k_ptr + b64 * sk_b + head * sk_h
         v_base = v_ptr + b64 * sv_b + head * sv_h
         dq = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
-        for start in range(0, box, BLOCK_N):
-            ky, kx, k_ok, kt, s, valid, wy, wx = _key_chunk(
-                q, qy, qx, q_ok, start, top, left, box_w, box, k_base, sk_y, sk_x, sk_d, rpb_base,
-                height, width, HEAD_DIM, KERNEL, HAS_RPB, BLOCK_N, BLOCK_D, DOT_PRECISION)
-            p = tl.exp2(s - lse[:, None])
-            vt = _load_cols(v_base, ky, kx, k_ok, sv_y, sv_x, sv_d, HEAD_DIM, BLOCK_D)
-            ds = p * (tl.dot(do, vt, input_precision=DOT_PRECISION) - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
-            if STORE_G:
-                g = g_ptr + g_rows[:, None] + (ky[None, :] - wy) * KERNEL + (kx[None, :] - wx)
-                if ACCUMULATE_G:
-                    ds += tl.load(g, mask=valid, other=0.0)
-                tl.store(g, ds, mask=valid)
+        for c0 in range(0, box_w, BLOCK_N):
+            kx = left + c0 + tl.arange(0, BLOCK_N)
+            k_ok = kx < left + box_w
+            column = _window_columns(kx[None, :], wx[:, None], q_ok[:, None])
+            for ky in range(top, top + box_h):
+                kt = _load_cols(k_base, ky, kx, k_ok, sk_y, sk_x, sk_d, HEAD_DIM, BLOCK_D)
+                s, valid = _scores(tl.dot(q, kt, input_precision=DOT_PRECISION), column, span_w,
+                                   ((ky >= wy) & (ky < wy + span_h))[:, None],
+                                   _bias_offset(qy, qx, ky, wx, KERNEL)[:, None], rpb_base,
+                                   HAS_RPB)
+                p = tl.exp2(s - lse[:, None])
+                vt = _load_cols(v_base, ky, kx, k_ok, sv_y, sv_x, sv_d, HEAD_DIM, BLOCK_D)
+                ds = p * (tl.dot(do, vt, input_precision=DOT_PRECISION) - delta[:, None])
+                dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+                if STORE_G:
+                    g = g_ptr + (g_rows + (ky - wy) * KERNEL)[:, None] + column
+                    if ACCUMULATE_G:
+                        ds += tl.load(g, mask=valid, other=0.0)
+                    tl.store(g, ds, mask=valid)
         _store_rows(dq_ptr + b64 * so_b + head * so_h, dq.to(dq_ptr.dtype.element_ty), qy, qx, q_ok,
                     so_y, so_x, so_d, HEAD_DIM, BLOCK_D)
 
@@ -281,14 +306,11 @@ def _na_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, lse_ptr, delta_ptr
     """``dk``, ``dv`` of a tile of keys, both with the strides ``so_*``."""
     batch, head = _batch_and_head(heads)
     ky, kx, k_ok, y0, x0 = _tile(height, width, TILE_H, TILE_W)
-    span_h = tl.minimum(height, KERNEL)
-    span_w = tl.minimum(width, KERNEL)
+    span_h, span_w = _spans(height, width, KERNEL)
     top = _inverse_start(y0, span_h, KERNEL // 2)
     left = _inverse_start(x0, span_w, KERNEL // 2)
     bottom = _inverse_end(tl.minimum(y0 + TILE_H, height) - 1, height, span_h, KERNEL // 2)
     right = _inverse_end(tl.minimum(x0 + TILE_W, width) - 1, width, span_w, KERNEL // 2)
-    box_w = right - left
-    box = (bottom - top) * box_w
     k = _load_rows(k_ptr + batch * sk_b + head * sk_h, ky, kx, k_ok, sk_y, sk_x, sk_d,
                    HEAD_DIM, BLOCK_D)
     v = _load_rows(v_ptr + batch * sv_b + head * sv_h, ky, kx, k_ok, sv_y, sv_x, sv_d,
@@ -299,40 +321,55 @@ def _na_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, lse_ptr, delta_ptr
     rpb_base = rpb_ptr + head * (2 * KERNEL - 1) * (2 * KERNEL - 1)
     dk = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
     dv = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
-    for start in range(0, box, BLOCK_M):
-        qy, qx, q_ok = _box_pixels(start, top, left, box_w, box, BLOCK_M)
-        qt = _load_cols(q_base, qy, qx, q_ok, sq_y, sq_x, sq_d, HEAD_DIM, BLOCK_D)
-        do_t = _load_cols(do_base, qy, qx, q_ok, sdo_y, sdo_x, sdo_d, HEAD_DIM, BLOCK_D)
-        lse = tl.load(lse_ptr + rows + qy * width + qx, mask=q_ok, other=0.0)
-        delta = tl.load(delta_ptr + rows + qy * width + qx, mask=q_ok, other=0.0)
-        st, valid, wy, wx = _scores(k, qt, qy[None, :], qx[None, :], ky[:, None], kx[:, None],
-                                    k_ok[:, None] & q_ok[None, :], rpb_base, height, width,
-                                    KERNEL, HAS_RPB, DOT_PRECISION)
-        pt = tl.exp2(st - lse[None, :])
-        dv += tl.dot(pt.to(do_t.dtype), tl.trans(do_t), input_precision=DOT_PRECISION)
-        dst = pt * (tl.dot(v, do_t, input_precision=DOT_PRECISION) - delta[None, :])
-        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+    for c0 in range(left, right, BLOCK_M):
+        qx = c0 + tl.arange(0, BLOCK_M)
+        q_ok = qx < right
+        wx = _window_start(qx, width, span_w, KERNEL // 2)
+        column = _window_columns(kx[:, None], wx[None, :], k_ok[:, None] & q_ok[None, :])
+        for qy in range(top, bottom):
+            wy = _window_start(qy, height, span_h, KERNEL // 2)
+            qt = _load_cols(q_base, qy, qx, q_ok, sq_y, sq_x, sq_d, HEAD_DIM, BLOCK_D)
+            do_t = _load_cols(do_base, qy, qx, q_ok, sdo_y, sdo_x, sdo_d, HEAD_DIM, BLOCK_D)
+            lse = tl.load(lse_ptr + rows + qy * width + qx, mask=q_ok, other=0.0)
+            delta = tl.load(delta_ptr + rows + qy * width + qx, mask=q_ok, other=0.0)
+            st, _ = _scores(tl.dot(k, qt, input_precision=DOT_PRECISION), column, span_w,
+                            ((ky >= wy) & (ky < wy + span_h))[:, None],
+                            _bias_offset(qy, qx[None, :], ky[:, None], wx[None, :], KERNEL),
+                            rpb_base, HAS_RPB)
+            pt = tl.exp2(st - lse[None, :])
+            dv += tl.dot(pt.to(do_t.dtype), tl.trans(do_t), input_precision=DOT_PRECISION)
+            dst = pt * (tl.dot(v, do_t, input_precision=DOT_PRECISION) - delta[None, :])
+            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
     _store_rows(dk_ptr + batch * so_b + head * so_h, dk.to(dk_ptr.dtype.element_ty), ky, kx, k_ok,
                 so_y, so_x, so_d, HEAD_DIM, BLOCK_D)
     _store_rows(dv_ptr + batch * so_b + head * so_h, dv.to(dv_ptr.dtype.element_ty), ky, kx, k_ok,
                 so_y, so_x, so_d, HEAD_DIM, BLOCK_D)
 
 
-# Launch shapes (forward, dq, dk/dv) for windows of 9 or more, and of 7 or less
-WIDE_WINDOW_BLOCKS = (Blocks(8, 8, 32, 4, 2), Blocks(4, 8, 32, 4, 2), Blocks(8, 8, 32, 4, 2))
-NARROW_WINDOW_BLOCKS = (Blocks(4, 16, 32, 4, 2), Blocks(8, 8, 32, 8, 2), Blocks(8, 8, 32, 4, 2))
 G_BUDGET = 1 << 24  # float32 elements of the bias-gradient buffer G
 
 
+def box_columns(tile_w: int, kernel_size: int) -> int:
+    """Columns a step that hold a row of the box of a tile ``tile_w`` wide away from the
+    map's borders (``tile_w + k - 1``, as a power of two of at least 16, the least that
+    ``tl.dot`` takes)."""
+    return max(16, next_power_of_2(tile_w + kernel_size - 1))
+
+
 def block_sizes(head_dim: int, kernel_size: int) -> Tuple[Blocks, Blocks, Blocks]:
-    """Launch shapes of the forward, ``dq`` and ``dk``/``dv`` kernels.
+    """Launch shapes of the forward, ``dq`` and ``dk``/``dv`` kernels (4 warps, 2 stages; a
+    whole row of the box a step away from the borders): 8 x 8 tiles where a row of the box
+    fits 16 columns (windows up to 9), else 8 x 16 for the forward and 4 x 16 for ``dq`` and
+    ``dk``/``dv``.
 
     Chosen by ``tools/gpu_checks/check_neighborhood_attention.py --sweep`` on an H100 (bf16,
-    SegMAN-B's stage 1 (k = 11, d = 24) and stage 3 (k = 7, d = 28) at 512x512, batch 8; see
-    docs/benchmarks.md). 32 keys a step beat 64 and 128 by up to 2.3x in the forward (fewer
-    keys past the box, fewer registers).
+    SegMAN-L's stages 1-3 at 512x512, batch 16; docs/benchmarks.md).
     """
-    return WIDE_WINDOW_BLOCKS if kernel_size >= 9 else NARROW_WINDOW_BLOCKS
+    if box_columns(8, kernel_size) == 16:
+        tiles = ((8, 8),) * 3
+    else:
+        tiles = ((8, 16), (4, 16), (4, 16))
+    return tuple(Blocks(h, w, box_columns(w, kernel_size), 4, 2) for h, w in tiles)
 
 
 def _head_block(head_dim: int) -> int:
@@ -371,7 +408,7 @@ def _na2d_forward_impl(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], k
     launch(_na_fwd_kernel, (_tiles(height, width, fwd), batch * heads),
            q, k, v, q if rpb is None else rpb, out, lse, heads, height, width,
            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-           BLOCK_N=fwd.block, **_common(q, kernel_size, rpb), **_launch(fwd))
+           BLOCK_N=fwd.columns, **_common(q, kernel_size, rpb), **_launch(fwd))
     return out, lse
 
 
@@ -435,11 +472,11 @@ def _na2d_backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: 
            q, k, v, rpb_arg, out, grad_out, lse, delta, dq, g, batch, batches_per_group, heads,
            height, width, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
            *grad_out.stride(), STORE_G=store_g, ACCUMULATE_G=batches_per_group > 1,
-           BLOCK_N=dq_blocks.block, **common, **_launch(dq_blocks))
+           BLOCK_N=dq_blocks.columns, **common, **_launch(dq_blocks))
     launch(_na_bwd_dkdv_kernel, (_tiles(height, width, dkdv_blocks), batch * heads),
            q, k, v, rpb_arg, grad_out, lse, delta, dk, dv, heads, height, width,
            *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *grad_out.stride(),
-           BLOCK_M=dkdv_blocks.block, **common, **_launch(dkdv_blocks))
+           BLOCK_M=dkdv_blocks.columns, **common, **_launch(dkdv_blocks))
     drpb = _fold_bias_grad(g, kernel_size).to(rpb.dtype) if store_g else q.new_empty(0)
     return dq, dk, dv, drpb
 

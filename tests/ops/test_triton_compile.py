@@ -92,14 +92,14 @@ def test_neighborhood_attention_kernels_compile(activation, head_dim, kernel_siz
                   DOT_PRECISION='tf32x3' if activation == 'fp32' else 'tf32')
     assert compile_for_h100(tna._na_fwd_kernel, activation, NA_FLOAT32_POINTERS,
                             fwd.num_warps, fwd.num_stages,
-                            TILE_H=fwd.tile_h, TILE_W=fwd.tile_w, BLOCK_N=fwd.block, **common)
+                            TILE_H=fwd.tile_h, TILE_W=fwd.tile_w, BLOCK_N=fwd.columns, **common)
     assert compile_for_h100(tna._na_bwd_dq_kernel, activation, NA_FLOAT32_POINTERS,
                             dq.num_warps, dq.num_stages,
                             STORE_G=True, ACCUMULATE_G=True, TILE_H=dq.tile_h, TILE_W=dq.tile_w,
-                            BLOCK_N=dq.block, **common)
+                            BLOCK_N=dq.columns, **common)
     assert compile_for_h100(tna._na_bwd_dkdv_kernel, activation, NA_FLOAT32_POINTERS,
                             dkdv.num_warps, dkdv.num_stages,
-                            TILE_H=dkdv.tile_h, TILE_W=dkdv.tile_w, BLOCK_M=dkdv.block, **common)
+                            TILE_H=dkdv.tile_h, TILE_W=dkdv.tile_w, BLOCK_M=dkdv.columns, **common)
 
 
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])

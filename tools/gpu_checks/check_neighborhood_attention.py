@@ -9,8 +9,9 @@ float64 inputs (``||x - ref|| / ||ref||``), float32 / bfloat16 / float16, odd si
 smaller than the window, batch 1, strided q, k, v (views of one qkv tensor, as the model
 passes them), several batch groups of the bias gradient; bitwise determinism of a repeated
 run; and the time of the first call at new map sizes (no compilation expected).
-``--sweep``: forward, dq and dk/dv launch shapes timed at SegMAN-B's stage 1 and 3 shapes
-(512x512 input, batch 8, bf16). ``--bench``: the kernel against FlexAttention and the
+``--sweep``: forward, dq and dk/dv launch shapes timed at the stage shapes of
+``--sweep-arch`` (SegMAN-L; stages ``--sweep-stages``, 512x512 input, batch ``--sweep-batch``,
+bf16). ``--bench``: the kernel against FlexAttention and the
 reference at the stage shapes of the chosen variants, forward and forward + backward,
 median ms (``triton.testing.do_bench``) and peak MiB above the inputs. Prints a table last;
 exits 1 if a check failed.
@@ -201,16 +202,20 @@ def profile(args, results):
 
 
 def sweep(args, results):
-    shapes = [s for s in stage_shapes('b', (512, 512), 8) if s[0].endswith(args.sweep_stages)]
-    launch = [(8, 8, 16, 4), (8, 8, 32, 4), (4, 16, 32, 4), (16, 8, 32, 4), (8, 16, 32, 4),
-              (8, 8, 32, 8), (16, 16, 32, 8), (4, 8, 32, 4)]
-    for shape, kind, (tile_h, tile_w, block, warps), stages in itertools.product(
-            shapes, ('fwd', 'dq', 'dkdv'), launch, (1, 2, 3)):
+    """Each kernel's launch shapes (tiles, warps; stages for the first tile) with the others
+    at their defaults, at the stages ``--sweep-stages`` of ``--sweep-arch`` (512x512,
+    ``--sweep-batch``, bf16): the forward alone and forward + backward."""
+    shapes = [s for s in stage_shapes(args.sweep_arch, (512, 512), args.sweep_batch)
+              if s[0].endswith(args.sweep_stages)]
+    tiles = [(8, 8, 4), (4, 16, 4), (8, 16, 4), (16, 8, 4), (8, 16, 8), (16, 16, 8), (4, 8, 4),
+             (4, 32, 8)]
+    for kind, shape, (tile_h, tile_w, warps), stages in itertools.product(
+            args.sweep_kernels, shapes, tiles, (1, 2, 3)):
         if time.time() > args.deadline:
             print('budget spent: stopping'); return
-        if stages != 2 and (tile_h, tile_w, block, warps) != (8, 8, 32, 4):
+        if stages != 2 and (tile_h, tile_w, warps) != tiles[0]:
             continue
-        candidate = tna.Blocks(tile_h, tile_w, block, warps, stages)
+        candidate = tna.Blocks(tile_h, tile_w, tna.box_columns(tile_w, shape[6]), warps, stages)
         defaults = tna.block_sizes(shape[5], shape[6])
         blocks = [candidate if k == kind else d for k, d in zip(('fwd', 'dq', 'dkdv'), defaults)]
         fn = lambda q, k, v, kernel, rpb: tna.neighborhood_attention_triton(q, k, v, kernel, rpb, blocks)
@@ -221,6 +226,7 @@ def sweep(args, results):
             print(f'{shape[0]} {kind} {candidate}: {type(error).__name__}: {str(error)[:200]}')
             continue
         row = dict(kind='sweep', stage=shape[0], kernel=kind, blocks=list(candidate),
+                   default=list(defaults[('fwd', 'dq', 'dkdv').index(kind)]),
                    fwd=round(fwd, 4), fwd_bwd=round(both, 4))
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -247,6 +253,10 @@ def main():
     parser.add_argument('--bench', action='store_true')
     parser.add_argument('--profile', action='store_true')
     parser.add_argument('--sweep-stages', nargs='+', default=['1', '3'])
+    parser.add_argument('--sweep-arch', default='l', choices=['t', 's', 'b', 'l'])
+    parser.add_argument('--sweep-kernels', nargs='+', default=['fwd', 'dq', 'dkdv'],
+                        choices=['fwd', 'dq', 'dkdv'])
+    parser.add_argument('--sweep-batch', type=int, default=16)
     parser.add_argument('--variants', nargs='+', default=['t', 's', 'b', 'l'])
     parser.add_argument('--sizes', nargs='+', default=['512', '1024x2048'])
     parser.add_argument('--backends', nargs='+', default=['triton', 'flex', 'torch'], choices=list(BACKENDS))
