@@ -29,8 +29,10 @@ batch and pixels gave wrong, run-dependent bfloat16 results on an H100 for 96 in
 cause not found), and one more kernel turns them into every parameter gradient: with ``S =
 sum_b k_b S_b``, ``dW = s G``, ``d bias = s S``, ``d scale = rowsum(W G) + bias S``, ``d shift
 = S``.
-Sizes are runtime values but for the pixel count (whether it is a multiple of 16, which
-aligns the loads): at most two compilations per (dtype, epilogue, launch shape). A plain
+Sizes are runtime values but for the pixel and input channel counts (whether each is a
+multiple of 16, which aligns and widens the loads: the weight's rows are read 16 bytes at a
+time only where the channel count is known to be a multiple of 16, docs/benchmarks.md): at
+most four compilations per (dtype, epilogue, launch shape). A plain
 ``torch.autograd.Function``, launched directly when autograd does not record, as
 :mod:`.triton_layer_norm` explains; under ``torch.compile`` the reference runs.
 """
@@ -42,7 +44,7 @@ from torch import Tensor
 
 from .triton_jit import cast, cdiv, dot_precision, jit_with_runtime_ints, launch, records_autograd
 
-_RUNTIME_INTS = {'channels', 'out_channels'}
+_RUNTIME_INTS = {'out_channels'}
 SQRT_HALF = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
