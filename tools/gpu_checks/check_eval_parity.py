@@ -1,0 +1,55 @@
+"""A SegMAN encoder in eval mode on CUDA: the fast path (the default backends) against the
+reference path (``torch`` backends), float32 and bfloat16 autocast.
+
+    python3 tools/gpu_checks/check_eval_parity.py [--arch l] [--size 256 320] [--batch 2]
+
+Random weights with non-trivial batch-norm running statistics and affine parameters (the
+eval-mode norm runs inside the depthwise op on the fast path). Prints the relative error
+``||fast - ref|| / ||ref||`` of each stage's output per dtype; exits 1 if one is above the
+tolerance (1e-3 float32, 5e-2 bfloat16) or not finite.
+"""
+import argparse
+import sys
+
+import torch
+from torch import nn
+
+from mmseg_segman.models import SegMANEncoder
+from mmseg_segman.ops import use_backends
+
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--arch', default='l', choices=sorted(SegMANEncoder.arch_zoo))
+    parser.add_argument('--size', type=int, nargs=2, default=(256, 320), metavar=('H', 'W'))
+    parser.add_argument('--batch', type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    encoder = SegMANEncoder(arch=args.arch).cuda().eval()
+    for module in encoder.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2)
+            nn.init.normal_(module.weight, 1, 0.2)
+            nn.init.normal_(module.bias, 0, 0.2)
+    x = torch.randn(args.batch, 3, *args.size, device='cuda')
+    failed = False
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.no_grad(), torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
+            fast = encoder(x)
+            with use_backends('torch'):
+                reference = encoder(x)
+        errors = [((a.float() - b.float()).norm() / b.float().norm()).item()
+                  for a, b in zip(fast, reference)]
+        ok = all(e < TOLERANCE[dtype] for e in errors)  # False for NaN too
+        failed |= not ok
+        print(f"{'PASS' if ok else 'FAIL'} SegMAN-{args.arch.upper()} eval {str(dtype)[6:]}, "
+              f"fast vs reference, relative error per stage: {' '.join(f'{e:.1e}' for e in errors)}",
+              flush=True)
+    return int(failed)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
