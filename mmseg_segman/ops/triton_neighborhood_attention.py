@@ -190,6 +190,27 @@ def _query_box(y0, x0, height, width, TILE_H: tl.constexpr, TILE_W: tl.constexpr
     return top, left, bottom - top, right - left
 
 
+@triton.jit
+def _key_columns(left, c0, box_w, wx, q_ok, BLOCK_N: tl.constexpr):
+    """Columns ``c0 .. c0 + BLOCK_N`` of a query tile's box of keys: their map columns, flags,
+    and each key's column in each query's window (:func:`_window_columns`, ``[M, BLOCK_N]``)."""
+    kx = left + c0 + tl.arange(0, BLOCK_N)
+    return kx, kx < left + box_w, _window_columns(kx[None, :], wx[:, None], q_ok[:, None])
+
+
+@triton.jit
+def _key_row(q, k_base, ky, kx, k_ok, column, qy, qx, wy, wx, span_h, span_w, rpb_base,
+             sk_y, sk_x, sk_d, HEAD_DIM: tl.constexpr, KERNEL: tl.constexpr,
+             HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The keys of box row ``ky`` at columns ``kx`` as ``k^T [BLOCK_D, BLOCK_N]``, and the
+    scores of the tile's queries against them with their flags (see :func:`_scores`)."""
+    kt = _load_cols(k_base, ky, kx, k_ok, sk_y, sk_x, sk_d, HEAD_DIM, BLOCK_D)
+    s, valid = _scores(tl.dot(q, kt, input_precision=DOT_PRECISION), column, span_w,
+                       ((ky >= wy) & (ky < wy + span_h))[:, None],
+                       _bias_offset(qy, qx, ky, wx, KERNEL)[:, None], rpb_base, HAS_RPB)
+    return kt, s, valid
+
+
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, width,
                    sq_b, sq_h, sq_y, sq_x, sq_d, sk_b, sk_h, sk_y, sk_x, sk_d,
@@ -212,14 +233,11 @@ def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, 
     l_i = tl.zeros([TILE_H * TILE_W], tl.float32)
     acc = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
     for c0 in range(0, box_w, BLOCK_N):
-        kx = left + c0 + tl.arange(0, BLOCK_N)
-        k_ok = kx < left + box_w
-        column = _window_columns(kx[None, :], wx[:, None], q_ok[:, None])
+        kx, k_ok, column = _key_columns(left, c0, box_w, wx, q_ok, BLOCK_N)
         for ky in range(top, top + box_h):
-            kt = _load_cols(k_base, ky, kx, k_ok, sk_y, sk_x, sk_d, HEAD_DIM, BLOCK_D)
-            s, _ = _scores(tl.dot(q, kt, input_precision=DOT_PRECISION), column, span_w,
-                           ((ky >= wy) & (ky < wy + span_h))[:, None],
-                           _bias_offset(qy, qx, ky, wx, KERNEL)[:, None], rpb_base, HAS_RPB)
+            _, s, _ = _key_row(q, k_base, ky, kx, k_ok, column, qy, qx, wy, wx, span_h, span_w,
+                               rpb_base, sk_y, sk_x, sk_d, HEAD_DIM, KERNEL, HAS_RPB, BLOCK_D,
+                               DOT_PRECISION)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
@@ -272,15 +290,11 @@ def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delt
         v_base = v_ptr + b64 * sv_b + head * sv_h
         dq = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
         for c0 in range(0, box_w, BLOCK_N):
-            kx = left + c0 + tl.arange(0, BLOCK_N)
-            k_ok = kx < left + box_w
-            column = _window_columns(kx[None, :], wx[:, None], q_ok[:, None])
+            kx, k_ok, column = _key_columns(left, c0, box_w, wx, q_ok, BLOCK_N)
             for ky in range(top, top + box_h):
-                kt = _load_cols(k_base, ky, kx, k_ok, sk_y, sk_x, sk_d, HEAD_DIM, BLOCK_D)
-                s, valid = _scores(tl.dot(q, kt, input_precision=DOT_PRECISION), column, span_w,
-                                   ((ky >= wy) & (ky < wy + span_h))[:, None],
-                                   _bias_offset(qy, qx, ky, wx, KERNEL)[:, None], rpb_base,
-                                   HAS_RPB)
+                kt, s, valid = _key_row(q, k_base, ky, kx, k_ok, column, qy, qx, wy, wx, span_h,
+                                        span_w, rpb_base, sk_y, sk_x, sk_d, HEAD_DIM, KERNEL,
+                                        HAS_RPB, BLOCK_D, DOT_PRECISION)
                 p = tl.exp2(s - lse[:, None])
                 vt = _load_cols(v_base, ky, kx, k_ok, sv_y, sv_x, sv_d, HEAD_DIM, BLOCK_D)
                 ds = p * (tl.dot(do, vt, input_precision=DOT_PRECISION) - delta[:, None])
