@@ -30,6 +30,7 @@ from mmseg_segman.ops import neighborhood_attention as na
 from mmseg_segman.ops import triton_neighborhood_attention as tna
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+KERNELS = ('fwd', 'dq', 'dkdv')  # the order of tna.block_sizes' launch shapes
 
 
 def make_inputs(batch, heads, height, width, dim, kernel, dtype, rpb=True, strided=False):
@@ -217,7 +218,7 @@ def sweep(args, results):
             continue
         candidate = tna.Blocks(tile_h, tile_w, tna.box_columns(tile_w, shape[6]), warps, stages)
         defaults = tna.block_sizes(shape[5], shape[6])
-        blocks = [candidate if k == kind else d for k, d in zip(('fwd', 'dq', 'dkdv'), defaults)]
+        blocks = [candidate if k == kind else d for k, d in zip(KERNELS, defaults)]
         fn = lambda q, k, v, kernel, rpb: tna.neighborhood_attention_triton(q, k, v, kernel, rpb, blocks)
         try:
             fwd = bench_one(fn, shape, torch.bfloat16, False)[0] if kind == 'fwd' else float('nan')
@@ -226,7 +227,7 @@ def sweep(args, results):
             print(f'{shape[0]} {kind} {candidate}: {type(error).__name__}: {str(error)[:200]}')
             continue
         row = dict(kind='sweep', stage=shape[0], kernel=kind, blocks=list(candidate),
-                   default=list(defaults[('fwd', 'dq', 'dkdv').index(kind)]),
+                   default=list(defaults[KERNELS.index(kind)]),
                    fwd=round(fwd, 4), fwd_bwd=round(both, 4))
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -254,8 +255,7 @@ def main():
     parser.add_argument('--profile', action='store_true')
     parser.add_argument('--sweep-stages', nargs='+', default=['1', '3'])
     parser.add_argument('--sweep-arch', default='l', choices=['t', 's', 'b', 'l'])
-    parser.add_argument('--sweep-kernels', nargs='+', default=['fwd', 'dq', 'dkdv'],
-                        choices=['fwd', 'dq', 'dkdv'])
+    parser.add_argument('--sweep-kernels', nargs='+', default=list(KERNELS), choices=KERNELS)
     parser.add_argument('--sweep-batch', type=int, default=16)
     parser.add_argument('--variants', nargs='+', default=['t', 's', 'b', 'l'])
     parser.add_argument('--sizes', nargs='+', default=['512', '1024x2048'])
