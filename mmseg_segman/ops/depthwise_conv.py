@@ -7,12 +7,11 @@ per-shape plan, for eager runs on CUDA) and ``torch`` (``F.conv2d``). Under
 """
 from typing import NamedTuple, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dispatch import (Backend, OpDispatcher, autocast_dtype, eager_triton_unavailable,
-                       runs_anywhere, with_contiguous_planes)
+                       promote_types, runs_anywhere, with_contiguous_planes)
 
 ACTIVATIONS = (None, 'silu')
 
@@ -58,7 +57,7 @@ def _depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     # the dtype F.conv2d's output has (autocast's), and x + that with the residual
     out_dtype = autocast_dtype(x)
     if residual:
-        out_dtype = torch.promote_types(x.dtype, out_dtype)
+        out_dtype = promote_types(x.dtype, out_dtype)
     return depthwise_conv2d_triton(with_contiguous_planes(x), weight, bias, residual, out_dtype,
                                    norm, activation)
 

@@ -37,7 +37,7 @@ recompute runs on the same backends.
 """
 import os
 from contextlib import contextmanager, nullcontext
-from functools import wraps
+from functools import lru_cache, wraps
 from typing import (Callable, ContextManager, Dict, Iterator, List, Mapping, NamedTuple, Optional,
                     Tuple, Union)
 
@@ -72,14 +72,20 @@ def triton_unavailable(x: torch.Tensor) -> Optional[str]:
     ``TRITON_INTERPRET=1`` (Triton's interpreter, for CI), with triton installed; else why not."""
     if not x.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
         return 'needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)'
+    return None if triton_installed() else 'triton is not installed'
+
+
+@lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    """Whether triton imports (asked once)."""
     try:
         import triton  # noqa: F401
     except ImportError:
-        return 'triton is not installed'
-    return None
+        return False
+    return True
 
 
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def eager_triton_unavailable(x: torch.Tensor) -> Optional[str]:
@@ -91,7 +97,7 @@ def eager_triton_unavailable(x: torch.Tensor) -> Optional[str]:
         return reason
     if torch.compiler.is_compiling():
         return 'under torch.compile the reference runs (inductor fuses and plans it)'
-    if x.dtype not in _TRITON_DTYPES or autocast_dtype(x) not in _TRITON_DTYPES:
+    if x.dtype not in TRITON_DTYPES or autocast_dtype(x) not in TRITON_DTYPES:
         return (f'{x.dtype} maps (computed in {autocast_dtype(x)}) are not float32, bfloat16 '
                 'or float16')
     return None
@@ -99,10 +105,22 @@ def eager_triton_unavailable(x: torch.Tensor) -> Optional[str]:
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast computes in on ``x``'s device where it is on, else ``x``'s dtype."""
-    device_type = x.device.type
+    device_type = 'cuda' if x.is_cuda else x.device.type  # is_cuda: no device object made
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call where ``t`` has that dtype already (a no-op ``to``
+    costs about 1 us of host time on the CPU, 5 on the GPU machines' hosts; a SegMAN-L
+    forward made hundreds)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def promote_types(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """``torch.promote_types(a, b)``, without the call where they are equal."""
+    return a if a == b else torch.promote_types(a, b)
 
 
 def planes_contiguous(x: torch.Tensor) -> bool:
@@ -259,14 +277,17 @@ def _environment_value(name: str) -> Optional[str]:
     """``os.environ.get(name)``."""
     if not _RAW_ENVIRON_IS_BYTES:
         return os.environ.get(name)
-    value = _RAW_ENVIRON.get(name.encode())
+    value = _RAW_ENVIRON.get(_raw_names.get(name) or _raw_names.setdefault(name, name.encode()))
     return None if value is None else os.fsdecode(value)
 
 
-def _environment_choice(op: str) -> Optional[Tuple[Choice, str]]:
-    """``SEGMAN_BACKEND_<OP>``, else ``SEGMAN_BACKEND``; unknown names refused."""
+# variable name -> its bytes in os.environ's own dict (encoded once, not at every op call)
+_raw_names: Dict[str, bytes] = {}
+
+
+def _environment_choice(op: str, specific: str) -> Optional[Tuple[Choice, str]]:
+    """``specific`` (``SEGMAN_BACKEND_<OP>``), else ``SEGMAN_BACKEND``; unknown names refused."""
     _check_environment_names()
-    specific = f'{_ENV}_{op.upper()}'
     value = _environment_value(specific)
     if value:
         _registry[op].check_name(value, f'{specific}={value}')
@@ -289,6 +310,7 @@ class OpDispatcher:
     def __init__(self, name: str, backends: Dict[str, Backend]):
         self.name = name
         self.backends = dict(backends)
+        self._environment_name = f'{_ENV}_{name.upper()}'
         self._logged = set()
         _registry[name] = self
 
@@ -299,10 +321,11 @@ class OpDispatcher:
 
     def requested(self) -> Optional[Tuple[Choice, str]]:
         """The strongest choice for this op and who made it, or ``None`` (automatic)."""
-        for layer in (_current(_code), _current(_config)):
-            if self.name in layer:
-                return layer[self.name]
-        return _environment_choice(self.name)
+        if _code and self.name in _code[-1]:
+            return _code[-1][self.name]
+        if _config and self.name in _config[-1]:
+            return _config[-1][self.name]
+        return _environment_choice(self.name, self._environment_name)
 
     def why_not(self, backend: str, *args, **kwargs) -> Optional[str]:
         """Why ``backend`` cannot run these inputs here, or ``None`` if it can."""
@@ -324,8 +347,11 @@ class OpDispatcher:
                                    f'cannot run these inputs: {reason}')
             return choice, self.backends[choice].fn
         for name, backend in self.backends.items():
-            if self.why_not(name, *args, **kwargs) is None:
+            reason = backend.unavailable(*args, **kwargs)
+            if reason is None:
                 return name, backend.fn
+            if not isinstance(reason, str):
+                self.why_not(name, *args, **kwargs)  # refuses the reason
         raise RuntimeError(f'no backend of op {self.name!r} can run these inputs')
 
     def select(self, *args, **kwargs) -> str:

@@ -9,7 +9,6 @@ runs, since inductor fuses it with its neighbours.
 """
 from typing import Optional, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

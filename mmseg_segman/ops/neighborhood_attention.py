@@ -27,7 +27,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .dispatch import Backend, OpDispatcher, runs_anywhere, triton_unavailable
+from .dispatch import (TRITON_DTYPES, Backend, OpDispatcher, cast, promote_types, runs_anywhere,
+                       triton_unavailable)
 
 
 def window_starts(length: int, kernel_size: int, device=None) -> Tensor:
@@ -227,13 +228,12 @@ def _neighborhood_attention_flex(q: Tensor, k: Tensor, v: Tensor, kernel_size: i
 def _compute_dtype(q: Tensor, k: Tensor, v: Tensor) -> torch.dtype:
     """The autocast dtype where autocast is on (as the reference's einsums run), else the
     promoted dtype of q, k, v."""
-    device_type = q.device.type
+    device_type = 'cuda' if q.is_cuda else q.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
-    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return promote_types(promote_types(q.dtype, k.dtype), v.dtype)
 
 
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TRITON_MAX_HEAD_DIM = 128
 
 
@@ -246,7 +246,7 @@ def _triton_unavailable(q, k, v, kernel_size, rpb) -> Optional[str]:
     if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
         return f'head dim {q.shape[-1]} is over {_TRITON_MAX_HEAD_DIM}'
     dtype = _compute_dtype(q, k, v)
-    if dtype not in _TRITON_DTYPES:
+    if dtype not in TRITON_DTYPES:
         return f'computes in {dtype}, not float32, bfloat16 or float16'
     return None
 
@@ -255,7 +255,7 @@ def _neighborhood_attention_triton(q, k, v, kernel_size, rpb):
     from .triton_neighborhood_attention import neighborhood_attention_triton
 
     dtype = _compute_dtype(q, k, v)
-    return neighborhood_attention_triton(q.to(dtype), k.to(dtype), v.to(dtype), kernel_size, rpb)
+    return neighborhood_attention_triton(cast(q, dtype), cast(k, dtype), cast(v, dtype), kernel_size, rpb)
 
 
 def _flex_unavailable(q, k, v, kernel_size, rpb) -> Optional[str]:

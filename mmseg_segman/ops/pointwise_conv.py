@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import Backend, OpDispatcher, autocast_dtype, eager_triton_unavailable, runs_anywhere
+from .dispatch import (Backend, OpDispatcher, autocast_dtype, cast, eager_triton_unavailable,
+                       promote_types, runs_anywhere)
 
 ACTIVATIONS = ('gelu', )
 
@@ -88,11 +89,11 @@ def _pointwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     out_dtype = dtype
     shortcut = scale = shift = sample_scale = None
     if residual is not None:
-        out_dtype = torch.promote_types(residual.shortcut.dtype, dtype)
+        out_dtype = promote_types(residual.shortcut.dtype, dtype)
         shortcut = residual.shortcut.contiguous()
         scale = None if residual.scale is None else residual.scale.reshape(-1)
         shift, sample_scale = residual.shift, residual.sample_scale
-    return pointwise_conv2d_triton(x.to(dtype).contiguous(), weight, bias, activation == 'gelu',
+    return pointwise_conv2d_triton(cast(x, dtype).contiguous(), weight, bias, activation == 'gelu',
                                    shortcut, scale, shift, sample_scale, out_dtype)
 
 

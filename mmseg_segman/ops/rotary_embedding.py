@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .dispatch import Backend, OpDispatcher, eager_triton_unavailable, runs_anywhere
+from .dispatch import Backend, OpDispatcher, cast, eager_triton_unavailable, runs_anywhere
 
 
 def _rotary_embedding_torch(x: Tensor, sin: Tensor, cos: Tensor, scale: float) -> Tensor:
@@ -36,7 +36,8 @@ def _triton_unavailable(x: Tensor, sin: Tensor, cos: Tensor, scale: float) -> Op
 def _rotary_embedding_triton(x: Tensor, sin: Tensor, cos: Tensor, scale: float) -> Tensor:
     from .triton_rotary_embedding import rotary_embedding_triton
 
-    return rotary_embedding_triton(x, sin.float().contiguous(), cos.float().contiguous(), scale)
+    return rotary_embedding_triton(x, cast(sin, torch.float32).contiguous(),
+                                   cast(cos, torch.float32).contiguous(), scale)
 
 
 _rotary_embedding = OpDispatcher('rotary_embedding', {

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cross_scan import cross_merge, cross_scan, flip_reversed
-from .dispatch import Backend, OpDispatcher, runs_anywhere
+from .dispatch import TRITON_DTYPES, Backend, OpDispatcher, runs_anywhere, triton_installed
 
 
 
@@ -299,8 +299,6 @@ def _cross_selective_scan_torch(x, dt_low, dt_proj, A, B, C, D, delta_bias):
     return _CrossSelectiveScan.apply(x, dt_low, dt_proj, A, B, C, D, delta_bias)
 
 
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 def _cross_triton_unavailable(x, dt_low, dt_proj, A, B, C, D, delta_bias) -> Optional[str]:
     """The Triton cross scan runs when the state size N is 1, x, dt_low, B and C are
@@ -313,14 +311,10 @@ def _cross_triton_unavailable(x, dt_low, dt_proj, A, B, C, D, delta_bias) -> Opt
         return 'needs every input on CUDA (or on the CPU with TRITON_INTERPRET=1)'
     if A.shape[1] != 1:
         return f'needs state size N = 1, got {A.shape[1]}'
-    dtypes = {str(t.dtype) for t in (x, dt_low, B, C)}
-    if any(t.dtype not in _TRITON_DTYPES for t in (x, dt_low, B, C)):
+    if any(t.dtype not in TRITON_DTYPES for t in (x, dt_low, B, C)):
+        dtypes = {str(t.dtype) for t in (x, dt_low, B, C)}
         return f'needs float32, bfloat16 or float16 x, dt_low, B, C, got {sorted(dtypes)}'
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return 'triton is not installed'
-    return None
+    return None if triton_installed() else 'triton is not installed'
 
 
 def _cross_selective_scan_triton(x, dt_low, dt_proj, A, B, C, D, delta_bias):

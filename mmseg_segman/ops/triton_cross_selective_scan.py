@@ -62,9 +62,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dispatch import with_contiguous_planes
+from .dispatch import cast, with_contiguous_planes
 from .selective_scan import project_steps_backward
-from .triton_jit import (cast, cdiv, dot_precision, eager_autograd, jit_with_runtime_ints, launch,
+from .triton_jit import (cdiv, dot_precision, eager_autograd, jit_with_runtime_ints, launch,
                          next_power_of_2, records_autograd)
 
 

@@ -25,7 +25,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .depthwise_conv import RunningBatchNorm, norm_and_activation
-from .triton_jit import (cast, cdiv, jit_with_runtime_ints, launch, next_power_of_2,
+from .dispatch import cast
+from .triton_jit import (cdiv, jit_with_runtime_ints, launch, next_power_of_2,
                          records_autograd)
 
 NUM_WARPS = 4

@@ -37,12 +37,6 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)``, without the call where ``t`` has that dtype already (a backward pass
-    returns a dozen gradients; each call costs host time)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def records_autograd(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether autograd records an op on ``tensors`` (``None`` allowed): where it does not
     (inference), a backend launches its kernel without an ``autograd.Function`` around it."""
@@ -97,36 +91,56 @@ def dot_precision(dtype: torch.dtype) -> str:
 _INT32 = range(-2 ** 31, 2 ** 31)  # `in` a range: one C-level comparison for an int
 
 
-def _direct_arguments(args: Sequence) -> Tuple[Tuple, list]:
-    """The specialization key of ``args`` (what Triton compiles a kernel for) and the values
-    the compiled launcher gets.
+def _int_key(name: str) -> str:
+    """The expression of an int argument's specialization: 1, a multiple of 16 or neither
+    (0) for a 32-bit int; its width (signed or unsigned 64-bit) and divisibility by 16 else."""
+    return (f'((1 if {name} == 1 else 16 if {name} % 16 == 0 else 0) if {name} in _INT32 '
+            f'else ("u64" if {name} >= 2 ** 63 else "i64", {name} % 16 == 0))')
+
+
+def _binder(args: Sequence) -> Callable[..., Tuple[Tuple, Tuple]]:
+    """A function of ``len(args)`` positional arguments that returns the specialization key of
+    its arguments (what Triton compiles a kernel for) and the values the compiled launcher
+    gets, generated for the kinds of ``args``: each a tensor, an int or another scalar.
 
     A tensor counts by its dtype, whether its address is 16-byte aligned and whether it is on
     CUDA, and is passed as its address: the launcher takes an int as it is, where for a tensor
     it would call ``data_ptr()`` and ask the driver about the pointer
     (``cuPointerGetAttribute``), for every tensor of every launch. A tensor not on CUDA has a
     key of its own, which Triton's path refuses (its first call), so it is never launched
-    directly. An int counts by whether it is 1 or a multiple of 16 and by its type (32-bit,
-    64-bit or unsigned 64-bit); None and bools by value, other scalars by type. Conservative:
-    a key finer than Triton's only sends more calls through Triton's own path. One loop with
-    the checks inline: 8.6 us for 58 arguments on the CPU, where a function call per argument
-    took 14.6."""
-    key, values = [], []
-    for arg in args:
-        if type(arg) is int:
-            if arg in _INT32:
-                key.append(1 if arg == 1 else 16 if arg % 16 == 0 else 0)
-            else:
-                key.append(('u64' if arg >= 2 ** 63 else 'i64', arg % 16 == 0))
-            values.append(arg)
-        elif isinstance(arg, torch.Tensor):
-            address = arg.data_ptr()
-            key.append((arg.dtype, address % 16 == 0, arg.is_cuda))
-            values.append(address)
-        else:
-            key.append(arg if arg is None or type(arg) is bool else type(arg))
-            values.append(arg)
-    return tuple(key), values
+    directly. An int counts by whether it is 1 or a multiple of 16 and by its width (32-bit,
+    64-bit or unsigned 64-bit), and whether all ints are of type ``int``; None and bools by
+    value, other scalars by type. Conservative: a key finer than Triton's only sends more
+    calls through Triton's own path. The key starts with the kinds; an argument of another
+    kind than the binder was made for raises (``AttributeError`` or ``TypeError``: a tensor's
+    attributes, an int's arithmetic) or gives another key.
+
+    The code is generated, as Triton's own binder is, so that a launch pays no loop over its
+    arguments and no test of their kinds: the alignments are tested at once, as one OR of the
+    addresses (1.9 against 6.7 us for 19 arguments on the CPU, docs/benchmarks.md)."""
+    names = [f'a{i}' for i in range(len(args))]
+    tensors = [n for n, a in zip(names, args) if isinstance(a, torch.Tensor)]
+    scalars = [n for n in names if n not in tensors]
+    pointers = {n: f'p{n[1:]}' for n in tensors}
+    kinds = ''.join('t' if n in tensors else 'i' if type(a) is int else 's'
+                    for n, a in zip(names, args))
+    key = [repr(kinds)] + [f'{n}.dtype' for n in tensors]
+    if tensors:
+        addresses = ' | '.join(pointers.values())
+        key += [f'not ({addresses}) & 15 or ({", ".join(f"{p} & 15" for p in pointers.values())},)',
+                ' and '.join(f'{n}.is_cuda' for n in tensors)]
+    ints = [n for n, a in zip(names, args) if n in scalars and type(a) is int]
+    if ints:
+        key.append(' and '.join(f'type({n}) is int' for n in ints))
+    key += [_int_key(n) if n in ints else f'{n} if {n} is None or type({n}) is bool else type({n})'
+            for n in scalars]
+    values = [pointers.get(n, n) for n in names]
+    source = (f'def bind({", ".join(names)}):\n'
+              + ''.join(f'    {p} = {n}.data_ptr()\n' for n, p in pointers.items())
+              + f'    return ({", ".join(key)},), ({", ".join(values)},)\n')
+    namespace = {'_INT32': _INT32}
+    exec(source, namespace)
+    return namespace['bind']
 
 
 # (id of the kernel, a module-level object that lives as long as the process; device;
@@ -135,6 +149,8 @@ def _direct_arguments(args: Sequence) -> Tuple[Tuple, list]:
 # passed by keyword or left to their defaults, in the kernel's parameter order
 _Launch = Tuple[Callable, object, object, Tuple]
 _launches: Dict[Tuple, _Launch] = {}
+# (id of the kernel, number of positional arguments) -> the binder made at its first launch
+_binders: Dict[Tuple[int, int], Callable] = {}
 # read once, as Triton's own switches are: set it before the process starts
 DIRECT_LAUNCH = os.environ.get('SEGMAN_TRITON_DIRECT_LAUNCH', '1') != '0'
 
@@ -169,7 +185,13 @@ def launch(kernel, grid: Sequence[int], *args, **meta) -> None:
     if device < 0 or not _direct_launch_possible():
         kernel[grid](*args, **meta)
         return
-    specialization, values = _direct_arguments(args)
+    binder = _binders.get((id(kernel), len(args)))
+    if binder is None:
+        binder = _binders[id(kernel), len(args)] = _binder(args)
+    try:
+        specialization, values = binder(*args)
+    except (AttributeError, TypeError):  # arguments of other kinds: a binder for them
+        specialization, values = _binder(args)(*args)
     key = (id(kernel), device, specialization, tuple(meta.items()))
     entry = _launches.get(key)
     if entry is None:

@@ -19,15 +19,15 @@ A plain ``torch.autograd.Function``, not a ``torch.library`` custom op: under ``
 the reference runs, so nothing traces it, and a custom op's dispatch cost 20-45 us of host
 time a call on the GPU machine (``tools/gpu_checks/check_host_time.py --ops``).
 """
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dispatch import with_contiguous_planes
-from .triton_jit import cast, cdiv, jit_with_runtime_ints, launch, records_autograd
+from .dispatch import cast, with_contiguous_planes
+from .triton_jit import cdiv, jit_with_runtime_ints, launch, records_autograd
 
 BLOCK_C = 32
 BLOCK_P = 64
@@ -54,9 +54,11 @@ def _program_pixels(pixels, BLOCK_P: tl.constexpr):
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, a1_ptr, a2_ptr, y_ptr, mean_ptr, rstd_ptr, channels,
                      pixels, sx_b, sx_c, sa1_b, sa1_c, sa2_b, sa2_c, sy_b, sy_c, eps,
-                     ADDENDS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                     ADDENDS: tl.constexpr, STATS: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_P: tl.constexpr):
     """``y = layer_norm(x) + a1 + a2`` (the first ``ADDENDS`` of them) for ``BLOCK_P``
-    pixels of one batch element, the mean and ``rstd`` stored for the backward pass."""
+    pixels of one batch element; with ``STATS`` the mean and ``rstd`` stored for the backward
+    pass."""
     batch, p, p_ok = _program_pixels(pixels, BLOCK_P)
     x_off = batch * sx_b
     total = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -84,8 +86,9 @@ def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, a1_ptr, a2_ptr, y_ptr, mean_ptr, rstd_
         if ADDENDS >= 2:
             out += _tile(a2_ptr, batch * sa2_b, c, sa2_c, p, ok)
         tl.store(y_ptr + batch * sy_b + c[:, None] * sy_c + p[None, :], out, mask=ok)
-    tl.store(mean_ptr + batch * pixels + p, mean, mask=p_ok)
-    tl.store(rstd_ptr + batch * pixels + p, rstd, mask=p_ok)
+    if STATS:
+        tl.store(mean_ptr + batch * pixels + p, mean, mask=p_ok)
+        tl.store(rstd_ptr + batch * pixels + p, rstd, mask=p_ok)
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
@@ -134,20 +137,21 @@ def _plane_strides(x: Tensor) -> Tuple[int, int]:
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype,
-             addends: Sequence[Tensor] = ()) -> Tuple[Tensor, Tensor, Tensor]:
+             addends: Sequence[Tensor] = (),
+             stats: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """``y (B, C, H, W)`` contiguous in ``out_dtype`` (plus the ``addends``, at most two, each
-    with contiguous ``H x W`` planes), and the float32 mean and ``rstd`` ``(B, H*W)`` of every
-    pixel."""
+    with contiguous ``H x W`` planes), and with ``stats`` the float32 mean and ``rstd``
+    ``(B, H*W)`` of every pixel (else None: inference needs none)."""
     batch, channels, height, width = x.shape
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     mean, rstd = (torch.empty(batch, height * width, dtype=torch.float32, device=x.device)
-                  for _ in range(2))
+                  for _ in range(2)) if stats else (y, y)  # y stands for the stats not stored
     a1, a2 = (*addends, x, x)[:2]  # x stands for the addends that are not read
     launch(_ln2d_fwd_kernel, _grid(x), x, weight, bias, a1, a2, y, mean, rstd, channels,
            height * width, *_plane_strides(x), *_plane_strides(a1), *_plane_strides(a2),
-           *_plane_strides(y), eps, ADDENDS=len(addends), BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
-           num_warps=NUM_WARPS)
-    return y, mean, rstd
+           *_plane_strides(y), eps, ADDENDS=len(addends), STATS=stats, BLOCK_C=BLOCK_C,
+           BLOCK_P=BLOCK_P, num_warps=NUM_WARPS)
+    return (y, mean, rstd) if stats else (y, None, None)
 
 
 def _backward(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
@@ -194,4 +198,4 @@ def layer_norm_2d_triton(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
     addends = tuple(map(with_contiguous_planes, addends))
     if records_autograd(x, weight, bias, *addends):
         return _LayerNorm2d.apply(x, weight, bias, eps, out_dtype, *addends)
-    return _forward(x, weight, bias, eps, out_dtype, addends)[0]
+    return _forward(x, weight, bias, eps, out_dtype, addends, stats=False)[0]

@@ -42,7 +42,8 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import cast, cdiv, dot_precision, jit_with_runtime_ints, launch, records_autograd
+from .dispatch import cast
+from .triton_jit import cdiv, dot_precision, jit_with_runtime_ints, launch, records_autograd
 
 _RUNTIME_INTS = {'out_channels'}
 SQRT_HALF = tl.constexpr(0.7071067811865476)

@@ -52,6 +52,7 @@ def on_device(monkeypatch):
     monkeypatch.setattr(triton_jit, '_current_stream', lambda device: 7)
     monkeypatch.setattr(triton_jit, 'DIRECT_LAUNCH', True)
     monkeypatch.setattr(triton_jit, '_launches', {})
+    monkeypatch.setattr(triton_jit, '_binders', {})
 
 
 def test_launches_directly_after_the_first_call(on_device):
@@ -117,6 +118,19 @@ def test_a_new_specialization_takes_tritons_path(on_device, change):
         meta['num_warps'] = 4
     triton_jit.launch(kernel, (1, ), *args, **meta)
     assert len(kernel.triton_calls) == 2 and not kernel.compiled.launches
+
+
+@pytest.mark.parametrize('kinds', ['int for tensor', 'float for int'])
+def test_an_argument_of_another_kind_takes_tritons_path(on_device, kinds):
+    """The binder made at a kernel's first launch assumes its kinds of arguments; others
+    are bound apart and never reach the launcher compiled for the first ones."""
+    kernel, x = Kernel(), torch.zeros(64)
+    for _ in range(2):
+        triton_jit.launch(kernel, (1, ), x, 32, SCALE=4)
+    args = (32, x) if kinds == 'int for tensor' else (x, 32.0)
+    triton_jit.launch(kernel, (1, ), *args, SCALE=4)
+    assert len(kernel.triton_calls) == 2 and len(kernel.compiled.launches) == 1
+    assert kernel.triton_calls[1][1] == args
 
 
 def test_switched_off_or_hooked_takes_tritons_path(on_device, monkeypatch):
