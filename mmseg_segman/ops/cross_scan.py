@@ -7,8 +7,12 @@ flattened row-major (directions 0, 2) or column-major (1, 3), which is how
 along the sequence for every direction, reversed or not); and the *scan order*, the direction
 order with directions 2 and 3 reversed (the sequences the recurrence runs over).
 """
+from typing import Optional
+
 import torch
 from torch import Tensor
+
+from .dispatch import Backend, OpDispatcher, eager_triton_unavailable, runs_anywhere
 
 
 def both_orders(x: Tensor) -> Tensor:
@@ -25,13 +29,44 @@ def cross_scan(x: Tensor) -> Tensor:
     return torch.cat([forward, forward.flip(-1)], dim=1)
 
 
-def direction_order(maps: Tensor) -> Tensor:
-    """One map per direction in its direction order: ``(B, 4, C, H, W) -> (B, 4, C, H*W)``,
-    directions 0 and 2 row-major, 1 and 3 column-major (a copy)."""
-    if maps.dim() != 5 or maps.size(1) != 4:
-        raise ValueError(f'direction_order expects (B, 4, C, H, W), got {tuple(maps.shape)}')
+def _direction_order_torch(maps: Tensor) -> Tensor:
     rows, cols = maps[:, 0::2].flatten(3), maps[:, 1::2].transpose(3, 4).flatten(3)
     return torch.stack([rows, cols], dim=2).flatten(1, 2)
+
+
+# the third dimension of the kernel's grid counts B * 4 * C planes
+_MAX_PLANES = 2 ** 16 - 1
+
+
+def _triton_unavailable(maps: Tensor) -> Optional[str]:
+    """As :func:`eager_triton_unavailable`, for contiguous maps of at most 65535 planes."""
+    reason = eager_triton_unavailable(maps)
+    if reason is None and not maps.is_contiguous():
+        return f'the maps are not contiguous (strides {tuple(maps.stride())})'
+    if reason is None and maps.shape[:3].numel() > _MAX_PLANES:
+        return f'{maps.shape[:3].numel()} planes (B * 4 * C) are over {_MAX_PLANES}'
+    return reason
+
+
+def _direction_order_triton(maps: Tensor) -> Tensor:
+    from .triton_cross_selective_scan import direction_order_triton
+
+    return direction_order_triton(maps)
+
+
+_direction_order = OpDispatcher('direction_order', {
+    'triton': Backend(_direction_order_triton, _triton_unavailable),
+    'torch': Backend(_direction_order_torch, runs_anywhere),
+})
+
+
+def direction_order(maps: Tensor) -> Tensor:
+    """One map per direction in its direction order: ``(B, 4, C, H, W) -> (B, 4, C, H*W)``,
+    directions 0 and 2 row-major, 1 and 3 column-major (a copy). Backends: ``triton`` (one
+    kernel, eager runs on CUDA) and ``torch`` (strided copies and ``stack``)."""
+    if maps.dim() != 5 or maps.size(1) != 4:
+        raise ValueError(f'direction_order expects (B, 4, C, H, W), got {tuple(maps.shape)}')
+    return _direction_order(maps)
 
 
 def flip_reversed(seqs: Tensor) -> Tensor:

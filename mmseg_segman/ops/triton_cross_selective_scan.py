@@ -288,6 +288,35 @@ def _both_orders_kernel(x_ptr, out_ptr, channels, height, width, sx_b, sx_c,
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
+def _direction_order_kernel(maps_ptr, seqs_ptr, channels, height, width, INVERSE: tl.constexpr,
+                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """A ``BLOCK_H x BLOCK_W`` tile of plane ``(b, k, c)`` of ``maps (B, 4, C, H, W)`` into
+    ``seqs (B, 4, C, L)`` in direction order (:func:`.cross_scan.direction_order`): copied
+    for the row-major directions (k even), transposed in registers for the column-major ones;
+    with ``INVERSE`` from ``seqs`` back into ``maps`` (the backward pass). Both contiguous."""
+    plane = tl.program_id(2).to(tl.int64)
+    length = height * width
+    rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    row_ok, col_ok = rows < height, cols < width
+    ok = row_ok[:, None] & col_ok[None, :]
+    row_major = rows[:, None] * width + cols[None, :]
+    maps = maps_ptr + plane * length
+    seqs = seqs_ptr + plane * length
+    if (plane // channels) % 2 == 1:
+        col_major = cols[:, None] * height + rows[None, :]
+        ok_t = col_ok[:, None] & row_ok[None, :]
+        if INVERSE:
+            tl.store(maps + row_major, tl.trans(tl.load(seqs + col_major, mask=ok_t)), mask=ok)
+        else:
+            tl.store(seqs + col_major, tl.trans(tl.load(maps + row_major, mask=ok)), mask=ok_t)
+    elif INVERSE:
+        tl.store(maps + row_major, tl.load(seqs + row_major, mask=ok), mask=ok)
+    else:
+        tl.store(seqs + row_major, tl.load(maps + row_major, mask=ok), mask=ok)
+
+
+@jit_with_runtime_ints(_RUNTIME_INTS)
 def _project_steps_kernel(lo_ptr, w_ptr, out_ptr, channels, rank, length, sl_b, sl_k, sl_r,
                           BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
@@ -330,7 +359,8 @@ def block_sizes(length: int) -> Blocks:
     return 2, min(max(16, next_power_of_2(length)), MAX_BLOCK_L), 4
 
 
-MERGE_TILE = (32, 32)  # (BLOCK_H, BLOCK_W) of the merge kernel and of _both_orders_kernel
+# (BLOCK_H, BLOCK_W) of the merge kernel, _both_orders_kernel and _direction_order_kernel
+MERGE_TILE = (32, 32)
 # (BLOCK_C, BLOCK_L) of _project_steps_kernel: the fastest of six at SegMAN-L's stages 1-3
 # (batch 16, an H100; 0.41x, 0.47x and 0.84x the time of cuBLAS's product, docs/benchmarks.md)
 PROJECTION_TILE = (32, 256)
@@ -367,6 +397,43 @@ def _both_orders(x: Tensor) -> Tensor:
            x, out, channels, height, width, x.stride(0), x.stride(1), BLOCK_H=block_h,
            BLOCK_W=block_w, num_warps=4)
     return out
+
+
+def _reordered(src: Tensor, height: int, width: int, inverse: bool) -> Tensor:
+    """:func:`_direction_order_kernel` from ``src`` (``(B, 4, C, H, W)`` maps, or ``(B, 4, C,
+    L)`` sequences with ``inverse``), contiguous, into a new tensor of the other layout."""
+    batch, directions, channels = src.shape[:3]
+    layout = (height, width) if inverse else (height * width, )
+    out = torch.empty(batch, directions, channels, *layout, dtype=src.dtype, device=src.device)
+    maps, seqs = (out, src) if inverse else (src, out)
+    block_h, block_w = MERGE_TILE
+    launch(_direction_order_kernel,
+           (cdiv(width, block_w), cdiv(height, block_h), batch * directions * channels),
+           maps, seqs, channels, height, width, INVERSE=inverse, BLOCK_H=block_h,
+           BLOCK_W=block_w, num_warps=4)
+    return out
+
+
+class _DirectionOrder(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, maps: Tensor) -> Tensor:
+        ctx.size = maps.shape[3:]
+        return _reordered(maps, *ctx.size, inverse=False)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _reordered(grad.contiguous(), *ctx.size, inverse=True)
+
+
+def direction_order_triton(maps: Tensor) -> Tensor:
+    """:func:`.cross_scan.direction_order` of contiguous ``maps (B, 4, C, H, W)`` in one
+    kernel (PyTorch's strided copies and ``stack`` took three, and their Python a tenth of
+    SegMAN-L's host time at batch 1, docs/benchmarks.md); the backward pass is the same
+    kernel the other way. Without autograd recording the kernel is launched directly."""
+    if records_autograd(maps):
+        return _DirectionOrder.apply(maps)
+    return _reordered(maps, *maps.shape[3:], inverse=False)
 
 
 def _project_steps(dt_low: Tensor, dt_proj: Tensor) -> Tensor:

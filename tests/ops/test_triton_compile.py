@@ -64,6 +64,9 @@ def test_cross_scan_kernels_compile(activation, length):
     for layout in (cross._merge_kernel, cross._both_orders_kernel):
         assert compile_for_h100(layout, activation, SCAN_FLOAT32_POINTERS, 4,
                                 BLOCK_H=block_h, BLOCK_W=block_w)
+    for inverse in (False, True):
+        assert compile_for_h100(cross._direction_order_kernel, activation, set(), 4,
+                                INVERSE=inverse, BLOCK_H=block_h, BLOCK_W=block_w)
     block_c, block_l = cross.PROJECTION_TILE
     for rank in (6, 40):  # SegMAN-L's stage 1 and 4
         assert compile_for_h100(cross._project_steps_kernel, activation, set(), 4,

@@ -68,6 +68,12 @@ def scan_case(batch, channels, height, width, state=1):
     return 'cross_selective_scan', f'B{batch} d{channels} {height}x{width} N{state}', make
 
 
+def direction_order_case(batch, channels, height, width):
+    def make(dtype):
+        return [_randn(batch, 4, channels, height, width, dtype=dtype)]
+    return 'direction_order', f'B{batch} 4x{channels} {height}x{width}', make
+
+
 def layer_norm_case(batch, channels, height, width, addends=0):
     """``addends`` maps added after the norm (fixed: their gradient is the output's)."""
     def make(dtype):
@@ -131,6 +137,7 @@ CASES = [
     attention_case(2, 8, 256, 24), attention_case(2, 13, 63, 28), attention_case(1, 20, 35, 28),
     attention_case(2, 4, 77, 32, bias=False),
     scan_case(2, 64, 32, 32), scan_case(1, 36, 7, 13), scan_case(2, 96, 16, 23), scan_case(1, 17, 1, 5),
+    direction_order_case(2, 8, 128, 128), direction_order_case(3, 29, 37, 45),
     layer_norm_case(2, 96, 128, 128), layer_norm_case(1, 37, 13, 9), layer_norm_case(2, 560, 16, 16),
     layer_norm_case(16, 64, 7, 5), layer_norm_case(2, 96, 33, 20, addends=2),
     depthwise_case(2, 96, 128, 128, 3), depthwise_case(2, 40, 37, 45, 5), depthwise_case(1, 7, 2, 9, 5),
