@@ -1,5 +1,5 @@
 """2-D rotary position embedding of the SegMAN encoder."""
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -10,8 +10,11 @@ class RoPE2d(nn.Module):
     the op :func:`~mmseg_segman.ops.rotary_embedding_2d`).
 
     The buffer ``angle`` (``head_dim // 2``, each frequency twice) is kept in the state
-    dict, as in the released checkpoints.
+    dict, as in the released checkpoints. The tables of the last :attr:`CACHED_SIZES` map
+    sizes are kept while ``angle`` is unchanged (eight small kernels a stage, whose host time
+    counts at small batches); traced and compiled forwards compute them.
     """
+    CACHED_SIZES = 4
 
     def __init__(self, head_dim: int):
         super().__init__()
@@ -19,9 +22,27 @@ class RoPE2d(nn.Module):
             raise ValueError(f'RoPE2d needs head_dim divisible by 4, got {head_dim}')
         angle = 1.0 / (10000 ** torch.linspace(0, 1, head_dim // 4))
         self.register_buffer('angle', angle.repeat_interleave(2))
+        self._cache: Dict[Tuple, Tuple[Tensor, Tensor]] = {}
 
     def forward(self, size: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
         """``(sin, cos)``, each ``(H, W, head_dim)``: row angles then column angles."""
+        angle = self.angle
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or \
+                torch.onnx.is_in_onnx_export() or angle.is_inference():
+            return self._tables(size)
+        # the angles' identity and version: a new tensor or an in-place change (loading a
+        # state dict) makes new tables
+        key = (tuple(size), angle.device, angle.dtype, angle.data_ptr(), angle._version)
+        tables = self._cache.get(key)
+        if tables is None:
+            if len(self._cache) >= self.CACHED_SIZES:
+                del self._cache[next(iter(self._cache))]
+            # normal tensors even inside inference_mode, so that autograd may save them later
+            with torch.inference_mode(False), torch.no_grad():
+                tables = self._cache[key] = self._tables(size)
+        return tables
+
+    def _tables(self, size: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
         height, width = size
         rows = torch.arange(height, device=self.angle.device, dtype=self.angle.dtype)
         cols = torch.arange(width, device=self.angle.device, dtype=self.angle.dtype)

@@ -33,3 +33,21 @@ def test_rotary_embedding_gradcheck():
     sin, cos = RoPE2d(8).double()((2, 3))
     x = torch.randn(1, 2, 2, 3, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: rotary_embedding_2d(t, sin, cos, 0.5), (x,))
+
+
+def test_tables_are_kept_per_size_until_the_angles_change():
+    rope = RoPE2d(8)
+    first = rope((3, 5))
+    assert rope((3, 5))[0] is first[0] and rope((4, 5))[0] is not first[0]
+    with torch.inference_mode():
+        made_there = rope((2, 2))
+    assert not made_there[0].is_inference()  # autograd may save them in a later training step
+    for size in ((5, 5), (6, 5), (7, 5)):
+        rope(size)
+    assert len(rope._cache) == RoPE2d.CACHED_SIZES and rope((3, 5))[0] is not first[0]
+    rope.load_state_dict({'angle': rope.angle * 2})  # in place: the angles' version changes
+    doubled = rope((3, 5))
+    torch.testing.assert_close(doubled[0], rope._tables((3, 5))[0])
+    assert not torch.equal(doubled[0], first[0])
+    rope.double()  # a new tensor
+    assert rope((3, 5))[0].dtype == torch.float64
