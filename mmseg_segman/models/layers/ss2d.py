@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ...ops import cross_selective_scan, direction_order, pointwise_conv2d
+from ...ops.dispatch import cast
 from ...ops.pointwise_conv import Residual
 
 NUM_DIRECTIONS = 4
@@ -63,10 +64,17 @@ class SS2D(nn.Module):
         batch, _, height, width = x.shape
         x_dbl = pointwise_conv2d(x, self.x_proj_weight.unsqueeze(-1))
         x_dbl = direction_order(x_dbl.view(batch, k, r + 2 * n, height, width))
-        dt_low, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=2)
-        y = cross_selective_scan(x, dt_low, self.dt_projs_weight, -torch.exp(self.A_logs.float()),
-                                 Bs, Cs, self.Ds.float(), self.dt_projs_bias.reshape(-1).float())
+        dt_low, Bs, Cs = x_dbl.split_with_sizes([r, n, n], dim=2)
+        y = cross_selective_scan(x, dt_low, self.dt_projs_weight, self._decay_rates(), Bs, Cs,
+                                 cast(self.Ds, torch.float32),
+                                 cast(self.dt_projs_bias.reshape(-1), torch.float32))
         return y if residual is None else residual.add_to(y)
+
+    def _decay_rates(self) -> Tensor:
+        """``A = -exp(A_logs)`` in float32; in place of the exponential where autograd does
+        not record (one kernel where inference would launch two)."""
+        rates = torch.exp(cast(self.A_logs, torch.float32))
+        return -rates if torch.is_grad_enabled() and self.A_logs.requires_grad else rates.neg_()
 
     def extra_repr(self) -> str:
         return f'embed_dim={self.embed_dim}, d_state={self.d_state}, dt_rank={self.dt_rank}'
