@@ -35,9 +35,10 @@ and traces again when the scopes around a compiled call change. For non-reentran
 ``torch.utils.checkpoint`` pass ``context_fn=recompute_in_current_scope`` so that the
 recompute runs on the same backends.
 """
+import importlib.util
 import os
 from contextlib import contextmanager, nullcontext
-from functools import lru_cache, wraps
+from functools import wraps
 from typing import (Callable, ContextManager, Dict, Iterator, List, Mapping, NamedTuple, Optional,
                     Tuple, Union)
 
@@ -72,17 +73,12 @@ def triton_unavailable(x: torch.Tensor) -> Optional[str]:
     ``TRITON_INTERPRET=1`` (Triton's interpreter, for CI), with triton installed; else why not."""
     if not x.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
         return 'needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)'
-    return None if triton_installed() else 'triton is not installed'
+    return None if TRITON_INSTALLED else 'triton is not installed'
 
 
-@lru_cache(maxsize=None)
-def triton_installed() -> bool:
-    """Whether triton imports (asked once)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# whether triton is installed, looked up once without importing it (a function with an
+# lru_cache would make dynamo warn when it traces a forward)
+TRITON_INSTALLED = importlib.util.find_spec('triton') is not None
 
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cross_scan import cross_merge, cross_scan, flip_reversed
-from .dispatch import TRITON_DTYPES, Backend, OpDispatcher, runs_anywhere, triton_installed
+from .dispatch import TRITON_DTYPES, TRITON_INSTALLED, Backend, OpDispatcher, runs_anywhere
 
 
 
@@ -314,7 +314,7 @@ def _cross_triton_unavailable(x, dt_low, dt_proj, A, B, C, D, delta_bias) -> Opt
     if any(t.dtype not in TRITON_DTYPES for t in (x, dt_low, B, C)):
         dtypes = {str(t.dtype) for t in (x, dt_low, B, C)}
         return f'needs float32, bfloat16 or float16 x, dt_low, B, C, got {sorted(dtypes)}'
-    return None if triton_installed() else 'triton is not installed'
+    return None if TRITON_INSTALLED else 'triton is not installed'
 
 
 def _cross_selective_scan_triton(x, dt_low, dt_proj, A, B, C, D, delta_bias):
