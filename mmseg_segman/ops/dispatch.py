@@ -327,9 +327,12 @@ class OpDispatcher:
         """Why ``backend`` cannot run these inputs here, or ``None`` if it can."""
         reason = self.backends[backend].unavailable(*args, **kwargs)
         if reason is not None and not isinstance(reason, str):
-            raise TypeError(f'unavailable() of backend {backend!r} of op {self.name!r} must '
-                            f'return None or a reason string, got {reason!r}')
+            raise self._not_a_reason(backend, reason)
         return reason
+
+    def _not_a_reason(self, backend: str, reason: object) -> TypeError:
+        return TypeError(f'unavailable() of backend {backend!r} of op {self.name!r} must '
+                         f'return None or a reason string, got {reason!r}')
 
     def resolve(self, *args, **kwargs) -> Tuple[str, Callable]:
         """The name and function of the backend that runs these inputs."""
@@ -347,7 +350,7 @@ class OpDispatcher:
             if reason is None:
                 return name, backend.fn
             if not isinstance(reason, str):
-                self.why_not(name, *args, **kwargs)  # refuses the reason
+                raise self._not_a_reason(name, reason)
         raise RuntimeError(f'no backend of op {self.name!r} can run these inputs')
 
     def select(self, *args, **kwargs) -> str:

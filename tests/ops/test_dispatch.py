@@ -136,6 +136,13 @@ def test_an_availability_check_must_return_a_reason(monkeypatch):
             neighborhood_attention_2d(*na_inputs())
 
 
+def test_automatic_choice_refuses_an_availability_check_without_a_reason(monkeypatch):
+    monkeypatch.setattr(NA, 'backends', {
+        'boolean': Backend(NA.backends['torch'].fn, lambda *a: False), **NA.backends})
+    with pytest.raises(TypeError, match="backend 'boolean' .* must return None or a reason"):
+        neighborhood_attention_2d(*na_inputs())
+
+
 def test_scope_survives_torch_compile(spy):
     compiled = torch.compile(lambda *args: neighborhood_attention_2d(*args), backend='eager')
     with use_backends(neighborhood_attention='spy'):
