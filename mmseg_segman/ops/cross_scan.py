@@ -41,11 +41,12 @@ _MAX_PLANES = 2 ** 16 - 1
 def _triton_unavailable(maps: Tensor) -> Optional[str]:
     """As :func:`eager_triton_unavailable`, for contiguous maps of at most 65535 planes."""
     reason = eager_triton_unavailable(maps)
-    if reason is None and not maps.is_contiguous():
+    if reason is not None:
+        return reason
+    if not maps.is_contiguous():
         return f'the maps are not contiguous (strides {tuple(maps.stride())})'
-    if reason is None and maps.shape[:3].numel() > _MAX_PLANES:
-        return f'{maps.shape[:3].numel()} planes (B * 4 * C) are over {_MAX_PLANES}'
-    return reason
+    planes = maps.shape[:3].numel()
+    return f'{planes} planes (B * 4 * C) are over {_MAX_PLANES}' if planes > _MAX_PLANES else None
 
 
 def _direction_order_triton(maps: Tensor) -> Tensor:

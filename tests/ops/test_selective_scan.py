@@ -88,6 +88,20 @@ def test_cross_scan_orders_and_merge_inverts(height, width):
     torch.testing.assert_close(cross_merge(xs, height, width), 4 * x)
 
 
+def test_direction_order_triton_needs_contiguous_maps_within_the_grid(monkeypatch):
+    """The kernel reads contiguous maps and has a plane of the grid per (b, k, c); other maps
+    get the reference (the reason says why)."""
+    pytest.importorskip('triton')
+    from mmseg_segman.ops.cross_scan import _direction_order
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    assert _direction_order.why_not('triton', torch.zeros(2, 4, 3, 5, 6)) is None
+    strided = torch.zeros(2, 4, 3, 6, 5).transpose(3, 4)
+    assert 'not contiguous' in _direction_order.why_not('triton', strided)
+    assert _direction_order.select(strided) == 'torch'
+    many = torch.zeros(1, 4, 2 ** 14, 1, 1)  # 65536 planes
+    assert '65536 planes' in _direction_order.why_not('triton', many)
+
+
 def test_cross_selective_scan_is_four_sequential_scans():
     torch.manual_seed(0)
     batch, channels, state, height, width = 2, 3, 1, 4, 5
