@@ -109,9 +109,8 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``, without the call where ``t`` has that dtype already (a no-op ``to``
-    costs about 1 us of host time on the development CPU; a SegMAN-T forward made 185 `to`
-    calls,
-    docs/benchmarks.md)."""
+    costs about 1 us of host time on the development CPU; a SegMAN-T forward made 185 ``to``
+    calls, docs/benchmarks.md)."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
