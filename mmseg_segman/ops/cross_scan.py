@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .dispatch import Backend, OpDispatcher, eager_triton_unavailable, runs_anywhere
+from .dispatch import Backend, OpDispatcher, triton_float_unavailable, runs_anywhere
 
 
 def both_orders(x: Tensor) -> Tensor:
@@ -39,8 +39,8 @@ _MAX_PLANES = 2 ** 16 - 1
 
 
 def _triton_unavailable(maps: Tensor) -> Optional[str]:
-    """As :func:`eager_triton_unavailable`, for contiguous maps of at most 65535 planes."""
-    reason = eager_triton_unavailable(maps)
+    """As :func:`triton_float_unavailable`, for contiguous maps of at most 65535 planes."""
+    reason = triton_float_unavailable(maps)
     if reason is not None:
         return reason
     if not maps.is_contiguous():
@@ -64,7 +64,7 @@ _direction_order = OpDispatcher('direction_order', {
 def direction_order(maps: Tensor) -> Tensor:
     """One map per direction in its direction order: ``(B, 4, C, H, W) -> (B, 4, C, H*W)``,
     directions 0 and 2 row-major, 1 and 3 column-major (a copy). Backends: ``triton`` (one
-    kernel, eager runs on CUDA) and ``torch`` (strided copies and ``stack``)."""
+    kernel, on CUDA) and ``torch`` (strided copies and ``stack``)."""
     if maps.dim() != 5 or maps.size(1) != 4:
         raise ValueError(f'direction_order expects (B, 4, C, H, W), got {tuple(maps.shape)}')
     return _direction_order(maps)

@@ -2,15 +2,14 @@
 (the SegMAN blocks' positional encodings, ``lepe``, the LASS and FFN depthwise convs).
 
 Backends: ``triton`` (:mod:`.triton_depthwise_conv`: one kernel in the map's layout, no
-per-shape plan, for eager runs on CUDA) and ``torch`` (``F.conv2d``). Under
-``torch.compile`` the reference runs.
+per-shape plan, on CUDA, eager or compiled) and ``torch`` (``F.conv2d``).
 """
 from typing import NamedTuple, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import (Backend, OpDispatcher, autocast_dtype, eager_triton_unavailable,
+from .dispatch import (Backend, OpDispatcher, autocast_dtype, triton_float_unavailable,
                        promote_types, runs_anywhere, with_contiguous_planes)
 
 ACTIVATIONS = (None, 'silu')
@@ -47,7 +46,7 @@ def _depthwise_conv2d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor], r
 
 
 def _triton_unavailable(x: Tensor, *args) -> Optional[str]:
-    return eager_triton_unavailable(x)
+    return triton_float_unavailable(x)
 
 
 def _depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: bool,

@@ -84,15 +84,13 @@ TRITON_INSTALLED = importlib.util.find_spec('triton') is not None
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def eager_triton_unavailable(x: torch.Tensor) -> Optional[str]:
-    """``None`` where an eager-only Triton backend can run on ``x``: where Triton runs
-    (:func:`triton_unavailable`), outside ``torch.compile`` (where the reference runs, and
-    inductor fuses it), on a float32, bfloat16 or float16 map computed in one of those."""
+def triton_float_unavailable(x: torch.Tensor) -> Optional[str]:
+    """``None`` where a Triton backend can run on ``x``: where Triton runs
+    (:func:`triton_unavailable`), on a float32, bfloat16 or float16 map computed in one of
+    those."""
     reason = triton_unavailable(x)
     if reason is not None:
         return reason
-    if torch.compiler.is_compiling():
-        return 'under torch.compile the reference runs (inductor fuses and plans it)'
     if x.dtype not in TRITON_DTYPES or autocast_dtype(x) not in TRITON_DTYPES:
         return (f'{x.dtype} maps (computed in {autocast_dtype(x)}) are not float32, bfloat16 '
                 'or float16')

@@ -1,18 +1,17 @@
 """LayerNorm over the channels of a ``(B, C, H, W)`` map (the SegMAN blocks' norms).
 
 Backends: ``triton`` (:mod:`.triton_layer_norm`: one kernel that reads and writes the map in
-its own layout, for eager runs on CUDA) and ``torch`` (``F.layer_norm`` on a channels-last
+its own layout, on CUDA, eager or compiled) and ``torch`` (``F.layer_norm`` on a channels-last
 view; on CUDA the result is made contiguous again so that the next layer's depthwise
 convolutions stay on PyTorch's own kernels: cuDNN runs channels-last ones but builds a plan
-for every new input shape, see docs/benchmarks.md). Under ``torch.compile`` the reference
-runs, since inductor fuses it with its neighbours.
+for every new input shape, see docs/benchmarks.md).
 """
 from typing import Optional, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import (Backend, OpDispatcher, autocast_dtype, eager_triton_unavailable,
+from .dispatch import (Backend, OpDispatcher, autocast_dtype, triton_float_unavailable,
                        planes_contiguous, runs_anywhere)
 
 
@@ -27,9 +26,9 @@ def _layer_norm_2d_torch(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
 
 def _triton_unavailable(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
                         addends: Sequence[Tensor]) -> Optional[str]:
-    """As :func:`eager_triton_unavailable`, for maps whose ``H x W`` planes are contiguous,
+    """As :func:`triton_float_unavailable`, for maps whose ``H x W`` planes are contiguous,
     with at most two addends."""
-    reason = eager_triton_unavailable(x)
+    reason = triton_float_unavailable(x)
     if reason is not None:
         return reason
     if not planes_contiguous(x):

@@ -3,12 +3,12 @@
 (:class:`Residual`: layer scale, stochastic depth and the shortcut).
 
 Backends: ``triton`` (:mod:`.triton_pointwise_conv`: the product on the tensor cores with
-the bias, the GELU and the residual connection applied before the result is stored; eager
-runs on CUDA), ``matmul`` (one batched matrix product with the weight broadcast over the
+the bias, the GELU and the residual connection applied before the result is stored; on
+CUDA, eager or compiled), ``matmul`` (one batched matrix product with the weight broadcast over the
 batch, then the bias: cuBLAS picks its kernel per shape in microseconds, where cuDNN builds
 an execution plan for every new input shape, about 2 ms for each of SegMAN-T's 60
 convolutions on an H100) and ``torch`` (``F.conv2d``, ``F.gelu`` and the residual connection
-as the released model computes it). Under ``torch.compile`` the reference runs.
+as the released model computes it).
 """
 from typing import NamedTuple, Optional
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import (Backend, OpDispatcher, autocast_dtype, cast, eager_triton_unavailable,
+from .dispatch import (Backend, OpDispatcher, autocast_dtype, cast, triton_float_unavailable,
                        promote_types, runs_anywhere)
 
 ACTIVATIONS = ('gelu', )
@@ -78,7 +78,7 @@ def _pointwise_conv2d_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor],
 
 
 def _triton_unavailable(x: Tensor, *args) -> Optional[str]:
-    return eager_triton_unavailable(x)
+    return triton_float_unavailable(x)
 
 
 def _pointwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],

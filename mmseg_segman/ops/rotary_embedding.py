@@ -7,16 +7,15 @@ of that pair and pixel (``sin``/``cos`` tables ``(H, W, d)`` of
 ``rotate(x)[2m+1] = x[2m]``.
 
 Backends: ``triton`` (:mod:`.triton_rotary_embedding`: one kernel reading the strided
-queries or keys in place, written out contiguous; eager runs on CUDA) and ``torch`` (the
-release's element-wise formula: six kernels, each a pass over the map). Under
-``torch.compile`` the reference runs.
+queries or keys in place, written out contiguous; on CUDA, eager or compiled) and ``torch``
+(the release's element-wise formula: six kernels, each a pass over the map).
 """
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .dispatch import Backend, OpDispatcher, cast, eager_triton_unavailable, runs_anywhere
+from .dispatch import Backend, OpDispatcher, cast, triton_float_unavailable, runs_anywhere
 
 
 def _rotary_embedding_torch(x: Tensor, sin: Tensor, cos: Tensor, scale: float) -> Tensor:
@@ -27,7 +26,7 @@ def _rotary_embedding_torch(x: Tensor, sin: Tensor, cos: Tensor, scale: float) -
 
 
 def _triton_unavailable(x: Tensor, sin: Tensor, cos: Tensor, scale: float) -> Optional[str]:
-    reason = eager_triton_unavailable(x)
+    reason = triton_float_unavailable(x)
     if reason is None and torch.is_grad_enabled() and (sin.requires_grad or cos.requires_grad):
         return 'sin and cos need gradients (the kernel has none for the tables)'
     return reason

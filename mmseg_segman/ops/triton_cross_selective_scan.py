@@ -49,11 +49,10 @@ projection by two matrix products in float32
 dtypes and layouts.
 
 ``torch.compile`` traces the kernels as the ``torch.library`` custom ops
-``mmseg_segman::cross_scan_forward`` and ``cross_scan_backward`` (with fake implementations
-and autograd), while eager calls skip the custom-op layer, whose dispatch costs host time at
-every call (:mod:`.triton_layer_norm`): they run the same functions in a plain
-``torch.autograd.Function`` with the same saved tensors, or launch the forward directly (no
-states stored) where autograd does not record.
+``mmseg_segman::cross_scan_forward`` and ``cross_scan_backward`` (:data:`CROSS_SCAN`, a
+:class:`~.triton_jit.TritonAutogradOp`); eager calls run the same functions in a plain
+``torch.autograd.Function``, or launch the forward directly (no states stored) where autograd
+does not record.
 """
 from typing import Callable, List, Optional, Tuple
 
@@ -64,7 +63,7 @@ from torch import Tensor
 
 from .dispatch import cast, with_contiguous_planes
 from .selective_scan import project_steps_backward
-from .triton_jit import (cdiv, dot_precision, eager_autograd, jit_with_runtime_ints, launch,
+from .triton_jit import (TritonAutogradOp, cdiv, dot_precision, jit_with_runtime_ints, launch,
                          next_power_of_2, records_autograd)
 
 
@@ -401,7 +400,8 @@ def _both_orders(x: Tensor) -> Tensor:
 
 def _reordered(src: Tensor, height: int, width: int, inverse: bool) -> Tensor:
     """:func:`_direction_order_kernel` from ``src`` (``(B, 4, C, H, W)`` maps, or ``(B, 4, C,
-    L)`` sequences with ``inverse``), contiguous, into a new tensor of the other layout."""
+    L)`` sequences with ``inverse``) into a new, contiguous tensor of the other layout."""
+    src = src.contiguous()
     batch, directions, channels = src.shape[:3]
     layout = (height, width) if inverse else (height * width, )
     out = torch.empty(batch, directions, channels, *layout, dtype=src.dtype, device=src.device)
@@ -414,26 +414,36 @@ def _reordered(src: Tensor, height: int, width: int, inverse: bool) -> Tensor:
     return out
 
 
-class _DirectionOrder(torch.autograd.Function):
+def _reordered_fake(src, height, width, inverse):
+    layout = (height, width) if inverse else (height * width, )
+    return src.new_empty(*src.shape[:3], *layout)
 
-    @staticmethod
-    def forward(ctx, maps: Tensor) -> Tensor:
-        ctx.size = maps.shape[3:]
-        return _reordered(maps, *ctx.size, inverse=False)
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return _reordered(grad.contiguous(), *ctx.size, inverse=True)
+def _direction_order_setup_context(ctx, inputs, output):
+    ctx.size = inputs[1:3]
+
+
+def _direction_order_gradients(forward: Callable, backward: Callable) -> Callable:
+    """The autograd backward: the maps back from the sequences, by ``backward``."""
+
+    def gradients(ctx, grad):
+        return backward(grad, *ctx.size, True), None, None, None
+
+    return gradients
+
+
+# the forward and the backward are one kernel, one way and the other
+DIRECTION_ORDER = TritonAutogradOp('direction_order', _reordered, _reordered_fake, _reordered,
+                                   _reordered_fake, _direction_order_setup_context,
+                                   _direction_order_gradients)
 
 
 def direction_order_triton(maps: Tensor) -> Tensor:
     """:func:`.cross_scan.direction_order` of contiguous ``maps (B, 4, C, H, W)`` in one
     kernel (PyTorch's strided copies and ``stack`` took three, and their Python a tenth of
     SegMAN-L's host time at batch 1, docs/benchmarks.md); the backward pass is the same
-    kernel the other way. Without autograd recording the kernel is launched directly."""
-    if records_autograd(maps):
-        return _DirectionOrder.apply(maps)
-    return _reordered(maps, *maps.shape[3:], inverse=False)
+    kernel the other way. Through :data:`DIRECTION_ORDER`."""
+    return DIRECTION_ORDER(maps, *maps.shape[3:], False, records=records_autograd(maps))
 
 
 def _project_steps(dt_low: Tensor, dt_proj: Tensor) -> Tensor:
@@ -502,17 +512,7 @@ def _cross_scan_forward_impl(x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tens
     return _merge(ys, height, width, x.dtype), states
 
 
-@torch.library.custom_op('mmseg_segman::cross_scan_forward', mutates_args=())
-def cross_scan_forward(x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tensor, B: Tensor,
-                       C: Tensor, D: Tensor, delta_bias: Tensor, store_states: bool,
-                       blocks: List[int]) -> Tuple[Tensor, Tensor]:
-    """:func:`_cross_scan_forward_impl` as an op that ``torch.compile`` traces."""
-    return _cross_scan_forward_impl(x, dt_low, dt_proj, A, B, C, D, delta_bias, store_states,
-                                    blocks)
-
-
-@cross_scan_forward.register_fake
-def _(x, dt_low, dt_proj, A, B, C, D, delta_bias, store_states, blocks):
+def _cross_scan_forward_fake(x, dt_low, dt_proj, A, B, C, D, delta_bias, store_states, blocks):
     batch, channels, height, width = x.shape
     count = checkpoint_count(height * width, blocks[3:]) if store_states else 0
     return x.new_empty(batch, channels, height, width), _float32(batch, 4, channels, count, like=x)
@@ -557,17 +557,7 @@ def _cross_scan_backward_impl(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Te
             cast(d_bc.sum(3, keepdim=True), _bc_dtype(B, C)), d_params.sum(1))
 
 
-@torch.library.custom_op('mmseg_segman::cross_scan_backward', mutates_args=())
-def cross_scan_backward(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tensor,
-                        B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor, states: Tensor,
-                        blocks: List[int]) -> PackedGradients:
-    """:func:`_cross_scan_backward_impl` as an op that ``torch.compile`` traces."""
-    return _cross_scan_backward_impl(dy, x, dt_low, dt_proj, A, B, C, D, delta_bias, states,
-                                     blocks)
-
-
-@cross_scan_backward.register_fake
-def _(dy, x, dt_low, dt_proj, A, B, C, D, delta_bias, states, blocks):
+def _cross_scan_backward_fake(dy, x, dt_low, dt_proj, A, B, C, D, delta_bias, states, blocks):
     return (*(torch.empty_like(t, memory_format=torch.contiguous_format)
               for t in (x, dt_low, dt_proj)),
             B.new_empty(2, *B.shape, dtype=_bc_dtype(B, C)), _float32(3, D.shape[0], like=x))
@@ -585,17 +575,16 @@ def _unpacked(grads: PackedGradients, inputs: Tuple[Tensor, ...]) -> Tuple[Tenso
 
 
 def _setup_context(ctx, inputs, output):
-    """What the backward needs, for the custom op and :class:`_CrossSelectiveScan` alike."""
+    """What the backward needs, for the custom op and the eager Function alike."""
     *tensors, store_states, blocks = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(*tensors, output[1])
     ctx.store_states, ctx.blocks = store_states, blocks
 
 
-def _backward_through(forward: Callable, backward: Callable) -> Callable:
-    """The autograd backward that recomputes states with ``forward`` and computes the
-    gradients with ``backward``: the custom ops (under ``torch.compile``) or
-    :func:`_cross_scan_forward_impl` and :func:`_cross_scan_backward_impl` (eager)."""
+def _gradients(forward: Callable, backward: Callable) -> Callable:
+    """The autograd backward that recomputes states with ``forward`` where the forward pass
+    stored none and computes the gradients with ``backward``."""
 
     def gradients(ctx, dy, grad_states):
         # saved_tensors is unpacked once: checkpointing (with_cp) forbids a second unpack
@@ -609,14 +598,9 @@ def _backward_through(forward: Callable, backward: Callable) -> Callable:
     return gradients
 
 
-cross_scan_forward.register_autograd(_backward_through(cross_scan_forward, cross_scan_backward),
-                                     setup_context=_setup_context)
-
-
-# the custom op's autograd without its dispatch, for eager calls
-_CrossSelectiveScan = eager_autograd(
-    '_CrossSelectiveScan', _cross_scan_forward_impl, _setup_context,
-    _backward_through(_cross_scan_forward_impl, _cross_scan_backward_impl))
+CROSS_SCAN = TritonAutogradOp('cross_scan', _cross_scan_forward_impl, _cross_scan_forward_fake,
+                              _cross_scan_backward_impl, _cross_scan_backward_fake,
+                              _setup_context, _gradients)
 
 
 def cross_selective_scan_triton(x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tensor,
@@ -635,9 +619,7 @@ def cross_selective_scan_triton(x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: T
             map's size.
 
     Returns:
-        ``(B, D, H, W)`` in ``x``'s dtype. Under ``torch.compile`` the custom op
-        :func:`cross_scan_forward` runs; eagerly the kernels are launched through
-        :class:`_CrossSelectiveScan`, or directly without autograd recording (inference).
+        ``(B, D, H, W)`` in ``x``'s dtype, through :data:`CROSS_SCAN`.
     """
     inputs = (x, dt_low, dt_proj, A, B, C, D, delta_bias)
     store_states = records_autograd(*inputs)
@@ -645,8 +627,4 @@ def cross_selective_scan_triton(x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: T
     if fwd_blocks is not None or bwd_blocks is not None:
         blocks = [*(fwd_blocks or _blocks(x, [])),
                   *(bwd_blocks or _blocks(x, []))]
-    if torch.compiler.is_compiling():
-        return cross_scan_forward(*inputs, store_states, blocks)[0]
-    if store_states:
-        return _CrossSelectiveScan.apply(*inputs, store_states, blocks)[0]
-    return _cross_scan_forward_impl(*inputs, store_states, blocks)[0]
+    return CROSS_SCAN(*inputs, store_states, blocks, records=store_states)[0]

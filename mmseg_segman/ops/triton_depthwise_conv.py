@@ -15,9 +15,10 @@ in one pass. The weight and bias gradients (:func:`_dw_bwd_weight_kernel`): each
 element costs ``k + 1`` loads and ``k * k`` multiply-adds into the program's sums, which
 PyTorch adds up. Sizes and strides are runtime values and the tiles are 32 or 64 wide after
 the map's width (:func:`tile_shape`): a few compilations per (dtype, k) and kernel serve
-every map size. A plain ``torch.autograd.Function``, as :mod:`.triton_layer_norm` explains.
+every map size. ``torch.compile`` traces the kernels as custom ops (:data:`DEPTHWISE_CONV2D`, a
+:class:`~.triton_jit.TritonAutogradOp`).
 """
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -25,8 +26,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .depthwise_conv import RunningBatchNorm, norm_and_activation
-from .dispatch import cast
-from .triton_jit import (cdiv, jit_with_runtime_ints, launch, next_power_of_2,
+from .dispatch import cast, with_contiguous_planes
+from .triton_jit import (TritonAutogradOp, cdiv, jit_with_runtime_ints, launch, next_power_of_2,
                          records_autograd)
 
 NUM_WARPS = 4
@@ -290,10 +291,11 @@ def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool, res
     return y
 
 
-def _weight_and_bias_gradients(dy: Tensor, x: Tensor, kernel: int) -> Tuple[Tensor, Tensor]:
-    """``(C * k * k)`` and ``(C,)`` float32, contiguous: the sums over batch and pixels, one
-    reduction of the programs' partial sums (each gradient a contiguous part of its result,
-    which autograd accumulates as it is, where a strided one would be copied first)."""
+def _weight_and_bias_gradients(dy: Tensor, x: Tensor, kernel: int) -> Tensor:
+    """``(C * k * k + C,)`` float32: the weight's gradient, then the bias's, the sums over
+    batch and pixels, one reduction of the programs' partial sums (each gradient a contiguous
+    part of its result, which autograd accumulates as it is, where a strided one would be
+    copied first)."""
     batch, channels, height, width = x.shape
     elements, unroll = WEIGHT_GRADIENT_TILES.get(kernel, WEIGHT_GRADIENT_TILE_OTHER_K)
     batches, block_w = tile_shape(width, elements, batch)
@@ -308,33 +310,74 @@ def _weight_and_bias_gradients(dy: Tensor, x: Tensor, kernel: int) -> Tuple[Tens
     launch(_dw_bwd_weight_kernel, (lanes, bands, channels), x, dy, partial, height, width,
            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), batch, strips, band,
            KERNEL=kernel, NB=batches, BLOCK_W=block_w, UNROLL=unroll, num_warps=NUM_WARPS)
-    sums = partial.sum(0)
-    return sums[:channels * kernel * kernel], sums[channels * kernel * kernel:]
+    return partial.sum(0)
 
 
-class _DepthwiseConv2d(torch.autograd.Function):
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: bool,
+             out_dtype: torch.dtype, norm_mean: Optional[Tensor], norm_var: Optional[Tensor],
+             norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float,
+             silu: bool) -> Tensor:
+    """:func:`_convolve`; the norm's four tensors (:class:`RunningBatchNorm`) all None or
+    none."""
+    norm = None if norm_mean is None else RunningBatchNorm(norm_mean, norm_var, norm_weight,
+                                                           norm_bias, norm_eps)
+    return _convolve(x, weight, bias, flip=False, residual=residual, dtype=out_dtype, norm=norm,
+                     silu=silu)
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: bool,
-                out_dtype: torch.dtype) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.residual = residual
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return _convolve(x, weight, bias, flip=False, residual=residual, dtype=out_dtype)
 
-    @staticmethod
-    def backward(ctx, dy: Tensor):
+def _forward_fake(x, weight, bias, residual, out_dtype, *norm_and_silu):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+def _backward(dy: Tensor, x: Tensor, weight: Tensor, residual: bool, input_grad: bool,
+              parameter_grads: bool) -> Tuple[Tensor, Tensor]:
+    """The input's gradient (``x``'s dtype) if ``input_grad``, and if ``parameter_grads``
+    the weight's and the bias's, float32, in one ``(C * k * k + C,)`` tensor (each an empty
+    tensor where not asked for)."""
+    dy = with_contiguous_planes(dy)
+    dx = _convolve(dy, weight, None, flip=True, residual=residual, dtype=x.dtype) \
+        if input_grad else x.new_empty(0)
+    sums = _weight_and_bias_gradients(dy, x, weight.shape[-1]) if parameter_grads \
+        else x.new_empty(0, dtype=torch.float32)
+    return dx, sums
+
+
+def _backward_fake(dy, x, weight, residual, input_grad, parameter_grads):
+    channels, _, k, _ = weight.shape
+    return (x.new_empty(x.shape if input_grad else (0, )),
+            x.new_empty(channels * (k * k + 1) if parameter_grads else 0, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, _, norm_mean, *_ = inputs
+    if norm_mean is not None:
+        raise RuntimeError('the Triton depthwise convolution has no backward pass through a '
+                           'norm: the norm follows as its own op where autograd records')
+    ctx.save_for_backward(x, weight)
+    ctx.residual = residual
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _gradients(forward: Callable, backward: Callable) -> Callable:
+    """The autograd backward: every gradient by ``backward``, the parameters' cast to their
+    dtypes (views of one sum, contiguous, which autograd accumulates as they are)."""
+
+    def gradients(ctx, dy):
         x, weight = ctx.saved_tensors
-        dy = dy.contiguous()
         needed = ctx.needs_input_grad
-        dx = _convolve(dy, weight, None, flip=True, residual=ctx.residual, dtype=x.dtype) \
-            if needed[0] else None
-        dw = db = None
-        if needed[1] or needed[2]:
-            dw, db = _weight_and_bias_gradients(dy, x, weight.shape[-1])
-            dw = cast(dw.view(weight.shape), weight.dtype)
-            db = cast(db, ctx.bias_dtype) if needed[2] else None
-        return dx, dw if needed[1] else None, db, None, None
+        dx, sums = backward(dy, x, weight, ctx.residual, needed[0], needed[1] or needed[2])
+        weight_size = weight.numel()
+        return (dx if needed[0] else None,
+                cast(sums[:weight_size].view(weight.shape), weight.dtype) if needed[1] else None,
+                cast(sums[weight_size:], ctx.bias_dtype) if needed[2] else None,
+                *(None for _ in needed[3:]))
+
+    return gradients
+
+
+_NO_NORM = (None, None, None, None, 0.0)  # the norm arguments of a convolution without one
+DEPTHWISE_CONV2D = TritonAutogradOp('depthwise_conv2d', _forward, _forward_fake, _backward,
+                                    _backward_fake, _setup_context, _gradients)
 
 
 def depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -344,12 +387,14 @@ def depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)``, plus ``x`` if ``residual``,
     then ``norm`` and ``activation`` (None or ``'silu'``), for ``x (B, C, H, W)`` (each
     ``H x W`` plane contiguous, any float dtype: read as is and computed in float32) and
-    ``weight (C, 1, k, k)``, ``k`` odd; in ``out_dtype`` (default ``x``'s). Without autograd
-    recording (inference) the kernel is launched directly, the norm and the activation in its
-    pass; else they follow as PyTorch's ops (the kernel has no backward for them)."""
+    ``weight (C, 1, k, k)``, ``k`` odd; in ``out_dtype`` (default ``x``'s), through
+    :data:`DEPTHWISE_CONV2D`. Without autograd recording (inference) the norm and the
+    activation are applied in the convolution's pass; else they follow as PyTorch's ops (the
+    kernel has no backward for them)."""
     out_dtype = out_dtype or x.dtype
     if records_autograd(x, weight, bias, *(norm or ())[:4]):
-        out = _DepthwiseConv2d.apply(x, weight, bias, residual, out_dtype)
+        out = DEPTHWISE_CONV2D(x, weight, bias, residual, out_dtype, *_NO_NORM, False,
+                               records=True)
         return norm_and_activation(out, norm, activation)
-    return _convolve(x, weight, bias, flip=False, residual=residual, dtype=out_dtype, norm=norm,
-                     silu=activation == 'silu')
+    return DEPTHWISE_CONV2D(x, weight, bias, residual, out_dtype, *(norm or _NO_NORM),
+                            activation == 'silu', records=False)

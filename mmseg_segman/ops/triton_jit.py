@@ -62,6 +62,50 @@ def eager_autograd(name: str, forward: Callable, setup_context: Callable,
         forward=staticmethod(forward_with_ctx), backward=staticmethod(backward)))
 
 
+class TritonAutogradOp:
+    """A Triton op as two ``torch.library`` custom ops, ``mmseg_segman::<name>_forward`` and
+    ``mmseg_segman::<name>_backward`` (what ``torch.compile`` traces, their fake
+    implementations giving the outputs' shapes), the forward one with its autograd, and as a
+    ``torch.autograd.Function`` (:func:`eager_autograd`) for eager calls: a custom op's
+    dispatch cost 20-45 us of host time a call on the GPU machine
+    (``tools/gpu_checks/check_host_time.py --ops``).
+
+    ``forward(*inputs)`` and ``backward(*args)`` return new tensors (no output a view of an
+    input or of another output) and are typed as custom ops need (``List[int]``, not
+    ``Sequence``; a tensor that needs a gradient is an argument of its own);
+    ``setup_context(ctx, inputs, output)`` keeps what the backward pass needs;
+    ``gradients(forward, backward)`` makes the autograd backward ``(ctx, *output_grads) ->
+    input grads`` that computes with those two: the custom ops under ``torch.compile``, the
+    functions eagerly. ``direct(*inputs)``: what runs eagerly where autograd does not record,
+    returning what ``forward`` does (default ``forward``)."""
+
+    def __init__(self, name: str, forward: Callable, forward_fake: Callable, backward: Callable,
+                 backward_fake: Callable, setup_context: Callable,
+                 gradients: Callable[[Callable, Callable], Callable],
+                 direct: Optional[Callable] = None):
+        self.forward_op = torch.library.custom_op(f'mmseg_segman::{name}_forward', forward,
+                                                  mutates_args=())
+        self.forward_op.register_fake(forward_fake)
+        self.backward_op = torch.library.custom_op(f'mmseg_segman::{name}_backward', backward,
+                                                   mutates_args=())
+        self.backward_op.register_fake(backward_fake)
+        self.forward_op.register_autograd(gradients(self.forward_op, self.backward_op),
+                                          setup_context=setup_context)
+        self.function = eager_autograd(f'{name}_function', forward, setup_context,
+                                       gradients(forward, backward))
+        self.direct = direct or forward
+
+    def __call__(self, *inputs, records: bool):
+        """The forward's outputs: through the custom op under ``torch.compile``; eagerly
+        through :attr:`function` where ``records`` (autograd records the op, see
+        :func:`records_autograd`), else :attr:`direct` (no autograd node)."""
+        if torch.compiler.is_compiling():
+            return self.forward_op(*inputs)
+        if records:
+            return self.function.apply(*inputs)
+        return self.direct(*inputs)
+
+
 @contextmanager
 def kernels_not_launched() -> Iterator[None]:
     """Every Triton kernel call a no-op, compiled or under Triton's interpreter: the host's

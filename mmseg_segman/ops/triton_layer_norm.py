@@ -15,11 +15,10 @@ from the saved per-pixel mean and ``rstd``; every program writes its partial sum
 bias gradients (one reduction). Sizes and strides are runtime values: one compilation per
 dtype serves every map size.
 
-A plain ``torch.autograd.Function``, not a ``torch.library`` custom op: under ``torch.compile``
-the reference runs, so nothing traces it, and a custom op's dispatch cost 20-45 us of host
-time a call on the GPU machine (``tools/gpu_checks/check_host_time.py --ops``).
+``torch.compile`` traces the kernels as the custom ops ``mmseg_segman::layer_norm_2d_forward``
+and ``_backward`` (:data:`LAYER_NORM_2D`, a :class:`~.triton_jit.TritonAutogradOp`).
 """
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -27,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import cast, with_contiguous_planes
-from .triton_jit import cdiv, jit_with_runtime_ints, launch, records_autograd
+from .triton_jit import TritonAutogradOp, cdiv, jit_with_runtime_ints, launch, records_autograd
 
 BLOCK_C = 32
 BLOCK_P = 64
@@ -51,14 +50,22 @@ def _program_pixels(pixels, BLOCK_P: tl.constexpr):
     return batch, p, p < pixels
 
 
+@triton.jit
+def _stats_pointers(stats_ptr, batch, pixels, p):
+    """Where pixels ``p`` of a batch element keep their mean and ``rstd`` in the float32
+    statistics ``(2, B, H*W)``: the means, then the ``rstd`` (B: the grid's second size)."""
+    mean_ptrs = stats_ptr + batch * pixels + p
+    return mean_ptrs, mean_ptrs + tl.num_programs(1).to(tl.int64) * pixels
+
+
 @jit_with_runtime_ints(_RUNTIME_INTS)
-def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, a1_ptr, a2_ptr, y_ptr, mean_ptr, rstd_ptr, channels,
+def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, a1_ptr, a2_ptr, y_ptr, stats_ptr, channels,
                      pixels, sx_b, sx_c, sa1_b, sa1_c, sa2_b, sa2_c, sy_b, sy_c, eps,
                      ADDENDS: tl.constexpr, STATS: tl.constexpr, BLOCK_C: tl.constexpr,
                      BLOCK_P: tl.constexpr):
     """``y = layer_norm(x) + a1 + a2`` (the first ``ADDENDS`` of them) for ``BLOCK_P``
     pixels of one batch element; with ``STATS`` the mean and ``rstd`` stored for the backward
-    pass."""
+    pass (:func:`_stats_pointers`)."""
     batch, p, p_ok = _program_pixels(pixels, BLOCK_P)
     x_off = batch * sx_b
     total = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -87,18 +94,20 @@ def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, a1_ptr, a2_ptr, y_ptr, mean_ptr, rstd_
             out += _tile(a2_ptr, batch * sa2_b, c, sa2_c, p, ok)
         tl.store(y_ptr + batch * sy_b + c[:, None] * sy_c + p[None, :], out, mask=ok)
     if STATS:
-        tl.store(mean_ptr + batch * pixels + p, mean, mask=p_ok)
-        tl.store(rstd_ptr + batch * pixels + p, rstd, mask=p_ok)
+        mean_ptrs, rstd_ptrs = _stats_pointers(stats_ptr, batch, pixels, p)
+        tl.store(mean_ptrs, mean, mask=p_ok)
+        tl.store(rstd_ptrs, rstd, mask=p_ok)
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
-def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, partial_ptr, channels,
+def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, stats_ptr, dx_ptr, partial_ptr, channels,
                      pixels, pixel_blocks, sx_b, sx_c, sd_b, sd_c, sy_b, sy_c,
                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     batch, p, p_ok = _program_pixels(pixels, BLOCK_P)
     x_off, dy_off = batch * sx_b, batch * sd_b
-    mean = tl.load(mean_ptr + batch * pixels + p, mask=p_ok, other=0.0)
-    rstd = tl.load(rstd_ptr + batch * pixels + p, mask=p_ok, other=0.0)
+    mean_ptrs, rstd_ptrs = _stats_pointers(stats_ptr, batch, pixels, p)
+    mean = tl.load(mean_ptrs, mask=p_ok, other=0.0)
+    rstd = tl.load(rstd_ptrs, mask=p_ok, other=0.0)
     sum_g = tl.zeros([BLOCK_P], dtype=tl.float32)
     sum_gx = tl.zeros([BLOCK_P], dtype=tl.float32)
     for c0 in range(0, channels, BLOCK_C):
@@ -136,66 +145,99 @@ def _plane_strides(x: Tensor) -> Tuple[int, int]:
     return x.stride(0), x.stride(1)
 
 
-def _forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype,
-             addends: Sequence[Tensor] = (),
-             stats: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """``y (B, C, H, W)`` contiguous in ``out_dtype`` (plus the ``addends``, at most two, each
-    with contiguous ``H x W`` planes), and with ``stats`` the float32 mean and ``rstd``
-    ``(B, H*W)`` of every pixel (else None: inference needs none)."""
+def _forward(x: Tensor, weight: Tensor, bias: Tensor, addend1: Optional[Tensor],
+             addend2: Optional[Tensor], eps: float, out_dtype: torch.dtype,
+             stats: bool) -> Tuple[Tensor, Tensor]:
+    """``y (B, C, H, W)`` contiguous in ``out_dtype`` (plus the addends, each None or with
+    contiguous ``H x W`` planes), and with ``stats`` the float32 mean and ``rstd`` of every
+    pixel, ``(2, B, H*W)`` (else an empty tensor: inference needs none)."""
+    y, stats = _launch_forward(x, weight, bias, addend1, addend2, eps, out_dtype, stats)
+    return y, y.new_empty(0, dtype=torch.float32) if stats is None else stats
+
+
+def _forward_fake(x, weight, bias, addend1, addend2, eps, out_dtype, stats):
+    batch, _, height, width = x.shape
+    return (x.new_empty(x.shape, dtype=out_dtype),
+            x.new_empty((2, batch, height * width) if stats else (0, ), dtype=torch.float32))
+
+
+def _launch_forward(x: Tensor, weight: Tensor, bias: Tensor, addend1: Optional[Tensor],
+                    addend2: Optional[Tensor], eps: float, out_dtype: torch.dtype,
+                    stats: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """:func:`_forward` with None for the statistics not stored (no empty tensor made)."""
     batch, channels, height, width = x.shape
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    mean, rstd = (torch.empty(batch, height * width, dtype=torch.float32, device=x.device)
-                  for _ in range(2)) if stats else (y, y)  # y stands for the stats not stored
-    a1, a2 = (*addends, x, x)[:2]  # x stands for the addends that are not read
-    launch(_ln2d_fwd_kernel, _grid(x), x, weight, bias, a1, a2, y, mean, rstd, channels,
-           height * width, *_plane_strides(x), *_plane_strides(a1), *_plane_strides(a2),
-           *_plane_strides(y), eps, ADDENDS=len(addends), STATS=stats, BLOCK_C=BLOCK_C,
+    stats = torch.empty(2, batch, height * width, dtype=torch.float32,
+                        device=x.device) if stats else None
+    addends = 2 if addend2 is not None else 1 if addend1 is not None else 0
+    a1, a2 = addend1 if addend1 is not None else x, addend2 if addend2 is not None else x
+    # y stands for the statistics not stored, x for the addends not read
+    launch(_ln2d_fwd_kernel, _grid(x), x, weight, bias, a1, a2, y, y if stats is None else stats,
+           channels, height * width, *_plane_strides(x), *_plane_strides(a1), *_plane_strides(a2),
+           *_plane_strides(y), eps, ADDENDS=addends, STATS=stats is not None, BLOCK_C=BLOCK_C,
            BLOCK_P=BLOCK_P, num_warps=NUM_WARPS)
-    return (y, mean, rstd) if stats else (y, None, None)
+    return y, stats
 
 
-def _backward(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
-              rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """``dx`` (contiguous, ``x``'s dtype), ``d weight`` and ``d bias`` (``weight``'s dtype)."""
+def _backward(dy: Tensor, x: Tensor, weight: Tensor, stats: Tensor) -> Tuple[Tensor, Tensor]:
+    """``dx`` (contiguous, ``x``'s dtype) and ``d weight`` then ``d bias`` in one ``(2C,)``
+    tensor (``weight``'s dtype)."""
     channels = x.shape[1]
     grid = _grid(x)
+    dy = with_contiguous_planes(dy)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     partial = torch.empty(grid[1] * grid[0], 2 * channels, dtype=torch.float32, device=x.device)
-    launch(_ln2d_bwd_kernel, grid, dy, x, weight, mean, rstd, dx, partial, channels,
+    launch(_ln2d_bwd_kernel, grid, dy, x, weight, stats, dx, partial, channels,
            x.shape[2] * x.shape[3], grid[0], *_plane_strides(x),
            *_plane_strides(dy), *_plane_strides(dx),
            BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, num_warps=NUM_WARPS)
-    sums = cast(partial.sum(0), weight.dtype)  # one reduction for both
-    return dx, sums[:channels], sums[channels:]
+    return dx, cast(partial.sum(0), weight.dtype)  # one reduction for both
 
 
-class _LayerNorm2d(torch.autograd.Function):
+def _backward_fake(dy, x, weight, stats):
+    return x.new_empty(x.shape), weight.new_empty(2 * x.shape[1])
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float,
-                out_dtype: torch.dtype, *addends: Tensor) -> Tensor:
-        y, mean, rstd = _forward(x, weight, bias, eps, out_dtype, addends)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.addend_dtypes = [a.dtype for a in addends]
-        return y
 
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        dy = dy.contiguous()
-        dx, dw, db = _backward(dy, *ctx.saved_tensors)
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, addend1, addend2, eps, _, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, bias, output[1])
+    ctx.eps = eps
+    ctx.addend_dtypes = [None if a is None else a.dtype for a in (addend1, addend2)]
+
+
+def _gradients(forward: Callable, backward: Callable) -> Callable:
+    """The autograd backward: the input's, weight's and bias's gradients by ``backward``
+    (the statistics computed again by ``forward`` where the forward pass stored none), the
+    addends' the output's."""
+
+    def gradients(ctx, dy, grad_stats):
+        x, weight, bias, stats = ctx.saved_tensors
         needed = ctx.needs_input_grad
-        return (dx if needed[0] else None, dw if needed[1] else None, db if needed[2] else None,
-                None, None, *(cast(dy, dtype) if need else None
-                              for dtype, need in zip(ctx.addend_dtypes, needed[5:])))
+        if stats.numel() == 0:
+            stats = forward(x, weight, bias, None, None, ctx.eps, x.dtype, True)[1]
+        dx, sums = backward(dy, x, weight, stats)
+        channels = x.shape[1]
+        return (dx if needed[0] else None, sums[:channels] if needed[1] else None,
+                sums[channels:] if needed[2] else None,
+                *(cast(dy, dtype) if need else None
+                  for dtype, need in zip(ctx.addend_dtypes, needed[3:5])), None, None, None)
+
+    return gradients
+
+
+LAYER_NORM_2D = TritonAutogradOp('layer_norm_2d', _forward, _forward_fake, _backward,
+                                 _backward_fake, _setup_context, _gradients,
+                                 direct=_launch_forward)
 
 
 def layer_norm_2d_triton(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
                          out_dtype: torch.dtype, addends: Sequence[Tensor] = ()) -> Tensor:
     """LayerNorm over dim 1 of ``x (B, C, H, W)`` (each ``H x W`` plane contiguous), plus
     the ``addends`` (at most two maps of ``x``'s shape: the residual sums that follow the norm,
-    in the same pass), in ``out_dtype``; returns a contiguous ``(B, C, H, W)``. Without
-    autograd recording (inference) the kernel is launched directly, with no autograd node."""
-    addends = tuple(map(with_contiguous_planes, addends))
-    if records_autograd(x, weight, bias, *addends):
-        return _LayerNorm2d.apply(x, weight, bias, eps, out_dtype, *addends)
-    return _forward(x, weight, bias, eps, out_dtype, addends, stats=False)[0]
+    in the same pass), in ``out_dtype``; returns a contiguous ``(B, C, H, W)``, through
+    :data:`LAYER_NORM_2D` (statistics stored only where autograd records)."""
+    addend1, addend2 = (*map(with_contiguous_planes, addends), None, None)[:2]
+    records = records_autograd(x, weight, bias, addend1, addend2)
+    return LAYER_NORM_2D(x, weight, bias, addend1, addend2, eps, out_dtype, records,
+                         records=records)[0]

@@ -39,10 +39,9 @@ which depend on the layout and the head dim only: one compilation per (dtype, he
 size, rpb or not, layout) serves every batch and map size.
 
 ``torch.compile`` traces the kernels as the ``torch.library`` custom ops
-``mmseg_segman::na2d_forward`` and ``na2d_backward`` (with fake implementations and autograd),
-while eager calls skip the custom-op layer, whose dispatch costs host time at every call
-(:mod:`.triton_layer_norm`): they run the same functions in a plain ``torch.autograd.Function``
-with the same saved tensors, or launch the forward directly where autograd does not record.
+``mmseg_segman::na2d_forward`` and ``na2d_backward`` (:data:`NA2D`, a
+:class:`~.triton_jit.TritonAutogradOp`); eager calls run the same functions in a plain
+``torch.autograd.Function``, or launch the forward directly where autograd does not record.
 """
 import math
 from functools import lru_cache
@@ -54,7 +53,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import (cdiv, dot_precision, eager_autograd, jit_with_runtime_ints, launch,
+from .triton_jit import (TritonAutogradOp, cdiv, dot_precision, jit_with_runtime_ints, launch,
                          next_power_of_2, records_autograd)
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -426,15 +425,7 @@ def _na2d_forward_impl(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], k
     return out, lse
 
 
-@torch.library.custom_op('mmseg_segman::na2d_forward', mutates_args=())
-def na2d_forward(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size: int,
-                 blocks: List[int]) -> Tuple[Tensor, Tensor]:
-    """:func:`_na2d_forward_impl` as an op that ``torch.compile`` traces."""
-    return _na2d_forward_impl(q, k, v, rpb, kernel_size, blocks)
-
-
-@na2d_forward.register_fake
-def _(q, k, v, rpb, kernel_size, blocks):
+def _na2d_forward_fake(q, k, v, rpb, kernel_size, blocks):
     return _channels_first(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -495,22 +486,13 @@ def _na2d_backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: 
     return dq, dk, dv, drpb
 
 
-@torch.library.custom_op('mmseg_segman::na2d_backward', mutates_args=())
-def na2d_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor],
-                  out: Tensor, lse: Tensor, kernel_size: int, rpb_grad: bool,
-                  blocks: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`_na2d_backward_impl` as an op that ``torch.compile`` traces."""
-    return _na2d_backward_impl(grad_out, q, k, v, rpb, out, lse, kernel_size, rpb_grad, blocks)
-
-
-@na2d_backward.register_fake
-def _(grad_out, q, k, v, rpb, out, lse, kernel_size, rpb_grad, blocks):
+def _na2d_backward_fake(grad_out, q, k, v, rpb, out, lse, kernel_size, rpb_grad, blocks):
     drpb = rpb.new_empty(rpb.shape) if rpb is not None and rpb_grad else q.new_empty(0)
     return _channels_first(q), _channels_first(k), _channels_first(v), drpb
 
 
 def _setup_context(ctx, inputs, output):
-    """What the backward needs, for the custom op and :class:`_NeighborhoodAttention` alike."""
+    """What the backward needs, for the custom op and the eager Function alike."""
     q, k, v, rpb, kernel_size, blocks = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
@@ -519,9 +501,9 @@ def _setup_context(ctx, inputs, output):
     ctx.rpb_grad = rpb is not None and ctx.needs_input_grad[3]
 
 
-def _backward_through(backward: Callable) -> Callable:
-    """The autograd backward that computes the gradients with ``backward``: the custom op
-    :func:`na2d_backward` (under ``torch.compile``) or :func:`_na2d_backward_impl` (eager)."""
+def _gradients(forward: Callable, backward: Callable) -> Callable:
+    """The autograd backward that computes the gradients with ``backward`` (the forward is
+    not recomputed)."""
 
     def gradients(ctx, grad_out, grad_lse):
         # saved_tensors is unpacked once: checkpointing (with_cp) forbids a second unpack
@@ -533,12 +515,8 @@ def _backward_through(backward: Callable) -> Callable:
     return gradients
 
 
-na2d_forward.register_autograd(_backward_through(na2d_backward), setup_context=_setup_context)
-
-
-# the custom op's autograd without its dispatch, for eager calls
-_NeighborhoodAttention = eager_autograd('_NeighborhoodAttention', _na2d_forward_impl,
-                                        _setup_context, _backward_through(_na2d_backward_impl))
+NA2D = TritonAutogradOp('na2d', _na2d_forward_impl, _na2d_forward_fake, _na2d_backward_impl,
+                        _na2d_backward_fake, _setup_context, _gradients)
 
 
 def neighborhood_attention_triton(q: Tensor, k: Tensor, v: Tensor, kernel_size: int,
@@ -549,14 +527,8 @@ def neighborhood_attention_triton(q: Tensor, k: Tensor, v: Tensor, kernel_size: 
     ``q``, ``k``, ``v`` share one dtype (float32, bfloat16 or float16) and may have any
     strides. ``blocks``: launch shapes of the forward, ``dq`` and ``dk``/``dv`` kernels
     (default :func:`block_sizes`). Returns ``(B, heads, H, W, d)`` laid out as
-    ``(B, heads, d, H, W)``. Under ``torch.compile`` the custom op :func:`na2d_forward` runs;
-    eagerly the kernels are launched through :class:`_NeighborhoodAttention`, or directly
-    without autograd recording (inference).
+    ``(B, heads, d, H, W)``, through :data:`NA2D`.
     """
     blocks = blocks or block_sizes(q.shape[-1], kernel_size)
     launch = [n for b in blocks for n in b]
-    if torch.compiler.is_compiling():
-        return na2d_forward(q, k, v, rpb, kernel_size, launch)[0]
-    if records_autograd(q, k, v, rpb):
-        return _NeighborhoodAttention.apply(q, k, v, rpb, kernel_size, launch)[0]
-    return _na2d_forward_impl(q, k, v, rpb, kernel_size, launch)[0]
+    return NA2D(q, k, v, rpb, kernel_size, launch, records=records_autograd(q, k, v, rpb))[0]

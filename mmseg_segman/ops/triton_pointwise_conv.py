@@ -32,18 +32,18 @@ sum_b k_b S_b``, ``dW = s G``, ``d bias = s S``, ``d scale = rowsum(W G) + bias 
 Sizes are runtime values but for the pixel and input channel counts (whether each is a
 multiple of 16, which aligns and widens the loads: the weight's rows are read 16 bytes at a
 time only where the channel count is known to be a multiple of 16, docs/benchmarks.md): at
-most four compilations per (dtype, epilogue, launch shape). A plain
-``torch.autograd.Function``, launched directly when autograd does not record, as
-:mod:`.triton_layer_norm` explains; under ``torch.compile`` the reference runs.
+most four compilations per (dtype, epilogue, launch shape). ``torch.compile`` traces the
+kernels as custom ops (:data:`POINTWISE_CONV2D`, a :class:`~.triton_jit.TritonAutogradOp`).
 """
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton.language as tl
 from torch import Tensor
 
 from .dispatch import cast
-from .triton_jit import cdiv, dot_precision, jit_with_runtime_ints, launch, records_autograd
+from .triton_jit import (TritonAutogradOp, cdiv, dot_precision, jit_with_runtime_ints, launch,
+                         records_autograd)
 
 _RUNTIME_INTS = {'out_channels'}
 SQRT_HALF = tl.constexpr(0.7071067811865476)
@@ -220,69 +220,104 @@ def _weight_products(g: Tensor, x: Tensor,
 
 def _parameter_gradients(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                          scale: Optional[Tensor],
-                         sample_scale: Optional[Tensor]) -> Tuple[Tensor, ...]:
-    """``dW`` (``weight``'s shape and dtype), ``d bias``, ``d scale`` and ``d shift``
-    (float32 ``(O,)``) for ``g (B, O, H, W)`` and ``x (B, C, H, W)``, contiguous and of one
+                         sample_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``dW`` (``weight``'s shape and dtype) and, float32 ``(3, O)``, ``d bias``, ``d scale``
+    and ``d shift`` for ``g (B, O, H, W)`` and ``x (B, C, H, W)``, contiguous and of one
     dtype; see the module doc. The products and sums of :func:`_weight_products`, then one
     kernel."""
     out_channels, channels = weight.shape[:2]
     products, sums = _weight_products(g, x, sample_scale)
     d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
-    d_bias, d_scale, d_shift = torch.empty(3, out_channels, dtype=torch.float32,
-                                           device=x.device).unbind()
+    d_vectors = torch.empty(3, out_channels, dtype=torch.float32, device=x.device)
+    d_bias, d_scale, d_shift = d_vectors.unbind()
     launch(_pw_param_grad_kernel, (cdiv(out_channels, PARAM_BLOCK_O), ), products, sums,
            weight if sample_scale is None else sample_scale, weight,
            weight if bias is None else bias, weight if scale is None else scale, d_weight, d_bias,
            d_scale, d_shift, g.size(0), channels, out_channels, *weight.stride()[:2],
            HAS_SAMPLE=sample_scale is not None, HAS_BIAS=bias is not None,
            HAS_SCALE=scale is not None, BLOCK_O=PARAM_BLOCK_O, BLOCK_C=PARAM_BLOCK_C, num_warps=4)
-    return d_weight, d_bias, d_scale, d_shift
+    return d_weight, d_vectors
 
 
-class _PointwiseConv2d(torch.autograd.Function):
-    """``shortcut + k_b * (scale * act(W x + bias) + shift)`` on ``(B, C, H, W)`` maps."""
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool,
+             shortcut: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
+             sample_scale: Optional[Tensor], out_dtype: torch.dtype, config: List[int]) -> Tensor:
+    """``shortcut + k_b * (scale * act(W x + bias) + shift)`` (:func:`_product`); ``config``
+    a :class:`Config`'s values, or empty (:func:`launch_config`)."""
+    return _product(x, weight, out_dtype, bias, gelu, shortcut, scale, shift, sample_scale,
+                    config=Config(*config) if config else None)
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool,
-                shortcut: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
-                sample_scale: Optional[Tensor], out_dtype: torch.dtype,
-                config: Optional[Config]) -> Tensor:
-        ctx.save_for_backward(x, weight, bias, scale, shift, sample_scale)
-        ctx.gelu, ctx.config = gelu, config
-        ctx.shortcut_dtype = None if shortcut is None else shortcut.dtype
-        return _product(x, weight, out_dtype, bias, gelu, shortcut, scale, shift, sample_scale,
-                        config=config)
 
-    @staticmethod
-    def backward(ctx, g: Tensor):
+def _forward_fake(x, weight, bias, gelu, shortcut, scale, shift, sample_scale, out_dtype, config):
+    return x.new_empty(x.shape[0], weight.shape[0], *x.shape[2:], dtype=out_dtype)
+
+
+def _backward(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+              scale: Optional[Tensor], shift: Optional[Tensor], sample_scale: Optional[Tensor],
+              gelu: bool, config: List[int], needed: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    """The gradients ``needed`` (of x, weight, bias, scale, shift), from the output's ``g``:
+    ``dx`` (``x``'s dtype), ``dW`` (``weight``'s) and float32 ``(3, O)``, ``d bias``, ``d
+    scale`` and ``d shift`` (where any parameter's is needed); an empty tensor for each one
+    not computed. See the module doc."""
+    need_x, need_weight, need_bias, need_scale, need_shift = needed
+    config = Config(*config) if config else None
+    g = cast(g.contiguous(), x.dtype)
+    # the layer scale and per-sample factor applied in the products below
+    outer_scale, outer_sample = scale, sample_scale
+    if gelu:  # the gradient before the GELU, which takes them in
+        if need_scale or need_shift:
+            d_scale, d_shift = _gelu_scale_and_shift_gradients(g, x, weight, bias, sample_scale,
+                                                               config)
+        g = _product(x, weight, x.dtype, bias, scale=scale, sample_scale=sample_scale,
+                     gelu_grad=g, config=config)
+        outer_scale = outer_sample = None
+    dx = _product(g, weight, x.dtype, scale=outer_scale, sample_scale=outer_sample,
+                  transpose=True) if need_x else x.new_empty(0)
+    d_weight, d_vectors = weight.new_empty(0), x.new_empty(0, dtype=torch.float32)
+    # with GELU the scale's and shift's gradients came from the activation above
+    if need_weight or need_bias or (not gelu and (need_scale or need_shift)):
+        all_weight, d_vectors = _parameter_gradients(g, x, weight, bias, outer_scale, outer_sample)
+        d_weight = all_weight if need_weight else d_weight
+    if gelu and (need_scale or need_shift):
+        d_bias = d_vectors[0] if d_vectors.numel() else torch.zeros_like(d_scale)
+        d_vectors = torch.stack((d_bias, d_scale, d_shift))
+    return dx, d_weight, d_vectors
+
+
+def _backward_fake(g, x, weight, bias, scale, shift, sample_scale, gelu, config, needed):
+    return (x.new_empty(x.shape if needed[0] else (0, )),
+            weight.new_empty(weight.shape if needed[1] else (0, )),
+            x.new_empty((3, weight.shape[0]) if any(needed[1:]) else (0, ), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, gelu, shortcut, scale, shift, sample_scale, _, config = inputs
+    ctx.save_for_backward(x, weight, bias, scale, shift, sample_scale)
+    ctx.gelu, ctx.config = gelu, config
+    ctx.shortcut_dtype = None if shortcut is None else shortcut.dtype
+
+
+def _gradients(forward: Callable, backward: Callable) -> Callable:
+    """The autograd backward: the shortcut's gradient the output's, every other by
+    ``backward``, in its input's dtype."""
+
+    def gradients(ctx, g):
         x, weight, bias, scale, shift, sample_scale = ctx.saved_tensors
         needed = ctx.needs_input_grad
-        g = g.contiguous()
-        d_shortcut = cast(g, ctx.shortcut_dtype) if needed[4] else None
-        g = cast(g, x.dtype)
-        d_scale = d_shift = None
-        # the layer scale and per-sample factor applied in the products below
-        outer_scale, outer_sample = scale, sample_scale
-        if ctx.gelu:  # the gradient before the GELU, which takes them in
-            if needed[5] or needed[6]:
-                d_scale, d_shift = _gelu_scale_and_shift_gradients(g, x, weight, bias, sample_scale,
-                                                                   ctx.config)
-            g = _product(x, weight, x.dtype, bias, scale=scale, sample_scale=sample_scale,
-                         gelu_grad=g, config=ctx.config)
-            outer_scale = outer_sample = None
-        dx = _product(g, weight, x.dtype, scale=outer_scale, sample_scale=outer_sample,
-                      transpose=True) if needed[0] else None
-        d_weight = d_bias = None
-        # with GELU the scale's and shift's gradients came from the activation above
-        if needed[1] or needed[2] or (not ctx.gelu and (needed[5] or needed[6])):
-            d_weight, d_bias, linear_d_scale, linear_d_shift = _parameter_gradients(
-                g, x, weight, bias, outer_scale, outer_sample)
-            if not ctx.gelu:
-                d_scale, d_shift = linear_d_scale, linear_d_shift
-        return (dx, d_weight if needed[1] else None,
-                cast(d_bias, bias.dtype) if needed[2] else None, None, d_shortcut,
-                cast(d_scale, scale.dtype) if needed[5] else None,
-                cast(d_shift, shift.dtype) if needed[6] else None, None, None, None)
+        dx, d_weight, d_vectors = backward(g, x, weight, bias, scale, shift, sample_scale,
+                                           ctx.gelu, ctx.config, [needed[i] for i in _DIFFERENTIABLE])
+        return (dx if needed[0] else None, d_weight if needed[1] else None,
+                cast(d_vectors[0], bias.dtype) if needed[2] else None, None,
+                cast(g, ctx.shortcut_dtype) if needed[4] else None,
+                cast(d_vectors[1], scale.dtype) if needed[5] else None,
+                cast(d_vectors[2], shift.dtype) if needed[6] else None, None, None, None)
+
+    return gradients
+
+
+_DIFFERENTIABLE = (0, 1, 2, 5, 6)  # the inputs x, weight, bias, scale, shift
+POINTWISE_CONV2D = TritonAutogradOp('pointwise_conv2d', _forward, _forward_fake, _backward,
+                                    _backward_fake, _setup_context, _gradients)
 
 
 def _gelu_scale_and_shift_gradients(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -307,11 +342,8 @@ def pointwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = 
     (O, C)`` or ``(O, C, 1, 1)`` of any float dtype (rounded to ``x``'s in the product),
     ``shortcut (B, O, H, W)`` contiguous, ``bias``/``scale``/``shift`` ``(O,)`` and
     ``sample_scale (B,)`` of any float dtype. Returns ``(B, O, H, W)`` in ``out_dtype`` (default
-    ``x``'s). ``config``: the launch shape (default :func:`launch_config`). Without autograd
-    recording (inference) the kernel is launched directly."""
-    out_dtype = out_dtype or x.dtype
-    if records_autograd(x, weight, bias, shortcut, scale, shift):
-        return _PointwiseConv2d.apply(x, weight, bias, gelu, shortcut, scale, shift, sample_scale,
-                                      out_dtype, config)
-    return _product(x, weight, out_dtype, bias, gelu, shortcut, scale, shift, sample_scale,
-                    config=config)
+    ``x``'s). ``config``: the launch shape (default :func:`launch_config`). Through
+    :data:`POINTWISE_CONV2D`."""
+    return POINTWISE_CONV2D(x, weight, bias, gelu, shortcut, scale, shift, sample_scale,
+                            out_dtype or x.dtype, list(config) if config else [],
+                            records=records_autograd(x, weight, bias, shortcut, scale, shift))

@@ -10,14 +10,17 @@ swapped (``d ^ 1``, from the cache), and the float32 tables, and writes the rota
 scaled vectors contiguous, as the attention reads them. The rotation is orthogonal with the
 same angle for both channels of a pair, so the input gradient is the same kernel with
 ``sin`` negated. Sizes and strides are runtime values: one compilation per (dtype, head dim).
-A plain ``torch.autograd.Function``, launched directly when autograd does not record, as
-:mod:`.triton_layer_norm` explains.
+``torch.compile`` traces the kernel as custom ops (:data:`ROTARY_EMBEDDING`, a
+:class:`~.triton_jit.TritonAutogradOp`).
 """
+from typing import Callable
+
 import torch
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import cdiv, jit_with_runtime_ints, launch, next_power_of_2, records_autograd
+from .triton_jit import (TritonAutogradOp, cdiv, jit_with_runtime_ints, launch, next_power_of_2,
+                         records_autograd)
 
 BLOCK_P = 64
 NUM_WARPS = 4
@@ -49,6 +52,7 @@ def _rope_kernel(x_ptr, sin_ptr, cos_ptr, out_ptr, scale, heads, height, width,
 
 
 def _rotate(x: Tensor, sin: Tensor, cos: Tensor, scale: float, inverse: bool) -> Tensor:
+    """The rotation of ``x`` (by ``-angle`` with ``inverse``: the backward pass), contiguous."""
     batch, heads, height, width, dim = x.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grid = (cdiv(height * width, BLOCK_P), batch * heads)
@@ -58,25 +62,33 @@ def _rotate(x: Tensor, sin: Tensor, cos: Tensor, scale: float, inverse: bool) ->
     return out
 
 
-class _RotaryEmbedding(torch.autograd.Function):
+def _rotate_fake(x, sin, cos, scale, inverse):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    @staticmethod
-    def forward(ctx, x: Tensor, sin: Tensor, cos: Tensor, scale: float) -> Tensor:
-        ctx.save_for_backward(sin, cos)
-        ctx.scale = scale
-        return _rotate(x, sin, cos, scale, inverse=False)
 
-    @staticmethod
-    def backward(ctx, dy: Tensor):
+def _setup_context(ctx, inputs, output):
+    _, sin, cos, scale, _ = inputs
+    ctx.save_for_backward(sin, cos)
+    ctx.scale = scale
+
+
+def _gradients(forward: Callable, backward: Callable) -> Callable:
+    """The autograd backward: the rotation back, by ``backward``."""
+
+    def gradients(ctx, dy):
         sin, cos = ctx.saved_tensors
-        return _rotate(dy, sin, cos, ctx.scale, inverse=True), None, None, None
+        return backward(dy, sin, cos, ctx.scale, True), None, None, None, None
+
+    return gradients
+
+
+# the forward and the backward are one kernel, the rotation and its inverse
+ROTARY_EMBEDDING = TritonAutogradOp('rotary_embedding', _rotate, _rotate_fake, _rotate,
+                                    _rotate_fake, _setup_context, _gradients)
 
 
 def rotary_embedding_triton(x: Tensor, sin: Tensor, cos: Tensor, scale: float = 1.0) -> Tensor:
     """:func:`~mmseg_segman.ops.rotary_embedding_2d` of ``x (B, heads, H, W, d)`` (any strides,
     float32, bfloat16 or float16) with float32 contiguous ``sin``/``cos`` ``(H, W, d)``;
-    contiguous output in ``x``'s dtype. Without autograd recording (inference) the kernel is
-    launched directly."""
-    if records_autograd(x):
-        return _RotaryEmbedding.apply(x, sin, cos, scale)
-    return _rotate(x, sin, cos, scale, inverse=False)
+    contiguous output in ``x``'s dtype, through :data:`ROTARY_EMBEDDING`."""
+    return ROTARY_EMBEDDING(x, sin, cos, scale, False, records=records_autograd(x))

@@ -109,3 +109,14 @@ def test_whole_segmentor_compiles_as_one_graph(training):
     assert len(results[0]) == len(results[1]) > (100 if training else 0)
     for compiled_value, eager_value in zip(*results):
         torch.testing.assert_close(compiled_value, eager_value, rtol=1e-5, atol=1e-6)
+
+
+def test_compiles_to_one_graph_of_triton_custom_ops():
+    """``torch.compile`` of a tiny encoder and head, Triton backends chosen (Triton's
+    interpreter), is one graph in training and in inference, and every Triton op is in it as
+    its custom op, forward and backward (compiled_graphs.py, in a subprocess)."""
+    from pathlib import Path
+
+    from ..ops.triton_interpreter import assert_checks_pass_in_interpreter
+    assert_checks_pass_in_interpreter(str(Path(__file__).with_name('compiled_graphs.py')),
+                                      timeout=300)

@@ -152,6 +152,34 @@ def check_norm_and_activation():
     print('norm and activation: ok')
 
 
+def check_custom_op():
+    """The kernels as custom ops (opcheck: schema, fake shapes, autograd; with a bias and
+    the residual, without both; the backward op for each gradient asked for or not; a norm
+    in the forward pass); eager calls skip them and match them bitwise; torch.compile traces
+    them (:func:`triton_interpreter.check_eager_calls_skip_custom_ops`)."""
+    from triton_interpreter import check_eager_calls_skip_custom_ops
+
+    from mmseg_segman.ops.triton_depthwise_conv import DEPTHWISE_CONV2D, depthwise_conv2d_triton
+
+    x, w, b = make_inputs(2, 3, 6, 9, 3, torch.float32)
+    for bias, residual in ((b, True), (None, False)):
+        leaves = [t if t is None else t.detach().requires_grad_() for t in (x, w, bias)]
+        torch.library.opcheck(DEPTHWISE_CONV2D.forward_op,
+                              (*leaves, residual, torch.float32, None, None, None, None, 0.0, False))
+    norm = (b, b.abs() + 1, b, b, 1e-5)
+    torch.library.opcheck(DEPTHWISE_CONV2D.forward_op, (x, w, b, False, torch.float32, *norm, True))
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(8))
+    for input_grad, parameter_grads in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(DEPTHWISE_CONV2D.backward_op,
+                              (dy, x, w, True, input_grad, parameter_grads))
+    check_eager_calls_skip_custom_ops(
+        lambda *t: depthwise_conv2d_triton(*t, residual=True),
+        lambda *t: DEPTHWISE_CONV2D.forward_op(*t, True, torch.float32, None, None, None, None,
+                                               0.0, False),
+        [x, w, b], dy, ('depthwise_conv2d_forward', 'depthwise_conv2d_backward'))
+    print('custom op: ok')
+
+
 def main():
     from mmseg_segman.ops import triton_depthwise_conv as tdw
 
@@ -174,6 +202,7 @@ def main():
     check_inference_path()
     check_parameter_gradients_contiguous()
     check_norm_and_activation()
+    check_custom_op()
     print('all checks passed')
 
 

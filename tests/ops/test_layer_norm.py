@@ -146,6 +146,35 @@ def check_addends():
     print('addends: ok')
 
 
+def check_custom_op():
+    """The kernels as custom ops (opcheck: schema, fake shapes, autograd; with and without
+    statistics, with one addend and none); eager calls skip them and match them bitwise;
+    torch.compile traces them (:func:`triton_interpreter.check_eager_calls_skip_custom_ops`)."""
+    from triton_interpreter import check_eager_calls_skip_custom_ops
+
+    from mmseg_segman.ops.triton_jit import records_autograd
+    from mmseg_segman.ops.triton_layer_norm import LAYER_NORM_2D, layer_norm_2d_triton
+
+    x, weight, bias = make_inputs(2, 37, 5, 13, torch.float32)
+    addend = sliced(torch.randn(x.shape, generator=torch.Generator().manual_seed(5)))
+    for addends, stats in (((addend, None), True), ((None, None), False)):
+        leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+        torch.library.opcheck(LAYER_NORM_2D.forward_op,
+                              (*leaves, *addends, 1e-6, torch.float32, stats))
+    y, stats = LAYER_NORM_2D.forward_op(x, weight, bias, None, None, 1e-6, torch.float32, True)
+    torch.library.opcheck(LAYER_NORM_2D.backward_op, (torch.randn_like(y), x, weight, stats))
+
+    def custom_op(*inputs):
+        return LAYER_NORM_2D.forward_op(*inputs, None, 1e-6, torch.float32,
+                                        records_autograd(*inputs))[0]
+
+    check_eager_calls_skip_custom_ops(
+        lambda *t: layer_norm_2d_triton(*t[:3], 1e-6, torch.float32, t[3:]), custom_op,
+        [x, weight, bias, addend], torch.randn(x.shape, generator=torch.Generator().manual_seed(6)),
+        ('layer_norm_2d_forward', 'layer_norm_2d_backward'))
+    print('custom op: ok')
+
+
 def main():
     # channels over and under one 32-channel chunk, pixels over and under one 64-pixel block
     for shape in [(1, 3, 2, 5), (2, 37, 5, 13), (1, 70, 9, 8), (3, 3, 1, 1)]:
@@ -157,6 +186,7 @@ def main():
     check_dispatch()
     check_inference_path()
     check_addends()
+    check_custom_op()
     print('all checks passed')
 
 

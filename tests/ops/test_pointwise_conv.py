@@ -176,8 +176,45 @@ def check_direct_launch_equals_function():
     (shortcut, scale, shift), sample_scale = make_residual(2, 70, 5, 9, dtype=torch.float16)
     residual = Residual(shortcut, scale, shift, sample_scale)
     backend = _pointwise_conv2d.backends['triton'].fn
-    check_launches_directly(tpw._PointwiseConv2d, lambda *t: backend(*t, None, residual),
+    check_launches_directly(tpw.POINTWISE_CONV2D.function, lambda *t: backend(*t, None, residual),
                             [x, w, b], differentiable=1)
+
+
+def check_custom_op():
+    """The kernels as custom ops (opcheck: schema, fake shapes, autograd; plain, with GELU
+    and with a scaled residual; the backward op for several sets of gradients asked for);
+    eager calls skip them and match them bitwise; torch.compile traces them
+    (:func:`triton_interpreter.check_eager_calls_skip_custom_ops`)."""
+    from triton_interpreter import check_eager_calls_skip_custom_ops
+
+    from mmseg_segman.ops.triton_pointwise_conv import POINTWISE_CONV2D
+
+    f32 = torch.float32
+    x, w, b = make_inputs(2, 5, 7, 3, 4, dtype=f32)
+    (shortcut, scale, shift), sample_scale = make_residual(2, 7, 3, 4, dtype=f32)
+    op = POINTWISE_CONV2D.forward_op
+    leaves = [t.detach().requires_grad_() for t in (x, w, b, shortcut, scale, shift)]
+    x_, w_, b_, shortcut_, scale_, shift_ = leaves
+    torch.library.opcheck(op, (x_, w_, b_, True, None, None, None, None, f32, []))
+    torch.library.opcheck(op, (x_, w_, None, False, shortcut_, scale_, shift_, sample_scale, f32,
+                               [16, 16, 16, 4, 1]))
+    torch.library.opcheck(op, (x_, w_, b_, True, None, scale_, shift_, sample_scale, f32, []))
+    g = torch.randn(2, 7, 3, 4, generator=torch.Generator().manual_seed(9))
+    for gelu, needed in ((False, [True] * 5), (True, [True] * 5), (False, [False, True, False, False, False]),
+                         (True, [False, False, False, True, False]), (False, [True] + [False] * 4)):
+        torch.library.opcheck(POINTWISE_CONV2D.backward_op,
+                              (g, x, w, b, scale, shift, sample_scale, gelu, [], needed))
+
+    def eager(x, w, b, shortcut, scale, shift):
+        residual = Residual(shortcut, scale, shift, sample_scale)
+        return _pointwise_conv2d.backends['triton'].fn(x, w, b, None, residual)
+
+    def custom_op(x, w, b, shortcut, scale, shift):
+        return op(x, w, b, False, shortcut, scale, shift, sample_scale, f32, [])
+
+    check_eager_calls_skip_custom_ops(eager, custom_op, [x, w, b, shortcut, scale, shift], g,
+                                      ('pointwise_conv2d_forward', 'pointwise_conv2d_backward'))
+    print('custom op: ok')
 
 
 def main():
@@ -193,6 +230,7 @@ def main():
     check(1, 40, 70, 9, 17, torch.float16, 2e-2, residual='scaled')
     check_float32_weight_with_half_map()
     check_direct_launch_equals_function()
+    check_custom_op()
     print('all checks passed')
 
 

@@ -67,8 +67,28 @@ def check_direct_launch_equals_function():
     from mmseg_segman.ops import triton_rotary_embedding as trope
 
     x, sin, cos = make_inputs(2, 2, 5, 7, 12, torch.float32)
-    check_launches_directly(trope._RotaryEmbedding, trope.rotary_embedding_triton,
+    check_launches_directly(trope.ROTARY_EMBEDDING.function, trope.rotary_embedding_triton,
                             [x, sin, cos, 0.5], differentiable=0)
+
+
+def check_custom_op():
+    """The kernel as custom ops (opcheck: schema, fake shapes, autograd, on a strided ``x``);
+    eager calls skip them and match them bitwise; torch.compile traces them
+    (:func:`triton_interpreter.check_eager_calls_skip_custom_ops`)."""
+    from triton_interpreter import check_eager_calls_skip_custom_ops
+
+    from mmseg_segman.ops.triton_rotary_embedding import ROTARY_EMBEDDING, rotary_embedding_triton
+
+    x, sin, cos = make_inputs(2, 2, 5, 7, 12, torch.float32)
+    strided = x.transpose(1, 2).contiguous().transpose(1, 2).detach().requires_grad_()
+    torch.library.opcheck(ROTARY_EMBEDDING.forward_op, (strided, sin, cos, 0.5, False))
+    torch.library.opcheck(ROTARY_EMBEDDING.backward_op, (x, sin, cos, 0.5, True))
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    check_eager_calls_skip_custom_ops(
+        lambda x: rotary_embedding_triton(x, sin, cos, 0.5),
+        lambda x: ROTARY_EMBEDDING.forward_op(x, sin, cos, 0.5, False), [x], dy,
+        ('rotary_embedding_forward', 'rotary_embedding_backward'))
+    print('custom op: ok')
 
 
 def main():
@@ -79,6 +99,7 @@ def main():
     check(2, 3, 4, 5, 8, torch.float32, 0.125, 1e-6)
     check(1, 2, 9, 17, 36, torch.bfloat16, 0.2, 1e-2)
     check_direct_launch_equals_function()
+    check_custom_op()
     print('all checks passed')
 
 

@@ -264,7 +264,24 @@ def check_direction_order():
         with torch.no_grad():
             torch.testing.assert_close(direction_order(maps.bfloat16()), want.bfloat16(),
                                        rtol=0, atol=0)
+    check_direction_order_custom_op()
     print('direction order: ok')
+
+
+def check_direction_order_custom_op():
+    """The kernel as custom ops (opcheck: schema, fake shapes, autograd); eager calls skip
+    them and match them bitwise; torch.compile traces them."""
+    import torch
+    from triton_interpreter import check_eager_calls_skip_custom_ops
+
+    from mmseg_segman.ops.triton_cross_selective_scan import DIRECTION_ORDER, direction_order_triton
+    g = torch.Generator().manual_seed(7)
+    maps = torch.randn(1, 4, 2, 5, 3, generator=g)
+    torch.library.opcheck(DIRECTION_ORDER.forward_op, (maps.requires_grad_(), 5, 3, False))
+    torch.library.opcheck(DIRECTION_ORDER.backward_op, (torch.randn(1, 4, 2, 15), 5, 3, True))
+    check_eager_calls_skip_custom_ops(
+        direction_order_triton, lambda t: DIRECTION_ORDER.forward_op(t, 5, 3, False), [maps],
+        torch.randn(1, 4, 2, 15, generator=g), ('direction_order_forward', 'direction_order_backward'))
 
 
 def check_checkpointed():
@@ -306,7 +323,8 @@ def check_custom_op():
     fake implementation under dynamic shapes (what torch.compile traces)."""
     import torch
 
-    from mmseg_segman.ops.triton_cross_selective_scan import cross_scan_backward, cross_scan_forward
+    from mmseg_segman.ops.triton_cross_selective_scan import CROSS_SCAN
+    cross_scan_forward, cross_scan_backward = CROSS_SCAN.forward_op, CROSS_SCAN.backward_op
     inputs = [t.requires_grad_() for t in make_inputs(1, 2, 3, 4, torch.float32)]
     for store_states in (True, False):
         torch.library.opcheck(cross_scan_forward, (*inputs, store_states, []))
