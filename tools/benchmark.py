@@ -9,9 +9,10 @@ median step gives images/s, ``torch.cuda.max_memory_allocated`` over the timed s
 peak memory. SegMAN runs on its ``fast`` path (every op's fastest backend) and its ``ref``
 path (every op on its ``torch`` backend: ``use_backends('torch')`` around each cell). All models use
 their ADE20K heads (150 classes) at every size. Out-of-memory is reported as ``OOM``.
-``--compile no yes`` runs each cell eagerly and under ``torch.compile`` of the whole
-segmentor (default options, one graph per cell: dynamo's caches are reset first; the
-warm-up, whose seconds are recorded, pays for the compilation).
+``--compile no yes cudagraphs`` runs each cell eagerly, under ``torch.compile`` of the whole
+segmentor (default options) and under ``torch.compile(mode='reduce-overhead')`` (inductor
+replays CUDA graphs: no host time a step); one graph per cell (dynamo's caches are reset
+first; the warm-up, whose seconds are recorded, pays for the compilation).
 
     python tools/benchmark.py --mode infer --models segman-t segnext-t --sizes 512 \\
         --batches 1 16 --dtypes bf16 --paths fast ref --compile no yes --out results.jsonl
@@ -149,14 +150,15 @@ def training_phases(model: nn.Module, images, samples, optimizer: torch.optim.Op
 
 
 def measure(model: nn.Module, mode: str, batch: int, height: int, width: int, dtype: torch.dtype,
-            compiled: bool, args) -> Dict:
+            compiled: str, args) -> Dict:
     images = torch.randn(batch, 3, height, width, device='cuda')
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    if compiled:
+    run_model = model
+    if compiled != 'no':
         torch._dynamo.reset()
-    run_model = torch.compile(model) if compiled else model
+        run_model = torch.compile(model, mode='reduce-overhead' if compiled == 'cudagraphs' else None)
     if mode == 'infer':
         model.eval()
         autocast = torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32)
@@ -206,7 +208,8 @@ def cells(args) -> Iterable[Dict]:
                         for compiled in args.compile:
                             yield dict(model=model, path=path, mode=args.mode, size=size,
                                        dtype=dtype, batch=batch, with_cp=args.with_cp,
-                                       compiled=compiled == 'yes',
+                                       compiled=compiled != 'no',
+                                       cudagraphs=compiled == 'cudagraphs',
                                        channels_last=args.channels_last, round=args.round)
 
 
@@ -234,7 +237,9 @@ def run(args) -> None:
                     model, built = build_model(cell['model'], args.with_cp), cell['model']
                 with path_backends(cell['path']):
                     cell.update(measure(model, args.mode, cell['batch'], *parse_size(cell['size']),
-                                        DTYPES[cell['dtype']], cell['compiled'], args))
+                                        DTYPES[cell['dtype']],
+                                        'cudagraphs' if cell['cudagraphs'] else
+                                        'yes' if cell['compiled'] else 'no', args))
                 cell['status'] = 'ok'
             except torch.OutOfMemoryError:
                 cell['status'] = 'OOM'
@@ -275,6 +280,7 @@ def _without_options(argv: List[str], options: set) -> List[str]:
 
 def path_label(cell: Dict) -> str:
     return cell['path'] + (' compiled' if cell.get('compiled') else '') + \
+        (' (CUDA graphs)' if cell.get('cudagraphs') else '') + \
         (' channels_last' if cell.get('channels_last') else '')
 
 
@@ -321,8 +327,9 @@ def main() -> None:
     parser.add_argument('--sizes', nargs='+', default=['512'], help='HxW or S for SxS')
     parser.add_argument('--batches', nargs='+', type=int, default=[16])
     parser.add_argument('--dtypes', nargs='+', choices=list(DTYPES), default=['bf16'])
-    parser.add_argument('--compile', nargs='+', choices=['no', 'yes'], default=['no'],
-                        help='eager and/or torch.compile of the whole segmentor')
+    parser.add_argument('--compile', nargs='+', choices=['no', 'yes', 'cudagraphs'],
+                        default=['no'], help='eager, torch.compile of the whole segmentor, '
+                        'torch.compile with CUDA graphs (mode reduce-overhead)')
     parser.add_argument('--channels-last', action='store_true',
                         help='model and images in channels-last memory format')
     parser.add_argument('--with-cp', action='store_true', help='gradient checkpointing (backbone)')
