@@ -271,12 +271,14 @@ def _environment_value(name: str) -> Optional[str]:
     """``os.environ.get(name)``."""
     if not _RAW_ENVIRON_IS_BYTES:
         return os.environ.get(name)
-    value = _RAW_ENVIRON.get(_raw_names.get(name) or _raw_names.setdefault(name, name.encode()))
+    value = _RAW_ENVIRON.get(_raw_names.get(name) or name.encode())
     return None if value is None else os.fsdecode(value)
 
 
-# variable name -> its bytes in os.environ's own dict (encoded once, not at every op call)
-_raw_names: Dict[str, bytes] = {}
+# variable name -> its bytes in os.environ's own dict, encoded once (not at every op call) for
+# every name the ops read, as they are registered: never changed while a forward runs, since
+# torch.compile guards on it (a first call that filled it made a second compilation)
+_raw_names: Dict[str, bytes] = {_ENV: _ENV.encode()}
 
 
 def _environment_choice(op: str, specific: str) -> Optional[Tuple[Choice, str]]:
@@ -305,6 +307,7 @@ class OpDispatcher:
         self.name = name
         self.backends = dict(backends)
         self._environment_name = f'{_ENV}_{name.upper()}'
+        _raw_names[self._environment_name] = self._environment_name.encode()
         self._logged = set()
         _registry[name] = self
 

@@ -1,7 +1,8 @@
 """Run by ``test_segman_model.py`` in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set
 before Triton is imported): a tiny SegMAN encoder and head, each Triton backend chosen as on
 CUDA, compile to one graph each (``fullgraph``), in training and in inference, and the graphs
-hold every Triton op as its custom op, forward and backward. The kernels are not run
+hold every Triton op as its custom op, forward and backward; compiled with dynamic sizes, one
+graph serves a second input size. The kernels are not run
 (:func:`~mmseg_segman.ops.triton_jit.kernels_not_launched`): their results are checked op by
 op in ``tests/ops``; here only what ``torch.compile`` traces."""
 import os
@@ -55,7 +56,27 @@ def main():
         want = {f'{op}_forward' for op in TRITON_OPS}
         assert custom_ops(targets['forward']) == want, sorted(custom_ops(targets['forward']))
         print('inference: one graph, every Triton op', flush=True)
+        check_sizes_share_one_graph(model)
     print('all checks passed')
+
+
+def check_sizes_share_one_graph(model):
+    """Compiled with dynamic sizes, a second input size runs the first graph: nothing SegMAN
+    reads while tracing changes with the size or with the first call (the environment names'
+    cache did: a second compilation). Both sizes non-square (else dynamo ties height to width)
+    and under the size thresholds at which torch's fake CPU convolution picks another kernel
+    (guards of torch's own)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend='aot_eager', dynamic=True)
+    with torch.no_grad():
+        for height, width in ((48, 80), (40, 88)):
+            compiled(torch.randn(1, 3, height, width))
+    graphs = counters['stats']['unique_graphs']
+    assert graphs == 1, f'{graphs} graphs for two input sizes'
+    print('dynamic sizes: one graph for two sizes', flush=True)
 
 
 if __name__ == '__main__':

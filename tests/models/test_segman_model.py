@@ -113,8 +113,9 @@ def test_whole_segmentor_compiles_as_one_graph(training):
 
 def test_compiles_to_one_graph_of_triton_custom_ops():
     """``torch.compile`` of a tiny encoder and head, Triton backends chosen (Triton's
-    interpreter), is one graph in training and in inference, and every Triton op is in it as
-    its custom op, forward and backward (compiled_graphs.py, in a subprocess)."""
+    interpreter), is one graph in training and in inference, every Triton op is in it as its
+    custom op, forward and backward, and with dynamic sizes one graph serves two input sizes
+    (compiled_graphs.py, in a subprocess)."""
     from pathlib import Path
 
     from ..ops.triton_interpreter import assert_checks_pass_in_interpreter
