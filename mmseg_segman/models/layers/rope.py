@@ -3,6 +3,7 @@ from typing import Dict, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 
 class RoPE2d(nn.Module):
@@ -12,7 +13,7 @@ class RoPE2d(nn.Module):
     The buffer ``angle`` (``head_dim // 2``, each frequency twice) is kept in the state
     dict, as in the released checkpoints. The tables of the last :attr:`CACHED_SIZES` map
     sizes are kept while ``angle`` is unchanged (eight small kernels a stage, whose host time
-    counts at small batches); traced and compiled forwards compute them.
+    counts at small batches); traced, compiled and fake-tensor forwards compute them.
     """
     CACHED_SIZES = 4
 
@@ -28,7 +29,8 @@ class RoPE2d(nn.Module):
         """``(sin, cos)``, each ``(H, W, head_dim)``: row angles then column angles."""
         angle = self.angle
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or \
-                torch.onnx.is_in_onnx_export() or angle.is_inference():
+                torch.onnx.is_in_onnx_export() or angle.is_inference() or \
+                isinstance(angle, FakeTensor):  # a fake tensor has no data to identify it by
             return self._tables(size)
         # the angles' identity and version: a new tensor or an in-place change (loading a
         # state dict) makes new tables

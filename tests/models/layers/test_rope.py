@@ -51,3 +51,15 @@ def test_tables_are_kept_per_size_until_the_angles_change():
     assert not torch.equal(doubled[0], first[0])
     rope.double()  # a new tensor
     assert rope((3, 5))[0].dtype == torch.float64
+
+
+def test_fake_tensor_tables_are_not_kept():
+    """Under FakeTensorMode (tools/saved_for_backward.py counts activations so) the tables are
+    computed, not kept: a fake tensor has no data pointer to key them by."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        rope = RoPE2d(8)
+        rope.angle = mode.from_tensor(rope.angle)
+        sin, _ = rope((3, 5))
+    assert sin.shape == (3, 5, 8) and not rope._cache
