@@ -132,13 +132,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return 'tf32'
 
 
-_INT32 = range(-2 ** 31, 2 ** 31)  # `in` a range: one C-level comparison for an int
-
-
 def _int_key(name: str) -> str:
     """The expression of an int argument's specialization: 1, a multiple of 16 or neither
     (0) for a 32-bit int; its width (signed or unsigned 64-bit) and divisibility by 16 else."""
-    return (f'((1 if {name} == 1 else 16 if {name} % 16 == 0 else 0) if {name} in _INT32 '
+    # compared, not `in range(...)`: a float in a range is searched for element by element
+    # (a minute for a float where an int was)
+    return (f'((1 if {name} == 1 else 16 if {name} % 16 == 0 else 0) '
+            f'if -2147483648 <= {name} < 2147483648 '
             f'else ("u64" if {name} >= 2 ** 63 else "i64", {name} % 16 == 0))')
 
 
@@ -182,7 +182,7 @@ def _binder(args: Sequence) -> Callable[..., Tuple[Tuple, Tuple]]:
     source = (f'def bind({", ".join(names)}):\n'
               + ''.join(f'    {p} = {n}.data_ptr()\n' for n, p in pointers.items())
               + f'    return ({", ".join(key)},), ({", ".join(values)},)\n')
-    namespace = {'_INT32': _INT32}
+    namespace = {}
     exec(source, namespace)
     return namespace['bind']
 
