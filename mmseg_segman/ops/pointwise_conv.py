@@ -86,6 +86,11 @@ def _pointwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     from .triton_pointwise_conv import pointwise_conv2d_triton
 
     dtype = autocast_dtype(x)
+    if torch.compiler.is_compiling() and not (torch.is_grad_enabled() and weight.requires_grad):
+        # compiled inference: inductor makes the cast, CUDA graphs replay it without the
+        # host, and the kernel reads half the bytes (docs/benchmarks.md); eagerly the kernel
+        # rounds the weight itself rather than pay a launch
+        weight = cast(weight, dtype)
     out_dtype = dtype
     shortcut = scale = shift = sample_scale = None
     if residual is not None:

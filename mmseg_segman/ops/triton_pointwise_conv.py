@@ -11,8 +11,11 @@ convolution), the GELU and the residual adds 8% more. One program here owns a
 ``BLOCK_O x BLOCK_P`` tile of outputs of one batch element and walks the input channels in
 steps of ``BLOCK_K`` on the tensor cores (float32 accumulation); programs of one pixel tile
 are launched together, so its input is read from the cache by all but the first. The weight
-is read in its own dtype (the float32 parameter) and rounded to the map's in the tile, as
-autocast rounds it, so no cast of it is made or kept.
+is read in its own dtype and rounded to the map's in the tile, as autocast rounds it: eagerly
+the float32 parameter, with no cast launched (eager inference is bound by the host's time);
+compiled inference passes it cast (:mod:`.pointwise_conv`). The GELU's erf is a rational
+approximation as accurate as libdevice's at a fraction of its cost
+(:func:`_normal_cdf_and_density`).
 
 Backward: the input gradient in Triton, the weight gradient by cuBLAS, and few small
 operations around them (training is bound by the host's time, docs/benchmarks.md). The
@@ -35,9 +38,11 @@ time only where the channel count is known to be a multiple of 16, docs/benchmar
 most four compilations per (dtype, epilogue, launch shape). ``torch.compile`` traces the
 kernels as custom ops (:data:`POINTWISE_CONV2D`, a :class:`~.triton_jit.TritonAutogradOp`).
 """
+import os
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
 
@@ -48,6 +53,9 @@ from .triton_jit import (TritonAutogradOp, cdiv, dot_precision, jit_with_runtime
 _RUNTIME_INTS = {'out_channels'}
 SQRT_HALF = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+LOG2_E = tl.constexpr(1.4426950408889634)
+# Triton's interpreter runs no inline PTX (read once, as Triton reads it)
+_INTERPRETED = tl.constexpr(os.environ.get('TRITON_INTERPRET') == '1')
 
 
 class Config(NamedTuple):
@@ -69,6 +77,34 @@ def launch_config(channels: int, out_channels: int, pixels: int, element_size: i
     on an H200 (docs/benchmarks.md)."""
     config = Config(64, 128, 64, 4, 4) if out_channels <= 64 else Config(128, 256, 64, 8, 3)
     return config._replace(block_k=32) if element_size > 2 else config
+
+
+@triton.jit
+def _reciprocal(x):
+    """``1 / x`` for float32 ``x``: the GPU's approximate reciprocal (one ``MUFU.RCP``, at most
+    1 ulp off; Triton's division takes several instructions more), an exact division in
+    Triton's interpreter."""
+    if _INTERPRETED:
+        return 1.0 / x
+    return tl.inline_asm_elementwise('rcp.approx.ftz.f32 $0, $1;', '=r,r', [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _normal_cdf_and_density(x):
+    """``Phi(x) = (1 + erf(x / sqrt 2)) / 2`` and ``exp(-x^2 / 2)`` for float32 ``x``, erf by
+    Abramowitz and Stegun 7.1.26 (absolute error at most 1.5e-7): ``Phi`` is ``1 - tail`` for
+    ``x >= 0`` and ``tail`` below, ``tail = t P(t) exp(-x^2 / 2) / 2`` with ``t = 1 / (1 + p
+    |x| / sqrt 2)``: one reciprocal and one ``exp2``. With libdevice's ``erf`` the GELU added
+    143 us to SegMAN-L's first-stage ``fc1`` at batch 16 (150 us without it) and spilled
+    registers; this adds 63 (docs/benchmarks.md)."""
+    z = tl.abs(x) * SQRT_HALF
+    t = _reciprocal(1.0 + 0.3275911 * z)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
+                                                                            + t * 1.061405429))))
+    density = tl.math.exp2(z * z * -LOG2_E)
+    tail = 0.5 * poly * density
+    return tl.where(x < 0, tail, 1.0 - tail), density
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
@@ -105,11 +141,12 @@ def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, shortcut_ptr, scale_ptr, shift_ptr, s
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
     if GELU_GRAD:
-        cdf = 0.5 * (1.0 + tl.math.erf(acc * SQRT_HALF))
+        cdf, density = _normal_cdf_and_density(acc)
         acc = tl.load(grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32) \
-            * (cdf + acc * tl.exp(-0.5 * acc * acc) * INV_SQRT_2PI)
+            * (cdf + acc * density * INV_SQRT_2PI)
     elif GELU:
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * SQRT_HALF))
+        cdf, _ = _normal_cdf_and_density(acc)
+        acc *= cdf
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
     if HAS_SHIFT:

@@ -217,6 +217,43 @@ def check_custom_op():
     print('custom op: ok')
 
 
+def check_compiled_inference_casts_the_weight():
+    """Compiled inference passes the custom op the float32 weight cast to the map's dtype
+    (the kernel then reads 16-bit tiles), compiled training the parameter itself (its
+    gradient stays float32); each matches the eager call bitwise (the kernel rounds a float32
+    weight as the cast does)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from triton_interpreter import output_and_grads
+
+    x, w, b = make_inputs(2, 40, 70, 5, 9, seed=3)
+    x, w, b = x.half(), w.float(), b.float()
+    backend = _pointwise_conv2d.backends['triton'].fn
+    weight_dtypes = []
+
+    def compiler(gm, example_inputs):
+        weight_dtypes.extend(node.args[1].meta['val'].dtype for node in gm.graph.nodes
+                             if 'pointwise_conv2d_forward' in str(node.target))
+        return make_boxed_func(gm.forward)
+
+    def fn(x, w, b):
+        return backend(x, w, b, 'gelu', None)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=compiler), fullgraph=True)
+    with torch.no_grad():
+        got, want = compiled(x, w, b), fn(x, w, b)
+    assert weight_dtypes == [torch.float16], weight_dtypes
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    weight_dtypes.clear()
+    g = torch.randn(2, 70, 5, 9, generator=torch.Generator().manual_seed(4)).half()
+    got, want = output_and_grads(compiled, [x, w, b], g), output_and_grads(fn, [x, w, b], g)
+    assert weight_dtypes == [torch.float32], weight_dtypes
+    assert got[2].dtype == torch.float32
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    print('compiled weight cast: ok')
+
+
 def main():
     # channels over and under BLOCK_K, outputs over and under BLOCK_O (64 and 128), pixels
     # over one BLOCK_P tile and not a multiple of 16
@@ -231,6 +268,7 @@ def main():
     check_float32_weight_with_half_map()
     check_direct_launch_equals_function()
     check_custom_op()
+    check_compiled_inference_casts_the_weight()
     print('all checks passed')
 
 
