@@ -67,12 +67,14 @@ class SegMANBlock(nn.Module):
     def _residual(self, shortcut: Tensor, layer_scale: nn.Module) -> Residual:
         """``shortcut + drop_path(layer_scale(.))`` as a :class:`Residual`: stochastic depth
         draws its per-sample factor as mmcv's ``drop_path`` does (``floor(keep + U[0, 1))``
-        over ``keep``, one draw per batch element)."""
+        over ``keep``, one draw per batch element), where the ``DropPath`` module is in
+        training mode."""
         scale = shift = sample_scale = None
         if isinstance(layer_scale, LayerScale):
             scale, shift = layer_scale.weight.view(-1), layer_scale.bias
-        if isinstance(self.drop_path, DropPath) and self.training and self.drop_path.drop_prob > 0:
-            keep = 1 - self.drop_path.drop_prob
+        drop_path = self.drop_path
+        if isinstance(drop_path, DropPath) and drop_path.training and drop_path.drop_prob > 0:
+            keep = 1 - drop_path.drop_prob
             draw = torch.rand(shortcut.shape[0], dtype=shortcut.dtype, device=shortcut.device)
             sample_scale = (keep + draw).floor_().div_(keep)
         return Residual(shortcut, scale, shift, sample_scale)

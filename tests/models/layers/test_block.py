@@ -50,3 +50,17 @@ def test_block_equals_the_released_layers(layer_scale, drop_path, training):
         for _ in range(2):
             kept = (0.5 + torch.rand(4)).floor()
             assert 0 < kept.sum() < 4
+
+
+def test_a_drop_path_in_eval_mode_drops_nothing():
+    """As with mmcv's DropPath, the module's own mode decides: in a training block whose
+    ``drop_path`` is in eval mode no sample is dropped (tools/gpu_checks/check_compile.py
+    turns stochastic depth off so)."""
+    torch.manual_seed(0)
+    block = SegMANBlock(8, SS2D(8), ffn_dim=16, drop_path=0.9).train()
+    block.drop_path.eval()
+    x = torch.randn(4, 8, 5, 6)
+    torch.manual_seed(1)
+    got = block(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(got, released_forward(block, x), rtol=1e-5, atol=1e-5)
