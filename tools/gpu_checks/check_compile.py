@@ -11,8 +11,11 @@ to the largest eager value. Gradients two ways: every parameter's difference rel
 largest gradient of the model (``grad_diff_vs_largest``), and each parameter's relative to its
 own largest (``grad_rel_diff_max``, naming the worst) among those whose gradient reaches 1e-3
 of the model's largest: a gradient that vanishes mathematically (a bias before a
-normalisation) is rounding noise in both runs (``grads_skipped`` counts them). bf16 autocast,
-batch 2 at 512x512 (``--size``), fixed seeds, every dropout and drop path off.
+normalisation) is rounding noise in both runs (``grads_skipped`` counts them); the five
+parameters with the largest differences are named. The eager model runs twice: the second
+run against the first (``eager_again_*``) is the floor of the comparison. bf16 autocast (or
+float32, ``--dtypes``), batch 2 at 512x512 (``--size``), fixed seeds, every dropout and drop
+path off.
 """
 import argparse
 import sys
@@ -30,16 +33,17 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
 
-def run(model, mode: str, images, samples):
-    """Logits (``infer``) or ``[loss, *parameter gradients]`` (``train``)."""
-    with torch.autocast('cuda', dtype=torch.bfloat16):
+def run(model, mode: str, images, samples, dtype: str) -> torch.Tensor:
+    """Logits (``infer``) or the loss after its backward (``train``), under bf16 autocast
+    unless ``dtype`` is ``fp32``."""
+    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=dtype == 'bf16'):
         if mode == 'infer':
             with torch.inference_mode():
-                return [model(images, mode='tensor')]
+                return model(images, mode='tensor')
         losses = model(images, samples, mode='loss')
     loss = sum(v for k, v in losses.items() if 'loss' in k)
     loss.backward()
-    return [loss.detach()]
+    return loss.detach()
 
 
 def gradients(module) -> Dict[str, torch.Tensor]:
@@ -49,22 +53,27 @@ def gradients(module) -> Dict[str, torch.Tensor]:
 
 
 def gradient_differences(compiled: Dict[str, torch.Tensor], eager: Dict[str, torch.Tensor],
-                         floor: float = 1e-3) -> dict:
-    """The differences of the module doc; a parameter with a gradient in one run only is
-    reported by name."""
+                         floor: float = 1e-3, named: int = 5) -> dict:
+    """The differences of the module doc, and the ``named`` parameters with the largest
+    differences against the model's largest gradient (each with its own largest gradient,
+    also relative to the model's); a parameter with a gradient in one run only is reported by
+    name."""
     if compiled.keys() != eager.keys():
         return dict(grads_only_in_one_run=sorted(compiled.keys() ^ eager.keys()))
-    largest = max(e.float().abs().max().item() for e in eager.values())
-    vs_largest = max((c.float() - e.float()).abs().max().item() for c, e in
-                     zip(compiled.values(), eager.values())) / max(largest, 1e-12)
+    largest = max(max(e.float().abs().max().item() for e in eager.values()), 1e-12)
+    vs_largest = {n: (compiled[n].float() - e.float()).abs().max().item() / largest
+                  for n, e in eager.items()}
     own = {n: relative_difference(compiled[n], e) for n, e in eager.items()
            if e.float().abs().max().item() >= floor * largest}
     worst = max(own, key=own.get)
-    return dict(grad_diff_vs_largest=vs_largest, grad_rel_diff_max=own[worst], grad_worst=worst,
-                grads_skipped=len(eager) - len(own))
+    return dict(grad_diff_vs_largest=max(vs_largest.values()), grad_rel_diff_max=own[worst],
+                grad_worst=worst, grads_skipped=len(eager) - len(own),
+                grad_largest_diffs={n: [round(vs_largest[n], 6),
+                                        round(eager[n].float().abs().max().item() / largest, 6)]
+                                    for n in sorted(vs_largest, key=vs_largest.get)[-named:]})
 
 
-def check(name: str, mode: str, size: int) -> dict:
+def check(name: str, mode: str, size: int, dtype: str) -> dict:
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = build_model(name)
@@ -80,20 +89,27 @@ def check(name: str, mode: str, size: int) -> dict:
         else torch._dynamo.explain(model)(images, mode='tensor')
     model.zero_grad(set_to_none=True)
     torch._dynamo.reset()
-    eager = run(model, mode, images, samples)
-    eager_grads = gradients(model) if mode == 'train' else {}
-    compiled_model = torch.compile(model, fullgraph=mode == 'infer')
-    start = time.perf_counter()
-    compiled = run(compiled_model, mode, images, samples)
-    compiled_grads = gradients(model) if mode == 'train' else {}
-    torch.cuda.synchronize()
-    row = dict(model=name, mode=mode, size=size, graphs=explanation.graph_count,
+    # the eager model twice: how far two runs of the same code differ (atomics, library
+    # kernels chosen per call), the floor of the comparison with the compiled one
+    runs = {}
+    for key, fn in (('eager', model), ('eager_again', model),
+                    ('compiled', torch.compile(model, fullgraph=mode == 'infer'))):
+        start = time.perf_counter()
+        out = run(fn, mode, images, samples, dtype)
+        runs[key] = (out, gradients(model) if mode == 'train' else {})
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    row = dict(model=name, mode=mode, size=size, dtype=dtype, graphs=explanation.graph_count,
                graph_breaks=explanation.graph_break_count,
                break_reasons=sorted({str(r.reason).splitlines()[0] for r in explanation.break_reasons}),
-               first_compiled_call_s=round(time.perf_counter() - start, 1),
-               output_rel_diff=relative_difference(compiled[0], eager[0]))
-    if mode == 'train':
-        row.update(gradient_differences(compiled_grads, eager_grads))
+               first_compiled_call_s=round(seconds, 1))
+    eager_out, eager_grads = runs['eager']
+    for key in ('compiled', 'eager_again'):
+        prefix = '' if key == 'compiled' else 'eager_again_'
+        out, grads = runs[key]
+        row[prefix + 'output_rel_diff'] = relative_difference(out, eager_out)
+        if mode == 'train':
+            row.update({prefix + k: v for k, v in gradient_differences(grads, eager_grads).items()})
     return row
 
 
@@ -102,12 +118,13 @@ def main():
     parser.add_argument('--models', nargs='+', choices=MODELS, default=['segman-t'])
     parser.add_argument('--modes', nargs='+', choices=['infer', 'train'], default=['infer', 'train'])
     parser.add_argument('--size', type=int, default=512)
+    parser.add_argument('--dtypes', nargs='+', choices=['bf16', 'fp32'], default=['bf16'])
     parser.add_argument('--out', help='append JSON lines here')
     args = parser.parse_args()
     for name in args.models:
         for mode in args.modes:
-            row = check(name, mode, args.size)
-            write_row(row, args.out)
+            for dtype in args.dtypes:
+                write_row(check(name, mode, args.size, dtype), args.out)
 
 
 if __name__ == '__main__':
