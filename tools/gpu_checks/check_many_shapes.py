@@ -9,7 +9,8 @@ of 32, landscape and portrait), batch 1, bf16 autocast, ``torch.inference_mode``
 list) pays for what any first call pays (Triton's kernels, cuDNN's choices, ``torch.compile``'s
 first graph); then the first pass pays for what each new shape triggers, and the second runs
 warm. ``--compile yes``: ``torch.compile`` of the whole segmentor with ``--dynamic`` (``auto``:
-dynamo's default, a dynamic graph after the first recompilation). One line per model.
+dynamo's default, a dynamic graph after the first recompilation), dynamo logging the guard
+that failed at each recompilation. One line per model.
 """
 import argparse
 import os
@@ -82,6 +83,8 @@ def main():
                         help='after the warm-up, print where the time of one new shape goes')
     parser.add_argument('--out', help='append JSON lines here')
     args = parser.parse_args()
+    if 'yes' in args.compile:  # dynamo logs why each recompilation happened (the failed guard)
+        torch._logging.set_logs(recompiles=True)
     for name, compiled in ((n, c == 'yes') for n in args.models for c in args.compile):
         torch._dynamo.reset()
         model = build_model(name).eval()
