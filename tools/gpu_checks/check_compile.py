@@ -23,8 +23,8 @@ docs/benchmarks.md).
 import argparse
 import sys
 import time
-from typing import Dict
 from pathlib import Path
+from typing import Dict
 
 import torch
 
@@ -63,32 +63,36 @@ def gradient_differences(compiled: Dict[str, torch.Tensor], eager: Dict[str, tor
     name."""
     if compiled.keys() != eager.keys():
         return dict(grads_only_in_one_run=sorted(compiled.keys() ^ eager.keys()))
-    largest = max(max(e.float().abs().max().item() for e in eager.values()), 1e-12)
+    peaks = {n: e.float().abs().max().item() for n, e in eager.items()}
+    largest = max(max(peaks.values()), 1e-12)
     vs_largest = {n: (compiled[n].float() - e.float()).abs().max().item() / largest
                   for n, e in eager.items()}
     own = {n: relative_difference(compiled[n], e) for n, e in eager.items()
-           if e.float().abs().max().item() >= floor * largest}
+           if peaks[n] >= floor * largest}
     worst = max(own, key=own.get)
     return dict(grad_diff_vs_largest=max(vs_largest.values()), grad_rel_diff_max=own[worst],
                 grad_worst=worst, grads_skipped=len(eager) - len(own),
-                grad_largest_diffs={n: [round(vs_largest[n], 6),
-                                        round(eager[n].float().abs().max().item() / largest, 6)]
+                grad_largest_diffs={n: [round(vs_largest[n], 6), round(peaks[n] / largest, 6)]
                                     for n in sorted(vs_largest, key=vs_largest.get)[-named:]})
+
+
+def without_random_layers_or_batch_statistics(model: torch.nn.Module) -> None:
+    """Every dropout and drop path off (the compiled and the eager run draw different random
+    numbers; the decode heads' Dropout2d is no nn.Dropout) and every batch norm on its running
+    statistics (in training mode the image pool's norm, over two 1 x 1 samples, multiplies
+    rounding differences by orders of magnitude on their way back), the rest as it is."""
+    for m in model.modules():
+        if isinstance(m, (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm)) \
+                or type(m).__name__ == 'DropPath':
+            m.eval()
 
 
 def check(name: str, mode: str, size: int, dtype: str) -> dict:
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = build_model(name)
-    # dropout and drop path off: the compiled and the eager run draw different random numbers
-    # (the decode heads' Dropout2d is no nn.Dropout); batch norms on their running statistics:
-    # in training mode the image pool's norm (2 samples of 1 x 1) multiplies rounding
-    # differences by orders of magnitude on their way back
     model.eval() if mode == 'infer' else model.train()
-    for m in model.modules():
-        if isinstance(m, (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm)) \
-                or type(m).__name__ == 'DropPath':
-            m.eval()
+    without_random_layers_or_batch_statistics(model)
     images = torch.randn(2, 3, size, size, device='cuda')
     samples = data_samples(2, size, size)
     explanation = torch._dynamo.explain(model)(images, samples, mode='loss') if mode == 'train' \
