@@ -177,7 +177,7 @@ def op_layers(grad: bool, device: str = 'cuda'):
         'F.layer_norm (channels last)': lambda: F.layer_norm(x.permute(0, 2, 3, 1), (32,), w, b),
         'layer_norm_2d': lambda: layer_norm_2d(x, w, b),
         'layer_norm_2d triton backend': lambda: tln.layer_norm_2d_triton(x, w, b, 1e-6, x.dtype),
-        'layer_norm_2d launch': lambda: tln._forward(x, w, b, 1e-6, x.dtype, stats=False),
+        'layer_norm_2d launch': lambda: tln._forward(x, w, b, None, None, 1e-6, x.dtype, stats=False),
         'depthwise_conv2d': lambda: depthwise_conv2d(x, taps, b),
         'depthwise_conv2d triton backend': lambda: tdw.depthwise_conv2d_triton(x, taps, b),
         'depthwise_conv2d launch': lambda: tdw._convolve(x, taps, b, False, False, x.dtype),
