@@ -18,12 +18,17 @@ float32, ``--dtypes``), batch 2 at 512x512 (``--size``), fixed seeds, every drop
 path off and every batch norm on its running statistics (in training mode the decode head's
 image-pool norm, over two 1 x 1 samples, amplifies rounding: on the CPU a 4e-3 relative change
 of the images moved SegMAN-T's gradients by 0.14 of the largest with it, 4e-6 without it,
-docs/benchmarks.md).
+docs/benchmarks.md). float32 runs without TF32: PyTorch lets cuDNN's convolutions round to
+TF32 by default, and the compiled model's convolutions run in other layouts and algorithms
+than the eager ones, so they would differ by TF32's rounding (on an H100 SegMAN-T's stem
+biases' gradients by 0.7% of the largest gradient, docs/benchmarks.md).
 """
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from typing import Dict
 
 import torch
@@ -47,6 +52,17 @@ def run(model, mode: str, images, samples, dtype: str) -> torch.Tensor:
     loss = sum(v for k, v in losses.items() if 'loss' in k)
     loss.backward()
     return loss.detach()
+
+
+@contextmanager
+def without_tf32() -> Iterator[None]:
+    """cuDNN's convolutions and cuBLAS's float32 products in float32, not TF32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def gradients(module) -> Dict[str, torch.Tensor]:
@@ -134,7 +150,11 @@ def main():
     for name in args.models:
         for mode in args.modes:
             for dtype in args.dtypes:
-                write_row(check(name, mode, args.size, dtype), args.out)
+                if dtype == 'fp32':
+                    with without_tf32():
+                        write_row(dict(check(name, mode, args.size, dtype), tf32=False), args.out)
+                else:
+                    write_row(check(name, mode, args.size, dtype), args.out)
 
 
 if __name__ == '__main__':
