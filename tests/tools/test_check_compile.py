@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'tools' / 'gpu_checks'))
-from check_compile import gradient_differences  # noqa: E402
+from check_compile import compiled_part, gradient_differences, gradients  # noqa: E402
 
 
 def test_vanishing_gradients_are_left_out_of_the_per_parameter_differences():
@@ -26,3 +26,20 @@ def test_vanishing_gradients_are_left_out_of_the_per_parameter_differences():
 def test_a_gradient_in_one_run_only_is_named():
     eager = {'a': torch.ones(2), 'b': torch.ones(2)}
     assert gradient_differences({'a': torch.ones(2)}, eager) == {'grads_only_in_one_run': ['b']}
+
+
+def test_a_compiled_part_keeps_the_parameters_plain_names():
+    """``--parts``: only the named submodule is compiled, and the gradients keep the names of
+    the uncompiled model (``torch.compile``'s wrapper adds ``_orig_mod.``), so that they
+    compare with the eager run's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Sequential(torch.nn.Linear(4, 2)))
+    x = torch.randn(5, 3)
+    model(x).sum().backward()
+    eager = gradients(model)
+    assert compiled_part(model, '1.0', fullgraph=True) is model
+    assert type(model[1][0]).__name__ == 'OptimizedModule' and type(model[0]) is torch.nn.Linear
+    model(x).sum().backward()
+    got = gradients(model)
+    assert got.keys() == eager.keys() == {'0.weight', '0.bias', '1.0.weight', '1.0.bias'}
+    assert gradient_differences(got, eager)['grad_diff_vs_largest'] < 1e-6

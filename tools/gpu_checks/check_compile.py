@@ -18,7 +18,9 @@ float32, ``--dtypes``), batch 2 at 512x512 (``--size``), fixed seeds, every drop
 path off and every batch norm on its running statistics (in training mode the decode head's
 image-pool norm, over two 1 x 1 samples, amplifies rounding: on the CPU a 4e-3 relative change
 of the images moved SegMAN-T's gradients by 0.14 of the largest with it, 4e-6 without it,
-docs/benchmarks.md). float32 runs without TF32: PyTorch lets cuDNN's convolutions round to
+docs/benchmarks.md). ``--parts backbone decode_head`` compiles one submodule a run, the rest
+eager (which part's compilation makes a difference; gradients by the parameters' plain
+names). float32 runs without TF32: PyTorch lets cuDNN's convolutions round to
 TF32 by default, and the compiled model's convolutions run in other layouts and algorithms
 than the eager ones, so they would differ by TF32's rounding (on an H100 SegMAN-T's stem
 biases' gradients by 0.7% of the largest gradient, docs/benchmarks.md).
@@ -28,8 +30,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
-from typing import Dict
+from typing import Dict, Iterator, Optional
 
 import torch
 
@@ -66,7 +67,10 @@ def without_tf32() -> Iterator[None]:
 
 
 def gradients(module) -> Dict[str, torch.Tensor]:
-    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    """Every parameter's gradient by its name in the uncompiled module (a submodule replaced
+    by its ``torch.compile`` wrapper adds ``_orig_mod.`` to its parameters' names)."""
+    grads = {n.replace('_orig_mod.', ''): p.grad.clone() for n, p in module.named_parameters()
+             if p.grad is not None}
     module.zero_grad(set_to_none=True)
     return grads
 
@@ -103,7 +107,18 @@ def without_random_layers_or_batch_statistics(model: torch.nn.Module) -> None:
             m.eval()
 
 
-def check(name: str, mode: str, size: int, dtype: str) -> dict:
+def compiled_part(model: torch.nn.Module, part: Optional[str], fullgraph: bool) -> torch.nn.Module:
+    """``model`` compiled, or with only its submodule ``part`` (``'backbone.patch_embed'``)
+    replaced by the compiled submodule: to find which part's compilation makes a difference."""
+    if part is None:
+        return torch.compile(model, fullgraph=fullgraph)
+    parent, _, child = part.rpartition('.')
+    owner = model.get_submodule(parent) if parent else model
+    setattr(owner, child, torch.compile(owner.get_submodule(child), fullgraph=fullgraph))
+    return model
+
+
+def check(name: str, mode: str, size: int, dtype: str, part: Optional[str] = None) -> dict:
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = build_model(name)
@@ -118,14 +133,15 @@ def check(name: str, mode: str, size: int, dtype: str) -> dict:
     # the eager model twice: how far two runs of the same code differ (atomics, library
     # kernels chosen per call), the floor of the comparison with the compiled one
     runs = {}
-    for key, fn in (('eager', model), ('eager_again', model),
-                    ('compiled', torch.compile(model, fullgraph=mode == 'infer'))):
+    for key in ('eager', 'eager_again', 'compiled'):
+        fn = compiled_part(model, part, mode == 'infer') if key == 'compiled' else model
         start = time.perf_counter()
         out = run(fn, mode, images, samples, dtype)
         runs[key] = (out, gradients(model) if mode == 'train' else {})
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    row = dict(model=name, mode=mode, size=size, dtype=dtype, graphs=explanation.graph_count,
+    row = dict(model=name, mode=mode, size=size, dtype=dtype, compiled=part or 'all',
+               graphs=explanation.graph_count,
                graph_breaks=explanation.graph_break_count,
                break_reasons=sorted({str(r.reason).splitlines()[0] for r in explanation.break_reasons}),
                first_compiled_call_s=round(seconds, 1))
@@ -145,16 +161,21 @@ def main():
     parser.add_argument('--modes', nargs='+', choices=['infer', 'train'], default=['infer', 'train'])
     parser.add_argument('--size', type=int, default=512)
     parser.add_argument('--dtypes', nargs='+', choices=['bf16', 'fp32'], default=['bf16'])
+    parser.add_argument('--parts', nargs='+', metavar='SUBMODULE',
+                        help="compile only these submodules, one run each (e.g. 'backbone', "
+                             "'decode_head', 'backbone.patch_embed'), the rest eager")
     parser.add_argument('--out', help='append JSON lines here')
     args = parser.parse_args()
     for name in args.models:
         for mode in args.modes:
             for dtype in args.dtypes:
-                if dtype == 'fp32':
-                    with without_tf32():
-                        write_row(dict(check(name, mode, args.size, dtype), tf32=False), args.out)
-                else:
-                    write_row(check(name, mode, args.size, dtype), args.out)
+                for part in args.parts or [None]:
+                    if dtype == 'fp32':
+                        with without_tf32():
+                            row = dict(check(name, mode, args.size, dtype, part), tf32=False)
+                    else:
+                        row = check(name, mode, args.size, dtype, part)
+                    write_row(row, args.out)
 
 
 if __name__ == '__main__':
