@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..', 'tools', 'gpu_checks'))
-from check_compile import (gradient_differences,  # noqa: E402
+from check_compile import (gradient_differences, gradients,  # noqa: E402
                            without_random_layers_or_batch_statistics)
 from compiled_graphs import Segmentor  # noqa: E402
 
@@ -22,9 +22,7 @@ def gradients_after_backward(model, fn, x):
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     loss = (out * weights).sum()  # every logit weighted
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
+    return loss.detach(), gradients(model)
 
 
 def main():

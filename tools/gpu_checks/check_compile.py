@@ -20,15 +20,16 @@ image-pool norm, over two 1 x 1 samples, amplifies rounding: on the CPU a 4e-3 r
 of the images moved SegMAN-T's gradients by 0.14 of the largest with it, 4e-6 without it,
 docs/benchmarks.md). ``--parts backbone decode_head`` compiles one submodule a run, the rest
 eager (which part's compilation makes a difference; gradients by the parameters' plain
-names; ``graphs`` and ``graph_breaks`` stay the whole model's). float32 runs without TF32: PyTorch lets cuDNN's convolutions round to
-TF32 by default, and the compiled model's convolutions run in other layouts and algorithms
-than the eager ones, so they would differ by TF32's rounding (on an H100 SegMAN-T's stem
-biases' gradients by 0.7% of the largest gradient, docs/benchmarks.md).
+names; ``graphs`` and ``graph_breaks`` stay the whole model's). float32 runs without TF32:
+PyTorch lets cuDNN's convolutions round to TF32 by default, and the compiled model's
+convolutions run in other layouts and algorithms than the eager ones, so they would differ by
+TF32's rounding (on an H100 SegMAN-T's stem biases' gradients by 0.7% of the largest
+gradient, docs/benchmarks.md).
 """
 import argparse
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Dict, Iterator, Optional
 
@@ -170,12 +171,9 @@ def main():
         for mode in args.modes:
             for dtype in args.dtypes:
                 for part in args.parts or [None]:
-                    if dtype == 'fp32':
-                        with without_tf32():
-                            row = dict(check(name, mode, args.size, dtype, part), tf32=False)
-                    else:
+                    with without_tf32() if dtype == 'fp32' else nullcontext():
                         row = check(name, mode, args.size, dtype, part)
-                    write_row(row, args.out)
+                    write_row(dict(row, tf32=False) if dtype == 'fp32' else row, args.out)
 
 
 if __name__ == '__main__':
