@@ -63,8 +63,8 @@ from torch import Tensor
 
 from .dispatch import cast, with_contiguous_planes
 from .selective_scan import project_steps_backward
-from .triton_jit import (TritonAutogradOp, cdiv, dot_precision, jit_with_runtime_ints, launch,
-                         next_power_of_2, records_autograd)
+from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, dot_precision,
+                         jit_with_runtime_ints, launch, next_power_of_2, records_autograd)
 
 
 # Sizes and the strides that follow them stay runtime values (one compilation for every map
@@ -90,12 +90,15 @@ def _softplus(z):
 
 
 @triton.jit
-def _scan_tile(decay, drive, carry, BLOCK_L: tl.constexpr):
+def _scan_tile(decay, drive, carry, BLOCK_L: tl.constexpr, REVERSE: tl.constexpr = False):
     """``h_t = decay_t h_{t-1} + drive_t`` along axis 1 of a ``(BLOCK_D, BLOCK_L)`` tile,
-    starting from ``carry`` ``(BLOCK_D,)``; returns ``h`` and its last column (the next carry)."""
-    decay_prod, h = tl.associative_scan((decay, drive), 1, _affine_combine)
+    starting from ``carry`` ``(BLOCK_D,)``; returns ``h`` and its last column (the next carry).
+    With ``REVERSE`` the steps run from the tile's last column to its first (which is then
+    the next carry)."""
+    decay_prod, h = tl.associative_scan((decay, drive), 1, _affine_combine, reverse=REVERSE)
     h += decay_prod * carry[:, None]
-    last = tl.sum(tl.where(tl.arange(0, BLOCK_L)[None, :] == BLOCK_L - 1, h, 0.0), axis=1)
+    end = 0 if REVERSE else BLOCK_L - 1
+    last = tl.sum(tl.where(tl.arange(0, BLOCK_L)[None, :] == end, h, 0.0), axis=1)
     return h, last
 
 
@@ -111,10 +114,14 @@ def _load_channel_params(a_ptr, d_ptr, bias_ptr, index, mask):
 @triton.jit
 def _direction_program(xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, channels, length,
                        sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k,
-                       BLOCK_D: tl.constexpr):
+                       BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
     """The program's direction, batch element and channels, their parameters, the base
     pointers of its sequences (``x`` in the direction's order) and the index of its rows
-    ``(BLOCK_D,)`` in the ``(B, 4, D, .)`` buffers."""
+    ``(BLOCK_D,)`` in the ``(B, 4, D, .)`` buffers. The strides are multiples of ``ALIGN``."""
+    sx_b, sx_k, sx_c = aligned(sx_b, ALIGN), aligned(sx_k, ALIGN), aligned(sx_c, ALIGN)
+    sd_b, sd_k, sd_c = aligned(sd_b, ALIGN), aligned(sd_k, ALIGN), aligned(sd_c, ALIGN)
+    sb_b, sb_k = aligned(sb_b, ALIGN), aligned(sb_k, ALIGN)
+    sc_b, sc_k = aligned(sc_b, ALIGN), aligned(sc_k, ALIGN)
     direction = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
     ch = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -129,9 +136,31 @@ def _direction_program(xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, 
 
 
 @triton.jit
-def _position(step, length, direction):
-    """Position in the direction-order sequence of scan step ``step`` (any shape)."""
-    return tl.where(direction >= 2, length - 1 - step, step)
+def _forward_tile(x_base, delta_base, b_base, c_base, y_ptr, row_base, ckpt_base, A, D, bias,
+                  ch_ok, carry, tile, length, STORE_CKPT: tl.constexpr,
+                  CKPT: tl.constexpr, BLOCK_L: tl.constexpr, REVERSE: tl.constexpr):
+    """Scan tile ``tile`` of a program (see :func:`_cross_scan_fwd_kernel`): its ``BLOCK_L``
+    positions in ascending order (contiguous in memory), the tile's steps running along them,
+    or, with ``REVERSE`` (directions 2 and 3), against them from the sequence's end. Stores
+    ``y`` (and the checkpoints among its steps); returns the next carry."""
+    first = length - (tile + 1) * BLOCK_L if REVERSE else tile * BLOCK_L
+    pos = first + tl.arange(0, BLOCK_L)
+    pos_ok = (pos >= 0) & (pos < length)
+    ok = ch_ok[:, None] & pos_ok[None, :]
+    u = tl.load(x_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
+    z = tl.load(delta_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
+    Bt = tl.load(b_base + pos, mask=pos_ok, other=0.0).to(tl.float32)[None, :]
+    Ct = tl.load(c_base + pos, mask=pos_ok, other=0.0).to(tl.float32)[None, :]
+    dt = _softplus(z + bias)
+    decay = tl.where(ok, tl.exp(dt * A), 1.0)
+    h, carry = _scan_tile(decay, dt * Bt * u, carry, BLOCK_L, REVERSE)
+    tl.store(y_ptr + row_base + pos[None, :], Ct * h + D * u, mask=ok)
+    if STORE_CKPT:
+        t = length - 1 - pos if REVERSE else pos  # the scan step of each position
+        at_ckpt = ((t + 1) % CKPT == 0) & (t + 1 < length)
+        tl.store(ckpt_base + ((t + 1) // CKPT - 1)[None, :], h,
+                 mask=ch_ok[:, None] & (pos_ok & at_ckpt)[None, :])
+    return carry
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
@@ -139,33 +168,84 @@ def _cross_scan_fwd_kernel(
         xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, y_ptr, ckpt_ptr, channels, length,
         sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k,
         STORE_CKPT: tl.constexpr, CKPT: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_L: tl.constexpr):
+        BLOCK_L: tl.constexpr, ALIGN: tl.constexpr):
     """``y`` and, if ``STORE_CKPT``, the checkpoints ``ckpt[.., k] = h_{(k + 1) CKPT - 1}``,
-    ``k < (length - 1) // CKPT``: the state at the end of every backward tile but the last."""
+    ``k < (length - 1) // CKPT``: the state at the end of every backward tile but the last.
+    Every tile is read and written in ascending positions, so that its loads and stores move
+    16 bytes a thread where ``length`` and the strides are multiples of ``ALIGN = 8`` (the
+    reversed directions scan their tiles backwards, ``reverse=True``)."""
+    length = aligned(length, ALIGN)
     direction, batch, ch, ch_ok, A, D, bias, x_base, delta_base, b_base, c_base, rows = \
         _direction_program(xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, channels, length,
-                           sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, BLOCK_D)
+                           sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, BLOCK_D, ALIGN)
     row_base = rows[:, None] * length
     ckpt_base = ckpt_ptr + rows[:, None] * ((length - 1) // CKPT)
-    steps = tl.arange(0, BLOCK_L)
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start in range(0, length, BLOCK_L):
-        t = start + steps
-        t_ok = t < length
-        ok = ch_ok[:, None] & t_ok[None, :]
-        pos = _position(t, length, direction)
-        u = tl.load(x_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
-        z = tl.load(delta_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
-        Bt = tl.load(b_base + pos, mask=t_ok, other=0.0).to(tl.float32)[None, :]
-        Ct = tl.load(c_base + pos, mask=t_ok, other=0.0).to(tl.float32)[None, :]
-        dt = _softplus(z + bias)
-        decay = tl.where(ok, tl.exp(dt * A), 1.0)
-        h, carry = _scan_tile(decay, dt * Bt * u, carry, BLOCK_L)
-        tl.store(y_ptr + row_base + pos[None, :], Ct * h + D * u, mask=ok)
-        if STORE_CKPT:
-            at_ckpt = ((t + 1) % CKPT == 0) & (t + 1 < length)
-            tl.store(ckpt_base + ((t + 1) // CKPT - 1)[None, :], h,
-                     mask=ch_ok[:, None] & at_ckpt[None, :])
+    if direction >= 2:
+        for tile in range(0, tl.cdiv(length, BLOCK_L)):
+            carry = _forward_tile(x_base, delta_base, b_base, c_base, y_ptr, row_base, ckpt_base,
+                                  A, D, bias, ch_ok, carry, tile, length, STORE_CKPT,
+                                  CKPT, BLOCK_L, True)
+    else:
+        for tile in range(0, tl.cdiv(length, BLOCK_L)):
+            carry = _forward_tile(x_base, delta_base, b_base, c_base, y_ptr, row_base, ckpt_base,
+                                  A, D, bias, ch_ok, carry, tile, length, STORE_CKPT,
+                                  CKPT, BLOCK_L, False)
+
+
+@triton.jit
+def _backward_tile(x_base, delta_base, b_base, c_base, dy_base, ckpt_base, du_ptr, ddelta_ptr,
+                   db_ptr, dc_ptr, row_base, bc_base, A, D, bias, ch_ok, carry, dA, dD, dbias,
+                   index, length, BLOCK_L: tl.constexpr, REVERSE: tl.constexpr):
+    """Tile ``index`` (in scan order) of a backward program (see
+    :func:`_cross_scan_bwd_kernel`), its positions ascending as in :func:`_forward_tile`.
+    The scan steps run along the positions, or against them with ``REVERSE``; the step
+    before a position's is at ``pos - STEP`` and the one after at ``pos + STEP``. Stores
+    ``du``, ``ddelta`` and the tile's partial sums of ``dB``, ``dC``; returns the adjoint's
+    carry and the running sums of ``dA``, ``dD``, ``d delta_bias``."""
+    STEP: tl.constexpr = -1 if REVERSE else 1
+    steps = tl.arange(0, BLOCK_L)
+    first = length - (index + 1) * BLOCK_L if REVERSE else index * BLOCK_L
+    pos = first + steps
+    pos_ok = (pos >= 0) & (pos < length)
+    ok = ch_ok[:, None] & pos_ok[None, :]
+    u = tl.load(x_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
+    z = tl.load(delta_base + pos[None, :], mask=ok, other=0.0).to(tl.float32) + bias
+    Bt = tl.load(b_base + pos, mask=pos_ok, other=0.0).to(tl.float32)[None, :]
+    Ct = tl.load(c_base + pos, mask=pos_ok, other=0.0).to(tl.float32)[None, :]
+    dy = tl.load(dy_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
+    # h_{t-1}: the steps before the tile's, scanned from the checkpoint before the tile (the
+    # state at its first step - 1; zero for the first tile); the tile's first step has none
+    prev = pos - STEP
+    first_step = BLOCK_L - 1 if REVERSE else 0
+    prev_ok = (steps != first_step) & (prev >= 0) & (prev < length)
+    prev_tile_ok = ch_ok[:, None] & prev_ok[None, :]
+    u_prev = tl.load(x_base + prev[None, :], mask=prev_tile_ok, other=0.0).to(tl.float32)
+    z_prev = tl.load(delta_base + prev[None, :], mask=prev_tile_ok, other=0.0).to(tl.float32)
+    B_prev = tl.load(b_base + prev, mask=prev_ok, other=0.0).to(tl.float32)[None, :]
+    dt_prev = _softplus(z_prev + bias)
+    ckpt = tl.load(ckpt_base + index - 1, mask=ch_ok & (index > 0), other=0.0)
+    h_prev, _ = _scan_tile(tl.where(prev_tile_ok, tl.exp(dt_prev * A), 1.0),
+                           dt_prev * B_prev * u_prev, ckpt, BLOCK_L, REVERSE)
+    # a_{t+1}, zero past the end; the adjoint dh_t = C_t dy_t + a_{t+1} dh_{t+1} runs
+    # against the scan's steps
+    after = pos + STEP
+    after_ok = ch_ok[:, None] & ((after >= 0) & (after < length))[None, :]
+    z1 = tl.load(delta_base + after[None, :], mask=after_ok, other=0.0).to(tl.float32)
+    decay_next = tl.where(after_ok, tl.exp(_softplus(z1 + bias) * A), 0.0)
+    dh, carry = _scan_tile(decay_next, Ct * dy, carry, BLOCK_L, not REVERSE)
+    dt = _softplus(z)
+    decayed_prev = tl.exp(dt * A) * h_prev
+    h = decayed_prev + dt * Bt * u
+    dz = tl.where(ok, dh * (Bt * u + A * decayed_prev) * tl.sigmoid(z), 0.0)
+    tl.store(du_ptr + row_base + pos[None, :], dh * dt * Bt + D * dy, mask=ok)
+    tl.store(ddelta_ptr + row_base + pos[None, :], dz, mask=ok)
+    tl.store(db_ptr + bc_base + pos, tl.sum(dh * dt * u, axis=0), mask=pos_ok)
+    tl.store(dc_ptr + bc_base + pos, tl.sum(dy * h, axis=0), mask=pos_ok)
+    dA += tl.sum(dh * decayed_prev * dt, axis=1)
+    dD += tl.sum(dy * u, axis=1)
+    dbias += tl.sum(dz, axis=1)
+    return carry, dA, dD, dbias
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
@@ -173,65 +253,36 @@ def _cross_scan_bwd_kernel(
         xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, ckpt_ptr, dys_ptr,
         du_ptr, ddelta_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr, channels, length,
         sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, sy_b, sy_k, sy_c,
-        BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+        BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, ALIGN: tl.constexpr):
+    """The tiles from the last in scan order to the first (:func:`_backward_tile`), read and
+    written in ascending positions as the forward's; ``length`` and the strides are
+    multiples of ``ALIGN``."""
+    length = aligned(length, ALIGN)
+    sy_b, sy_k, sy_c = aligned(sy_b, ALIGN), aligned(sy_k, ALIGN), aligned(sy_c, ALIGN)
     direction, batch, ch, ch_ok, A, D, bias, x_base, delta_base, b_base, c_base, rows = \
         _direction_program(xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, channels, length,
-                           sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, BLOCK_D)
+                           sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, BLOCK_D, ALIGN)
     row_base = rows[:, None] * length
     ckpt_base = ckpt_ptr + rows * ((length - 1) // BLOCK_L)
     dy_base = dys_ptr + batch * sy_b + (direction % 2) * sy_k + ch[:, None] * sy_c
     bc_base = ((batch * 4 + direction) * tl.num_programs(0) + tl.program_id(0)) * length  # dB, dC partials
-    steps = tl.arange(0, BLOCK_L)
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
     dA = tl.zeros([BLOCK_D], dtype=tl.float32)
     dD = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
     num_tiles = tl.cdiv(length, BLOCK_L)
-    for tile in range(0, num_tiles):
-        index = num_tiles - 1 - tile
-        t = (index + 1) * BLOCK_L - 1 - steps  # the tile, last step first
-        t_ok = t < length
-        ok = ch_ok[:, None] & t_ok[None, :]
-        pos = _position(t, length, direction)
-        u = tl.load(x_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
-        z = tl.load(delta_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
-        z += bias
-        Bt = tl.load(b_base + pos, mask=t_ok, other=0.0).to(tl.float32)[None, :]
-        Ct = tl.load(c_base + pos, mask=t_ok, other=0.0).to(tl.float32)[None, :]
-        dy = tl.load(dy_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
-        # h_{t-1}: steps t - 1 in natural order from the checkpoint before the tile (the state
-        # at its first step - 1; zero for the first tile), scanned forwards, then reversed
-        t_prev = index * BLOCK_L - 1 + steps
-        t_prev_ok = (steps > 0) & (t_prev < length)
-        prev_ok = ch_ok[:, None] & t_prev_ok[None, :]
-        pos_prev = _position(t_prev, length, direction)
-        u_prev = tl.load(x_base + pos_prev[None, :], mask=prev_ok, other=0.0).to(tl.float32)
-        z_prev = tl.load(delta_base + pos_prev[None, :], mask=prev_ok, other=0.0).to(tl.float32)
-        B_prev = tl.load(b_base + pos_prev, mask=t_prev_ok, other=0.0).to(tl.float32)[None, :]
-        dt_prev = _softplus(z_prev + bias)
-        ckpt = tl.load(ckpt_base + index - 1, mask=ch_ok & (index > 0), other=0.0)
-        h_prev, _ = _scan_tile(tl.where(prev_ok, tl.exp(dt_prev * A), 1.0),
-                               dt_prev * B_prev * u_prev, ckpt, BLOCK_L)
-        h_prev = tl.flip(h_prev, 1)
-        # a_{t+1}, zero past the end
-        next_ok = ch_ok[:, None] & (t + 1 < length)[None, :]
-        next_pos = _position(t + 1, length, direction)
-        z1 = tl.load(delta_base + next_pos[None, :], mask=next_ok, other=0.0)
-        decay_next = tl.where(next_ok, tl.exp(_softplus(z1.to(tl.float32) + bias) * A), 0.0)
-
-        dh, carry = _scan_tile(decay_next, Ct * dy, carry, BLOCK_L)
-
-        dt = _softplus(z)
-        decayed_prev = tl.exp(dt * A) * h_prev
-        h = decayed_prev + dt * Bt * u
-        dz = tl.where(ok, dh * (Bt * u + A * decayed_prev) * tl.sigmoid(z), 0.0)
-        tl.store(du_ptr + row_base + pos[None, :], dh * dt * Bt + D * dy, mask=ok)
-        tl.store(ddelta_ptr + row_base + pos[None, :], dz, mask=ok)
-        tl.store(db_ptr + bc_base + pos, tl.sum(dh * dt * u, axis=0), mask=t_ok)
-        tl.store(dc_ptr + bc_base + pos, tl.sum(dy * h, axis=0), mask=t_ok)
-        dA += tl.sum(dh * decayed_prev * dt, axis=1)
-        dD += tl.sum(dy * u, axis=1)
-        dbias += tl.sum(dz, axis=1)
+    if direction >= 2:
+        for tile in range(0, num_tiles):
+            carry, dA, dD, dbias = _backward_tile(
+                x_base, delta_base, b_base, c_base, dy_base, ckpt_base, du_ptr, ddelta_ptr, db_ptr,
+                dc_ptr, row_base, bc_base, A, D, bias, ch_ok, carry, dA, dD, dbias,
+                num_tiles - 1 - tile, length, BLOCK_L, True)
+    else:
+        for tile in range(0, num_tiles):
+            carry, dA, dD, dbias = _backward_tile(
+                x_base, delta_base, b_base, c_base, dy_base, ckpt_base, du_ptr, ddelta_ptr, db_ptr,
+                dc_ptr, row_base, bc_base, A, D, bias, ch_ok, carry, dA, dD, dbias,
+                num_tiles - 1 - tile, length, BLOCK_L, False)
     tl.store(da_ptr + rows, dA, mask=ch_ok)
     tl.store(dd_ptr + rows, dD, mask=ch_ok)
     tl.store(dbias_ptr + rows, dbias, mask=ch_ok)
@@ -239,11 +290,13 @@ def _cross_scan_bwd_kernel(
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _merge_kernel(ys_ptr, out_ptr, channels, height, width,
-                  BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+                  BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, ALIGN: tl.constexpr):
     """``out[b, c] = ys[b, 0, c] + ys[b, 2, c] + (ys[b, 1, c] + ys[b, 3, c])^T`` for a
     ``BLOCK_H x BLOCK_W`` tile of one plane: ``ys (B, 4, D, L)`` in direction order, the
     column-major slots loaded as ``(BLOCK_W, BLOCK_H)`` tiles (contiguous along H) and
-    transposed in registers; ``out (B, D, H, W)`` contiguous, in its own dtype."""
+    transposed in registers; ``out (B, D, H, W)`` contiguous, in its own dtype. ``height``
+    and ``width`` are multiples of ``ALIGN``."""
+    height, width = aligned(height, ALIGN), aligned(width, ALIGN)
     plane = tl.program_id(2).to(tl.int64)
     batch, channel = plane // channels, plane % channels
     length = height * width
@@ -266,11 +319,14 @@ def _merge_kernel(ys_ptr, out_ptr, channels, height, width,
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _both_orders_kernel(x_ptr, out_ptr, channels, height, width, sx_b, sx_c,
-                        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+                        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, ALIGN: tl.constexpr):
     """A ``BLOCK_H x BLOCK_W`` tile of one plane of ``x (B, D, H, W)`` (each plane
     contiguous) into ``out (B, 2, D, L)``: row-major into slot 0, transposed in registers and
     column-major into slot 1. One read of ``x``; PyTorch's strided copy and ``stack`` took
-    about three times as long."""
+    about three times as long. ``height``, ``width`` and the strides are multiples of
+    ``ALIGN``."""
+    height, width = aligned(height, ALIGN), aligned(width, ALIGN)
+    sx_b, sx_c = aligned(sx_b, ALIGN), aligned(sx_c, ALIGN)
     plane = tl.program_id(2).to(tl.int64)
     batch, channel = plane // channels, plane % channels
     length = height * width
@@ -288,11 +344,13 @@ def _both_orders_kernel(x_ptr, out_ptr, channels, height, width, sx_b, sx_c,
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _direction_order_kernel(maps_ptr, seqs_ptr, channels, height, width, INVERSE: tl.constexpr,
-                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, ALIGN: tl.constexpr):
     """A ``BLOCK_H x BLOCK_W`` tile of plane ``(b, k, c)`` of ``maps (B, 4, C, H, W)`` into
     ``seqs (B, 4, C, L)`` in direction order (:func:`.cross_scan.direction_order`): copied
     for the row-major directions (k even), transposed in registers for the column-major ones;
-    with ``INVERSE`` from ``seqs`` back into ``maps`` (the backward pass). Both contiguous."""
+    with ``INVERSE`` from ``seqs`` back into ``maps`` (the backward pass). Both contiguous;
+    ``height`` and ``width`` multiples of ``ALIGN``."""
+    height, width = aligned(height, ALIGN), aligned(width, ALIGN)
     plane = tl.program_id(2).to(tl.int64)
     length = height * width
     rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -318,14 +376,17 @@ def _direction_order_kernel(maps_ptr, seqs_ptr, channels, height, width, INVERSE
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _project_steps_kernel(lo_ptr, w_ptr, out_ptr, channels, rank, length, sl_b, sl_k, sl_r,
                           BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
     """``delta[b, k, c, l] = sum_r w[k, c, r] lo[b, k, r, l]`` for a ``BLOCK_C x BLOCK_L``
     tile, program ``(l tile, c tile, b * 4 + k)``: ``w (4, D, R)`` contiguous in ``lo``'s
     dtype (as :func:`~.selective_scan.project_steps` casts it); ``lo``'s rows contiguous;
     ``delta (B, 4, D, L)`` contiguous in ``lo``'s dtype. The rank is padded to ``BLOCK_R``
     (at least 16) with zeros: one product on the tensor cores, in TF32 for 16-bit inputs
     (exact products). cuBLAS chose 32x32 tiles for these products (a rank not a multiple
-    of 8): about four times the time of the store."""
+    of 8): about four times the time of the store. ``length`` and ``lo``'s strides are
+    multiples of ``ALIGN``."""
+    length = aligned(length, ALIGN)
+    sl_b, sl_k, sl_r = aligned(sl_b, ALIGN), aligned(sl_k, ALIGN), aligned(sl_r, ALIGN)
     sequence = tl.program_id(2).to(tl.int64)
     batch, direction = sequence // 4, sequence % 4
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -347,15 +408,16 @@ Blocks = Tuple[int, int, int]  # (BLOCK_D, BLOCK_L, num_warps)
 MAX_BLOCK_L = 256
 
 
-def block_sizes(length: int) -> Blocks:
-    """Default ``(BLOCK_D, BLOCK_L, num_warps)`` of the forward and the backward kernel.
+def block_sizes(length: int, backward: bool = False) -> Blocks:
+    """Default ``(BLOCK_D, BLOCK_L, num_warps)`` of the forward kernel, or of the backward.
 
-    Chosen by ``tools/gpu_checks/check_cross_selective_scan.py --sweep`` on an H100 (bfloat16,
-    SegMAN's stage sizes at 512x512, see docs/benchmarks.md): with every direction read
-    contiguously, two channels and 256 steps a program with 4 warps ran fastest at every size,
-    in both passes (within 5% of the best at 16x16 maps).
+    Chosen by ``tools/gpu_checks/check_cross_selective_scan.py --sweep`` and
+    ``.gpu/scan_ab.py``-style sweeps on an H100 (bfloat16, SegMAN's stage sizes at 512x512,
+    see docs/benchmarks.md): 256 steps a program with 4 warps, four channels for the forward
+    (since its tiles are read in 16-byte pieces; 15-23% faster than two at SegMAN-L's stages
+    1-3), two for the backward (within 5% of the best at 16x16 maps).
     """
-    return 2, min(max(16, next_power_of_2(length)), MAX_BLOCK_L), 4
+    return 2 if backward else 4, min(max(16, next_power_of_2(length)), MAX_BLOCK_L), 4
 
 
 # (BLOCK_H, BLOCK_W) of the merge kernel, _both_orders_kernel and _direction_order_kernel
@@ -382,7 +444,8 @@ def _merge(ys: Tensor, height: int, width: int, dtype: torch.dtype) -> Tensor:
     out = torch.empty(batch, channels, height, width, dtype=dtype, device=ys.device)
     block_h, block_w = MERGE_TILE
     launch(_merge_kernel, (cdiv(width, block_w), cdiv(height, block_h), batch * channels),
-           ys, out, channels, height, width, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4)
+           ys, out, channels, height, width, BLOCK_H=block_h, BLOCK_W=block_w,
+           ALIGN=alignment(height, width), num_warps=4)
     return out
 
 
@@ -394,7 +457,7 @@ def _both_orders(x: Tensor) -> Tensor:
     block_h, block_w = MERGE_TILE
     launch(_both_orders_kernel, (cdiv(width, block_w), cdiv(height, block_h), batch * channels),
            x, out, channels, height, width, x.stride(0), x.stride(1), BLOCK_H=block_h,
-           BLOCK_W=block_w, num_warps=4)
+           BLOCK_W=block_w, ALIGN=alignment(height, width, x.stride(0), x.stride(1)), num_warps=4)
     return out
 
 
@@ -410,7 +473,7 @@ def _reordered(src: Tensor, height: int, width: int, inverse: bool) -> Tensor:
     launch(_direction_order_kernel,
            (cdiv(width, block_w), cdiv(height, block_h), batch * directions * channels),
            maps, seqs, channels, height, width, INVERSE=inverse, BLOCK_H=block_h,
-           BLOCK_W=block_w, num_warps=4)
+           BLOCK_W=block_w, ALIGN=alignment(height, width), num_warps=4)
     return out
 
 
@@ -458,7 +521,8 @@ def _project_steps(dt_low: Tensor, dt_proj: Tensor) -> Tensor:
     launch(_project_steps_kernel, (cdiv(length, block_l), cdiv(channels, block_c), batch * 4),
            dt_low, dt_proj, delta, channels, rank, length, *dt_low.stride()[:3],
            BLOCK_C=block_c, BLOCK_L=block_l, BLOCK_R=max(16, next_power_of_2(rank)),
-           DOT_PRECISION=dot_precision(dt_low.dtype), num_warps=4)
+           DOT_PRECISION=dot_precision(dt_low.dtype),
+           ALIGN=alignment(length, *dt_low.stride()[:3]), num_warps=4)
     return delta
 
 
@@ -467,12 +531,13 @@ def _flat(*params: Tensor) -> Tuple[Tensor, ...]:
     return tuple(t.reshape(-1).contiguous() for t in params)
 
 
-def _blocks(x: Tensor, blocks: List[int]) -> Blocks:
-    """``blocks`` as given, or the default of ``x``'s map size when empty (chosen inside the
-    ops, so that compiled graphs do not depend on the map size through their arguments)."""
+def _blocks(x: Tensor, blocks: List[int], backward: bool) -> Blocks:
+    """``blocks`` as given, or the default of the pass for ``x``'s map size when empty (chosen
+    inside the ops, so that compiled graphs do not depend on the map size through their
+    arguments)."""
     if blocks:
         return tuple(blocks)
-    return block_sizes(x.shape[2] * x.shape[3])
+    return block_sizes(x.shape[2] * x.shape[3], backward)
 
 
 def _float32(*shape: int, like: Tensor) -> Tensor:
@@ -501,14 +566,15 @@ def _cross_scan_forward_impl(x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: Tens
     # delta is freed after the kernel: the backward pass recomputes it
     xs, (delta, B, C) = _both_orders(x), _sequences(_project_steps(dt_low, dt_proj), B, C)
     ys = _float32(batch, 4, channels, length, like=x)
-    block_d, block_l, warps = _blocks(x, blocks[:3])
-    ckpt = _blocks(x, blocks[3:])[1]  # the backward's tile
+    block_d, block_l, warps = _blocks(x, blocks[:3], backward=False)
+    ckpt = _blocks(x, blocks[3:], backward=True)[1]  # the backward's tile
     states = _float32(batch, 4, channels,
                       checkpoint_count(length, blocks[3:]) if store_states else 0, like=x)
+    ints = (length, *_strides(xs, delta, B, C))
     launch(_cross_scan_fwd_kernel, (cdiv(channels, block_d), 4, batch),
-           xs, delta, *_flat(A, D, delta_bias), B, C, ys, states, channels, length,
-           *_strides(xs, delta, B, C), STORE_CKPT=store_states, CKPT=ckpt, BLOCK_D=block_d,
-           BLOCK_L=block_l, num_warps=warps)
+           xs, delta, *_flat(A, D, delta_bias), B, C, ys, states, channels, *ints,
+           STORE_CKPT=store_states, CKPT=ckpt, BLOCK_D=block_d, BLOCK_L=block_l,
+           ALIGN=alignment(*ints), num_warps=warps)
     return _merge(ys, height, width, x.dtype), states
 
 
@@ -538,7 +604,7 @@ def _cross_scan_backward_impl(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Te
     the inputs' shapes and dtypes) from the forward's checkpointed ``states`` for the
     backward ``blocks``. ``delta`` is recomputed from ``dt_low`` and ``dt_proj``, and its
     gradient taken back through that product (:func:`~.selective_scan.project_steps_backward`)."""
-    block_d, block_l, warps = _blocks(x, blocks)
+    block_d, block_l, warps = _blocks(x, blocks, backward=True)
     batch, channels, height, width = x.shape
     length = height * width
     assert states.shape == (batch, 4, channels, checkpoint_count(length, blocks)), states.shape
@@ -548,10 +614,10 @@ def _cross_scan_backward_impl(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Te
     du, ddelta = _float32(2, batch, 4, channels, length, like=x).unbind()
     d_bc = _float32(2, batch, 4, grid[0], length, like=x)  # partial sums over channel blocks
     d_params = _float32(3, batch, 4 * channels, like=x)  # partial sums over the batch
+    ints = (length, *_strides(xs, delta, B_seq, C_seq), *dys.stride()[:3])
     launch(_cross_scan_bwd_kernel, grid, xs, delta, *_flat(A, D, delta_bias), B_seq, C_seq,
-           states, dys, du, ddelta, *d_bc.unbind(), *d_params.unbind(), channels, length,
-           *_strides(xs, delta, B_seq, C_seq), *dys.stride()[:3], BLOCK_D=block_d,
-           BLOCK_L=block_l, num_warps=warps)
+           states, dys, du, ddelta, *d_bc.unbind(), *d_params.unbind(), channels, *ints,
+           BLOCK_D=block_d, BLOCK_L=block_l, ALIGN=alignment(*ints), num_warps=warps)
     d_dt_low, d_dt_proj = project_steps_backward(ddelta, dt_low, dt_proj)  # ddelta float32
     return (_merge(du, height, width, x.dtype), d_dt_low, d_dt_proj,
             cast(d_bc.sum(3, keepdim=True), _bc_dtype(B, C)), d_params.sum(1))
@@ -625,6 +691,6 @@ def cross_selective_scan_triton(x: Tensor, dt_low: Tensor, dt_proj: Tensor, A: T
     store_states = records_autograd(*inputs)
     blocks = []
     if fwd_blocks is not None or bwd_blocks is not None:
-        blocks = [*(fwd_blocks or _blocks(x, [])),
-                  *(bwd_blocks or _blocks(x, []))]
+        blocks = [*(fwd_blocks or _blocks(x, [], backward=False)),
+                  *(bwd_blocks or _blocks(x, [], backward=True))]
     return CROSS_SCAN(*inputs, store_states, blocks, records=store_states)[0]

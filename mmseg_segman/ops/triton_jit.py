@@ -1,5 +1,6 @@
-"""``triton.jit`` for kernels whose sizes and strides stay runtime values, the launch of a
-compiled kernel without Triton's per-call work, when a Triton backend needs its autograd
+"""``triton.jit`` for kernels whose sizes and strides stay runtime values (and the alignment
+that such a kernel may assume of them), the launch of a compiled kernel without Triton's
+per-call work, when a Triton backend needs its autograd
 wrapper, and the precision of float32 products; kernels made no-ops, for counting without a
 GPU."""
 import inspect
@@ -10,6 +11,7 @@ from typing import Callable, Collection, Dict, Iterator, Optional, Sequence, Tup
 
 import torch
 import triton
+import triton.language as tl
 from triton.compiler import CompiledKernel
 
 
@@ -24,6 +26,28 @@ def jit_with_runtime_ints(runtime_ints: Collection[str]) -> Callable:
         return triton.jit(do_not_specialize=names)(fn)
 
     return decorate
+
+
+ALIGNMENT = 8  # elements: 16 bytes of a 16-bit map, the widest load or store of a thread
+
+
+def alignment(*ints: int) -> int:
+    """The ``ALIGN`` of a launch whose kernel takes ``ints`` (sizes and strides, in elements)
+    through :func:`aligned`: :data:`ALIGNMENT` where every one is a multiple of it (SegMAN's
+    maps at 512x512 and most other sizes), else 1. Two compilations of a kernel at most."""
+    combined = 0
+    for n in ints:
+        combined |= n
+    return ALIGNMENT if combined % ALIGNMENT == 0 else 1
+
+
+@triton.jit
+def aligned(n, ALIGN: tl.constexpr):
+    """``n``, which the host checked to be a multiple of ``ALIGN`` (:func:`alignment`), as the
+    compiler then knows it to be. A runtime int (:func:`jit_with_runtime_ints`) is otherwise
+    of unknown alignment, so Triton moves one element a thread per load and store along the
+    rows it offsets: 2 bytes of a bfloat16 map where it could move 16."""
+    return n // ALIGN * ALIGN
 
 
 def cdiv(a: int, b: int) -> int:

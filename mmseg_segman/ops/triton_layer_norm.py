@@ -13,7 +13,8 @@ Backward: ``dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))`` with ``g = d
 from the saved per-pixel mean and ``rstd``; every program writes its partial sums of
 ``dy * xhat`` and ``dy`` per channel (no atomics), which PyTorch adds up into the weight and
 bias gradients (one reduction). Sizes and strides are runtime values: one compilation per
-dtype serves every map size.
+dtype serves every map size where they are multiples of 8 (16-byte loads and stores,
+:func:`~.triton_jit.aligned`), one more every other size.
 
 ``torch.compile`` traces the kernels as the custom ops ``mmseg_segman::layer_norm_2d_forward``
 and ``_backward`` (:data:`LAYER_NORM_2D`, a :class:`~.triton_jit.TritonAutogradOp`).
@@ -26,7 +27,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import cast, with_contiguous_planes
-from .triton_jit import TritonAutogradOp, cdiv, jit_with_runtime_ints, launch, records_autograd
+from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, jit_with_runtime_ints, launch,
+                         records_autograd)
 
 BLOCK_C = 32
 BLOCK_P = 64
@@ -62,24 +64,35 @@ def _stats_pointers(stats_ptr, batch, pixels, p):
 def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, a1_ptr, a2_ptr, y_ptr, stats_ptr, channels,
                      pixels, sx_b, sx_c, sa1_b, sa1_c, sa2_b, sa2_c, sy_b, sy_c, eps,
                      ADDENDS: tl.constexpr, STATS: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_P: tl.constexpr):
+                     BLOCK_P: tl.constexpr, ALIGN: tl.constexpr):
     """``y = layer_norm(x) + a1 + a2`` (the first ``ADDENDS`` of them) for ``BLOCK_P``
     pixels of one batch element; with ``STATS`` the mean and ``rstd`` stored for the backward
-    pass (:func:`_stats_pointers`)."""
+    pass (:func:`_stats_pointers`). ``pixels`` and the strides are multiples of ``ALIGN``."""
+    pixels = aligned(pixels, ALIGN)
+    sx_b, sx_c = aligned(sx_b, ALIGN), aligned(sx_c, ALIGN)
+    sa1_b, sa1_c = aligned(sa1_b, ALIGN), aligned(sa1_c, ALIGN)
+    sa2_b, sa2_c = aligned(sa2_b, ALIGN), aligned(sa2_c, ALIGN)
+    sy_b, sy_c = aligned(sy_b, ALIGN), aligned(sy_c, ALIGN)
     batch, p, p_ok = _program_pixels(pixels, BLOCK_P)
     x_off = batch * sx_b
-    total = tl.zeros([BLOCK_P], dtype=tl.float32)
+    # sums kept per (channel in the chunk, pixel) and reduced over the channels once: a
+    # reduction a chunk crosses the warps (a barrier each) where a 16-byte layout spreads them
+    # over the channels. The mean is taken about channel 0's value (no cancellation against a
+    # large mean)
+    ref = tl.load(x_ptr + x_off + p, mask=p_ok, other=0.0).to(tl.float32)
+    total = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     for c0 in range(0, channels, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        total += tl.sum(_tile(x_ptr, x_off, c, sx_c, p, (c < channels)[:, None] & p_ok[None, :]), 0)
-    mean = total / channels
-    total = tl.zeros([BLOCK_P], dtype=tl.float32)
+        ok = (c < channels)[:, None] & p_ok[None, :]
+        total += tl.where(ok, _tile(x_ptr, x_off, c, sx_c, p, ok) - ref[None, :], 0.0)
+    mean = ref + tl.sum(total, 0) / channels
+    total = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     for c0 in range(0, channels, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         ok = (c < channels)[:, None] & p_ok[None, :]
         centred = tl.where(ok, _tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :], 0.0)
-        total += tl.sum(centred * centred, 0)
-    rstd = 1.0 / tl.sqrt(total / channels + eps)
+        total += centred * centred
+    rstd = 1.0 / tl.sqrt(tl.sum(total, 0) / channels + eps)
     for c0 in range(0, channels, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < channels
@@ -102,14 +115,18 @@ def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, a1_ptr, a2_ptr, y_ptr, stats_ptr, chan
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, stats_ptr, dx_ptr, partial_ptr, channels,
                      pixels, pixel_blocks, sx_b, sx_c, sd_b, sd_c, sy_b, sy_c,
-                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ALIGN: tl.constexpr):
+    pixels = aligned(pixels, ALIGN)
+    sx_b, sx_c = aligned(sx_b, ALIGN), aligned(sx_c, ALIGN)
+    sd_b, sd_c = aligned(sd_b, ALIGN), aligned(sd_c, ALIGN)
+    sy_b, sy_c = aligned(sy_b, ALIGN), aligned(sy_c, ALIGN)
     batch, p, p_ok = _program_pixels(pixels, BLOCK_P)
     x_off, dy_off = batch * sx_b, batch * sd_b
     mean_ptrs, rstd_ptrs = _stats_pointers(stats_ptr, batch, pixels, p)
     mean = tl.load(mean_ptrs, mask=p_ok, other=0.0)
     rstd = tl.load(rstd_ptrs, mask=p_ok, other=0.0)
-    sum_g = tl.zeros([BLOCK_P], dtype=tl.float32)
-    sum_gx = tl.zeros([BLOCK_P], dtype=tl.float32)
+    sum_g = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)  # reduced once, as the forward's
+    sum_gx = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     for c0 in range(0, channels, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < channels
@@ -117,10 +134,10 @@ def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, stats_ptr, dx_ptr, partial_ptr, chann
         w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
         g = _tile(dy_ptr, dy_off, c, sd_c, p, ok) * w[:, None]
         xhat = (_tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :]) * rstd[None, :]
-        sum_g += tl.sum(g, 0)
-        sum_gx += tl.sum(g * xhat, 0)
-    mean_g = sum_g / channels
-    mean_gx = sum_gx / channels
+        sum_g += g
+        sum_gx += g * xhat
+    mean_g = tl.sum(sum_g, 0) / channels
+    mean_gx = tl.sum(sum_gx, 0) / channels
     # the program's row of partial sums: d weight's, then d bias's
     partial_row = partial_ptr + (batch * pixel_blocks + tl.program_id(0)) * 2 * channels
     for c0 in range(0, channels, BLOCK_C):
@@ -171,11 +188,12 @@ def _launch_forward(x: Tensor, weight: Tensor, bias: Tensor, addend1: Optional[T
                         device=x.device) if stats else None
     addends = 2 if addend2 is not None else 1 if addend1 is not None else 0
     a1, a2 = addend1 if addend1 is not None else x, addend2 if addend2 is not None else x
+    ints = (height * width, *_plane_strides(x), *_plane_strides(a1), *_plane_strides(a2),
+            *_plane_strides(y))
     # y stands for the statistics not stored, x for the addends not read
     launch(_ln2d_fwd_kernel, _grid(x), x, weight, bias, a1, a2, y, y if stats is None else stats,
-           channels, height * width, *_plane_strides(x), *_plane_strides(a1), *_plane_strides(a2),
-           *_plane_strides(y), eps, ADDENDS=addends, STATS=stats is not None, BLOCK_C=BLOCK_C,
-           BLOCK_P=BLOCK_P, num_warps=NUM_WARPS)
+           channels, *ints, eps, ADDENDS=addends, STATS=stats is not None, BLOCK_C=BLOCK_C,
+           BLOCK_P=BLOCK_P, ALIGN=alignment(*ints), num_warps=NUM_WARPS)
     return y, stats
 
 
@@ -187,10 +205,11 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, stats: Tensor) -> Tuple[Ten
     dy = with_contiguous_planes(dy)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     partial = torch.empty(grid[1] * grid[0], 2 * channels, dtype=torch.float32, device=x.device)
-    launch(_ln2d_bwd_kernel, grid, dy, x, weight, stats, dx, partial, channels,
-           x.shape[2] * x.shape[3], grid[0], *_plane_strides(x),
-           *_plane_strides(dy), *_plane_strides(dx),
-           BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, num_warps=NUM_WARPS)
+    strides = (*_plane_strides(x), *_plane_strides(dy), *_plane_strides(dx))
+    pixels = x.shape[2] * x.shape[3]
+    launch(_ln2d_bwd_kernel, grid, dy, x, weight, stats, dx, partial, channels, pixels, grid[0],
+           *strides, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, ALIGN=alignment(pixels, *strides),
+           num_warps=NUM_WARPS)
     return dx, cast(partial.sum(0), weight.dtype)  # one reduction for both
 
 

@@ -9,7 +9,8 @@ their head vectors through the input's strides, the same vectors with each chann
 swapped (``d ^ 1``, from the cache), and the float32 tables, and writes the rotated,
 scaled vectors contiguous, as the attention reads them. The rotation is orthogonal with the
 same angle for both channels of a pair, so the input gradient is the same kernel with
-``sin`` negated. Sizes and strides are runtime values: one compilation per (dtype, head dim).
+``sin`` negated. Sizes and strides are runtime values: one compilation per (dtype, head dim,
+input layout, alignment, :func:`~.triton_jit.aligned`).
 ``torch.compile`` traces the kernel as custom ops (:data:`ROTARY_EMBEDDING`, a
 :class:`~.triton_jit.TritonAutogradOp`).
 """
@@ -19,8 +20,8 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import (TritonAutogradOp, cdiv, jit_with_runtime_ints, launch, next_power_of_2,
-                         records_autograd)
+from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, jit_with_runtime_ints, launch,
+                         next_power_of_2, records_autograd)
 
 BLOCK_P = 64
 NUM_WARPS = 4
@@ -30,14 +31,20 @@ _RUNTIME_INTS = {'heads', 'height', 'width', 'sx_b', 'sx_h', 'sx_y', 'sx_x', 'sx
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _rope_kernel(x_ptr, sin_ptr, cos_ptr, out_ptr, scale, heads, height, width,
                  sx_b, sx_h, sx_y, sx_x, sx_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_P: tl.constexpr, NEGATE_SIN: tl.constexpr):
+                 BLOCK_P: tl.constexpr, NEGATE_SIN: tl.constexpr, PLANAR: tl.constexpr,
+                 ALIGN: tl.constexpr):
+    """``PLANAR``: each ``H x W`` plane of ``x`` is contiguous (``sx_y = width``, ``sx_x =
+    1``: queries and keys as views of the ``qkv`` map), pixel ``p`` at offset ``p``; its
+    loads move 16 bytes a thread where the pixel count and the other strides are multiples of
+    ``ALIGN``."""
     plane = tl.program_id(1).to(tl.int64)  # batch * heads + head
-    pixels = height * width
+    pixels = aligned(height * width, ALIGN)
+    sx_b, sx_h, sx_d = aligned(sx_b, ALIGN), aligned(sx_h, ALIGN), aligned(sx_d, ALIGN)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     d = tl.arange(0, BLOCK_D)
     ok = (p < pixels)[:, None] & (d < HEAD_DIM)[None, :]
-    base = x_ptr + (plane // heads) * sx_b + (plane % heads) * sx_h \
-        + ((p // width) * sx_y + (p % width) * sx_x)[:, None]
+    offset = p if PLANAR else (p // width) * sx_y + (p % width) * sx_x
+    base = x_ptr + (plane // heads) * sx_b + (plane % heads) * sx_h + offset[:, None]
     x = tl.load(base + d[None, :] * sx_d, mask=ok, other=0.0).to(tl.float32)
     swapped = tl.load(base + (d ^ 1)[None, :] * sx_d, mask=ok, other=0.0).to(tl.float32)
     table = p[:, None] * HEAD_DIM + d[None, :]
@@ -56,9 +63,12 @@ def _rotate(x: Tensor, sin: Tensor, cos: Tensor, scale: float, inverse: bool) ->
     batch, heads, height, width, dim = x.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grid = (cdiv(height * width, BLOCK_P), batch * heads)
+    sx_b, sx_h, sx_y, sx_x, sx_d = x.stride()
+    planar = sx_x == 1 and sx_y == width
     launch(_rope_kernel, grid, x, sin, cos, out, scale, heads, height, width, *x.stride(),
-           HEAD_DIM=dim, BLOCK_D=next_power_of_2(dim), BLOCK_P=BLOCK_P,
-           NEGATE_SIN=inverse, num_warps=NUM_WARPS)
+           HEAD_DIM=dim, BLOCK_D=next_power_of_2(dim), BLOCK_P=BLOCK_P, NEGATE_SIN=inverse,
+           PLANAR=planar, ALIGN=alignment(height * width, sx_b, sx_h, sx_d) if planar else 1,
+           num_warps=NUM_WARPS)
     return out
 
 

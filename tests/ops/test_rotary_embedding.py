@@ -97,6 +97,7 @@ def main():
     for shape in [(2, 3, 4, 5, 8), (1, 2, 9, 17, 36), (1, 1, 1, 1, 4), (2, 1, 3, 30, 24)]:
         check(*shape, torch.float32, 1.0, 1e-6)
     check(2, 3, 4, 5, 8, torch.float32, 0.125, 1e-6)
+    check(1, 2, 8, 10, 12, torch.float32, 1.0, 1e-6)  # pixel count a multiple of 8: ALIGN 8
     check(1, 2, 9, 17, 36, torch.bfloat16, 0.2, 1e-2)
     check_direct_launch_equals_function()
     check_custom_op()

@@ -4,6 +4,9 @@ The interpreter tests check what the kernels compute; this checks that Triton's 
 accepts them (no GPU needed: ``triton.compile`` down to a cubin with the bundled ptxas), which
 the interpreter cannot see, e.g. a block too large for the registers or an unsupported op.
 """
+import re
+from typing import Tuple
+
 import pytest
 
 triton = pytest.importorskip('triton')
@@ -17,6 +20,7 @@ from mmseg_segman.ops import triton_layer_norm as tln  # noqa: E402
 from mmseg_segman.ops import triton_neighborhood_attention as tna  # noqa: E402
 from mmseg_segman.ops import triton_pointwise_conv as tpw  # noqa: E402
 from mmseg_segman.ops import triton_rotary_embedding as trope  # noqa: E402
+from mmseg_segman.ops.triton_jit import ALIGNMENT  # noqa: E402
 
 H100 = GPUTarget('cuda', 90, 32)
 H100_SHARED_MEMORY = 232448  # bytes a block may use (227 KiB); Triton refuses more at launch
@@ -27,52 +31,85 @@ LN_FLOAT32_POINTERS = {'w_ptr', 'b_ptr', 'mean_ptr', 'rstd_ptr', 'dw_ptr', 'db_p
 
 
 def compile_for_h100(kernel, activation: str, float32_pointers, num_warps: int,
-                     num_stages: int = 3, **constexprs) -> bytes:
+                     num_stages: int = 3, asm: str = 'cubin', **constexprs) -> bytes:
     """Compile ``kernel`` with the pointers in ``float32_pointers`` to float32 and the other
-    pointers (activations) to ``activation``."""
+    pointers (activations) to ``activation``, all 16-byte aligned (as Triton specialises
+    them for PyTorch's allocations); returns the ``asm`` (cubin, or e.g. ptx)."""
     names = kernel.arg_names
-    signature = {}
-    for name in names:
+    signature, attributes = {}, {}
+    for index, name in enumerate(names):
         if name in constexprs:
             signature[name] = 'constexpr'
         elif name in ('eps', 'scale'):
             signature[name] = 'fp32'
         elif name.endswith('_ptr'):
             signature[name] = '*fp32' if name in float32_pointers else f'*{activation}'
+            attributes[(index,)] = [['tt.divisibility', 16]]
         else:
             signature[name] = 'i32'
-    source = ASTSource(fn=kernel, signature=signature,
+    source = ASTSource(fn=kernel, signature=signature, attrs=attributes,
                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
     options = {'num_warps': num_warps, 'num_stages': num_stages}
     compiled = triton.compile(source, target=H100, options=options)
     assert compiled.metadata.shared <= H100_SHARED_MEMORY, \
         f'{kernel.fn.__name__} needs {compiled.metadata.shared} bytes of shared memory'
-    return compiled.asm['cubin']
+    return compiled.asm[asm]
+
+
+def vector_accesses(ptx: str) -> Tuple[int, int]:
+    """Global loads and stores of several elements a thread, and of one (``ld.global.v4`` and
+    the like against plain ``ld.global``)."""
+    accesses = re.findall(r'\b(?:ld|st)\.global\S*', ptx)
+    vector = sum('.v' in a for a in accesses)
+    return vector, len(accesses) - vector
+
+
+def test_aligned_sizes_give_16_byte_accesses():
+    """With ``ALIGN = 8`` (sizes and strides multiples of 8: :func:`triton_jit.alignment`) the
+    memory-bound kernels move 16 bytes a thread and access along their rows; with 1, one
+    element (PTX: more vector and fewer one-element loads and stores)."""
+    kernels = [(tln._ln2d_fwd_kernel, dict(ADDENDS=2, STATS=True, BLOCK_C=tln.BLOCK_C,
+                                           BLOCK_P=tln.BLOCK_P)),
+               (cross._merge_kernel, dict(BLOCK_H=32, BLOCK_W=32)),
+               (trope._rope_kernel, dict(HEAD_DIM=36, BLOCK_D=64, BLOCK_P=trope.BLOCK_P,
+                                         NEGATE_SIN=False, PLANAR=True)),
+               (cross._cross_scan_fwd_kernel, dict(STORE_CKPT=False, CKPT=256, BLOCK_D=2,
+                                                   BLOCK_L=256))]
+    float32 = LN_FLOAT32_POINTERS | SCAN_FLOAT32_POINTERS | {'sin_ptr', 'cos_ptr'}
+    for kernel, constexprs in kernels:
+        aligned, unaligned = (vector_accesses(compile_for_h100(kernel, 'bf16', float32, 4, asm='ptx',
+                                                               ALIGN=align, **constexprs))
+                              for align in (ALIGNMENT, 1))
+        assert aligned[0] > unaligned[0] and aligned[1] < unaligned[1], \
+            (kernel.fn.__name__, aligned, unaligned)
 
 
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
 @pytest.mark.parametrize('length', [128 * 128, 16 * 16])  # SegMAN's stage 1 and decoder at 512x512
-def test_cross_scan_kernels_compile(activation, length):
+@pytest.mark.parametrize('align', [1, ALIGNMENT])  # sizes and strides of any kind; multiples of 8
+def test_cross_scan_kernels_compile(activation, length, align):
     block_d, block_l, warps = cross.block_sizes(length)
+    bwd_d, bwd_l, bwd_warps = cross.block_sizes(length, backward=True)
     for store_ckpt in (True, False):
         assert compile_for_h100(cross._cross_scan_fwd_kernel, activation, SCAN_FLOAT32_POINTERS,
-                                warps, STORE_CKPT=store_ckpt, CKPT=block_l, BLOCK_D=block_d,
-                                BLOCK_L=block_l)
-    assert compile_for_h100(cross._cross_scan_bwd_kernel, activation, SCAN_FLOAT32_POINTERS, warps,
-                            BLOCK_D=block_d, BLOCK_L=block_l)
+                                warps, STORE_CKPT=store_ckpt, CKPT=bwd_l, BLOCK_D=block_d,
+                                BLOCK_L=block_l, ALIGN=align)
+    assert compile_for_h100(cross._cross_scan_bwd_kernel, activation, SCAN_FLOAT32_POINTERS,
+                            bwd_warps, BLOCK_D=bwd_d, BLOCK_L=bwd_l, ALIGN=align)
     block_h, block_w = cross.MERGE_TILE
     for layout in (cross._merge_kernel, cross._both_orders_kernel):
         assert compile_for_h100(layout, activation, SCAN_FLOAT32_POINTERS, 4,
-                                BLOCK_H=block_h, BLOCK_W=block_w)
+                                BLOCK_H=block_h, BLOCK_W=block_w, ALIGN=align)
     for inverse in (False, True):
         assert compile_for_h100(cross._direction_order_kernel, activation, set(), 4,
-                                INVERSE=inverse, BLOCK_H=block_h, BLOCK_W=block_w)
+                                INVERSE=inverse, BLOCK_H=block_h, BLOCK_W=block_w, ALIGN=align)
     block_c, block_l = cross.PROJECTION_TILE
     for rank in (6, 40):  # SegMAN-L's stage 1 and 4
         assert compile_for_h100(cross._project_steps_kernel, activation, set(), 4,
                                 BLOCK_C=block_c, BLOCK_L=block_l,
                                 BLOCK_R=max(16, cross.next_power_of_2(rank)),
-                                DOT_PRECISION='tf32x3' if activation == 'fp32' else 'tf32')
+                                DOT_PRECISION='tf32x3' if activation == 'fp32' else 'tf32',
+                                ALIGN=align)
 
 
 # other blocks of tools/gpu_checks/check_cross_selective_scan.py --sweep: the backward's tl.flip
@@ -80,10 +117,10 @@ def test_cross_scan_kernels_compile(activation, length):
 @pytest.mark.parametrize('block_d,block_l,warps', [(1, 128, 4), (4, 256, 8), (8, 16, 4)])
 def test_cross_scan_kernels_compile_at_other_blocks(block_d, block_l, warps):
     assert compile_for_h100(cross._cross_scan_bwd_kernel, 'bf16', SCAN_FLOAT32_POINTERS, warps,
-                            BLOCK_D=block_d, BLOCK_L=block_l)
+                            BLOCK_D=block_d, BLOCK_L=block_l, ALIGN=ALIGNMENT)
     assert compile_for_h100(cross._cross_scan_fwd_kernel, 'bf16', SCAN_FLOAT32_POINTERS, warps,
                             STORE_CKPT=True, CKPT=512 // block_l, BLOCK_D=block_d,
-                            BLOCK_L=block_l)
+                            BLOCK_L=block_l, ALIGN=ALIGNMENT)
 
 
 # SegMAN-B stage 1 and S stage 3; float32 (three TF32 products a dot) compiles slowly: one shape
@@ -106,8 +143,9 @@ def test_neighborhood_attention_kernels_compile(activation, head_dim, kernel_siz
 
 
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
-def test_layer_norm_kernels_compile(activation):
-    blocks = dict(BLOCK_C=tln.BLOCK_C, BLOCK_P=tln.BLOCK_P)
+@pytest.mark.parametrize('align', [1, ALIGNMENT])
+def test_layer_norm_kernels_compile(activation, align):
+    blocks = dict(BLOCK_C=tln.BLOCK_C, BLOCK_P=tln.BLOCK_P, ALIGN=align)
     for addends in (0, 2):  # the blocks' norms; LASS's norm with its two sums
         assert compile_for_h100(tln._ln2d_fwd_kernel, activation, LN_FLOAT32_POINTERS,
                                 tln.NUM_WARPS, ADDENDS=addends, **blocks)
@@ -164,8 +202,9 @@ def test_pointwise_conv_kernels_compile(activation, out_channels):
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
 @pytest.mark.parametrize('head_dim', [24, 36])  # SegMAN-B's stage 1 and SegMAN-T's stage 3
 def test_rotary_embedding_kernel_compiles(activation, head_dim):
-    for inverse in (False, True):
+    # the forward on a view of the qkv map (planar, aligned), the backward on the gradient
+    for inverse, planar, align in ((False, True, ALIGNMENT), (True, False, 1)):
         assert compile_for_h100(trope._rope_kernel, activation, {'sin_ptr', 'cos_ptr'},
                                 trope.NUM_WARPS, HEAD_DIM=head_dim,
                                 BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_P=trope.BLOCK_P,
-                                NEGATE_SIN=inverse)
+                                NEGATE_SIN=inverse, PLANAR=planar, ALIGN=align)

@@ -32,7 +32,7 @@ def test_checkpoint_count_of_default_blocks():
     pytest.importorskip('triton')
     from mmseg_segman.ops.triton_cross_selective_scan import block_sizes, checkpoint_count
     for length in range(1, 5000):
-        assert checkpoint_count(length, []) == (length - 1) // block_sizes(length)[1], length
+        assert checkpoint_count(length, []) == (length - 1) // block_sizes(length, backward=True)[1], length
     assert checkpoint_count(100, [2, 16, 4]) == 6
 
 
@@ -383,6 +383,8 @@ def main():
     check(1, 5, 9, 9, torch.float32, 1e-5, blocks=((2, 16, 4), (2, 32, 4)))
     check(1, 3, 4, 8, torch.float32, 1e-5, blocks=((4, 32, 4), (2, 16, 4)))
     check(1, 3, 5, 7, torch.float32, 1e-5, blocks=((2, 16, 4), (1, 64, 4)))
+    # a length that is a multiple of 8 (16-byte loads: ALIGN 8), tiles of it and a partial one
+    check(1, 3, 5, 8, torch.float32, 1e-5, blocks=((2, 16, 4), (2, 16, 4)))
     check(1, 3, 6, 7, torch.bfloat16, BF16_TOL, blocks=((2, 16, 4), (4, 16, 4)),
           transform=strided_views)
     check_stiff_decay()

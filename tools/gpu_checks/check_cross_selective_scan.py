@@ -57,8 +57,8 @@ CHECK_SHAPES = [(1, 3, 7, 5, 0.5), (2, 5, 1, 9, 0.5), (2, 7, 13, 1, 0.5), (1, 4,
                 (16, 384, 16, 16, 0.5)]
 TIME_SHAPES = [(8, 96, 128, 128), (8, 192, 64, 64), (8, 384, 32, 32), (16, 384, 16, 16)]
 # (BLOCK_D, BLOCK_L, num_warps)
-FWD_SWEEP = [(1, 128, 4), (2, 128, 4), (2, 128, 2), (1, 256, 2), (2, 256, 2), (2, 256, 4),
-             (4, 256, 4), (1, 512, 4), (2, 512, 4)]
+FWD_SWEEP = [(1, 256, 2), (2, 128, 2), (2, 256, 4), (4, 128, 4), (4, 256, 4), (8, 64, 4),
+             (8, 128, 4), (8, 256, 8), (16, 64, 4)]
 BWD_SWEEP = [(1, 128, 4), (2, 128, 4), (2, 256, 2), (2, 256, 4), (1, 256, 4), (4, 256, 8),
              (2, 512, 4)]
 
@@ -191,7 +191,7 @@ def sweep(iters: int) -> None:
         ms = {b: time_variant(op('triton', None, b), inputs, dy, iters)[1] for b in BWD_SWEEP}
         best = min(ms, key=ms.get)
         print(f'{shape} fwd+bwd by bwd blocks: ' + ', '.join(f'{b} {t:.3f}' for b, t in ms.items())
-              + f'; best {best}, default {triton_scan.block_sizes(length)}')
+              + f'; best {best}, default {triton_scan.block_sizes(length, backward=True)}')
 
 
 def main() -> None:
