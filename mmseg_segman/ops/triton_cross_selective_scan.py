@@ -7,8 +7,11 @@ direction order (:mod:`.cross_scan`: row-major for directions 0 and 2, column-ma
 so the backward pass does not keep it (it would be the largest saved tensor after the
 states: ``D / R = 16`` times ``dt_low``). ``x (B, D, H, W)`` is copied once into both orders,
 ``(B, 2, D, L)`` (one kernel, :func:`_both_orders_kernel`). Scan step ``t`` of direction
-``k`` is position ``t`` (``k < 2``) or ``L - 1 - t`` (``k >= 2``) of its sequences, so
-every load and store walks memory contiguously, forwards or backwards. (Reading the
+``k`` is position ``t`` (``k < 2``) or ``L - 1 - t`` (``k >= 2``) of its sequences. Every
+tile is read and written in ascending positions, 16 bytes a thread where ``L`` and the
+strides are multiples of 8 (``ALIGN``, :func:`~.triton_jit.aligned`; descending positions
+were one element a thread), and the reversed directions scan their tiles backwards
+(``tl.associative_scan(..., reverse=True)``, checked on the GPU). (Reading the
 column-major directions straight from the map, as this backend first did, gathered one
 element a 32-byte sector: 2.1x the time of the row-major directions at SegMAN-L's stage 1.)
 ``A``, ``D``, ``delta_bias`` are ``(4*D,)``, direction-major.
@@ -17,7 +20,8 @@ Forward. One program owns ``BLOCK_D`` channels of one direction of one batch ele
 (grid ``cdiv(D, BLOCK_D) x 4 x B``) and walks the sequence in tiles of ``BLOCK_L`` steps.
 ``dt = softplus(delta + delta_bias)`` and ``a = exp(dt * A)`` are computed in registers;
 inside a tile ``h_t = a_t h_{t-1} + dt_t B_t u_t`` is one ``tl.associative_scan`` over
-``(a, b)`` pairs and the state is carried to the next tile. Everything is float32.
+``(a, b)`` pairs and the state is carried to the next tile (the reversed directions' tiles
+from the sequence's end). Everything is float32.
 
 Merge. Each direction writes its ``y`` into its own slot of a float32 ``(B, 4, D, L)``
 buffer in direction order, and one more kernel sums the four slots at each pixel (the
@@ -31,13 +35,12 @@ Backward. When a gradient is needed the forward pass also keeps checkpoints of t
 backward's ``BLOCK_L``, whatever the forward's), float32 ``(B, 4, D, (L - 1) // CKPT)`` in
 scan order, ``1/CKPT`` of the memory of all the states (1/256 at the default blocks; these
 were SegMAN-L's largest saved activation at batch 8, about 2.7 GiB). The backward program
-walks the tiles from the end, each read in reversed order, so the adjoint recurrence
-``dh_t = C_t dy_t + a_{t+1} dh_{t+1}`` is again a forward ``tl.associative_scan`` (no
-``reverse=True`` scan, whose results have been wrong on some Triton versions); ``a_{t+1}`` is
-recomputed from ``delta`` at the next step. The tile's states are recomputed from the
-checkpoint before it: its inputs are read again one step back in natural order (the same
-addresses as the reversed reads, mostly from cache) and scanned forwards from the checkpoint
-as in the forward pass, giving ``h_{t-1}``, which ``tl.flip`` puts in reversed order; then
+walks the tiles from the last in scan order to the first, each in ascending positions; the
+adjoint recurrence ``dh_t = C_t dy_t + a_{t+1} dh_{t+1}`` runs against the scan's steps
+(``reverse=True`` for directions 0 and 1); ``a_{t+1}`` is recomputed from ``delta`` at the
+next step's position. The tile's states are recomputed from the checkpoint before it: its
+inputs are read again one step back (one position off, mostly from cache) and scanned from
+the checkpoint as in the forward pass, giving ``h_{t-1}`` at every position; then
 ``h_t = a_t h_{t-1} + b_t`` (``h_{t-1}`` is never derived from ``h_t - b_t``, which cancels
 when ``a_t`` is small and would spoil ``dA``). This costs the backward a second scan and
 one more softplus and exp an element. Then ``du``, ``ddelta`` (through softplus and bias),
@@ -68,7 +71,8 @@ from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, dot_precisi
 
 
 # Sizes and the strides that follow them stay runtime values (one compilation for every map
-# size); the sequences' own stride is 1.
+# size whose sizes are multiples of 8, one more for the others: ALIGN, triton_jit.aligned);
+# the sequences' own stride is 1.
 _RUNTIME_INTS = {'channels', 'length', 'height', 'width', 'rank',
                  *(f's{t}_{dim}' for t in 'xdbcy' for dim in 'bkc'), 'sl_b', 'sl_k', 'sl_r'}
 

@@ -112,8 +112,8 @@ def test_cross_scan_kernels_compile(activation, length, align):
                                 ALIGN=align)
 
 
-# other blocks of tools/gpu_checks/check_cross_selective_scan.py --sweep: the backward's tl.flip
-# of a (BLOCK_D, BLOCK_L) tile, the forward's checkpoints every CKPT steps across its tiles
+# other blocks of tools/gpu_checks/check_cross_selective_scan.py --sweep: the reversed scans of a
+# (BLOCK_D, BLOCK_L) tile, the forward's checkpoints every CKPT steps across its tiles
 @pytest.mark.parametrize('block_d,block_l,warps', [(1, 128, 4), (4, 256, 8), (8, 16, 4)])
 def test_cross_scan_kernels_compile_at_other_blocks(block_d, block_l, warps):
     assert compile_for_h100(cross._cross_scan_bwd_kernel, 'bf16', SCAN_FLOAT32_POINTERS, warps,
