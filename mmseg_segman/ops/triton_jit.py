@@ -268,6 +268,7 @@ def launch(kernel, grid: Sequence[int], *args, **meta) -> None:
             rest = kernel.params[len(args):]
             tail = tuple(meta[p.name] if p.name in meta else p.default for p in rest)
             _launches[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail)
+            _compile_other_alignment(kernel, grid, args, meta)
         return
     run, function, packed_metadata, tail = entry
     try:
@@ -276,6 +277,18 @@ def launch(kernel, grid: Sequence[int], *args, **meta) -> None:
     except TypeError as error:  # a Triton whose launcher takes other arguments
         _stop_direct_launch(error)
         kernel[grid](*args, **meta)
+
+
+def _compile_other_alignment(kernel, grid: Sequence[int], args: Sequence, meta: dict) -> None:
+    """With the first launch of a kernel that takes ``ALIGN`` (:func:`aligned`), compile
+    (without launching) its other alignment for the same arguments: a process that has met
+    only maps whose sizes are multiples of 8, or only others, would otherwise compile at its
+    first image of the other kind (five kernels and about 4 s at SegMAN-T's first new shape
+    after a 480x480 warm-up on an H100, docs/benchmarks.md). Found in Triton's cache when it
+    was compiled before."""
+    align = meta.get('ALIGN')
+    if align is not None:
+        kernel.warmup(*args, grid=grid, **{**meta, 'ALIGN': 1 if align == ALIGNMENT else ALIGNMENT})
 
 
 def _stop_direct_launch(error: Exception) -> None:

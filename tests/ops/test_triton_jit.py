@@ -36,12 +36,16 @@ class Kernel:
                        (('x_ptr', None), ('n', None), ('SCALE', None), ('FLAG', False))]
         self.compiled = StandIn()
         self.triton_calls = []
+        self.warmups = []
 
     def __getitem__(self, grid):
         def call(*args, **meta):
             self.triton_calls.append((grid, args, meta))
             return self.compiled
         return call
+
+    def warmup(self, *args, grid, **meta):
+        self.warmups.append((grid, args, meta))
 
 
 @pytest.fixture
@@ -68,6 +72,20 @@ def test_launches_directly_after_the_first_call(on_device):
     # launcher takes without asking the driver), SCALE from the call, FLAG's default
     assert call == (5, 1, 1, 7, 'function', 'metadata', None, None, None, y.data_ptr(), 200, 4,
                     False)
+
+
+@pytest.mark.parametrize('align, other', [(triton_jit.ALIGNMENT, 1), (1, triton_jit.ALIGNMENT)])
+def test_the_first_launch_compiles_the_other_alignment_too(on_device, align, other):
+    """A kernel taking ``ALIGN``: its first launch also compiles (warms up) the other
+    alignment with the same arguments, once; a kernel without ``ALIGN`` compiles nothing more."""
+    kernel, x = Kernel(), torch.zeros(64)
+    triton_jit.launch(kernel, (3, ), x, 100, SCALE=4, ALIGN=align, num_warps=8)
+    assert kernel.warmups == [((3, ), (x, 100), dict(SCALE=4, ALIGN=other, num_warps=8))]
+    triton_jit.launch(kernel, (3, ), x, 100, SCALE=4, ALIGN=align, num_warps=8)
+    assert len(kernel.warmups) == 1 and len(kernel.compiled.launches) == 1
+    plain = Kernel()
+    triton_jit.launch(plain, (3, ), x, 100, SCALE=4)
+    assert not plain.warmups
 
 
 @pytest.mark.parametrize('first, second', [(17, 1), (2 ** 36, 2 ** 64 - 32)],
