@@ -47,10 +47,13 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import cast
-from .triton_jit import (TritonAutogradOp, cdiv, dot_precision, jit_with_runtime_ints, launch,
-                         records_autograd)
+from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, dot_precision,
+                         jit_with_runtime_ints, launch, records_autograd)
 
-_RUNTIME_INTS = {'out_channels'}
+# the pixel count changes with the input size: a runtime int, aligned by ALIGN (specialised by
+# Triton on being a multiple of 16, it compiled the kernels again at 16x16 maps after 15x15
+# ones, docs/benchmarks.md); channel counts are the layers' own and stay specialised
+_RUNTIME_INTS = {'out_channels', 'pixels'}
 SQRT_HALF = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 LOG2_E = tl.constexpr(1.4426950408889634)
@@ -113,11 +116,14 @@ def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, shortcut_ptr, scale_ptr, shift_ptr, s
                    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GELU_GRAD: tl.constexpr,
                    HAS_SHORTCUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
                    HAS_SAMPLE: tl.constexpr, SCALE_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                   ALIGN: tl.constexpr):
     """``out[b] = epilogue(W x[b])`` for ``W (out_channels, channels)`` at strides
     ``(sw_o, sw_k)``, its columns times ``scale`` if ``SCALE_K``. Epilogue, in order: ``+ bias``;
     then either ``GELU`` and ``* scale``, ``+ shift``, ``* sample[b]``, ``+ shortcut``, or
-    (``GELU_GRAD``) ``grad * GELU'(.) * scale * sample[b]``, the gradient before the GELU."""
+    (``GELU_GRAD``) ``grad * GELU'(.) * scale * sample[b]``, the gradient before the GELU.
+    ``pixels`` (a runtime int) is a multiple of ``ALIGN``."""
+    pixels = aligned(pixels, ALIGN)
     o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     b = tl.program_id(2).to(tl.int64)
@@ -222,7 +228,7 @@ def _product(x: Tensor, weight: Tensor, out_dtype: torch.dtype, bias: Optional[T
            HAS_SHIFT=shift is not None, HAS_SAMPLE=sample_scale is not None,
            SCALE_K=scale is not None and transpose, DOT_PRECISION=dot_precision(x.dtype),
            BLOCK_O=config.block_o, BLOCK_P=config.block_p, BLOCK_K=config.block_k,
-           num_warps=config.num_warps, num_stages=config.num_stages)
+           ALIGN=alignment(pixels), num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 

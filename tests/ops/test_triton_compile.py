@@ -71,11 +71,16 @@ def test_aligned_sizes_give_16_byte_accesses():
     kernels = [(tln._ln2d_fwd_kernel, dict(ADDENDS=2, STATS=True, BLOCK_C=tln.BLOCK_C,
                                            BLOCK_P=tln.BLOCK_P)),
                (cross._merge_kernel, dict(BLOCK_H=32, BLOCK_W=32)),
+               (tpw._pw_fwd_kernel, dict(HAS_BIAS=True, GELU=True, GELU_GRAD=False,
+                                         HAS_SHORTCUT=False, HAS_SCALE=False, HAS_SHIFT=False,
+                                         HAS_SAMPLE=False, SCALE_K=False, DOT_PRECISION='tf32',
+                                         BLOCK_O=128, BLOCK_P=256, BLOCK_K=64)),
                (trope._rope_kernel, dict(HEAD_DIM=36, BLOCK_D=64, BLOCK_P=trope.BLOCK_P,
                                          NEGATE_SIN=False, PLANAR=True)),
                (cross._cross_scan_fwd_kernel, dict(STORE_CKPT=False, CKPT=256, BLOCK_D=2,
                                                    BLOCK_L=256))]
-    float32 = LN_FLOAT32_POINTERS | SCAN_FLOAT32_POINTERS | {'sin_ptr', 'cos_ptr'}
+    float32 = LN_FLOAT32_POINTERS | SCAN_FLOAT32_POINTERS | {'sin_ptr', 'cos_ptr', 'w_ptr',
+                                                             'scale_ptr', 'shift_ptr', 'sample_ptr'}
     for kernel, constexprs in kernels:
         aligned, unaligned = (vector_accesses(compile_for_h100(kernel, 'bf16', float32, 4, asm='ptx',
                                                                ALIGN=align, **constexprs))
@@ -180,7 +185,7 @@ def test_pointwise_conv_kernels_compile(activation, out_channels):
     precision = 'tf32x3' if activation == 'fp32' else 'tf32'
     config = tpw.launch_config(4 * out_channels, out_channels, 64 * 64, element_size)
     common = dict(DOT_PRECISION=precision, BLOCK_O=config.block_o, BLOCK_P=config.block_p,
-                  BLOCK_K=config.block_k)
+                  BLOCK_K=config.block_k, ALIGN=ALIGNMENT)
     # the FFN's first convolution, a block's last one, the gradient before the GELU, dx
     for gelu, residual, gelu_grad, transposed in ((True, False, False, False),
                                                   (False, True, False, False),
