@@ -1,8 +1,7 @@
 """``triton.jit`` for kernels whose sizes and strides stay runtime values (and the alignment
 that such a kernel may assume of them), the launch of a compiled kernel without Triton's
-per-call work, when a Triton backend needs its autograd
-wrapper, and the precision of float32 products; kernels made no-ops, for counting without a
-GPU."""
+per-call work, when a Triton backend needs its autograd wrapper, and the precision of float32
+products; kernels made no-ops, for counting without a GPU."""
 import inspect
 import os
 import warnings
