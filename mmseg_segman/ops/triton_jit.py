@@ -3,6 +3,7 @@ that such a kernel may assume of them), the launch of a compiled kernel without 
 per-call work, when a Triton backend needs its autograd wrapper, and the precision of float32
 products; kernels made no-ops, for counting without a GPU."""
 import inspect
+import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -34,10 +35,7 @@ def alignment(*ints: int) -> int:
     """The ``ALIGN`` of a launch whose kernel takes ``ints`` (sizes and strides, in elements)
     through :func:`aligned`: :data:`ALIGNMENT` where every one is a multiple of it (SegMAN's
     maps at 512x512 and most other sizes), else 1. Two compilations of a kernel at most."""
-    combined = 0
-    for n in ints:
-        combined |= n
-    return ALIGNMENT if combined % ALIGNMENT == 0 else 1
+    return ALIGNMENT if math.gcd(*ints) % ALIGNMENT == 0 else 1
 
 
 @triton.jit

@@ -227,3 +227,11 @@ def test_kernels_not_launched():
     if not torch.cuda.is_available() and os.environ.get('TRITON_INTERPRET') != '1':
         with pytest.raises(Exception):
             _fill_kernel[(1,)](x)
+
+
+def test_alignment_is_8_only_where_every_size_and_stride_is_a_multiple_of_8():
+    assert triton_jit.alignment(128 * 128, 96 * 128 * 128, 128 * 128) == triton_jit.ALIGNMENT
+    assert triton_jit.alignment(0, 16) == triton_jit.ALIGNMENT  # a broadcast dimension's stride
+    assert triton_jit.alignment(30 * 30, 96 * 30 * 30) == 1  # 900 = 8 * 112 + 4
+    assert triton_jit.alignment(2 ** 40 + 8, 8) == triton_jit.ALIGNMENT  # 64-bit strides
+    assert triton_jit.alignment(16, 24, 36) == 1
