@@ -9,8 +9,10 @@ upcast to float64. The error is ``||x - ref|| / ||ref||``; a check passes when i
 the dtype's tolerance, or under twice the error of the ``torch`` backend itself in that
 dtype (the reference's own rounding sets the floor); a ``triton`` backend must also give the
 same numbers bit for bit in a second run (its kernels then launch directly,
-``triton_jit.launch``). Last, the SegMAN-T encoder runs
-forward and backward on the fast and the reference path (float32 and bf16 autocast).
+``triton_jit.launch``). Last, unless ``--ops`` names the ops to check, the SegMAN-T encoder
+runs forward and backward on the fast and the reference path (float32 and bf16 autocast; on a
+fresh machine it compiles every kernel first, over a minute: ``--ops`` runs alone ran into
+their calls' time limits, docs/benchmarks.md).
 Prints one PASS/FAIL line per check and exits 1 if any failed.
 """
 import argparse
@@ -281,7 +283,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--ops', nargs='+', choices=sorted(dispatch.registered_ops()),
-                        help='check only these ops (FlexAttention compiles for a minute first)')
+                        help='check only these ops, not the encoder (FlexAttention compiles for a '
+                        'minute first)')
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print('FAIL no CUDA device')
@@ -289,7 +292,7 @@ def main() -> int:
     print(f'torch {torch.__version__}, {torch.cuda.get_device_name()}')
     for name, op in dispatch.registered_ops().items():
         print(f'op {name}: backends {list(op.backends)}')
-    results = check_op_backends(args.seed, args.ops) + check_model(args.seed)
+    results = check_op_backends(args.seed, args.ops) + ([] if args.ops else check_model(args.seed))
     failed = results.count(False)
     print(f'{len(results) - failed} PASS, {failed} FAIL')
     return 1 if failed else 0
