@@ -140,14 +140,13 @@ def _direction_program(xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, 
 
 
 @triton.jit
-def _forward_tile(x_base, delta_base, b_base, c_base, y_ptr, row_base, ckpt_base, A, D, bias,
-                  ch_ok, carry, tile, length, STORE_CKPT: tl.constexpr,
-                  CKPT: tl.constexpr, BLOCK_L: tl.constexpr, REVERSE: tl.constexpr):
-    """Scan tile ``tile`` of a program (see :func:`_cross_scan_fwd_kernel`): its ``BLOCK_L``
-    positions in ascending order (contiguous in memory), the tile's steps running along them,
-    or, with ``REVERSE`` (directions 2 and 3), against them from the sequence's end. Stores
-    ``y`` (and the checkpoints among its steps); returns the next carry."""
-    first = length - (tile + 1) * BLOCK_L if REVERSE else tile * BLOCK_L
+def _tile_inputs(x_base, delta_base, b_base, c_base, ch_ok, index, length,
+                 BLOCK_L: tl.constexpr, REVERSE: tl.constexpr):
+    """Scan tile ``index`` of a program: its ``BLOCK_L`` positions in ascending order
+    (contiguous in memory; with ``REVERSE``, directions 2 and 3, counted from the sequence's
+    end), their flags ``(BLOCK_L,)`` and ``(BLOCK_D, BLOCK_L)``, and ``x``, ``delta``, ``B``,
+    ``C`` there as float32."""
+    first = length - (index + 1) * BLOCK_L if REVERSE else index * BLOCK_L
     pos = first + tl.arange(0, BLOCK_L)
     pos_ok = (pos >= 0) & (pos < length)
     ok = ch_ok[:, None] & pos_ok[None, :]
@@ -155,6 +154,18 @@ def _forward_tile(x_base, delta_base, b_base, c_base, y_ptr, row_base, ckpt_base
     z = tl.load(delta_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
     Bt = tl.load(b_base + pos, mask=pos_ok, other=0.0).to(tl.float32)[None, :]
     Ct = tl.load(c_base + pos, mask=pos_ok, other=0.0).to(tl.float32)[None, :]
+    return pos, pos_ok, ok, u, z, Bt, Ct
+
+
+@triton.jit
+def _forward_tile(x_base, delta_base, b_base, c_base, y_ptr, row_base, ckpt_base, A, D, bias,
+                  ch_ok, carry, tile, length, STORE_CKPT: tl.constexpr,
+                  CKPT: tl.constexpr, BLOCK_L: tl.constexpr, REVERSE: tl.constexpr):
+    """Scan tile ``tile`` of a program (see :func:`_cross_scan_fwd_kernel`, :func:`_tile_inputs`),
+    the tile's steps running along its positions, or, with ``REVERSE``, against them. Stores
+    ``y`` (and the checkpoints among its steps); returns the next carry."""
+    pos, pos_ok, ok, u, z, Bt, Ct = _tile_inputs(x_base, delta_base, b_base, c_base, ch_ok, tile,
+                                                 length, BLOCK_L, REVERSE)
     dt = _softplus(z + bias)
     decay = tl.where(ok, tl.exp(dt * A), 1.0)
     h, carry = _scan_tile(decay, dt * Bt * u, carry, BLOCK_L, REVERSE)
@@ -202,27 +213,21 @@ def _backward_tile(x_base, delta_base, b_base, c_base, dy_base, ckpt_base, du_pt
                    db_ptr, dc_ptr, row_base, bc_base, A, D, bias, ch_ok, carry, dA, dD, dbias,
                    index, length, BLOCK_L: tl.constexpr, REVERSE: tl.constexpr):
     """Tile ``index`` (in scan order) of a backward program (see
-    :func:`_cross_scan_bwd_kernel`), its positions ascending as in :func:`_forward_tile`.
+    :func:`_cross_scan_bwd_kernel`, :func:`_tile_inputs`).
     The scan steps run along the positions, or against them with ``REVERSE``; the step
     before a position's is at ``pos - STEP`` and the one after at ``pos + STEP``. Stores
     ``du``, ``ddelta`` and the tile's partial sums of ``dB``, ``dC``; returns the adjoint's
     carry and the running sums of ``dA``, ``dD``, ``d delta_bias``."""
     STEP: tl.constexpr = -1 if REVERSE else 1
-    steps = tl.arange(0, BLOCK_L)
-    first = length - (index + 1) * BLOCK_L if REVERSE else index * BLOCK_L
-    pos = first + steps
-    pos_ok = (pos >= 0) & (pos < length)
-    ok = ch_ok[:, None] & pos_ok[None, :]
-    u = tl.load(x_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
-    z = tl.load(delta_base + pos[None, :], mask=ok, other=0.0).to(tl.float32) + bias
-    Bt = tl.load(b_base + pos, mask=pos_ok, other=0.0).to(tl.float32)[None, :]
-    Ct = tl.load(c_base + pos, mask=pos_ok, other=0.0).to(tl.float32)[None, :]
+    pos, pos_ok, ok, u, z, Bt, Ct = _tile_inputs(x_base, delta_base, b_base, c_base, ch_ok, index,
+                                                 length, BLOCK_L, REVERSE)
+    z += bias
     dy = tl.load(dy_base + pos[None, :], mask=ok, other=0.0).to(tl.float32)
     # h_{t-1}: the steps before the tile's, scanned from the checkpoint before the tile (the
     # state at its first step - 1; zero for the first tile); the tile's first step has none
     prev = pos - STEP
     first_step = BLOCK_L - 1 if REVERSE else 0
-    prev_ok = (steps != first_step) & (prev >= 0) & (prev < length)
+    prev_ok = (tl.arange(0, BLOCK_L) != first_step) & (prev >= 0) & (prev < length)
     prev_tile_ok = ch_ok[:, None] & prev_ok[None, :]
     u_prev = tl.load(x_base + prev[None, :], mask=prev_tile_ok, other=0.0).to(tl.float32)
     z_prev = tl.load(delta_base + prev[None, :], mask=prev_tile_ok, other=0.0).to(tl.float32)
@@ -415,9 +420,9 @@ MAX_BLOCK_L = 256
 def block_sizes(length: int, backward: bool = False) -> Blocks:
     """Default ``(BLOCK_D, BLOCK_L, num_warps)`` of the forward kernel, or of the backward.
 
-    Chosen by ``tools/gpu_checks/check_cross_selective_scan.py --sweep`` and
-    ``.gpu/scan_ab.py``-style sweeps on an H100 (bfloat16, SegMAN's stage sizes at 512x512,
-    see docs/benchmarks.md): 256 steps a program with 4 warps, four channels for the forward
+    Chosen by sweeps of block sizes on an H100 (bfloat16, SegMAN-L's stage sizes at 512x512,
+    batch 16, docs/benchmarks.md; ``tools/gpu_checks/check_cross_selective_scan.py --sweep``
+    times the same): 256 steps a program with 4 warps, four channels for the forward
     (since its tiles are read in 16-byte pieces; 15-23% faster than two at SegMAN-L's stages
     1-3), two for the backward (within 5% of the best at 16x16 maps).
     """
