@@ -6,20 +6,23 @@ copies the map into that layout first and hands a channels-last map to the next 
 depthwise convolutions then go to cuDNN, which builds a new execution plan for every new
 input shape (about 0.1 s a convolution on an H100, seconds per image size for SegMAN). Here
 one program owns ``BLOCK_P`` pixels of one batch element and walks the channels in chunks of
-``BLOCK_C``: the mean, then the variance about it (two passes, no cancellation), then the
-output. Loads run along the pixels of a channel, which are contiguous.
+``BLOCK_C``, once for the mean, once for the variance about it, once for the output; from 257
+to 512 channels it holds all of them in registers instead and reads the map once
+(:func:`tiling`). Either way the variance is taken about the mean (no cancellation). Loads
+run along the pixels of a channel, which are contiguous.
 
 Backward: ``dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))`` with ``g = dy * weight``,
 from the saved per-pixel mean and ``rstd``; every program writes its partial sums of
 ``dy * xhat`` and ``dy`` per channel (no atomics), which PyTorch adds up into the weight and
 bias gradients (one reduction). Sizes and strides are runtime values: one compilation per
-dtype serves every map size where they are multiples of 8 (16-byte loads and stores,
-:func:`~.triton_jit.aligned`), one more every other size.
+dtype and tiling (chunks, or a tile of 512 channels) serves every map size where they are
+multiples of 8 (16-byte loads and stores, :func:`~.triton_jit.aligned`), one more every other
+size.
 
 ``torch.compile`` traces the kernels as the custom ops ``mmseg_segman::layer_norm_2d_forward``
 and ``_backward`` (:data:`LAYER_NORM_2D`, a :class:`~.triton_jit.TritonAutogradOp`).
 """
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -28,13 +31,35 @@ from torch import Tensor
 
 from .dispatch import cast, with_contiguous_planes
 from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, jit_with_runtime_ints, launch,
-                         records_autograd)
+                         next_power_of_2, records_autograd)
 
-BLOCK_C = 32
-BLOCK_P = 64
-NUM_WARPS = 4
+RESIDENT_ELEMENTS = 8192  # (channels, pixels) of a tile kept in registers, 32 a thread
+L1_CHANNELS = 256  # up to these, a chunked program's 64-pixel rows (32 KiB) stay in L1
 _RUNTIME_INTS = {'channels', 'pixels', 'pixel_blocks', 'sx_b', 'sx_c', 'sy_b', 'sy_c',
                  'sd_b', 'sd_c', 'sa1_b', 'sa1_c', 'sa2_b', 'sa2_c'}
+
+
+class Tiling(NamedTuple):
+    """A program's tile: ``resident`` (all channels at once) or chunks of ``block_c``
+    channels, over ``block_p`` pixels, with ``num_warps``."""
+    resident: bool
+    block_c: int
+    block_p: int
+    num_warps: int
+
+
+def tiling(channels: int) -> Tiling:
+    """Chunks of 32 channels over 64 pixels, 4 warps, where the program's rows of all channels
+    stay in L1 (up to 256 channels), so that reading them again costs little: the map is read
+    from memory once, from L1 twice more (the forward) or once more (the backward). From 257 to
+    512 channels all of them in one tile in registers, 16 pixels wide (a 32-byte sector of a
+    bfloat16 row), 8 warps: the map is read once. On an H100 (SegMAN-L, batch 16, bf16,
+    docs/benchmarks.md) the tile in registers took 13 us where the chunks took 17 at 432
+    channels, and 50 where they took 48 at 96. Wider maps: chunks."""
+    block_c = next_power_of_2(channels)
+    if channels <= L1_CHANNELS or block_c * 16 > RESIDENT_ELEMENTS:
+        return Tiling(False, 32, 64, 4)
+    return Tiling(True, block_c, RESIDENT_ELEMENTS // block_c, 8)
 
 
 @triton.jit
@@ -60,14 +85,32 @@ def _stats_pointers(stats_ptr, batch, pixels, p):
     return mean_ptrs, mean_ptrs + tl.num_programs(1).to(tl.int64) * pixels
 
 
+@triton.jit
+def _store_normalised(xhat, c, p, ok, batch, w_ptr, b_ptr, a1_ptr, a2_ptr, y_ptr, channels,
+                      sa1_b, sa1_c, sa2_b, sa2_c, sy_b, sy_c, ADDENDS: tl.constexpr):
+    """Store ``xhat * weight + bias`` plus the first ``ADDENDS`` addends for the tile of
+    channels ``c`` and pixels ``p``."""
+    c_ok = c < channels
+    w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    out = xhat * w[:, None] + b[:, None]
+    if ADDENDS >= 1:
+        out += _tile(a1_ptr, batch * sa1_b, c, sa1_c, p, ok)
+    if ADDENDS >= 2:
+        out += _tile(a2_ptr, batch * sa2_b, c, sa2_c, p, ok)
+    tl.store(y_ptr + batch * sy_b + c[:, None] * sy_c + p[None, :], out, mask=ok)
+
+
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, a1_ptr, a2_ptr, y_ptr, stats_ptr, channels,
                      pixels, sx_b, sx_c, sa1_b, sa1_c, sa2_b, sa2_c, sy_b, sy_c, eps,
-                     ADDENDS: tl.constexpr, STATS: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_P: tl.constexpr, ALIGN: tl.constexpr):
+                     ADDENDS: tl.constexpr, STATS: tl.constexpr, RESIDENT: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ALIGN: tl.constexpr):
     """``y = layer_norm(x) + a1 + a2`` (the first ``ADDENDS`` of them) for ``BLOCK_P``
     pixels of one batch element; with ``STATS`` the mean and ``rstd`` stored for the backward
-    pass (:func:`_stats_pointers`). ``pixels`` and the strides are multiples of ``ALIGN``."""
+    pass (:func:`_stats_pointers`). ``RESIDENT``: all channels are one tile (``channels <=
+    BLOCK_C``), read once and kept in registers; else chunks of ``BLOCK_C`` channels, read
+    three times (:func:`tiling`). ``pixels`` and the strides are multiples of ``ALIGN``."""
     pixels = aligned(pixels, ALIGN)
     sx_b, sx_c = aligned(sx_b, ALIGN), aligned(sx_c, ALIGN)
     sa1_b, sa1_c = aligned(sa1_b, ALIGN), aligned(sa1_c, ALIGN)
@@ -75,47 +118,78 @@ def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, a1_ptr, a2_ptr, y_ptr, stats_ptr, chan
     sy_b, sy_c = aligned(sy_b, ALIGN), aligned(sy_c, ALIGN)
     batch, p, p_ok = _program_pixels(pixels, BLOCK_P)
     x_off = batch * sx_b
-    # sums kept per (channel in the chunk, pixel) and reduced over the channels once: a
-    # reduction a chunk crosses the warps (a barrier each) where a 16-byte layout spreads them
-    # over the channels. The mean is taken about channel 0's value (no cancellation against a
-    # large mean)
+    # the mean is taken about channel 0's value (no cancellation against a large mean)
     ref = tl.load(x_ptr + x_off + p, mask=p_ok, other=0.0).to(tl.float32)
-    total = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-    for c0 in range(0, channels, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
+    if RESIDENT:
+        c = tl.arange(0, BLOCK_C)
         ok = (c < channels)[:, None] & p_ok[None, :]
-        total += tl.where(ok, _tile(x_ptr, x_off, c, sx_c, p, ok) - ref[None, :], 0.0)
-    mean = ref + tl.sum(total, 0) / channels
-    total = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-    for c0 in range(0, channels, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        ok = (c < channels)[:, None] & p_ok[None, :]
-        centred = tl.where(ok, _tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :], 0.0)
-        total += centred * centred
-    rstd = 1.0 / tl.sqrt(tl.sum(total, 0) / channels + eps)
-    for c0 in range(0, channels, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < channels
-        ok = c_ok[:, None] & p_ok[None, :]
-        w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        xhat = (_tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :]) * rstd[None, :]
-        out = xhat * w[:, None] + b[:, None]
-        if ADDENDS >= 1:
-            out += _tile(a1_ptr, batch * sa1_b, c, sa1_c, p, ok)
-        if ADDENDS >= 2:
-            out += _tile(a2_ptr, batch * sa2_b, c, sa2_c, p, ok)
-        tl.store(y_ptr + batch * sy_b + c[:, None] * sy_c + p[None, :], out, mask=ok)
+        x = tl.where(ok, _tile(x_ptr, x_off, c, sx_c, p, ok) - ref[None, :], 0.0)
+        mean = tl.sum(x, 0) / channels
+        centred = tl.where(ok, x - mean[None, :], 0.0)
+        mean += ref
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 0) / channels + eps)
+        _store_normalised(centred * rstd[None, :], c, p, ok, batch, w_ptr, b_ptr, a1_ptr, a2_ptr,
+                          y_ptr, channels, sa1_b, sa1_c, sa2_b, sa2_c, sy_b, sy_c, ADDENDS)
+    else:
+        # sums kept per (channel in the chunk, pixel) and reduced over the channels once: a
+        # reduction a chunk crosses the warps (a barrier each) where a 16-byte layout spreads
+        # them over the channels
+        total = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        for c0 in range(0, channels, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            ok = (c < channels)[:, None] & p_ok[None, :]
+            total += tl.where(ok, _tile(x_ptr, x_off, c, sx_c, p, ok) - ref[None, :], 0.0)
+        mean = ref + tl.sum(total, 0) / channels
+        total = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        for c0 in range(0, channels, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            ok = (c < channels)[:, None] & p_ok[None, :]
+            centred = tl.where(ok, _tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :], 0.0)
+            total += centred * centred
+        rstd = 1.0 / tl.sqrt(tl.sum(total, 0) / channels + eps)
+        for c0 in range(0, channels, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            ok = (c < channels)[:, None] & p_ok[None, :]
+            xhat = (_tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :]) * rstd[None, :]
+            _store_normalised(xhat, c, p, ok, batch, w_ptr, b_ptr, a1_ptr, a2_ptr, y_ptr,
+                              channels, sa1_b, sa1_c, sa2_b, sa2_c, sy_b, sy_c, ADDENDS)
     if STATS:
         mean_ptrs, rstd_ptrs = _stats_pointers(stats_ptr, batch, pixels, p)
         tl.store(mean_ptrs, mean, mask=p_ok)
         tl.store(rstd_ptrs, rstd, mask=p_ok)
 
 
+@triton.jit
+def _gradient_tile(dy_ptr, dy_off, sd_c, x_ptr, x_off, sx_c, w_ptr, c, p, p_ok, channels,
+                   mean, rstd):
+    """``g = dy * weight`` and ``xhat`` (0 outside the map) of the tile of channels ``c``
+    and pixels ``p``, and the tile's ``dy`` and mask."""
+    c_ok = c < channels
+    ok = c_ok[:, None] & p_ok[None, :]
+    w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    dy = _tile(dy_ptr, dy_off, c, sd_c, p, ok)
+    xhat = tl.where(ok, (_tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :]) * rstd[None, :], 0.0)
+    return dy * w[:, None], xhat, dy, ok
+
+
+@triton.jit
+def _store_gradients(g, xhat, dy, ok, mean_g, mean_gx, rstd, c, p, batch, dx_ptr, partial_row,
+                     channels, sy_b, sy_c):
+    """``dx`` of the tile, and its partial sums of ``dy * xhat`` and ``dy`` per channel."""
+    dx = (g - mean_g[None, :] - xhat * mean_gx[None, :]) * rstd[None, :]
+    tl.store(dx_ptr + batch * sy_b + c[:, None] * sy_c + p[None, :], dx, mask=ok)
+    c_ok = c < channels
+    tl.store(partial_row + c, tl.sum(dy * xhat, 1), mask=c_ok)
+    tl.store(partial_row + channels + c, tl.sum(dy, 1), mask=c_ok)
+
+
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, stats_ptr, dx_ptr, partial_ptr, channels,
                      pixels, pixel_blocks, sx_b, sx_c, sd_b, sd_c, sy_b, sy_c,
-                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ALIGN: tl.constexpr):
+                     RESIDENT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                     ALIGN: tl.constexpr):
+    """``dx`` and the per-program partial sums of the weight's and bias's gradients (the
+    program's row of ``partial``: d weight's, then d bias's); ``RESIDENT`` as the forward's."""
     pixels = aligned(pixels, ALIGN)
     sx_b, sx_c = aligned(sx_b, ALIGN), aligned(sx_c, ALIGN)
     sd_b, sd_c = aligned(sd_b, ALIGN), aligned(sd_c, ALIGN)
@@ -125,36 +199,38 @@ def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, stats_ptr, dx_ptr, partial_ptr, chann
     mean_ptrs, rstd_ptrs = _stats_pointers(stats_ptr, batch, pixels, p)
     mean = tl.load(mean_ptrs, mask=p_ok, other=0.0)
     rstd = tl.load(rstd_ptrs, mask=p_ok, other=0.0)
-    sum_g = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)  # reduced once, as the forward's
-    sum_gx = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-    for c0 in range(0, channels, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < channels
-        ok = c_ok[:, None] & p_ok[None, :]
-        w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        g = _tile(dy_ptr, dy_off, c, sd_c, p, ok) * w[:, None]
-        xhat = (_tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :]) * rstd[None, :]
-        sum_g += g
-        sum_gx += g * xhat
-    mean_g = tl.sum(sum_g, 0) / channels
-    mean_gx = tl.sum(sum_gx, 0) / channels
-    # the program's row of partial sums: d weight's, then d bias's
     partial_row = partial_ptr + (batch * pixel_blocks + tl.program_id(0)) * 2 * channels
-    for c0 in range(0, channels, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < channels
-        ok = c_ok[:, None] & p_ok[None, :]
-        w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        dy = _tile(dy_ptr, dy_off, c, sd_c, p, ok)
-        xhat = tl.where(ok, (_tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :]) * rstd[None, :], 0.0)
-        dx = (dy * w[:, None] - mean_g[None, :] - xhat * mean_gx[None, :]) * rstd[None, :]
-        tl.store(dx_ptr + batch * sy_b + c[:, None] * sy_c + p[None, :], dx, mask=ok)
-        tl.store(partial_row + c, tl.sum(dy * xhat, 1), mask=c_ok)
-        tl.store(partial_row + channels + c, tl.sum(dy, 1), mask=c_ok)
+    if RESIDENT:
+        c = tl.arange(0, BLOCK_C)
+        g, xhat, dy, ok = _gradient_tile(dy_ptr, dy_off, sd_c, x_ptr, x_off, sx_c, w_ptr, c, p,
+                                         p_ok, channels, mean, rstd)
+        _store_gradients(g, xhat, dy, ok, tl.sum(g, 0) / channels, tl.sum(g * xhat, 0) / channels,
+                         rstd, c, p, batch, dx_ptr, partial_row, channels, sy_b, sy_c)
+    else:
+        sum_g = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)  # reduced once, as the forward's
+        sum_gx = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        for c0 in range(0, channels, BLOCK_C):
+            g, xhat, _, _ = _gradient_tile(dy_ptr, dy_off, sd_c, x_ptr, x_off, sx_c, w_ptr,
+                                           c0 + tl.arange(0, BLOCK_C), p, p_ok, channels, mean, rstd)
+            sum_g += g
+            sum_gx += g * xhat
+        mean_g = tl.sum(sum_g, 0) / channels
+        mean_gx = tl.sum(sum_gx, 0) / channels
+        for c0 in range(0, channels, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            g, xhat, dy, ok = _gradient_tile(dy_ptr, dy_off, sd_c, x_ptr, x_off, sx_c, w_ptr, c,
+                                             p, p_ok, channels, mean, rstd)
+            _store_gradients(g, xhat, dy, ok, mean_g, mean_gx, rstd, c, p, batch, dx_ptr,
+                             partial_row, channels, sy_b, sy_c)
 
 
-def _grid(x: Tensor) -> Tuple[int, int]:
-    return cdiv(x.shape[2] * x.shape[3], BLOCK_P), x.shape[0]
+def _grid(x: Tensor, tiles: Tiling) -> Tuple[int, int]:
+    return cdiv(x.shape[2] * x.shape[3], tiles.block_p), x.shape[0]
+
+
+def _tile_meta(tiles: Tiling) -> dict:
+    return dict(RESIDENT=tiles.resident, BLOCK_C=tiles.block_c, BLOCK_P=tiles.block_p,
+                num_warps=tiles.num_warps)
 
 
 def _plane_strides(x: Tensor) -> Tuple[int, int]:
@@ -191,9 +267,10 @@ def _launch_forward(x: Tensor, weight: Tensor, bias: Tensor, addend1: Optional[T
     ints = (height * width, *_plane_strides(x), *_plane_strides(a1), *_plane_strides(a2),
             *_plane_strides(y))
     # y stands for the statistics not stored, x for the addends not read
-    launch(_ln2d_fwd_kernel, _grid(x), x, weight, bias, a1, a2, y, y if stats is None else stats,
-           channels, *ints, eps, ADDENDS=addends, STATS=stats is not None, BLOCK_C=BLOCK_C,
-           BLOCK_P=BLOCK_P, ALIGN=alignment(*ints), num_warps=NUM_WARPS)
+    tiles = tiling(channels)
+    launch(_ln2d_fwd_kernel, _grid(x, tiles), x, weight, bias, a1, a2, y,
+           y if stats is None else stats, channels, *ints, eps, ADDENDS=addends,
+           STATS=stats is not None, ALIGN=alignment(*ints), **_tile_meta(tiles))
     return y, stats
 
 
@@ -201,15 +278,15 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, stats: Tensor) -> Tuple[Ten
     """``dx`` (contiguous, ``x``'s dtype) and ``d weight`` then ``d bias`` in one ``(2C,)``
     tensor (``weight``'s dtype)."""
     channels = x.shape[1]
-    grid = _grid(x)
+    tiles = tiling(channels)
+    grid = _grid(x, tiles)
     dy = with_contiguous_planes(dy)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     partial = torch.empty(grid[1] * grid[0], 2 * channels, dtype=torch.float32, device=x.device)
     strides = (*_plane_strides(x), *_plane_strides(dy), *_plane_strides(dx))
     pixels = x.shape[2] * x.shape[3]
     launch(_ln2d_bwd_kernel, grid, dy, x, weight, stats, dx, partial, channels, pixels, grid[0],
-           *strides, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, ALIGN=alignment(pixels, *strides),
-           num_warps=NUM_WARPS)
+           *strides, ALIGN=alignment(pixels, *strides), **_tile_meta(tiles))
     return dx, cast(partial.sum(0), weight.dtype)  # one reduction for both
 
 

@@ -126,8 +126,11 @@ def check_addends():
     from mmseg_segman.ops.triton_layer_norm import layer_norm_2d_triton
 
     g = torch.Generator().manual_seed(3)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        x, weight, bias = make_inputs(2, 37, 5, 13, dtype)
+    # channels in chunks (37, 520) and in registers (300)
+    for channels, dtype, tol in ((37, torch.float32, 1e-5), (37, torch.bfloat16, 2e-2),
+                                 (300, torch.float32, 1e-5), (300, torch.bfloat16, 2e-2),
+                                 (520, torch.float32, 1e-5)):
+        x, weight, bias = make_inputs(2, channels, 5, 13, dtype)
         a1 = sliced(torch.randn(x.shape, generator=g).to(dtype))
         a2 = torch.randn(x.shape, generator=g).to(dtype)
         dy = torch.randn(x.shape, generator=g)
@@ -176,12 +179,18 @@ def check_custom_op():
 
 
 def main():
-    # channels over and under one 32-channel chunk, pixels over and under one 64-pixel block
-    for shape in [(1, 3, 2, 5), (2, 37, 5, 13), (1, 70, 9, 8), (3, 3, 1, 1)]:
+    # chunks of 32 channels over 64-pixel blocks (up to 256 channels and over 512; channels and
+    # pixels over and under one block), and all channels in registers over 16-pixel blocks
+    # (257 to 512)
+    for shape in [(1, 3, 2, 5), (2, 37, 5, 13), (1, 70, 9, 8), (3, 3, 1, 1), (1, 520, 9, 8),
+                  (2, 600, 1, 3), (1, 257, 7, 5), (2, 300, 3, 7), (1, 512, 1, 17)]:
         check(*shape, torch.float32, 1e-5)
-    check(2, 40, 4, 6, torch.float32, 1e-5, offset=1e3)  # a large mean: two passes, no cancellation
-    check(2, 33, 3, 7, torch.float32, 1e-5, view=sliced)
-    check(2, 37, 5, 13, torch.bfloat16, 2e-2)
+    for channels in (40, 300, 530):  # a large mean: no cancellation
+        check(2, channels, 4, 6, torch.float32, 1e-5, offset=1e3)
+    for channels in (33, 300):
+        check(2, channels, 3, 7, torch.float32, 1e-5, view=sliced)
+    for channels in (37, 300):
+        check(2, channels, 5, 13, torch.bfloat16, 2e-2)
     check(1, 8, 4, 4, torch.float16, 2e-3)
     check_dispatch()
     check_inference_path()

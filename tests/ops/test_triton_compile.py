@@ -68,8 +68,8 @@ def test_aligned_sizes_give_16_byte_accesses():
     """With ``ALIGN = 8`` (sizes and strides multiples of 8: :func:`triton_jit.alignment`) the
     memory-bound kernels move 16 bytes a thread and access along their rows; with 1, one
     element (PTX: more vector and fewer one-element loads and stores)."""
-    kernels = [(tln._ln2d_fwd_kernel, dict(ADDENDS=2, STATS=True, BLOCK_C=tln.BLOCK_C,
-                                           BLOCK_P=tln.BLOCK_P)),
+    kernels = [(tln._ln2d_fwd_kernel, dict(ADDENDS=2, STATS=True, **ln_tile(432))),
+               (tln._ln2d_fwd_kernel, dict(ADDENDS=2, STATS=True, **ln_tile(640))),
                (cross._merge_kernel, dict(BLOCK_H=32, BLOCK_W=32)),
                (tpw._pw_fwd_kernel, dict(HAS_BIAS=True, GELU=True, GELU_GRAD=False,
                                          HAS_SHORTCUT=False, HAS_SCALE=False, HAS_SHIFT=False,
@@ -147,15 +147,22 @@ def test_neighborhood_attention_kernels_compile(activation, head_dim, kernel_siz
                             TILE_H=dkdv.tile_h, TILE_W=dkdv.tile_w, BLOCK_M=dkdv.columns, **common)
 
 
+def ln_tile(channels: int) -> dict:
+    """The layer norm kernels' tile constexprs for a channel count (:func:`tln.tiling`)."""
+    tiles = tln.tiling(channels)
+    return dict(RESIDENT=tiles.resident, BLOCK_C=tiles.block_c, BLOCK_P=tiles.block_p)
+
+
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
 @pytest.mark.parametrize('align', [1, ALIGNMENT])
-def test_layer_norm_kernels_compile(activation, align):
-    blocks = dict(BLOCK_C=tln.BLOCK_C, BLOCK_P=tln.BLOCK_P, ALIGN=align)
+@pytest.mark.parametrize('channels', [96, 432, 640])  # SegMAN-L's stages 1, 3 (in registers), 4
+def test_layer_norm_kernels_compile(activation, align, channels):
+    blocks = dict(ALIGN=align, **ln_tile(channels))
+    warps = tln.tiling(channels).num_warps
     for addends in (0, 2):  # the blocks' norms; LASS's norm with its two sums
-        assert compile_for_h100(tln._ln2d_fwd_kernel, activation, LN_FLOAT32_POINTERS,
-                                tln.NUM_WARPS, ADDENDS=addends, **blocks)
-    assert compile_for_h100(tln._ln2d_bwd_kernel, activation, LN_FLOAT32_POINTERS, tln.NUM_WARPS,
-                            **blocks)
+        assert compile_for_h100(tln._ln2d_fwd_kernel, activation, LN_FLOAT32_POINTERS, warps,
+                                ADDENDS=addends, **blocks)
+    assert compile_for_h100(tln._ln2d_bwd_kernel, activation, LN_FLOAT32_POINTERS, warps, **blocks)
 
 
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
