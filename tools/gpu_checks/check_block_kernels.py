@@ -2,7 +2,7 @@
 traffic of the block's feature map: which kernels are far from the memory bound.
 
     python3 tools/gpu_checks/check_block_kernels.py [--arch l] [--batch 16] [--size 512] \
-        [--mode infer|train] [--steps 5] [--out kernels.jsonl]
+        [--mode infer|train] [--steps 5] [--stages 1 2 3 4] [--compile] [--out kernels.jsonl]
 
 For each stage of a SegMAN size, the first block of the stage (the fast path, bf16 autocast,
 eval mode for ``infer``; forward and backward for ``train``) runs ``--steps`` times under
@@ -11,6 +11,9 @@ mean duration (us) and ``maps``: how many reads or writes of the stage's ``(B, C
 bf16 map the H100's peak memory bandwidth (3.35 TB/s) would move in that time. A kernel whose
 ``maps`` is well above the number of maps it reads and writes is far from the memory bound.
 Then the block's total, and the total times the stage's depth. One JSON line per stage.
+``--compile``: the block through ``torch.compile`` (inductor, no CUDA graphs; its glue fused
+into its own kernels); with ``SEGMAN_BACKEND_<OP>=torch`` an op runs as PyTorch code that
+inductor may fuse with its neighbours.
 """
 import argparse
 import json
@@ -56,6 +59,11 @@ def step_kernels(events: List[Dict], steps: int) -> List[Dict]:
             for i, first in enumerate(per_step[0])]
 
 
+def backend_environment() -> Dict[str, str]:
+    """The ``SEGMAN_BACKEND*`` variables of this process (the backends chosen outside the code)."""
+    return {name: value for name, value in os.environ.items() if name.startswith('SEGMAN_BACKEND')}
+
+
 def profile_block(block, x: torch.Tensor, sin, cos, mode: str, steps: int) -> List[Dict]:
     def step():
         with record_function(STEP), torch.autocast('cuda', dtype=torch.bfloat16):
@@ -86,19 +94,25 @@ def main() -> None:
     parser.add_argument('--size', type=int, default=512)
     parser.add_argument('--mode', choices=['infer', 'train'], default='infer')
     parser.add_argument('--steps', type=int, default=5)
+    parser.add_argument('--stages', nargs='+', type=int, default=[1, 2, 3, 4])
+    parser.add_argument('--compile', action='store_true', help='each block through torch.compile')
     parser.add_argument('--out', help='append JSON lines here')
     args = parser.parse_args()
-    print(f'# torch {torch.__version__}, {torch.cuda.get_device_name()}', flush=True)
+    print(f'# torch {torch.__version__}, {torch.cuda.get_device_name()}, compiled: {args.compile}, '
+          f'backends: {backend_environment() or "default"}', flush=True)
     encoder = SegMANEncoder(arch=args.arch).cuda().train(args.mode == 'train')
     depths = ENCODER_ARCHS[args.arch]['depths']
     grand_total = 0.0
     for index, stage in enumerate(encoder.stages):
+        if index + 1 not in args.stages:
+            continue
         side = args.size // 4 // 2 ** index
         channels = ENCODER_ARCHS[args.arch]['embed_dims'][index]
         x = torch.randn(args.batch, channels, side, side, device='cuda', dtype=torch.bfloat16,
                         requires_grad=args.mode == 'train')
         sin, cos = stage.rope((side, side))
-        kernels = profile_block(stage.blocks[0], x, sin, cos, args.mode, args.steps)
+        block = torch.compile(stage.blocks[0]) if args.compile else stage.blocks[0]
+        kernels = profile_block(block, x, sin, cos, args.mode, args.steps)
         map_bytes = x.numel() * x.element_size()
         print(f'## stage {index + 1}: ({args.batch}, {channels}, {side}, {side}) bf16 map '
               f'{map_bytes / 2 ** 20:.1f} MiB, {args.mode}', flush=True)
@@ -109,7 +123,8 @@ def main() -> None:
         grand_total += total * depths[index]
         print(f'block {total:.1f} us; x {depths[index]} blocks = {total * depths[index] / 1e3:.2f} ms',
               flush=True)
-        write_row(dict(arch=args.arch, stage=index + 1, mode=args.mode, batch=args.batch,
+        write_row(dict(arch=args.arch, stage=index + 1, mode=args.mode, compiled=args.compile,
+                       backends=backend_environment(), batch=args.batch,
                        size=args.size, map_mib=round(map_bytes / 2 ** 20, 2),
                        block_us=round(total, 1), stage_ms=round(total * depths[index] / 1e3, 3),
                        kernels=[{**k, 'us': round(k['us'], 1)} for k in kernels]), args.out)
