@@ -20,24 +20,33 @@ CHECKPOINT_KEY = 'rng_states'
 
 
 def get_rng_states() -> Dict[str, Any]:
-    """The states of torch (CPU and every CUDA device, when available), numpy and random."""
+    """The states of torch (the CPU's, and the current CUDA device's where CUDA is
+    available), numpy and random. One CUDA state: the device this process trains on (under
+    DDP every rank draws the same numbers on its own device, and only rank 0 saves)."""
     states = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
                   random=random.getstate())
     if torch.cuda.is_available():
-        states['cuda'] = torch.cuda.get_rng_state_all()
+        states['cuda'] = torch.cuda.get_rng_state()
     return states
 
 
 def set_rng_states(states: Dict[str, Any]) -> None:
-    """Restore what :func:`get_rng_states` returned; refuses CUDA states of another device count."""
-    torch.set_rng_state(states['torch'])
+    """Restore what :func:`get_rng_states` returned, on any device count. mmengine's resume
+    loads a checkpoint onto the GPU, and torch takes random states only as CPU byte tensors:
+    they are moved back first (without that, every resume on a GPU failed at its first
+    batch, docs/multi_gpu.md). A list of CUDA states (every device's, as this hook saved them
+    before) restores its first, the device rank 0 trained on."""
+    torch.set_rng_state(_cpu_bytes(states['torch']))
     np.random.set_state(states['numpy'])
     random.setstate(states['random'])
-    if torch.cuda.is_available() and 'cuda' in states:
-        if len(states['cuda']) != torch.cuda.device_count():
-            raise RuntimeError(f'the checkpoint holds the CUDA random states of {len(states["cuda"])} '
-                               f'devices, this process sees {torch.cuda.device_count()}')
-        torch.cuda.set_rng_state_all(states['cuda'])
+    cuda = states.get('cuda')
+    if torch.cuda.is_available() and cuda is not None:
+        torch.cuda.set_rng_state(_cpu_bytes(cuda[0] if isinstance(cuda, (list, tuple)) else cuda))
+
+
+def _cpu_bytes(state: torch.Tensor) -> torch.Tensor:
+    """A random state as torch takes it: a CPU ``uint8`` tensor."""
+    return state.to(device='cpu', dtype=torch.uint8)
 
 
 class _RestoreAfterReplay:

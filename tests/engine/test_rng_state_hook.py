@@ -59,3 +59,19 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, toy_data):
     result = json.loads(next(line for line in reversed(out.splitlines()) if line.startswith('{"rng')))
     assert set(result['rng_states']) >= {'torch', 'numpy', 'random'}
     assert result['differ'] == []
+
+
+def test_random_states_restore_from_tensors_moved_to_another_device():
+    """mmengine's resume maps a checkpoint's tensors onto the GPU, and torch takes a random
+    state only as a CPU byte tensor: every resume on a GPU failed at its first batch ('RNG
+    state must be a torch.ByteTensor', eighteenth session). The states are converted back; an
+    int16 copy stands for the GPU copy on this CPU-only machine (torch refuses both alike)."""
+    import torch
+
+    from mmseg_segman.engine.rng_state_hook import get_rng_states, set_rng_states
+    states = get_rng_states()
+    expected = torch.rand(3)
+    with pytest.raises(TypeError, match='ByteTensor'):
+        torch.set_rng_state(states['torch'].to(torch.int16))
+    set_rng_states({**states, 'torch': states['torch'].to(torch.int16)})
+    assert torch.equal(torch.rand(3), expected)
