@@ -7,7 +7,7 @@ depthwise convolutions then go to cuDNN, which builds a new execution plan for e
 input shape (about 0.1 s a convolution on an H100, seconds per image size for SegMAN). Here
 one program owns ``BLOCK_P`` pixels of one batch element and walks the channels in chunks of
 ``BLOCK_C``, once for the mean, once for the variance about it, once for the output; from 257
-to 512 channels it holds all of them in registers instead and reads the map once
+to 512 channels the forward holds all of them in registers instead and reads the map once
 (:func:`tiling`). Either way the variance is taken about the mean (no cancellation). Loads
 run along the pixels of a channel, which are contiguous.
 
@@ -48,17 +48,22 @@ class Tiling(NamedTuple):
     num_warps: int
 
 
+CHUNKS = Tiling(False, 32, 64, 4)  # the backward's tiling, and the forward's but from 257 to 512
+
+
 def tiling(channels: int) -> Tiling:
-    """Chunks of 32 channels over 64 pixels, 4 warps, where the program's rows of all channels
-    stay in L1 (up to 256 channels), so that reading them again costs little: the map is read
-    from memory once, from L1 twice more (the forward) or once more (the backward). From 257 to
-    512 channels all of them in one tile in registers, 16 pixels wide (a 32-byte sector of a
+    """The forward's tiling. Chunks of 32 channels over 64 pixels, 4 warps, where the
+    program's rows of all channels stay in L1 (up to 256 channels), so that reading them again
+    costs little: the map is read from memory once, from L1 twice more. From 257 to 512
+    channels all of them in one tile in registers, 16 pixels wide (a 32-byte sector of a
     bfloat16 row), 8 warps: the map is read once. On an H100 (SegMAN-L, batch 16, bf16,
-    docs/benchmarks.md) the tile in registers took 13 us where the chunks took 17 at 432
-    channels, and 50 where they took 48 at 96. Wider maps: chunks."""
+    docs/benchmarks.md) the three norms of a block took 53 us in registers where the chunks
+    took 70 at 432 channels, and 182 where they took 172 at 96. Wider maps: chunks. The
+    backward always runs in chunks: in registers its 16-pixel programs wrote four times as
+    many rows of partial sums, whose sum then cost more than the kernel saved."""
     block_c = next_power_of_2(channels)
     if channels <= L1_CHANNELS or block_c * 16 > RESIDENT_ELEMENTS:
-        return Tiling(False, 32, 64, 4)
+        return CHUNKS
     return Tiling(True, block_c, RESIDENT_ELEMENTS // block_c, 8)
 
 
@@ -159,37 +164,10 @@ def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, a1_ptr, a2_ptr, y_ptr, stats_ptr, chan
         tl.store(rstd_ptrs, rstd, mask=p_ok)
 
 
-@triton.jit
-def _gradient_tile(dy_ptr, dy_off, sd_c, x_ptr, x_off, sx_c, w_ptr, c, p, p_ok, channels,
-                   mean, rstd):
-    """``g = dy * weight`` and ``xhat`` (0 outside the map) of the tile of channels ``c``
-    and pixels ``p``, and the tile's ``dy`` and mask."""
-    c_ok = c < channels
-    ok = c_ok[:, None] & p_ok[None, :]
-    w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-    dy = _tile(dy_ptr, dy_off, c, sd_c, p, ok)
-    xhat = tl.where(ok, (_tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :]) * rstd[None, :], 0.0)
-    return dy * w[:, None], xhat, dy, ok
-
-
-@triton.jit
-def _store_gradients(g, xhat, dy, ok, mean_g, mean_gx, rstd, c, p, batch, dx_ptr, partial_row,
-                     channels, sy_b, sy_c):
-    """``dx`` of the tile, and its partial sums of ``dy * xhat`` and ``dy`` per channel."""
-    dx = (g - mean_g[None, :] - xhat * mean_gx[None, :]) * rstd[None, :]
-    tl.store(dx_ptr + batch * sy_b + c[:, None] * sy_c + p[None, :], dx, mask=ok)
-    c_ok = c < channels
-    tl.store(partial_row + c, tl.sum(dy * xhat, 1), mask=c_ok)
-    tl.store(partial_row + channels + c, tl.sum(dy, 1), mask=c_ok)
-
-
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, stats_ptr, dx_ptr, partial_ptr, channels,
                      pixels, pixel_blocks, sx_b, sx_c, sd_b, sd_c, sy_b, sy_c,
-                     RESIDENT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                     ALIGN: tl.constexpr):
-    """``dx`` and the per-program partial sums of the weight's and bias's gradients (the
-    program's row of ``partial``: d weight's, then d bias's); ``RESIDENT`` as the forward's."""
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ALIGN: tl.constexpr):
     pixels = aligned(pixels, ALIGN)
     sx_b, sx_c = aligned(sx_b, ALIGN), aligned(sx_c, ALIGN)
     sd_b, sd_c = aligned(sd_b, ALIGN), aligned(sd_c, ALIGN)
@@ -199,29 +177,32 @@ def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, stats_ptr, dx_ptr, partial_ptr, chann
     mean_ptrs, rstd_ptrs = _stats_pointers(stats_ptr, batch, pixels, p)
     mean = tl.load(mean_ptrs, mask=p_ok, other=0.0)
     rstd = tl.load(rstd_ptrs, mask=p_ok, other=0.0)
+    sum_g = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)  # reduced once, as the forward's
+    sum_gx = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, channels, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < channels
+        ok = c_ok[:, None] & p_ok[None, :]
+        w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        g = _tile(dy_ptr, dy_off, c, sd_c, p, ok) * w[:, None]
+        xhat = (_tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :]) * rstd[None, :]
+        sum_g += g
+        sum_gx += g * xhat
+    mean_g = tl.sum(sum_g, 0) / channels
+    mean_gx = tl.sum(sum_gx, 0) / channels
+    # the program's row of partial sums: d weight's, then d bias's
     partial_row = partial_ptr + (batch * pixel_blocks + tl.program_id(0)) * 2 * channels
-    if RESIDENT:
-        c = tl.arange(0, BLOCK_C)
-        g, xhat, dy, ok = _gradient_tile(dy_ptr, dy_off, sd_c, x_ptr, x_off, sx_c, w_ptr, c, p,
-                                         p_ok, channels, mean, rstd)
-        _store_gradients(g, xhat, dy, ok, tl.sum(g, 0) / channels, tl.sum(g * xhat, 0) / channels,
-                         rstd, c, p, batch, dx_ptr, partial_row, channels, sy_b, sy_c)
-    else:
-        sum_g = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)  # reduced once, as the forward's
-        sum_gx = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-        for c0 in range(0, channels, BLOCK_C):
-            g, xhat, _, _ = _gradient_tile(dy_ptr, dy_off, sd_c, x_ptr, x_off, sx_c, w_ptr,
-                                           c0 + tl.arange(0, BLOCK_C), p, p_ok, channels, mean, rstd)
-            sum_g += g
-            sum_gx += g * xhat
-        mean_g = tl.sum(sum_g, 0) / channels
-        mean_gx = tl.sum(sum_gx, 0) / channels
-        for c0 in range(0, channels, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            g, xhat, dy, ok = _gradient_tile(dy_ptr, dy_off, sd_c, x_ptr, x_off, sx_c, w_ptr, c,
-                                             p, p_ok, channels, mean, rstd)
-            _store_gradients(g, xhat, dy, ok, mean_g, mean_gx, rstd, c, p, batch, dx_ptr,
-                             partial_row, channels, sy_b, sy_c)
+    for c0 in range(0, channels, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < channels
+        ok = c_ok[:, None] & p_ok[None, :]
+        w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        dy = _tile(dy_ptr, dy_off, c, sd_c, p, ok)
+        xhat = tl.where(ok, (_tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :]) * rstd[None, :], 0.0)
+        dx = (dy * w[:, None] - mean_g[None, :] - xhat * mean_gx[None, :]) * rstd[None, :]
+        tl.store(dx_ptr + batch * sy_b + c[:, None] * sy_c + p[None, :], dx, mask=ok)
+        tl.store(partial_row + c, tl.sum(dy * xhat, 1), mask=c_ok)
+        tl.store(partial_row + channels + c, tl.sum(dy, 1), mask=c_ok)
 
 
 def _grid(x: Tensor, tiles: Tiling) -> Tuple[int, int]:
@@ -278,15 +259,15 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, stats: Tensor) -> Tuple[Ten
     """``dx`` (contiguous, ``x``'s dtype) and ``d weight`` then ``d bias`` in one ``(2C,)``
     tensor (``weight``'s dtype)."""
     channels = x.shape[1]
-    tiles = tiling(channels)
-    grid = _grid(x, tiles)
+    grid = _grid(x, CHUNKS)
     dy = with_contiguous_planes(dy)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     partial = torch.empty(grid[1] * grid[0], 2 * channels, dtype=torch.float32, device=x.device)
     strides = (*_plane_strides(x), *_plane_strides(dy), *_plane_strides(dx))
     pixels = x.shape[2] * x.shape[3]
     launch(_ln2d_bwd_kernel, grid, dy, x, weight, stats, dx, partial, channels, pixels, grid[0],
-           *strides, ALIGN=alignment(pixels, *strides), **_tile_meta(tiles))
+           *strides, BLOCK_C=CHUNKS.block_c, BLOCK_P=CHUNKS.block_p,
+           ALIGN=alignment(pixels, *strides), num_warps=CHUNKS.num_warps)
     return dx, cast(partial.sum(0), weight.dtype)  # one reduction for both
 
 

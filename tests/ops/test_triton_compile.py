@@ -155,14 +155,15 @@ def ln_tile(channels: int) -> dict:
 
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
 @pytest.mark.parametrize('align', [1, ALIGNMENT])
-@pytest.mark.parametrize('channels', [96, 432, 640])  # SegMAN-L's stages 1, 3 (in registers), 4
+@pytest.mark.parametrize('channels', [96, 432, 640])  # SegMAN-L's stages 1, 3 (forward in registers), 4
 def test_layer_norm_kernels_compile(activation, align, channels):
-    blocks = dict(ALIGN=align, **ln_tile(channels))
-    warps = tln.tiling(channels).num_warps
     for addends in (0, 2):  # the blocks' norms; LASS's norm with its two sums
-        assert compile_for_h100(tln._ln2d_fwd_kernel, activation, LN_FLOAT32_POINTERS, warps,
-                                ADDENDS=addends, **blocks)
-    assert compile_for_h100(tln._ln2d_bwd_kernel, activation, LN_FLOAT32_POINTERS, warps, **blocks)
+        assert compile_for_h100(tln._ln2d_fwd_kernel, activation, LN_FLOAT32_POINTERS,
+                                tln.tiling(channels).num_warps, ADDENDS=addends, ALIGN=align,
+                                **ln_tile(channels))
+    chunks = tln.CHUNKS  # the backward's, at every channel count
+    assert compile_for_h100(tln._ln2d_bwd_kernel, activation, LN_FLOAT32_POINTERS, chunks.num_warps,
+                            BLOCK_C=chunks.block_c, BLOCK_P=chunks.block_p, ALIGN=align)
 
 
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
