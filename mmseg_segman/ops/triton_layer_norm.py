@@ -209,9 +209,9 @@ def _grid(x: Tensor, tiles: Tiling) -> Tuple[int, int]:
     return cdiv(x.shape[2] * x.shape[3], tiles.block_p), x.shape[0]
 
 
-def _tile_meta(tiles: Tiling) -> dict:
-    return dict(RESIDENT=tiles.resident, BLOCK_C=tiles.block_c, BLOCK_P=tiles.block_p,
-                num_warps=tiles.num_warps)
+def tile_constexprs(tiles: Tiling) -> dict:
+    """The forward kernel's constexprs of a tiling (its launch takes ``tiles.num_warps``)."""
+    return dict(RESIDENT=tiles.resident, BLOCK_C=tiles.block_c, BLOCK_P=tiles.block_p)
 
 
 def _plane_strides(x: Tensor) -> Tuple[int, int]:
@@ -251,7 +251,8 @@ def _launch_forward(x: Tensor, weight: Tensor, bias: Tensor, addend1: Optional[T
     tiles = tiling(channels)
     launch(_ln2d_fwd_kernel, _grid(x, tiles), x, weight, bias, a1, a2, y,
            y if stats is None else stats, channels, *ints, eps, ADDENDS=addends,
-           STATS=stats is not None, ALIGN=alignment(*ints), **_tile_meta(tiles))
+           STATS=stats is not None, ALIGN=alignment(*ints), num_warps=tiles.num_warps,
+           **tile_constexprs(tiles))
     return y, stats
 
 

@@ -148,19 +148,23 @@ def test_neighborhood_attention_kernels_compile(activation, head_dim, kernel_siz
 
 
 def ln_tile(channels: int) -> dict:
-    """The layer norm kernels' tile constexprs for a channel count (:func:`tln.tiling`)."""
-    tiles = tln.tiling(channels)
-    return dict(RESIDENT=tiles.resident, BLOCK_C=tiles.block_c, BLOCK_P=tiles.block_p)
+    """The layer norm forward's constexprs for a channel count (:func:`tln.tiling`)."""
+    return tln.tile_constexprs(tln.tiling(channels))
 
 
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
 @pytest.mark.parametrize('align', [1, ALIGNMENT])
-@pytest.mark.parametrize('channels', [96, 432, 640])  # SegMAN-L's stages 1, 3 (forward in registers), 4
-def test_layer_norm_kernels_compile(activation, align, channels):
+@pytest.mark.parametrize('channels', [96, 432, 640])  # SegMAN-L's stages 1, 3 (in registers), 4
+def test_layer_norm_forward_compiles(activation, align, channels):
     for addends in (0, 2):  # the blocks' norms; LASS's norm with its two sums
         assert compile_for_h100(tln._ln2d_fwd_kernel, activation, LN_FLOAT32_POINTERS,
                                 tln.tiling(channels).num_warps, ADDENDS=addends, ALIGN=align,
                                 **ln_tile(channels))
+
+
+@pytest.mark.parametrize('activation', ['bf16', 'fp32'])
+@pytest.mark.parametrize('align', [1, ALIGNMENT])
+def test_layer_norm_backward_compiles(activation, align):
     chunks = tln.CHUNKS  # the backward's, at every channel count
     assert compile_for_h100(tln._ln2d_bwd_kernel, activation, LN_FLOAT32_POINTERS, chunks.num_warps,
                             BLOCK_C=chunks.block_c, BLOCK_P=chunks.block_p, ALIGN=align)
