@@ -4,6 +4,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .dispatch import Backend, OpDispatcher, runs_anywhere
 
@@ -15,14 +16,28 @@ def _biased_attention_torch(q: Tensor, k: Tensor, v: Tensor, bias) -> Tensor:
     return logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype) @ v
 
 
+# PyTorch's fused kernels, cuDNN's left out: with a bias, torch 2.11 picks cuDNN for head dims that
+# are multiples of 8, and cuDNN builds an execution plan for every new sequence length (0.52 and
+# 0.56 s for the first two, then about 30-70 ms each, SegMAN-T's stage 4 on an H100: its first
+# pass over 25 new image shapes took 4-7x its second); the memory-efficient kernel builds none
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def _biased_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, bias) -> Tensor:
-    # PyTorch's fused kernels need every input with unit stride along d; SegMAN's stage-4
-    # value (the neighborhood attention's output) is laid out along the tokens, which sent
-    # SegMAN-L's attention to the float32 math path (about 0.45 ms a block at batch 16,
-    # against a copy of 5 MB)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # the fused kernels take head dims that are multiples of 8 with unit stride along d;
+    # SegMAN-B's (28) went to the float32 math path. Zeros appended to q and k leave every
+    # product q.k as it was (the scale is given, not derived from d), and the value's zero
+    # columns are cut off the output. SegMAN's stage-4 value (the neighborhood attention's
+    # output) is laid out along the tokens, and the copy makes d unit-stride too (it went to
+    # the math path: about 0.45 ms a SegMAN-L block at batch 16, against a copy of 5 MB)
+    dim = q.size(-1)
+    pad = -dim % 8
+    q, k, v = (F.pad(t, (0, pad)) if pad else t if t.stride(-1) == 1 else t.contiguous()
+               for t in (q, k, v))
     mask = None if bias is None else bias.to(q.dtype).unsqueeze(0).expand(q.size(0), -1, -1, -1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    with sdpa_kernel(_SDPA_BACKENDS):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    return out[..., :dim] if pad else out
 
 
 _SDPA_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)

@@ -15,28 +15,43 @@ def make_inputs(batch=2, heads=3, length=10, dim=4, seed=0):
     return q, k, v, torch.randn(heads, length, length, generator=g)
 
 
-def test_sdpa_matches_the_reference_with_and_without_bias():
-    q, k, v, bias = make_inputs()
+@pytest.mark.parametrize('dim', [4, 8])  # padded to 8 / as it comes
+def test_sdpa_matches_the_reference_with_and_without_bias(dim):
+    q, k, v, bias = make_inputs(dim=dim)
     for b in (bias, None):
         want = _biased_attention.backends['torch'].fn(q, k, v, b)
         got = _biased_attention.backends['sdpa'].fn(q, k, v, b)
+        assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_sdpa_gets_unit_stride_along_the_head_dim(monkeypatch):
-    # PyTorch's fused CUDA kernels refuse other strides and fall back to float32 math
+def record_sdpa_calls(monkeypatch) -> list:
+    """Each call of ``F.scaled_dot_product_attention`` from the op: its inputs' head dims and
+    strides along them, and whether cuDNN's kernel was allowed."""
     seen = []
     sdpa = F.scaled_dot_product_attention
 
     def recording(q, k, v, **kwargs):
-        seen.append([t.stride(-1) for t in (q, k, v)])
+        seen.append(dict(dims=[t.size(-1) for t in (q, k, v)], strides=[t.stride(-1) for t in (q, k, v)],
+                         cudnn=torch.backends.cuda.cudnn_sdp_enabled()))
         return sdpa(q, k, v, **kwargs)
 
     monkeypatch.setattr(attention.F, 'scaled_dot_product_attention', recording)
-    q, k, v, bias = make_inputs()
+    return seen
+
+
+@pytest.mark.parametrize('dim', [4, 8, 28])
+def test_sdpa_gets_what_the_fused_kernels_take(monkeypatch, dim):
+    # head dims that are multiples of 8, unit stride along them (else PyTorch's fused CUDA
+    # kernels fall back to float32 math), and cuDNN's kernel off (an execution plan for every
+    # new sequence length)
+    seen = record_sdpa_calls(monkeypatch)
+    q, k, v, bias = make_inputs(dim=dim)
     assert v.stride(-1) != 1
     _biased_attention.backends['sdpa'].fn(q, k, v, bias)
-    assert seen == [[1, 1, 1]]
+    padded = -(-dim // 8) * 8
+    assert seen == [dict(dims=[padded] * 3, strides=[1, 1, 1], cudnn=False)]
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # as it was, after the call
 
 
 def test_bad_shapes_are_refused():
