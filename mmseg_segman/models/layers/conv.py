@@ -27,10 +27,22 @@ class DepthwiseConv2d(nn.Conv2d):
 class PointwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(in_channels, out_channels, 1)`` (keys ``weight (O, C, 1, 1)``, ``bias``)
     running the op :func:`pointwise_conv2d`, which can apply a GELU or a block's residual
-    connection to the result in the same pass."""
+    connection to the result in the same pass.
 
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(in_channels, out_channels, kernel_size=1)
+    It takes the arguments mmcv's ``ConvModule`` passes to its convolution
+    (``conv_cfg=dict(type=PointwiseConv2d)``), and refuses any but those of a 1x1 convolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
+                 padding: int = 0, dilation: int = 1, groups: int = 1, bias: bool = True):
+        given = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+                     groups=groups)
+        wrong = {name: value for name, value in given.items()
+                 if value not in ((0, (0, 0)) if name == 'padding' else (1, (1, 1)))}
+        if wrong:
+            raise ValueError(f'PointwiseConv2d is a 1x1 convolution of stride 1, unpadded, one group; '
+                             f'got {wrong}')
+        super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
 
     def forward(self, x: Tensor, activation: Optional[str] = None,
                 residual: Optional[Residual] = None) -> Tensor:
