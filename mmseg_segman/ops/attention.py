@@ -17,9 +17,9 @@ def _biased_attention_torch(q: Tensor, k: Tensor, v: Tensor, bias) -> Tensor:
 
 
 # PyTorch's fused kernels, cuDNN's left out: with a bias, torch 2.11 picks cuDNN for head dims that
-# are multiples of 8, and cuDNN builds an execution plan for every new sequence length (0.52 and
-# 0.56 s for the first two, then about 30-70 ms each, SegMAN-T's stage 4 on an H100: its first
-# pass over 25 new image shapes took 4-7x its second); the memory-efficient kernel builds none
+# are multiples of 8, and cuDNN builds an execution plan for every new sequence length (0.5-1.3 s
+# for the first ones, then 40-130 ms each, stage 4 on an H100: SegMAN-T's first pass over 25 new
+# image shapes took 4-7x its second); the memory-efficient kernel builds none
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
