@@ -49,12 +49,14 @@ PEER_CONFIGS = {
     **{f'segnext-{s}': f'segnext/segnext_mscan-{s}_1xb16-adamw-160k_ade20k-512x512.py' for s in 'tsbl'},
 }
 MODELS = [f'segman-{a}' for a in ENCODER_ARCHS] + list(PEER_CONFIGS)
+# SegMAN with cuda_graph=True (encoder and head replay CUDA graphs of their training steps)
+GRAPHED = [f'segman-{a}-graphed' for a in ENCODER_ARCHS]
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 NUM_CLASSES = 150
 
 
 def build_model(name: str, with_cp: bool = False) -> nn.Module:
-    """An mmseg segmentor for ``name`` (one of :data:`MODELS`), on the GPU.
+    """An mmseg segmentor for ``name`` (one of :data:`MODELS` or :data:`GRAPHED`), on the GPU.
 
     ``with_cp`` (gradient checkpointing) applies to SegMAN only."""
     from mmengine.config import Config
@@ -64,9 +66,12 @@ def build_model(name: str, with_cp: bool = False) -> nn.Module:
 
     register_all_modules()
     if name.startswith('segman-'):
+        arch, graphed = name.split('-')[1], name.endswith('-graphed')
         cfg = dict(type='SegMANEncoderDecoder',
-                   backbone=dict(type='SegMANEncoder', arch=name[-1], with_cp=with_cp),
-                   decode_head=dict(type='SegMANHead', **head_widths(name[-1], 'ade20k'),
+                   backbone=dict(type='SegMANEncoder', arch=arch, with_cp=with_cp,
+                                 cuda_graph=graphed),
+                   decode_head=dict(type='SegMANHead', **head_widths(arch, 'ade20k'),
+                                    cuda_graph=graphed,
                                     num_classes=NUM_CLASSES, dropout_ratio=0.1,
                                     loss_decode=dict(type='CrossEntropyLoss', loss_weight=1.0)),
                    train_cfg=dict(), test_cfg=dict(mode='whole'))
@@ -103,7 +108,9 @@ def data_samples(batch: int, height: int, width: int) -> List:
 
 
 def timed_steps(step, warmup: int, iters: int, cell_seconds: float) -> Dict:
-    """Median seconds per ``step()`` after ``warmup`` calls, and peak memory over the timed calls."""
+    """Median seconds per ``step()`` after ``warmup`` calls, and peak memory over the timed
+    calls: allocated by tensors, and reserved by PyTorch's allocator (the process's footprint:
+    it counts the memory a CUDA graph keeps between steps)."""
     start = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -120,7 +127,8 @@ def timed_steps(step, warmup: int, iters: int, cell_seconds: float) -> Dict:
         torch.cuda.synchronize()
         times.append(events[0].elapsed_time(events[1]) / 1e3)
     return dict(step_s=statistics.median(times), iters=len(times), warmup_s=round(warmup_s, 1),
-                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+                reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30)
 
 
 TRAINING_PHASES = ('forward', 'backward', 'optimizer')
@@ -321,7 +329,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--render', nargs='+', metavar='JSONL', help='print tables and exit')
     parser.add_argument('--mode', choices=['infer', 'train'], default='infer')
-    parser.add_argument('--models', nargs='+', choices=MODELS, default=MODELS)
+    parser.add_argument('--models', nargs='+', choices=MODELS + GRAPHED, default=MODELS)
     parser.add_argument('--paths', nargs='+', choices=['fast', 'ref'], default=['fast'],
                         help='SegMAN op paths (peers have one)')
     parser.add_argument('--sizes', nargs='+', default=['512'], help='HxW or S for SxS')

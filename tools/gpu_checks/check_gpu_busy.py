@@ -35,7 +35,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmark import (MODELS, TRAINING_PHASES as PHASES, build_model,  # noqa: E402
+from benchmark import (GRAPHED, MODELS, TRAINING_PHASES as PHASES, build_model,  # noqa: E402
                        data_samples, training_optimizer, training_phases, write_row)
 GPU_CATEGORIES = ('kernel', 'gpu_memcpy', 'gpu_memset')
 Interval = Tuple[float, float]
@@ -191,7 +191,7 @@ def backward_nodes_table(averages, steps: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--models', nargs='+', choices=MODELS, required=True)
+    parser.add_argument('--models', nargs='+', choices=MODELS + GRAPHED, required=True)
     parser.add_argument('--mode', choices=['train', 'infer'], default='train')
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--size', type=int, default=512)

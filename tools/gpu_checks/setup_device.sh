@@ -9,7 +9,9 @@
 # mmcv is built with the GPU hidden: mmseg needs only its CPU ops. With $OUT set, a freshly
 # built wheel is also written there in pieces, to be carried next time. The inductor cache
 # (FlexAttention's compiled kernels) lives in .whl/inductor-cache.tgz.part-* the same way
-# (made by: tar -czf - -C /tmp/inductor-cache . | split -b 15M -d - $OUT/inductor-cache.tgz.part-).
+# (made by: tar -czf - -C /tmp/inductor-cache . | split -b 15M -d - $OUT/inductor-cache.tgz.part-),
+# and Triton's compiled kernels (SegMAN's own, more than 100 s to compile on a cold machine) in
+# .whl/triton-cache.tgz.part-* from /tmp/triton-cache.
 set -e
 SITE=/tmp/site
 mkdir -p "$SITE"
@@ -49,10 +51,12 @@ fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" /tmp/mmcv-wheel/mmcv-*.whl >/dev/null
 export PYTHONPATH="$SITE:$PWD"
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
-if ls .whl/inductor-cache.tgz.part-* >/dev/null 2>&1; then
-    mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
-    cat .whl/inductor-cache.tgz.part-* | tar -xzf - -C "$TORCHINDUCTOR_CACHE_DIR"
-fi
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache TRITON_CACHE_DIR=/tmp/triton-cache
+for cache in inductor triton; do
+    if ls .whl/$cache-cache.tgz.part-* >/dev/null 2>&1; then
+        mkdir -p /tmp/$cache-cache
+        cat .whl/$cache-cache.tgz.part-* | tar -xzf - -C /tmp/$cache-cache
+    fi
+done
 python3 -c 'import mmcv.ops, mmseg, torch; print("[setup_device] mmcv", mmcv.__version__, "mmseg", mmseg.__version__, "torch", torch.__version__, torch.cuda.get_device_name())'
 set +e

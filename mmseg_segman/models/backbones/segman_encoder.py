@@ -21,6 +21,7 @@ from ...ops.pointwise_conv import Residual
 from ...ops.resize import bicubic_matrix
 from ..layers import SS2D, DepthwiseConv2d, LayerNorm2d, PointwiseConv2d, RoPE2d, SegMANBlock
 from ..strict_loading import WeightsMismatchError, refuse_mismatched_weights
+from ..training_graph import TrainingGraph
 from ..variants import ENCODER_ARCHS
 
 NUM_STAGES = 4
@@ -212,6 +213,10 @@ class SegMANEncoder(BaseModule):
             check reads a value back to the host (a GPU sync, a ``torch.compile`` graph
             break), so it is off by default.
         op_backends: ``{op: backend}`` for this encoder's forward (see ``mmseg_segman.ops.dispatch``).
+        cuda_graph: replay each training step's forward and backward as CUDA graphs captured
+            at the first step (:mod:`mmseg_segman.models.training_graph`): the same numbers
+            without the host's work per kernel, for inputs of one shape (a second shape
+            turns it off, with a log line). Not with ``with_cp`` or ``check_finite``.
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` (optionally ``prefix``) loads
             ImageNet encoder weights (``state_dict_ema``, else ``state_dict``; classifier
             keys are ignored).
@@ -227,8 +232,13 @@ class SegMANEncoder(BaseModule):
                  out_indices: Sequence[int] = (0, 1, 2, 3), drop_path_rate: float = 0.0,
                  with_cp: bool = False, norm_cfg: Dict = dict(type='BN', requires_grad=True),
                  act_cfg: Dict = dict(type='GELU'), check_finite: bool = False,
-                 op_backends: Optional[Dict[str, str]] = None, init_cfg: Optional[Dict] = None):
+                 op_backends: Optional[Dict[str, str]] = None, cuda_graph: bool = False,
+                 init_cfg: Optional[Dict] = None):
         self._check_init_cfg(init_cfg)
+        if cuda_graph and (with_cp or check_finite):
+            raise ValueError('SegMANEncoder: cuda_graph cannot be combined with '
+                             f'{"with_cp" if with_cp else "check_finite"} (recomputation and host '
+                             'checks are not captured); turn one of them off')
         super().__init__(init_cfg=init_cfg)
         self.arch = self._parse_arch(arch)
         if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
@@ -239,6 +249,7 @@ class SegMANEncoder(BaseModule):
             raise ValueError(f'out_indices must be stage indices in 0..3, got {out_indices}')
         self.check_finite = check_finite
         self.op_backends = check_op_backends(op_backends, 'SegMANEncoder')
+        self.training_graph = TrainingGraph('SegMANEncoder') if cuda_graph else None
 
         a = self.arch
         dims = a['embed_dims']
@@ -381,6 +392,11 @@ class SegMANEncoder(BaseModule):
             raise TypeError(f'SegMANEncoder expects a floating-point image, got {x.dtype}')
         if self.check_finite and not torch.isfinite(x).all():
             raise ValueError('SegMANEncoder input contains NaN or Inf')
+        if self.training_graph is not None:
+            return self.training_graph(self, self._features, x)
+        return self._features(x)
+
+    def _features(self, x: Tensor) -> Tuple[Tensor, ...]:
         x = self.patch_embed(x)
         outs = []
         for i, stage in enumerate(self.stages):

@@ -1,0 +1,257 @@
+"""A module's training forward and backward replayed as two CUDA graphs.
+
+Eager training of SegMAN is bound by the host: a SegMAN-L training step launches about five
+thousand kernels, each behind Python and PyTorch's dispatch, and the GPU waits for them
+(``docs/benchmarks.md``). :class:`TrainingGraph` captures a module's forward and its backward
+once (as ``torch.cuda.make_graphed_callables`` does) and from then on replays them: one
+autograd node each way, the same kernels, no host work per kernel. The gradients, the batch
+norms' running statistics and the outputs are those of the eager step.
+
+It graphs a call only where that is exact and safe, and else runs the forward eagerly:
+
+- on CUDA tensors, in training mode with autograd recording, outside ``torch.compile``;
+- for one input signature (shapes, dtypes, autocast): a call with another one stops the
+  graphing for good (logged once), since each signature would hold a graph's own memory;
+- not while the autograd graph of its previous call still waits for its backward (a second
+  forward before the backward would overwrite what that backward needs);
+- not for a module with hooks registered inside it (a graph would not run them), nor for
+  one with synchronised batch norms in a distributed run (collectives in a graph);
+- a capture that fails raises an error that says so (it can leave CUDA's random number
+  generator unusable, so there is no falling back);
+- parameters or buffers moved to new memory (``module.to``) are captured again.
+
+The capture runs the forward and backward three times eagerly first (Triton's
+compilations, cuBLAS's and cuDNN's choices); the running statistics those steps change are
+put back. The graph's memory (the activations its backward keeps) stays
+reserved between steps; the outputs of a replay are overwritten by the next one.
+"""
+import weakref
+from contextlib import nullcontext
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from mmengine.logging import print_log
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+
+WARMUP_STEPS = 3
+
+
+def _signature(inputs: Sequence[Tensor]) -> Tuple:
+    """What a graph is captured for: each input's shape, dtype, device and ``requires_grad``,
+    and the autocast state."""
+    autocast = torch.is_autocast_enabled('cuda')
+    return (tuple((tuple(x.shape), x.dtype, x.device, x.requires_grad) for x in inputs),
+            autocast and torch.get_autocast_dtype('cuda'))
+
+
+def _describe(signature: Tuple) -> str:
+    shapes = ', '.join(f'{tuple(shape)} {str(dtype).replace("torch.", "")}'
+                       for shape, dtype, _, _ in signature[0])
+    return shapes + (f' under {str(signature[1]).replace("torch.", "")} autocast'
+                     if signature[1] else '')
+
+
+def _on_gpu(inputs: Sequence[Tensor]) -> bool:
+    return all(x.is_cuda for x in inputs)
+
+
+def _addresses(module: nn.Module) -> List[int]:
+    return [t.data_ptr() for t in (*module.parameters(), *module.buffers())]
+
+
+def _unsupported(module: nn.Module) -> Optional[str]:
+    """Why ``module`` cannot be graphed, or None."""
+    for name, sub in module.named_modules():
+        if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks \
+                or sub._backward_pre_hooks:
+            return f'module {name or type(module).__name__!r} has hooks, which a graph would not run'
+        if isinstance(sub, nn.SyncBatchNorm) and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
+            return f'module {name!r} is a SyncBatchNorm in a distributed run (collectives)'
+    return None
+
+
+class _GraphedStep:
+    """``forward(*samples)`` of ``module`` and its backward (the gradients of the samples
+    that require one and of the parameters), captured as two CUDA graphs on a stream of their
+    own after :data:`WARMUP_STEPS` eager steps there; a call with inputs like ``samples``
+    replays them, as one autograd node on that stream.
+
+    As ``torch.cuda.make_graphed_callables`` does, with two differences: the node, and so the
+    parameters' gradient accumulation, runs on the capture's stream, where their accumulators
+    were made (no synchronisation between streams, no warning about it); and the gradients it
+    hands out stay referenced until the next replay, so that autograd copies them into
+    ``.grad`` rather than keeping the graph's buffers there (which the next replay would
+    overwrite: wrong sums under gradient accumulation).
+    """
+
+    def __init__(self, module: nn.Module, forward: Callable, samples: Tuple[Tensor, ...]):
+        self.samples = samples
+        self.params = tuple(p for p in module.parameters() if p.requires_grad)
+        surface = samples + self.params
+        differentiable = [t for t in surface if t.requires_grad]
+        self.stream = torch.cuda.Stream()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            for _ in range(WARMUP_STEPS):
+                outputs = [o for o in tree_leaves(forward(*samples)) if o.requires_grad]
+                torch.autograd.grad(outputs, differentiable, [torch.empty_like(o) for o in outputs],
+                                    allow_unused=True)
+            del outputs
+        torch.cuda.synchronize()
+        # the warm-up's memory back to the device: the graphs' pool cannot use it, and the two
+        # together would hold twice the step's activations
+        torch.cuda.empty_cache()
+        self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(self.forward_graph, pool=pool, stream=self.stream):
+            self.outputs, self.spec = tree_flatten(forward(*samples))
+        self.grad_outputs = [torch.empty_like(o) if o.requires_grad else None for o in self.outputs]
+        with torch.cuda.graph(self.backward_graph, pool=pool, stream=self.stream):
+            grads = iter(torch.autograd.grad(
+                [o for o in self.outputs if o.requires_grad], differentiable,
+                [g for g in self.grad_outputs if g is not None], allow_unused=True))
+        self.grads = [next(grads) if t.requires_grad else None for t in surface]
+        self.handed_out: List[Optional[Tensor]] = []
+        self.function = _replay_function(self)
+
+    def __call__(self, *inputs: Tensor):
+        current = torch.cuda.current_stream()
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            outputs = self.function.apply(*inputs, *self.params)
+        current.wait_stream(self.stream)
+        return tree_unflatten(list(outputs), self.spec)
+
+
+def _replay_function(step: _GraphedStep) -> type:
+    """The autograd Function that replays ``step``'s graphs."""
+
+    class Replay(torch.autograd.Function):
+
+        @staticmethod
+        def forward(ctx, *surface: Tensor) -> Tuple[Tensor, ...]:
+            for static, given in zip(step.samples, surface):
+                if static.data_ptr() != given.data_ptr():
+                    static.copy_(given)
+            step.forward_graph.replay()
+            return tuple(o.detach() for o in step.outputs)
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, *output_grads: Tensor) -> Tuple[Optional[Tensor], ...]:
+            for static, given in zip(step.grad_outputs, output_grads):
+                if static is not None and static.data_ptr() != given.data_ptr():
+                    static.copy_(given)
+            step.backward_graph.replay()
+            step.handed_out = [None if g is None else g.detach() for g in step.grads]
+            return tuple(step.handed_out)
+
+    return Replay
+
+
+class _Backward:
+    """Whether the backward of one replay has run; lives as long as that replay's autograd
+    node."""
+    done = False
+
+    def mark(self, *_) -> None:
+        self.done = True
+
+
+class _Captured:
+
+    def __init__(self, signature: Tuple, graphed: Callable, addresses: List[int]):
+        self.signature, self.graphed, self.addresses = signature, graphed, addresses
+
+
+class TrainingGraph:
+    """Runs ``forward(*inputs)`` of a module, in training, as replays of CUDA graphs captured
+    at its first call (see the module doc). ``name`` names the module in the log."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._captured: Optional[_Captured] = None
+        self._off: Optional[str] = None
+        self._last: Optional[weakref.ref] = None  # the _Backward of the last replay
+        self._said = set()
+
+    def __call__(self, module: nn.Module, forward: Callable, *inputs: Tensor):
+        """``forward(*inputs)``: replayed where this call can be graphed, else eager."""
+        if torch.compiler.is_compiling() or self._off is not None or not module.training \
+                or not torch.is_grad_enabled() or not _on_gpu(inputs):
+            return forward(*inputs)
+        signature = _signature(inputs)
+        captured = self._captured
+        if captured is not None and captured.signature != signature:
+            self._stop(f'inputs {_describe(signature)} after {_describe(captured.signature)}; '
+                       'graphs are kept for one input signature')
+            return forward(*inputs)
+        last = self._last and self._last()
+        if last is not None and not last.done:
+            self._say('pending', 'called again before the backward of its previous call: this '
+                      'call runs eagerly (a replay would overwrite what that backward needs)')
+            return forward(*inputs)
+        if captured is None or captured.addresses != _addresses(module):
+            captured = self._captured = self._capture(module, forward, inputs, signature)
+            if captured is None:
+                return forward(*inputs)
+        outputs = captured.graphed(*inputs)
+        node = tree_leaves(outputs)[0].grad_fn
+        if node is not None:
+            backward = _Backward()
+            node.register_hook(backward.mark)
+            self._last = weakref.ref(backward)
+        return outputs
+
+    def _capture(self, module: nn.Module, forward: Callable, inputs: Sequence[Tensor],
+                 signature: Tuple) -> Optional[_Captured]:
+        self._captured = None
+        reason = _unsupported(module)
+        if reason is not None:
+            self._stop(reason)
+            return None
+        saved = [b.clone() for b in module.buffers()]
+        # the inputs as leaves: an input from another graph's replay has its autograd node on
+        # the current stream, which the capture (on a stream of its own) must not reach; as
+        # aliases, a replay copies nothing where the same tensors come again
+        samples = tuple(x.detach().requires_grad_(x.requires_grad) for x in inputs)
+        autocast = torch.autocast('cuda', dtype=torch.get_autocast_dtype('cuda'),
+                                  cache_enabled=False) \
+            if torch.is_autocast_enabled('cuda') else nullcontext()
+        try:
+            with autocast:
+                graphed = _GraphedStep(module, forward, samples)
+        except Exception as error:  # a host sync or an unsupported operation in the step
+            # a failed capture can leave CUDA's random number generator unusable (PyTorch
+            # 2.11): refused, not worked around
+            self._off = 'its capture failed'
+            raise RuntimeError(f'{self.name}: capturing its training step as CUDA graphs failed '
+                               f'({type(error).__name__}: {error}); set cuda_graph=False') \
+                from error
+        finally:
+            with torch.no_grad():  # the warm-up steps' running statistics do not count
+                for buffer, value in zip(module.buffers(), saved):
+                    buffer.copy_(value)
+        self._say('captured', f'training forward and backward captured as CUDA graphs for '
+                  f'inputs {_describe(signature)}')
+        return _Captured(signature, graphed, _addresses(module))
+
+    def _stop(self, reason: str) -> None:
+        self._off, self._captured = reason, None
+        print_log(f'{self.name}: training without CUDA graphs from now on: {reason}',
+                  logger='current', level=30)
+
+    def _say(self, what: str, message: str) -> None:
+        if what not in self._said:
+            self._said.add(what)
+            print_log(f'{self.name}: {message}', logger='current')
+
+    def __getstate__(self):
+        """Copies and pickles start without graphs (they hold the original's memory)."""
+        return dict(name=self.name)
+
+    def __setstate__(self, state) -> None:
+        self.__init__(state['name'])
