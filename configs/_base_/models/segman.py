@@ -17,6 +17,7 @@ model = dict(
         arch='t',
         drop_path_rate=0.0,
         with_cp=False,
+        cuda_graph=True,  # training steps replay CUDA graphs (one input size; docs/training_graphs.md)
         norm_cfg=norm_cfg),
     decode_head=dict(
         type='SegMANHead',
@@ -28,6 +29,7 @@ model = dict(
         num_classes=150,
         norm_cfg=norm_cfg,
         align_corners=False,
+        cuda_graph=True,
         loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
     train_cfg=dict(),
     test_cfg=dict(mode='whole'))
