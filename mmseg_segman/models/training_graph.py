@@ -81,10 +81,12 @@ class _GraphedStep:
 
     As ``torch.cuda.make_graphed_callables`` does, with two differences: the node, and so the
     parameters' gradient accumulation, runs on the capture's stream, where their accumulators
-    were made (no synchronisation between streams, no warning about it); and the gradients it
-    hands out stay referenced until the next replay, so that autograd copies them into
-    ``.grad`` rather than keeping the graph's buffers there (which the next replay would
-    overwrite: wrong sums under gradient accumulation).
+    were made (no synchronisation between streams, no warning about it); and a ``.grad`` that
+    is still the graph's buffer when the next backward replays (gradients summed over several
+    backward passes without zeroing) is copied first, where the next replay would overwrite
+    it. Autograd takes the graph's buffers as ``.grad`` where ``.grad`` is None: copying them
+    at every step, one copy a parameter, filled the GPU's command buffer and held the host up
+    (SegMAN-L: 140 against 162 ms a step, docs/benchmarks.md).
     """
 
     def __init__(self, module: nn.Module, forward: Callable, samples: Tuple[Tensor, ...]):
@@ -114,8 +116,16 @@ class _GraphedStep:
                 [o for o in self.outputs if o.requires_grad], differentiable,
                 [g for g in self.grad_outputs if g is not None], allow_unused=True))
         self.grads = [next(grads) if t.requires_grad else None for t in surface]
-        self.handed_out: List[Optional[Tensor]] = []
+        self.param_grads = [(p, g) for p, g in zip(self.params, self.grads[len(samples):])
+                            if g is not None]
         self.function = _replay_function(self)
+
+    def release_grads(self) -> None:
+        """Copy each ``.grad`` that is still the graph's buffer (see the class doc)."""
+        for param, buffer in self.param_grads:
+            grad = param.grad
+            if grad is not None and grad.data_ptr() == buffer.data_ptr():
+                param.grad = grad.clone()
 
     def __call__(self, *inputs: Tensor):
         current = torch.cuda.current_stream()
@@ -145,9 +155,9 @@ def _replay_function(step: _GraphedStep) -> type:
             for static, given in zip(step.grad_outputs, output_grads):
                 if static is not None and static.data_ptr() != given.data_ptr():
                     static.copy_(given)
+            step.release_grads()
             step.backward_graph.replay()
-            step.handed_out = [None if g is None else g.detach() for g in step.grads]
-            return tuple(step.handed_out)
+            return tuple(None if g is None else g.detach() for g in step.grads)
 
     return Replay
 

@@ -182,7 +182,8 @@ def test_chained_graphs_give_eager_gradients_and_sums_on_the_gpu():
     """Two graphed modules in a chain, as encoder and head (the second one's inputs come from
     the first one's replay), against the same two eager: outputs and gradients bit for bit
     (cuDNN's convolutions, no cuBLAS), also where gradients add up over two backward passes
-    without zeroing (the graphs' buffers must not become ``.grad``)."""
+    without zeroing (a ``.grad`` that is still a graph's buffer is copied before the next
+    replay would overwrite it)."""
     torch.manual_seed(0)
     first = ConvBN().cuda().train()
     second = nn.Sequential(nn.Conv2d(4, 2, 3, padding=1), nn.BatchNorm2d(2)).cuda().train()
