@@ -82,10 +82,11 @@ class _GraphedStep:
     As ``torch.cuda.make_graphed_callables`` does, with two differences: the node, and so the
     parameters' gradient accumulation, runs on the capture's stream, where their accumulators
     were made (no synchronisation between streams, no warning about it); and a ``.grad`` that
-    is still the graph's buffer when the next backward replays (gradients summed over several
-    backward passes without zeroing) is copied first, where the next replay would overwrite
-    it. Autograd takes the graph's buffers as ``.grad`` where ``.grad`` is None: copying them
-    at every step, one copy a parameter, filled the GPU's command buffer and held the host up
+    is still one of the graph's gradient buffers when the forward replays again (gradients
+    summed over several backward passes without zeroing) is copied first: the forward's
+    temporaries share the graph's memory with those buffers, and the backward writes them.
+    Autograd takes the buffers as ``.grad`` where ``.grad`` is None: copying them at every
+    step, one copy a parameter, filled the GPU's command buffer and held the host up
     (SegMAN-L: 140 against 162 ms a step, docs/benchmarks.md).
     """
 
@@ -143,6 +144,7 @@ def _replay_function(step: _GraphedStep) -> type:
 
         @staticmethod
         def forward(ctx, *surface: Tensor) -> Tuple[Tensor, ...]:
+            step.release_grads()
             for static, given in zip(step.samples, surface):
                 if static.data_ptr() != given.data_ptr():
                     static.copy_(given)
@@ -155,7 +157,6 @@ def _replay_function(step: _GraphedStep) -> type:
             for static, given in zip(step.grad_outputs, output_grads):
                 if static is not None and static.data_ptr() != given.data_ptr():
                     static.copy_(given)
-            step.release_grads()
             step.backward_graph.replay()
             return tuple(None if g is None else g.detach() for g in step.grads)
 
