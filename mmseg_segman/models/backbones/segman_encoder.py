@@ -216,7 +216,8 @@ class SegMANEncoder(BaseModule):
         cuda_graph: replay each training step's forward and backward as CUDA graphs captured
             at the first step (:mod:`mmseg_segman.models.training_graph`): the same numbers
             without the host's work per kernel, for inputs of one shape (a second shape
-            turns it off, with a log line). Not with ``with_cp`` or ``check_finite``.
+            turns it off, with a log line). Off, with a log line, under ``with_cp`` or
+            ``check_finite``.
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` (optionally ``prefix``) loads
             ImageNet encoder weights (``state_dict_ema``, else ``state_dict``; classifier
             keys are ignored).
@@ -235,10 +236,6 @@ class SegMANEncoder(BaseModule):
                  op_backends: Optional[Dict[str, str]] = None, cuda_graph: bool = False,
                  init_cfg: Optional[Dict] = None):
         self._check_init_cfg(init_cfg)
-        if cuda_graph and (with_cp or check_finite):
-            raise ValueError('SegMANEncoder: cuda_graph cannot be combined with '
-                             f'{"with_cp" if with_cp else "check_finite"} (recomputation and host '
-                             'checks are not captured); turn one of them off')
         super().__init__(init_cfg=init_cfg)
         self.arch = self._parse_arch(arch)
         if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
@@ -249,7 +246,13 @@ class SegMANEncoder(BaseModule):
             raise ValueError(f'out_indices must be stage indices in 0..3, got {out_indices}')
         self.check_finite = check_finite
         self.op_backends = check_op_backends(op_backends, 'SegMANEncoder')
-        self.training_graph = TrainingGraph('SegMANEncoder') if cuda_graph else None
+        self.training_graph = None
+        if cuda_graph and (with_cp or check_finite):
+            print_log(f'SegMANEncoder: cuda_graph is off: {"with_cp" if with_cp else "check_finite"} '
+                      'is set (the graphs hold neither recomputation nor host checks)',
+                      logger='current')
+        elif cuda_graph:
+            self.training_graph = TrainingGraph('SegMANEncoder')
 
         a = self.arch
         dims = a['embed_dims']
