@@ -133,6 +133,19 @@ def test_hooks_turn_it_off(fake_graphs):
     assert fake_graphs.captures == 0 and "'bn' has hooks" in graph._off
 
 
+def test_sync_batch_norm_in_a_distributed_run_turns_it_off(fake_graphs, monkeypatch):
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)).train()
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
+    graph = TrainingGraph('synced')
+    assert tg._unsupported(module) == "module '1' is a SyncBatchNorm in a distributed run (collectives)"
+    with captured_log() as records:
+        graph(module, lambda x: module[0](x), torch.randn(2, 3, 8, 8)).sum().backward()
+    assert fake_graphs.captures == 0 and 'SyncBatchNorm in a distributed run' in graph._off
+    assert 'training without CUDA graphs from now on' in records[0].getMessage()
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: False)
+    assert tg._unsupported(module) is None
+
+
 def test_a_failed_capture_is_an_error(fake_graphs):
     fake_graphs.fail = True
     module, graph = ConvBN().train(), TrainingGraph('ConvBN')
