@@ -11,7 +11,8 @@ It graphs a call only where that is exact and safe, and else runs the forward ea
 
 - on CUDA tensors, in training mode with autograd recording, outside ``torch.compile``;
 - for one input signature (shapes, dtypes, autocast): a call with another one stops the
-  graphing for good (logged once), since each signature would hold a graph's own memory;
+  graphing for good (logged once), since each signature would hold a graph's own memory; so
+  does a change of a module's training mode inside after the capture;
 - not while the autograd graph of its previous call still waits for its backward (a second
   forward before the backward would overwrite what that backward needs);
 - not for a module with hooks registered inside it (a graph would not run them), nor for
@@ -55,6 +56,11 @@ def _describe(signature: Tuple) -> str:
 
 def _on_gpu(inputs: Sequence[Tensor]) -> bool:
     return all(x.is_cuda for x in inputs)
+
+
+def _modes(module: nn.Module) -> Tuple[bool, ...]:
+    """The training flag of each module inside (batch norms and dropouts act on it)."""
+    return tuple(m.training for m in module.modules())
 
 
 def _addresses(module: nn.Module) -> List[int]:
@@ -174,8 +180,10 @@ class _Backward:
 
 class _Captured:
 
-    def __init__(self, signature: Tuple, graphed: Callable, addresses: List[int]):
-        self.signature, self.graphed, self.addresses = signature, graphed, addresses
+    def __init__(self, signature: Tuple, graphed: Callable, addresses: List[int],
+                 modes: Tuple[bool, ...]):
+        self.signature, self.graphed, self.addresses, self.modes = \
+            signature, graphed, addresses, modes
 
 
 class TrainingGraph:
@@ -199,6 +207,10 @@ class TrainingGraph:
         if captured is not None and captured.signature != signature:
             self._stop(f'inputs {_describe(signature)} after {_describe(captured.signature)}; '
                        'graphs are kept for one input signature')
+            return forward(*inputs)
+        if captured is not None and captured.modes != _modes(module):
+            self._stop('the training mode of a module inside changed after the capture (a graph '
+                       'keeps the modes it was captured in)')
             return forward(*inputs)
         last = self._last and self._last()
         if last is not None and not last.done:
@@ -248,7 +260,7 @@ class TrainingGraph:
                     buffer.copy_(value)
         self._say('captured', f'training forward and backward captured as CUDA graphs for '
                   f'inputs {_describe(signature)}')
-        return _Captured(signature, graphed, _addresses(module))
+        return _Captured(signature, graphed, _addresses(module), _modes(module))
 
     def _stop(self, reason: str) -> None:
         self._off, self._captured = reason, None

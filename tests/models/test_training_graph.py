@@ -90,6 +90,15 @@ def test_a_second_input_shape_stops_graphing(fake_graphs):
     assert sum('training without CUDA graphs from now on' in r.getMessage() for r in records) == 1
 
 
+def test_a_module_mode_changed_after_the_capture_stops_graphing(fake_graphs):
+    module, graph, x = ConvBN().train(), TrainingGraph('ConvBN'), torch.randn(2, 3, 8, 8)
+    step(graph, module, x)
+    module.bn.eval()  # as a frozen batch norm: the graph would still update its statistics
+    step(graph, module, x)
+    assert fake_graphs.captures == 1 and 'training mode of a module inside changed' in graph._off
+    assert graph._captured is None
+
+
 def test_a_call_before_the_previous_backward_runs_eagerly(fake_graphs, monkeypatch):
     module, graph, x = ConvBN().train(), TrainingGraph('ConvBN'), torch.randn(2, 3, 8, 8)
     replays = []
