@@ -218,6 +218,7 @@ class TrainingGraph:
                       'call runs eagerly (a replay would overwrite what that backward needs)')
             return forward(*inputs)
         if captured is None or captured.addresses != _addresses(module):
+            captured = self._captured = None  # the old graphs' memory freed before capturing
             captured = self._captured = self._capture(module, forward, inputs, signature)
             if captured is None:
                 return forward(*inputs)
@@ -231,7 +232,6 @@ class TrainingGraph:
 
     def _capture(self, module: nn.Module, forward: Callable, inputs: Sequence[Tensor],
                  signature: Tuple) -> Optional[_Captured]:
-        self._captured = None
         reason = _unsupported(module)
         if reason is not None:
             self._stop(reason)

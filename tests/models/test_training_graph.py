@@ -4,6 +4,7 @@ replay computes), and the inputs count as on the GPU. The graphs themselves are 
 the GPU by ``tools/gpu_checks/check_training_graph.py``."""
 import copy
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -17,15 +18,27 @@ from mmseg_segman.models.training_graph import TrainingGraph
 from ..conftest import captured_log
 
 
+class Replays:
+    """What a stand-in capture returns: calls the forward."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+    def __call__(self, *inputs):
+        return self.forward(*inputs)
+
+
 class FakeGraphs:
     """Stands in for ``_GraphedStep``: counts captures, runs the warm-up forwards and
-    backwards, and then the forward itself."""
+    backwards, and then the forward itself; ``alive`` is how many earlier captures were still
+    held when the last one began (their memory not yet freed)."""
 
     def __init__(self, fail: bool = False):
-        self.captures, self.fail = 0, fail
+        self.captures, self.fail, self.earlier, self.alive = 0, fail, [], 0
 
     def __call__(self, module, forward, samples):
         self.captures += 1
+        self.alive = sum(ref() is not None for ref in self.earlier)
         assert all(x.grad_fn is None for x in samples), 'inputs of another graph captured'
         for _ in range(tg.WARMUP_STEPS):
             outputs = torch.utils._pytree.tree_leaves(forward(*samples))
@@ -33,7 +46,9 @@ class FakeGraphs:
                                 [torch.ones_like(o) for o in outputs], allow_unused=True)
         if self.fail:
             raise RuntimeError('operation not permitted when stream is capturing')
-        return forward
+        replays = Replays(forward)
+        self.earlier.append(weakref.ref(replays))
+        return replays
 
 
 @pytest.fixture
@@ -123,6 +138,7 @@ def test_parameters_moved_to_new_memory_are_captured_again(fake_graphs):
     module.conv.weight.data = module.conv.weight.data.clone()  # as module.to() does
     step(graph, module, x)
     assert fake_graphs.captures == 2
+    assert fake_graphs.alive == 0  # the first capture's graphs were let go before the second
 
 
 def test_not_graphed_in_eval_mode_without_grad_or_off_the_gpu(fake_graphs, monkeypatch):
