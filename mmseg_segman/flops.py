@@ -112,10 +112,14 @@ def _as_node(op: str, signature: inspect.Signature) -> Callable:
 
 
 def segman_ops_as_nodes():
-    """A scope in which each dispatched SegMAN op is a single ``SegMAN<Op>`` trace node,
-    whichever backend would run it otherwise."""
-    return use_backends({op: _as_node(op, inspect.signature(registered_ops()[op].backends['torch'].fn))
-                         for op in OP_FLOPS})
+    """A scope in which each dispatched SegMAN op of :data:`OP_FLOPS` is a single
+    ``SegMAN<Op>`` trace node, whichever backend would run it otherwise, and every other
+    op runs its ``torch`` reference, whose convolutions and products the trace counts (a
+    Triton kernel's launch is invisible to it: on CUDA the fast backends' FLOPs were lost)."""
+    ops = registered_ops()
+    return use_backends({**{op: 'torch' for op in ops},
+                         **{op: _as_node(op, inspect.signature(ops[op].backends['torch'].fn))
+                            for op in OP_FLOPS}})
 
 
 class SegMANFlopAnalyzer(FlopAnalyzer):

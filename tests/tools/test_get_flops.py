@@ -10,9 +10,9 @@ from mmengine.analysis import FlopAnalyzer
 from torch import nn
 
 from mmseg_segman.flops import node_name, segman_flop_analyzer
-from mmseg_segman.models.layers import SS2D
+from mmseg_segman.models.layers import SS2D, PointwiseConv2d
 from mmseg_segman.ops import biased_attention, neighborhood_attention_2d, use_backends
-from mmseg_segman.ops.dispatch import registered_ops
+from mmseg_segman.ops.dispatch import Backend, registered_ops, runs_anywhere
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / 'tools' / 'analysis_tools' / 'get_flops.py'
@@ -85,6 +85,18 @@ def test_counting_beats_other_backend_choices():
     with use_backends('torch'):
         total, by_op = count(NeighborhoodAttention(heads, 3, True), torch.randn(b, heads, h, w, d))
     assert set(by_op) == {node_name('neighborhood_attention')[len('prim::'):]}
+
+
+def test_ops_without_a_rule_are_counted_on_their_reference(monkeypatch):
+    """On CUDA a fast backend launches a kernel the jit trace cannot see; while counting,
+    the ops without a rule of their own run their reference (as on the CPU)."""
+    dispatcher = registered_ops()['pointwise_conv2d']
+    invisible = Backend(lambda x, weight, *args: x.new_zeros(x.size(0), weight.size(0), *x.shape[2:]),
+                        runs_anywhere)  # what the trace records of a Triton launch: an empty
+    monkeypatch.setattr(dispatcher, 'backends', {'invisible': invisible, **dispatcher.backends})
+    b, c, o, h, w = 2, 8, 16, 5, 6
+    total, _ = count(PointwiseConv2d(c, o), torch.randn(b, c, h, w))
+    assert total == b * o * c * h * w
 
 
 def run_tool(*args):
