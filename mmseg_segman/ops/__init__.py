@@ -2,6 +2,7 @@
 (see :mod:`.dispatch` for how backends are chosen)."""
 from .attention import biased_attention
 from .cross_scan import both_orders, cross_merge, cross_scan, direction_order, flip_reversed
+from .dense_conv import dense_conv2d
 from .depthwise_conv import depthwise_conv2d
 from .dispatch import use_backends
 from .layer_norm import layer_norm_2d
@@ -13,7 +14,7 @@ from .selective_scan import cross_selective_scan, selective_scan
 
 __all__ = [
     'biased_attention', 'both_orders', 'cross_merge', 'cross_scan', 'cross_selective_scan',
-    'depthwise_conv2d', 'direction_order', 'flip_reversed', 'layer_norm_2d',
+    'dense_conv2d', 'depthwise_conv2d', 'direction_order', 'flip_reversed', 'layer_norm_2d',
     'neighborhood_attention_2d', 'pointwise_conv2d', 'resize_bilinear', 'rotary_embedding_2d',
     'selective_scan', 'use_backends'
 ]

@@ -28,6 +28,15 @@ class RunningBatchNorm(NamedTuple):
     def of(cls, norm: nn.modules.batchnorm._BatchNorm) -> 'RunningBatchNorm':
         return cls(norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps)
 
+    @classmethod
+    def in_eval(cls, module: nn.Module) -> Optional['RunningBatchNorm']:
+        """``module`` as a :class:`RunningBatchNorm` where it is an affine batch norm in eval
+        mode with running statistics (what a convolution's op can apply), else None."""
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training \
+                and module.track_running_stats and module.affine:
+            return cls.of(module)
+        return None
+
     def __call__(self, x: Tensor) -> Tensor:
         return F.batch_norm(x, self.mean, self.var, self.weight, self.bias, False, 0.0, self.eps)
 

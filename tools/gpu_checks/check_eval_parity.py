@@ -6,7 +6,9 @@ reference path (``torch`` backends), float32 and bfloat16 autocast.
 Random weights with non-trivial batch-norm running statistics and affine parameters (the
 eval-mode norm runs inside the depthwise op on the fast path). Prints the relative error
 ``||fast - ref|| / ||ref||`` of each stage's output per dtype; exits 1 if one is above the
-tolerance (1e-3 float32, 5e-2 bfloat16) or not finite.
+tolerance (1e-3 float32, 5e-2 bfloat16) or not finite. Float32 runs twice: as PyTorch's
+switches stand (cuDNN's convolutions in TF32 by default, and so the fast path's, which
+follows ``torch.backends.cudnn.allow_tf32``), then with TF32 off for both paths.
 """
 import argparse
 import sys
@@ -36,16 +38,20 @@ def main() -> int:
             nn.init.normal_(module.bias, 0, 0.2)
     x = torch.randn(args.batch, 3, *args.size, device='cuda')
     failed = False
-    for dtype in (torch.float32, torch.bfloat16):
+    allow_tf32 = torch.backends.cudnn.allow_tf32
+    for dtype, tf32 in ((torch.float32, allow_tf32), (torch.float32, False), (torch.bfloat16, allow_tf32)):
+        torch.backends.cudnn.allow_tf32 = tf32
         with torch.no_grad(), torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
             fast = encoder(x)
             with use_backends('torch'):
                 reference = encoder(x)
+        torch.backends.cudnn.allow_tf32 = allow_tf32
         errors = [((a.float() - b.float()).norm() / b.float().norm()).item()
                   for a, b in zip(fast, reference)]
         ok = all(e < TOLERANCE[dtype] for e in errors)  # False for NaN too
         failed |= not ok
-        print(f"{'PASS' if ok else 'FAIL'} SegMAN-{args.arch.upper()} eval {str(dtype)[6:]}, "
+        print(f"{'PASS' if ok else 'FAIL'} SegMAN-{args.arch.upper()} eval {str(dtype)[6:]}"
+              f"{'' if tf32 or dtype != torch.float32 else ' without TF32'}, "
               f"fast vs reference, relative error per stage: {' '.join(f'{e:.1e}' for e in errors)}",
               flush=True)
     return int(failed)

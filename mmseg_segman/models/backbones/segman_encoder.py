@@ -19,7 +19,8 @@ from ...ops.dispatch import (autocast_off, check_op_backends, recompute_in_curre
                              with_op_backends)
 from ...ops.pointwise_conv import Residual
 from ...ops.resize import bicubic_matrix
-from ..layers import SS2D, DepthwiseConv2d, LayerNorm2d, PointwiseConv2d, RoPE2d, SegMANBlock
+from ..layers import (SS2D, ConvNormSequence, DenseConv2d, DepthwiseConv2d, LayerNorm2d,
+                      PointwiseConv2d, RoPE2d, SegMANBlock)
 from ..strict_loading import WeightsMismatchError, refuse_mismatched_weights
 from ..training_graph import TrainingGraph
 from ..variants import ENCODER_ARCHS
@@ -109,10 +110,9 @@ class LASS(nn.Module):
         """``silu(dwconv(y))``: a batch norm in eval mode runs in the convolution's op (one
         pass on the fast path, where the norm and the activation took two more)."""
         conv, norm = self.dwconv
-        if isinstance(norm, _BatchNorm) and not norm.training and norm.track_running_stats \
-                and norm.affine:
-            return depthwise_conv2d(y, conv.weight, conv.bias, norm=RunningBatchNorm.of(norm),
-                                    activation='silu')
+        running = RunningBatchNorm.in_eval(norm)
+        if running is not None:
+            return depthwise_conv2d(y, conv.weight, conv.bias, norm=running, activation='silu')
         return F.silu(self.dwconv(y))
 
     def forward(self, x: Tensor, sin: Tensor, cos: Tensor,
@@ -174,11 +174,11 @@ class SegMANStage(nn.Module):
 
 def conv_norm(in_channels: int, out_channels: int, stride: int, norm_cfg: Dict) -> List[nn.Module]:
     """A 3x3 conv without bias and its norm (keys ``i``, ``i + 1`` in a Sequential)."""
-    return [nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+    return [DenseConv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
             build_norm_layer(norm_cfg, out_channels)[1]]
 
 
-def stem(in_channels: int, embed_dim: int, norm_cfg: Dict, act_cfg: Dict) -> nn.Sequential:
+def stem(in_channels: int, embed_dim: int, norm_cfg: Dict, act_cfg: Dict) -> ConvNormSequence:
     """Four 3x3 conv-norm layers (activation between), stride 4 in all; keys ``0..10``."""
     half = embed_dim // 2
     widths = [(in_channels, half, 2), (half, half, 1), (half, embed_dim, 2), (embed_dim, embed_dim, 1)]
@@ -187,7 +187,7 @@ def stem(in_channels: int, embed_dim: int, norm_cfg: Dict, act_cfg: Dict) -> nn.
         if i:
             layers.append(build_activation_layer(act_cfg))
         layers += conv_norm(cin, cout, stride, norm_cfg)
-    return nn.Sequential(*layers)
+    return ConvNormSequence(*layers)
 
 
 @MODELS.register_module()
@@ -271,7 +271,7 @@ class SegMANEncoder(BaseModule):
                 global_bias_size=a['global_bias_size'], with_cp=with_cp, norm_cfg=norm_cfg,
                 act_cfg=act_cfg)
             if i < NUM_STAGES - 1:
-                layers[layer_index(i, downsample=True)] = nn.Sequential(
+                layers[layer_index(i, downsample=True)] = ConvNormSequence(
                     *conv_norm(dims[i], dims[i + 1], 2, norm_cfg))
         self.layers = nn.ModuleList([layers[j] for j in sorted(layers)])
         self.apply(self._init_module)

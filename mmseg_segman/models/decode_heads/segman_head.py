@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ...ops import resize_bilinear
 from ...ops.dispatch import check_op_backends, with_op_backends
-from ..layers import SS2D, PointwiseConv2d, SegMANBlock
+from ..layers import SS2D, DenseConv2d, PointwiseConv2d, SegMANBlock
 from ..strict_loading import refuse_mismatched_weights
 from ..training_graph import TrainingGraph
 from ..variants import arch_of, describe_widths, head_widths
@@ -78,21 +78,22 @@ class SegMANHead(BaseDecodeHead):
         c, p = self.channels, feat_proj_dim
         self.feat_proj_dim = p
 
-        def conv(in_ch, out_ch, kernel_size=1, op=True, **kw):
-            # 1x1 convolutions run the op pointwise_conv2d where op: cuDNN builds an
-            # execution plan for each new input shape (about 3 ms a convolution, H100)
-            conv_cfg = dict(type=PointwiseConv2d) if op and kernel_size == 1 and self.conv_cfg is None \
-                else self.conv_cfg
+        def conv(in_ch, out_ch, kernel_size=1, pointwise_op=True, **kw):
+            # convolutions run an op where the config names no conv_cfg (cuDNN builds an
+            # execution plan for each new input shape, about 3 ms a convolution, H100): the
+            # 1x1 ones pointwise_conv2d where pointwise_op, the others dense_conv2d
+            layer = PointwiseConv2d if pointwise_op and kernel_size == 1 else DenseConv2d
+            conv_cfg = dict(type=layer) if self.conv_cfg is None else self.conv_cfg
             return ConvModule(in_ch, out_ch, kernel_size, conv_cfg=conv_cfg,
                               norm_cfg=self.norm_cfg, act_cfg=self.act_cfg, **kw)
 
         self.linear_c4 = LinearProjection(self.in_channels[3], p)
         self.linear_c3 = LinearProjection(self.in_channels[2], p)
         self.linear_c2 = LinearProjection(self.in_channels[1], p)
-        # cuDNN's convolution keeps the channels-last layout of the projections: whether
-        # MMSCopE's padded cut of an NCHW map is contiguous depends on the size, and compiled
-        # with dynamic sizes, checking it compiled the graph again for other sizes
-        self.linear_fuse = conv(3 * p, c, op=False)
+        # dense_conv2d keeps the channels-last layout of the projections, as cuDNN does:
+        # whether MMSCopE's padded cut of an NCHW map is contiguous depends on the size, and
+        # compiled with dynamic sizes, checking it compiled the graph again for other sizes
+        self.linear_fuse = conv(3 * p, c, pointwise_op=False)
         self.short_path = conv(c, c)
         self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv(c, c))
         # MMSCopE

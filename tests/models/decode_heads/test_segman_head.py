@@ -5,7 +5,7 @@ from mmseg.structures import SegDataSample
 from torch import nn
 
 from mmseg_segman.models import SegMANEncoder, SegMANHead
-from mmseg_segman.models.layers import PointwiseConv2d
+from mmseg_segman.models.layers import DenseConv2d, PointwiseConv2d
 from mmseg_segman.models.variants import head_widths
 
 TINY = dict(embed_dims=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4],
@@ -118,15 +118,18 @@ def test_head_of_another_encoder_is_refused_before_computing_anything():
         head(features(1, 64, 64))
 
 
-def test_one_by_one_convolutions_run_the_op_but_the_fusion():
-    # no cuDNN execution plan per new input shape; the fusion keeps cuDNN's (its channels-last
-    # output keeps MMSCopE's padded cut contiguous or not whatever the size, see the head)
+def test_every_convolution_runs_an_op():
+    # no cuDNN execution plan per new input shape: the 1x1 convolutions run pointwise_conv2d
+    # but the fusion, whose channels-last input and output (MMSCopE's padded cut contiguous or
+    # not whatever the size, see the head) dense_conv2d keeps, as the strided ones run it
     head = tiny_head()
     ops = {name for name, module in head.named_modules() if isinstance(module, PointwiseConv2d)}
     assert {'short_path.conv', 'image_pool.1.conv', 'proj_out.conv', 'cat.conv', 'conv_seg'} \
         | {f'reduce_channels.{i}.conv' for i in range(3)} <= ops
-    assert type(head.linear_fuse.conv) is nn.Conv2d
-    assert type(head.conv_downsample_2.conv) is nn.Conv2d  # 3x3
+    dense = {name for name, module in head.named_modules() if isinstance(module, DenseConv2d)}
+    assert dense == {'linear_fuse.conv', 'conv_downsample_2.conv', 'conv_downsample_4.conv'}
+    assert not [name for name, module in head.named_modules()
+                if type(module) is nn.Conv2d]  # cuDNN's plans at each new shape
     # the keys the released checkpoints hold
     assert {'conv_seg.weight', 'conv_seg.bias', 'cat.conv.weight'} <= set(head.state_dict())
     assert 'cat.conv.bias' not in head.state_dict()  # ConvModule's conv before a norm has none

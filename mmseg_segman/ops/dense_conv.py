@@ -1,0 +1,104 @@
+"""Convolution of all input channels of a ``(B, C, H, W)`` map (one group, any kernel,
+stride and zero padding), optionally followed by a batch norm in eval mode and a GELU: the
+encoder's stem and downsampling convolutions and the decoder's fusion and strided ones.
+
+Backends: ``triton`` (:mod:`.triton_dense_conv`: one implicit matrix product, the norm and
+the GELU applied before the result is stored, no plan per input shape where cuDNN builds one
+for every new shape, about 3 ms a convolution on an H100; CUDA, inference only: where
+autograd records the call it declines) and ``torch`` (``F.conv2d``, then the norm and
+``F.gelu``).
+"""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .depthwise_conv import RunningBatchNorm
+from .dispatch import (Backend, OpDispatcher, autocast_dtype, cast, runs_anywhere,
+                       triton_float_unavailable)
+from .triton_jit import records_autograd
+
+ACTIVATIONS = (None, 'gelu')
+Pair = Union[int, Sequence[int]]
+
+
+def _dense_conv2d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
+                        padding: Tuple[int, int], norm: Optional[RunningBatchNorm],
+                        activation: Optional[str]) -> Tensor:
+    out = F.conv2d(x, weight, bias, stride, padding)
+    if norm is not None:
+        out = norm(out)
+    return F.gelu(out) if activation == 'gelu' else out
+
+
+def _triton_unavailable(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
+                        norm: Optional[RunningBatchNorm], activation: Optional[str]) -> Optional[str]:
+    reason = triton_float_unavailable(x)
+    if reason is None and x.numel() == 0:
+        reason = 'an empty map'
+    if reason is None and records_autograd(x, weight, bias, *(norm or ())[:4]):
+        reason = ('autograd records this call and the Triton kernel has no backward (training '
+                  'runs cuDNN, whose plans one crop size makes once)')
+    return reason
+
+
+def _dense_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                         stride: Tuple[int, int], padding: Tuple[int, int],
+                         norm: Optional[RunningBatchNorm], activation: Optional[str]) -> Tensor:
+    from .triton_dense_conv import dense_conv2d_triton, is_channels_last
+
+    dtype = autocast_dtype(x)  # F.conv2d's compute and output dtype: autocast's, else x's
+    x = cast(x, dtype)
+    if not (x.is_contiguous() or is_channels_last(x)):
+        x = x.contiguous()
+    return dense_conv2d_triton(x, weight, bias, stride, padding, norm, activation == 'gelu')
+
+
+_dense_conv2d = OpDispatcher('dense_conv2d', {
+    'triton': Backend(_dense_conv2d_triton, _triton_unavailable),
+    'torch': Backend(_dense_conv2d_torch, runs_anywhere),
+})
+
+
+def _pair(value: Pair, name: str, least: int) -> Tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or any(not isinstance(v, int) or isinstance(v, bool) or v < least
+                             for v in pair):
+        raise ValueError(f'{name} must be an int >= {least} or two of them, got {value!r}')
+    return pair
+
+
+def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Pair = 1,
+                 padding: Pair = 0, norm: Optional[RunningBatchNorm] = None,
+                 activation: Optional[str] = None) -> Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)``, then ``norm`` and ``activation``.
+
+    Args:
+        x: ``(B, C, H, W)``, NCHW or channels-last (the output keeps the layout).
+        weight: ``(O, C, kh, kw)``.
+        bias: ``(O,)`` or None.
+        stride, padding: an int or ``(h, w)``; zero padding.
+        norm: a batch norm in eval mode (:meth:`RunningBatchNorm.of`) applied to the result.
+        activation: None or ``'gelu'`` (``F.gelu``, exact), applied last.
+
+    Returns:
+        ``(B, O, (H + 2 ph - kh) // sh + 1, (W + 2 pw - kw) // sw + 1)``.
+    """
+    if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f'x must be (B, C, H, W) and weight (O, C, kh, kw), got '
+                         f'{tuple(x.shape)} and {tuple(weight.shape)}')
+    stride, padding = _pair(stride, 'stride', 1), _pair(padding, 'padding', 0)
+    out_size = [(n + 2 * p - k) // s + 1
+                for n, k, s, p in zip(x.shape[2:], weight.shape[2:], stride, padding)]
+    if min(out_size) < 1:
+        raise ValueError(f'a {tuple(weight.shape[2:])} kernel with padding {padding} does not fit '
+                         f'a {tuple(x.shape[2:])} map')
+    out_channels = weight.shape[0]
+    if bias is not None and bias.shape != (out_channels, ):
+        raise ValueError(f'bias must be ({out_channels},), got {tuple(bias.shape)}')
+    if norm is not None and any(t.shape != (out_channels, ) for t in norm[:4]):
+        raise ValueError(f'the norm\'s statistics and parameters must be ({out_channels},), got '
+                         f'{[tuple(t.shape) for t in norm[:4]]}')
+    if activation not in ACTIVATIONS:
+        raise ValueError(f'activation must be one of {ACTIVATIONS}, got {activation!r}')
+    return _dense_conv2d(x, weight, bias, stride, padding, norm, activation)
