@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch.nn.functional as F
 from torch import Tensor
 
-from .depthwise_conv import RunningBatchNorm
+from .depthwise_conv import RunningBatchNorm, check_bias_norm_activation
 from .dispatch import (Backend, OpDispatcher, autocast_dtype, cast, runs_anywhere,
                        triton_float_unavailable)
 from .triton_jit import records_autograd
@@ -93,12 +93,5 @@ def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
     if min(out_size) < 1:
         raise ValueError(f'a {tuple(weight.shape[2:])} kernel with padding {padding} does not fit '
                          f'a {tuple(x.shape[2:])} map')
-    out_channels = weight.shape[0]
-    if bias is not None and bias.shape != (out_channels, ):
-        raise ValueError(f'bias must be ({out_channels},), got {tuple(bias.shape)}')
-    if norm is not None and any(t.shape != (out_channels, ) for t in norm[:4]):
-        raise ValueError(f'the norm\'s statistics and parameters must be ({out_channels},), got '
-                         f'{[tuple(t.shape) for t in norm[:4]]}')
-    if activation not in ACTIVATIONS:
-        raise ValueError(f'activation must be one of {ACTIVATIONS}, got {activation!r}')
+    check_bias_norm_activation(weight.shape[0], bias, norm, activation, ACTIVATIONS)
     return _dense_conv2d(x, weight, bias, stride, padding, norm, activation)

@@ -4,7 +4,7 @@
 Backends: ``triton`` (:mod:`.triton_depthwise_conv`: one kernel in the map's layout, no
 per-shape plan, on CUDA, eager or compiled) and ``torch`` (``F.conv2d``).
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -99,11 +99,19 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     if x.dim() != 4 or weight.shape != (channels, 1, k, k) or k % 2 == 0:
         raise ValueError(f'x must be (B, C, H, W) and weight (C, 1, k, k) with k odd, got '
                          f'{tuple(x.shape)} and {tuple(weight.shape)}')
-    if bias is not None and bias.shape != (channels,):
+    check_bias_norm_activation(channels, bias, norm, activation, ACTIVATIONS)
+    return _depthwise_conv2d(x, weight, bias, residual, norm, activation)
+
+
+def check_bias_norm_activation(channels: int, bias: Optional[Tensor],
+                               norm: Optional[RunningBatchNorm], activation: Optional[str],
+                               activations: Tuple[Optional[str], ...]) -> None:
+    """Refuse a bias or a norm that is not ``(channels,)``, or an activation not in
+    ``activations``, with an error that names it (a convolution op's epilogue)."""
+    if bias is not None and bias.shape != (channels, ):
         raise ValueError(f'bias must be ({channels},), got {tuple(bias.shape)}')
-    if norm is not None and any(t.shape != (channels,) for t in norm[:4]):
+    if norm is not None and any(t.shape != (channels, ) for t in norm[:4]):
         raise ValueError(f'the norm\'s statistics and parameters must be ({channels},), got '
                          f'{[tuple(t.shape) for t in norm[:4]]}')
-    if activation not in ACTIVATIONS:
-        raise ValueError(f'activation must be one of {ACTIVATIONS}, got {activation!r}')
-    return _depthwise_conv2d(x, weight, bias, residual, norm, activation)
+    if activation not in activations:
+        raise ValueError(f'activation must be one of {activations}, got {activation!r}')
