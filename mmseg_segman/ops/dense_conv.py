@@ -10,6 +10,7 @@ autograd records the call it declines) and ``torch`` (``F.conv2d``, then the nor
 """
 from typing import Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -45,11 +46,11 @@ def _triton_unavailable(x: Tensor, weight: Tensor, bias: Optional[Tensor], strid
 def _dense_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                          stride: Tuple[int, int], padding: Tuple[int, int],
                          norm: Optional[RunningBatchNorm], activation: Optional[str]) -> Tensor:
-    from .triton_dense_conv import dense_conv2d_triton, is_channels_last
+    from .triton_dense_conv import dense_conv2d_triton
 
     dtype = autocast_dtype(x)  # F.conv2d's compute and output dtype: autocast's, else x's
     x = cast(x, dtype)
-    if not (x.is_contiguous() or is_channels_last(x)):
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
     return dense_conv2d_triton(x, weight, bias, stride, padding, norm, activation == 'gelu')
 
@@ -58,6 +59,12 @@ _dense_conv2d = OpDispatcher('dense_conv2d', {
     'triton': Backend(_dense_conv2d_triton, _triton_unavailable),
     'torch': Backend(_dense_conv2d_torch, runs_anywhere),
 })
+
+
+def output_size(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+                padding: Sequence[int]) -> Tuple[int, ...]:
+    """``(out_height, out_width)`` of a convolution of a ``size`` map, as ``F.conv2d``'s."""
+    return tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(size, kernel, stride, padding))
 
 
 def _pair(value: Pair, name: str, least: int) -> Tuple[int, int]:
@@ -88,9 +95,7 @@ def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
         raise ValueError(f'x must be (B, C, H, W) and weight (O, C, kh, kw), got '
                          f'{tuple(x.shape)} and {tuple(weight.shape)}')
     stride, padding = _pair(stride, 'stride', 1), _pair(padding, 'padding', 0)
-    out_size = [(n + 2 * p - k) // s + 1
-                for n, k, s, p in zip(x.shape[2:], weight.shape[2:], stride, padding)]
-    if min(out_size) < 1:
+    if min(output_size(x.shape[2:], weight.shape[2:], stride, padding)) < 1:
         raise ValueError(f'a {tuple(weight.shape[2:])} kernel with padding {padding} does not fit '
                          f'a {tuple(x.shape[2:])} map')
     check_bias_norm_activation(weight.shape[0], bias, norm, activation, ACTIVATIONS)

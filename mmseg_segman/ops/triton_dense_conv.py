@@ -32,6 +32,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from .dense_conv import output_size
 from .depthwise_conv import RunningBatchNorm
 from .triton_jit import (aligned, alignment, cdiv, jit_with_runtime_ints, launch,
                          next_power_of_2, records_autograd)
@@ -136,20 +137,15 @@ def conv_dot_precision(dtype: torch.dtype) -> str:
     return 'tf32' if dtype != torch.float32 or torch.backends.cudnn.allow_tf32 else 'tf32x3'
 
 
-def output_size(size: Tuple[int, int], kernel: Tuple[int, int], stride: Tuple[int, int],
-                padding: Tuple[int, int]) -> Tuple[int, int]:
-    """``(out_height, out_width)`` of a convolution of an ``size`` map, as ``F.conv2d``'s."""
-    return tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(size, kernel, stride, padding))
-
-
 def is_channels_last(x: Tensor) -> bool:
     """Whether ``x (B, C, H, W)`` is read channels-last: contiguous in that format and not as
     NCHW (a map that is both, such as one of a single pixel, counts as NCHW)."""
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _output(x: Tensor, out_channels: int, size: Tuple[int, int], dtype: torch.dtype) -> Tensor:
-    format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+def _output(x: Tensor, out_channels: int, size: Tuple[int, int], dtype: torch.dtype,
+            channels_last: bool) -> Tensor:
+    format = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty(x.size(0), out_channels, *size, dtype=dtype, device=x.device,
                        memory_format=format)
 
@@ -166,7 +162,8 @@ def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[in
     batch, channels, height, width = x.shape
     out_channels, _, kernel_h, kernel_w = weight.shape
     size = output_size((height, width), (kernel_h, kernel_w), stride, padding)
-    out = _output(x, out_channels, size, out_dtype)
+    channels_last = is_channels_last(x)
+    out = _output(x, out_channels, size, out_dtype, channels_last)
     pixels = size[0] * size[1]
     config = config or launch_config(channels, out_channels, x.element_size())
     grid = (cdiv(pixels, config.block_p), cdiv(out_channels, config.block_o), batch)
@@ -176,7 +173,7 @@ def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[in
            x if bias is None else bias, *norm, out, float(eps), height, width, size[0], size[1],
            CHANNELS=channels, OUT_CHANNELS=out_channels, KERNEL_H=kernel_h, KERNEL_W=kernel_w,
            STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
-           OUT_CHANNELS_LAST=is_channels_last(x), HAS_BIAS=bias is not None,
+           OUT_CHANNELS_LAST=channels_last, HAS_BIAS=bias is not None,
            HAS_NORM=mean is not None, GELU=gelu, DOT_PRECISION=conv_dot_precision(x.dtype),
            BLOCK_P=config.block_p, BLOCK_O=config.block_o, BLOCK_K=config.block_k,
            ALIGN=alignment(pixels), num_warps=config.num_warps, num_stages=config.num_stages)
@@ -196,7 +193,7 @@ def _dense_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: 
 def _dense_conv2d_fake(x, weight, bias, stride, padding, mean, var, gamma, beta, eps, gelu,
                        out_dtype):
     size = output_size(x.shape[2:], weight.shape[2:], stride, padding)
-    return _output(x, weight.shape[0], size, out_dtype)
+    return _output(x, weight.shape[0], size, out_dtype, is_channels_last(x))
 
 
 _NO_NORM = (None, None, None, None, 0.0)  # the norm arguments of a convolution without one
