@@ -11,23 +11,36 @@ out (docs/benchmarks.md). Here one process a (model, mode, dtype) runs the model
 of 512 x (512, 640, 768, 896) (the depthwise kernel's tiles follow the width), or one eager
 training step at batch 8 of 512x512 (the CUDA graphs replay the same kernels). ``--jobs``
 processes run at once; what one compiles the others and every later process find in the cache
-(``TRITON_CACHE_DIR``). Each job's seconds and exit code are printed; a job still running after
-``--seconds`` is stopped.
+(``TRITON_CACHE_DIR``). Each job's seconds and exit code are printed; a job still running
+``--seconds`` after this process started (its imports included) is stopped, and a job dies with
+this process (killed by a ``timeout``, say) rather than compiling on beside what runs next.
 """
-import argparse
-import subprocess
-import sys
-import tempfile
 import time
-from itertools import product
-from pathlib import Path
 
-import torch
+STARTED = time.monotonic()  # before the imports, which take seconds
+
+import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from itertools import product  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark import DTYPES, MODELS, build_model, data_samples, training_optimizer, training_phases  # noqa: E402,E501
 
 INFERENCE_SIZES = [(16, 512, 512)] + [(1, 512, width) for width in (512, 640, 768, 896)]
+
+
+def die_with_parent() -> None:
+    """Have Linux kill this process when its parent exits (``PR_SET_PDEATHSIG``); elsewhere
+    nothing."""
+    if sys.platform.startswith('linux'):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
 def run_job(name: str, mode: str, dtype: torch.dtype) -> None:
@@ -60,31 +73,34 @@ def main() -> None:
     parser.add_argument('--job', help=argparse.SUPPRESS)  # MODEL:MODE:DTYPE, run in this process
     args = parser.parse_args()
     if args.job:
+        die_with_parent()
         name, mode, dtype = args.job.split(':')
         run_job(name, mode, DTYPES[dtype])
         return
-    deadline = time.perf_counter() + args.seconds
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f'stopped by SIGTERM after '
+                                                      f'{time.monotonic() - STARTED:.0f} s'))
+    deadline = STARTED + args.seconds
     waiting = [':'.join(job) for job in product(args.models, args.modes, args.dtypes)]
     running = {}
     while waiting or running:
-        while waiting and len(running) < args.jobs and time.perf_counter() < deadline:
+        while waiting and len(running) < args.jobs and time.monotonic() < deadline:
             job = waiting.pop(0)
             log = tempfile.TemporaryFile('w+')
             running[job] = (subprocess.Popen([sys.executable, __file__, '--job', job],
                                              stdout=subprocess.DEVNULL, stderr=log),
-                            log, time.perf_counter())
+                            log, time.monotonic())
         for job, (process, log, started) in list(running.items()):
-            if process.poll() is None and time.perf_counter() < deadline:
+            if process.poll() is None and time.monotonic() < deadline:
                 continue
             if process.poll() is None:
                 process.kill()
                 process.wait()
             log.seek(0)
             error = log.read().strip().splitlines()
-            print(f'{job}: rc {process.returncode}, {time.perf_counter() - started:.0f} s'
+            print(f'{job}: rc {process.returncode}, {time.monotonic() - started:.0f} s'
                   + (f' ({error[-1]})' if process.returncode and error else ''), flush=True)
             del running[job]
-        if waiting and time.perf_counter() >= deadline:
+        if waiting and time.monotonic() >= deadline:
             print(f'not started ({args.seconds:.0f} s over): {" ".join(waiting)}', flush=True)
             waiting = []
         time.sleep(0.5)
