@@ -1,0 +1,56 @@
+"""tools/gpu_checks/pack_triton_cache.py: the packed cache holds what a cache hit loads (each
+kernel's group file naming its metadata and binary, the launchers) and nothing cut off."""
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'tools' / 'gpu_checks'))
+from pack_triton_cache import pack  # noqa: E402
+
+IR = ('source', 'ttir', 'ttgir', 'llir', 'ptx')
+
+
+def _kernel(cache: Path, key: str, name: str, written_at: str) -> None:
+    entry = cache / key
+    entry.mkdir()
+    paths = {}
+    for suffix in IR + ('cubin', 'json'):
+        (entry / f'{name}.{suffix}').write_bytes(f'{key} {suffix}'.encode())
+        paths[f'{name}.{suffix}'] = f'{written_at}/{key}/{name}.{suffix}'
+    (entry / f'__grp__{name}.json').write_text(json.dumps({'child_paths': paths}))
+
+
+def test_pack_keeps_metadata_binaries_and_launchers(tmp_path):
+    cache = tmp_path / 'cache'
+    cache.mkdir()
+    _kernel(cache, 'A', '_k', '/tmp/triton-cache')
+    (cache / 'L').mkdir()
+    (cache / 'L' / '__triton_launcher.so').write_bytes(b'launcher')
+    (cache / 'CUT').mkdir()  # a compilation cut off: IR only, no group file
+    (cache / 'CUT' / '_k.ttir').write_text('partial')
+    kernels, count = pack(cache, str(tmp_path / 'piece-'))
+    data = b''.join(p.read_bytes() for p in sorted(tmp_path.glob('piece-*')))
+    with tarfile.open(fileobj=io.BytesIO(data), mode='r:gz') as tar:
+        names = sorted(tar.getnames())
+        group = json.loads(tar.extractfile('A/__grp___k.json').read())
+        cubin = tar.extractfile('A/_k.cubin').read()
+    assert (kernels, count) == (1, 1)
+    assert names == ['A/__grp___k.json', 'A/_k.cubin', 'A/_k.json', 'L/__triton_launcher.so']
+    assert group == {'child_paths': {'_k.cubin': '/tmp/triton-cache/A/_k.cubin',
+                                     '_k.json': '/tmp/triton-cache/A/_k.json'}}
+    assert cubin == b'A cubin'
+
+
+def test_pack_splits_into_pieces(tmp_path):
+    cache = tmp_path / 'cache'
+    cache.mkdir()
+    for i in range(3):
+        _kernel(cache, f'K{i}', '_k', '/tmp/triton-cache')
+    _, count = pack(cache, str(tmp_path / 'piece-'), piece_bytes=100)
+    pieces = sorted(tmp_path.glob('piece-*'))
+    assert count == len(pieces) > 1
+    assert all(p.stat().st_size == 100 for p in pieces[:-1])
+    with tarfile.open(fileobj=io.BytesIO(b''.join(p.read_bytes() for p in pieces)), mode='r:gz') as tar:
+        assert len(tar.getnames()) == 9

@@ -1,0 +1,106 @@
+"""Pack Triton's on-disk cache to be carried to the next GPU machine: only what a cache hit
+loads (each kernel's metadata and binary), the intermediate IR left out.
+
+    python3 tools/gpu_checks/pack_triton_cache.py /tmp/triton-cache $OUT/triton-cache.tgz.part-
+
+A cache hit reads a kernel's group file (``__grp__<name>.json``), which names the files of the
+kernel, and loads the metadata (``.json``) and the binary (``.cubin``); the IR of each stage
+(``.source``, ``.ttir``, ``.ttgir``, ``.llir``, ``.ptx``) is kept for inspection only and
+makes up about 70% of the compressed cache (SegMAN's kernels: 59 MB compressed, 17 MB without
+the IR, twenty-second session). Here each group file is rewritten to name the metadata and
+binary alone, and the cache is written as a gzipped tar in pieces of at most 15 MiB
+(``<prefix>00``, ``<prefix>01``, ...; a file coming back from the machine is at most 16 MiB),
+to be unpacked where the cache was (the group files hold absolute paths):
+``cat <prefix>* | tar -xzf - -C /tmp/triton-cache``.
+"""
+import argparse
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Tuple
+
+KEPT_SUFFIXES = ('.json', '.cubin')
+PIECE_BYTES = 15 << 20
+
+
+class Pieces(io.RawIOBase):
+    """A binary stream written as files ``prefix00``, ``prefix01``, ... of ``size`` bytes."""
+
+    def __init__(self, prefix: str, size: int = PIECE_BYTES):
+        self.prefix, self.size, self.count, self.file, self.left = prefix, size, 0, None, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        while view:
+            if self.left == 0:
+                self._next()
+            n = min(self.left, len(view))
+            self.file.write(view[:n])
+            self.left -= n
+            view = view[n:]
+        return len(data)
+
+    def _next(self) -> None:
+        if self.file:
+            self.file.close()
+        self.file = open(f'{self.prefix}{self.count:02d}', 'wb')
+        self.count += 1
+        self.left = self.size
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+            self.file = None
+        super().close()
+
+
+def kernel_files(entry: Path) -> dict:
+    """``{name in the archive: bytes}`` of one cache entry (a directory): a kernel's group
+    files rewritten to name only the kept files, and the kept files themselves; a compiled
+    launcher or Triton's CUDA utilities (``.so``) as they are. A kernel whose compilation was
+    cut off (no group file, or one naming a missing file) is left out."""
+    files = {f'{entry.name}/{so.name}': so.read_bytes() for so in entry.glob('*.so')}
+    for group in entry.glob('__grp__*.json'):
+        paths = json.loads(group.read_text()).get('child_paths') or {}
+        kept = {name: path for name, path in paths.items() if name.endswith(KEPT_SUFFIXES)}
+        # read from the entry itself: the paths are where the cache was written
+        local = [entry / Path(path).name for path in kept.values()]
+        if not any(name.endswith('.cubin') for name in kept) or not all(f.is_file() for f in local):
+            continue
+        files[f'{entry.name}/{group.name}'] = json.dumps({'child_paths': kept}).encode()
+        for path in local:
+            files[f'{entry.name}/{path.name}'] = path.read_bytes()
+    return files
+
+
+def pack(cache: Path, prefix: str, piece_bytes: int = PIECE_BYTES) -> Tuple[int, int]:
+    """Write the kept files of every entry of ``cache`` as pieces of ``piece_bytes``; returns
+    the number of kernels and of pieces."""
+    kernels = 0
+    with Pieces(prefix, piece_bytes) as pieces:
+        with tarfile.open(fileobj=pieces, mode='w:gz') as tar:
+            for entry in sorted(p for p in cache.iterdir() if p.is_dir()):
+                files = kernel_files(entry)
+                kernels += any(name.endswith('.cubin') for name in files)
+                for name, data in sorted(files.items()):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        return kernels, pieces.count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('cache', type=Path, help="Triton's cache directory (TRITON_CACHE_DIR)")
+    parser.add_argument('prefix', help='the pieces are written as <prefix>00, <prefix>01, ...')
+    args = parser.parse_args()
+    kernels, count = pack(args.cache, args.prefix)
+    print(f'{kernels} kernels in {count} pieces {args.prefix}*')
+
+
+if __name__ == '__main__':
+    main()
