@@ -151,22 +151,26 @@ def _replay_function(step: _GraphedStep) -> type:
         @staticmethod
         def forward(ctx, *surface: Tensor) -> Tuple[Tensor, ...]:
             step.release_grads()
-            for static, given in zip(step.samples, surface):
-                if static.data_ptr() != given.data_ptr():
-                    static.copy_(given)
+            _copy_into(step.samples, surface)
             step.forward_graph.replay()
             return tuple(o.detach() for o in step.outputs)
 
         @staticmethod
         @once_differentiable
         def backward(ctx, *output_grads: Tensor) -> Tuple[Optional[Tensor], ...]:
-            for static, given in zip(step.grad_outputs, output_grads):
-                if static is not None and static.data_ptr() != given.data_ptr():
-                    static.copy_(given)
+            _copy_into(step.grad_outputs, output_grads)
             step.backward_graph.replay()
             return tuple(None if g is None else g.detach() for g in step.grads)
 
     return Replay
+
+
+def _copy_into(statics: Sequence[Optional[Tensor]], givens: Sequence[Tensor]) -> None:
+    """Copy each given tensor into its graph's static tensor, skipping a static that is None
+    (no gradient flows there) or that already is the given memory."""
+    for static, given in zip(statics, givens):
+        if static is not None and static.data_ptr() != given.data_ptr():
+            static.copy_(given)
 
 
 class _Backward:
