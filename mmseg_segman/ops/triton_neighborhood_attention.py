@@ -9,10 +9,14 @@ biased by ``rpb[h, m - i + k - 1, ...]``.
 Forward. One program owns a ``TILE_H x TILE_W`` tile of queries of one (batch, head). The
 keys its queries attend form one box of at most ``(TILE_H + k - 1) x (TILE_W + k - 1)``
 pixels, so a program visits only the union of its tile's windows (FlexAttention's row-major
-blocks visit whole rows of blocks). The box is walked a row at a time, ``BLOCK_N`` columns a
-step (a whole row where the tile is away from the map's borders, see :func:`box_columns`):
-whether a key column is in a query's window, and the bias pointers along the row, are
-computed once per program; a row adds one comparison per query and one offset. (The first
+blocks visit whole rows of blocks). The forward walks the box a whole row a step (``COLS``
+columns, :func:`box_columns`; ``ROWS`` rows a step where a launch asks for more): whether a
+key column is in a query's window is computed once per program, a flag a pair, and the
+bias's offset is a query's part plus a key's part (7-28% less time at SegMAN-L's stages than
+an offset kept per pair and the column tests made at every row; how the loop is written
+moved the time by up to 50% in either direction, docs/benchmarks.md). The backward's ``dq``
+kernel walks the rows in steps of ``BLOCK_N`` columns, with the window columns kept as one
+int32 a pair, from which the window test and the bias offset follow. (The first
 version walked the box flattened, in chunks of ``BLOCK_N`` keys: each key's row and column
 then took an integer division, and the window tests and bias offsets were computed for every
 pair; on an H100 the forward was bound by the integer units, about 90 instructions a pair,
@@ -72,8 +76,8 @@ _RUNTIME_INTS = {
 
 class Blocks(NamedTuple):
     """Launch shape of one kernel: a ``tile_h x tile_w`` tile of queries (dk/dv: of keys),
-    ``columns`` columns of the box of keys (dk/dv: of queries) a step, ``num_warps`` and
-    ``num_stages``."""
+    ``columns`` columns of the box of keys (dk/dv: of queries) a step (the forward: keys a
+    step, whole rows of :func:`box_columns` columns), ``num_warps`` and ``num_stages``."""
     tile_h: int
     tile_w: int
     columns: int
@@ -132,6 +136,12 @@ def _window_columns(kx, wx, ok):
     the same along the box's rows (an int32 a pair, where pointers would take two registers
     and flags one more)."""
     return tl.where(ok, kx - wx, -1)
+
+
+@triton.jit
+def _in_window(offset, span):
+    """Whether a key at ``offset`` from a window's start (on one axis) lies in it."""
+    return (offset >= 0) & (offset < span)
 
 
 @triton.jit
@@ -215,8 +225,10 @@ def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, 
                    sq_b, sq_h, sq_y, sq_x, sq_d, sk_b, sk_h, sk_y, sk_x, sk_d,
                    sv_b, sv_h, sv_y, sv_x, sv_d, so_b, so_h, so_y, so_x, so_d,
                    HEAD_DIM: tl.constexpr, KERNEL: tl.constexpr, HAS_RPB: tl.constexpr,
-                   TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   TILE_H: tl.constexpr, TILE_W: tl.constexpr, ROWS: tl.constexpr,
+                   COLS: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The output and log-sum-exp of a query tile: ``ROWS`` whole rows of the tile's box a
+    step (``COLS >= TILE_W + KERNEL - 1`` columns each, :func:`box_columns`)."""
     batch, head = _batch_and_head(heads)
     qy, qx, q_ok, y0, x0 = _tile(height, width, TILE_H, TILE_W)
     top, left, box_h, box_w = _query_box(y0, x0, height, width, TILE_H, TILE_W, KERNEL)
@@ -228,22 +240,36 @@ def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, 
     k_base = k_ptr + batch * sk_b + head * sk_h
     v_base = v_ptr + batch * sv_b + head * sv_h
     rpb_base = rpb_ptr + head * (2 * KERNEL - 1) * (2 * KERNEL - 1)
+    # key n of a step: row n // COLS of the step's rows, column n % COLS of the box
+    n = tl.arange(0, ROWS * COLS)
+    box_row = n // COLS
+    box_col = n % COLS
+    kx = left + box_col
+    # whether a key's column lies in a query's window: the same at every step, computed once
+    in_columns = _in_window(kx[None, :] - wx[:, None], span_w) & (box_col < box_w)[None, :] \
+        & q_ok[:, None]
+    # rpb[head, ky - qy + K - 1, kx - qx + K - 1]: a query's part plus a key's part
+    query_bias = (KERNEL - 1) * 2 * KERNEL - qy * (2 * KERNEL - 1) - qx
     m_i = tl.full([TILE_H * TILE_W], NEG, tl.float32)
     l_i = tl.zeros([TILE_H * TILE_W], tl.float32)
     acc = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
-    for c0 in range(0, box_w, BLOCK_N):
-        kx, k_ok, column = _key_columns(left, c0, box_w, wx, q_ok, BLOCK_N)
-        for ky in range(top, top + box_h):
-            _, s, _ = _key_row(q, k_base, ky, kx, k_ok, column, qy, qx, wy, wx, span_h, span_w,
-                               rpb_base, sk_y, sk_x, sk_d, HEAD_DIM, KERNEL, HAS_RPB, BLOCK_D,
-                               DOT_PRECISION)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_rows(v_base, ky, kx, k_ok, sv_y, sv_x, sv_d, HEAD_DIM, BLOCK_D)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+    for r0 in range(0, box_h, ROWS):
+        ky = top + r0 + box_row
+        k_ok = (r0 + box_row < box_h) & (box_col < box_w)
+        kt = _load_cols(k_base, ky, kx, k_ok, sk_y, sk_x, sk_d, HEAD_DIM, BLOCK_D)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        valid = in_columns & _in_window(ky[None, :] - wy[:, None], span_h)
+        if HAS_RPB:
+            bias_offset = (ky * (2 * KERNEL - 1) + kx)[None, :] + query_bias[:, None]
+            s += tl.load(rpb_base + bias_offset, mask=valid, other=0.0).to(tl.float32)
+        s = tl.where(valid, s * LOG2E, NEG)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base, ky, kx, k_ok, sv_y, sv_x, sv_d, HEAD_DIM, BLOCK_D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
     _store_rows(o_ptr + batch * so_b + head * so_h, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
                 qy, qx, q_ok, so_y, so_x, so_d, HEAD_DIM, BLOCK_D)
     row = tl.program_id(1).to(tl.int64) * height * width + qy * width + qx
@@ -371,18 +397,27 @@ def box_columns(tile_w: int, kernel_size: int) -> int:
 
 def block_sizes(head_dim: int, kernel_size: int) -> Tuple[Blocks, Blocks, Blocks]:
     """Launch shapes of the forward, ``dq`` and ``dk``/``dv`` kernels (4 warps, 2 stages; a
-    whole row of the box a step away from the borders): 8 x 8 tiles where a row of the box
-    fits 16 columns (windows up to 9), else 8 x 16 for the forward and 4 x 16 for ``dq`` and
-    ``dk``/``dv``.
+    whole row of the box a step): 8 x 8 tiles where a row of the box fits 16 columns (windows
+    up to 9), else 4 x 16.
 
     Chosen by ``tools/gpu_checks/check_neighborhood_attention.py --sweep`` on an H100 (bf16,
-    SegMAN-L's stages 1-3 at 512x512, batch 16; docs/benchmarks.md).
+    SegMAN-L's stages 1-3 at 512x512, batch 16), the forward's by ``.gpu/na_v3.py`` of the
+    twenty-second session (one row a step; 4 x 16 rather than 8 x 16 for windows of 11;
+    docs/benchmarks.md).
     """
-    if box_columns(8, kernel_size) == 16:
-        tiles = ((8, 8),) * 3
-    else:
-        tiles = ((8, 16), (4, 16), (4, 16))
+    tiles = ((8, 8),) * 3 if box_columns(8, kernel_size) == 16 else ((4, 16),) * 3
     return tuple(Blocks(h, w, box_columns(w, kernel_size), 4, 2) for h, w in tiles)
+
+
+def forward_step(blocks: Blocks, kernel_size: int) -> dict:
+    """The forward's ``ROWS`` and ``COLS``: ``blocks.columns`` keys a step as whole rows of the
+    box (:func:`box_columns`); a ValueError where they are not."""
+    row = box_columns(blocks.tile_w, kernel_size)
+    if blocks.columns % row:
+        raise ValueError(f'the forward takes whole rows of its box a step: {blocks.columns} keys '
+                         f'a step for tiles {blocks.tile_w} wide and windows of {kernel_size} '
+                         f'must be a multiple of {row}')
+    return dict(ROWS=blocks.columns // row, COLS=row)
 
 
 def _head_block(head_dim: int) -> int:
@@ -421,7 +456,7 @@ def _na2d_forward_impl(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], k
     launch(_na_fwd_kernel, (_tiles(height, width, fwd), batch * heads),
            q, k, v, q if rpb is None else rpb, out, lse, heads, height, width,
            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-           BLOCK_N=fwd.columns, **_common(q, kernel_size, rpb), **_launch(fwd))
+           **forward_step(fwd, kernel_size), **_common(q, kernel_size, rpb), **_launch(fwd))
     return out, lse
 
 

@@ -137,7 +137,8 @@ def test_neighborhood_attention_kernels_compile(activation, head_dim, kernel_siz
                   DOT_PRECISION='tf32x3' if activation == 'fp32' else 'tf32')
     assert compile_for_h100(tna._na_fwd_kernel, activation, NA_FLOAT32_POINTERS,
                             fwd.num_warps, fwd.num_stages,
-                            TILE_H=fwd.tile_h, TILE_W=fwd.tile_w, BLOCK_N=fwd.columns, **common)
+                            TILE_H=fwd.tile_h, TILE_W=fwd.tile_w,
+                            **tna.forward_step(fwd, kernel_size), **common)
     assert compile_for_h100(tna._na_bwd_dq_kernel, activation, NA_FLOAT32_POINTERS,
                             dq.num_warps, dq.num_stages,
                             STORE_G=True, ACCUMULATE_G=True, TILE_H=dq.tile_h, TILE_W=dq.tile_w,

@@ -85,10 +85,19 @@ def interpreter_checks():
         errors = relative_errors(case, torch.float32)
         print(case, ['%.1e' % e for e in errors], flush=True)
         assert max(errors) < 1e-5, (case, errors)
-    # rows of the box wider than the columns a step: each row in two steps
-    errors = relative_errors(WIDE_BOX, torch.float32, (tna.Blocks(4, 16, 16, 4, 1),) * 3)
+    # rows of the box wider than the columns a step of the backward: each row in two steps
+    # (the forward takes whole rows a step, and refuses a part of one; CASES' 8 x 8 tiles
+    # with 32 keys a step take two rows of 16 a step at windows up to 9)
+    narrow = tna.Blocks(4, 16, 16, 4, 1)
+    errors = relative_errors(WIDE_BOX, torch.float32, (tna.Blocks(4, 16, 32, 4, 1), narrow, narrow))
     print('two steps a row', ['%.1e' % e for e in errors], flush=True)
     assert max(errors) < 1e-5, errors
+    try:
+        relative_errors(WIDE_BOX, torch.float32, (narrow,) * 3)
+    except ValueError as e:
+        assert 'must be a multiple of 32' in str(e), e
+    else:
+        raise AssertionError('the forward took 16 columns a step for boxes 22 wide')
     errors = relative_errors(CASES[0], torch.float16)
     print('float16', ['%.1e' % e for e in errors], flush=True)
     assert max(errors) < 5e-3, errors

@@ -6,9 +6,12 @@ reference path (``torch`` backends), float32 and bfloat16 autocast.
 Random weights with non-trivial batch-norm running statistics and affine parameters (the
 eval-mode norm runs inside the depthwise op on the fast path). Prints the relative error
 ``||fast - ref|| / ||ref||`` of each stage's output per dtype; exits 1 if one is above the
-tolerance (1e-3 float32, 5e-2 bfloat16) or not finite. Float32 runs twice: as PyTorch's
-switches stand (cuDNN's convolutions in TF32 by default, and so the fast path's, which
-follows ``torch.backends.cudnn.allow_tf32``), then with TF32 off for both paths.
+tolerance (1e-3 float32, 5e-3 float32 with TF32's convolutions, 5e-2 bfloat16) or not
+finite. Float32 runs twice: as PyTorch's switches stand (cuDNN's convolutions in TF32 by
+default, and so the fast path's, which follows ``torch.backends.cudnn.allow_tf32``: each
+path rounds its convolutions' inputs to TF32's 10-bit mantissa in its own way, about 3e-4 at
+the stem, 1.2e-3 after SegMAN-L's 40 blocks, twenty-second session), then with TF32 off
+for both paths.
 """
 import argparse
 import sys
@@ -20,6 +23,7 @@ from mmseg_segman.models import SegMANEncoder
 from mmseg_segman.ops import use_backends
 
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
+TF32_TOLERANCE = 5e-3  # float32 with TF32's convolutions: TF32's unit roundoff is 4.9e-4
 
 
 def main() -> int:
@@ -48,7 +52,8 @@ def main() -> int:
         torch.backends.cudnn.allow_tf32 = allow_tf32
         errors = [((a.float() - b.float()).norm() / b.float().norm()).item()
                   for a, b in zip(fast, reference)]
-        ok = all(e < TOLERANCE[dtype] for e in errors)  # False for NaN too
+        tolerance = TF32_TOLERANCE if dtype == torch.float32 and tf32 else TOLERANCE[dtype]
+        ok = all(e < tolerance for e in errors)  # False for NaN too
         failed |= not ok
         print(f"{'PASS' if ok else 'FAIL'} SegMAN-{args.arch.upper()} eval {str(dtype)[6:]}"
               f"{'' if tf32 or dtype != torch.float32 else ' without TF32'}, "
