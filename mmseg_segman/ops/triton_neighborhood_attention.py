@@ -12,9 +12,9 @@ pixels, so a program visits only the union of its tile's windows (FlexAttention'
 blocks visit whole rows of blocks). The forward walks the box a whole row a step (``COLS``
 columns, :func:`box_columns`; ``ROWS`` rows a step where a launch asks for more): whether a
 key column is in a query's window is computed once per program, a flag a pair, and the
-bias's offset is a query's part plus a key's part (7-28% less time at SegMAN-L's stages than
-an offset kept per pair and the column tests made at every row; how the loop is written
-moved the time by up to 50% in either direction, docs/benchmarks.md). The backward's ``dq``
+bias's offset is a query's part plus a key's part (10-19% less time in SegMAN-L's blocks than
+an offset kept per pair and the column tests made at every row; other spellings of the same
+loop moved the time by up to 50% either way, docs/benchmarks.md). The backward's ``dq``
 kernel walks the rows in steps of ``BLOCK_N`` columns, with the window columns kept as one
 int32 a pair, from which the window test and the bias offset follow. (The first
 version walked the box flattened, in chunks of ``BLOCK_N`` keys: each key's row and column
@@ -401,9 +401,8 @@ def block_sizes(head_dim: int, kernel_size: int) -> Tuple[Blocks, Blocks, Blocks
     up to 9), else 4 x 16.
 
     Chosen by ``tools/gpu_checks/check_neighborhood_attention.py --sweep`` on an H100 (bf16,
-    SegMAN-L's stages 1-3 at 512x512, batch 16), the forward's by ``.gpu/na_v3.py`` of the
-    twenty-second session (one row a step; 4 x 16 rather than 8 x 16 for windows of 11;
-    docs/benchmarks.md).
+    SegMAN-L's stages 1-3 at 512x512, batch 16); the forward's in the twenty-second session
+    (one row a step, 4 x 16 rather than 8 x 16 for windows of 11; docs/benchmarks.md).
     """
     tiles = ((8, 8),) * 3 if box_columns(8, kernel_size) == 16 else ((4, 16),) * 3
     return tuple(Blocks(h, w, box_columns(w, kernel_size), 4, 2) for h, w in tiles)
