@@ -10,8 +10,9 @@
 # built wheel is also written there in pieces, to be carried next time. The inductor cache
 # (FlexAttention's compiled kernels) lives in .whl/inductor-cache.tgz.part-* the same way
 # (made by: tar -czf - -C /tmp/inductor-cache . | split -b 15M -d - $OUT/inductor-cache.tgz.part-),
-# and Triton's compiled kernels (SegMAN's own, more than 100 s to compile on a cold machine) in
-# .whl/triton-cache.tgz.part-* from /tmp/triton-cache.
+# and Triton's compiled kernels (SegMAN's own, minutes to compile on a cold machine) in
+# .whl/triton-cache.tgz.part-* from /tmp/triton-cache (made by:
+# python3 tools/gpu_checks/pack_triton_cache.py /tmp/triton-cache $OUT/triton-cache.tgz.part-).
 set -e
 SITE=/tmp/site
 mkdir -p "$SITE"
