@@ -11,9 +11,12 @@ compilation per layer (channels, kernel, stride, padding, layout, dtype) at most
 output pixel count a multiple of 8 or not), whatever the image size.
 
 One program owns a ``BLOCK_P x BLOCK_O`` tile of output pixels by output channels of one
-batch element. It walks the kernel's taps (unrolled) and, for each, the input channels in
+batch element. One loop walks the kernel's taps and, within each, the input channels in
 steps of ``BLOCK_K``, gathering the tile's input pixels for that tap (zero where the tap
-falls into the padding) and multiplying on the tensor cores (float32 accumulation). The
+falls into the padding) and multiplying on the tensor cores (float32 accumulation). (Unrolled
+over the taps, the kernel was one pipelined loop a tap: SegMAN-L's ten convolutions took 102 s
+to compile for the H100 on a 2-core CPU, its 5x5 one 68 s; as one loop 4.6 s,
+docs/benchmarks.md.) The
 input is read channels-last and the weight as ``(O, kh, kw, C)``, so that each pixel's
 channels load 16 bytes at a time (an NCHW map is copied to channels-last first, as cuDNN
 transposes it for its own tensor-core kernels; read in NCHW, one element a thread per load,
@@ -96,21 +99,21 @@ def _dense_conv_kernel(x_ptr, w_ptr, bias_ptr, mean_ptr, var_ptr, gamma_ptr, bet
     left = (p % out_width) * STRIDE_W - PAD_W
     x_base = x_ptr + b * height * width * CHANNELS
     acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
-    for r in tl.static_range(KERNEL_H):
-        ih = top + r
-        row_ok = p_ok & (ih >= 0) & (ih < height)
-        for s in tl.static_range(KERNEL_W):
-            iw = left + s
-            pixel_ok = row_ok & (iw >= 0) & (iw < width)
-            x_row = x_base + (ih * width + iw)[:, None] * CHANNELS
-            w_tap = w_ptr + o[None, :] * (KERNEL_H * KERNEL_W * CHANNELS) \
-                + (r * KERNEL_W + s) * CHANNELS
-            for c0 in range(0, CHANNELS, BLOCK_K):
-                c = c0 + tl.arange(0, BLOCK_K)
-                c_ok = c < CHANNELS
-                x = tl.load(x_row + c[None, :], mask=pixel_ok[:, None] & c_ok[None, :], other=0.0)
-                w = tl.load(w_tap + c[:, None], mask=c_ok[:, None] & o_ok[None, :], other=0.0)
-                acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
+    # one loop over (tap, input-channel step) pairs: unrolled over the taps, the kernel was one
+    # pipelined loop a tap, and SegMAN-L's 5x5 convolution took 77 s to compile
+    chunks: tl.constexpr = (CHANNELS + BLOCK_K - 1) // BLOCK_K
+    for i in range(0, KERNEL_H * KERNEL_W * chunks):
+        tap = i // chunks
+        c = (i % chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        ih = top + tap // KERNEL_W
+        iw = left + tap % KERNEL_W
+        pixel_ok = p_ok & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
+        c_ok = c < CHANNELS
+        x = tl.load(x_base + (ih * width + iw)[:, None] * CHANNELS + c[None, :],
+                    mask=pixel_ok[:, None] & c_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + o[None, :] * (KERNEL_H * KERNEL_W * CHANNELS) + tap * CHANNELS
+                    + c[:, None], mask=c_ok[:, None] & o_ok[None, :], other=0.0)
+        acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_NORM:

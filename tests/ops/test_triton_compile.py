@@ -15,6 +15,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from mmseg_segman.ops import triton_cross_selective_scan as cross  # noqa: E402
+from mmseg_segman.ops import triton_dense_conv as tdc  # noqa: E402
 from mmseg_segman.ops import triton_depthwise_conv as tdw  # noqa: E402
 from mmseg_segman.ops import triton_layer_norm as tln  # noqa: E402
 from mmseg_segman.ops import triton_neighborhood_attention as tna  # noqa: E402
@@ -27,6 +28,7 @@ H100_SHARED_MEMORY = 232448  # bytes a block may use (227 KiB); Triton refuses m
 SCAN_FLOAT32_POINTERS = {'a_ptr', 'd_ptr', 'bias_ptr', 'y_ptr', 'ckpt_ptr', 'du_ptr', 'ddelta_ptr',
                          'db_ptr', 'dc_ptr', 'da_ptr', 'dd_ptr', 'dbias_ptr', 'ys_ptr'}
 NA_FLOAT32_POINTERS = {'rpb_ptr', 'lse_ptr', 'delta_ptr', 'g_ptr'}
+DENSE_FLOAT32_POINTERS = {'bias_ptr', 'mean_ptr', 'var_ptr', 'gamma_ptr', 'beta_ptr'}
 LN_FLOAT32_POINTERS = {'w_ptr', 'b_ptr', 'mean_ptr', 'rstd_ptr', 'dw_ptr', 'db_ptr'}
 
 
@@ -146,6 +148,25 @@ def test_neighborhood_attention_kernels_compile(activation, head_dim, kernel_siz
     assert compile_for_h100(tna._na_bwd_dkdv_kernel, activation, NA_FLOAT32_POINTERS,
                             dkdv.num_warps, dkdv.num_stages,
                             TILE_H=dkdv.tile_h, TILE_W=dkdv.tile_w, BLOCK_M=dkdv.columns, **common)
+
+
+# SegMAN-L's first stem convolution (NCHW, norm and GELU), its decoder's 5x5 stride-4 one
+# (compiled in 68 s on this machine while the kernel was unrolled over the taps, in 0.2 s as
+# one loop: twenty-second session) and the fusion (channels-last, 1x1)
+@pytest.mark.parametrize('activation', ['bf16', 'fp32'])
+@pytest.mark.parametrize('channels,out_channels,kernel,stride,padding,channels_last,norm', [
+    (3, 48, 3, 2, 1, False, True), (224, 896, 5, 4, 1, False, False),
+    (1296, 224, 1, 1, 0, True, False)])
+def test_dense_conv_kernel_compiles(activation, channels, out_channels, kernel, stride, padding,
+                                    channels_last, norm):
+    config = tdc.launch_config(channels, out_channels, 4 if activation == 'fp32' else 2)
+    assert compile_for_h100(
+        tdc._dense_conv_kernel, activation, DENSE_FLOAT32_POINTERS, config.num_warps,
+        config.num_stages, CHANNELS=channels, OUT_CHANNELS=out_channels, KERNEL_H=kernel,
+        KERNEL_W=kernel, STRIDE_H=stride, STRIDE_W=stride, PAD_H=padding, PAD_W=padding,
+        OUT_CHANNELS_LAST=channels_last, HAS_BIAS=not norm, HAS_NORM=norm, GELU=norm,
+        DOT_PRECISION='tf32', BLOCK_P=config.block_p, BLOCK_O=config.block_o,
+        BLOCK_K=config.block_k, ALIGN=ALIGNMENT)
 
 
 def ln_tile(channels: int) -> dict:
