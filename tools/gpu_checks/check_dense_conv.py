@@ -102,8 +102,9 @@ def check(args) -> None:
     allow_tf32 = torch.backends.cudnn.allow_tf32
     for name, shape, channels_last, cout, kernel, stride, padding, norm, act in layers(args.arch, args.batch):
         bf16 = make(shape, channels_last, cout, kernel, norm, torch.bfloat16)
-        want = _dense_conv2d.backends['torch'].fn(*upcast(bf16)[:3], stride, padding,
-                                                  upcast(bf16)[3], act)
+        x64, weight64, bias64, norm64 = upcast(bf16)
+        want = _dense_conv2d.backends['torch'].fn(x64, weight64, bias64, stride, padding, norm64,
+                                                  act)
         f32 = (bf16[0].float(), *bf16[1:])
         for backend in ('triton', 'torch'):
             fn = _dense_conv2d.backends[backend].fn
