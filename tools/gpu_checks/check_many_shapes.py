@@ -10,7 +10,9 @@ list) pays for what any first call pays (Triton's kernels, cuDNN's choices, ``to
 first graph); then the first pass pays for what each new shape triggers, and the second runs
 warm. ``--compile yes``: ``torch.compile`` of the whole segmentor with ``--dynamic`` (``auto``:
 dynamo's default, a dynamic graph after the first recompilation), dynamo logging the guard
-that failed at each recompilation. One line per model.
+that failed at each recompilation. ``--passes 3``: a third pass (with ``segman-*-graphed``, the
+inference CUDA graphs are captured in the second pass, at a shape's second call, and replayed
+in the third). One line per model.
 """
 import argparse
 import os
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmark import MODELS, build_model, write_row  # noqa: E402  (tools/benchmark.py)
+from benchmark import GRAPHED, MODELS, build_model, write_row  # noqa: E402  (tools/benchmark.py)
 
 SHAPES = [(512, 512 + 32 * i) for i in range(13)] + [(512 + 32 * i, 512) for i in range(1, 13)]
 
@@ -76,7 +78,8 @@ def profile_new_shape(model) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--models', nargs='+', choices=MODELS, default=['segman-t', 'segnext-t'])
+    parser.add_argument('--models', nargs='+', choices=MODELS + GRAPHED, default=['segman-t', 'segnext-t'])
+    parser.add_argument('--passes', type=int, choices=[2, 3], default=2)
     parser.add_argument('--compile', nargs='+', choices=['no', 'yes'], default=['no'])
     parser.add_argument('--dynamic', choices=['auto', 'true'], default='auto')
     parser.add_argument('--profile-new-shape', action='store_true',
@@ -98,6 +101,10 @@ def main():
                    shapes=len(SHAPES), warmup_s=round(warmup, 2), first_pass_s=first['total_s'],
                    second_pass_s=second['total_s'], ratio=round(first['total_s'] / second['total_s'], 2),
                    first_pass=first, second_pass=second)
+        if args.passes == 3:
+            third = one_pass(run_model)
+            row.update(third_pass_s=third['total_s'], third_pass=third,
+                       ratio_to_third=round(first['total_s'] / third['total_s'], 2))
         write_row(row, args.out)
         del model
         torch.cuda.empty_cache()

@@ -29,13 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark import (DTYPES, MODELS, build_model, data_samples,  # noqa: E402
                        training_optimizer, write_row)
 
-from mmseg_segman.models.training_graph import TrainingGraph  # noqa: E402
+from mmseg_segman.models.cuda_graphs import CUDAGraphs  # noqa: E402
 
 
 def graphed(model):
     model = copy.deepcopy(model)
-    model.backbone.training_graph = TrainingGraph('SegMANEncoder')
-    model.decode_head.training_graph = TrainingGraph('SegMANHead')
+    model.backbone.cuda_graphs = CUDAGraphs('SegMANEncoder')
+    model.decode_head.cuda_graphs = CUDAGraphs('SegMANHead')
     return model
 
 
@@ -93,8 +93,8 @@ def check(name: str, dtype: torch.dtype, args) -> Dict:
            for what, buffers in (('parameters', False), ('running_stats', True))
            for key in differences},
         **worst_last,
-        captured=models['graphed'].backbone.training_graph._captured is not None
-        and models['graphed'].decode_head.training_graph._captured is not None)
+        captured=models['graphed'].backbone.cuda_graphs.training._captured is not None
+        and models['graphed'].decode_head.cuda_graphs.training._captured is not None)
 
 
 def main() -> None:

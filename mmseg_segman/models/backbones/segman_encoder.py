@@ -22,7 +22,7 @@ from ...ops.resize import bicubic_matrix
 from ..layers import (SS2D, ConvNormSequence, DenseConv2d, DepthwiseConv2d, LayerNorm2d,
                       PointwiseConv2d, RoPE2d, SegMANBlock)
 from ..strict_loading import WeightsMismatchError, refuse_mismatched_weights
-from ..training_graph import TrainingGraph
+from ..cuda_graphs import CUDAGraphs
 from ..variants import ENCODER_ARCHS
 
 NUM_STAGES = 4
@@ -213,11 +213,12 @@ class SegMANEncoder(BaseModule):
             check reads a value back to the host (a GPU sync, a ``torch.compile`` graph
             break), so it is off by default.
         op_backends: ``{op: backend}`` for this encoder's forward (see ``mmseg_segman.ops.dispatch``).
-        cuda_graph: replay each training step's forward and backward as CUDA graphs captured
-            at the first step (:mod:`mmseg_segman.models.training_graph`): the same numbers
-            without the host's work per kernel, for inputs of one shape (a second shape
-            turns it off, with a log line). Off, with a log line, under ``with_cp`` or
-            ``check_finite``.
+        cuda_graph: replay the forward as CUDA graphs (:mod:`mmseg_segman.models.cuda_graphs`):
+            the same numbers without the host's work per kernel. In training, each step's
+            forward and backward, captured at the first step, for inputs of one shape (a
+            second shape turns it off, with a log line); in inference, a graph for each input
+            size met twice, at most 8 sizes (others run eagerly). Off, with a log line, under
+            ``with_cp`` or ``check_finite``.
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` (optionally ``prefix``) loads
             ImageNet encoder weights (``state_dict_ema``, else ``state_dict``; classifier
             keys are ignored).
@@ -246,13 +247,13 @@ class SegMANEncoder(BaseModule):
             raise ValueError(f'out_indices must be stage indices in 0..3, got {out_indices}')
         self.check_finite = check_finite
         self.op_backends = check_op_backends(op_backends, 'SegMANEncoder')
-        self.training_graph = None
+        self.cuda_graphs = None
         if cuda_graph and (with_cp or check_finite):
             print_log(f'SegMANEncoder: cuda_graph is off: {"with_cp" if with_cp else "check_finite"} '
                       'is set (the graphs hold neither recomputation nor host checks)',
                       logger='current')
         elif cuda_graph:
-            self.training_graph = TrainingGraph('SegMANEncoder')
+            self.cuda_graphs = CUDAGraphs('SegMANEncoder')
 
         a = self.arch
         dims = a['embed_dims']
@@ -395,8 +396,8 @@ class SegMANEncoder(BaseModule):
             raise TypeError(f'SegMANEncoder expects a floating-point image, got {x.dtype}')
         if self.check_finite and not torch.isfinite(x).all():
             raise ValueError('SegMANEncoder input contains NaN or Inf')
-        if self.training_graph is not None:
-            return self.training_graph(self, self._features, x)
+        if self.cuda_graphs is not None:
+            return self.cuda_graphs(self, self._features, x)
         return self._features(x)
 
     def _features(self, x: Tensor) -> Tuple[Tensor, ...]:

@@ -15,7 +15,7 @@ from ...ops import resize_bilinear
 from ...ops.dispatch import check_op_backends, with_op_backends
 from ..layers import SS2D, DenseConv2d, PointwiseConv2d, SegMANBlock
 from ..strict_loading import refuse_mismatched_weights
-from ..training_graph import TrainingGraph
+from ..cuda_graphs import CUDAGraphs
 from ..variants import arch_of, describe_widths, head_widths
 
 
@@ -56,8 +56,9 @@ class SegMANHead(BaseDecodeHead):
             ``init_weights`` has run (training), a checkpoint whose classifier (``conv_seg``)
             has another shape loads all but the classifier, which keeps its initialisation,
             with a warning. Testing and inference still refuse such a checkpoint.
-        cuda_graph: replay each training step's forward and backward as CUDA graphs, as
-            :class:`SegMANEncoder`'s ``cuda_graph`` (the loss stays eager).
+        cuda_graph: replay the forward as CUDA graphs in training and in inference, as
+            :class:`SegMANEncoder`'s ``cuda_graph`` (the loss and the resize to the image stay
+            eager).
         **kwargs: :class:`BaseDecodeHead` arguments (``in_channels`` 4 values,
             ``in_index`` 4 values, ``channels``, ``num_classes``, ``norm_cfg``, ...).
     """
@@ -105,7 +106,7 @@ class SegMANHead(BaseDecodeHead):
         self.cat = conv(5 * c + 3 * p, c)
         self.conv_seg = PointwiseConv2d(c, self.out_channels)
         self.reinit_mismatched_classifier = reinit_mismatched_classifier
-        self.training_graph = TrainingGraph('SegMANHead') if cuda_graph else None
+        self.cuda_graphs = CUDAGraphs('SegMANHead') if cuda_graph else None
         self.register_load_state_dict_pre_hook(partial(refuse_mismatched_weights, classifier='conv_seg'))
 
     def _image_pool(self, x: Tensor) -> Tensor:
@@ -159,8 +160,8 @@ class SegMANHead(BaseDecodeHead):
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         """Four encoder maps -> logits ``(B, num_classes, H/8, W/8)``."""
         self.check_in_channels([x.size(1) for x in inputs])
-        if self.training_graph is not None:
-            return self.training_graph(self, self._logits, *inputs)
+        if self.cuda_graphs is not None:
+            return self.cuda_graphs(self, self._logits, *inputs)
         return self._logits(*inputs)
 
     def _logits(self, *inputs: Tensor) -> Tensor:

@@ -9,7 +9,8 @@ norms' running statistics and the outputs are those of the eager step.
 
 It graphs a call only where that is exact and safe, and else runs the forward eagerly:
 
-- on CUDA tensors, in training mode with autograd recording, outside ``torch.compile``;
+- on CUDA tensors, in training mode with autograd recording, outside ``torch.compile``,
+  tracing, ONNX export and the capture of a graph around it;
 - for one input signature (shapes, dtypes, autocast): a call with another one stops the
   graphing for good (logged once), since each signature would hold a graph's own memory; so
   does a change of a module's training mode inside after the capture;
@@ -24,59 +25,21 @@ It graphs a call only where that is exact and safe, and else runs the forward ea
 The capture runs the forward and backward three times eagerly first (Triton's
 compilations, cuBLAS's and cuDNN's choices); the running statistics those steps change are
 put back. The graph's memory (the activations its backward keeps) stays
-reserved between steps; the outputs of a replay are overwritten by the next one.
+reserved between steps; each call's inputs are copied into the graph's own; the outputs of a
+replay are overwritten by the next one.
 """
 import weakref
-from contextlib import nullcontext
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-from mmengine.logging import print_log
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
+from .common import (GraphLog, addresses, capture_autocast, capture_failed, copy_into, describe,
+                     eager_only, modes, signature, unsupported)
+
 WARMUP_STEPS = 3
-
-
-def _signature(inputs: Sequence[Tensor]) -> Tuple:
-    """What a graph is captured for: each input's shape, dtype, device and ``requires_grad``,
-    and the autocast state."""
-    autocast = torch.is_autocast_enabled('cuda')
-    return (tuple((tuple(x.shape), x.dtype, x.device, x.requires_grad) for x in inputs),
-            autocast and torch.get_autocast_dtype('cuda'))
-
-
-def _describe(signature: Tuple) -> str:
-    shapes = ', '.join(f'{tuple(shape)} {str(dtype).replace("torch.", "")}'
-                       for shape, dtype, _, _ in signature[0])
-    return shapes + (f' under {str(signature[1]).replace("torch.", "")} autocast'
-                     if signature[1] else '')
-
-
-def _on_gpu(inputs: Sequence[Tensor]) -> bool:
-    return all(x.is_cuda for x in inputs)
-
-
-def _modes(module: nn.Module) -> Tuple[bool, ...]:
-    """The training flag of each module inside (batch norms and dropouts act on it)."""
-    return tuple(m.training for m in module.modules())
-
-
-def _addresses(module: nn.Module) -> List[int]:
-    return [t.data_ptr() for t in (*module.parameters(), *module.buffers())]
-
-
-def _unsupported(module: nn.Module) -> Optional[str]:
-    """Why ``module`` cannot be graphed, or None."""
-    for name, sub in module.named_modules():
-        if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks \
-                or sub._backward_pre_hooks:
-            return f'module {name or type(module).__name__!r} has hooks, which a graph would not run'
-        if isinstance(sub, nn.SyncBatchNorm) and torch.distributed.is_available() \
-                and torch.distributed.is_initialized():
-            return f'module {name!r} is a SyncBatchNorm in a distributed run (collectives)'
-    return None
 
 
 class _GraphedStep:
@@ -151,26 +114,18 @@ def _replay_function(step: _GraphedStep) -> type:
         @staticmethod
         def forward(ctx, *surface: Tensor) -> Tuple[Tensor, ...]:
             step.release_grads()
-            _copy_into(step.samples, surface)
+            copy_into(step.samples, surface)
             step.forward_graph.replay()
             return tuple(o.detach() for o in step.outputs)
 
         @staticmethod
         @once_differentiable
         def backward(ctx, *output_grads: Tensor) -> Tuple[Optional[Tensor], ...]:
-            _copy_into(step.grad_outputs, output_grads)
+            copy_into(step.grad_outputs, output_grads)
             step.backward_graph.replay()
             return tuple(None if g is None else g.detach() for g in step.grads)
 
     return Replay
-
-
-def _copy_into(statics: Sequence[Optional[Tensor]], givens: Sequence[Tensor]) -> None:
-    """Copy each given tensor into its graph's static tensor, skipping a static that is None
-    (no gradient flows there) or that already is the given memory."""
-    for static, given in zip(statics, givens):
-        if static is not None and static.data_ptr() != given.data_ptr():
-            static.copy_(given)
 
 
 class _Backward:
@@ -199,31 +154,31 @@ class TrainingGraph:
         self._captured: Optional[_Captured] = None
         self._off: Optional[str] = None
         self._last: Optional[weakref.ref] = None  # the _Backward of the last replay
-        self._said = set()
+        self._log = GraphLog(name)
 
     def __call__(self, module: nn.Module, forward: Callable, *inputs: Tensor):
         """``forward(*inputs)``: replayed where this call can be graphed, else eager."""
-        if torch.compiler.is_compiling() or self._off is not None or not module.training \
-                or not torch.is_grad_enabled() or not _on_gpu(inputs):
+        if self._off is not None or not module.training or not torch.is_grad_enabled() \
+                or eager_only(inputs):
             return forward(*inputs)
-        signature = _signature(inputs)
+        key = signature(inputs)
         captured = self._captured
-        if captured is not None and captured.signature != signature:
-            self._stop(f'inputs {_describe(signature)} after {_describe(captured.signature)}; '
+        if captured is not None and captured.signature != key:
+            self._stop(f'inputs {describe(key)} after {describe(captured.signature)}; '
                        'graphs are kept for one input signature')
             return forward(*inputs)
-        if captured is not None and captured.modes != _modes(module):
+        if captured is not None and captured.modes != modes(module):
             self._stop('the training mode of a module inside changed after the capture (a graph '
                        'keeps the modes it was captured in)')
             return forward(*inputs)
         last = self._last and self._last()
         if last is not None and not last.done:
-            self._say('pending', 'called again before the backward of its previous call: this '
+            self._log.say('pending', 'called again before the backward of its previous call: this '
                       'call runs eagerly (a replay would overwrite what that backward needs)')
             return forward(*inputs)
-        if captured is None or captured.addresses != _addresses(module):
+        if captured is None or captured.addresses != addresses(module):
             captured = self._captured = None  # the old graphs' memory freed before capturing
-            captured = self._captured = self._capture(module, forward, inputs, signature)
+            captured = self._captured = self._capture(module, forward, inputs, key)
             if captured is None:
                 return forward(*inputs)
         outputs = captured.graphed(*inputs)
@@ -235,46 +190,33 @@ class TrainingGraph:
         return outputs
 
     def _capture(self, module: nn.Module, forward: Callable, inputs: Sequence[Tensor],
-                 signature: Tuple) -> Optional[_Captured]:
-        reason = _unsupported(module)
+                 key: Tuple) -> Optional[_Captured]:
+        reason = unsupported(module)
         if reason is not None:
             self._stop(reason)
             return None
         saved = [b.clone() for b in module.buffers()]
-        # the inputs as leaves: an input from another graph's replay has its autograd node on
-        # the current stream, which the capture (on a stream of its own) must not reach; as
-        # aliases, a replay copies nothing where the same tensors come again
-        samples = tuple(x.detach().requires_grad_(x.requires_grad) for x in inputs)
-        autocast = torch.autocast('cuda', dtype=torch.get_autocast_dtype('cuda'),
-                                  cache_enabled=False) \
-            if torch.is_autocast_enabled('cuda') else nullcontext()
+        # the inputs as leaves of their own: an input from another graph's replay has its
+        # autograd node on the current stream, which the capture (on a stream of its own) must
+        # not reach, and later inputs are copied into these, never into the caller's tensors
+        samples = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in inputs)
         try:
-            with autocast:
+            with capture_autocast():
                 graphed = _GraphedStep(module, forward, samples)
         except Exception as error:  # a host sync or an unsupported operation in the step
-            # a failed capture can leave CUDA's random number generator unusable (PyTorch
-            # 2.11): refused, not worked around
             self._off = 'its capture failed'
-            raise RuntimeError(f'{self.name}: capturing its training step as CUDA graphs failed '
-                               f'({type(error).__name__}: {error}); set cuda_graph=False') \
-                from error
+            raise capture_failed(self.name, 'training step', error) from error
         finally:
             with torch.no_grad():  # the warm-up steps' running statistics do not count
                 for buffer, value in zip(module.buffers(), saved):
                     buffer.copy_(value)
-        self._say('captured', f'training forward and backward captured as CUDA graphs for '
-                  f'inputs {_describe(signature)}')
-        return _Captured(signature, graphed, _addresses(module), _modes(module))
+        self._log.say('captured', f'training forward and backward captured as CUDA graphs for '
+                      f'inputs {describe(key)}')
+        return _Captured(key, graphed, addresses(module), modes(module))
 
     def _stop(self, reason: str) -> None:
         self._off, self._captured = reason, None
-        print_log(f'{self.name}: training without CUDA graphs from now on: {reason}',
-                  logger='current', level=30)
-
-    def _say(self, what: str, message: str) -> None:
-        if what not in self._said:
-            self._said.add(what)
-            print_log(f'{self.name}: {message}', logger='current')
+        self._log.warn(f'training without CUDA graphs from now on: {reason}')
 
     def __getstate__(self):
         """Copies and pickles start without graphs (they hold the original's memory)."""

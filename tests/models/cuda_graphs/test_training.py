@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from mmseg_segman.models import SegMANEncoder
-from mmseg_segman.models import training_graph as tg
+from mmseg_segman.models.cuda_graphs import TrainingGraph
+from mmseg_segman.models.cuda_graphs import training as tg
 from mmseg_segman.models.decode_heads import SegMANHead
-from mmseg_segman.models.training_graph import TrainingGraph
 
-from ..conftest import captured_log
+from ...conftest import captured_log
 
 
 class Replays:
@@ -55,7 +55,7 @@ class FakeGraphs:
 def fake_graphs(monkeypatch):
     fake = FakeGraphs()
     monkeypatch.setattr(tg, '_GraphedStep', fake)
-    monkeypatch.setattr(tg, '_on_gpu', lambda inputs: True)
+    monkeypatch.setattr(tg, 'eager_only', lambda inputs: False)
     return fake
 
 
@@ -146,7 +146,7 @@ def test_not_graphed_in_eval_mode_without_grad_or_off_the_gpu(fake_graphs, monke
     graph(module.eval(), module.forward, x)
     with torch.no_grad():
         graph(module.train(), module.forward, x)
-    monkeypatch.setattr(tg, '_on_gpu', lambda inputs: False)
+    monkeypatch.setattr(tg, 'eager_only', lambda inputs: True)
     step(graph, module, x)
     assert fake_graphs.captures == 0
 
@@ -162,13 +162,13 @@ def test_sync_batch_norm_in_a_distributed_run_turns_it_off(fake_graphs, monkeypa
     module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)).train()
     monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
     graph = TrainingGraph('synced')
-    assert tg._unsupported(module) == "module '1' is a SyncBatchNorm in a distributed run (collectives)"
+    assert tg.unsupported(module) == "module '1' is a SyncBatchNorm in a distributed run (collectives)"
     with captured_log() as records:
         graph(module, lambda x: module[0](x), torch.randn(2, 3, 8, 8)).sum().backward()
     assert fake_graphs.captures == 0 and 'SyncBatchNorm in a distributed run' in graph._off
     assert 'training without CUDA graphs from now on' in records[0].getMessage()
     monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: False)
-    assert tg._unsupported(module) is None
+    assert tg.unsupported(module) is None
 
 
 def test_a_failed_capture_is_an_error(fake_graphs):
@@ -195,21 +195,21 @@ def test_segman_encoder_and_head_run_through_their_graphs(fake_graphs):
     head = SegMANHead(feat_proj_dim=32, in_channels=[32, 64, 144, 192], channels=16,
                       num_classes=3, dropout_ratio=0, cuda_graph=True).train()
     eager_encoder, eager_head = copy.deepcopy(encoder), copy.deepcopy(head)
-    eager_encoder.training_graph = eager_head.training_graph = None
+    eager_encoder.cuda_graphs = eager_head.cuda_graphs = None
     x = torch.randn(2, 3, 64, 64)
     for _ in range(2):
         logits, expected = head(encoder(x)), eager_head(eager_encoder(x))
         torch.testing.assert_close(logits, expected)
         logits.sum().backward()
     assert fake_graphs.captures == 2
-    assert encoder.training_graph._captured and head.training_graph._captured
+    assert encoder.cuda_graphs.training._captured and head.cuda_graphs.training._captured
 
 
 @pytest.mark.parametrize('other', ['with_cp', 'check_finite'])
 def test_segman_encoder_turns_cuda_graph_off_with(other):
     with captured_log() as records:
         encoder = SegMANEncoder('t', cuda_graph=True, **{other: True})
-    assert encoder.training_graph is None
+    assert encoder.cuda_graphs is None
     assert any(f'cuda_graph is off: {other} is set' in r.getMessage() for r in records)
 
 
@@ -223,14 +223,15 @@ def test_chained_graphs_give_eager_gradients_and_sums_on_the_gpu():
     the first one's replay), against the same two eager: outputs and gradients bit for bit
     (cuDNN's convolutions, no cuBLAS), also where gradients add up over two backward passes
     without zeroing (a ``.grad`` that is still a graph's buffer is copied before the next
-    replay would overwrite it)."""
+    replay would overwrite it); the caller's batches are left as they were."""
     torch.manual_seed(0)
     first = ConvBN().cuda().train()
     second = nn.Sequential(nn.Conv2d(4, 2, 3, padding=1), nn.BatchNorm2d(2)).cuda().train()
     eager_first, eager_second = copy.deepcopy(first), copy.deepcopy(second)
     graphs = TrainingGraph('first'), TrainingGraph('second')
-    for step_ in range(4):
-        x = torch.randn(2, 3, 16, 16, device='cuda')
+    batches = [torch.randn(2, 3, 16, 16, device='cuda') for _ in range(4)]
+    kept = [x.clone() for x in batches]
+    for step_, x in enumerate(batches):
         out = graphs[1](second, second.forward, graphs[0](first, first.forward, x))
         expected = eager_second(eager_first(x))
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
@@ -244,3 +245,5 @@ def test_chained_graphs_give_eager_gradients_and_sums_on_the_gpu():
                 eager.zero_grad(set_to_none=True)
     assert all(graph._captured is not None for graph in graphs)
     torch.testing.assert_close(first.bn.running_mean, eager_first.bn.running_mean, rtol=0, atol=0)
+    for x, before in zip(batches, kept):  # later batches copied into the graph's own inputs
+        assert torch.equal(x, before)
