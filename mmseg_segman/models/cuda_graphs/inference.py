@@ -192,6 +192,8 @@ class InferenceGraph:
 
     def release(self) -> None:
         """Drop the graphs and their memory (the module back in training, or moved)."""
+        if self._watched is None and not self._calls:
+            return  # nothing held (every training step asks)
         if self._graphs:
             self._graphs.clear()
             torch.cuda.empty_cache()
