@@ -15,6 +15,7 @@ from mmseg_segman.models.cuda_graphs import inference as ig
 from mmseg_segman.models.decode_heads import SegMANHead
 
 from ...conftest import captured_log
+from .modules import ConvBN
 
 
 class FakeReplays:
@@ -42,16 +43,6 @@ def fake(monkeypatch):
     monkeypatch.setattr(ig, '_Replay', replays)
     monkeypatch.setattr(ig, 'eager_only', lambda inputs: False)
     return replays
-
-
-class ConvBN(nn.Module):
-
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        return self.bn(self.conv(x))
 
 
 def infer(graph, module, x):

@@ -16,6 +16,7 @@ from mmseg_segman.models.cuda_graphs import training as tg
 from mmseg_segman.models.decode_heads import SegMANHead
 
 from ...conftest import captured_log
+from .modules import ConvBN
 
 
 class Replays:
@@ -57,16 +58,6 @@ def fake_graphs(monkeypatch):
     monkeypatch.setattr(tg, '_GraphedStep', fake)
     monkeypatch.setattr(tg, 'eager_only', lambda inputs: False)
     return fake
-
-
-class ConvBN(nn.Module):
-
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        return self.bn(self.conv(x))
 
 
 def step(graph, module, x):
