@@ -37,8 +37,8 @@ from torch import Tensor
 
 from .dense_conv import output_size
 from .depthwise_conv import RunningBatchNorm
-from .triton_jit import (aligned, alignment, cdiv, jit_with_runtime_ints, launch,
-                         next_power_of_2, records_autograd)
+from .triton_jit import (aligned, alignment, cdiv, conv_dot_precision, jit_with_runtime_ints,
+                         launch, next_power_of_2, records_autograd)
 from .triton_pointwise_conv import _normal_cdf_and_density
 
 # the map sizes change with the image; channel counts, kernel, stride and padding are the
@@ -131,13 +131,6 @@ def _dense_conv_kernel(x_ptr, w_ptr, bias_ptr, mean_ptr, var_ptr, gamma_ptr, bet
         out_offsets = (b * OUT_CHANNELS + o[None, :]) * out_pixels + p[:, None]
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty),
              mask=p_ok[:, None] & o_ok[None, :])
-
-
-def conv_dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s ``input_precision`` for ``dtype`` maps as cuDNN's convolutions make them:
-    TF32 where ``torch.backends.cudnn.allow_tf32`` (the default), else float32-accurate
-    (three TF32 products, ``tf32x3``); ignored for 16-bit maps."""
-    return 'tf32' if dtype != torch.float32 or torch.backends.cudnn.allow_tf32 else 'tf32x3'
 
 
 def is_channels_last(x: Tensor) -> bool:

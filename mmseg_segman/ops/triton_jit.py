@@ -153,6 +153,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     return 'tf32'
 
 
+def conv_dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for ``dtype`` maps as cuDNN's convolutions make them:
+    TF32 where ``torch.backends.cudnn.allow_tf32`` (PyTorch's default), else float32-accurate
+    (``tf32x3``); ignored for 16-bit maps. A kernel standing in for ``F.conv2d`` uses this
+    one, not :func:`dot_precision`."""
+    return 'tf32' if dtype != torch.float32 or torch.backends.cudnn.allow_tf32 else 'tf32x3'
+
+
 def _int_key(name: str) -> str:
     """The expression of an int argument's specialization: 1, a multiple of 16 or neither
     (0) for a 32-bit int; its width (signed or unsigned 64-bit) and divisibility by 16 else."""

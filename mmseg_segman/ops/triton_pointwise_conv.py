@@ -9,7 +9,8 @@ writes it again for each of them: in SegMAN-L's inference the bias alone (a broa
 took 14% of the GPU time, more than the products themselves, the layer scale (a grouped 1x1
 convolution), the GELU and the residual adds 8% more. One program here owns a
 ``BLOCK_O x BLOCK_P`` tile of outputs of one batch element and walks the input channels in
-steps of ``BLOCK_K`` on the tensor cores (float32 accumulation); programs of one pixel tile
+steps of ``BLOCK_K`` on the tensor cores (float32 accumulation; float32 maps in TF32 where
+cuDNN's convolutions are, :func:`~.triton_jit.conv_dot_precision`); programs of one pixel tile
 are launched together, so its input is read from the cache by all but the first. The weight
 is read in its own dtype and rounded to the map's in the tile, as autocast rounds it: eagerly
 the float32 parameter, with no cast launched (eager inference is bound by the host's time);
@@ -47,7 +48,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import cast
-from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, dot_precision,
+from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, conv_dot_precision,
                          jit_with_runtime_ints, launch, records_autograd)
 
 # the pixel count changes with the input size: a runtime int, aligned by ALIGN (specialised by
@@ -226,7 +227,7 @@ def _product(x: Tensor, weight: Tensor, out_dtype: torch.dtype, bias: Optional[T
            *w_strides, HAS_BIAS=bias is not None, GELU=gelu, GELU_GRAD=gelu_grad is not None,
            HAS_SHORTCUT=shortcut is not None, HAS_SCALE=scale is not None and not transpose,
            HAS_SHIFT=shift is not None, HAS_SAMPLE=sample_scale is not None,
-           SCALE_K=scale is not None and transpose, DOT_PRECISION=dot_precision(x.dtype),
+           SCALE_K=scale is not None and transpose, DOT_PRECISION=conv_dot_precision(x.dtype),
            BLOCK_O=config.block_o, BLOCK_P=config.block_p, BLOCK_K=config.block_k,
            ALIGN=alignment(pixels), num_warps=config.num_warps, num_stages=config.num_stages)
     return out

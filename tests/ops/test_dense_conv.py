@@ -133,7 +133,7 @@ def check_shapes_and_layouts():
 
 def check_float32_products_follow_cudnn_tf32_switch():
     """The kernel's float32 products are TF32 where cuDNN's may be, float32-accurate else."""
-    from mmseg_segman.ops.triton_dense_conv import conv_dot_precision
+    from mmseg_segman.ops.triton_jit import conv_dot_precision
 
     allowed = torch.backends.cudnn.allow_tf32
     try:

@@ -113,6 +113,23 @@ def test_bad_arguments_are_refused():
         pointwise_conv2d(x, w, b, residual=(shortcut, ))
 
 
+def test_triton_float32_products_follow_cudnn_tf32_switch(monkeypatch):
+    """The Triton 1x1 convolution rounds float32 maps as its reference ``F.conv2d`` (cuDNN)
+    does: in TF32 where ``cudnn.allow_tf32`` (the default), whatever the matmul precision
+    (float32-accurate products cost SegMAN-L 4x its bf16 time, docs/benchmarks.md)."""
+    pytest.importorskip('triton')
+    from mmseg_segman.ops import triton_pointwise_conv as tpw
+    seen = []
+    monkeypatch.setattr(tpw, 'launch', lambda *args, **kwargs: seen.append(kwargs['DOT_PRECISION']))
+    x, w = torch.randn(1, 8, 4, 4), torch.randn(16, 8, 1, 1)
+    assert torch.get_float32_matmul_precision() == 'highest'
+    for allowed in (True, False):
+        monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', allowed)
+        tpw._product(x, w, torch.float32)
+        tpw._product(x.bfloat16(), w, torch.bfloat16)
+    assert seen == ['tf32', 'tf32', 'tf32x3', 'tf32']
+
+
 def test_triton_pointwise_conv_in_interpreter():
     pytest.importorskip('triton')
     from .triton_interpreter import assert_checks_pass_in_interpreter
