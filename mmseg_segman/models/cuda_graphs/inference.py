@@ -145,8 +145,8 @@ class InferenceGraph:
         watched = self._watched
         if watched is None or not watched.current():
             if watched is not None:
-                self._log.say('moved', 'parameters or buffers moved or replaced: inference graphs '
-                              'captured again')
+                self._log.say('moved', 'parameters or buffers moved or replaced, or modules '
+                              'registered somewhere: inference graphs captured again')
             self.release()
             _watch_structure()
             watched = self._watched = _Watched(module)
