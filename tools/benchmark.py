@@ -49,7 +49,8 @@ PEER_CONFIGS = {
     **{f'segnext-{s}': f'segnext/segnext_mscan-{s}_1xb16-adamw-160k_ade20k-512x512.py' for s in 'tsbl'},
 }
 MODELS = [f'segman-{a}' for a in ENCODER_ARCHS] + list(PEER_CONFIGS)
-# SegMAN with cuda_graph=True (encoder and head replay CUDA graphs of their training steps)
+# SegMAN with cuda_graph=True (encoder and head replay CUDA graphs of their training steps and
+# inference forwards, as the configs build them)
 GRAPHED = [f'segman-{a}-graphed' for a in ENCODER_ARCHS]
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 NUM_CLASSES = 150
