@@ -16,7 +16,6 @@ For each model, one eager and one graphed copy with the same weights, ``torch.in
   timings, so that each batch gets its own); ``reserved_gib`` after the run.
 """
 import argparse
-import copy
 import statistics
 import sys
 import time
@@ -26,18 +25,11 @@ import torch
 from mmengine.config import ConfigDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import build_model, data_samples, write_row  # noqa: E402  (tools/benchmark.py)
-
-from mmseg_segman.models.cuda_graphs import CUDAGraphs  # noqa: E402
+from check_training_graph import graphed  # noqa: E402
 
 SIZES = [(512, 512), (512, 683), (683, 512)]
-
-
-def graphed(model):
-    model = copy.deepcopy(model)
-    model.backbone.cuda_graphs = CUDAGraphs('SegMANEncoder')
-    model.decode_head.cuda_graphs = CUDAGraphs('SegMANHead')
-    return model
 
 
 def logits_difference(eager, graph, dtype) -> float:

@@ -33,6 +33,8 @@ from mmseg_segman.models.cuda_graphs import CUDAGraphs  # noqa: E402
 
 
 def graphed(model):
+    """A copy of ``model`` whose encoder and head replay CUDA graphs, as ``cuda_graph=True``
+    builds them (training and inference)."""
     model = copy.deepcopy(model)
     model.backbone.cuda_graphs = CUDAGraphs('SegMANEncoder')
     model.decode_head.cuda_graphs = CUDAGraphs('SegMANHead')

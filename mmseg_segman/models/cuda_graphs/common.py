@@ -43,23 +43,22 @@ def addresses(module: nn.Module) -> List[int]:
 
 
 def unsupported(module: nn.Module) -> Optional[str]:
-    """Why ``module``'s training step cannot be graphed, or None (an inference forward only
-    needs the first test: an evaluating SyncBatchNorm runs no collectives)."""
+    """Why ``module``'s training step cannot be graphed, or None."""
     for name, sub in module.named_modules():
         if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks \
                 or sub._backward_pre_hooks:
             return f'module {name or type(module).__name__!r} has hooks, which a graph would not run'
-        if isinstance(sub, nn.SyncBatchNorm) and module.training \
-                and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if isinstance(sub, nn.SyncBatchNorm) and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
             return f'module {name!r} is a SyncBatchNorm in a distributed run (collectives)'
     return None
 
 
 def copy_into(statics: Sequence[Optional[Tensor]], givens: Sequence[Tensor]) -> None:
     """Copy each given tensor into its graph's static tensor, skipping a static that is None
-    (no gradient flows there) or that already is the given memory."""
+    (no gradient flows there)."""
     for static, given in zip(statics, givens):
-        if static is not None and static.data_ptr() != given.data_ptr():
+        if static is not None:
             static.copy_(given)
 
 
