@@ -2,14 +2,16 @@
 traffic of the block's feature map: which kernels are far from the memory bound.
 
     python3 tools/gpu_checks/check_block_kernels.py [--arch l] [--batch 16] [--size 512] \
-        [--mode infer|train] [--steps 5] [--stages 1 2 3 4] [--compile] [--out kernels.jsonl]
+        [--mode infer|train] [--steps 5] [--stages 1 2 3 4] [--compile] [--dtype bf16|fp32] \
+        [--out kernels.jsonl]
 
-For each stage of a SegMAN size, the first block of the stage (the fast path, bf16 autocast,
-eval mode for ``infer``; forward and backward for ``train``) runs ``--steps`` times under
-``torch.profiler``. Each kernel, copy or memset of a step is listed in launch order with its
-mean duration (us) and ``maps``: how many reads or writes of the stage's ``(B, C, H, W)``
-bf16 map the H100's peak memory bandwidth (3.35 TB/s) would move in that time. A kernel whose
-``maps`` is well above the number of maps it reads and writes is far from the memory bound.
+For each stage of a SegMAN size, the first block of the stage (the fast path, bf16 autocast
+or with ``--dtype fp32`` float32, eval mode for ``infer``; forward and backward for
+``train``) runs ``--steps`` times under ``torch.profiler``. Each kernel, copy or memset of a
+step is listed in launch order with its mean duration (us) and ``maps``: how many reads or
+writes of the stage's ``(B, C, H, W)`` map (in ``--dtype``) the H100's peak memory bandwidth
+(3.35 TB/s) would move in that time. A kernel whose ``maps`` is well above the number of
+maps it reads and writes is far from the memory bound.
 Then the block's total, and the total times the stage's depth. One JSON line per stage.
 ``--compile``: the block through ``torch.compile`` (inductor, no CUDA graphs; its glue fused
 into its own kernels); with ``SEGMAN_BACKEND_<OP>=torch`` an op runs as PyTorch code that
@@ -65,8 +67,10 @@ def backend_environment() -> Dict[str, str]:
 
 
 def profile_block(block, x: torch.Tensor, sin, cos, mode: str, steps: int) -> List[Dict]:
+    """The block's kernels under bf16 autocast if ``x`` is bf16, else in ``x``'s dtype."""
     def step():
-        with record_function(STEP), torch.autocast('cuda', dtype=torch.bfloat16):
+        with record_function(STEP), torch.autocast('cuda', dtype=torch.bfloat16,
+                                                   enabled=x.dtype == torch.bfloat16):
             if mode == 'infer':
                 with torch.inference_mode():
                     block(x, sin, cos)
@@ -96,11 +100,14 @@ def main() -> None:
     parser.add_argument('--steps', type=int, default=5)
     parser.add_argument('--stages', nargs='+', type=int, default=[1, 2, 3, 4])
     parser.add_argument('--compile', action='store_true', help='each block through torch.compile')
+    parser.add_argument('--dtype', choices=['bf16', 'fp32'], default='bf16',
+                        help='bf16 autocast (the default) or float32 throughout')
     parser.add_argument('--out', help='append JSON lines here')
     args = parser.parse_args()
     print(f'# torch {torch.__version__}, {torch.cuda.get_device_name()}, compiled: {args.compile}, '
           f'backends: {backend_environment() or "default"}', flush=True)
     encoder = SegMANEncoder(arch=args.arch).cuda().train(args.mode == 'train')
+    dtype = torch.bfloat16 if args.dtype == 'bf16' else torch.float32
     depths = ENCODER_ARCHS[args.arch]['depths']
     grand_total = 0.0
     for index, stage in enumerate(encoder.stages):
@@ -108,13 +115,13 @@ def main() -> None:
             continue
         side = args.size // 4 // 2 ** index
         channels = ENCODER_ARCHS[args.arch]['embed_dims'][index]
-        x = torch.randn(args.batch, channels, side, side, device='cuda', dtype=torch.bfloat16,
+        x = torch.randn(args.batch, channels, side, side, device='cuda', dtype=dtype,
                         requires_grad=args.mode == 'train')
         sin, cos = stage.rope((side, side))
         block = torch.compile(stage.blocks[0]) if args.compile else stage.blocks[0]
         kernels = profile_block(block, x, sin, cos, args.mode, args.steps)
         map_bytes = x.numel() * x.element_size()
-        print(f'## stage {index + 1}: ({args.batch}, {channels}, {side}, {side}) bf16 map '
+        print(f'## stage {index + 1}: ({args.batch}, {channels}, {side}, {side}) {args.dtype} map '
               f'{map_bytes / 2 ** 20:.1f} MiB, {args.mode}', flush=True)
         for k in kernels:
             k['maps'] = round(k['us'] * PEAK_BYTES_PER_US / map_bytes, 2)
@@ -123,7 +130,8 @@ def main() -> None:
         grand_total += total * depths[index]
         print(f'block {total:.1f} us; x {depths[index]} blocks = {total * depths[index] / 1e3:.2f} ms',
               flush=True)
-        write_row(dict(arch=args.arch, stage=index + 1, mode=args.mode, compiled=args.compile,
+        write_row(dict(arch=args.arch, stage=index + 1, mode=args.mode, dtype=args.dtype,
+                       compiled=args.compile,
                        backends=backend_environment(), batch=args.batch,
                        size=args.size, map_mib=round(map_bytes / 2 ** 20, 2),
                        block_us=round(total, 1), stage_ms=round(total * depths[index] / 1e3, 3),

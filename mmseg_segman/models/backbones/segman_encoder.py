@@ -1,4 +1,5 @@
 """SegMAN encoder: a four-stage hierarchy of LASS blocks (local attention + state space)."""
+from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -21,6 +22,7 @@ from ...ops.pointwise_conv import Residual
 from ...ops.resize import bicubic_matrix
 from ..layers import (SS2D, ConvNormSequence, DenseConv2d, DepthwiseConv2d, LayerNorm2d,
                       PointwiseConv2d, RoPE2d, SegMANBlock)
+from ..layers.recompute import recomputed_for_backward
 from ..strict_loading import WeightsMismatchError, refuse_mismatched_weights
 from ..cuda_graphs import CUDAGraphs
 from ..variants import ENCODER_ARCHS
@@ -115,6 +117,21 @@ class LASS(nn.Module):
             return depthwise_conv2d(y, conv.weight, conv.bias, norm=running, activation='silu')
         return F.silu(self.dwconv(y))
 
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Neighborhood attention of ``(B, heads, H, W, head_dim)`` queries, keys and values
+        (rotated ``q`` and ``k``), then in global mode the global attention with its result
+        as the values: ``(B, heads, H, W, head_dim)``, or ``(B, heads, H * W, head_dim)`` in
+        global mode."""
+        y = neighborhood_attention_2d(q, k, v, self.kernel_size,
+                                      None if self.rpb is None else self.rpb[0])
+        if not self.global_mode:
+            return y
+        batch, heads, height, width, head_dim = q.shape
+        tokens = height * width
+        return biased_attention(q.reshape(batch, heads, tokens, head_dim),
+                                k.reshape(batch, heads, tokens, head_dim),
+                                y.reshape(batch, heads, tokens, head_dim), self._global_bias(tokens))
+
     def forward(self, x: Tensor, sin: Tensor, cos: Tensor,
                 residual: Optional[Residual] = None) -> Tensor:
         """``(B, C, H, W) -> (B, C, H, W)``; ``sin``/``cos`` ``(H, W, head_dim)`` from RoPE2d;
@@ -125,16 +142,14 @@ class LASS(nn.Module):
         # v's channels as a map: a view of qkv, so that lepe's gradient joins v's (a channel
         # slice of qkv would zero-fill and copy a map of 3C channels in the backward pass)
         lepe = self.lepe(v.permute(0, 1, 4, 2, 3).reshape(batch, channels, height, width))
-        q = rotary_embedding_2d(q, sin, cos, self.scale)
-        k = rotary_embedding_2d(k, sin, cos)
-        y = neighborhood_attention_2d(q, k, v, self.kernel_size,
-                                      None if self.rpb is None else self.rpb[0])
+        rotate_q = partial(rotary_embedding_2d, sin=sin, cos=cos, scale=self.scale)
+        rotate_k = partial(rotary_embedding_2d, sin=sin, cos=cos)
+        q_rotated, k_rotated = rotate_q(q), rotate_k(k)
+        # the attention's backward pass rotates q and k again (qkv, lepe's input, is kept)
+        with recomputed_for_backward(q_rotated, q, rotate_q), \
+                recomputed_for_backward(k_rotated, k, rotate_k):
+            y = self._attention(q_rotated, k_rotated, v)
         if self.global_mode:
-            tokens = height * width
-            y = biased_attention(q.reshape(batch, self.num_heads, tokens, self.head_dim),
-                                 k.reshape(batch, self.num_heads, tokens, self.head_dim),
-                                 y.reshape(batch, self.num_heads, tokens, self.head_dim),
-                                 self._global_bias(tokens))
             y = y.transpose(-1, -2).reshape(batch, channels, height, width) + lepe
         else:
             y = y.permute(0, 1, 4, 2, 3).reshape(batch, channels, height, width)

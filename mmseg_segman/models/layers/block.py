@@ -1,5 +1,5 @@
 """The residual block shared by the encoder stages and the decoder's scan block."""
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from mmcv.cnn.bricks import DropPath
@@ -9,6 +9,7 @@ from ...ops.pointwise_conv import Residual
 from .conv import DepthwiseConv2d
 from .ffn import ConvFFN
 from .norm import LayerNorm2d
+from .recompute import recomputed_for_backward
 
 
 class LayerScale(nn.Module):
@@ -28,7 +29,9 @@ class SegMANBlock(nn.Module):
     ``x = x + cpe1(x); x = x + drop_path(ls1(token_mixer(norm1(x), *mixer_args)))``
     ``x = x + cpe2(x); x = x + drop_path(ls2(mlp(norm2(x))))``
 
-    The token mixer and the FFN take each residual connection (``x + drop_path(ls(.))``) as a
+    The norms' backward passes recompute their inputs from the ``cpe`` convolutions' inputs
+    (:func:`~.recompute.recomputed_for_backward`). The token mixer and the FFN take each
+    residual connection (``x + drop_path(ls(.))``) as a
     :class:`~mmseg_segman.ops.pointwise_conv.Residual` and apply it themselves, inside the op of
     their last 1x1 convolution where they end with one (one pass on the fast path).
 
@@ -59,10 +62,17 @@ class SegMANBlock(nn.Module):
             self.layer_scale2 = LayerScale(embed_dim, layer_scale_init)
 
     def forward(self, x: Tensor, *mixer_args) -> Tensor:
-        x = self.cpe1(x)
-        x = self.token_mixer(self.norm1(x), *mixer_args, residual=self._residual(x, self.layer_scale1))
-        x = self.cpe2(x)
-        return self.mlp(self.norm2(x), residual=self._residual(x, self.layer_scale2))
+        x, normed = self._cpe_and_norm(x, self.cpe1, self.norm1)
+        x = self.token_mixer(normed, *mixer_args, residual=self._residual(x, self.layer_scale1))
+        x, normed = self._cpe_and_norm(x, self.cpe2, self.norm2)
+        return self.mlp(normed, residual=self._residual(x, self.layer_scale2))
+
+    @staticmethod
+    def _cpe_and_norm(x: Tensor, cpe: DepthwiseConv2d, norm: LayerNorm2d) -> Tuple[Tensor, Tensor]:
+        """``(cpe(x), norm(cpe(x)))``; the norm's backward pass recomputes ``cpe(x)``."""
+        x_cpe = cpe(x)
+        with recomputed_for_backward(x_cpe, x, cpe.forward):
+            return x_cpe, norm(x_cpe)
 
     def _residual(self, shortcut: Tensor, layer_scale: nn.Module) -> Residual:
         """``shortcut + drop_path(layer_scale(.))`` as a :class:`Residual`: stochastic depth

@@ -6,13 +6,15 @@ from torch import Tensor, nn
 
 from ...ops.pointwise_conv import Residual
 from .conv import DepthwiseConv2d, PointwiseConv2d
+from .recompute import recomputed_for_backward
 
 
 class ConvFFN(nn.Module):
     """1x1 conv -> activation (GELU) -> ``x + dwconv3x3(x)`` -> 1x1 conv on ``(B, C, H, W)``.
 
     An exact GELU runs inside ``fc1``'s op (one pass on the fast path); another activation
-    runs as its own layer."""
+    runs as its own layer. ``fc2``'s backward pass recomputes its input from ``dwconv``'s
+    (:func:`~.recompute.recomputed_for_backward`)."""
 
     def __init__(self, embed_dim: int, ffn_dim: int, act_cfg: Dict = dict(type='GELU')):
         super().__init__()
@@ -28,4 +30,6 @@ class ConvFFN(nn.Module):
         hidden = self.fc1(x, self.fused_activation)
         if self.fused_activation is None:
             hidden = self.act(hidden)
-        return self.fc2(self.dwconv(hidden), residual=residual)
+        mixed = self.dwconv(hidden)
+        with recomputed_for_backward(mixed, hidden, self.dwconv.forward):
+            return self.fc2(mixed, residual=residual)

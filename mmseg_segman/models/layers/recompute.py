@@ -1,0 +1,81 @@
+"""Tensors the backward pass needs, recomputed from one it keeps anyway instead of kept.
+
+A block's depthwise convolutions with a residual (``cpe1``, ``cpe2``, the FFN's ``dwconv``)
+make maps that the next layer's op saves for its backward pass, while the convolution's own
+op saves their input. :func:`recomputed_for_backward` makes autograd keep the input alone
+and run the convolution again when the backward pass unpacks the map: a memory-bound kernel
+in exchange for one map a layer (1.8 of SegMAN-L's 9.3 GiB of saved activations at batch 8,
+docs/benchmarks.md).
+"""
+import weakref
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, ContextManager, Iterator, NamedTuple, Tuple
+
+import torch
+from torch import Tensor
+
+
+class _Recompute(NamedTuple):
+    """What autograd keeps in place of a view of ``output``: ``source`` (packed by the
+    enclosing hooks, if any) and the view's size, strides and offset."""
+    source: Any
+    view: Tuple[torch.Size, Tuple[int, ...], int]
+
+
+def recomputed_for_backward(output: Tensor, source: Tensor,
+                            fn: Callable[[Tensor], Tensor]) -> ContextManager[None]:
+    """Within, an op that saves ``output`` (or a view of it) for its backward pass saves
+    ``source`` instead, and its backward pass gets ``fn(source)`` (computed under
+    ``torch.no_grad()``, in the autocast of the forward pass).
+
+    ``output`` must be ``fn(source)``, and ``source`` should be kept by autograd anyway (else
+    this costs memory). An enclosing ``saved_tensors_hooks`` (activation checkpointing,
+    offloading) packs what this keeps: ``source`` where ``output`` was. Nothing changes where autograd records nothing, under
+    ``torch.compile`` (inductor chooses what to recompute), while tracing, or where
+    ``output`` does not fill its memory alone (views of it could not be made again).
+    """
+    if not (torch.is_grad_enabled() and output.requires_grad) or torch.compiler.is_compiling() \
+            or torch.jit.is_tracing() or output.storage_offset() != 0 \
+            or output.untyped_storage().nbytes() != output.numel() * output.element_size():
+        return nullcontext()
+    return _hooks(output, source, fn)
+
+
+@contextmanager
+def _hooks(output: Tensor, source: Tensor, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    # the hooks this context replaces (only the innermost pair runs): they receive what it keeps
+    enclosing = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    outer_pack, outer_unpack = enclosing or (_identity, _identity)
+    storage, dtype, device_type = output.untyped_storage()._cdata, output.dtype, output.device.type
+    output_shape, output_stride = output.shape, output.stride()
+    # autograd keeps the hooks as long as what they packed: they must not keep ``source`` (an
+    # enclosing checkpoint would not free it), which is alive wherever ``pack`` runs
+    source_ref = weakref.ref(source)
+    has_autocast = torch.amp.is_autocast_available(device_type)  # not on 'meta'
+    autocast = torch.get_autocast_dtype(device_type) \
+        if has_autocast and torch.is_autocast_enabled(device_type) else None
+
+    def pack(t: Tensor) -> Any:
+        if t.dtype != dtype or t.untyped_storage()._cdata != storage:
+            return outer_pack(t)
+        view = (t.shape, t.stride(), t.storage_offset())
+        return _Recompute(outer_pack(source_ref().detach()), view)
+
+    def unpack(packed: Any) -> Tensor:
+        if not isinstance(packed, _Recompute):
+            return outer_unpack(packed)
+        forward_autocast = nullcontext() if not has_autocast else torch.autocast(
+            device_type, dtype=autocast, enabled=autocast is not None, cache_enabled=False)
+        with torch.no_grad(), forward_autocast:
+            full = fn(outer_unpack(packed.source))
+        if full.stride() != output_stride or full.dtype != dtype:  # as the forward pass had it
+            full = torch.empty_strided(output_shape, output_stride, dtype=dtype,
+                                       device=full.device).copy_(full)
+        return full.as_strided(*packed.view)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def _identity(t: Any) -> Any:
+    return t

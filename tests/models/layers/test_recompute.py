@@ -1,0 +1,192 @@
+"""recomputed_for_backward: what autograd keeps, and gradients equal to keeping the tensor."""
+import sys
+from contextlib import ExitStack, nullcontext
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmseg_segman.models import SegMANEncoder
+from mmseg_segman.models.variants import ENCODER_ARCHS
+from mmseg_segman.models.layers import SS2D, SegMANBlock
+from mmseg_segman.models.layers.recompute import recomputed_for_backward
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / 'tools' / 'analysis_tools'))
+from saved_for_backward import saved_bytes_by_module  # noqa: E402
+
+TINY = dict(embed_dims=[8, 16, 24, 32], depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4],
+            window_size=[5, 3, 3, 3], mlp_ratios=[2, 2, 2, 2], layerscales=[True] * 4)
+
+
+def kept_storages(fn, *args):
+    """``(result, {storage: nbytes})`` of what autograd keeps for ``fn(*args)``'s backward."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return fn(*args), kept
+
+
+def conv_then_norm(x, weight, recompute_on=True):
+    """``layer_norm`` (which keeps a permuted view of its input) of ``x + dwconv(x)``."""
+    def dwconv(source):
+        return source + F.conv2d(source, weight, padding=1, groups=source.shape[1])
+
+    y = dwconv(x)
+    with recomputed_for_backward(y, x, dwconv) if recompute_on else nullcontext():
+        normed = F.layer_norm(y.permute(0, 2, 3, 1), y.shape[1:2])
+        return (normed * torch.arange(normed.numel()).view(normed.shape).cos()).sum(), y
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+def test_the_tensor_is_not_kept_and_the_gradients_are_unchanged(autocast):
+    torch.manual_seed(0)
+    weight = torch.randn(4, 1, 3, 3, requires_grad=True)
+    x = torch.randn(2, 4, 5, 6, requires_grad=True)
+    grads, kept = [], []
+    for recompute_on in (False, True):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            (loss, y), saved = kept_storages(conv_then_norm, x, weight, recompute_on)
+        kept.append(y.untyped_storage()._cdata in saved)
+        grads.append(torch.autograd.grad(loss, (x, weight)))
+    assert kept == [True, False]
+    for plain, recomputed in zip(*grads):
+        assert torch.equal(plain, recomputed)
+
+
+def test_an_enclosing_hook_receives_the_source_where_the_tensor_was():
+    """The enclosing hooks (checkpointing, offloading) pack ``x`` in ``y``'s place and
+    unpack it for the recomputation."""
+    torch.manual_seed(0)
+    weight = torch.randn(4, 1, 3, 3)
+    x = torch.randn(2, 4, 5, 6, requires_grad=True)
+    packed, unpacked = [], []
+
+    def pack(t):
+        packed.append(t)
+        return t.clone()  # as an offload: a copy, so what comes back is what was packed
+
+    def unpack(t):
+        unpacked.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        loss, y = conv_then_norm(x, weight)
+    assert not any(t.untyped_storage()._cdata == y.untyped_storage()._cdata for t in packed)
+    assert any(torch.equal(t, x) for t in packed)
+    grad, = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(grad, torch.autograd.grad(conv_then_norm(x, weight, False)[0], x)[0],
+                               rtol=0, atol=0)
+    assert any(torch.equal(t, x) for t in unpacked)
+
+
+def test_the_recomputation_takes_the_layout_the_forward_pass_had():
+    x = torch.randn(2, 4, 5, 6, requires_grad=True)
+    layouts = iter([torch.contiguous_format, torch.channels_last])  # forward, then backward
+
+    def doubled(source):
+        return (source * 2).contiguous(memory_format=next(layouts))
+
+    y = doubled(x)
+    with recomputed_for_backward(y, x, doubled):
+        loss = (y.permute(0, 2, 3, 1) ** 2).sum()
+    grad, = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(grad, 8 * x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('case', ['no grad', 'a view', 'not requiring grad'])
+def test_nothing_changes_where_there_is_nothing_to_recompute(case):
+    x = torch.randn(2, 3, requires_grad=case != 'not requiring grad')
+    fn = mock.Mock(side_effect=lambda t: t * 2)
+    with torch.no_grad() if case == 'no grad' else nullcontext():
+        y = x * 2
+        if case == 'a view':
+            y = y[1:]
+        with recomputed_for_backward(y, x, fn):
+            loss = (y ** 2).sum()
+    if loss.requires_grad:
+        loss.backward()
+    fn.assert_not_called()
+
+
+def test_a_block_keeps_less_and_its_gradients_are_unchanged():
+    """cpe1 -> norm1, cpe2 -> norm2 and the FFN's dwconv -> fc2: the three maps are made again
+    (float32 on the CPU: bit for bit the gradients of keeping them)."""
+    torch.manual_seed(0)
+    block = SegMANBlock(8, SS2D(8), ffn_dim=16).train()
+    x = torch.randn(2, 8, 6, 7, requires_grad=True)
+    results = []
+    for recompute_on in (False, True):
+        with nullcontext() if recompute_on else kept_as_before():
+            out, kept = kept_storages(block, x)
+        results.append((sum(kept.values()), torch.autograd.grad(out.square().sum(),
+                                                                 (x, *block.parameters()))))
+    (plain_bytes, plain_grads), (bytes_, grads) = results
+    map_bytes = 2 * 8 * 6 * 7 * 4  # a float32 map of the block's 8 channels
+    assert plain_bytes - bytes_ == 4 * map_bytes  # cpe1's, cpe2's and the FFN's 16 channels
+    for plain, recomputed in zip(plain_grads, grads):
+        assert torch.equal(plain, recomputed)
+
+
+def kept_as_before(modules=('layers.block', 'layers.ffn')):
+    """``recomputed_for_backward`` doing nothing in ``modules`` (of ``mmseg_segman.models``)."""
+    stack = ExitStack()
+    for module in modules:
+        stack.enter_context(mock.patch(f'mmseg_segman.models.{module}.recomputed_for_backward',
+                                       lambda *args: nullcontext()))
+    return stack
+
+
+def test_the_attention_rotates_q_and_k_again():
+    """On the GPU's path (fake CUDA tensors, Triton kernels not launched) LASS keeps ``qkv``
+    (lepe's input) and rotates q and k again for the attention's backward pass: two maps fewer
+    a block (on the CPU's path the attention keeps copies of them)."""
+    pytest.importorskip('triton')
+    kept = saved_bytes_by_module('t', 2, 64, 96, 'fast')[0]
+    with kept_as_before(['backbones.segman_encoder']):
+        kept_before = saved_bytes_by_module('t', 2, 64, 96, 'fast')[0]
+    arch = ENCODER_ARCHS['t']
+    maps = [2 * channels * (64 // stride) * (96 // stride) * 4 * depth for channels, stride, depth
+            in zip(arch['embed_dims'], (4, 8, 16, 32), arch['depths'])]  # float32 (B, C, H, W)
+    assert kept_before - kept == 2 * sum(maps)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='the fast path needs CUDA')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_gradients_on_the_gpu_are_those_of_keeping_the_maps(dtype):
+    """The Triton kernels' recomputations give the gradients of keeping the maps (up to the
+    order of the weight gradients' atomic sums)."""
+    torch.manual_seed(0)
+    encoder = SegMANEncoder(arch=TINY).cuda().train()
+    x = torch.randn(2, 3, 64, 96, device='cuda')
+    grads = []
+    for recompute_on in (False, True):
+        modules = ['backbones.segman_encoder', 'layers.block', 'layers.ffn']
+        with nullcontext() if recompute_on else kept_as_before(modules), \
+                torch.autocast('cuda', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = sum(o.float().square().mean() for o in encoder(x))
+        grads.append(torch.autograd.grad(loss, list(encoder.parameters())))
+    for (name, _), plain, recomputed in zip(encoder.named_parameters(), *grads):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_encoder_with_checkpointing_and_without():
+    """Inside ``with_cp``'s non-reentrant checkpoint the recomputations nest: the gradients
+    are those without checkpointing."""
+    torch.manual_seed(0)
+    plain = SegMANEncoder(arch=TINY).train()
+    checkpointed = SegMANEncoder(arch=TINY, with_cp=True).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 40, 40)
+    grads = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)
+        sum(o.square().sum() for o in model(x)).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
