@@ -38,7 +38,7 @@ recompute runs on the same backends.
 import importlib.util
 import os
 from contextlib import contextmanager, nullcontext
-from functools import wraps
+from functools import lru_cache, wraps
 from typing import (Callable, ContextManager, Dict, Iterator, List, Mapping, NamedTuple, Optional,
                     Tuple, Union)
 
@@ -143,6 +143,28 @@ def autocast_off(device_type: str) -> ContextManager[None]:
     if device_type in _AUTOCAST_DEVICE_TYPES:
         return torch.autocast(device_type, enabled=False)
     return nullcontext()
+
+
+def tensor_cache(maxsize: int) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """``functools.lru_cache`` for a function that makes a tensor from hashable arguments (a
+    resize matrix, a window's one-hot classes), bypassed while ``torch.compile`` traces
+    (dynamo would trace through the cache) and under a ``FakeTensorMode`` (a fake tensor holds
+    no memory: a later real call given it would read none, docs/benchmarks.md)."""
+
+    def decorate(build: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        cached = lru_cache(maxsize=maxsize)(build)
+
+        @wraps(build)
+        def get(*args, **kwargs) -> torch.Tensor:
+            if torch.compiler.is_compiling() or \
+                    torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+                return build(*args, **kwargs)
+            return cached(*args, **kwargs)
+
+        get.cache_clear = cached.cache_clear
+        return get
+
+    return decorate
 
 
 def registered_ops() -> Dict[str, 'OpDispatcher']:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .dispatch import (TRITON_DTYPES, Backend, OpDispatcher, cast, promote_types, runs_anywhere,
-                       triton_unavailable)
+                       tensor_cache, triton_unavailable)
 
 
 def window_starts(length: int, kernel_size: int, device=None) -> Tensor:
@@ -152,7 +152,7 @@ def _window_mask_mod(height: int, width: int, kernel_size: int, device) -> Calla
     return mask_mod
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _window_block_mask(height: int, width: int, kernel_size: int, device: torch.device):
     """Block mask of the windows for ``height * width`` row-major tokens, cached per size.
 

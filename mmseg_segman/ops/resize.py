@@ -7,36 +7,28 @@ backward scatters with atomic adds, 11% of SegMAN-B's training step on an H200 w
 resized the logits to the labels with it) and ``torch`` (``F.interpolate``, the reference,
 and what an ONNX export and ``torch.compile`` get).
 """
-from functools import lru_cache, wraps
+from functools import wraps
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import Backend, OpDispatcher, autocast_dtype, runs_anywhere
+from .dispatch import Backend, OpDispatcher, autocast_dtype, runs_anywhere, tensor_cache
 
 
 def _cached_matrix(build: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``build(in_size, out_size, *args, device)`` (a float32 matrix) in ``dtype``, cached per
-    arguments (the same few sizes recur) and built as a normal tensor inside
-    ``torch.inference_mode`` too, so that autograd may save it later. Under ``torch.compile``
-    it is built in the graph (dynamo would trace through the cache, and warn)."""
+    arguments (the same few sizes recur, :func:`~.dispatch.tensor_cache`) and built as a
+    normal tensor inside ``torch.inference_mode`` too, so that autograd may save it later."""
 
-    @lru_cache(maxsize=64)
-    def cached(in_size: int, out_size: int, *args, dtype: torch.dtype,
+    @tensor_cache(maxsize=64)
+    @wraps(build)
+    def matrix(in_size: int, out_size: int, *args, dtype: torch.dtype,
                device: torch.device) -> Tensor:
         with torch.inference_mode(False), torch.no_grad():
             return build(in_size, out_size, *args, device=device).to(dtype)
 
-    @wraps(build)
-    def matrix(in_size: int, out_size: int, *args, dtype: torch.dtype,
-               device: torch.device) -> Tensor:
-        if torch.compiler.is_compiling():
-            return build(in_size, out_size, *args, device=device).to(dtype)
-        return cached(in_size, out_size, *args, dtype=dtype, device=device)
-
-    matrix.cache_clear = cached.cache_clear
     return matrix
 
 

@@ -48,7 +48,6 @@ size, rpb or not, layout) serves every batch and map size.
 ``torch.autograd.Function``, or launch the forward directly where autograd does not record.
 """
 import math
-from functools import lru_cache
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -57,6 +56,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .dispatch import tensor_cache
 from .triton_jit import (TritonAutogradOp, cdiv, dot_precision, jit_with_runtime_ints, launch,
                          next_power_of_2, records_autograd)
 
@@ -463,7 +463,7 @@ def _na2d_forward_fake(q, k, v, rpb, kernel_size, blocks):
     return _channels_first(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def _window_class_one_hot(length: int, kernel_size: int, device: torch.device) -> Tensor:
     """``(length, k)`` float32: query ``i`` in class ``start(i) - i + k - 1``, the bias row of
     its window's first key."""

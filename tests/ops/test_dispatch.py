@@ -4,7 +4,8 @@ import torch
 
 from mmseg_segman.models import SegMANEncoder
 from mmseg_segman.ops import neighborhood_attention_2d, use_backends
-from mmseg_segman.ops.dispatch import Backend, check_op_backends, registered_ops, runs_anywhere
+from mmseg_segman.ops.dispatch import (Backend, check_op_backends, registered_ops, runs_anywhere,
+                                        tensor_cache)
 
 NA = registered_ops()['neighborhood_attention']
 TINY = dict(embed_dims=[8, 8, 8, 8], depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
@@ -164,3 +165,23 @@ def test_model_setting_holds_in_one_compiled_graph(spy):
     assert not dispatch._config and not dispatch._code
     neighborhood_attention_2d(*na_inputs())
     assert len(spy) == 4
+
+
+def test_tensor_cache_keeps_no_fake_tensor():
+    """A tensor made under a FakeTensorMode (tools/analysis_tools/saved_for_backward.py) is not
+    cached: a later real call with the same arguments got the fake one, which holds no memory
+    (on the GPU an illegal memory access in the next kernel given it)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    calls = []
+
+    @tensor_cache(maxsize=4)
+    def ramp(n: int, device: torch.device) -> torch.Tensor:
+        calls.append(n)
+        return torch.arange(n, dtype=torch.float32, device=device)
+
+    with FakeTensorMode():
+        assert is_fake(ramp(3, torch.device('cpu')))
+    real = ramp(3, torch.device('cpu'))
+    assert not is_fake(real) and torch.equal(real, torch.arange(3.0))
+    assert ramp(3, torch.device('cpu')) is real and calls == [3, 3]  # cached once real

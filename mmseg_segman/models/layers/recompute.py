@@ -46,17 +46,18 @@ def _hooks(output: Tensor, source: Tensor, fn: Callable[[Tensor], Tensor]) -> It
     # the hooks this context replaces (only the innermost pair runs): they receive what it keeps
     enclosing = torch._C._autograd._top_saved_tensors_default_hooks(False)
     outer_pack, outer_unpack = enclosing or (_identity, _identity)
-    storage, dtype, device_type = output.untyped_storage()._cdata, output.dtype, output.device.type
+    dtype, device_type = output.dtype, output.device.type
     output_shape, output_stride = output.shape, output.stride()
-    # autograd keeps the hooks as long as what they packed: they must not keep ``source`` (an
-    # enclosing checkpoint would not free it), which is alive wherever ``pack`` runs
-    source_ref = weakref.ref(source)
+    # autograd keeps the hooks as long as what they packed: they must not keep ``output`` or
+    # ``source`` (an enclosing checkpoint would not free it), both alive wherever ``pack`` runs
+    output_ref, source_ref = weakref.ref(output), weakref.ref(source)
     has_autocast = torch.amp.is_autocast_available(device_type)  # not on 'meta'
     autocast = torch.get_autocast_dtype(device_type) \
         if has_autocast and torch.is_autocast_enabled(device_type) else None
 
     def pack(t: Tensor) -> Any:
-        if t.dtype != dtype or t.untyped_storage()._cdata != storage:
+        output = output_ref()  # ``output`` or a view of it (a view's ``_base``), in its dtype
+        if t.dtype != dtype or output is None or (t is not output and t._base is not output):
             return outer_pack(t)
         view = (t.shape, t.stride(), t.storage_offset())
         return _Recompute(outer_pack(source_ref().detach()), view)
