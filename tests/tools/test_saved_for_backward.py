@@ -55,3 +55,12 @@ def test_command_prints_one_json_line():
     refused = subprocess.run([sys.executable, 'tools/analysis_tools/saved_for_backward.py', '--amp'],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and 'autocast for CUDA' in refused.stderr
+
+
+def test_graphed_counts_the_recomputed_maps_out():
+    """``--graphed``: as the training graphs capture the step, the blocks' cheap maps are
+    recomputed rather than kept (models/layers/recompute.py)."""
+    pytest.importorskip('triton')
+    eager, _ = saved_bytes_by_module('t', 2, 64, 96, 'fast')
+    graphed, _ = saved_bytes_by_module('t', 2, 64, 96, 'fast', graphed=True)
+    assert graphed < 0.85 * eager

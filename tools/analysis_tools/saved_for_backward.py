@@ -2,7 +2,7 @@
 ADE20K head, train mode), counted by storage, in all and by module type.
 
     python tools/analysis_tools/saved_for_backward.py --arch b --batch 4 --size 512 512
-    python tools/analysis_tools/saved_for_backward.py --arch l --batch 8 --path fast --amp
+    python tools/analysis_tools/saved_for_backward.py --arch l --batch 8 --path fast --amp [--graphed]
 
 By default nothing is computed, and no GPU is needed:
 
@@ -11,6 +11,8 @@ By default nothing is computed, and no GPU is needed:
   fake CUDA tensors (``FakeTensorMode``, ``--device fake-cuda``): the ops' own autograd saves
   what it saves on the GPU, while their Triton kernels are not launched (fake tensors hold
   no data). ``--amp``: under bf16 autocast, as the benchmark's and the configs' AMP training.
+  ``--graphed``: as the configs' training graphs capture the step (``cuda_graph=True``), where
+  the blocks' cheap maps are recomputed rather than kept (``models/layers/recompute.py``).
 
 ``--device cpu`` or ``cuda`` runs the model for real instead (on the CPU the fast path needs
 ``TRITON_INTERPRET=1``).
@@ -29,6 +31,7 @@ from unittest import mock
 
 import torch
 from mmseg_segman.models import SegMANEncoder, SegMANHead
+from mmseg_segman.models.layers.recompute import recomputing
 from mmseg_segman.models.variants import ENCODER_ARCHS, head_widths
 from mmseg_segman.ops import use_backends
 
@@ -59,13 +62,14 @@ def default_device(path: str) -> str:
 
 
 def saved_bytes_by_module(arch: str, batch: int, height: int, width: int, path: str = 'ref',
-                          amp: bool = False, device: Optional[str] = None
+                          amp: bool = False, device: Optional[str] = None, graphed: bool = False
                           ) -> Tuple[int, Dict[str, int]]:
     """Bytes of the distinct storages autograd keeps, in all and by module type.
 
     ``path``: ``'ref'`` (every op on its reference) or ``'fast'`` (automatic backend choice);
     ``device``: ``'meta'`` (the default of ``'ref'``), ``'fake-cuda'`` (the default of
-    ``'fast'``: :func:`fake_cuda`) or a real device; ``amp``: bf16 autocast (CUDA only)."""
+    ``'fast'``: :func:`fake_cuda`) or a real device; ``amp``: bf16 autocast (CUDA only);
+    ``graphed``: as inside a training graph's capture (maps recomputed, :func:`recomputing`)."""
     device = device or default_device(path)
     if amp and 'cuda' not in device:
         raise ValueError(f'amp is bf16 autocast for CUDA: it needs the fast path or a CUDA '
@@ -100,7 +104,7 @@ def saved_bytes_by_module(arch: str, batch: int, height: int, width: int, path: 
         encoder, head = encoder.to(device), head.to(device)
         params.update(p.untyped_storage()._cdata for p in (*encoder.parameters(), *head.parameters()))
         images = torch.randn(batch, 3, height, width, device=device)
-        with cuda_bf16_autocast() if amp else nullcontext(), \
+        with cuda_bf16_autocast() if amp else nullcontext(), recomputing(graphed), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             head(encoder(images))
     for hook in hooks:
@@ -122,17 +126,19 @@ def main():
                         help="'ref': every op on its torch reference; 'fast': each op's automatic "
                              'backend choice')
     parser.add_argument('--amp', action='store_true', help='bf16 autocast (CUDA devices only)')
+    parser.add_argument('--graphed', action='store_true',
+                        help='as the training graphs capture the step: cheap maps recomputed')
     parser.add_argument('--device', help="'meta' (default of --path ref), 'fake-cuda' (default of "
                                          "--path fast) or a real device")
     args = parser.parse_args()
     device = args.device or default_device(args.path)
     try:
         total, by_type = saved_bytes_by_module(args.arch, args.batch, *args.size, args.path,
-                                               args.amp, device)
+                                               args.amp, device, args.graphed)
     except ValueError as error:
         parser.error(str(error))
     print(json.dumps(dict(arch=args.arch, batch=args.batch, size=args.size, path=args.path,
-                          device=device, amp=args.amp, saved_gib=round(total / 2 ** 30, 2),
+                          device=device, amp=args.amp, graphed=args.graphed, saved_gib=round(total / 2 ** 30, 2),
                           by_module_type={k: round(v / 2 ** 30, 3) for k, v in by_type.items()})))
 
 

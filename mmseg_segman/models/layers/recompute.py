@@ -1,15 +1,22 @@
-"""Tensors the backward pass needs, recomputed from one it keeps anyway instead of kept.
+"""Tensors the backward pass needs, recomputed from one it keeps anyway instead of kept,
+while a CUDA graph captures the training step.
 
 A block's depthwise convolutions with a residual (``cpe1``, ``cpe2``, the FFN's ``dwconv``)
-make maps that the next layer's op saves for its backward pass, while the convolution's own
-op saves their input. :func:`recomputed_for_backward` makes autograd keep the input alone
-and run the convolution again when the backward pass unpacks the map: a memory-bound kernel
-in exchange for one map a layer (1.8 of SegMAN-L's 9.3 GiB of saved activations at batch 8,
+and LASS's rotary embedding make maps that the next op saves for its backward pass, while
+their own input is kept anyway. :func:`recomputed_for_backward` makes autograd keep that
+input alone and make the map again when the backward pass unpacks it: a memory-bound kernel
+in exchange for a map (SegMAN-L at batch 8: 9.31 -> 6.81 GiB of saved activations,
 docs/benchmarks.md).
+
+It acts where the training step is captured as a CUDA graph (``cuda_graph=True``): the
+graph's memory pool cannot lend the rest of the step what it holds, and a replay pays no
+host time for the hooks and the extra kernels. Eagerly each kept map costs the memory it did,
+and no host time (the hooks cost SegMAN-L's eager step about a fifth of its speed, host-bound
+on the GPU machine). :func:`recomputing` turns it on or off inside a block of code.
 """
 import weakref
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, ContextManager, Iterator, NamedTuple, Tuple
+from typing import Any, Callable, ContextManager, Iterator, List, NamedTuple, Tuple
 
 import torch
 from torch import Tensor
@@ -22,20 +29,45 @@ class _Recompute(NamedTuple):
     view: Tuple[torch.Size, Tuple[int, ...], int]
 
 
+# recomputing(...) blocks entered and not left, innermost last
+_forced: List[bool] = []
+
+
+@contextmanager
+def recomputing(enabled: bool = True) -> Iterator[None]:
+    """Within, :func:`recomputed_for_backward` acts (or not) whether or not a CUDA graph is
+    being captured (tests, ``tools/analysis_tools/saved_for_backward.py --graphed``)."""
+    _forced.append(enabled)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def recomputing_now() -> bool:
+    """Whether :func:`recomputed_for_backward` acts: inside :func:`recomputing`, as it says;
+    else while this thread's CUDA stream is being captured into a graph."""
+    if _forced:
+        return _forced[-1]
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def recomputed_for_backward(output: Tensor, source: Tensor,
                             fn: Callable[[Tensor], Tensor]) -> ContextManager[None]:
     """Within, an op that saves ``output`` (or a view of it) for its backward pass saves
     ``source`` instead, and its backward pass gets ``fn(source)`` (computed under
-    ``torch.no_grad()``, in the autocast of the forward pass).
+    ``torch.no_grad()``, in the autocast of the forward pass), where :func:`recomputing_now`.
 
     ``output`` must be ``fn(source)``, and ``source`` should be kept by autograd anyway (else
     this costs memory). An enclosing ``saved_tensors_hooks`` (activation checkpointing,
-    offloading) packs what this keeps: ``source`` where ``output`` was. Nothing changes where autograd records nothing, under
-    ``torch.compile`` (inductor chooses what to recompute), while tracing, or where
-    ``output`` does not fill its memory alone (views of it could not be made again).
+    offloading) packs what this keeps: ``source`` where ``output`` was. Nothing changes where
+    autograd records nothing, under ``torch.compile`` (inductor chooses what to recompute),
+    while tracing, or where ``output`` does not fill its memory alone (views of it could not
+    be made again).
     """
-    if not (torch.is_grad_enabled() and output.requires_grad) or torch.compiler.is_compiling() \
-            or torch.jit.is_tracing() or output.storage_offset() != 0 \
+    if not (torch.is_grad_enabled() and output.requires_grad) or not recomputing_now() \
+            or torch.compiler.is_compiling() or torch.jit.is_tracing() \
+            or output.storage_offset() != 0 \
             or output.untyped_storage().nbytes() != output.numel() * output.element_size():
         return nullcontext()
     return _hooks(output, source, fn)

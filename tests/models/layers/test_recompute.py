@@ -1,6 +1,6 @@
 """recomputed_for_backward: what autograd keeps, and gradients equal to keeping the tensor."""
 import sys
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from unittest import mock
 
@@ -10,14 +10,39 @@ import torch.nn.functional as F
 
 from mmseg_segman.models import SegMANEncoder
 from mmseg_segman.models.variants import ENCODER_ARCHS
-from mmseg_segman.models.layers import SS2D, SegMANBlock
-from mmseg_segman.models.layers.recompute import recomputed_for_backward
+from mmseg_segman.models.layers import SS2D, SegMANBlock, recompute
+from mmseg_segman.models.layers.recompute import (recomputed_for_backward, recomputing,
+                                                  recomputing_now)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / 'tools' / 'analysis_tools'))
-from saved_for_backward import saved_bytes_by_module  # noqa: E402
+from saved_for_backward import fake_cuda  # noqa: E402
 
 TINY = dict(embed_dims=[8, 16, 24, 32], depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4],
             window_size=[5, 3, 3, 3], mlp_ratios=[2, 2, 2, 2], layerscales=[True] * 4)
+
+
+@pytest.fixture(autouse=True)
+def as_in_a_graph_capture():
+    """Every test as inside a training graph's capture, where the maps are recomputed."""
+    with recomputing():
+        yield
+
+
+def test_only_a_graph_capture_recomputes(monkeypatch):
+    """Eagerly the maps are kept (the hooks cost host time); where the stream is being
+    captured into a CUDA graph (a training graph) they are recomputed."""
+    monkeypatch.setattr(recompute, '_forced', [])  # out of the fixture's block
+    assert not recomputing_now()
+    x = torch.randn(3, requires_grad=True)
+    y = x * 2
+    with recomputed_for_backward(y, x, lambda t: t * 2):
+        _, kept = kept_storages(torch.square, y)
+    assert y.untyped_storage()._cdata in kept
+    monkeypatch.setattr(torch.cuda, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'is_current_stream_capturing', lambda: True)
+    assert recomputing_now()
+    with recomputing(False):
+        assert not recomputing_now()
 
 
 def kept_storages(fn, *args):
@@ -122,7 +147,7 @@ def test_a_block_keeps_less_and_its_gradients_are_unchanged():
     x = torch.randn(2, 8, 6, 7, requires_grad=True)
     results = []
     for recompute_on in (False, True):
-        with nullcontext() if recompute_on else kept_as_before():
+        with recomputing(recompute_on):
             out, kept = kept_storages(block, x)
         results.append((sum(kept.values()), torch.autograd.grad(out.square().sum(),
                                                                  (x, *block.parameters()))))
@@ -133,27 +158,25 @@ def test_a_block_keeps_less_and_its_gradients_are_unchanged():
         assert torch.equal(plain, recomputed)
 
 
-def kept_as_before(modules=('layers.block', 'layers.ffn')):
-    """``recomputed_for_backward`` doing nothing in ``modules`` (of ``mmseg_segman.models``)."""
-    stack = ExitStack()
-    for module in modules:
-        stack.enter_context(mock.patch(f'mmseg_segman.models.{module}.recomputed_for_backward',
-                                       lambda *args: nullcontext()))
-    return stack
-
-
-def test_the_attention_rotates_q_and_k_again():
-    """On the GPU's path (fake CUDA tensors, Triton kernels not launched) LASS keeps ``qkv``
-    (lepe's input) and rotates q and k again for the attention's backward pass: two maps fewer
-    a block (on the CPU's path the attention keeps copies of them)."""
+def test_the_encoder_on_the_gpus_path_keeps_three_maps_and_its_ffn_map_fewer_a_block():
+    """On the GPU's path (fake CUDA tensors, Triton kernels not launched): a block keeps
+    neither the cpe convolutions' outputs nor the FFN's hidden map, nor LASS's rotated q and k
+    (``qkv`` stays for lepe; on the CPU's path the attention keeps copies of q and k)."""
     pytest.importorskip('triton')
-    kept = saved_bytes_by_module('t', 2, 64, 96, 'fast')[0]
-    with kept_as_before(['backbones.segman_encoder']):
-        kept_before = saved_bytes_by_module('t', 2, 64, 96, 'fast')[0]
+    encoder = SegMANEncoder(arch='t').train()
+    kept = {}
+    with fake_cuda():
+        encoder = encoder.cuda()
+        x = torch.randn(2, 3, 64, 96, device='cuda')
+        for recompute_on in (False, True):
+            with recomputing(recompute_on):
+                kept[recompute_on] = sum(kept_storages(encoder, x)[1].values())
     arch = ENCODER_ARCHS['t']
-    maps = [2 * channels * (64 // stride) * (96 // stride) * 4 * depth for channels, stride, depth
-            in zip(arch['embed_dims'], (4, 8, 16, 32), arch['depths'])]  # float32 (B, C, H, W)
-    assert kept_before - kept == 2 * sum(maps)
+    # a float32 (B, C, H, W) map a block: q, k, cpe1's and cpe2's outputs, mlp_ratio for the FFN
+    maps = [(4 + ratio) * 2 * channels * (64 // stride) * (96 // stride) * 4 * depth
+            for channels, ratio, stride, depth
+            in zip(arch['embed_dims'], arch['mlp_ratios'], (4, 8, 16, 32), arch['depths'])]
+    assert kept[False] - kept[True] == sum(maps)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='the fast path needs CUDA')
@@ -166,8 +189,7 @@ def test_gradients_on_the_gpu_are_those_of_keeping_the_maps(dtype):
     x = torch.randn(2, 3, 64, 96, device='cuda')
     grads = []
     for recompute_on in (False, True):
-        modules = ['backbones.segman_encoder', 'layers.block', 'layers.ffn']
-        with nullcontext() if recompute_on else kept_as_before(modules), \
+        with recomputing(recompute_on), \
                 torch.autocast('cuda', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = sum(o.float().square().mean() for o in encoder(x))
         grads.append(torch.autograd.grad(loss, list(encoder.parameters())))
