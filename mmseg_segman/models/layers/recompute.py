@@ -10,9 +10,9 @@ docs/benchmarks.md).
 
 It acts where the training step is captured as a CUDA graph (``cuda_graph=True``): the
 graph's memory pool cannot lend the rest of the step what it holds, and a replay pays no
-host time for the hooks and the extra kernels. Eagerly each kept map costs the memory it did,
-and no host time (the hooks cost SegMAN-L's eager step about a fifth of its speed, host-bound
-on the GPU machine). :func:`recomputing` turns it on or off inside a block of code.
+host time for the hooks and the extra kernels. Eagerly the maps are kept: the step is bound
+by the host there, and with the hooks SegMAN-L's eager step ran 11-25% slower in three
+calls. :func:`recomputing` turns it on or off inside a block of code.
 """
 import weakref
 from contextlib import contextmanager, nullcontext
