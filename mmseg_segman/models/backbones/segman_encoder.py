@@ -145,7 +145,8 @@ class LASS(nn.Module):
         rotate_q = partial(rotary_embedding_2d, sin=sin, cos=cos, scale=self.scale)
         rotate_k = partial(rotary_embedding_2d, sin=sin, cos=cos)
         q_rotated, k_rotated = rotate_q(q), rotate_k(k)
-        # the attention's backward pass rotates q and k again (qkv, lepe's input, is kept)
+        # in a captured training step the attention's backward pass rotates q and k again
+        # (qkv, lepe's input, is kept)
         with recomputed_for_backward(q_rotated, q, rotate_q), \
                 recomputed_for_backward(k_rotated, k, rotate_k):
             y = self._attention(q_rotated, k_rotated, v)

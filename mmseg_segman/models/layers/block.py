@@ -29,9 +29,9 @@ class SegMANBlock(nn.Module):
     ``x = x + cpe1(x); x = x + drop_path(ls1(token_mixer(norm1(x), *mixer_args)))``
     ``x = x + cpe2(x); x = x + drop_path(ls2(mlp(norm2(x))))``
 
-    The norms' backward passes recompute their inputs from the ``cpe`` convolutions' inputs
-    (:func:`~.recompute.recomputed_for_backward`). The token mixer and the FFN take each
-    residual connection (``x + drop_path(ls(.))``) as a
+    While a CUDA graph captures the training step, the norms' backward passes recompute their
+    inputs from the ``cpe`` convolutions' inputs (:func:`~.recompute.recomputed_for_backward`).
+    The token mixer and the FFN take each residual connection (``x + drop_path(ls(.))``) as a
     :class:`~mmseg_segman.ops.pointwise_conv.Residual` and apply it themselves, inside the op of
     their last 1x1 convolution where they end with one (one pass on the fast path).
 
@@ -69,7 +69,7 @@ class SegMANBlock(nn.Module):
 
     @staticmethod
     def _cpe_and_norm(x: Tensor, cpe: DepthwiseConv2d, norm: LayerNorm2d) -> Tuple[Tensor, Tensor]:
-        """``(cpe(x), norm(cpe(x)))``; the norm's backward pass recomputes ``cpe(x)``."""
+        """``(cpe(x), norm(cpe(x)))``; the norm's backward pass may recompute ``cpe(x)``."""
         x_cpe = cpe(x)
         with recomputed_for_backward(x_cpe, x, cpe.forward):
             return x_cpe, norm(x_cpe)

@@ -13,8 +13,8 @@ class ConvFFN(nn.Module):
     """1x1 conv -> activation (GELU) -> ``x + dwconv3x3(x)`` -> 1x1 conv on ``(B, C, H, W)``.
 
     An exact GELU runs inside ``fc1``'s op (one pass on the fast path); another activation
-    runs as its own layer. ``fc2``'s backward pass recomputes its input from ``dwconv``'s
-    (:func:`~.recompute.recomputed_for_backward`)."""
+    runs as its own layer. While a CUDA graph captures the training step, ``fc2``'s backward
+    pass recomputes its input from ``dwconv``'s (:func:`~.recompute.recomputed_for_backward`)."""
 
     def __init__(self, embed_dim: int, ffn_dim: int, act_cfg: Dict = dict(type='GELU')):
         super().__init__()
