@@ -11,7 +11,7 @@ passes them), several batch groups of the bias gradient; bitwise determinism of 
 run; and the time of the first call at new map sizes (no compilation expected).
 ``--sweep``: forward, dq and dk/dv launch shapes timed at the stage shapes of
 ``--sweep-arch`` (SegMAN-L; stages ``--sweep-stages``, 512x512 input, batch ``--sweep-batch``,
-bf16). ``--bench``: the kernel against FlexAttention and the
+``--sweep-dtype``, bf16 by default). ``--bench``: the kernel against FlexAttention and the
 reference at the stage shapes of the chosen variants, forward and forward + backward,
 median ms (``triton.testing.do_bench``) and peak MiB above the inputs. Prints a table last;
 exits 1 if a check failed.
@@ -31,6 +31,7 @@ from mmseg_segman.ops import triton_neighborhood_attention as tna
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 KERNELS = ('fwd', 'dq', 'dkdv')  # the order of tna.block_sizes' launch shapes
+SWEEP_DTYPES = {'bf16': torch.bfloat16, 'fp32': torch.float32}
 
 
 def make_inputs(batch, heads, height, width, dim, kernel, dtype, rpb=True, strided=False):
@@ -205,7 +206,8 @@ def profile(args, results):
 def sweep(args, results):
     """Each kernel's launch shapes (tiles, warps; stages for the first tile) with the others
     at their defaults, at the stages ``--sweep-stages`` of ``--sweep-arch`` (512x512,
-    ``--sweep-batch``, bf16): the forward alone and forward + backward."""
+    ``--sweep-batch``, ``--sweep-dtype``): the forward alone and forward + backward."""
+    dtype = SWEEP_DTYPES[args.sweep_dtype]
     shapes = [s for s in stage_shapes(args.sweep_arch, (512, 512), args.sweep_batch)
               if s[0].endswith(args.sweep_stages)]
     tiles = [(8, 8, 4), (4, 16, 4), (8, 16, 4), (16, 8, 4), (8, 16, 8), (16, 16, 8), (4, 8, 4),
@@ -221,12 +223,13 @@ def sweep(args, results):
         blocks = [candidate if k == kind else d for k, d in zip(KERNELS, defaults)]
         fn = lambda q, k, v, kernel, rpb: tna.neighborhood_attention_triton(q, k, v, kernel, rpb, blocks)
         try:
-            fwd = bench_one(fn, shape, torch.bfloat16, False)[0] if kind == 'fwd' else float('nan')
-            both, _ = bench_one(fn, shape, torch.bfloat16, True)
+            fwd = bench_one(fn, shape, dtype, False)[0] if kind == 'fwd' else float('nan')
+            both, _ = bench_one(fn, shape, dtype, True)
         except Exception as error:  # noqa: BLE001 (a launch shape the compiler refuses)
             print(f'{shape[0]} {kind} {candidate}: {type(error).__name__}: {str(error)[:200]}')
             continue
-        row = dict(kind='sweep', stage=shape[0], kernel=kind, blocks=list(candidate),
+        row = dict(kind='sweep', dtype=args.sweep_dtype, stage=shape[0], kernel=kind,
+                   blocks=list(candidate),
                    default=list(defaults[KERNELS.index(kind)]),
                    fwd=round(fwd, 4), fwd_bwd=round(both, 4))
         results.append(row)
@@ -257,6 +260,7 @@ def main():
     parser.add_argument('--sweep-arch', default='l', choices=['t', 's', 'b', 'l'])
     parser.add_argument('--sweep-kernels', nargs='+', default=list(KERNELS), choices=KERNELS)
     parser.add_argument('--sweep-batch', type=int, default=16)
+    parser.add_argument('--sweep-dtype', choices=list(SWEEP_DTYPES), default='bf16')
     parser.add_argument('--variants', nargs='+', default=['t', 's', 'b', 'l'])
     parser.add_argument('--sizes', nargs='+', default=['512', '1024x2048'])
     parser.add_argument('--backends', nargs='+', default=['triton', 'flex', 'torch'], choices=list(BACKENDS))
