@@ -7,7 +7,7 @@ import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'tools' / 'gpu_checks'))
-from pack_triton_cache import pack  # noqa: E402
+from pack_triton_cache import pack, package_kernels  # noqa: E402
 
 IR = ('source', 'ttir', 'ttgir', 'llir', 'ptx')
 
@@ -54,3 +54,18 @@ def test_pack_splits_into_pieces(tmp_path):
     assert all(p.stat().st_size == 100 for p in pieces[:-1])
     with tarfile.open(fileobj=io.BytesIO(b''.join(p.read_bytes() for p in pieces)), mode='r:gz') as tar:
         assert len(tar.getnames()) == 9
+
+
+def test_pack_keeps_only_the_kernels_keep_accepts(tmp_path):
+    """By default the tool packs the kernels mmseg_segman/ops defines: not inductor's, not a
+    probe's (read from the package's source)."""
+    cache = tmp_path / 'cache'
+    cache.mkdir()
+    for key, name in (('A', '_na_fwd_kernel'), ('B', 'triton_poi_fused_add_0'), ('C', '_na_fwd_v1')):
+        _kernel(cache, key, name, '/tmp/triton-cache')
+    kernels, _ = pack(cache, str(tmp_path / 'piece-'), keep=package_kernels().__contains__)
+    data = b''.join(p.read_bytes() for p in sorted(tmp_path.glob('piece-*')))
+    with tarfile.open(fileobj=io.BytesIO(data), mode='r:gz') as tar:
+        assert {name.split('/')[0] for name in tar.getnames()} == {'A'}
+    assert kernels == 1
+    assert {'_dense_conv_kernel', '_pw_fwd_kernel', '_rope_kernel'} <= package_kernels()
