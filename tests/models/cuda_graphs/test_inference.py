@@ -15,7 +15,7 @@ from mmseg_segman.models.cuda_graphs import inference as ig
 from mmseg_segman.models.decode_heads import SegMANHead
 
 from ...conftest import captured_log
-from .modules import ConvBN
+from .modules import ConvBN, fake_captures
 
 
 class FakeReplays:
@@ -39,10 +39,7 @@ class FakeReplays:
 
 @pytest.fixture
 def fake(monkeypatch):
-    replays = FakeReplays()
-    monkeypatch.setattr(ig, '_Replay', replays)
-    monkeypatch.setattr(ig, 'eager_only', lambda inputs: False)
-    return replays
+    return fake_captures(monkeypatch, ig, '_Replay', FakeReplays())
 
 
 def infer(graph, module, x):

@@ -16,7 +16,7 @@ from mmseg_segman.models.cuda_graphs import training as tg
 from mmseg_segman.models.decode_heads import SegMANHead
 
 from ...conftest import captured_log
-from .modules import ConvBN
+from .modules import ConvBN, fake_captures
 
 
 class Replays:
@@ -54,10 +54,7 @@ class FakeGraphs:
 
 @pytest.fixture
 def fake_graphs(monkeypatch):
-    fake = FakeGraphs()
-    monkeypatch.setattr(tg, '_GraphedStep', fake)
-    monkeypatch.setattr(tg, 'eager_only', lambda inputs: False)
-    return fake
+    return fake_captures(monkeypatch, tg, '_GraphedStep', FakeGraphs())
 
 
 def step(graph, module, x):

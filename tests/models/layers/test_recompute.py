@@ -17,6 +17,8 @@ from mmseg_segman.models.layers.recompute import (recomputed_for_backward, recom
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / 'tools' / 'analysis_tools'))
 from saved_for_backward import fake_cuda  # noqa: E402
 
+from ...ops.autograd_memory import kept_storages  # noqa: E402
+
 TINY = dict(embed_dims=[8, 16, 24, 32], depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4],
             window_size=[5, 3, 3, 3], mlp_ratios=[2, 2, 2, 2], layerscales=[True] * 4)
 
@@ -43,18 +45,6 @@ def test_only_a_graph_capture_recomputes(monkeypatch):
     assert recomputing_now()
     with recomputing(False):
         assert not recomputing_now()
-
-
-def kept_storages(fn, *args):
-    """``(result, {storage: nbytes})`` of what autograd keeps for ``fn(*args)``'s backward."""
-    kept = {}
-
-    def pack(t):
-        kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        return fn(*args), kept
 
 
 def conv_then_norm(x, weight, recompute_on=True):
