@@ -4,6 +4,10 @@ traffic of the block's feature map: which kernels are far from the memory bound.
     python3 tools/gpu_checks/check_block_kernels.py [--arch l] [--batch 16] [--size 512] \
         [--mode infer|train] [--steps 5] [--stages 1 2 3 4] [--compile] [--dtype bf16|fp32] \
         [--out kernels.jsonl]
+    ncu --profile-from-start off --clock-control none --csv --page raw --print-units base \
+        --metrics "$(python3 tools/gpu_checks/check_block_kernels.py --ncu-metrics)" \
+        --log-file kernels.csv python3 tools/gpu_checks/check_block_kernels.py --ncu [options]
+    python3 tools/gpu_checks/check_block_kernels.py --render-ncu kernels.csv [--out ...]
 
 For each stage of a SegMAN size, the first block of the stage (the fast path, bf16 autocast
 or with ``--dtype fp32`` float32, eval mode for ``infer``; forward and backward for
@@ -16,8 +20,15 @@ Then the block's total, and the total times the stage's depth. One JSON line per
 ``--compile``: the block through ``torch.compile`` (inductor, no CUDA graphs; its glue fused
 into its own kernels); with ``SEGMAN_BACKEND_<OP>=torch`` an op runs as PyTorch code that
 inductor may fuse with its neighbours.
+``--ncu``: the same steps between ``cudaProfilerStart`` and ``cudaProfilerStop`` and without
+``torch.profiler``, for Nsight Compute (the command above; it runs each kernel alone, with
+the L2 flushed, and reads its hardware counters). ``--render-ncu`` prints each kernel of its
+CSV with its DRAM bytes, the share of the peak memory bandwidth they took in its time, its
+memory and compute (SM) throughput as a share of their peaks, its occupancy and registers;
+then the block's total time against the time its DRAM bytes need at peak bandwidth.
 """
 import argparse
+import csv
 import json
 import os
 import sys
@@ -38,6 +49,18 @@ from mmseg_segman.models.variants import ENCODER_ARCHS  # noqa: E402
 
 PEAK_BYTES_PER_US = 3.35e6  # H100 SXM HBM3
 STEP = 'block_step'
+NCU_METRICS = {  # column: Nsight Compute metric
+    'us': 'gpu__time_duration.sum',
+    'read': 'dram__bytes_read.sum',
+    'write': 'dram__bytes_write.sum',
+    'memory_pct': 'gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed',
+    'sm_pct': 'sm__throughput.avg.pct_of_peak_sustained_elapsed',
+    'occupancy_pct': 'sm__warps_active.avg.pct_of_peak_sustained_active',
+    'registers': 'launch__registers_per_thread',
+}
+NCU_SCALE = {'nsecond': 1e-3, 'usecond': 1.0, 'msecond': 1e3, 'byte': 1.0, 'Kbyte': 1e3,
+             'Mbyte': 1e6, 'Gbyte': 1e9, 'KB': 1e3, 'MB': 1e6, 'GB': 1e9, '%': 1.0,
+             'register/thread': 1.0, '': 1.0}
 
 
 def step_kernels(events: List[Dict], steps: int) -> List[Dict]:
@@ -66,8 +89,53 @@ def backend_environment() -> Dict[str, str]:
     return {name: value for name, value in os.environ.items() if name.startswith('SEGMAN_BACKEND')}
 
 
-def profile_block(block, x: torch.Tensor, sin, cos, mode: str, steps: int) -> List[Dict]:
-    """The block's kernels under bf16 autocast if ``x`` is bf16, else in ``x``'s dtype."""
+def ncu_kernels(path: str) -> List[Dict]:
+    """The kernels of an ``ncu --csv --page raw`` log with :data:`NCU_METRICS`, in launch order:
+    ``[{name, us, read, write (bytes), memory_pct, sm_pct, occupancy_pct, registers}]``."""
+    with open(path) as log:
+        lines = [line for line in log if line.startswith('"')]  # ncu's own messages start with ==
+    rows = list(csv.reader(lines))
+    if len(rows) < 3:
+        raise RuntimeError(f'{path}: no kernel in the log (was the profiled range empty?)')
+    header, units = rows[0], rows[1]
+    missing = [m for m in NCU_METRICS.values() if m not in header]
+    if missing:
+        raise RuntimeError(f'{path}: metrics {missing} not in the log')
+    kernels = []
+    for row in rows[2:]:
+        kernel = dict(name=row[header.index('Kernel Name')])
+        for column, metric in NCU_METRICS.items():
+            i = header.index(metric)
+            if units[i] not in NCU_SCALE:
+                raise RuntimeError(f'{path}: unknown unit {units[i]!r} of {metric}')
+            kernel[column] = float(row[i].replace(',', '')) * NCU_SCALE[units[i]]
+        kernels.append(kernel)
+    return kernels
+
+
+def render_ncu(path: str, out: str) -> None:
+    """Print :func:`ncu_kernels` of ``path`` as a table and the block's totals; one JSON line."""
+    kernels = ncu_kernels(path)
+    print(f'{"us":>8} {"MB":>7} {"peak BW %":>9} {"mem %":>6} {"SM %":>6} {"occ %":>6} {"regs":>5}  kernel')
+    for k in kernels:
+        moved = k['read'] + k['write']
+        print(f"{k['us']:8.1f} {moved / 1e6:7.1f} {100 * moved / PEAK_BYTES_PER_US / k['us']:9.1f} "
+              f"{k['memory_pct']:6.1f} {k['sm_pct']:6.1f} {k['occupancy_pct']:6.1f} "
+              f"{k['registers']:5.0f}  {k['name'][:80]}")
+    total_us = sum(k['us'] for k in kernels)
+    total_bytes = sum(k['read'] + k['write'] for k in kernels)
+    bound_us = total_bytes / PEAK_BYTES_PER_US
+    print(f'# {len(kernels)} kernels, {total_us:.1f} us; DRAM {total_bytes / 1e6:.1f} MB, '
+          f'{bound_us:.1f} us at the peak bandwidth ({100 * bound_us / total_us:.1f}% of the time)')
+    write_row(dict(ncu=path, kernels=len(kernels), us=round(total_us, 1),
+                   dram_mb=round(total_bytes / 1e6, 1), bandwidth_bound_us=round(bound_us, 1),
+                   rows=[{**k, 'name': k['name'][:200]} for k in kernels]), out)
+
+
+def profile_block(block, x: torch.Tensor, sin, cos, mode: str, steps: int,
+                  ncu: bool = False) -> List[Dict]:
+    """The block's kernels under bf16 autocast if ``x`` is bf16, else in ``x``'s dtype; with
+    ``ncu``, the steps between ``cudaProfilerStart`` and ``Stop`` only (no kernels returned)."""
     def step():
         with record_function(STEP), torch.autocast('cuda', dtype=torch.bfloat16,
                                                    enabled=x.dtype == torch.bfloat16):
@@ -80,6 +148,12 @@ def profile_block(block, x: torch.Tensor, sin, cos, mode: str, steps: int) -> Li
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    if ncu:
+        with torch.cuda.profiler.profile():
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+        return []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
@@ -103,7 +177,17 @@ def main() -> None:
     parser.add_argument('--dtype', choices=['bf16', 'fp32'], default='bf16',
                         help='bf16 autocast (the default) or float32 throughout')
     parser.add_argument('--out', help='append JSON lines here')
+    parser.add_argument('--ncu', action='store_true',
+                        help='run the steps for ncu --profile-from-start off (see above)')
+    parser.add_argument('--ncu-metrics', action='store_true', help="print ncu's --metrics and exit")
+    parser.add_argument('--render-ncu', metavar='CSV', help="print ncu's CSV log and exit")
     args = parser.parse_args()
+    if args.ncu_metrics:
+        print(','.join(NCU_METRICS.values()))
+        return
+    if args.render_ncu:
+        render_ncu(args.render_ncu, args.out)
+        return
     print(f'# torch {torch.__version__}, {torch.cuda.get_device_name()}, compiled: {args.compile}, '
           f'backends: {backend_environment() or "default"}', flush=True)
     encoder = SegMANEncoder(arch=args.arch).cuda().train(args.mode == 'train')
@@ -119,7 +203,10 @@ def main() -> None:
                         requires_grad=args.mode == 'train')
         sin, cos = stage.rope((side, side))
         block = torch.compile(stage.blocks[0]) if args.compile else stage.blocks[0]
-        kernels = profile_block(block, x, sin, cos, args.mode, args.steps)
+        kernels = profile_block(block, x, sin, cos, args.mode, args.steps, args.ncu)
+        if args.ncu:
+            print(f'## stage {index + 1}: {args.steps} steps profiled for ncu', flush=True)
+            continue
         map_bytes = x.numel() * x.element_size()
         print(f'## stage {index + 1}: ({args.batch}, {channels}, {side}, {side}) {args.dtype} map '
               f'{map_bytes / 2 ** 20:.1f} MiB, {args.mode}', flush=True)
