@@ -143,13 +143,16 @@ def training_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 
 def training_phases(model: nn.Module, images, samples, optimizer: torch.optim.Optimizer,
-                    dtype: torch.dtype = torch.bfloat16) -> Iterator[str]:
+                    dtype: torch.dtype = torch.bfloat16,
+                    losses: Optional[List[float]] = None) -> Iterator[str]:
     """One training step, yielding each of :data:`TRAINING_PHASES` as it ends: the loss
     (``dtype`` autocast unless float32), its backward, the optimizer step; the gradients are
-    dropped when the iteration resumes after the last."""
+    dropped when the iteration resumes after the last. ``losses``: a list the summed loss is
+    appended to (a float: the host waits for it)."""
     with torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
-        losses = model(images, samples, mode='loss')
-    loss = sum(v for k, v in losses.items() if 'loss' in k)
+        loss = sum(v for k, v in model(images, samples, mode='loss').items() if 'loss' in k)
+    if losses is not None:
+        losses.append(loss.item())
     yield 'forward'
     loss.backward()
     yield 'backward'

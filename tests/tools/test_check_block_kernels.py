@@ -31,7 +31,7 @@ def test_steps_that_launch_different_kernels_are_refused():
         step_kernels(events, 2)
 
 
-def ncu_log(tmp_path, rows, units=('nsecond', 'byte', 'Kbyte', '%', '%', '%', 'register/thread')):
+def ncu_log(tmp_path, rows, units=('ns', 'byte', 'Kbyte', '%', '%', '%', 'register/thread')):
     """An ``ncu --csv --page raw`` log: ncu's messages, the metrics' names, units, then rows."""
     header = ['ID', 'Process ID', 'Kernel Name'] + list(NCU_METRICS.values())
     lines = ['==PROF== Connected to process 1 (python3)',

@@ -58,9 +58,9 @@ NCU_METRICS = {  # column: Nsight Compute metric
     'occupancy_pct': 'sm__warps_active.avg.pct_of_peak_sustained_active',
     'registers': 'launch__registers_per_thread',
 }
-NCU_SCALE = {'nsecond': 1e-3, 'usecond': 1.0, 'msecond': 1e3, 'byte': 1.0, 'Kbyte': 1e3,
-             'Mbyte': 1e6, 'Gbyte': 1e9, 'KB': 1e3, 'MB': 1e6, 'GB': 1e9, '%': 1.0,
-             'register/thread': 1.0, '': 1.0}
+NCU_SCALE = {'ns': 1e-3, 'us': 1.0, 'ms': 1e3, 'nsecond': 1e-3, 'usecond': 1.0, 'msecond': 1e3,
+             'byte': 1.0, 'Kbyte': 1e3, 'Mbyte': 1e6, 'Gbyte': 1e9, '%': 1.0,
+             'register/thread': 1.0}  # unit: to us, bytes, % or registers
 
 
 def step_kernels(events: List[Dict], steps: int) -> List[Dict]:

@@ -42,15 +42,33 @@ def addresses(module: nn.Module) -> List[int]:
     return [t.data_ptr() for t in (*module.parameters(), *module.buffers())]
 
 
+def _synchronised_norms(module: nn.Module) -> List[Tuple[str, nn.SyncBatchNorm]]:
+    """The SyncBatchNorms inside ``module`` that exchange statistics: a distributed run."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return []
+    return [(name, sub) for name, sub in module.named_modules()
+            if isinstance(sub, nn.SyncBatchNorm)]
+
+
+def synchronises(module: nn.Module) -> bool:
+    """Whether ``module``'s step runs collectives (SyncBatchNorm in a distributed run): its
+    capture then lets other threads call CUDA (NCCL's watchdog polls its events meanwhile)."""
+    return bool(_synchronised_norms(module))
+
+
 def unsupported(module: nn.Module) -> Optional[str]:
-    """Why ``module``'s training step cannot be graphed, or None."""
+    """Why ``module``'s training step cannot be graphed, or None. A SyncBatchNorm's collectives
+    can be captured on NCCL (PyTorch's SyncBatchNorm skips its host synchronisation while a
+    graph captures), not on other backends."""
     for name, sub in module.named_modules():
         if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks \
                 or sub._backward_pre_hooks:
             return f'module {name or type(module).__name__!r} has hooks, which a graph would not run'
-        if isinstance(sub, nn.SyncBatchNorm) and torch.distributed.is_available() \
-                and torch.distributed.is_initialized():
-            return f'module {name!r} is a SyncBatchNorm in a distributed run (collectives)'
+    for name, norm in _synchronised_norms(module):
+        backend = str(torch.distributed.get_backend(norm.process_group))
+        if 'nccl' not in backend:
+            return (f'module {name!r} is a SyncBatchNorm whose collectives run on the {backend!r} '
+                    'backend, which a CUDA graph cannot hold (NCCL\'s can)')
     return None
 
 

@@ -16,8 +16,9 @@ It graphs a call only where that is exact and safe, and else runs the forward ea
   does a change of a module's training mode inside after the capture;
 - not while the autograd graph of its previous call still waits for its backward (a second
   forward before the backward would overwrite what that backward needs);
-- not for a module with hooks registered inside it (a graph would not run them), nor for
-  one with synchronised batch norms in a distributed run (collectives in a graph);
+- not for a module with hooks registered inside it (a graph would not run them); with
+  synchronised batch norms in a distributed run only where their collectives run on NCCL,
+  which a graph can hold (every rank captures at its first step, when all of them take it);
 - a capture that fails raises an error that says so (it can leave CUDA's random number
   generator unusable, so there is no falling back);
 - parameters or buffers moved to new memory (``module.to``) are captured again.
@@ -37,7 +38,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from .common import (GraphLog, addresses, capture_autocast, capture_failed, copy_into, describe,
-                     eager_only, modes, signature, unsupported)
+                     eager_only, modes, signature, synchronises, unsupported)
 
 WARMUP_STEPS = 3
 
@@ -77,11 +78,12 @@ class _GraphedStep:
         # together would hold twice the step's activations
         torch.cuda.empty_cache()
         self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(self.forward_graph, pool=pool, stream=self.stream):
+        capture = dict(pool=torch.cuda.graph_pool_handle(), stream=self.stream,
+                       capture_error_mode='thread_local' if synchronises(module) else 'global')
+        with torch.cuda.graph(self.forward_graph, **capture):
             self.outputs, self.spec = tree_flatten(forward(*samples))
         self.grad_outputs = [torch.empty_like(o) if o.requires_grad else None for o in self.outputs]
-        with torch.cuda.graph(self.backward_graph, pool=pool, stream=self.stream):
+        with torch.cuda.graph(self.backward_graph, **capture):
             grads = iter(torch.autograd.grad(
                 [o for o in self.outputs if o.requires_grad], differentiable,
                 [g for g in self.grad_outputs if g is not None], allow_unused=True))

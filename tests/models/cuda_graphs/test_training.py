@@ -146,17 +146,31 @@ def test_hooks_turn_it_off(fake_graphs):
     assert fake_graphs.captures == 0 and "'bn' has hooks" in graph._off
 
 
-def test_sync_batch_norm_in_a_distributed_run_turns_it_off(fake_graphs, monkeypatch):
+def test_sync_batch_norm_off_nccl_in_a_distributed_run_turns_it_off(fake_graphs, monkeypatch):
     module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)).train()
     monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.distributed, 'get_backend', lambda group=None: 'gloo')
     graph = TrainingGraph('synced')
-    assert tg.unsupported(module) == "module '1' is a SyncBatchNorm in a distributed run (collectives)"
+    assert tg.unsupported(module) == ("module '1' is a SyncBatchNorm whose collectives run on the "
+                                      "'gloo' backend, which a CUDA graph cannot hold (NCCL's can)")
     with captured_log() as records:
         graph(module, lambda x: module[0](x), torch.randn(2, 3, 8, 8)).sum().backward()
-    assert fake_graphs.captures == 0 and 'SyncBatchNorm in a distributed run' in graph._off
+    assert fake_graphs.captures == 0 and "'gloo' backend" in graph._off
     assert 'training without CUDA graphs from now on' in records[0].getMessage()
+
+
+def test_sync_batch_norm_on_nccl_is_captured_letting_other_threads_call_cuda(fake_graphs,
+                                                                           monkeypatch):
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)).train()
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.distributed, 'get_backend', lambda group=None: 'nccl')
+    assert tg.unsupported(module) is None and tg.synchronises(module)
+    graph = TrainingGraph('synced')
+    graph(module, lambda x: module[0](x), torch.randn(2, 3, 8, 8)).sum().backward()
+    assert fake_graphs.captures == 1 and graph._off is None
     monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: False)
-    assert tg.unsupported(module) is None
+    assert tg.unsupported(module) is None and not tg.synchronises(module)
+    assert not tg.synchronises(ConvBN())
 
 
 def test_a_failed_capture_is_an_error(fake_graphs):

@@ -1,0 +1,163 @@
+"""SegMAN's training graphs under DDP with SyncBN on several GPUs (the released recipes' setting):
+the same steps as eager DDP, and the speed against the FLOP-matched peer.
+
+    torchrun --nproc_per_node 2 tools/gpu_checks/check_ddp_graph.py \
+        --models segman-b segnext-l [--batch 8] [--size 512] [--steps 3] [--dtype bf16] \
+        [--cell-seconds 4] [--out ddp.jsonl]
+
+Each rank takes one GPU and its own random images and labels. A model is built as
+``tools/benchmark.py`` builds it, every batch norm made a ``SyncBatchNorm`` (as the configs'
+``SyncBN``), wrapped in ``DistributedDataParallel`` as mmengine wraps it
+(``broadcast_buffers=False``) and trained by the benchmark's step (autocast, fused AdamW).
+
+- ``segman-<a>``: three copies from the same weights take ``--steps`` steps on the same
+  images: two eagerly (``cuda_graph=False``; whether eager DDP repeats bit for bit) and one
+  with its encoder and head graphed (``cuda_graph=True``). Per step the loss of each
+  (averaged over the ranks); after the steps each copy's largest parameter difference from
+  the first eager copy's, relative to the largest change of the first copy's parameters.
+  Then the graphed and the eager copy are timed (``captured``: whether the graphed one replayed
+  its graphs, or fell back to eager steps).
+- a peer (``segnext-l``, ``segformer-b4``, ...): timed.
+
+Timing: ``tools/benchmark.py``'s median step after warm-up, images/s over all ranks, peak memory
+allocated and reserved on rank 0. One JSON line per model and mode, printed by rank 0.
+"""
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmark import (DTYPES, MODELS, build_model, data_samples, parse_size,  # noqa: E402
+                       timed_steps, training_optimizer, training_phases, write_row)
+
+from mmseg_segman.models.cuda_graphs import CUDAGraphs  # noqa: E402
+
+
+def distributed(model: nn.Module) -> DistributedDataParallel:
+    """``model`` with SyncBatchNorms in DDP on this rank's GPU."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model).cuda().train()
+    return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()],
+                                   broadcast_buffers=False)
+
+
+def with_graphs(model: nn.Module, on: bool) -> nn.Module:
+    """A copy of a SegMAN segmentor with its encoder's and head's CUDA graphs on or off."""
+    model = copy.deepcopy(model)
+    model.backbone.cuda_graphs = CUDAGraphs('SegMANEncoder') if on else None
+    model.decode_head.cuda_graphs = CUDAGraphs('SegMANHead') if on else None
+    return model
+
+
+def mean_over_ranks(value: float) -> float:
+    total = torch.tensor([value], device='cuda', dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
+
+
+def train(model: nn.Module, images, samples, steps: int, dtype: torch.dtype) -> List[float]:
+    """``steps`` training steps of ``model`` in DDP; the loss of each, averaged over the ranks."""
+    ddp, optimizer, losses = distributed(model), training_optimizer(model), []
+    for _ in range(steps):
+        for _ in training_phases(ddp, images, samples, optimizer, dtype, losses):
+            pass
+    return [round(mean_over_ranks(loss), 6) for loss in losses]
+
+
+def captured(model: nn.Module) -> bool:
+    """Whether the encoder's and the head's training steps replay graphs."""
+    return all(graphs is not None and graphs.training._captured is not None
+               for graphs in (model.backbone.cuda_graphs, model.decode_head.cuda_graphs))
+
+
+def parameter_gap(reference: nn.Module, start: List[torch.Tensor], other: nn.Module) -> float:
+    """The largest difference of ``other``'s parameters from ``reference``'s, relative to the
+    largest change of ``reference``'s since ``start``."""
+    ref = [p.detach().float() for p in reference.parameters()]
+    change = max((r - s.float()).abs().max().item() for r, s in zip(ref, start)) or 1.0
+    return max((r - p.detach().float()).abs().max().item()
+               for r, p in zip(ref, other.parameters())) / change
+
+
+def check_segman(name: str, images, samples, args) -> Dict:
+    """The eager, eager-again and graphed copies' losses and parameter gaps."""
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)  # the same weights on every rank and in every copy
+    base = build_model(name)
+    base.decode_head.dropout = None  # no random numbers: the copies see the same steps
+    start = [p.detach().clone() for p in base.parameters()]
+    copies = {'eager': with_graphs(base, False), 'eager_again': with_graphs(base, False),
+              'graphed': with_graphs(base, True)}
+    losses = {key: train(model, images, samples, args.steps, dtype) for key, model in copies.items()}
+    return dict(losses=losses, captured=captured(copies['graphed']), parameter_gap={
+        key: float(f'{parameter_gap(copies["eager"], start, model):.2e}')
+        for key, model in copies.items() if key != 'eager'})
+
+
+def timed(model: nn.Module, images, samples, args) -> Dict:
+    ddp, optimizer = distributed(model), training_optimizer(model)
+    dtype = DTYPES[args.dtype]
+
+    def step():
+        for _ in training_phases(ddp, images, samples, optimizer, dtype):
+            pass
+
+    result = timed_steps(step, args.warmup, args.iters, args.cell_seconds)
+    result['img_s'] = images.shape[0] * dist.get_world_size() / result.pop('step_s')
+    if getattr(model.backbone, 'cuda_graphs', None) is not None:  # SegMAN with its graphs on
+        result['captured'] = captured(model)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--models', nargs='+', choices=MODELS, required=True)
+    parser.add_argument('--batch', type=int, default=8, help='images a GPU')
+    parser.add_argument('--size', default='512', help='HxW or S for SxS')
+    parser.add_argument('--steps', type=int, default=3, help='steps of the exactness check')
+    parser.add_argument('--dtype', choices=sorted(DTYPES), default='bf16')
+    parser.add_argument('--warmup', type=int, default=5)
+    parser.add_argument('--iters', type=int, default=50)
+    parser.add_argument('--cell-seconds', type=float, default=4.0)
+    parser.add_argument('--out', help='append JSON lines here (rank 0)')
+    args = parser.parse_args()
+    if 'LOCAL_RANK' not in os.environ:
+        parser.error('start it with torchrun (one process a GPU)')
+    torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
+    dist.init_process_group('nccl')
+    rank, world = dist.get_rank(), dist.get_world_size()
+    height, width = parse_size(args.size)
+    torch.manual_seed(1 + rank)  # each rank its own images
+    images = torch.randn(args.batch, 3, height, width, device='cuda')
+    samples = data_samples(args.batch, height, width)
+    for name in args.models:
+        row = dict(model=name, gpus=world, batch=args.batch, size=args.size, dtype=args.dtype,
+                   device=torch.cuda.get_device_name())
+        if name.startswith('segman-'):
+            row.update(check_segman(name, images, samples, args))
+            torch.manual_seed(0)
+            model = build_model(name)
+            cells = {'graphed': with_graphs(model, True), 'eager': with_graphs(model, False)}
+        else:
+            torch.manual_seed(0)
+            cells = {'eager': build_model(name)}
+        for mode, model in cells.items():
+            torch.cuda.empty_cache()
+            result = timed(model, images, samples, args)
+            if rank == 0:
+                write_row({**row, 'mode': mode, **{k: round(v, 3) if isinstance(v, float) else v
+                                                   for k, v in result.items()}}, args.out)
+            del model
+        cells.clear()
+    dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
