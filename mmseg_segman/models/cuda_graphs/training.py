@@ -30,7 +30,8 @@ reserved between steps; each call's inputs are copied into the graph's own; the 
 replay are overwritten by the next one.
 """
 import weakref
-from typing import Callable, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -63,31 +64,33 @@ class _GraphedStep:
     def __init__(self, module: nn.Module, forward: Callable, samples: Tuple[Tensor, ...]):
         self.samples = samples
         self.params = tuple(p for p in module.parameters() if p.requires_grad)
-        surface = samples + self.params
-        differentiable = [t for t in surface if t.requires_grad]
         self.stream = torch.cuda.Stream()
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            for _ in range(WARMUP_STEPS):
-                outputs = [o for o in tree_leaves(forward(*samples)) if o.requires_grad]
-                torch.autograd.grad(outputs, differentiable, [torch.empty_like(o) for o in outputs],
-                                    allow_unused=True)
-            del outputs
-        torch.cuda.synchronize()
-        # the warm-up's memory back to the device: the graphs' pool cannot use it, and the two
-        # together would hold twice the step's activations
-        torch.cuda.empty_cache()
-        self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        capture = dict(pool=torch.cuda.graph_pool_handle(), stream=self.stream,
-                       capture_error_mode='thread_local' if synchronises(module) else 'global')
-        with torch.cuda.graph(self.forward_graph, **capture):
-            self.outputs, self.spec = tree_flatten(forward(*samples))
-        self.grad_outputs = [torch.empty_like(o) if o.requires_grad else None for o in self.outputs]
-        with torch.cuda.graph(self.backward_graph, **capture):
-            grads = iter(torch.autograd.grad(
-                [o for o in self.outputs if o.requires_grad], differentiable,
-                [g for g in self.grad_outputs if g is not None], allow_unused=True))
-        self.grads = [next(grads) if t.requires_grad else None for t in surface]
+        with _parameter_aliases(module) as aliases:
+            surface = samples + aliases
+            differentiable = [t for t in surface if t.requires_grad]
+            with torch.cuda.stream(self.stream):
+                for _ in range(WARMUP_STEPS):
+                    outputs = [o for o in tree_leaves(forward(*samples)) if o.requires_grad]
+                    torch.autograd.grad(outputs, differentiable,
+                                        [torch.empty_like(o) for o in outputs], allow_unused=True)
+                del outputs
+            torch.cuda.synchronize()
+            # the warm-up's memory back to the device: the graphs' pool cannot use it, and the
+            # two together would hold twice the step's activations
+            torch.cuda.empty_cache()
+            self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            capture = dict(pool=torch.cuda.graph_pool_handle(), stream=self.stream,
+                           capture_error_mode='thread_local' if synchronises(module) else 'global')
+            with torch.cuda.graph(self.forward_graph, **capture):
+                self.outputs, self.spec = tree_flatten(forward(*samples))
+            self.grad_outputs = [torch.empty_like(o) if o.requires_grad else None
+                                 for o in self.outputs]
+            with torch.cuda.graph(self.backward_graph, **capture):
+                grads = iter(torch.autograd.grad(
+                    [o for o in self.outputs if o.requires_grad], differentiable,
+                    [g for g in self.grad_outputs if g is not None], allow_unused=True))
+            self.grads = [next(grads) if t.requires_grad else None for t in surface]
         self.param_grads = [(p, g) for p, g in zip(self.params, self.grads[len(samples):])
                             if g is not None]
         self.function = _replay_function(self)
@@ -106,6 +109,31 @@ class _GraphedStep:
             outputs = self.function.apply(*inputs, *self.params)
         current.wait_stream(self.stream)
         return tree_unflatten(list(outputs), self.spec)
+
+
+@contextmanager
+def _parameter_aliases(module: nn.Module) -> Iterator[Tuple[Tensor, ...]]:
+    """Inside, each trainable parameter of ``module`` is a new leaf that shares its memory
+    (yielded in ``module.parameters()`` order); the originals are put back on leaving.
+
+    A capture takes the gradients at these leaves. Autograd makes the stream a backward pass
+    ends on wait for the stream each leaf's gradient accumulator was made on, and an
+    accumulator that lives on, such as one DDP's reducer holds from its construction on the
+    default stream, would join that stream to the capture, which CUDA refuses; the aliases'
+    accumulators are made inside the warm-up, on the capture's stream. A replay writes the
+    parameters' own memory all the same."""
+    aliases, originals = {}, []
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None and param.requires_grad:
+                alias = aliases.setdefault(id(param), nn.Parameter(param.detach()))
+                originals.append((sub, name, param))
+                sub._parameters[name] = alias
+    try:
+        yield tuple(p for p in module.parameters() if p.requires_grad)
+    finally:
+        for sub, name, param in originals:
+            sub._parameters[name] = param
 
 
 def _replay_function(step: _GraphedStep) -> type:

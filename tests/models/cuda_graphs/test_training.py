@@ -249,3 +249,23 @@ def test_chained_graphs_give_eager_gradients_and_sums_on_the_gpu():
     torch.testing.assert_close(first.bn.running_mean, eager_first.bn.running_mean, rtol=0, atol=0)
     for x, before in zip(batches, kept):  # later batches copied into the graph's own inputs
         assert torch.equal(x, before)
+
+
+def test_a_capture_sees_fresh_leaves_that_share_the_parameters_memory():
+    module = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)).train()
+    module[2].weight = module[0].weight  # one parameter in two modules
+    module[1].bias.requires_grad_(False)
+    before = list(module.parameters())
+    with tg._parameter_aliases(module) as aliases:
+        assert len(aliases) == 4  # the shared weight once; not the norm's frozen bias
+        assert module[0].weight is module[2].weight is aliases[0]
+        assert all(a is not p and a.data_ptr() == p.data_ptr() and a.is_leaf
+                   for a, p in zip(aliases, [p for p in before if p.requires_grad]))
+        assert module[1].bias is before[3]  # frozen: not aliased
+        module(torch.randn(1, 3, 4, 4)).sum().backward()
+    assert all(a is b for a, b in zip(module.parameters(), before))
+    assert all(p.grad is None for p in before)
+    with pytest.raises(ValueError):
+        with tg._parameter_aliases(module):
+            raise ValueError
+    assert all(a is b for a, b in zip(module.parameters(), before))
