@@ -3,18 +3,20 @@ the same steps as eager DDP, and the speed against the FLOP-matched peer.
 
     torchrun --nproc_per_node 2 tools/gpu_checks/check_ddp_graph.py \
         --models segman-b segnext-l [--batch 8] [--size 512] [--steps 3] [--dtype bf16] \
-        [--cell-seconds 4] [--out ddp.jsonl]
+        [--cell-seconds 4] [--no-timing] [--out ddp.jsonl]
 
 Each rank takes one GPU and its own random images and labels. A model is built as
 ``tools/benchmark.py`` builds it, every batch norm made a ``SyncBatchNorm`` (as the configs'
 ``SyncBN``), wrapped in ``DistributedDataParallel`` as mmengine wraps it
 (``broadcast_buffers=False``) and trained by the benchmark's step (autocast, fused AdamW).
 
-- ``segman-<a>``: three copies from the same weights take ``--steps`` steps on the same
-  images: two eagerly (``cuda_graph=False``; whether eager DDP repeats bit for bit) and one
-  with its encoder and head graphed (``cuda_graph=True``). Per step the loss of each
-  (averaged over the ranks); after the steps each copy's largest parameter difference from
-  the first eager copy's, relative to the largest change of the first copy's parameters.
+- ``segman-<a>``: four copies from the same weights take ``--steps`` steps on the same
+  images: three eagerly (``cuda_graph=False``): ``eager``, ``eager_again`` (whether eager DDP
+  repeats bit for bit) and ``permuted`` (each rank's batch in reverse order: the same sums in
+  other orders, how far rounding alone moves the gradients), and one with its encoder and
+  head graphed (``cuda_graph=True``). Per step the loss of each (averaged over the ranks) and
+  the largest difference of each copy's gradients (after DDP's all-reduce) from ``eager``'s,
+  relative to the largest gradient, as ``check_training_graph.py`` reports on one GPU.
   Then the graphed and the eager copy are timed (``captured``: whether the graphed one replayed
   its graphs, or fell back to eager steps).
 - a peer (``segnext-l``, ``segformer-b4``, ...): timed.
@@ -62,13 +64,16 @@ def mean_over_ranks(value: float) -> float:
     return total.item() / dist.get_world_size()
 
 
-def train(model: nn.Module, images, samples, steps: int, dtype: torch.dtype) -> List[float]:
-    """``steps`` training steps of ``model`` in DDP; the loss of each, averaged over the ranks."""
-    ddp, optimizer, losses = distributed(model), training_optimizer(model), []
+def train(model: nn.Module, images, samples, steps: int, dtype: torch.dtype):
+    """``steps`` training steps of ``model`` in DDP: the loss of each, averaged over the ranks,
+    and the gradients of each step (after DDP's all-reduce), on the CPU."""
+    ddp, optimizer, losses, gradients = distributed(model), training_optimizer(model), [], []
     for _ in range(steps):
-        for _ in training_phases(ddp, images, samples, optimizer, dtype, losses):
-            pass
-    return [round(mean_over_ranks(loss), 6) for loss in losses]
+        for phase in training_phases(ddp, images, samples, optimizer, dtype, losses):
+            if phase == 'backward':
+                gradients.append([p.grad.float().cpu() for p in model.parameters()
+                                  if p.grad is not None])
+    return [round(mean_over_ranks(loss), 6) for loss in losses], gradients
 
 
 def captured(model: nn.Module) -> bool:
@@ -77,28 +82,31 @@ def captured(model: nn.Module) -> bool:
                for graphs in (model.backbone.cuda_graphs, model.decode_head.cuda_graphs))
 
 
-def parameter_gap(reference: nn.Module, start: List[torch.Tensor], other: nn.Module) -> float:
-    """The largest difference of ``other``'s parameters from ``reference``'s, relative to the
-    largest change of ``reference``'s since ``start``."""
-    ref = [p.detach().float() for p in reference.parameters()]
-    change = max((r - s.float()).abs().max().item() for r, s in zip(ref, start)) or 1.0
-    return max((r - p.detach().float()).abs().max().item()
-               for r, p in zip(ref, other.parameters())) / change
+def gradient_gap(reference: List[torch.Tensor], other: List[torch.Tensor]) -> float:
+    """The largest difference of two steps' gradients, relative to the largest gradient."""
+    scale = max(g.abs().max().item() for g in reference) or 1.0
+    return max((r - o).abs().max().item() for r, o in zip(reference, other)) / scale
 
 
 def check_segman(name: str, images, samples, args) -> Dict:
-    """The eager, eager-again and graphed copies' losses and parameter gaps."""
+    """The losses of the eager, eager-again, permuted and graphed copies, and each step's
+    gradient gap of the last three from the first."""
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)  # the same weights on every rank and in every copy
     base = build_model(name)
     base.decode_head.dropout = None  # no random numbers: the copies see the same steps
-    start = [p.detach().clone() for p in base.parameters()]
     copies = {'eager': with_graphs(base, False), 'eager_again': with_graphs(base, False),
-              'graphed': with_graphs(base, True)}
-    losses = {key: train(model, images, samples, args.steps, dtype) for key, model in copies.items()}
-    return dict(losses=losses, captured=captured(copies['graphed']), parameter_gap={
-        key: float(f'{parameter_gap(copies["eager"], start, model):.2e}')
-        for key, model in copies.items() if key != 'eager'})
+              'permuted': with_graphs(base, False), 'graphed': with_graphs(base, True)}
+    order = list(range(images.shape[0]))[::-1]
+    inputs = {key: (images[order], [samples[i] for i in order]) if key == 'permuted'
+              else (images, samples) for key in copies}
+    runs = {key: train(model, *inputs[key], args.steps, dtype) for key, model in copies.items()}
+    reference = runs['eager'][1]
+    return dict(losses={key: run[0] for key, run in runs.items()},
+                captured=captured(copies['graphed']),
+                gradient_gap={key: [float(f'{gradient_gap(r, g):.2e}')
+                                    for r, g in zip(reference, run[1])]
+                              for key, run in runs.items() if key != 'eager'})
 
 
 def timed(model: nn.Module, images, samples, args) -> Dict:
@@ -126,6 +134,7 @@ def main() -> None:
     parser.add_argument('--warmup', type=int, default=5)
     parser.add_argument('--iters', type=int, default=50)
     parser.add_argument('--cell-seconds', type=float, default=4.0)
+    parser.add_argument('--no-timing', action='store_true', help='SegMAN: its check, not its timing')
     parser.add_argument('--out', help='append JSON lines here (rank 0)')
     args = parser.parse_args()
     if 'LOCAL_RANK' not in os.environ:
@@ -142,6 +151,10 @@ def main() -> None:
                    device=torch.cuda.get_device_name())
         if name.startswith('segman-'):
             row.update(check_segman(name, images, samples, args))
+            if args.no_timing:
+                if rank == 0:
+                    write_row(row, args.out)
+                continue
             torch.manual_seed(0)
             model = build_model(name)
             cells = {'graphed': with_graphs(model, True), 'eager': with_graphs(model, False)}
