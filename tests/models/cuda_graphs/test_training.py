@@ -8,6 +8,7 @@ import weakref
 
 import pytest
 import torch
+from mmengine.logging import MMLogger
 from torch import nn
 
 from mmseg_segman.models import SegMANEncoder
@@ -146,10 +147,17 @@ def test_hooks_turn_it_off(fake_graphs):
     assert fake_graphs.captures == 0 and "'bn' has hooks" in graph._off
 
 
+def distributed_on(monkeypatch, backend: str) -> None:
+    """A distributed run on ``backend`` as the graphs see it (mmengine's logger made first: it
+    would ask the process group for its rank)."""
+    MMLogger.get_current_instance()
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.distributed, 'get_backend', lambda group=None: backend)
+
+
 def test_sync_batch_norm_off_nccl_in_a_distributed_run_turns_it_off(fake_graphs, monkeypatch):
     module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)).train()
-    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
-    monkeypatch.setattr(torch.distributed, 'get_backend', lambda group=None: 'gloo')
+    distributed_on(monkeypatch, 'gloo')
     graph = TrainingGraph('synced')
     assert tg.unsupported(module) == ("module '1' is a SyncBatchNorm whose collectives run on the "
                                       "'gloo' backend, which a CUDA graph cannot hold (NCCL's can)")
@@ -162,8 +170,7 @@ def test_sync_batch_norm_off_nccl_in_a_distributed_run_turns_it_off(fake_graphs,
 def test_sync_batch_norm_on_nccl_is_captured_letting_other_threads_call_cuda(fake_graphs,
                                                                            monkeypatch):
     module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)).train()
-    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
-    monkeypatch.setattr(torch.distributed, 'get_backend', lambda group=None: 'nccl')
+    distributed_on(monkeypatch, 'nccl')
     assert tg.unsupported(module) is None and tg.synchronises(module)
     graph = TrainingGraph('synced')
     graph(module, lambda x: module[0](x), torch.randn(2, 3, 8, 8)).sum().backward()
