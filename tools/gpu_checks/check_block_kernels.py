@@ -188,6 +188,8 @@ def main() -> None:
     if args.render_ncu:
         render_ncu(args.render_ncu, args.out)
         return
+    if args.ncu and len(args.stages) != 1:
+        parser.error('--ncu profiles one stage a log (--stages N): --render-ncu totals a log as a block')
     print(f'# torch {torch.__version__}, {torch.cuda.get_device_name()}, compiled: {args.compile}, '
           f'backends: {backend_environment() or "default"}', flush=True)
     encoder = SegMANEncoder(arch=args.arch).cuda().train(args.mode == 'train')

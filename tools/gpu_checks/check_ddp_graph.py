@@ -29,7 +29,7 @@ import copy
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.distributed as dist
@@ -37,10 +37,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import (DTYPES, MODELS, build_model, data_samples, parse_size,  # noqa: E402
                        timed_steps, training_optimizer, training_phases, write_row)
-
-from mmseg_segman.models.cuda_graphs import CUDAGraphs  # noqa: E402
+from check_training_graph import (captured, graphed, relative_difference,  # noqa: E402
+                                  reversed_batch)
 
 
 def distributed(model: nn.Module) -> DistributedDataParallel:
@@ -48,14 +49,6 @@ def distributed(model: nn.Module) -> DistributedDataParallel:
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model).cuda().train()
     return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()],
                                    broadcast_buffers=False)
-
-
-def with_graphs(model: nn.Module, on: bool) -> nn.Module:
-    """A copy of a SegMAN segmentor with its encoder's and head's CUDA graphs on or off."""
-    model = copy.deepcopy(model)
-    model.backbone.cuda_graphs = CUDAGraphs('SegMANEncoder') if on else None
-    model.decode_head.cuda_graphs = CUDAGraphs('SegMANHead') if on else None
-    return model
 
 
 def mean_over_ranks(value: float) -> float:
@@ -76,18 +69,6 @@ def train(model: nn.Module, images, samples, steps: int, dtype: torch.dtype):
     return [round(mean_over_ranks(loss), 6) for loss in losses], gradients
 
 
-def captured(model: nn.Module) -> bool:
-    """Whether the encoder's and the head's training steps replay graphs."""
-    return all(graphs is not None and graphs.training._captured is not None
-               for graphs in (model.backbone.cuda_graphs, model.decode_head.cuda_graphs))
-
-
-def gradient_gap(reference: List[torch.Tensor], other: List[torch.Tensor]) -> float:
-    """The largest difference of two steps' gradients, relative to the largest gradient."""
-    scale = max(g.abs().max().item() for g in reference) or 1.0
-    return max((r - o).abs().max().item() for r, o in zip(reference, other)) / scale
-
-
 def check_segman(name: str, images, samples, args) -> Dict:
     """The losses of the eager, eager-again, permuted and graphed copies, and each step's
     gradient gap of the last three from the first."""
@@ -95,16 +76,15 @@ def check_segman(name: str, images, samples, args) -> Dict:
     torch.manual_seed(0)  # the same weights on every rank and in every copy
     base = build_model(name)
     base.decode_head.dropout = None  # no random numbers: the copies see the same steps
-    copies = {'eager': with_graphs(base, False), 'eager_again': with_graphs(base, False),
-              'permuted': with_graphs(base, False), 'graphed': with_graphs(base, True)}
-    order = list(range(images.shape[0]))[::-1]
-    inputs = {key: (images[order], [samples[i] for i in order]) if key == 'permuted'
-              else (images, samples) for key in copies}
+    copies = {'eager': copy.deepcopy(base), 'eager_again': copy.deepcopy(base),
+              'permuted': copy.deepcopy(base), 'graphed': graphed(base)}
+    inputs = {key: reversed_batch(images, samples) if key == 'permuted' else (images, samples)
+              for key in copies}
     runs = {key: train(model, *inputs[key], args.steps, dtype) for key, model in copies.items()}
     reference = runs['eager'][1]
     return dict(losses={key: run[0] for key, run in runs.items()},
                 captured=captured(copies['graphed']),
-                gradient_gap={key: [float(f'{gradient_gap(r, g):.2e}')
+                gradient_gap={key: [float(f'{relative_difference(r, g):.2e}')
                                     for r, g in zip(reference, run[1])]
                               for key, run in runs.items() if key != 'eager'})
 
@@ -157,7 +137,7 @@ def main() -> None:
                 continue
             torch.manual_seed(0)
             model = build_model(name)
-            cells = {'graphed': with_graphs(model, True), 'eager': with_graphs(model, False)}
+            cells = {'graphed': graphed(model), 'eager': model}  # build_model's: graphs off
         else:
             torch.manual_seed(0)
             cells = {'eager': build_model(name)}

@@ -41,6 +41,18 @@ def graphed(model):
     return model
 
 
+def captured(model) -> bool:
+    """Whether the encoder's and the head's training steps replay graphs (not eager steps)."""
+    return all(graphs is not None and graphs.training._captured is not None
+               for graphs in (model.backbone.cuda_graphs, model.decode_head.cuda_graphs))
+
+
+def reversed_batch(images: torch.Tensor, samples: List):
+    """The same batch in reverse order: the same sums in other orders."""
+    order = list(range(images.shape[0]))[::-1]
+    return images[order], [samples[i] for i in order]
+
+
 def relative_difference(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
     scale = max(x.abs().max().item() for x in a) or 1.0
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b)) / scale
@@ -62,9 +74,8 @@ def check(name: str, dtype: torch.dtype, args) -> Dict:
     optimizers = {k: training_optimizer(m) for k, m in models.items()}
     images = torch.randn(args.batch, 3, args.size, args.size, device='cuda')
     samples = data_samples(args.batch, args.size, args.size)
-    order = list(range(args.batch))[::-1]
-    inputs = {key: (images[order], [samples[i] for i in order]) if key == 'permuted'
-              else (images, samples) for key in models}
+    inputs = {key: reversed_batch(images, samples) if key == 'permuted' else (images, samples)
+              for key in models}
     losses = {k: [] for k in models}
     differences = {key: [] for key in models if key != 'eager'}
     for _ in range(args.steps):
@@ -95,8 +106,7 @@ def check(name: str, dtype: torch.dtype, args) -> Dict:
            for what, buffers in (('parameters', False), ('running_stats', True))
            for key in differences},
         **worst_last,
-        captured=models['graphed'].backbone.cuda_graphs.training._captured is not None
-        and models['graphed'].decode_head.cuda_graphs.training._captured is not None)
+        captured=captured(models['graphed']))
 
 
 def main() -> None:
