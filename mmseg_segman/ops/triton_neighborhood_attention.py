@@ -33,10 +33,10 @@ columns at the borders), ``dv = P^T dO``, ``dk = dS^T Q``. No atomics anywhere.
 Bias gradient. ``d rpb[h, a + i', b + j']`` sums ``dS`` over the batch and over all queries
 whose window offset is ``(a, b)`` and whose window sits at ``(i', j')`` relative to them.
 The ``dq`` program loops over the batch elements of its group and accumulates ``dS`` of each
-(query, window position) into its own rows of a float32 buffer ``G (groups, heads, H, W,
+(query, window position) into its own rows of a float32 buffer ``G (heads, groups, H, W,
 k*k)`` (each element is written by one program only, so plain loads and stores suffice);
-PyTorch then folds ``G`` into the ``(heads, 2k-1, 2k-1)`` table with matrix products and
-``F.fold``: deterministic, and no colliding atomics.
+three matrix products then fold ``G`` into the ``(heads, 2k-1, 2k-1)`` table
+(:func:`_fold_bias_grad`): deterministic, and no colliding atomics.
 
 Sizes and strides are runtime values (not specialised by Triton) but for the column strides,
 which depend on the layout and the head dim only: one compilation per (dtype, head dim, kernel
@@ -297,7 +297,8 @@ def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delt
     wy = _window_start(qy, height, span_h, KERNEL // 2)
     wx = _window_start(qx, width, span_w, KERNEL // 2)
     rpb_base = rpb_ptr + head * (2 * KERNEL - 1) * (2 * KERNEL - 1)
-    g_rows = ((group * heads + head).to(tl.int64) * height * width + qy * width + qx) * KERNEL * KERNEL
+    g_rows = ((head * tl.num_programs(2) + group).to(tl.int64) * height * width + qy * width + qx) \
+        * KERNEL * KERNEL
     first = group * batches_per_group
     for batch in range(first, tl.minimum(first + batches_per_group, batch_size)):
         b64 = tl.cast(batch, tl.int64)
@@ -472,18 +473,29 @@ def _window_class_one_hot(length: int, kernel_size: int, device: torch.device) -
     return F.one_hot(start - i + kernel_size - 1, kernel_size).float()
 
 
+@tensor_cache(maxsize=16)
+def _bias_fold_matrix(kernel_size: int, device: torch.device) -> Tensor:
+    """``(k**4, (2k-1)**2)`` float32 one-hot: row ``(i', j', a, b)`` (a window class and a
+    position in the window) picks the bias ``(i' + a, j' + b)``."""
+    c = torch.arange(kernel_size, device=device)
+    rows = c[:, None, None, None] + c[None, None, :, None]
+    cols = c[None, :, None, None] + c[None, None, None, :]
+    return F.one_hot((rows * (2 * kernel_size - 1) + cols).reshape(-1),
+                     (2 * kernel_size - 1) ** 2).float()
+
+
 def _fold_bias_grad(g: Tensor, kernel_size: int) -> Tensor:
-    """``(heads, 2k-1, 2k-1)`` from ``G (groups, heads, H, W, k, k)``: queries are summed within
-    their (row class, column class) by two matrix products, then each class's ``k x k``
-    window is added at its offset by ``F.fold``."""
-    groups, heads, height, width, k, _ = g.shape
-    g = g.sum(0) if groups > 1 else g[0]
-    rows = _window_class_one_hot(height, k, g.device).t()  # (k, H)
-    cols = _window_class_one_hot(width, k, g.device).t()   # (k, W)
-    g = rows @ g.reshape(heads, height, width * k * k)      # (heads, x, W * k * k)
-    g = cols @ g.reshape(heads * k, width, k * k)           # (heads * x, y, (a, b))
-    patches = g.reshape(heads, k * k, k * k).transpose(1, 2)  # (heads, (a, b), (x, y))
-    return F.fold(patches, (2 * k - 1, 2 * k - 1), kernel_size=k)[:, 0]
+    """``(heads, 2k-1, 2k-1)`` from ``G (heads, groups, H, W, k, k)``: queries are summed over
+    the groups and within their (row class, column class) by two matrix products, then each
+    class's ``k x k`` window is added at its offset by a third (:func:`_bias_fold_matrix`;
+    ``F.fold`` of the 2028 biases of SegMAN-L's stage 3 took 31 us on an H100,
+    docs/benchmarks.md)."""
+    heads, groups, height, width, k, _ = g.shape
+    rows = _window_class_one_hot(height, k, g.device).t().repeat(1, groups)  # (k, groups * H)
+    cols = _window_class_one_hot(width, k, g.device).t()  # (k, W)
+    g = rows @ g.reshape(heads, groups * height, width * k * k)  # (heads, i', (W, a, b))
+    g = cols @ g.reshape(heads * k, width, k * k)  # (heads * i', j', (a, b))
+    return (g.reshape(heads, k ** 4) @ _bias_fold_matrix(k, g.device)).view(heads, 2 * k - 1, 2 * k - 1)
 
 
 def _na2d_backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor],
@@ -503,7 +515,7 @@ def _na2d_backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: 
     # every element is written unless G accumulates or a window is cut to a short axis
     covered = batches_per_group == 1 and min(height, width) >= kernel_size
     g = (torch.empty if covered else torch.zeros)(
-        groups if store_g else 0, heads, height, width, kernel_size, kernel_size,
+        heads, groups if store_g else 0, height, width, kernel_size, kernel_size,
         dtype=torch.float32, device=q.device)
     common = _common(q, kernel_size, rpb)
     rpb_arg = q if rpb is None else rpb
