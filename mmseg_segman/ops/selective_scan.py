@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cross_scan import cross_merge, cross_scan, flip_reversed
-from .dispatch import TRITON_DTYPES, TRITON_INSTALLED, Backend, OpDispatcher, runs_anywhere
+from .dispatch import (TRITON_DTYPES, TRITON_INSTALLED, Backend, OpDispatcher, autocast_off,
+                       runs_anywhere)
 
 
 
@@ -262,10 +263,11 @@ def project_steps_backward(ddelta: Tensor, dt_low: Tensor, dt_proj: Tensor) -> T
     """The gradients of ``dt_low`` and ``dt_proj`` from ``ddelta``, that of
     :func:`project_steps`' output, computed in ``ddelta``'s dtype (float32 from the scans,
     where autograd through a bfloat16 product would round ``ddelta`` first) and returned in
-    the inputs' dtypes. Matrix products batched over ``(B, 4)``: none copies ``ddelta``
-    (an einsum would transpose it to one product per direction)."""
-    d_dt_low = dt_proj.to(ddelta.dtype).transpose(-1, -2) @ ddelta
-    d_dt_proj = (ddelta @ dt_low.to(ddelta.dtype).transpose(-1, -2)).sum(0)
+    the inputs' dtypes, autocast or not. Matrix products batched over ``(B, 4)``: none copies
+    ``ddelta`` (an einsum would transpose it to one product per direction)."""
+    with autocast_off(ddelta.device.type):
+        d_dt_low = dt_proj.to(ddelta.dtype).transpose(-1, -2) @ ddelta
+        d_dt_proj = (ddelta @ dt_low.to(ddelta.dtype).transpose(-1, -2)).sum(0)
     return d_dt_low.to(dt_low.dtype), d_dt_proj.to(dt_proj.dtype)
 
 

@@ -47,8 +47,7 @@ one more softplus and exp an element. Then ``du``, ``ddelta`` (through softplus 
 and per program: ``dB``, ``dC`` summed over the program's channels, ``dA``, ``dD``,
 ``d delta_bias`` summed over its steps. These partial sums are reduced in PyTorch (over
 channel blocks, resp. the batch); again no atomics; ``ddelta`` goes back through the step
-projection by two matrix products in float32
-(:func:`~.selective_scan.project_steps_backward`). Gradients are returned in the inputs'
+projection in one more kernel, in float32 (:func:`_project_steps_bwd_kernel`). Gradients are returned in the inputs'
 dtypes and layouts.
 
 ``torch.compile`` traces the kernels as the ``torch.library`` custom ops
@@ -65,7 +64,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import cast, with_contiguous_planes
-from .selective_scan import project_steps_backward
 from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, dot_precision,
                          jit_with_runtime_ints, launch, next_power_of_2, records_autograd)
 
@@ -413,6 +411,46 @@ def _project_steps_kernel(lo_ptr, w_ptr, out_ptr, channels, rank, length, sl_b, 
              mask=c_ok[:, None] & l_ok[None, :])
 
 
+@jit_with_runtime_ints(_RUNTIME_INTS)
+def _project_steps_bwd_kernel(dd_ptr, lo_ptr, w_ptr, dlo_ptr, part_ptr, channels, rank, length,
+                              sl_b, sl_k, sl_r, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+                              BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                              ALIGN: tl.constexpr):
+    """The gradients of :func:`_project_steps_kernel`'s inputs from ``ddelta (B, 4, D, L)``
+    float32 contiguous, for ``BLOCK_L`` steps of sequence ``program_id(1) = b * 4 + k``,
+    walking the channels ``BLOCK_C`` at a time: ``d lo[b, k, :, l] = sum_c w[k, c, :]
+    ddelta[b, k, c, l]`` (``dlo (B, 4, R, L)`` contiguous, in its own dtype) and this tile's
+    part of ``d w[k, c, r] = sum_{b, l} ddelta[b, k, c, l] lo[b, k, r, l]`` into
+    ``part[b, k, program_id(0), c, r]`` (float32, summed over the batch and the tiles by the
+    caller). ``w (4, D, R)`` contiguous; ``lo`` as the forward's. One read of ``ddelta``;
+    products at ``DOT_PRECISION``: TF32 where ``lo`` is 16-bit (autocast rounded ``ddelta``
+    to bfloat16 for PyTorch's products), else as PyTorch's float32 matmuls."""
+    length = aligned(length, ALIGN)
+    sl_b, sl_k, sl_r = aligned(sl_b, ALIGN), aligned(sl_k, ALIGN), aligned(sl_r, ALIGN)
+    tile = tl.program_id(0)
+    sequence = tl.program_id(1).to(tl.int64)
+    batch, direction = sequence // 4, sequence % 4
+    l = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+    r = tl.arange(0, BLOCK_R)
+    l_ok, r_ok = l < length, r < rank
+    lo = tl.load(lo_ptr + batch * sl_b + direction * sl_k + r[:, None] * sl_r + l[None, :],
+                 mask=r_ok[:, None] & l_ok[None, :], other=0.0).to(tl.float32)
+    d_lo = tl.zeros((BLOCK_R, BLOCK_L), dtype=tl.float32)
+    part = part_ptr + (sequence * tl.num_programs(0) + tile) * channels * rank
+    for c0 in range(0, channels, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < channels
+        dd = tl.load(dd_ptr + (sequence * channels + c[:, None]) * length + l[None, :],
+                     mask=c_ok[:, None] & l_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + (direction * channels + c[:, None]) * rank + r[None, :],
+                    mask=c_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+        d_lo += tl.dot(tl.trans(w), dd, input_precision=DOT_PRECISION)
+        d_w = tl.dot(dd, tl.trans(lo), input_precision=DOT_PRECISION)
+        tl.store(part + c[:, None] * rank + r[None, :], d_w, mask=c_ok[:, None] & r_ok[None, :])
+    tl.store(dlo_ptr + (sequence * rank + r[:, None]) * length + l[None, :],
+             d_lo.to(dlo_ptr.dtype.element_ty), mask=r_ok[:, None] & l_ok[None, :])
+
+
 Blocks = Tuple[int, int, int]  # (BLOCK_D, BLOCK_L, num_warps)
 MAX_BLOCK_L = 256
 
@@ -427,6 +465,16 @@ def block_sizes(length: int, backward: bool = False) -> Blocks:
     1-3), two for the backward (within 5% of the best at 16x16 maps).
     """
     return 2 if backward else 4, min(max(16, next_power_of_2(length)), MAX_BLOCK_L), 4
+
+
+def projection_backward_tile(block_r: int) -> Blocks:
+    """``(BLOCK_C, BLOCK_L, num_warps)`` of :func:`_project_steps_bwd_kernel` for ranks padded
+    to ``block_r``: 32 channels a step (a float32 ``ddelta`` tile of 32 registers a thread
+    with 8 warps) and 256 steps a program up to ranks of 32, which keeps the partial sums of
+    ``dt_proj``'s gradient (one ``(D, R)`` matrix a program) at most an eighth of ``ddelta``'s
+    size; fewer steps for higher ranks, whose float32 tiles would not fit an H100's shared
+    memory."""
+    return 32, min(256, 8192 // block_r), 8
 
 
 # (BLOCK_H, BLOCK_W) of the merge kernel, _both_orders_kernel and _direction_order_kernel
@@ -535,6 +583,28 @@ def _project_steps(dt_low: Tensor, dt_proj: Tensor) -> Tensor:
     return delta
 
 
+def _project_steps_backward(ddelta: Tensor, dt_low: Tensor, dt_proj: Tensor) -> Tuple[Tensor, Tensor]:
+    """:func:`.selective_scan.project_steps_backward` of float32 contiguous ``ddelta`` in one
+    kernel (:func:`_project_steps_bwd_kernel`) and one sum: ``ddelta`` is read once, in
+    float32 (two products on it, under autocast each cast it to bfloat16 first, and the weight
+    gradient's, of a rank not a multiple of 8, ran on cuBLAS's 32x32 tiles:
+    docs/benchmarks.md)."""
+    if dt_low.stride(-1) != 1:
+        dt_low = dt_low.contiguous()
+    batch, _, rank, length = dt_low.shape
+    channels = dt_proj.shape[1]
+    block_r = max(16, next_power_of_2(rank))
+    block_c, block_l, warps = projection_backward_tile(block_r)
+    tiles = cdiv(length, block_l)
+    d_dt_low = torch.empty(batch, 4, rank, length, dtype=dt_low.dtype, device=dt_low.device)
+    part = _float32(batch, 4, tiles, channels, rank, like=ddelta)
+    launch(_project_steps_bwd_kernel, (tiles, batch * 4), ddelta, dt_low, dt_proj.contiguous(),
+           d_dt_low, part, channels, rank, length, *dt_low.stride()[:3], BLOCK_C=block_c,
+           BLOCK_L=block_l, BLOCK_R=block_r, DOT_PRECISION=dot_precision(dt_low.dtype),
+           ALIGN=alignment(length, *dt_low.stride()[:3]), num_warps=warps)
+    return d_dt_low, cast(part.sum((0, 2)), dt_proj.dtype)
+
+
 def _flat(*params: Tensor) -> Tuple[Tensor, ...]:
     """``A (4*D, 1)``, ``D``, ``delta_bias`` as contiguous ``(4*D,)`` vectors."""
     return tuple(t.reshape(-1).contiguous() for t in params)
@@ -627,7 +697,7 @@ def _cross_scan_backward_impl(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Te
     launch(_cross_scan_bwd_kernel, grid, xs, delta, *_flat(A, D, delta_bias), B_seq, C_seq,
            states, dys, du, ddelta, *d_bc.unbind(), *d_params.unbind(), channels, *ints,
            BLOCK_D=block_d, BLOCK_L=block_l, ALIGN=alignment(*ints), num_warps=warps)
-    d_dt_low, d_dt_proj = project_steps_backward(ddelta, dt_low, dt_proj)  # ddelta float32
+    d_dt_low, d_dt_proj = _project_steps_backward(ddelta, dt_low, dt_proj)
     return (_merge(du, height, width, x.dtype), d_dt_low, d_dt_proj,
             cast(d_bc.sum(3, keepdim=True), _bc_dtype(B, C)), d_params.sum(1))
 

@@ -217,14 +217,16 @@ def check_merge():
 
 
 def check_layouts_and_projection():
-    """The kernels that lay ``x`` out in both orders and project the steps, against
-    :func:`both_orders` and :func:`project_steps`: over several tiles, the last partial, from
-    a channel slice (planes contiguous, batch strided), ranks below and above 16."""
+    """The kernels that lay ``x`` out in both orders and project the steps, forward and
+    backward, against :func:`both_orders`, :func:`project_steps` and
+    :func:`project_steps_backward`: over several tiles, the last partial, from a channel slice
+    (planes contiguous, batch strided), ranks below and above 16."""
     import torch
 
     from mmseg_segman.ops.cross_scan import both_orders
-    from mmseg_segman.ops.selective_scan import project_steps
-    from mmseg_segman.ops.triton_cross_selective_scan import _both_orders, _project_steps
+    from mmseg_segman.ops.selective_scan import project_steps, project_steps_backward
+    from mmseg_segman.ops.triton_cross_selective_scan import (_both_orders, _project_steps,
+                                                              _project_steps_backward)
     g = torch.Generator().manual_seed(5)
     for height, width in ((37, 70), (70, 5)):
         wide = torch.randn(2, 5, height, width, generator=g)
@@ -232,7 +234,7 @@ def check_layouts_and_projection():
         torch.testing.assert_close(_both_orders(x), both_orders(x), rtol=0, atol=0)
         torch.testing.assert_close(_both_orders(x.bfloat16()), both_orders(x.bfloat16()),
                                    rtol=0, atol=0)
-    for rank, channels, length in ((3, 40, 150), (27, 33, 129)):
+    for rank, channels, length in ((3, 40, 150), (27, 33, 129), (27, 70, 600)):
         dt_low = torch.randn(2, 4, rank + 2, length, generator=g)[:, :, :rank]  # split view
         dt_proj = torch.randn(4, channels, rank, generator=g)
         torch.testing.assert_close(_project_steps(dt_low, dt_proj), project_steps(dt_low, dt_proj))
@@ -240,6 +242,15 @@ def check_layouts_and_projection():
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), project_steps(dt_low.bfloat16(), dt_proj).float(),
                                    rtol=1e-2, atol=1e-2)
+        # the backward: over several tiles of steps and of channels, the last ones partial
+        ddelta = torch.randn(2, 4, channels, length, generator=g)
+        for low in (dt_low, dt_low.bfloat16()):
+            got, want = _project_steps_backward(ddelta, low, dt_proj), \
+                project_steps_backward(ddelta, low, dt_proj)
+            assert [t.dtype for t in got] == [low.dtype, dt_proj.dtype]
+            tolerance = 1e-4 if low.dtype == torch.float32 else 1e-2  # d dt_low rounded to bfloat16
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a.float(), b.float(), rtol=tolerance, atol=tolerance)
     print('layouts and step projection: ok')
 
 
