@@ -58,6 +58,14 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def empty_channels_first(like: torch.Tensor) -> torch.Tensor:
+    """An empty tensor of ``like``'s ``(B, heads, H, W, d)`` shape and dtype, laid out as
+    ``(B, heads, d, H, W)``: as the head vectors of a ``(B, C, H, W)`` map, which the model
+    reads the attention's output and the ``qkv`` projection's gradient as (views)."""
+    batch, heads, height, width, dim = like.shape
+    return like.new_empty(batch, heads, dim, height, width).permute(0, 1, 3, 4, 2)
+
+
 def records_autograd(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether autograd records an op on ``tensors`` (``None`` allowed): where it does not
     (inference), a backend launches its kernel without an ``autograd.Function`` around it."""

@@ -57,8 +57,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import tensor_cache
-from .triton_jit import (TritonAutogradOp, cdiv, dot_precision, jit_with_runtime_ints, launch,
-                         next_power_of_2, records_autograd)
+from .triton_jit import (TritonAutogradOp, cdiv, dot_precision, empty_channels_first,
+                         jit_with_runtime_ints, launch, next_power_of_2, records_autograd)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 NEG = tl.constexpr(-1.0e30)  # the masked score: finite, so rows without a valid key yet stay NaN-free
@@ -433,13 +433,6 @@ def _tiles(height: int, width: int, blocks: Blocks) -> int:
     return cdiv(height, blocks.tile_h) * cdiv(width, blocks.tile_w)
 
 
-def _channels_first(like: Tensor) -> Tensor:
-    """An empty ``(B, heads, H, W, d)`` tensor laid out as ``(B, heads, d, H, W)``: the model
-    reads the output as a ``(B, C, H, W)`` map, a view of it then."""
-    batch, heads, height, width, dim = like.shape
-    return like.new_empty(batch, heads, dim, height, width).permute(0, 1, 3, 4, 2)
-
-
 def _common(q: Tensor, kernel_size: int, rpb: Optional[Tensor]) -> dict:
     return dict(HEAD_DIM=q.shape[-1], KERNEL=kernel_size, HAS_RPB=rpb is not None,
                 BLOCK_D=_head_block(q.shape[-1]), DOT_PRECISION=dot_precision(q.dtype))
@@ -447,11 +440,11 @@ def _common(q: Tensor, kernel_size: int, rpb: Optional[Tensor]) -> dict:
 
 def _na2d_forward_impl(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size: int,
                       blocks: List[int]) -> Tuple[Tensor, Tensor]:
-    """Output ``(B, heads, H, W, d)`` (``q``'s dtype, see :func:`_channels_first`) and the
-    base-2 log-sum-exp ``(B, heads, H, W)`` float32 of every query."""
+    """Output ``(B, heads, H, W, d)`` (``q``'s dtype, laid out by
+    :func:`~.triton_jit.empty_channels_first`) and the base-2 log-sum-exp ``(B, heads, H, W)`` float32 of every query."""
     batch, heads, height, width, _ = q.shape
     fwd = Blocks(*blocks[:5])
-    out = _channels_first(q)
+    out = empty_channels_first(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     launch(_na_fwd_kernel, (_tiles(height, width, fwd), batch * heads),
            q, k, v, q if rpb is None else rpb, out, lse, heads, height, width,
@@ -461,7 +454,7 @@ def _na2d_forward_impl(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], k
 
 
 def _na2d_forward_fake(q, k, v, rpb, kernel_size, blocks):
-    return _channels_first(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return empty_channels_first(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @tensor_cache(maxsize=256)
@@ -506,7 +499,7 @@ def _na2d_backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: 
     batch, heads, height, width, _ = q.shape
     dq_blocks, dkdv_blocks = Blocks(*blocks[5:10]), Blocks(*blocks[10:15])
     # out, dq, dk, dv: one layout, one set of strides
-    dq, dk, dv = (_channels_first(t) for t in (q, k, v))
+    dq, dk, dv = (empty_channels_first(t) for t in (q, k, v))
     delta = torch.empty_like(lse)
     store_g = rpb is not None and rpb_grad
     per_group = heads * height * width * kernel_size ** 2
@@ -534,7 +527,7 @@ def _na2d_backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: 
 
 def _na2d_backward_fake(grad_out, q, k, v, rpb, out, lse, kernel_size, rpb_grad, blocks):
     drpb = rpb.new_empty(rpb.shape) if rpb is not None and rpb_grad else q.new_empty(0)
-    return _channels_first(q), _channels_first(k), _channels_first(v), drpb
+    return empty_channels_first(q), empty_channels_first(k), empty_channels_first(v), drpb
 
 
 def _setup_context(ctx, inputs, output):

@@ -9,7 +9,10 @@ their head vectors through the input's strides, the same vectors with each chann
 swapped (``d ^ 1``, from the cache), and the float32 tables, and writes the rotated,
 scaled vectors contiguous, as the attention reads them. The rotation is orthogonal with the
 same angle for both channels of a pair, so the input gradient is the same kernel with
-``sin`` negated. Sizes and strides are runtime values: one compilation per (dtype, head dim,
+``sin`` negated; it is written in the layout of a ``(B, C, H, W)`` map where the input was a
+view of one (``qkv``), so that autograd assembles ``qkv``'s gradient by one concatenation
+(head vectors written contiguous took two strided copies, 66 us in SegMAN-L's stage-3
+block at batch 8 on an H100, docs/benchmarks.md). Sizes and strides are runtime values: one compilation per (dtype, head dim,
 input layout, alignment, :func:`~.triton_jit.aligned`).
 ``torch.compile`` traces the kernel as custom ops (:data:`ROTARY_EMBEDDING`, a
 :class:`~.triton_jit.TritonAutogradOp`).
@@ -20,8 +23,8 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, jit_with_runtime_ints, launch,
-                         next_power_of_2, records_autograd)
+from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, empty_channels_first,
+                         jit_with_runtime_ints, launch, next_power_of_2, records_autograd)
 
 BLOCK_P = 64
 NUM_WARPS = 4
@@ -32,11 +35,12 @@ _RUNTIME_INTS = {'heads', 'height', 'width', 'sx_b', 'sx_h', 'sx_y', 'sx_x', 'sx
 def _rope_kernel(x_ptr, sin_ptr, cos_ptr, out_ptr, scale, heads, height, width,
                  sx_b, sx_h, sx_y, sx_x, sx_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_P: tl.constexpr, NEGATE_SIN: tl.constexpr, PLANAR: tl.constexpr,
-                 ALIGN: tl.constexpr):
+                 PLANAR_OUT: tl.constexpr, ALIGN: tl.constexpr):
     """``PLANAR``: each ``H x W`` plane of ``x`` is contiguous (``sx_y = width``, ``sx_x =
     1``: queries and keys as views of the ``qkv`` map), pixel ``p`` at offset ``p``; its
     loads move 16 bytes a thread where the pixel count and the other strides are multiples of
-    ``ALIGN``."""
+    ``ALIGN``. ``out`` is contiguous ``(B, heads, H, W, d)``, or ``(B, heads, d, H, W)`` with
+    ``PLANAR_OUT``."""
     plane = tl.program_id(1).to(tl.int64)  # batch * heads + head
     pixels = aligned(height * width, ALIGN)
     sx_b, sx_h, sx_d = aligned(sx_b, ALIGN), aligned(sx_h, ALIGN), aligned(sx_d, ALIGN)
@@ -55,31 +59,47 @@ def _rope_kernel(x_ptr, sin_ptr, cos_ptr, out_ptr, scale, heads, height, width,
     # rotate(x)[2m] = -x[2m+1], rotate(x)[2m+1] = x[2m]
     rotated = tl.where((d % 2 == 0)[None, :], -swapped, swapped)
     out = (x * cos + rotated * sin) * scale
-    tl.store(out_ptr + plane * pixels * HEAD_DIM + table, out.to(out_ptr.dtype.element_ty), mask=ok)
+    out_base = out_ptr + plane * pixels * HEAD_DIM
+    if PLANAR_OUT:
+        out_base += d[None, :] * pixels + p[:, None]
+    else:
+        out_base += table
+    tl.store(out_base, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _rotate(x: Tensor, sin: Tensor, cos: Tensor, scale: float, inverse: bool) -> Tensor:
-    """The rotation of ``x`` (by ``-angle`` with ``inverse``: the backward pass), contiguous."""
+def _planar(x: Tensor) -> bool:
+    """Whether each ``H x W`` plane of ``x (B, heads, H, W, d)`` is contiguous."""
+    return x.stride(3) == 1 and x.stride(2) == x.shape[3]
+
+
+def _rotate(x: Tensor, sin: Tensor, cos: Tensor, scale: float, inverse: bool,
+            planar_out: bool) -> Tensor:
+    """The rotation of ``x`` (by ``-angle`` with ``inverse``: the backward pass), contiguous,
+    or laid out as ``(B, heads, d, H, W)`` with ``planar_out``."""
     batch, heads, height, width, dim = x.shape
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = _rotate_fake(x, sin, cos, scale, inverse, planar_out)
     grid = (cdiv(height * width, BLOCK_P), batch * heads)
     sx_b, sx_h, sx_y, sx_x, sx_d = x.stride()
-    planar = sx_x == 1 and sx_y == width
+    planar = _planar(x)
     launch(_rope_kernel, grid, x, sin, cos, out, scale, heads, height, width, *x.stride(),
            HEAD_DIM=dim, BLOCK_D=next_power_of_2(dim), BLOCK_P=BLOCK_P, NEGATE_SIN=inverse,
-           PLANAR=planar, ALIGN=alignment(height * width, sx_b, sx_h, sx_d) if planar else 1,
+           PLANAR=planar, PLANAR_OUT=planar_out,
+           ALIGN=alignment(height * width, sx_b, sx_h, sx_d) if planar else 1,
            num_warps=NUM_WARPS)
     return out
 
 
-def _rotate_fake(x, sin, cos, scale, inverse):
+def _rotate_fake(x, sin, cos, scale, inverse, planar_out):
+    if planar_out:
+        return empty_channels_first(x)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    _, sin, cos, scale, _ = inputs
+    x, sin, cos, scale, _, _ = inputs
     ctx.save_for_backward(sin, cos)
     ctx.scale = scale
+    ctx.planar = _planar(x)  # the gradient in x's layout where x is a view of a map
 
 
 def _gradients(forward: Callable, backward: Callable) -> Callable:
@@ -87,7 +107,7 @@ def _gradients(forward: Callable, backward: Callable) -> Callable:
 
     def gradients(ctx, dy):
         sin, cos = ctx.saved_tensors
-        return backward(dy, sin, cos, ctx.scale, True), None, None, None, None
+        return backward(dy, sin, cos, ctx.scale, True, ctx.planar), None, None, None, None, None
 
     return gradients
 
@@ -100,5 +120,7 @@ ROTARY_EMBEDDING = TritonAutogradOp('rotary_embedding', _rotate, _rotate_fake, _
 def rotary_embedding_triton(x: Tensor, sin: Tensor, cos: Tensor, scale: float = 1.0) -> Tensor:
     """:func:`~mmseg_segman.ops.rotary_embedding_2d` of ``x (B, heads, H, W, d)`` (any strides,
     float32, bfloat16 or float16) with float32 contiguous ``sin``/``cos`` ``(H, W, d)``;
-    contiguous output in ``x``'s dtype, through :data:`ROTARY_EMBEDDING`."""
-    return ROTARY_EMBEDDING(x, sin, cos, scale, False, records=records_autograd(x))
+    contiguous output in ``x``'s dtype, through :data:`ROTARY_EMBEDDING`; the input gradient
+    laid out as ``(B, heads, d, H, W)`` (a map's) where ``x``'s planes are contiguous, else
+    contiguous."""
+    return ROTARY_EMBEDDING(x, sin, cos, scale, False, False, records=records_autograd(x))

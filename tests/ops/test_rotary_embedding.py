@@ -51,10 +51,12 @@ def check(batch, heads, height, width, dim, dtype, scale, tol):
     for fn, dt in ((triton_backend, dtype), (reference, torch.float64)):
         leaf = x.detach().to(dt).requires_grad_()
         out = fn(leaf, sin, cos, scale)
-        out.backward(dy.to(out.dtype))
-        results.append((out, leaf.grad))
+        # the gradient as the op returns it (.grad would be copied to the layout of the leaf)
+        results.append((out, *torch.autograd.grad(out, leaf, dy.to(out.dtype))))
     (out, dx), (want, want_dx) = results
     assert out.dtype == dtype and out.is_contiguous() and out.shape == x.shape
+    # x is a view of a map: its gradient laid out as a map's, for qkv's gradient to be one cat
+    assert dx.permute(0, 1, 4, 2, 3).is_contiguous(), dx.stride()
     for name, a, e in (('out', out, want), ('dx', dx, want_dx)):
         error = (a.double() - e).abs().max().item() / e.abs().max().item()
         assert error < tol, f'{name}: relative error {error:.2e} over {tol} ({x.shape}, {dtype})'
@@ -81,12 +83,17 @@ def check_custom_op():
 
     x, sin, cos = make_inputs(2, 2, 5, 7, 12, torch.float32)
     strided = x.transpose(1, 2).contiguous().transpose(1, 2).detach().requires_grad_()
-    torch.library.opcheck(ROTARY_EMBEDDING.forward_op, (strided, sin, cos, 0.5, False))
-    torch.library.opcheck(ROTARY_EMBEDDING.backward_op, (x, sin, cos, 0.5, True))
+    torch.library.opcheck(ROTARY_EMBEDDING.forward_op, (strided, sin, cos, 0.5, False, False))
+    for planar_out in (False, True):
+        torch.library.opcheck(ROTARY_EMBEDDING.backward_op, (x, sin, cos, 0.5, True, planar_out))
+    # a contiguous x (not a map's view): its gradient contiguous
+    leaf = x.contiguous().requires_grad_()
+    grad, = torch.autograd.grad(rotary_embedding_triton(leaf, sin, cos), leaf, torch.ones(x.shape))
+    assert grad.is_contiguous()
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
     check_eager_calls_skip_custom_ops(
         lambda x: rotary_embedding_triton(x, sin, cos, 0.5),
-        lambda x: ROTARY_EMBEDDING.forward_op(x, sin, cos, 0.5, False), [x], dy,
+        lambda x: ROTARY_EMBEDDING.forward_op(x, sin, cos, 0.5, False, False), [x], dy,
         ('rotary_embedding_forward', 'rotary_embedding_backward'))
     print('custom op: ok')
 

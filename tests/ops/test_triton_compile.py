@@ -78,7 +78,9 @@ def test_aligned_sizes_give_16_byte_accesses():
                                          HAS_SAMPLE=False, SCALE_K=False, DOT_PRECISION='tf32',
                                          BLOCK_O=128, BLOCK_P=256, BLOCK_K=64)),
                (trope._rope_kernel, dict(HEAD_DIM=36, BLOCK_D=64, BLOCK_P=trope.BLOCK_P,
-                                         NEGATE_SIN=False, PLANAR=True)),
+                                         NEGATE_SIN=False, PLANAR=True, PLANAR_OUT=False)),
+               (trope._rope_kernel, dict(HEAD_DIM=36, BLOCK_D=64, BLOCK_P=trope.BLOCK_P,
+                                         NEGATE_SIN=True, PLANAR=True, PLANAR_OUT=True)),
                (cross._cross_scan_fwd_kernel, dict(STORE_CKPT=False, CKPT=256, BLOCK_D=2,
                                                    BLOCK_L=256))]
     float32 = LN_FLOAT32_POINTERS | SCAN_FLOAT32_POINTERS | {'sin_ptr', 'cos_ptr', 'w_ptr',
@@ -248,9 +250,12 @@ def test_pointwise_conv_kernels_compile(activation, out_channels):
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
 @pytest.mark.parametrize('head_dim', [24, 36])  # SegMAN-B's stage 1 and SegMAN-T's stage 3
 def test_rotary_embedding_kernel_compiles(activation, head_dim):
-    # the forward on a view of the qkv map (planar, aligned), the backward on the gradient
-    for inverse, planar, align in ((False, True, ALIGNMENT), (True, False, 1)):
+    # the forward on a view of the qkv map (planar, aligned), the backward on the attention's
+    # gradient (planar) into qkv's layout, and on a contiguous gradient, unaligned
+    for inverse, planar, align in ((False, True, ALIGNMENT), (True, True, ALIGNMENT),
+                                   (True, False, 1)):
         assert compile_for_h100(trope._rope_kernel, activation, {'sin_ptr', 'cos_ptr'},
                                 trope.NUM_WARPS, HEAD_DIM=head_dim,
                                 BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_P=trope.BLOCK_P,
-                                NEGATE_SIN=inverse, PLANAR=planar, ALIGN=align)
+                                NEGATE_SIN=inverse, PLANAR=planar, PLANAR_OUT=inverse and planar,
+                                ALIGN=align)

@@ -137,11 +137,13 @@ class LASS(nn.Module):
         """``(B, C, H, W) -> (B, C, H, W)``; ``sin``/``cos`` ``(H, W, head_dim)`` from RoPE2d;
         ``residual`` is added by ``proj``'s op."""
         batch, channels, height, width = x.shape
-        q, k, v = self.qkv(x).view(batch, 3, self.num_heads, self.head_dim, height, width) \
-                             .permute(1, 0, 2, 4, 5, 3)  # each (B, heads, H, W, head_dim)
-        # v's channels as a map: a view of qkv, so that lepe's gradient joins v's (a channel
-        # slice of qkv would zero-fill and copy a map of 3C channels in the backward pass)
-        lepe = self.lepe(v.permute(0, 1, 4, 2, 3).reshape(batch, channels, height, width))
+        # three (B, C, H, W) views of qkv: the backward pass concatenates their gradients
+        # (one kernel; a slice each would zero-fill and copy a map of 3C channels each); v's
+        # joins lepe's before
+        q, k, v = self.qkv(x).split(channels, dim=1)
+        lepe = self.lepe(v)
+        q, k, v = (t.view(batch, self.num_heads, self.head_dim, height, width).permute(0, 1, 3, 4, 2)
+                   for t in (q, k, v))  # each (B, heads, H, W, head_dim)
         rotate_q = partial(rotary_embedding_2d, sin=sin, cos=cos, scale=self.scale)
         rotate_k = partial(rotary_embedding_2d, sin=sin, cos=cos)
         q_rotated, k_rotated = rotate_q(q), rotate_k(k)
