@@ -56,7 +56,7 @@ dtypes and layouts.
 ``torch.autograd.Function``, or launch the forward directly (no states stored) where autograd
 does not record.
 """
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -71,7 +71,7 @@ from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, dot_precisi
 # Sizes and the strides that follow them stay runtime values (one compilation for every map
 # size whose sizes are multiples of 8, one more for the others: ALIGN, triton_jit.aligned);
 # the sequences' own stride is 1.
-_RUNTIME_INTS = {'channels', 'length', 'height', 'width', 'rank',
+_RUNTIME_INTS = {'channels', 'length', 'height', 'width', 'rank', 'per_split',
                  *(f's{t}_{dim}' for t in 'xdbcy' for dim in 'bkc'), 'sl_b', 'sl_k', 'sl_r'}
 
 
@@ -413,22 +413,24 @@ def _project_steps_kernel(lo_ptr, w_ptr, out_ptr, channels, rank, length, sl_b, 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _project_steps_bwd_kernel(dd_ptr, lo_ptr, w_ptr, dlo_ptr, part_ptr, channels, rank, length,
-                              sl_b, sl_k, sl_r, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
-                              BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                              ALIGN: tl.constexpr):
+                              per_split, sl_b, sl_k, sl_r, BLOCK_C: tl.constexpr,
+                              BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
     """The gradients of :func:`_project_steps_kernel`'s inputs from ``ddelta (B, 4, D, L)``
-    float32 contiguous, for ``BLOCK_L`` steps of sequence ``program_id(1) = b * 4 + k``,
-    walking the channels ``BLOCK_C`` at a time: ``d lo[b, k, :, l] = sum_c w[k, c, :]
-    ddelta[b, k, c, l]`` (``dlo (B, 4, R, L)`` contiguous, in its own dtype) and this tile's
-    part of ``d w[k, c, r] = sum_{b, l} ddelta[b, k, c, l] lo[b, k, r, l]`` into
-    ``part[b, k, program_id(0), c, r]`` (float32, summed over the batch and the tiles by the
-    caller). ``w (4, D, R)`` contiguous; ``lo`` as the forward's. One read of ``ddelta``;
-    products at ``DOT_PRECISION``: TF32 where ``lo`` is 16-bit (autocast rounded ``ddelta``
-    to bfloat16 for PyTorch's products), else as PyTorch's float32 matmuls."""
+    float32 contiguous. Program ``(l tile, split, b * 4 + k)`` owns ``BLOCK_L`` steps of one
+    sequence and the ``per_split`` channels of its split (a multiple of ``BLOCK_C``), walked
+    ``BLOCK_C`` at a time: its part of ``d lo[b, k, :, l] = sum_c w[k, c, :] ddelta[b, k, c, l]``
+    into ``dlo[split, b, k]`` (``(splits, B, 4, R, L)`` contiguous: float32 partial sums over
+    the splits, or ``lo``'s gradient in its dtype where there is one split) and its tile's part
+    of ``d w[k, c, r] = sum_{b, l} ddelta[b, k, c, l] lo[b, k, r, l]`` into ``part[b, k, l tile,
+    c, r]`` (float32, summed over the batch and the tiles by the caller). ``w (4, D, R)``
+    contiguous; ``lo`` as the forward's. One read of ``ddelta``; products at
+    ``DOT_PRECISION``: TF32 where ``lo`` is 16-bit (autocast rounded ``ddelta`` to bfloat16 for
+    PyTorch's products), else as PyTorch's float32 matmuls."""
     length = aligned(length, ALIGN)
     sl_b, sl_k, sl_r = aligned(sl_b, ALIGN), aligned(sl_k, ALIGN), aligned(sl_r, ALIGN)
-    tile = tl.program_id(0)
-    sequence = tl.program_id(1).to(tl.int64)
+    tile, split = tl.program_id(0), tl.program_id(1)
+    sequence = tl.program_id(2).to(tl.int64)
     batch, direction = sequence // 4, sequence % 4
     l = tile * BLOCK_L + tl.arange(0, BLOCK_L)
     r = tl.arange(0, BLOCK_R)
@@ -437,9 +439,11 @@ def _project_steps_bwd_kernel(dd_ptr, lo_ptr, w_ptr, dlo_ptr, part_ptr, channels
                  mask=r_ok[:, None] & l_ok[None, :], other=0.0).to(tl.float32)
     d_lo = tl.zeros((BLOCK_R, BLOCK_L), dtype=tl.float32)
     part = part_ptr + (sequence * tl.num_programs(0) + tile) * channels * rank
-    for c0 in range(0, channels, BLOCK_C):
+    first = split * per_split
+    last = tl.minimum(first + per_split, channels)
+    for c0 in range(first, last, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < channels
+        c_ok = c < last
         dd = tl.load(dd_ptr + (sequence * channels + c[:, None]) * length + l[None, :],
                      mask=c_ok[:, None] & l_ok[None, :], other=0.0)
         w = tl.load(w_ptr + (direction * channels + c[:, None]) * rank + r[None, :],
@@ -447,8 +451,9 @@ def _project_steps_bwd_kernel(dd_ptr, lo_ptr, w_ptr, dlo_ptr, part_ptr, channels
         d_lo += tl.dot(tl.trans(w), dd, input_precision=DOT_PRECISION)
         d_w = tl.dot(dd, tl.trans(lo), input_precision=DOT_PRECISION)
         tl.store(part + c[:, None] * rank + r[None, :], d_w, mask=c_ok[:, None] & r_ok[None, :])
-    tl.store(dlo_ptr + (sequence * rank + r[:, None]) * length + l[None, :],
-             d_lo.to(dlo_ptr.dtype.element_ty), mask=r_ok[:, None] & l_ok[None, :])
+    rows = (split * tl.num_programs(2) + sequence) * rank + r
+    tl.store(dlo_ptr + rows[:, None] * length + l[None, :], d_lo.to(dlo_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & l_ok[None, :])
 
 
 Blocks = Tuple[int, int, int]  # (BLOCK_D, BLOCK_L, num_warps)
@@ -467,14 +472,24 @@ def block_sizes(length: int, backward: bool = False) -> Blocks:
     return 2 if backward else 4, min(max(16, next_power_of_2(length)), MAX_BLOCK_L), 4
 
 
-def projection_backward_tile(block_r: int) -> Blocks:
-    """``(BLOCK_C, BLOCK_L, num_warps)`` of :func:`_project_steps_bwd_kernel` for ranks padded
-    to ``block_r``: 32 channels a step (a float32 ``ddelta`` tile of 32 registers a thread
-    with 8 warps) and 256 steps a program up to ranks of 32, which keeps the partial sums of
-    ``dt_proj``'s gradient (one ``(D, R)`` matrix a program) at most an eighth of ``ddelta``'s
-    size; fewer steps for higher ranks, whose float32 tiles would not fit an H100's shared
-    memory."""
-    return 32, min(256, 8192 // block_r), 8
+class ProjectionBackwardLaunch(NamedTuple):
+    """Launch shape of :func:`_project_steps_bwd_kernel`: ``block_c`` channels a step,
+    ``block_l`` steps a program, and channel splits enough for ``min_programs`` programs."""
+    block_c: int
+    block_l: int
+    num_warps: int
+    min_programs: int
+
+
+def projection_backward_launch(block_r: int) -> ProjectionBackwardLaunch:
+    """The default launch for ranks padded to ``block_r``: 32 channels a step (a float32
+    ``ddelta`` tile of 32 registers a thread with 8 warps) and 256 steps a program up to
+    ranks of 32, which keeps the partial sums of ``dt_proj``'s gradient (one ``(D, R)`` matrix
+    a program) at most an eighth of ``ddelta``'s size; fewer steps for higher ranks, whose
+    float32 tiles would not fit an H100's shared memory. Short sequences (SegMAN-L's stages 3
+    and 4: 128 and 32 programs unsplit, and 77 us for stage 3's, docs/benchmarks.md) split
+    the channels for at least 512 programs."""
+    return ProjectionBackwardLaunch(32, min(256, 8192 // block_r), 8, 512)
 
 
 # (BLOCK_H, BLOCK_W) of the merge kernel, _both_orders_kernel and _direction_order_kernel
@@ -583,25 +598,34 @@ def _project_steps(dt_low: Tensor, dt_proj: Tensor) -> Tensor:
     return delta
 
 
-def _project_steps_backward(ddelta: Tensor, dt_low: Tensor, dt_proj: Tensor) -> Tuple[Tensor, Tensor]:
+def _project_steps_backward(ddelta: Tensor, dt_low: Tensor, dt_proj: Tensor,
+                            launch_shape: Optional[ProjectionBackwardLaunch] = None
+                            ) -> Tuple[Tensor, Tensor]:
     """:func:`.selective_scan.project_steps_backward` of float32 contiguous ``ddelta`` in one
-    kernel (:func:`_project_steps_bwd_kernel`) and one sum: ``ddelta`` is read once, in
-    float32 (two products on it, under autocast each cast it to bfloat16 first, and the weight
-    gradient's, of a rank not a multiple of 8, ran on cuBLAS's 32x32 tiles:
-    docs/benchmarks.md)."""
+    kernel (:func:`_project_steps_bwd_kernel`) and a sum or two: ``ddelta`` is read once, in
+    float32 (PyTorch's two products on it each cast it to bfloat16 under autocast first, and
+    the weight gradient's, of a rank not a multiple of 8, ran on cuBLAS's 32x32 tiles:
+    docs/benchmarks.md). ``launch_shape``: default :func:`projection_backward_launch`."""
     if dt_low.stride(-1) != 1:
         dt_low = dt_low.contiguous()
     batch, _, rank, length = dt_low.shape
     channels = dt_proj.shape[1]
     block_r = max(16, next_power_of_2(rank))
-    block_c, block_l, warps = projection_backward_tile(block_r)
+    block_c, block_l, warps, min_programs = launch_shape or projection_backward_launch(block_r)
     tiles = cdiv(length, block_l)
-    d_dt_low = torch.empty(batch, 4, rank, length, dtype=dt_low.dtype, device=dt_low.device)
+    splits = max(1, min(cdiv(min_programs, tiles * batch * 4), cdiv(channels, block_c)))
+    per_split = cdiv(cdiv(channels, splits), block_c) * block_c
+    splits = cdiv(channels, per_split)
+    d_dt_low = (torch.empty(batch, 4, rank, length, dtype=dt_low.dtype, device=dt_low.device)
+                if splits == 1 else _float32(splits, batch, 4, rank, length, like=ddelta))
     part = _float32(batch, 4, tiles, channels, rank, like=ddelta)
-    launch(_project_steps_bwd_kernel, (tiles, batch * 4), ddelta, dt_low, dt_proj.contiguous(),
-           d_dt_low, part, channels, rank, length, *dt_low.stride()[:3], BLOCK_C=block_c,
-           BLOCK_L=block_l, BLOCK_R=block_r, DOT_PRECISION=dot_precision(dt_low.dtype),
+    launch(_project_steps_bwd_kernel, (tiles, splits, batch * 4), ddelta, dt_low,
+           dt_proj.contiguous(), d_dt_low, part, channels, rank, length, per_split,
+           *dt_low.stride()[:3], BLOCK_C=block_c, BLOCK_L=block_l, BLOCK_R=block_r,
+           DOT_PRECISION=dot_precision(dt_low.dtype),
            ALIGN=alignment(length, *dt_low.stride()[:3]), num_warps=warps)
+    if splits > 1:
+        d_dt_low = cast(d_dt_low.sum(0), dt_low.dtype)
     return d_dt_low, cast(part.sum((0, 2)), dt_proj.dtype)
 
 

@@ -225,7 +225,8 @@ def check_layouts_and_projection():
 
     from mmseg_segman.ops.cross_scan import both_orders
     from mmseg_segman.ops.selective_scan import project_steps, project_steps_backward
-    from mmseg_segman.ops.triton_cross_selective_scan import (_both_orders, _project_steps,
+    from mmseg_segman.ops.triton_cross_selective_scan import (ProjectionBackwardLaunch,
+                                                              _both_orders, _project_steps,
                                                               _project_steps_backward)
     g = torch.Generator().manual_seed(5)
     for height, width in ((37, 70), (70, 5)):
@@ -242,11 +243,13 @@ def check_layouts_and_projection():
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), project_steps(dt_low.bfloat16(), dt_proj).float(),
                                    rtol=1e-2, atol=1e-2)
-        # the backward: over several tiles of steps and of channels, the last ones partial
+        # the backward: over several tiles of steps and of channels, the last ones partial;
+        # channels split over programs (the default at these sizes) or not
         ddelta = torch.randn(2, 4, channels, length, generator=g)
-        for low in (dt_low, dt_low.bfloat16()):
-            got, want = _project_steps_backward(ddelta, low, dt_proj), \
-                project_steps_backward(ddelta, low, dt_proj)
+        unsplit = ProjectionBackwardLaunch(16, 64, 4, min_programs=0)
+        for low, launch_shape in ((dt_low, None), (dt_low.bfloat16(), None), (dt_low, unsplit)):
+            got = _project_steps_backward(ddelta, low, dt_proj, launch_shape)
+            want = project_steps_backward(ddelta, low, dt_proj)
             assert [t.dtype for t in got] == [low.dtype, dt_proj.dtype]
             tolerance = 1e-4 if low.dtype == torch.float32 else 1e-2  # d dt_low rounded to bfloat16
             for a, b in zip(got, want):

@@ -18,6 +18,11 @@ here (``torch+triton1d``, ``torch+mamba_ssm``) were removed: the models never ra
    with the peak memory of forward+backward.
 3. ``--sweep``: time of the triton kernels for several (BLOCK_D, BLOCK_L, num_warps): the
    forward alone, forward+backward by backward blocks.
+4. ``--sweep-projection``: the step projection's backward alone at SegMAN-L's stage sizes
+   (batch 8, bf16 ``dt_low``, float32 ``ddelta``): PyTorch's products under bf16 autocast (as
+   the backward ran them before the Triton kernel), in float32 (the reference's), and the
+   Triton kernel at its default and other launch shapes, with each one's error against
+   float64.
 Exits 1 if any check failed.
 """
 import argparse
@@ -194,11 +199,54 @@ def sweep(iters: int) -> None:
               + f'; best {best}, default {triton_scan.block_sizes(length, backward=True)}')
 
 
+# SegMAN-L's SS2D at 512x512: (channels, rank, steps) of stages 1-4
+PROJECTION_SHAPES = [(96, 6, 128 * 128), (192, 12, 64 * 64), (432, 27, 32 * 32), (640, 40, 16 * 16)]
+# (BLOCK_C, BLOCK_L, num_warps, min_programs)
+PROJECTION_SWEEP = [(32, 256, 8, 0), (32, 256, 8, 1024), (32, 128, 4, 512), (64, 128, 8, 512),
+                    (32, 64, 4, 512), (16, 128, 4, 512), (32, 128, 4, 1024)]
+
+
+def sweep_projection(iters: int, batch: int = 8) -> None:
+    """ms of the step projection's backward by implementation (:data:`PROJECTION_SWEEP`)."""
+    triton_scan, = load_ops('triton_cross_selective_scan')
+    print(f'\nstep projection backward, batch {batch}: ms (max error / max of float64)')
+    for channels, rank, length in PROJECTION_SHAPES:
+        ddelta = torch.randn(batch, 4, channels, length, device='cuda')
+        dt_low = torch.randn(batch, 4, rank, length, device='cuda').bfloat16()
+        dt_proj = torch.randn(4, channels, rank, device='cuda') * rank ** -0.5
+        want = scan_mod.project_steps_backward(ddelta.double(), dt_low.double(), dt_proj.double())
+
+        def autocast_products():
+            with torch.autocast('cuda', dtype=torch.bfloat16):
+                d_low = dt_proj.transpose(-1, -2) @ ddelta
+                d_proj = (ddelta @ dt_low.float().transpose(-1, -2)).sum(0)
+            return d_low.to(dt_low.dtype), d_proj.float()
+
+        runs = {'autocast cuBLAS': autocast_products,
+                'float32 cuBLAS': lambda: scan_mod.project_steps_backward(ddelta, dt_low, dt_proj),
+                'triton default': lambda: triton_scan._project_steps_backward(ddelta, dt_low, dt_proj)}
+        for shape in PROJECTION_SWEEP:
+            launch_shape = triton_scan.ProjectionBackwardLaunch(*shape)
+            runs[f'triton {shape}'] = (lambda s=launch_shape:
+                                       triton_scan._project_steps_backward(ddelta, dt_low, dt_proj, s))
+        cells = []
+        for name, run in runs.items():
+            error = max(((g.double() - w).abs().max() / w.abs().max()).item()
+                        for g, w in zip(run(), want))
+            cells.append(f'{name} {median_ms(run, iters):.3f} ({error:.0e})')
+        print(f'D {channels} R {rank} L {length}: ' + ', '.join(cells), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--iters', type=int, default=20)
     parser.add_argument('--sweep', action='store_true', help='time several triton block sizes')
+    parser.add_argument('--sweep-projection', action='store_true',
+                        help="only time the step projection's backward (no checks)")
     args = parser.parse_args()
+    if args.sweep_projection:
+        sweep_projection(args.iters)
+        return
     import triton
     print(f'{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; '
           f'mmseg imported: {"mmseg" in sys.modules}')
