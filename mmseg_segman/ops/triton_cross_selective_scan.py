@@ -482,14 +482,14 @@ class ProjectionBackwardLaunch(NamedTuple):
 
 
 def projection_backward_launch(block_r: int) -> ProjectionBackwardLaunch:
-    """The default launch for ranks padded to ``block_r``: 32 channels a step (a float32
-    ``ddelta`` tile of 32 registers a thread with 8 warps) and 256 steps a program up to
-    ranks of 32, which keeps the partial sums of ``dt_proj``'s gradient (one ``(D, R)`` matrix
-    a program) at most an eighth of ``ddelta``'s size; fewer steps for higher ranks, whose
-    float32 tiles would not fit an H100's shared memory. Short sequences (SegMAN-L's stages 3
-    and 4: 128 and 32 programs unsplit, and 77 us for stage 3's, docs/benchmarks.md) split
-    the channels for at least 512 programs."""
-    return ProjectionBackwardLaunch(32, min(256, 8192 // block_r), 8, 512)
+    """The default launch for ranks padded to ``block_r``: 128 steps a program with 8 warps,
+    64 channels a step up to ranks of 32, else 32 (and fewer steps from ranks of 128, whose
+    float32 tiles would not fit an H100's shared memory), channels split for at least 512
+    programs. The fastest, or within 4% of it, of the shapes
+    ``tools/gpu_checks/check_cross_selective_scan.py --sweep-projection`` tried at SegMAN-L's
+    four stages on an H200 (0.40x, 0.38x, 0.50x and 0.53x the time of PyTorch's products
+    under autocast; unsplit, stages 3 and 4 ran 128 and 32 programs, docs/benchmarks.md)."""
+    return ProjectionBackwardLaunch(64 if block_r <= 32 else 32, min(128, 8192 // block_r), 8, 512)
 
 
 # (BLOCK_H, BLOCK_W) of the merge kernel, _both_orders_kernel and _direction_order_kernel

@@ -45,10 +45,17 @@ from check_training_graph import (captured, graphed, relative_difference,  # noq
 
 
 def distributed(model: nn.Module) -> DistributedDataParallel:
-    """``model`` with SyncBatchNorms in DDP on this rank's GPU."""
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model).cuda().train()
+    """``model`` with SyncBatchNorms in DDP on this rank's GPU, in a process group of its own.
+
+    Each model gets its own NCCL communicators: built after a graphed copy's timing on the
+    default group, DDP's first broadcast (of the parameter count) read a garbage value on
+    rank 1 (2 H200s, twenty-sixth session: ``value cannot be converted to type int without
+    overflow``), and the ranks of earlier runs did not exit; a training run (mmseg's
+    ``train.py``) builds one DDP model before its graphs are captured."""
+    group = dist.new_group()
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group).cuda().train()
     return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()],
-                                   broadcast_buffers=False)
+                                   broadcast_buffers=False, process_group=group)
 
 
 def mean_over_ranks(value: float) -> float:
