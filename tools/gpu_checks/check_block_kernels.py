@@ -143,6 +143,10 @@ def profile_block(block, x: torch.Tensor, sin, cos, mode: str, steps: int,
                 with torch.inference_mode():
                     block(x, sin, cos)
             else:
+                # the gradients dropped as a training step's optimizer drops them (else each
+                # step would add one kernel a parameter accumulating into .grad)
+                block.zero_grad(set_to_none=True)
+                x.grad = None
                 block(x, sin, cos).float().sum().backward()
 
     for _ in range(3):
