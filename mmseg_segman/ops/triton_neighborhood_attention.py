@@ -441,7 +441,8 @@ def _common(q: Tensor, kernel_size: int, rpb: Optional[Tensor]) -> dict:
 def _na2d_forward_impl(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size: int,
                       blocks: List[int]) -> Tuple[Tensor, Tensor]:
     """Output ``(B, heads, H, W, d)`` (``q``'s dtype, laid out by
-    :func:`~.triton_jit.empty_channels_first`) and the base-2 log-sum-exp ``(B, heads, H, W)`` float32 of every query."""
+    :func:`~.triton_jit.empty_channels_first`) and the base-2 log-sum-exp ``(B, heads, H, W)``
+    float32 of every query."""
     batch, heads, height, width, _ = q.shape
     fwd = Blocks(*blocks[:5])
     out = empty_channels_first(q)
@@ -488,7 +489,8 @@ def _fold_bias_grad(g: Tensor, kernel_size: int) -> Tensor:
     cols = _window_class_one_hot(width, k, g.device).t()  # (k, W)
     g = rows @ g.reshape(heads, groups * height, width * k * k)  # (heads, i', (W, a, b))
     g = cols @ g.reshape(heads * k, width, k * k)  # (heads * i', j', (a, b))
-    return (g.reshape(heads, k ** 4) @ _bias_fold_matrix(k, g.device)).view(heads, 2 * k - 1, 2 * k - 1)
+    table = g.reshape(heads, k ** 4) @ _bias_fold_matrix(k, g.device)
+    return table.view(heads, 2 * k - 1, 2 * k - 1)
 
 
 def _na2d_backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor],

@@ -12,8 +12,8 @@ same angle for both channels of a pair, so the input gradient is the same kernel
 ``sin`` negated; it is written in the layout of a ``(B, C, H, W)`` map where the input was a
 view of one (``qkv``), so that autograd assembles ``qkv``'s gradient by one concatenation
 (head vectors written contiguous took two strided copies, 66 us in SegMAN-L's stage-3
-block at batch 8 on an H100, docs/benchmarks.md). Sizes and strides are runtime values: one compilation per (dtype, head dim,
-input layout, alignment, :func:`~.triton_jit.aligned`).
+block at batch 8 on an H100, docs/benchmarks.md). Sizes and strides are runtime values: one
+compilation per (dtype, head dim, input layout, alignment, :func:`~.triton_jit.aligned`).
 ``torch.compile`` traces the kernel as custom ops (:data:`ROTARY_EMBEDDING`, a
 :class:`~.triton_jit.TritonAutogradOp`).
 """
