@@ -1,6 +1,6 @@
 """Every GPU backend of the SegMAN ops against the pure-PyTorch reference, on CUDA.
 
-    python tools/gpu_checks/check_ops.py [--seed 0] [--ops layer_norm_2d ...]
+    python tools/gpu_checks/check_ops.py [--seed 0] [--ops layer_norm_2d ...] [--backends triton ...]
 
 For each op, each non-reference backend that is available on CUDA, each case (odd sizes,
 axes shorter than the kernel) and float32 / bfloat16 inputs, the backend's output and the
@@ -12,7 +12,9 @@ same numbers bit for bit in a second run (its kernels then launch directly,
 ``triton_jit.launch``). Last, unless ``--ops`` names the ops to check, the SegMAN-T encoder
 runs forward and backward on the fast and the reference path (float32 and bf16 autocast; on a
 fresh machine it compiles every kernel first, over a minute: ``--ops`` runs alone ran into
-their calls' time limits, docs/benchmarks.md).
+their calls' time limits, docs/benchmarks.md). ``--backends`` checks only those backends
+(``--backends triton`` leaves out FlexAttention, which compiles each case for tens of
+seconds: the attention's checks alone filled a call's 170 s, twenty-sixth session).
 Prints one PASS/FAIL line per check and exits 1 if any failed.
 """
 import argparse
@@ -193,7 +195,8 @@ def run(fn: Callable, args: List, cotangent: Optional[Tensor], upcast: bool = Fa
     return out.detach(), g, [leaf.grad for leaf in leaves]
 
 
-def check_op_backends(seed: int, only: Optional[List[str]] = None) -> List[bool]:
+def check_op_backends(seed: int, only: Optional[List[str]] = None,
+                      backends: Optional[List[str]] = None) -> List[bool]:
     results = []
     ops = dispatch.registered_ops()
     for op_name, case_name, make in CASES:
@@ -207,7 +210,8 @@ def check_op_backends(seed: int, only: Optional[List[str]] = None) -> List[bool]
             autocast = torch.autocast('cuda', dtype, enabled=op_name in UNDER_AUTOCAST and dtype != torch.float32)
             with autocast:
                 plain = [a.tensor if isinstance(a, Fixed) else a for a in args]
-                names = [n for n in op.backends if n != 'torch' and op.why_not(n, *plain) is None]
+                names = [n for n in op.backends if n != 'torch' and (not backends or n in backends)
+                         and op.why_not(n, *plain) is None]
             if not names:
                 continue
             ref_out, g, ref_grads = run(reference, args, None, upcast=True)
@@ -285,6 +289,10 @@ def main() -> int:
     parser.add_argument('--ops', nargs='+', choices=sorted(dispatch.registered_ops()),
                         help='check only these ops, not the encoder (FlexAttention compiles for a '
                         'minute first)')
+    parser.add_argument('--backends', nargs='+',
+                        choices=sorted({n for op in dispatch.registered_ops().values()
+                                        for n in op.backends} - {'torch'}),
+                        help='check only these backends (the reference is torch)')
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print('FAIL no CUDA device')
@@ -292,7 +300,8 @@ def main() -> int:
     print(f'torch {torch.__version__}, {torch.cuda.get_device_name()}')
     for name, op in dispatch.registered_ops().items():
         print(f'op {name}: backends {list(op.backends)}')
-    results = check_op_backends(args.seed, args.ops) + ([] if args.ops else check_model(args.seed))
+    results = check_op_backends(args.seed, args.ops, args.backends) + \
+        ([] if args.ops else check_model(args.seed))
     failed = results.count(False)
     print(f'{len(results) - failed} PASS, {failed} FAIL')
     return 1 if failed else 0
