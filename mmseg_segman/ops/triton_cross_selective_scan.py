@@ -581,10 +581,15 @@ def direction_order_triton(maps: Tensor) -> Tensor:
     return DIRECTION_ORDER(maps, *maps.shape[3:], False, records=records_autograd(maps))
 
 
+def rank_block(rank: int) -> int:
+    """``BLOCK_R`` of the step projection's kernels: the rank padded to a power of two of at
+    least 16 (the least that ``tl.dot`` takes)."""
+    return max(16, next_power_of_2(rank))
+
+
 def _project_steps(dt_low: Tensor, dt_proj: Tensor) -> Tensor:
     """:func:`.selective_scan.project_steps` in one kernel (:func:`_project_steps_kernel`)."""
-    if dt_low.stride(-1) != 1:
-        dt_low = dt_low.contiguous()
+    dt_low, = _sequences(dt_low)
     batch, _, rank, length = dt_low.shape
     channels = dt_proj.shape[1]
     dt_proj = cast(dt_proj, dt_low.dtype).contiguous()
@@ -592,7 +597,7 @@ def _project_steps(dt_low: Tensor, dt_proj: Tensor) -> Tensor:
     block_c, block_l = PROJECTION_TILE
     launch(_project_steps_kernel, (cdiv(length, block_l), cdiv(channels, block_c), batch * 4),
            dt_low, dt_proj, delta, channels, rank, length, *dt_low.stride()[:3],
-           BLOCK_C=block_c, BLOCK_L=block_l, BLOCK_R=max(16, next_power_of_2(rank)),
+           BLOCK_C=block_c, BLOCK_L=block_l, BLOCK_R=rank_block(rank),
            DOT_PRECISION=dot_precision(dt_low.dtype),
            ALIGN=alignment(length, *dt_low.stride()[:3]), num_warps=4)
     return delta
@@ -606,11 +611,10 @@ def _project_steps_backward(ddelta: Tensor, dt_low: Tensor, dt_proj: Tensor,
     float32 (PyTorch's two products on it each cast it to bfloat16 under autocast first, and
     the weight gradient's, of a rank not a multiple of 8, ran on cuBLAS's 32x32 tiles:
     docs/benchmarks.md). ``launch_shape``: default :func:`projection_backward_launch`."""
-    if dt_low.stride(-1) != 1:
-        dt_low = dt_low.contiguous()
+    dt_low, = _sequences(dt_low)
     batch, _, rank, length = dt_low.shape
     channels = dt_proj.shape[1]
-    block_r = max(16, next_power_of_2(rank))
+    block_r = rank_block(rank)
     block_c, block_l, warps, min_programs = launch_shape or projection_backward_launch(block_r)
     tiles = cdiv(length, block_l)
     splits = max(1, min(cdiv(min_programs, tiles * batch * 4), cdiv(channels, block_c)))

@@ -116,10 +116,10 @@ def test_cross_scan_kernels_compile(activation, length, align):
     for rank in (6, 40):  # SegMAN-L's stage 1 and 4
         assert compile_for_h100(cross._project_steps_kernel, activation, set(), 4,
                                 BLOCK_C=block_c, BLOCK_L=block_l,
-                                BLOCK_R=max(16, cross.next_power_of_2(rank)),
+                                BLOCK_R=cross.rank_block(rank),
                                 DOT_PRECISION='tf32x3' if activation == 'fp32' else 'tf32',
                                 ALIGN=align)
-        block_r = max(16, cross.next_power_of_2(rank))
+        block_r = cross.rank_block(rank)
         block_c, block_l, warps, _ = cross.projection_backward_launch(block_r)
         assert compile_for_h100(cross._project_steps_bwd_kernel, activation,
                                 {'dd_ptr', 'w_ptr', 'part_ptr'}, warps, BLOCK_C=block_c,
