@@ -72,14 +72,21 @@ def _planar(x: Tensor) -> bool:
     return x.stride(3) == 1 and x.stride(2) == x.shape[3]
 
 
+def _empty_rotated(x: Tensor, planar_out: bool) -> Tensor:
+    """The rotation's output for ``x``: contiguous, or laid out as ``(B, heads, d, H, W)``."""
+    if planar_out:
+        return empty_channels_first(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def _rotate(x: Tensor, sin: Tensor, cos: Tensor, scale: float, inverse: bool,
             planar_out: bool) -> Tensor:
     """The rotation of ``x`` (by ``-angle`` with ``inverse``: the backward pass), contiguous,
     or laid out as ``(B, heads, d, H, W)`` with ``planar_out``."""
     batch, heads, height, width, dim = x.shape
-    out = _rotate_fake(x, sin, cos, scale, inverse, planar_out)
+    out = _empty_rotated(x, planar_out)
     grid = (cdiv(height * width, BLOCK_P), batch * heads)
-    sx_b, sx_h, sx_y, sx_x, sx_d = x.stride()
+    sx_b, sx_h, _, _, sx_d = x.stride()
     planar = _planar(x)
     launch(_rope_kernel, grid, x, sin, cos, out, scale, heads, height, width, *x.stride(),
            HEAD_DIM=dim, BLOCK_D=next_power_of_2(dim), BLOCK_P=BLOCK_P, NEGATE_SIN=inverse,
@@ -90,9 +97,7 @@ def _rotate(x: Tensor, sin: Tensor, cos: Tensor, scale: float, inverse: bool,
 
 
 def _rotate_fake(x, sin, cos, scale, inverse, planar_out):
-    if planar_out:
-        return empty_channels_first(x)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _empty_rotated(x, planar_out)
 
 
 def _setup_context(ctx, inputs, output):
