@@ -14,6 +14,7 @@ triton = pytest.importorskip('triton')
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from mmseg_segman.ops import triton_batch_norm as tbn  # noqa: E402
 from mmseg_segman.ops import triton_cross_selective_scan as cross  # noqa: E402
 from mmseg_segman.ops import triton_dense_conv as tdc  # noqa: E402
 from mmseg_segman.ops import triton_depthwise_conv as tdw  # noqa: E402
@@ -82,9 +83,14 @@ def test_aligned_sizes_give_16_byte_accesses():
                (trope._rope_kernel, dict(HEAD_DIM=36, BLOCK_D=64, BLOCK_P=trope.BLOCK_P,
                                          NEGATE_SIN=True, PLANAR=True, PLANAR_OUT=True)),
                (cross._cross_scan_fwd_kernel, dict(STORE_CKPT=False, CKPT=256, BLOCK_D=2,
-                                                   BLOCK_L=256))]
-    float32 = LN_FLOAT32_POINTERS | SCAN_FLOAT32_POINTERS | {'sin_ptr', 'cos_ptr', 'w_ptr',
-                                                             'scale_ptr', 'shift_ptr', 'sample_ptr'}
+                                                   BLOCK_L=256)),
+               (tbn._bn_fwd_kernel, dict(SILU=True, CHUNK=tbn.CHUNK, BLOCK=tbn.BLOCK,
+                                         PARTIALS_STEP=tbn.PARTIALS_STEP)),
+               (tbn._bn_bwd_dx_kernel, dict(SILU=True, CHUNK=tbn.CHUNK, BLOCK=tbn.BLOCK,
+                                            PARTIALS_STEP=tbn.PARTIALS_STEP))]
+    float32 = LN_FLOAT32_POINTERS | SCAN_FLOAT32_POINTERS | {
+        'sin_ptr', 'cos_ptr', 'w_ptr', 'scale_ptr', 'shift_ptr', 'sample_ptr', 'partial_ptr',
+        'stats_ptr', 'dwb_ptr'}
     for kernel, constexprs in kernels:
         aligned, unaligned = (vector_accesses(compile_for_h100(kernel, 'bf16', float32, 4, asm='ptx',
                                                                ALIGN=align, **constexprs))
@@ -199,6 +205,21 @@ def test_layer_norm_backward_compiles(activation, align):
     chunks = tln.CHUNKS  # the backward's, at every channel count
     assert compile_for_h100(tln._ln2d_bwd_kernel, activation, LN_FLOAT32_POINTERS, chunks.num_warps,
                             BLOCK_C=chunks.block_c, BLOCK_P=chunks.block_p, ALIGN=align)
+
+
+@pytest.mark.parametrize('activation', ['bf16', 'fp32'])
+@pytest.mark.parametrize('align', [1, ALIGNMENT])
+def test_batch_norm_kernels_compile(activation, align):
+    float32 = {'w_ptr', 'b_ptr', 'partial_ptr', 'stats_ptr', 'dwb_ptr'}
+    blocks = dict(CHUNK=tbn.CHUNK, BLOCK=tbn.BLOCK, ALIGN=align)
+    assert compile_for_h100(tbn._bn_stats_kernel, activation, float32, tbn.NUM_WARPS, **blocks)
+    for silu in (True, False):
+        assert compile_for_h100(tbn._bn_fwd_kernel, activation, float32, tbn.NUM_WARPS, SILU=silu,
+                                PARTIALS_STEP=tbn.PARTIALS_STEP, **blocks)
+        assert compile_for_h100(tbn._bn_bwd_sums_kernel, activation, float32, tbn.NUM_WARPS,
+                                SILU=silu, **blocks)
+        assert compile_for_h100(tbn._bn_bwd_dx_kernel, activation, float32, tbn.NUM_WARPS,
+                                SILU=silu, PARTIALS_STEP=tbn.PARTIALS_STEP, **blocks)
 
 
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])

@@ -88,6 +88,15 @@ def layer_norm_case(batch, channels, height, width, addends=0):
     return 'layer_norm_2d', name, make
 
 
+def batch_norm_case(batch, channels, height, width, activation='silu'):
+    """Training mode: the running statistics (fixed, copied for each run) updated in place."""
+    def make(dtype):
+        return [_randn(batch, channels, height, width, dtype=dtype, scale=2.0), _randn(channels),
+                _randn(channels), Fixed(_randn(channels)),
+                Fixed(torch.rand(channels, device='cuda') + 0.5), 0.1, 1e-5, activation]
+    return 'batch_norm_2d', f'B{batch} C{channels} {height}x{width} {activation}', make
+
+
 def depthwise_case(batch, channels, height, width, kernel, residual=False):
     def make(dtype):
         return [_randn(batch, channels, height, width, dtype=dtype),
@@ -144,6 +153,8 @@ CASES = [
     direction_order_case(2, 8, 128, 128), direction_order_case(3, 29, 37, 45),
     layer_norm_case(2, 96, 128, 128), layer_norm_case(1, 37, 13, 9), layer_norm_case(2, 560, 16, 16),
     layer_norm_case(16, 64, 7, 5), layer_norm_case(2, 96, 33, 20, addends=2),
+    batch_norm_case(8, 96, 128, 128), batch_norm_case(2, 37, 13, 9, None),
+    batch_norm_case(8, 432, 32, 32), batch_norm_case(70, 5, 3, 3),
     depthwise_case(2, 96, 128, 128, 3), depthwise_case(2, 40, 37, 45, 5), depthwise_case(1, 7, 2, 9, 5),
     depthwise_case(4, 1456, 16, 16, 3), depthwise_case(2, 64, 33, 70, 3, residual=True),
     depthwise_case(2, 40, 9, 11, 5, residual=True),
@@ -159,7 +170,7 @@ CASES = [
 
 # ops that the models call on half-precision maps with float32 parameters, which only
 # autocast allows: their half-precision checks run under autocast, as in the models
-UNDER_AUTOCAST = {'layer_norm_2d', 'depthwise_conv2d', 'pointwise_conv2d'}
+UNDER_AUTOCAST = {'layer_norm_2d', 'depthwise_conv2d', 'pointwise_conv2d', 'batch_norm_2d'}
 
 
 def rel_error(x: Optional[Tensor], ref: Optional[Tensor]) -> float:

@@ -13,8 +13,9 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...ops import (biased_attention, depthwise_conv2d, neighborhood_attention_2d,
+from ...ops import (batch_norm_2d, biased_attention, depthwise_conv2d, neighborhood_attention_2d,
                     rotary_embedding_2d)
+from ...ops.batch_norm import trains_with_batch_statistics
 from ...ops.depthwise_conv import RunningBatchNorm
 from ...ops.dispatch import (autocast_off, check_op_backends, recompute_in_current_scope,
                              with_op_backends)
@@ -110,11 +111,17 @@ class LASS(nn.Module):
 
     def _dwconv_silu(self, y: Tensor) -> Tensor:
         """``silu(dwconv(y))``: a batch norm in eval mode runs in the convolution's op (one
-        pass on the fast path, where the norm and the activation took two more)."""
+        pass on the fast path, where the norm and the activation took two more); in training
+        mode the norm and the activation are one op (as ``_BatchNorm.forward`` but for
+        ``SyncBatchNorm``, which stays a module)."""
         conv, norm = self.dwconv
         running = RunningBatchNorm.in_eval(norm)
         if running is not None:
             return depthwise_conv2d(y, conv.weight, conv.bias, norm=running, activation='silu')
+        if trains_with_batch_statistics(norm):
+            norm.num_batches_tracked.add_(1)
+            return batch_norm_2d(conv(y), norm.weight, norm.bias, norm.running_mean,
+                                 norm.running_var, norm.momentum, norm.eps, activation='silu')
         return F.silu(self.dwconv(y))
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
