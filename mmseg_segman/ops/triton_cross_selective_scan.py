@@ -45,8 +45,9 @@ the checkpoint as in the forward pass, giving ``h_{t-1}`` at every position; the
 when ``a_t`` is small and would spoil ``dA``). This costs the backward a second scan and
 one more softplus and exp an element. Then ``du``, ``ddelta`` (through softplus and bias),
 and per program: ``dB``, ``dC`` summed over the program's channels, ``dA``, ``dD``,
-``d delta_bias`` summed over its steps. These partial sums are reduced in PyTorch (over
-channel blocks, resp. the batch); again no atomics; ``ddelta`` goes back through the step
+``d delta_bias`` summed over its steps (kept per step and summed once, after the last tile).
+These partial sums are reduced in PyTorch (over channel blocks, resp. the batch); again no
+atomics; ``ddelta`` goes back through the step
 projection in one more kernel, in float32 (:func:`_project_steps_bwd_kernel`). Gradients are
 returned in the inputs' dtypes and layouts.
 
@@ -82,13 +83,21 @@ def _affine_combine(a_left, b_left, a_right, b_right):
 
 
 @triton.jit
-def _softplus(z):
-    """``log(1 + exp(z))``, linear above 20 as ``F.softplus``; accurate ``log1p`` for z < 0."""
+def _softplus_and_sigmoid(z):
+    """``log(1 + exp(z))``, linear above 20 as ``F.softplus`` (accurate ``log1p`` for z < 0),
+    and its derivative ``sigmoid(z)``, from one ``exp``."""
     e = tl.exp(tl.minimum(z, 20.0))
     w = 1.0 + e
     rounded = w - 1.0  # e as 1 + e holds it; log(w) * e / rounded corrects log1p's rounding
     log1p = tl.where(rounded == 0.0, e, tl.log(w) * (e / tl.where(rounded == 0.0, 1.0, rounded)))
-    return tl.where(z > 20.0, z, log1p)
+    # e / (1 + e) is 1 in float32 from z = 17 (exp(-17) is under half an ulp of 1)
+    return tl.where(z > 20.0, z, log1p), tl.where(z > 20.0, 1.0, e / w)
+
+
+@triton.jit
+def _softplus(z):
+    """``log(1 + exp(z))`` (:func:`_softplus_and_sigmoid`)."""
+    return _softplus_and_sigmoid(z)[0]
 
 
 @triton.jit
@@ -215,7 +224,8 @@ def _backward_tile(x_base, delta_base, b_base, c_base, dy_base, ckpt_base, du_pt
     The scan steps run along the positions, or against them with ``REVERSE``; the step
     before a position's is at ``pos - STEP`` and the one after at ``pos + STEP``. Stores
     ``du``, ``ddelta`` and the tile's partial sums of ``dB``, ``dC``; returns the adjoint's
-    carry and the running sums of ``dA``, ``dD``, ``d delta_bias``."""
+    carry and the running sums of ``dA``, ``dD``, ``d delta_bias`` (``(BLOCK_D, BLOCK_L)``,
+    summed over the steps after the last tile)."""
     STEP: tl.constexpr = -1 if REVERSE else 1
     pos, pos_ok, ok, u, z, Bt, Ct = _tile_inputs(x_base, delta_base, b_base, c_base, ch_ok, index,
                                                  length, BLOCK_L, REVERSE)
@@ -241,17 +251,18 @@ def _backward_tile(x_base, delta_base, b_base, c_base, dy_base, ckpt_base, du_pt
     z1 = tl.load(delta_base + after[None, :], mask=after_ok, other=0.0).to(tl.float32)
     decay_next = tl.where(after_ok, tl.exp(_softplus(z1 + bias) * A), 0.0)
     dh, carry = _scan_tile(decay_next, Ct * dy, carry, BLOCK_L, not REVERSE)
-    dt = _softplus(z)
+    dt, sigmoid = _softplus_and_sigmoid(z)
     decayed_prev = tl.exp(dt * A) * h_prev
     h = decayed_prev + dt * Bt * u
-    dz = tl.where(ok, dh * (Bt * u + A * decayed_prev) * tl.sigmoid(z), 0.0)
+    dz = tl.where(ok, dh * (Bt * u + A * decayed_prev) * sigmoid, 0.0)
     tl.store(du_ptr + row_base + pos[None, :], dh * dt * Bt + D * dy, mask=ok)
     tl.store(ddelta_ptr + row_base + pos[None, :], dz, mask=ok)
     tl.store(db_ptr + bc_base + pos, tl.sum(dh * dt * u, axis=0), mask=pos_ok)
     tl.store(dc_ptr + bc_base + pos, tl.sum(dy * h, axis=0), mask=pos_ok)
-    dA += tl.sum(dh * decayed_prev * dt, axis=1)
-    dD += tl.sum(dy * u, axis=1)
-    dbias += tl.sum(dz, axis=1)
+    # summed over the steps once, after the last tile (a reduction across the program a tile)
+    dA += dh * decayed_prev * dt
+    dD += dy * u
+    dbias += dz
     return carry, dA, dD, dbias
 
 
@@ -274,9 +285,9 @@ def _cross_scan_bwd_kernel(
     dy_base = dys_ptr + batch * sy_b + (direction % 2) * sy_k + ch[:, None] * sy_c
     bc_base = ((batch * 4 + direction) * tl.num_programs(0) + tl.program_id(0)) * length  # dB, dC partials
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dA = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dD = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dA = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    dD = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    dbias = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
     num_tiles = tl.cdiv(length, BLOCK_L)
     if direction >= 2:
         for tile in range(0, num_tiles):
@@ -290,9 +301,9 @@ def _cross_scan_bwd_kernel(
                 x_base, delta_base, b_base, c_base, dy_base, ckpt_base, du_ptr, ddelta_ptr, db_ptr,
                 dc_ptr, row_base, bc_base, A, D, bias, ch_ok, carry, dA, dD, dbias,
                 num_tiles - 1 - tile, length, BLOCK_L, False)
-    tl.store(da_ptr + rows, dA, mask=ch_ok)
-    tl.store(dd_ptr + rows, dD, mask=ch_ok)
-    tl.store(dbias_ptr + rows, dbias, mask=ch_ok)
+    tl.store(da_ptr + rows, tl.sum(dA, axis=1), mask=ch_ok)
+    tl.store(dd_ptr + rows, tl.sum(dD, axis=1), mask=ch_ok)
+    tl.store(dbias_ptr + rows, tl.sum(dbias, axis=1), mask=ch_ok)
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
