@@ -474,13 +474,14 @@ MAX_BLOCK_L = 256
 def block_sizes(length: int, backward: bool = False) -> Blocks:
     """Default ``(BLOCK_D, BLOCK_L, num_warps)`` of the forward kernel, or of the backward.
 
-    Chosen by sweeps of block sizes on an H100 (bfloat16, SegMAN-L's stage sizes at 512x512,
-    batch 16, docs/benchmarks.md; ``tools/gpu_checks/check_cross_selective_scan.py --sweep``
-    times the same): 256 steps a program with 4 warps, four channels for the forward
-    (since its tiles are read in 16-byte pieces; 15-23% faster than two at SegMAN-L's stages
-    1-3), two for the backward (within 5% of the best at 16x16 maps).
+    Chosen by sweeps of block sizes (bfloat16, SegMAN-L's stage sizes at 512x512,
+    docs/benchmarks.md; ``tools/gpu_checks/check_cross_selective_scan.py --sweep`` times the
+    same): 256 steps a program with 4 warps, four channels for the forward (since its tiles
+    are read in 16-byte pieces; 15-23% faster than two at SegMAN-L's stages 1-3, batch 16, an
+    H100), one for the backward (since its per-step sums are kept per step: forward +
+    backward 3-13% faster than two at all four sweep sizes, batch 8 and 16, an H200).
     """
-    return 2 if backward else 4, min(max(16, next_power_of_2(length)), MAX_BLOCK_L), 4
+    return 1 if backward else 4, min(max(16, next_power_of_2(length)), MAX_BLOCK_L), 4
 
 
 class ProjectionBackwardLaunch(NamedTuple):

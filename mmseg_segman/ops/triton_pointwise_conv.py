@@ -233,7 +233,10 @@ def _product(x: Tensor, weight: Tensor, out_dtype: torch.dtype, bias: Optional[T
     return out
 
 
-PARAM_BLOCK_O, PARAM_BLOCK_C = 32, 64
+# the parameter-gradient kernel's tile: 4 output channels, 512 input channels a step (one
+# program per 4 rows of dW: SegMAN-L's stage-3 fc2 took 50 us on 14 programs of 32 rows, 12 on
+# 108; the fastest of seven tiles at every layer of SegMAN-L, H200, docs/benchmarks.md)
+PARAM_BLOCK_O, PARAM_BLOCK_C = 4, 512
 # torch.bmm(..., out_dtype=float32) of 16-bit inputs: CUDA only (PyTorch >= 2.8)
 _BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, 'dtype')
 
