@@ -26,8 +26,8 @@ tile, not kept); without it ``g' = g`` and the layer scale ``s`` and factor ``k_
 outside the products. Then ``dx = (s W)^T (k_b g')`` is the forward kernel again on the
 transposed weight (its columns scaled by ``s``, each batch element's result by ``k_b``). The
 weight products ``G = sum_b k_b g'[b] x[b]^T`` and the sums ``S_b = sum g'[b]`` come from one
-batched cuBLAS product (float32 accumulation and result), summed over the batch in the kernel
-below, and one sum (cuDNN's weight gradient, which reduces over the batch too, launches more kernels,
+batched cuBLAS product (float32 accumulation and result), its weighted sum over the batch and
+one sum (cuDNN's weight gradient, which reduces over the batch too, launches more kernels,
 transposing both maps to channels-last first, docs/benchmarks.md; a Triton product split over
 batch and pixels gave wrong, run-dependent bfloat16 results on an H100 for 96 input channels,
 cause not found), and one more kernel turns them into every parameter gradient: with ``S =
@@ -165,31 +165,23 @@ def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, shortcut_ptr, scale_ptr, shift_ptr, s
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
-def _sample_factor(sample_ptr, b, HAS_SAMPLE: tl.constexpr):
-    """``k_b = sample[b]`` as float32, 1 without ``HAS_SAMPLE``."""
-    factor = 1.0
-    if HAS_SAMPLE:
-        factor = tl.load(sample_ptr + b).to(tl.float32)
-    return factor
-
-
 @jit_with_runtime_ints(_RUNTIME_INTS | {'batch'})
 def _pw_param_grad_kernel(g_ptr, s_ptr, sample_ptr, w_ptr, bias_ptr, scale_ptr, dw_ptr,
                           dbias_ptr, dscale_ptr, dshift_ptr, batch, channels, out_channels, sw_o,
                           sw_k, HAS_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HAS_SCALE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr):
-    """From the per-sample products ``G_b (batch, out_channels, channels)`` and sums ``S_b
-    (batch, out_channels)`` (float32, contiguous), with ``G = sum_b k_b G_b`` and ``S = sum_b
-    k_b S_b`` (``k_b = sample[b]``, 1 without ``HAS_SAMPLE``): ``dW = s G``, ``d bias = s S``,
-    ``d scale = rowsum(W G) + bias S`` and ``d shift = S`` (``s = 1`` without ``HAS_SCALE``),
-    computed in float32."""
+    """From ``G (out_channels, channels)`` and the per-sample sums ``S_b (batch,
+    out_channels)`` (float32, contiguous), with ``S = sum_b k_b S_b`` (``k_b = sample[b]``, 1
+    without ``HAS_SAMPLE``): ``dW = s G``, ``d bias = s S``, ``d scale = rowsum(W G) + bias
+    S`` and ``d shift = S`` (``s = 1`` without ``HAS_SCALE``), computed in float32."""
     o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = o < out_channels
     total = tl.zeros((BLOCK_O, ), dtype=tl.float32)
     for b in range(batch):
-        total += tl.load(s_ptr + b * out_channels + o, mask=o_ok, other=0.0) \
-            * _sample_factor(sample_ptr, b, HAS_SAMPLE)
+        sums = tl.load(s_ptr + b * out_channels + o, mask=o_ok, other=0.0)
+        if HAS_SAMPLE:
+            sums *= tl.load(sample_ptr + b).to(tl.float32)
+        total += sums
     scale = tl.full((BLOCK_O, ), 1.0, tl.float32)
     if HAS_SCALE:
         scale = tl.load(scale_ptr + o, mask=o_ok, other=0.0).to(tl.float32)
@@ -197,10 +189,7 @@ def _pw_param_grad_kernel(g_ptr, s_ptr, sample_ptr, w_ptr, bias_ptr, scale_ptr, 
     for c0 in range(0, channels, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         ok = o_ok[:, None] & (c < channels)[None, :]
-        product = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
-        for b in range(batch):
-            product += tl.load(g_ptr + (b * out_channels + o[:, None]) * channels + c[None, :],
-                               mask=ok, other=0.0) * _sample_factor(sample_ptr, b, HAS_SAMPLE)
+        product = tl.load(g_ptr + o[:, None] * channels + c[None, :], mask=ok, other=0.0)
         tl.store(dw_ptr + o[:, None] * channels + c[None, :],
                  (product * scale[:, None]).to(dw_ptr.dtype.element_ty), mask=ok)
         if HAS_SCALE:
@@ -252,12 +241,13 @@ PARAM_BLOCK_O, PARAM_BLOCK_C = 4, 512
 _BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, 'dtype')
 
 
-def _weight_products(g: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
-    """The per-sample products ``G_b = g[b] x[b]^T (B, O, C)`` and sums ``S_b = sum_p g[b] (B,
+def _weight_products(g: Tensor, x: Tensor,
+                     sample_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``G = sum_b k_b g[b] x[b]^T (O, C)`` and the per-sample sums ``S_b = sum_p g[b] (B,
     O)``, float32, for ``g (B, O, H, W)`` and ``x (B, C, H, W)`` contiguous and of one dtype:
-    one batched cuBLAS product (float32 accumulation and result, for 16-bit inputs too) and
-    one sum over the pixels. (:func:`_pw_param_grad_kernel` adds up the batch: a separate
-    sum read the products once more, 3.6-7.4 us a layer at SegMAN-L's stage 3.)"""
+    one batched cuBLAS product (float32 accumulation and result, for 16-bit inputs too), its
+    sum over the batch, weighted by ``sample_scale (B,)`` (``k_b``, 1 when None), and one sum
+    over the pixels."""
     g_rows, x_columns = g.flatten(2), x.flatten(2).transpose(1, 2)
     if g.dtype == torch.float32:
         products = torch.bmm(g_rows, x_columns)
@@ -265,6 +255,13 @@ def _weight_products(g: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
         products = torch.bmm(g_rows, x_columns, out_dtype=torch.float32)
     else:  # the CPU (Triton's interpreter in the tests) has no bmm with out_dtype
         products = torch.bmm(g_rows.float(), x_columns.float())
+    if sample_scale is not None:
+        products = (sample_scale.to(torch.float32)[None] @ products.flatten(1)).view(
+            products.shape[1:])
+    elif g.size(0) > 1:
+        products = products.sum(0)
+    else:
+        products = products[0]
     return products, g_rows.sum(2, dtype=torch.float32)
 
 
@@ -276,7 +273,7 @@ def _parameter_gradients(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
     dtype; see the module doc. The products and sums of :func:`_weight_products`, then one
     kernel."""
     out_channels, channels = weight.shape[:2]
-    products, sums = _weight_products(g, x)
+    products, sums = _weight_products(g, x, sample_scale)
     d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
     d_vectors = torch.empty(3, out_channels, dtype=torch.float32, device=x.device)
     d_bias, d_scale, d_shift = d_vectors.unbind()
