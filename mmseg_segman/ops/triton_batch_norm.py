@@ -145,28 +145,45 @@ def _bn_fwd_kernel(x_ptr, w_ptr, b_ptr, partial_ptr, y_ptr, stats_ptr, channels,
         tl.store(stats_ptr + 2 * channels + channel, var * count / tl.maximum(count - 1.0, 1.0))
 
 
+@triton.jit
+def _backward_channel(x_ptr, dy_ptr, w_ptr, b_ptr, stats_ptr, channels, pixels, sx_b, sx_c, sd_b,
+                      sd_c, CHUNK: tl.constexpr, ALIGN: tl.constexpr):
+    """A backward program's ``pixels`` (aligned), batch element, channel, chunk (:func:`_chunk`),
+    its channel's ``(mean, rstd, weight, bias)`` and the bases of its planes of ``x`` and ``dy``."""
+    pixels = aligned(pixels, ALIGN)
+    sx_b, sx_c = aligned(sx_b, ALIGN), aligned(sx_c, ALIGN)
+    sd_b, sd_c = aligned(sd_b, ALIGN), aligned(sd_c, ALIGN)
+    batch, channel, start, end = _chunk(pixels, CHUNK)
+    norm = (tl.load(stats_ptr + channel), tl.load(stats_ptr + channels + channel),
+            tl.load(w_ptr + channel).to(tl.float32), tl.load(b_ptr + channel).to(tl.float32))
+    return (pixels, batch, channel, start, end, norm, x_ptr + batch * sx_b + channel * sx_c,
+            dy_ptr + batch * sd_b + channel * sd_c)
+
+
+@triton.jit
+def _gradient_block(x_base, dy_base, p0, end, norm, SILU: tl.constexpr, BLOCK: tl.constexpr):
+    """``xhat`` (0 past ``end``) and ``g = dy act'(z)`` at pixels ``p0 .. p0 + BLOCK``, the
+    pixels and their flags."""
+    mean, rstd, weight, bias = norm
+    x, p, ok = _block(x_base, p0, end, BLOCK)
+    dy, _, _ = _block(dy_base, p0, end, BLOCK)
+    xhat = tl.where(ok, (x - mean) * rstd, 0.0)
+    return xhat, _activation_gradient(dy, xhat, weight, bias, SILU), p, ok
+
+
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _bn_bwd_sums_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, stats_ptr, partial_ptr, channels, pixels,
                         sx_b, sx_c, sd_b, sd_c, SILU: tl.constexpr, CHUNK: tl.constexpr,
                         BLOCK: tl.constexpr, ALIGN: tl.constexpr):
     """Partial sums of ``g`` and ``g * xhat`` over the program's chunk."""
-    pixels = aligned(pixels, ALIGN)
-    sx_b, sx_c = aligned(sx_b, ALIGN), aligned(sx_c, ALIGN)
-    sd_b, sd_c = aligned(sd_b, ALIGN), aligned(sd_c, ALIGN)
-    batch, channel, start, end = _chunk(pixels, CHUNK)
-    mean = tl.load(stats_ptr + channel)
-    rstd = tl.load(stats_ptr + channels + channel)
-    weight = tl.load(w_ptr + channel).to(tl.float32)
-    bias = tl.load(b_ptr + channel).to(tl.float32)
-    x_base = x_ptr + batch * sx_b + channel * sx_c
-    dy_base = dy_ptr + batch * sd_b + channel * sd_c
+    # (no name is bound twice: Triton checks that a loop keeps each name's type)
+    pixels, batch, channel, start, end, norm, x_base, dy_base = _backward_channel(
+        x_ptr, dy_ptr, w_ptr, b_ptr, stats_ptr, channels, pixels, sx_b, sx_c, sd_b, sd_c, CHUNK,
+        ALIGN)
     first = tl.zeros([BLOCK], dtype=tl.float32)
     second = tl.zeros([BLOCK], dtype=tl.float32)
     for p0 in range(start, end, BLOCK):
-        x, _, ok = _block(x_base, p0, end, BLOCK)
-        dy, _, _ = _block(dy_base, p0, end, BLOCK)
-        xhat = tl.where(ok, (x - mean) * rstd, 0.0)
-        g = _activation_gradient(dy, xhat, weight, bias, SILU)
+        xhat, g, p, ok = _gradient_block(x_base, dy_base, p0, end, norm, SILU, BLOCK)
         first += g
         second += g * xhat
     _store_partial(partial_ptr, channel, tl.sum(first), tl.sum(second))
@@ -179,24 +196,15 @@ def _bn_bwd_dx_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, stats_ptr, partial_ptr, dx_pt
                       ALIGN: tl.constexpr):
     """``dx`` over the program's chunk (contiguous); the first program of a channel stores
     ``d weight`` and ``d bias`` (float32 ``(2, C)``)."""
-    pixels = aligned(pixels, ALIGN)
-    sx_b, sx_c = aligned(sx_b, ALIGN), aligned(sx_c, ALIGN)
-    sd_b, sd_c = aligned(sd_b, ALIGN), aligned(sd_c, ALIGN)
-    batch, channel, start, end = _chunk(pixels, CHUNK)
+    pixels, batch, channel, start, end, norm, x_base, dy_base = _backward_channel(
+        x_ptr, dy_ptr, w_ptr, b_ptr, stats_ptr, channels, pixels, sx_b, sx_c, sd_b, sd_c, CHUNK,
+        ALIGN)
     count = (pixels * tl.num_programs(1)).to(tl.float32)
     sum_g, sum_gx = _channel_sums(partial_ptr, channel, PARTIALS_STEP)
-    mean = tl.load(stats_ptr + channel)
-    rstd = tl.load(stats_ptr + channels + channel)
-    weight = tl.load(w_ptr + channel).to(tl.float32)
-    bias = tl.load(b_ptr + channel).to(tl.float32)
-    x_base = x_ptr + batch * sx_b + channel * sx_c
-    dy_base = dy_ptr + batch * sd_b + channel * sd_c
+    mean, rstd, weight, bias = norm
     out = dx_ptr + (batch * channels + channel) * pixels
     for p0 in range(start, end, BLOCK):
-        x, p, ok = _block(x_base, p0, end, BLOCK)
-        dy, _, _ = _block(dy_base, p0, end, BLOCK)
-        xhat = (x - mean) * rstd
-        g = _activation_gradient(dy, xhat, weight, bias, SILU)
+        xhat, g, p, ok = _gradient_block(x_base, dy_base, p0, end, norm, SILU, BLOCK)
         dx = weight * rstd * (g - sum_g / count - xhat * (sum_gx / count))
         tl.store(out + p, dx.to(dx_ptr.dtype.element_ty), mask=ok)
     if _first_program():
