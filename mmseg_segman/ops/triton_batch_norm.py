@@ -39,12 +39,16 @@ _RUNTIME_INTS = {'channels', 'pixels', 'sx_b', 'sx_c', 'sd_b', 'sd_c'}
 
 
 @triton.jit
-def _chunk(pixels, CHUNK: tl.constexpr):
-    """The program's batch element (int64), channel and first pixel, and the end of its chunk."""
+def _chunk(x_ptr, pixels, sx_b, sx_c, CHUNK: tl.constexpr, ALIGN: tl.constexpr):
+    """``pixels`` (a multiple of ``ALIGN``, :func:`~.triton_jit.aligned`), the program's batch
+    element (int64), channel, first pixel and the end of its chunk, and its plane of ``x``
+    (strides ``sx_b``, ``sx_c``, multiples of ``ALIGN`` too)."""
+    pixels = aligned(pixels, ALIGN)
     batch = tl.program_id(1).to(tl.int64)
     channel = tl.program_id(2)
     start = tl.program_id(0) * CHUNK
-    return batch, channel, start, tl.minimum(start + CHUNK, pixels)
+    plane = x_ptr + batch * aligned(sx_b, ALIGN) + channel * aligned(sx_c, ALIGN)
+    return pixels, batch, channel, start, tl.minimum(start + CHUNK, pixels), plane
 
 
 @triton.jit
@@ -99,11 +103,8 @@ def _activation_gradient(dy, xhat, weight, bias, SILU: tl.constexpr):
 def _bn_stats_kernel(x_ptr, partial_ptr, pixels, sx_b, sx_c, CHUNK: tl.constexpr,
                      BLOCK: tl.constexpr, ALIGN: tl.constexpr):
     """Partial sums of ``x - s`` and ``(x - s)^2`` over the program's chunk."""
-    pixels = aligned(pixels, ALIGN)
-    sx_b, sx_c = aligned(sx_b, ALIGN), aligned(sx_c, ALIGN)
-    batch, channel, start, end = _chunk(pixels, CHUNK)
+    pixels, batch, channel, start, end, base = _chunk(x_ptr, pixels, sx_b, sx_c, CHUNK, ALIGN)
     shift = tl.load(x_ptr + channel * sx_c).to(tl.float32)
-    base = x_ptr + batch * sx_b + channel * sx_c
     first = tl.zeros([BLOCK], dtype=tl.float32)
     second = tl.zeros([BLOCK], dtype=tl.float32)
     for p0 in range(start, end, BLOCK):
@@ -120,9 +121,7 @@ def _bn_fwd_kernel(x_ptr, w_ptr, b_ptr, partial_ptr, y_ptr, stats_ptr, channels,
                    PARTIALS_STEP: tl.constexpr, ALIGN: tl.constexpr):
     """``y = act(xhat * weight + bias)`` over the program's chunk (``y`` contiguous); the
     first program of a channel stores its mean, ``rstd`` and unbiased variance."""
-    pixels = aligned(pixels, ALIGN)
-    sx_b, sx_c = aligned(sx_b, ALIGN), aligned(sx_c, ALIGN)
-    batch, channel, start, end = _chunk(pixels, CHUNK)
+    pixels, batch, channel, start, end, base = _chunk(x_ptr, pixels, sx_b, sx_c, CHUNK, ALIGN)
     count = (pixels * tl.num_programs(1)).to(tl.float32)
     first, second = _channel_sums(partial_ptr, channel, PARTIALS_STEP)
     offset = first / count
@@ -131,7 +130,6 @@ def _bn_fwd_kernel(x_ptr, w_ptr, b_ptr, partial_ptr, y_ptr, stats_ptr, channels,
     rstd = 1.0 / tl.sqrt(var + eps)
     weight = tl.load(w_ptr + channel).to(tl.float32)
     bias = tl.load(b_ptr + channel).to(tl.float32)
-    base = x_ptr + batch * sx_b + channel * sx_c
     out = y_ptr + (batch * channels + channel) * pixels
     for p0 in range(start, end, BLOCK):
         x, p, ok = _block(base, p0, end, BLOCK)
@@ -150,14 +148,11 @@ def _backward_channel(x_ptr, dy_ptr, w_ptr, b_ptr, stats_ptr, channels, pixels, 
                       sd_c, CHUNK: tl.constexpr, ALIGN: tl.constexpr):
     """A backward program's ``pixels`` (aligned), batch element, channel, chunk (:func:`_chunk`),
     its channel's ``(mean, rstd, weight, bias)`` and the bases of its planes of ``x`` and ``dy``."""
-    pixels = aligned(pixels, ALIGN)
-    sx_b, sx_c = aligned(sx_b, ALIGN), aligned(sx_c, ALIGN)
-    sd_b, sd_c = aligned(sd_b, ALIGN), aligned(sd_c, ALIGN)
-    batch, channel, start, end = _chunk(pixels, CHUNK)
+    pixels, batch, channel, start, end, x_base = _chunk(x_ptr, pixels, sx_b, sx_c, CHUNK, ALIGN)
     norm = (tl.load(stats_ptr + channel), tl.load(stats_ptr + channels + channel),
             tl.load(w_ptr + channel).to(tl.float32), tl.load(b_ptr + channel).to(tl.float32))
-    return (pixels, batch, channel, start, end, norm, x_ptr + batch * sx_b + channel * sx_c,
-            dy_ptr + batch * sd_b + channel * sd_c)
+    dy_base = dy_ptr + batch * aligned(sd_b, ALIGN) + channel * aligned(sd_c, ALIGN)
+    return pixels, batch, channel, start, end, norm, x_base, dy_base
 
 
 @triton.jit

@@ -47,9 +47,8 @@ one more softplus and exp an element. Then ``du``, ``ddelta`` (through softplus 
 and per program: ``dB``, ``dC`` summed over the program's channels, ``dA``, ``dD``,
 ``d delta_bias`` summed over its steps (kept per step and summed once, after the last tile).
 These partial sums are reduced in PyTorch (over channel blocks, resp. the batch); again no
-atomics; ``ddelta`` goes back through the step
-projection in one more kernel, in float32 (:func:`_project_steps_bwd_kernel`). Gradients are
-returned in the inputs' dtypes and layouts.
+atomics; ``ddelta`` goes back through the step projection in one more kernel, in float32
+(:func:`_project_steps_bwd_kernel`). Gradients are returned in the inputs' dtypes and layouts.
 
 ``torch.compile`` traces the kernels as the ``torch.library`` custom ops
 ``mmseg_segman::cross_scan_forward`` and ``cross_scan_backward`` (:data:`CROSS_SCAN`, a
