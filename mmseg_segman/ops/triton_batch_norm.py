@@ -1,5 +1,5 @@
 """Triton backend of :func:`mmseg_segman.ops.batch_norm_2d`: training-mode batch norm of a
-``(B, C, H, W)`` map, then SiLU (or none), forward and backward.
+``(B, C, H, W)`` map, then SiLU, GELU, ReLU or no activation, forward and backward.
 
 Every kernel runs on the grid ``(splits, B, C)``: one program a chunk of :data:`CHUNK` pixels
 of one ``H x W`` plane, walked :data:`BLOCK` pixels a step (16-byte loads where the sizes are
@@ -15,8 +15,9 @@ first program of a channel storing ``d weight = sum g xhat`` and ``d bias = sum 
 atomics: the result does not depend on the order programs run in. Only ``x`` and ``(3, C)``
 statistics are kept for the backward pass (PyTorch's SiLU kept the norm's output too).
 
-Sizes and strides are runtime values: one compilation per dtype and activation (two where a
-size is not a multiple of 8). ``torch.compile`` traces the kernels as the custom ops
+The GELU is the exact one, its ``erf`` as in :mod:`.triton_pointwise_conv`. Sizes and
+strides are runtime values: one compilation per dtype and activation (two where a size is not
+a multiple of 8). ``torch.compile`` traces the kernels as the custom ops
 ``mmseg_segman::batch_norm_2d_forward`` and ``_backward`` (:data:`BATCH_NORM_2D`); the running
 statistics are updated by one ``_foreach_lerp_`` after the forward.
 """
@@ -30,6 +31,7 @@ from torch import Tensor
 from .dispatch import cast, with_contiguous_planes
 from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, jit_with_runtime_ints, launch,
                          records_autograd)
+from .triton_pointwise_conv import INV_SQRT_2PI, _normal_cdf_and_density
 
 CHUNK = 4096  # pixels of a plane a program owns
 BLOCK = 1024  # pixels a step: 8 a thread of 4 warps
@@ -90,12 +92,30 @@ def _first_program():
 
 
 @triton.jit
-def _activation_gradient(dy, xhat, weight, bias, SILU: tl.constexpr):
-    """``dy * act'(xhat * weight + bias)``."""
-    if SILU:
-        z = xhat * weight + bias
+def _activation(z, ACTIVATION: tl.constexpr):
+    """``act(z)``: ``ACTIVATION`` ``'silu'``, ``'gelu'``, ``'relu'`` or None (the identity)."""
+    if ACTIVATION == 'silu':
+        z = z * tl.sigmoid(z)
+    elif ACTIVATION == 'gelu':
+        cdf, _ = _normal_cdf_and_density(z)
+        z = z * cdf
+    elif ACTIVATION == 'relu':
+        z = tl.maximum(z, 0.0)
+    return z
+
+
+@triton.jit
+def _activation_gradient(dy, xhat, weight, bias, ACTIVATION: tl.constexpr):
+    """``dy * act'(xhat * weight + bias)`` (ReLU's derivative 0 at 0, as PyTorch's)."""
+    z = xhat * weight + bias
+    if ACTIVATION == 'silu':
         s = tl.sigmoid(z)
-        return dy * s * (1.0 + z * (1.0 - s))
+        dy = dy * s * (1.0 + z * (1.0 - s))
+    elif ACTIVATION == 'gelu':
+        cdf, density = _normal_cdf_and_density(z)
+        dy = dy * (cdf + z * density * INV_SQRT_2PI)
+    elif ACTIVATION == 'relu':
+        dy = tl.where(z > 0.0, dy, 0.0)
     return dy
 
 
@@ -117,7 +137,7 @@ def _bn_stats_kernel(x_ptr, partial_ptr, pixels, sx_b, sx_c, CHUNK: tl.constexpr
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _bn_fwd_kernel(x_ptr, w_ptr, b_ptr, partial_ptr, y_ptr, stats_ptr, channels, pixels, sx_b,
-                   sx_c, eps, SILU: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                   sx_c, eps, ACTIVATION: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                    PARTIALS_STEP: tl.constexpr, ALIGN: tl.constexpr):
     """``y = act(xhat * weight + bias)`` over the program's chunk (``y`` contiguous); the
     first program of a channel stores its mean, ``rstd`` and unbiased variance."""
@@ -133,9 +153,7 @@ def _bn_fwd_kernel(x_ptr, w_ptr, b_ptr, partial_ptr, y_ptr, stats_ptr, channels,
     out = y_ptr + (batch * channels + channel) * pixels
     for p0 in range(start, end, BLOCK):
         x, p, ok = _block(base, p0, end, BLOCK)
-        z = (x - mean) * rstd * weight + bias
-        if SILU:
-            z = z * tl.sigmoid(z)
+        z = _activation((x - mean) * rstd * weight + bias, ACTIVATION)
         tl.store(out + p, z.to(y_ptr.dtype.element_ty), mask=ok)
     if _first_program():
         tl.store(stats_ptr + channel, mean)
@@ -156,19 +174,20 @@ def _backward_channel(x_ptr, dy_ptr, w_ptr, b_ptr, stats_ptr, channels, pixels, 
 
 
 @triton.jit
-def _gradient_block(x_base, dy_base, p0, end, norm, SILU: tl.constexpr, BLOCK: tl.constexpr):
+def _gradient_block(x_base, dy_base, p0, end, norm, ACTIVATION: tl.constexpr,
+                    BLOCK: tl.constexpr):
     """``xhat`` (0 past ``end``) and ``g = dy act'(z)`` at pixels ``p0 .. p0 + BLOCK``, the
     pixels and their flags."""
     mean, rstd, weight, bias = norm
     x, p, ok = _block(x_base, p0, end, BLOCK)
     dy, _, _ = _block(dy_base, p0, end, BLOCK)
     xhat = tl.where(ok, (x - mean) * rstd, 0.0)
-    return xhat, _activation_gradient(dy, xhat, weight, bias, SILU), p, ok
+    return xhat, _activation_gradient(dy, xhat, weight, bias, ACTIVATION), p, ok
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _bn_bwd_sums_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, stats_ptr, partial_ptr, channels, pixels,
-                        sx_b, sx_c, sd_b, sd_c, SILU: tl.constexpr, CHUNK: tl.constexpr,
+                        sx_b, sx_c, sd_b, sd_c, ACTIVATION: tl.constexpr, CHUNK: tl.constexpr,
                         BLOCK: tl.constexpr, ALIGN: tl.constexpr):
     """Partial sums of ``g`` and ``g * xhat`` over the program's chunk."""
     # (no name is bound twice: Triton checks that a loop keeps each name's type)
@@ -178,7 +197,7 @@ def _bn_bwd_sums_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, stats_ptr, partial_ptr, cha
     first = tl.zeros([BLOCK], dtype=tl.float32)
     second = tl.zeros([BLOCK], dtype=tl.float32)
     for p0 in range(start, end, BLOCK):
-        xhat, g, p, ok = _gradient_block(x_base, dy_base, p0, end, norm, SILU, BLOCK)
+        xhat, g, p, ok = _gradient_block(x_base, dy_base, p0, end, norm, ACTIVATION, BLOCK)
         first += g
         second += g * xhat
     _store_partial(partial_ptr, channel, tl.sum(first), tl.sum(second))
@@ -186,7 +205,7 @@ def _bn_bwd_sums_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, stats_ptr, partial_ptr, cha
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _bn_bwd_dx_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, stats_ptr, partial_ptr, dx_ptr, dwb_ptr,
-                      channels, pixels, sx_b, sx_c, sd_b, sd_c, SILU: tl.constexpr,
+                      channels, pixels, sx_b, sx_c, sd_b, sd_c, ACTIVATION: tl.constexpr,
                       CHUNK: tl.constexpr, BLOCK: tl.constexpr, PARTIALS_STEP: tl.constexpr,
                       ALIGN: tl.constexpr):
     """``dx`` over the program's chunk (contiguous); the first program of a channel stores
@@ -199,7 +218,7 @@ def _bn_bwd_dx_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, stats_ptr, partial_ptr, dx_pt
     mean, rstd, weight, bias = norm
     out = dx_ptr + (batch * channels + channel) * pixels
     for p0 in range(start, end, BLOCK):
-        xhat, g, p, ok = _gradient_block(x_base, dy_base, p0, end, norm, SILU, BLOCK)
+        xhat, g, p, ok = _gradient_block(x_base, dy_base, p0, end, norm, ACTIVATION, BLOCK)
         dx = weight * rstd * (g - sum_g / count - xhat * (sum_gx / count))
         tl.store(out + p, dx.to(dx_ptr.dtype.element_ty), mask=ok)
     if _first_program():
@@ -222,7 +241,7 @@ def _partials(x: Tensor) -> Tensor:
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
-             silu: bool) -> Tuple[Tensor, Tensor]:
+             activation: Optional[str]) -> Tuple[Tensor, Tensor]:
     """``y`` (contiguous, ``x``'s dtype) and float32 ``(3, C)``: the batch's mean, ``rstd``
     and unbiased variance of each channel."""
     batch, channels, height, width = x.shape
@@ -233,22 +252,22 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     stats = torch.empty(3, channels, dtype=torch.float32, device=x.device)
     launch(_bn_fwd_kernel, _grid(x), x, weight, bias, partials, y, stats, channels, *ints, eps,
-           SILU=silu, PARTIALS_STEP=PARTIALS_STEP, ALIGN=alignment(*ints), **_blocks())
+           ACTIVATION=activation, PARTIALS_STEP=PARTIALS_STEP, ALIGN=alignment(*ints), **_blocks())
     return y, stats
 
 
-def _forward_fake(x, weight, bias, eps, silu):
+def _forward_fake(x, weight, bias, eps, activation):
     return x.new_empty(x.shape), x.new_empty((3, x.shape[1]), dtype=torch.float32)
 
 
 def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, stats: Tensor,
-              silu: bool) -> Tuple[Tensor, Tensor]:
+              activation: Optional[str]) -> Tuple[Tensor, Tensor]:
     """``dx`` (contiguous, ``x``'s dtype) and float32 ``(2, C)``: ``d weight``, ``d bias``."""
     channels = x.shape[1]
     dy = with_contiguous_planes(dy)
     ints = (x.shape[2] * x.shape[3], x.stride(0), x.stride(1), dy.stride(0), dy.stride(1))
     partials = _partials(x)
-    common = dict(SILU=silu, ALIGN=alignment(*ints), **_blocks())
+    common = dict(ACTIVATION=activation, ALIGN=alignment(*ints), **_blocks())
     launch(_bn_bwd_sums_kernel, _grid(x), dy, x, weight, bias, stats, partials, channels, *ints,
            **common)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -258,15 +277,15 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, stats: Tensor
     return dx, dwb
 
 
-def _backward_fake(dy, x, weight, bias, stats, silu):
+def _backward_fake(dy, x, weight, bias, stats, activation):
     return x.new_empty(x.shape), x.new_empty((2, x.shape[1]), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _, silu = inputs
+    x, weight, bias, _, activation = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, weight, bias, output[1])
-    ctx.silu = silu
+    ctx.activation = activation
 
 
 def _gradients(forward: Callable, backward: Callable) -> Callable:
@@ -276,7 +295,7 @@ def _gradients(forward: Callable, backward: Callable) -> Callable:
     def gradients(ctx, dy, grad_stats):
         x, weight, bias, stats = ctx.saved_tensors
         needed = ctx.needs_input_grad
-        dx, dwb = backward(dy, x, weight, bias, stats, ctx.silu)
+        dx, dwb = backward(dy, x, weight, bias, stats, ctx.activation)
         return (dx if needed[0] else None, cast(dwb[0], weight.dtype) if needed[1] else None,
                 cast(dwb[1], bias.dtype) if needed[2] else None, None, None)
 
@@ -291,10 +310,10 @@ def batch_norm_2d_triton(x: Tensor, weight: Tensor, bias: Tensor, running_mean: 
                          running_var: Tensor, momentum: float, eps: float,
                          activation: Optional[str] = None) -> Tensor:
     """Training-mode batch norm of ``x (B, C, H, W)`` (each ``H x W`` plane contiguous), then
-    ``activation`` (None or ``'silu'``); arguments as :func:`~.batch_norm.batch_norm_2d`.
+    ``activation``; arguments as :func:`~.batch_norm.batch_norm_2d`.
     Returns a contiguous map in ``x``'s dtype, through :data:`BATCH_NORM_2D`; the running
     statistics are updated after it."""
-    y, stats = BATCH_NORM_2D(x, weight, bias, eps, activation == 'silu',
+    y, stats = BATCH_NORM_2D(x, weight, bias, eps, activation,
                              records=records_autograd(x, weight, bias))
     with torch.no_grad():
         torch._foreach_lerp_([running_mean, running_var],

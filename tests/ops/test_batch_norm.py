@@ -3,7 +3,6 @@ the Triton backend against float64 in Triton's CPU interpreter (a subprocess run
 see triton_interpreter.py)."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmseg_segman.ops import batch_norm_2d
@@ -16,8 +15,10 @@ def test_triton_batch_norm_in_interpreter():
     assert_checks_pass_in_interpreter(__file__, timeout=300)
 
 
-def test_reference_is_the_module_in_training_mode():
-    """Output, gradients and running statistics as ``silu(nn.BatchNorm2d(x))`` in training mode."""
+@pytest.mark.parametrize('activation,module', [
+    ('silu', nn.SiLU()), ('gelu', nn.GELU()), ('relu', nn.ReLU(inplace=True)), (None, nn.Identity())])
+def test_reference_is_the_module_in_training_mode(activation, module):
+    """Output, gradients and running statistics as ``act(nn.BatchNorm2d(x))`` in training mode."""
     x = make_inputs(3, 5, 4, 6, torch.float32)[0]
     norm = nn.BatchNorm2d(5, momentum=0.3)
     with torch.no_grad():
@@ -25,9 +26,9 @@ def test_reference_is_the_module_in_training_mode():
     twin = nn.BatchNorm2d(5, momentum=0.3)
     twin.load_state_dict(norm.state_dict())
     leaf_a, leaf_b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    want = F.silu(norm(leaf_a))
+    want = module(norm(leaf_a))
     got = batch_norm_2d(leaf_b, twin.weight, twin.bias, twin.running_mean, twin.running_var, 0.3,
-                        twin.eps, activation='silu')
+                        twin.eps, activation=activation)
     dy = torch.randn_like(want)
     want.backward(dy), got.backward(dy)
     torch.testing.assert_close(got, want)
@@ -69,8 +70,10 @@ def test_bad_inputs_are_refused():
         batch_norm_2d(x, weight, bias, mean, var[:3])
     with pytest.raises(ValueError, match='more than one value a channel'):
         batch_norm_2d(x[:1, :, :1, :1], weight, bias, mean, var)
-    with pytest.raises(ValueError, match="activation must be one of .*'gelu'"):
-        batch_norm_2d(x, weight, bias, mean, var, activation='gelu')
+    with pytest.raises(ValueError, match="activation must be one of .*'relu'.*got 'tanh'"):
+        batch_norm_2d(x, weight, bias, mean, var, activation='tanh')
+    with pytest.raises(ValueError, match='activation must be one of'):
+        batch_norm_2d(x, weight, bias, mean, var, activation=['relu'])
 
 
 def make_inputs(batch, channels, height, width, dtype, seed=0, offset=0.0):
@@ -139,14 +142,14 @@ def check_custom_op():
     from mmseg_segman.ops.triton_batch_norm import BATCH_NORM_2D, batch_norm_2d_triton
 
     x, weight, bias, mean, var = make_inputs(2, 7, 5, 3, torch.float32)
-    for silu in (True, False):
+    for activation in (None, 'silu', 'gelu', 'relu'):
         leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
-        torch.library.opcheck(BATCH_NORM_2D.forward_op, (*leaves, 1e-5, silu))
-    y, stats = BATCH_NORM_2D.forward_op(x, weight, bias, 1e-5, True)
-    torch.library.opcheck(BATCH_NORM_2D.backward_op, (torch.randn_like(y), x, weight, bias, stats, True))
+        torch.library.opcheck(BATCH_NORM_2D.forward_op, (*leaves, 1e-5, activation))
+    y, stats = BATCH_NORM_2D.forward_op(x, weight, bias, 1e-5, 'gelu')
+    torch.library.opcheck(BATCH_NORM_2D.backward_op, (torch.randn_like(y), x, weight, bias, stats, 'gelu'))
 
     def custom_op(*inputs):
-        return BATCH_NORM_2D.forward_op(*inputs, 1e-5, True)[0]
+        return BATCH_NORM_2D.forward_op(*inputs, 1e-5, 'silu')[0]
 
     def op(x, weight, bias):
         return batch_norm_2d_triton(x, weight, bias, mean.clone(), var.clone(), 0.1, 1e-5, 'silu')
@@ -163,6 +166,10 @@ def main():
     for shape in [(2, 5, 4, 6), (3, 3, 1, 1), (1, 4, 70, 61), (2, 2, 3, 7), (67, 2, 1, 3)]:
         check(*shape, torch.float32, 1e-5)
         check(*shape, torch.float32, 1e-5, activation=None)
+    for activation in ('gelu', 'relu'):
+        check(2, 5, 4, 6, torch.float32, 1e-5, activation)
+        check(1, 4, 70, 61, torch.float32, 1e-5, activation)
+        check(2, 6, 9, 8, torch.bfloat16, 2e-2, activation)
     check(2, 3, 5, 9, torch.float32, 1e-5, offset=1e3)  # a large mean: no cancellation
     check(2, 6, 9, 8, torch.bfloat16, 2e-2)
     check(2, 6, 9, 8, torch.float16, 2e-3)

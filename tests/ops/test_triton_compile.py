@@ -84,9 +84,9 @@ def test_aligned_sizes_give_16_byte_accesses():
                                          NEGATE_SIN=True, PLANAR=True, PLANAR_OUT=True)),
                (cross._cross_scan_fwd_kernel, dict(STORE_CKPT=False, CKPT=256, BLOCK_D=2,
                                                    BLOCK_L=256)),
-               (tbn._bn_fwd_kernel, dict(SILU=True, CHUNK=tbn.CHUNK, BLOCK=tbn.BLOCK,
+               (tbn._bn_fwd_kernel, dict(ACTIVATION='silu', CHUNK=tbn.CHUNK, BLOCK=tbn.BLOCK,
                                          PARTIALS_STEP=tbn.PARTIALS_STEP)),
-               (tbn._bn_bwd_dx_kernel, dict(SILU=True, CHUNK=tbn.CHUNK, BLOCK=tbn.BLOCK,
+               (tbn._bn_bwd_dx_kernel, dict(ACTIVATION='silu', CHUNK=tbn.CHUNK, BLOCK=tbn.BLOCK,
                                             PARTIALS_STEP=tbn.PARTIALS_STEP))]
     float32 = LN_FLOAT32_POINTERS | SCAN_FLOAT32_POINTERS | {
         'sin_ptr', 'cos_ptr', 'w_ptr', 'scale_ptr', 'shift_ptr', 'sample_ptr', 'partial_ptr',
@@ -207,19 +207,21 @@ def test_layer_norm_backward_compiles(activation, align):
                             BLOCK_C=chunks.block_c, BLOCK_P=chunks.block_p, ALIGN=align)
 
 
-@pytest.mark.parametrize('activation', ['bf16', 'fp32'])
-@pytest.mark.parametrize('align', [1, ALIGNMENT])
-def test_batch_norm_kernels_compile(activation, align):
+# the activations at bf16 with aligned sizes (the model's case); float32 and unaligned with two
+@pytest.mark.parametrize('dtype,align,activations', [
+    ('bf16', ALIGNMENT, (None, 'silu', 'gelu', 'relu')), ('bf16', 1, ('silu', 'gelu')),
+    ('fp32', ALIGNMENT, ('silu', 'relu')), ('fp32', 1, (None, 'gelu'))])
+def test_batch_norm_kernels_compile(dtype, align, activations):
     float32 = {'w_ptr', 'b_ptr', 'partial_ptr', 'stats_ptr', 'dwb_ptr'}
     blocks = dict(CHUNK=tbn.CHUNK, BLOCK=tbn.BLOCK, ALIGN=align)
-    assert compile_for_h100(tbn._bn_stats_kernel, activation, float32, tbn.NUM_WARPS, **blocks)
-    for silu in (True, False):
-        assert compile_for_h100(tbn._bn_fwd_kernel, activation, float32, tbn.NUM_WARPS, SILU=silu,
-                                PARTIALS_STEP=tbn.PARTIALS_STEP, **blocks)
-        assert compile_for_h100(tbn._bn_bwd_sums_kernel, activation, float32, tbn.NUM_WARPS,
-                                SILU=silu, **blocks)
-        assert compile_for_h100(tbn._bn_bwd_dx_kernel, activation, float32, tbn.NUM_WARPS,
-                                SILU=silu, PARTIALS_STEP=tbn.PARTIALS_STEP, **blocks)
+    assert compile_for_h100(tbn._bn_stats_kernel, dtype, float32, tbn.NUM_WARPS, **blocks)
+    for activation in activations:
+        assert compile_for_h100(tbn._bn_fwd_kernel, dtype, float32, tbn.NUM_WARPS,
+                                ACTIVATION=activation, PARTIALS_STEP=tbn.PARTIALS_STEP, **blocks)
+        assert compile_for_h100(tbn._bn_bwd_sums_kernel, dtype, float32, tbn.NUM_WARPS,
+                                ACTIVATION=activation, **blocks)
+        assert compile_for_h100(tbn._bn_bwd_dx_kernel, dtype, float32, tbn.NUM_WARPS,
+                                ACTIVATION=activation, PARTIALS_STEP=tbn.PARTIALS_STEP, **blocks)
 
 
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])

@@ -155,6 +155,8 @@ CASES = [
     layer_norm_case(16, 64, 7, 5), layer_norm_case(2, 96, 33, 20, addends=2),
     batch_norm_case(8, 96, 128, 128), batch_norm_case(2, 37, 13, 9, None),
     batch_norm_case(8, 432, 32, 32), batch_norm_case(70, 5, 3, 3),
+    batch_norm_case(8, 48, 256, 256, 'gelu'), batch_norm_case(8, 224, 128, 128, 'relu'),
+    batch_norm_case(8, 224, 1, 1, 'relu'),
     depthwise_case(2, 96, 128, 128, 3), depthwise_case(2, 40, 37, 45, 5), depthwise_case(1, 7, 2, 9, 5),
     depthwise_case(4, 1456, 16, 16, 3), depthwise_case(2, 64, 33, 70, 3, residual=True),
     depthwise_case(2, 40, 9, 11, 5, residual=True),

@@ -13,7 +13,7 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...ops import (batch_norm_2d, biased_attention, depthwise_conv2d, neighborhood_attention_2d,
+from ...ops import (biased_attention, depthwise_conv2d, neighborhood_attention_2d,
                     rotary_embedding_2d)
 from ...ops.batch_norm import trains_with_batch_statistics
 from ...ops.depthwise_conv import RunningBatchNorm
@@ -23,6 +23,7 @@ from ...ops.pointwise_conv import Residual
 from ...ops.resize import bicubic_matrix
 from ..layers import (SS2D, ConvNormSequence, DenseConv2d, DepthwiseConv2d, LayerNorm2d,
                       PointwiseConv2d, RoPE2d, SegMANBlock)
+from ..layers.norm import batch_norm_with_statistics
 from ..layers.recompute import recomputed_for_backward
 from ..strict_loading import WeightsMismatchError, refuse_mismatched_weights
 from ..cuda_graphs import CUDAGraphs
@@ -119,9 +120,7 @@ class LASS(nn.Module):
         if running is not None:
             return depthwise_conv2d(y, conv.weight, conv.bias, norm=running, activation='silu')
         if trains_with_batch_statistics(norm):
-            norm.num_batches_tracked.add_(1)
-            return batch_norm_2d(conv(y), norm.weight, norm.bias, norm.running_mean,
-                                 norm.running_var, norm.momentum, norm.eps, activation='silu')
+            return batch_norm_with_statistics(norm, conv(y), 'silu')
         return F.silu(self.dwconv(y))
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -5,7 +5,6 @@ from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from mmcv.cnn import ConvModule
 from mmseg.models.decode_heads.decode_head import BaseDecodeHead
 from mmseg.registry import MODELS
 from mmseg.utils import SampleList
@@ -13,7 +12,7 @@ from torch import Tensor, nn
 
 from ...ops import resize_bilinear
 from ...ops.dispatch import check_op_backends, with_op_backends
-from ..layers import SS2D, DenseConv2d, PointwiseConv2d, SegMANBlock
+from ..layers import SS2D, BatchNormActConvModule, DenseConv2d, PointwiseConv2d, SegMANBlock
 from ..strict_loading import refuse_mismatched_weights
 from ..cuda_graphs import CUDAGraphs
 from ..variants import arch_of, describe_widths, head_widths
@@ -82,11 +81,12 @@ class SegMANHead(BaseDecodeHead):
         def conv(in_ch, out_ch, kernel_size=1, pointwise_op=True, **kw):
             # convolutions run an op where the config names no conv_cfg (cuDNN builds an
             # execution plan for each new input shape, about 3 ms a convolution, H100): the
-            # 1x1 ones pointwise_conv2d where pointwise_op, the others dense_conv2d
+            # 1x1 ones pointwise_conv2d where pointwise_op, the others dense_conv2d; a
+            # training batch norm and its activation one op
             layer = PointwiseConv2d if pointwise_op and kernel_size == 1 else DenseConv2d
             conv_cfg = dict(type=layer) if self.conv_cfg is None else self.conv_cfg
-            return ConvModule(in_ch, out_ch, kernel_size, conv_cfg=conv_cfg,
-                              norm_cfg=self.norm_cfg, act_cfg=self.act_cfg, **kw)
+            return BatchNormActConvModule(in_ch, out_ch, kernel_size, conv_cfg=conv_cfg,
+                                          norm_cfg=self.norm_cfg, act_cfg=self.act_cfg, **kw)
 
         self.linear_c4 = LinearProjection(self.in_channels[3], p)
         self.linear_c3 = LinearProjection(self.in_channels[2], p)

@@ -1,11 +1,14 @@
 """The convolutions of SegMAN, each running its op (release keys unchanged)."""
 from typing import Optional
 
+from mmcv.cnn import ConvModule
 from torch import Tensor, nn
 
 from ...ops import dense_conv2d, depthwise_conv2d, pointwise_conv2d
+from ...ops.batch_norm import trains_with_batch_statistics
 from ...ops.depthwise_conv import RunningBatchNorm
 from ...ops.pointwise_conv import Residual
+from .norm import batch_norm_with_statistics, op_activation
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -81,22 +84,45 @@ class DenseConv2d(nn.Conv2d):
 
 class ConvNormSequence(nn.Sequential):
     """A ``Sequential`` of convolution, norm and activation layers (the release's keys: its
-    indices), run in order; in eval mode a :class:`DenseConv2d` takes the batch norm after it
-    and an exact GELU after that into its op (one pass on the fast path where they took
-    three)."""
+    indices), run in order. A batch norm after a :class:`DenseConv2d` runs with the exact GELU
+    after it (if one follows) as one op: in eval mode inside the convolution's op, in training
+    mode the batch norm's op (:func:`~.norm.batch_norm_with_statistics`); one pass on the fast
+    path where they took three."""
 
     def forward(self, x: Tensor) -> Tensor:
-        layers = list(self)
+        layers = list(self) + [None, None]
         i = 0
-        while i < len(layers):
-            layer = layers[i]
-            norm = RunningBatchNorm.in_eval(layers[i + 1]) if i + 1 < len(layers) else None
-            if not isinstance(layer, DenseConv2d) or norm is None:
+        while layers[i] is not None:
+            layer, norm, after = layers[i:i + 3]
+            running = RunningBatchNorm.in_eval(norm)
+            if not isinstance(layer, DenseConv2d) or (
+                    running is None and not trains_with_batch_statistics(norm)):
                 x = layer(x)
                 i += 1
                 continue
-            gelu = i + 2 < len(layers) and isinstance(layers[i + 2], nn.GELU) \
-                and layers[i + 2].approximate == 'none'
-            x = layer(x, norm, 'gelu' if gelu else None)
+            gelu = op_activation(after) == 'gelu'
+            activation = 'gelu' if gelu else None
+            if running is not None:
+                x = layer(x, running, activation)
+            else:
+                x = batch_norm_with_statistics(norm, layer(x), activation)
             i += 3 if gelu else 2
         return x
+
+
+class BatchNormActConvModule(ConvModule):
+    """mmcv's ``ConvModule`` (its keys and arguments) whose batch norm in training mode runs
+    with the activation after it as one op (:func:`~.norm.batch_norm_with_statistics`) where
+    its layers come in the order conv, norm, act and the ops have the activation (ReLU, SiLU,
+    the exact GELU, or none); otherwise, and in eval mode, ``ConvModule.forward``."""
+
+    def forward(self, x: Tensor, activate: bool = True, norm: bool = True) -> Tensor:
+        """``(B, C, H, W) -> (B, O, H', W')``."""
+        activation = op_activation(self.activate) if activate and self.with_activation else None
+        if not (norm and self.with_norm and tuple(self.order) == ('conv', 'norm', 'act')
+                and trains_with_batch_statistics(self.norm)) or (
+                    activate and self.with_activation and activation is None):
+            return super().forward(x, activate, norm)
+        if self.with_explicit_padding:
+            x = self.padding_layer(x)
+        return batch_norm_with_statistics(self.norm, self.conv(x), activation)

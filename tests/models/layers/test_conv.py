@@ -1,13 +1,19 @@
 """``PointwiseConv2d`` and ``DenseConv2d`` built as mmcv's ``ConvModule`` builds its
-convolution; ``ConvNormSequence`` hands a conv's eval batch norm and GELU to its op."""
+convolution; ``ConvNormSequence`` hands a conv's eval batch norm and GELU to its op, and in
+training the batch norm and the GELU to the batch norm's op, as ``BatchNormActConvModule``
+does with a ``ConvModule``'s norm and activation."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from mmcv.cnn import ConvModule
 from torch import nn
 
-from mmseg_segman.models.layers import ConvNormSequence, DenseConv2d, PointwiseConv2d
+from mmseg_segman.models.layers import (BatchNormActConvModule, ConvNormSequence, DenseConv2d,
+                                        PointwiseConv2d)
 from mmseg_segman.ops import use_backends
+from mmseg_segman.ops.batch_norm import _batch_norm_2d
 from mmseg_segman.ops.dense_conv import _dense_conv2d
 
 
@@ -75,10 +81,80 @@ def test_conv_norm_sequence_hands_eval_norms_and_gelus_to_the_op():
     out, calls = calls_of_the_op(sequence, x)
     assert calls == [(True, 'gelu'), (True, None)]
     torch.testing.assert_close(out, plain(x))
-    sequence.train()  # batch statistics: the norms run as modules
+    sequence.train()  # batch statistics: the norms run after the convolutions' op
     out, calls = calls_of_the_op(sequence, x)
     assert calls == [(False, None), (False, None)]
     torch.testing.assert_close(out, plain(x))
+
+
+def batch_norm_calls(module, x, *args):
+    """``module(x, *args)`` and the ``activation`` of each ``batch_norm_2d`` call."""
+    calls = []
+    reference = _batch_norm_2d.backends['torch'].fn
+
+    def recording(*inputs):
+        calls.append(inputs[-1])
+        return reference(*inputs)
+
+    with use_backends(batch_norm_2d=recording):
+        return module(x, *args), calls
+
+
+def assert_trains_as(module, twin, x, *args):
+    """Output, input and parameter gradients, running statistics and batch counts of
+    ``module`` in training mode those of ``twin`` (its copy, run by PyTorch's modules)."""
+    leaves = [x.clone().requires_grad_() for _ in range(2)]
+    outputs = [m(leaf, *args) for m, leaf in zip((module, twin), leaves)]
+    dy = torch.randn_like(outputs[0])
+    for out in outputs:
+        out.backward(dy)
+    torch.testing.assert_close(*outputs)
+    torch.testing.assert_close(leaves[0].grad, leaves[1].grad)
+    for (name, a), b in zip(module.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    for (name, a), b in zip(module.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_conv_norm_sequence_trains_its_norms_and_gelus_as_one_op():
+    sequence, _ = stem_like()
+    x = torch.randn(2, 3, 12, 10)
+    _, calls = batch_norm_calls(sequence, x)
+    assert calls == ['gelu', None]
+    assert int(sequence[1].num_batches_tracked) == 1
+    assert_trains_as(sequence, nn.Sequential(*copy.deepcopy(list(sequence))), x)
+    assert int(sequence[1].num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize('act_cfg,activation', [
+    (dict(type='ReLU'), 'relu'), (dict(type='GELU'), 'gelu'), (dict(type='SiLU'), 'silu'),
+    (None, None)])
+def test_conv_module_trains_its_norm_and_activation_as_one_op(act_cfg, activation):
+    torch.manual_seed(0)
+    module = BatchNormActConvModule(4, 6, 3, padding=1, conv_cfg=dict(type=DenseConv2d),
+                                    norm_cfg=dict(type='BN', momentum=0.2), act_cfg=act_cfg)
+    twin = ConvModule(4, 6, 3, padding=1, norm_cfg=dict(type='BN', momentum=0.2), act_cfg=act_cfg)
+    assert list(module.state_dict()) == list(twin.state_dict())
+    x = torch.randn(2, 4, 7, 5)
+    assert batch_norm_calls(module, x)[1] == [activation]
+    assert batch_norm_calls(module, x, False)[1] == [None]  # activate=False
+    assert batch_norm_calls(module, x, True, False)[1] == []  # norm=False: no norm at all
+    twin.load_state_dict(module.state_dict())
+    assert_trains_as(module, twin, x)
+    assert_trains_as(module, twin, x, False)
+
+
+@pytest.mark.parametrize('kwargs', [dict(act_cfg=dict(type='LeakyReLU')),
+                                    dict(order=('norm', 'conv', 'act'))])
+def test_conv_module_runs_other_layers_as_modules(kwargs):
+    torch.manual_seed(0)
+    module = BatchNormActConvModule(4, 4, 1, norm_cfg=dict(type='BN'), **kwargs)
+    twin = ConvModule(4, 4, 1, norm_cfg=dict(type='BN'), **kwargs)
+    x = torch.randn(2, 4, 3, 3)
+    assert batch_norm_calls(module, x)[1] == []
+    assert batch_norm_calls(module.eval(), x)[1] == []  # eval mode: the running statistics
+    twin.load_state_dict(module.state_dict())
+    assert_trains_as(module.train(), twin, x)
 
 
 def test_conv_norm_sequence_keeps_other_activations_and_the_release_keys():
