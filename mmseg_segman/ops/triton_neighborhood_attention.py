@@ -32,11 +32,13 @@ columns at the borders), ``dv = P^T dO``, ``dk = dS^T Q``. No atomics anywhere.
 
 Bias gradient. ``d rpb[h, a + i', b + j']`` sums ``dS`` over the batch and over all queries
 whose window offset is ``(a, b)`` and whose window sits at ``(i', j')`` relative to them.
-The ``dq`` program loops over the batch elements of its group and accumulates ``dS`` of each
-(query, window position) into its own rows of a float32 buffer ``G (heads, groups, H, W,
-k*k)`` (each element is written by one program only, so plain loads and stores suffice);
-three matrix products then fold ``G`` into the ``(heads, 2k-1, 2k-1)`` table
-(:func:`_fold_bias_grad`): deterministic, and no colliding atomics.
+The ``dq`` program takes the batch elements of its group two at a time, adds their ``dS`` of
+each (query, window position) in registers and writes the sum into its own rows of a float32
+buffer ``G (heads, groups, H, W, k*k)``, adding to them after the first pair (each element
+is written by one program only, so plain loads and stores suffice; the stores cost the
+kernel about as much as the rest of its work, so a pair halves them); three matrix products
+then fold ``G`` into the ``(heads, 2k-1, 2k-1)`` table (:func:`_fold_bias_grad`):
+deterministic, and no colliding atomics.
 
 Sizes and strides are runtime values (not specialised by Triton) but for the column strides,
 which depend on the layout and the head dim only: one compilation per (dtype, head dim, kernel
@@ -276,6 +278,41 @@ def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, 
     tl.store(lse_ptr + row, m_i + tl.log2(l_i), mask=q_ok)
 
 
+@triton.jit
+def _dq_element(q_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, batch, q_ok, head, heads, qy, qx,
+                height, width, sq_b, sq_h, sq_y, sq_x, sq_d, so_b, so_h, so_y, so_x, so_d,
+                sdo_b, sdo_h, sdo_y, sdo_x, sdo_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What the ``dq`` kernel keeps of batch element ``batch`` (int64) for its query tile:
+    ``q``, ``dO``, ``delta = rowsum(dO * O)`` (stored for the ``dk``/``dv`` kernel) and the
+    log-sum-exp; 0 where not ``q_ok``."""
+    q = _load_rows(q_ptr + batch * sq_b + head * sq_h, qy, qx, q_ok, sq_y, sq_x, sq_d, HEAD_DIM,
+                   BLOCK_D)
+    do = _load_rows(do_ptr + batch * sdo_b + head * sdo_h, qy, qx, q_ok, sdo_y, sdo_x, sdo_d,
+                    HEAD_DIM, BLOCK_D)
+    o = _load_rows(o_ptr + batch * so_b + head * so_h, qy, qx, q_ok, so_y, so_x, so_d, HEAD_DIM,
+                   BLOCK_D)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    row = (batch * heads + head) * height * width + qy * width + qx
+    tl.store(delta_ptr + row, delta, mask=q_ok)
+    return q, do, delta, tl.load(lse_ptr + row, mask=q_ok, other=0.0)
+
+
+@triton.jit
+def _dq_step(q, do, delta, lse, k_base, v_base, ky, kx, k_ok, column, qy, qx, wy, wx, span_h,
+             span_w, rpb_base, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, HEAD_DIM: tl.constexpr,
+             KERNEL: tl.constexpr, HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """One batch element's ``dS = P (dO V^T - delta)`` against the keys of box row ``ky`` at
+    columns ``kx``, its ``dS K`` and the flags of the pairs in a window."""
+    kt, s, valid = _key_row(q, k_base, ky, kx, k_ok, column, qy, qx, wy, wx, span_h, span_w,
+                            rpb_base, sk_y, sk_x, sk_d, HEAD_DIM, KERNEL, HAS_RPB, BLOCK_D,
+                            DOT_PRECISION)
+    p = tl.exp2(s - lse[:, None])
+    vt = _load_cols(v_base, ky, kx, k_ok, sv_y, sv_x, sv_d, HEAD_DIM, BLOCK_D)
+    ds = p * (tl.dot(do, vt, input_precision=DOT_PRECISION) - delta[:, None])
+    return ds, tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION), valid
+
+
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, g_ptr,
                       batch_size, batches_per_group, heads, height, width,
@@ -283,12 +320,14 @@ def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delt
                       sv_b, sv_h, sv_y, sv_x, sv_d, so_b, so_h, so_y, so_x, so_d,
                       sdo_b, sdo_h, sdo_y, sdo_x, sdo_d,
                       HEAD_DIM: tl.constexpr, KERNEL: tl.constexpr, HAS_RPB: tl.constexpr,
-                      STORE_G: tl.constexpr, ACCUMULATE_G: tl.constexpr,
+                      STORE_G: tl.constexpr, PAIRS: tl.constexpr,
                       TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``delta`` and ``dq`` of a query tile for the batch elements of group ``program_id(2)``;
-    ``O`` and ``dq`` share the strides ``so_*``. With ``STORE_G``, ``dS`` per (query, window
-    position) into ``G``, summed over the group's batch elements if ``ACCUMULATE_G``."""
+    """``delta`` and ``dq`` of a query tile for the batch elements of group ``program_id(2)``,
+    two at a time if ``PAIRS`` (the second masked past the group's end); ``O`` and ``dq``
+    share the strides ``so_*``. With ``STORE_G``, ``dS`` per (query, window position) into
+    ``G``, summed over the group's batch elements: the first step of the group writes it, the
+    others add to it."""
     head = tl.program_id(1)
     group = tl.program_id(2)
     qy, qx, q_ok, y0, x0 = _tile(height, width, TILE_H, TILE_W)
@@ -300,38 +339,52 @@ def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delt
     g_rows = ((head * tl.num_programs(2) + group).to(tl.int64) * height * width + qy * width + qx) \
         * KERNEL * KERNEL
     first = group * batches_per_group
-    for batch in range(first, tl.minimum(first + batches_per_group, batch_size)):
-        b64 = tl.cast(batch, tl.int64)
-        q = _load_rows(q_ptr + b64 * sq_b + head * sq_h, qy, qx, q_ok, sq_y, sq_x, sq_d,
-                       HEAD_DIM, BLOCK_D)
-        do = _load_rows(do_ptr + b64 * sdo_b + head * sdo_h, qy, qx, q_ok, sdo_y, sdo_x, sdo_d,
-                        HEAD_DIM, BLOCK_D)
-        o = _load_rows(o_ptr + b64 * so_b + head * so_h, qy, qx, q_ok, so_y, so_x, so_d,
-                       HEAD_DIM, BLOCK_D)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        row = (b64 * heads + head) * height * width + qy * width + qx
-        tl.store(delta_ptr + row, delta, mask=q_ok)
-        lse = tl.load(lse_ptr + row, mask=q_ok, other=0.0)
-        k_base = k_ptr + b64 * sk_b + head * sk_h
-        v_base = v_ptr + b64 * sv_b + head * sv_h
-        dq = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
+    last = tl.minimum(first + batches_per_group, batch_size)
+    for batch in range(first, last, 2 if PAIRS else 1):
+        b0 = tl.cast(batch, tl.int64)
+        q0, do0, delta0, lse0 = _dq_element(
+            q_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, b0, q_ok, head, heads, qy, qx, height, width,
+            sq_b, sq_h, sq_y, sq_x, sq_d, so_b, so_h, so_y, so_x, so_d, sdo_b, sdo_h, sdo_y, sdo_x,
+            sdo_d, HEAD_DIM, BLOCK_D)
+        k0 = k_ptr + b0 * sk_b + head * sk_h
+        v0 = v_ptr + b0 * sv_b + head * sv_h
+        dq0 = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
+        if PAIRS:
+            # the pair's second element: the group's last where there is none (its loads masked)
+            has_b1 = batch + 1 < last
+            b1 = tl.cast(tl.minimum(batch + 1, last - 1), tl.int64)
+            q1, do1, delta1, lse1 = _dq_element(
+                q_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, b1, q_ok & has_b1, head, heads, qy, qx,
+                height, width, sq_b, sq_h, sq_y, sq_x, sq_d, so_b, so_h, so_y, so_x, so_d, sdo_b,
+                sdo_h, sdo_y, sdo_x, sdo_d, HEAD_DIM, BLOCK_D)
+            k1 = k_ptr + b1 * sk_b + head * sk_h
+            v1 = v_ptr + b1 * sv_b + head * sv_h
+            dq1 = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
         for c0 in range(0, box_w, BLOCK_N):
             kx, k_ok, column = _key_columns(left, c0, box_w, wx, q_ok, BLOCK_N)
             for ky in range(top, top + box_h):
-                kt, s, valid = _key_row(q, k_base, ky, kx, k_ok, column, qy, qx, wy, wx, span_h,
-                                        span_w, rpb_base, sk_y, sk_x, sk_d, HEAD_DIM, KERNEL,
-                                        HAS_RPB, BLOCK_D, DOT_PRECISION)
-                p = tl.exp2(s - lse[:, None])
-                vt = _load_cols(v_base, ky, kx, k_ok, sv_y, sv_x, sv_d, HEAD_DIM, BLOCK_D)
-                ds = p * (tl.dot(do, vt, input_precision=DOT_PRECISION) - delta[:, None])
-                dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+                ds, dq_step, valid = _dq_step(
+                    q0, do0, delta0, lse0, k0, v0, ky, kx, k_ok, column, qy, qx, wy, wx, span_h,
+                    span_w, rpb_base, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, HEAD_DIM, KERNEL,
+                    HAS_RPB, BLOCK_D, DOT_PRECISION)
+                dq0 += dq_step
+                if PAIRS:  # (dS of a missing element is 0: its dO and delta are)
+                    ds1, dq_step1, _ = _dq_step(
+                        q1, do1, delta1, lse1, k1, v1, ky, kx, k_ok & has_b1, column, qy, qx, wy,
+                        wx, span_h, span_w, rpb_base, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d,
+                        HEAD_DIM, KERNEL, HAS_RPB, BLOCK_D, DOT_PRECISION)
+                    dq1 += dq_step1
+                    ds += ds1
                 if STORE_G:
                     g = g_ptr + (g_rows + (ky - wy) * KERNEL)[:, None] + column
-                    if ACCUMULATE_G:
+                    if batch > first:
                         ds += tl.load(g, mask=valid, other=0.0)
                     tl.store(g, ds, mask=valid)
-        _store_rows(dq_ptr + b64 * so_b + head * so_h, dq.to(dq_ptr.dtype.element_ty), qy, qx, q_ok,
-                    so_y, so_x, so_d, HEAD_DIM, BLOCK_D)
+        _store_rows(dq_ptr + b0 * so_b + head * so_h, dq0.to(dq_ptr.dtype.element_ty), qy, qx,
+                    q_ok, so_y, so_x, so_d, HEAD_DIM, BLOCK_D)
+        if PAIRS:
+            _store_rows(dq_ptr + b1 * so_b + head * so_h, dq1.to(dq_ptr.dtype.element_ty), qy, qx,
+                        q_ok & has_b1, so_y, so_x, so_d, HEAD_DIM, BLOCK_D)
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
@@ -387,6 +440,15 @@ def _na_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, lse_ptr, delta_ptr
 
 
 G_BUDGET = 1 << 24  # float32 elements of the bias-gradient buffer G
+
+
+def _batches_per_group(batch: int, per_group: int) -> int:
+    """Batch elements a ``dq`` program takes in turn where it writes the bias gradient's
+    ``G``: as few as keep ``G`` (``per_group`` elements a group) within :data:`G_BUDGET`, in
+    pairs (two summed in registers before ``G`` is written: SegMAN-L's stage-1 ``dq`` 1143 ->
+    795 us on an H200, docs/benchmarks.md)."""
+    fewest = math.ceil(batch / max(1, min(batch, G_BUDGET // per_group)))
+    return min(batch, fewest + fewest % 2)
 
 
 def box_columns(tile_w: int, kernel_size: int) -> int:
@@ -504,11 +566,11 @@ def _na2d_backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: 
     dq, dk, dv = (empty_channels_first(t) for t in (q, k, v))
     delta = torch.empty_like(lse)
     store_g = rpb is not None and rpb_grad
-    per_group = heads * height * width * kernel_size ** 2
-    batches_per_group = math.ceil(batch / max(1, min(batch, G_BUDGET // per_group))) if store_g else 1
+    batches_per_group = _batches_per_group(batch, heads * height * width * kernel_size ** 2) \
+        if store_g else 1
     groups = math.ceil(batch / batches_per_group)
-    # every element is written unless G accumulates or a window is cut to a short axis
-    covered = batches_per_group == 1 and min(height, width) >= kernel_size
+    # every element is written but where a window is cut to a short axis
+    covered = min(height, width) >= kernel_size
     g = (torch.empty if covered else torch.zeros)(
         heads, groups if store_g else 0, height, width, kernel_size, kernel_size,
         dtype=torch.float32, device=q.device)
@@ -517,7 +579,7 @@ def _na2d_backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: 
     launch(_na_bwd_dq_kernel, (_tiles(height, width, dq_blocks), heads, groups),
            q, k, v, rpb_arg, out, grad_out, lse, delta, dq, g, batch, batches_per_group, heads,
            height, width, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-           *grad_out.stride(), STORE_G=store_g, ACCUMULATE_G=batches_per_group > 1,
+           *grad_out.stride(), STORE_G=store_g, PAIRS=batches_per_group > 1,
            BLOCK_N=dq_blocks.columns, **common, **_launch(dq_blocks))
     launch(_na_bwd_dkdv_kernel, (_tiles(height, width, dkdv_blocks), batch * heads),
            q, k, v, rpb_arg, grad_out, lse, delta, dk, dv, heads, height, width,

@@ -158,7 +158,7 @@ def test_neighborhood_attention_kernels_compile(activation, head_dim, kernel_siz
                             **tna.forward_step(fwd, kernel_size), **common)
     assert compile_for_h100(tna._na_bwd_dq_kernel, activation, NA_FLOAT32_POINTERS,
                             dq.num_warps, dq.num_stages,
-                            STORE_G=True, ACCUMULATE_G=True, TILE_H=dq.tile_h, TILE_W=dq.tile_w,
+                            STORE_G=True, PAIRS=True, TILE_H=dq.tile_h, TILE_W=dq.tile_w,
                             BLOCK_N=dq.columns, **common)
     assert compile_for_h100(tna._na_bwd_dkdv_kernel, activation, NA_FLOAT32_POINTERS,
                             dkdv.num_warps, dkdv.num_stages,

@@ -2,7 +2,7 @@
 
 Values and gradients (q, k, v, rpb) run in Triton's CPU interpreter, in a subprocess since
 ``TRITON_INTERPRET=1`` must be set before Triton is imported: odd sizes, maps smaller than
-the window, batch 1, strided inputs, several batch groups of the bias gradient. Sizes are
+the window, batch 1, strided inputs, batch groups and pairs of the bias gradient. Sizes are
 small (the interpreter runs every program in Python) and the tiles too, so that a map spans
 several tiles. float16 stands in for the 16-bit types: bfloat16 runs in the GPU check
 (``tools/gpu_checks/check_neighborhood_attention.py``), since in Triton 3.8's interpreter our
@@ -101,13 +101,19 @@ def interpreter_checks():
     errors = relative_errors(CASES[0], torch.float16)
     print('float16', ['%.1e' % e for e in errors], flush=True)
     assert max(errors) < 5e-3, errors
-    # the bias gradient summed over batch groups: one group of 2 batch elements, as two groups
-    budget, tna.G_BUDGET = tna.G_BUDGET, 1
-    try:
-        grouped = relative_errors(CASES[0], torch.float32)
-    finally:
-        tna.G_BUDGET = budget
-    assert max(grouped) < 1e-5, grouped
+    # the bias gradient over batch groups and pairs (G's budget in elements; CASES[0]'s G
+    # takes 4950 a group): 3 elements as two groups of a pair, the second pair's second
+    # element missing; 5 as one group (pairs added to G, the last one's second missing); 4
+    # as two groups of a pair
+    budget = tna.G_BUDGET
+    for batch, g_budget in ((3, budget), (5, 1), (4, 2 * 4950)):
+        tna.G_BUDGET = g_budget
+        try:
+            grouped = relative_errors((batch, ) + CASES[0][1:], torch.float32)
+        finally:
+            tna.G_BUDGET = budget
+        print(f'batch {batch}, G budget {g_budget}', ['%.1e' % e for e in grouped], flush=True)
+        assert max(grouped) < 1e-5, grouped
     # the dispatcher picks the Triton backend for these inputs under the interpreter
     q = torch.randn(1, 1, 5, 5, 16)
     assert na._neighborhood_attention.select(q, q, q, 3, None) == 'triton'

@@ -146,7 +146,7 @@ def rope_case(batch, heads, height, width, dim, scale=1.0):
 CASES = [
     na_case(2, 4, 64, 64, 24, 11), na_case(2, 3, 37, 45, 20, 9), na_case(1, 2, 13, 9, 36, 7),
     na_case(2, 2, 5, 19, 28, 7), na_case(1, 4, 6, 4, 32, 11), na_case(2, 8, 16, 16, 24, 7),
-    na_case(2, 4, 33, 21, 32, 9, rpb=False),
+    na_case(2, 4, 33, 21, 32, 9, rpb=False), na_case(5, 2, 24, 20, 24, 7),  # the dq kernel's pairs
     attention_case(2, 8, 256, 24), attention_case(2, 13, 63, 28), attention_case(1, 20, 35, 28),
     attention_case(2, 4, 77, 32, bias=False),
     scan_case(2, 64, 32, 32), scan_case(1, 36, 7, 13), scan_case(2, 96, 16, 23), scan_case(1, 17, 1, 5),
