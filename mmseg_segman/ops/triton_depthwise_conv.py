@@ -46,8 +46,10 @@ class ConvolutionTile(NamedTuple):
 # of the best of 14 shapes at SegMAN-B's and -L's sizes, batch 16
 CONVOLUTION_TILE = ConvolutionTile(256, 2, 32)
 # weight-gradient programs: k -> (tile elements, rows a block), 4 warps; chosen on an H100
-# (docs/benchmarks.md): 3.2-6.3x the kernel they replaced at SegMAN-B's and -L's sizes
-WEIGHT_GRADIENT_TILES = {3: (128, 3), 5: (128, 2)}
+# (docs/benchmarks.md): 3.2-6.3x the kernel they replaced at SegMAN-B's and -L's sizes; 3x3 in
+# blocks of 2 rows since an H200 sweep at SegMAN-L's training sizes (FFN's at stage 1 135 ->
+# 116 us, the best or within 5% of it of nine shapes at every 3x3 size)
+WEIGHT_GRADIENT_TILES = {3: (128, 2), 5: (128, 2)}
 WEIGHT_GRADIENT_TILE_OTHER_K = (128, 1)
 WEIGHT_GRADIENT_PROGRAMS = 2048  # about: (batch, column) tiles x row bands x channels
 WEIGHT_GRADIENT_MIN_BAND = 8  # rows
