@@ -282,6 +282,9 @@ def main():
     # a pixel count that is a multiple of 8 (ALIGN 8), over one 256-pixel tile
     check(1, 20, 36, 16, 20, torch.float32, 1e-5, activation='gelu', residual='scaled')
     check(2, 5, 7, 3, 4, torch.float32, 1e-5, activation='gelu', residual='scaled')
+    # the input gradient's product over two output tiles and two pixel tiles
+    check(2, 140, 20, 16, 20, torch.float32, 1e-5, residual='scaled')
+    check(1, 140, 20, 16, 20, torch.float32, 1e-5, activation='gelu')
     check(1, 40, 70, 9, 17, torch.float16, 2e-2, activation='gelu')
     check(1, 40, 70, 9, 17, torch.float16, 2e-2, residual='scaled')
     check_float32_weight_with_half_map()

@@ -25,7 +25,10 @@ It graphs a call only where that is exact and safe, and else runs the forward ea
 
 The capture runs the forward and backward three times eagerly first (Triton's
 compilations, cuBLAS's and cuDNN's choices); the running statistics those steps change are
-put back. The graph's memory (the activations its backward keeps) stays
+put back. The forward runs under the caller's autocast, the backward without autocast, as
+eager training's backward runs (mmengine's ``AmpOptimWrapper`` calls it outside): under it,
+the backward's own operations were autocast too (the attention's bias-gradient fold ran in
+bfloat16, after casting its float32 buffer, docs/benchmarks.md). The graph's memory (the activations its backward keeps) stays
 reserved between steps; each call's inputs are copied into the graph's own; the outputs of a
 replay are overwritten by the next one.
 """
@@ -38,10 +41,18 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
+from ...ops.dispatch import autocast_off
 from .common import (GraphLog, addresses, capture_autocast, capture_failed, copy_into, describe,
                      eager_only, modes, signature, synchronises, unsupported)
 
 WARMUP_STEPS = 3
+
+
+def _backward(outputs: List[Tensor], inputs: List[Tensor],
+              grad_outputs: List[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """The gradients of ``inputs`` (None where unused), autocast off as in eager training."""
+    with autocast_off('cuda'):
+        return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
 
 
 class _GraphedStep:
@@ -72,8 +83,7 @@ class _GraphedStep:
             with torch.cuda.stream(self.stream):
                 for _ in range(WARMUP_STEPS):
                     outputs = [o for o in tree_leaves(forward(*samples)) if o.requires_grad]
-                    torch.autograd.grad(outputs, differentiable,
-                                        [torch.empty_like(o) for o in outputs], allow_unused=True)
+                    _backward(outputs, differentiable, [torch.empty_like(o) for o in outputs])
                 del outputs
             torch.cuda.synchronize()
             # the warm-up's memory back to the device: the graphs' pool cannot use it, and the
@@ -87,9 +97,8 @@ class _GraphedStep:
             self.grad_outputs = [torch.empty_like(o) if o.requires_grad else None
                                  for o in self.outputs]
             with torch.cuda.graph(self.backward_graph, **capture):
-                grads = iter(torch.autograd.grad(
-                    [o for o in self.outputs if o.requires_grad], differentiable,
-                    [g for g in self.grad_outputs if g is not None], allow_unused=True))
+                grads = iter(_backward([o for o in self.outputs if o.requires_grad], differentiable,
+                                       [g for g in self.grad_outputs if g is not None]))
             self.grads = [next(grads) if t.requires_grad else None for t in surface]
         self.param_grads = [(p, g) for p, g in zip(self.params, self.grads[len(samples):])
                             if g is not None]

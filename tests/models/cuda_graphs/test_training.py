@@ -258,6 +258,34 @@ def test_chained_graphs_give_eager_gradients_and_sums_on_the_gpu():
         assert torch.equal(x, before)
 
 
+def test_the_captured_backward_runs_without_autocast():
+    """The warm-up's and the capture's backward passes run with autocast off, as eager
+    training's (outside the autocast that the forward and ``torch.autograd.grad`` itself
+    would pass on to a backward's own operations)."""
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(torch.is_autocast_enabled('cuda'))
+            return g * 2
+
+    x = torch.randn(3, requires_grad=True)
+    enabled = torch.is_autocast_enabled('cuda')
+    torch.set_autocast_enabled('cuda', True)  # a flag of the thread: no GPU needed
+    try:
+        torch.autograd.grad([Probe.apply(x)], [x], [torch.ones(3)])
+        (grad, ) = tg._backward([Probe.apply(x)], [x], [torch.ones(3)])
+    finally:
+        torch.set_autocast_enabled('cuda', enabled)
+    assert seen == [True, False]
+    torch.testing.assert_close(grad, torch.full((3, ), 2.0))
+
+
 def test_a_capture_sees_fresh_leaves_that_share_the_parameters_memory():
     module = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)).train()
     module[2].weight = module[0].weight  # one parameter in two modules
