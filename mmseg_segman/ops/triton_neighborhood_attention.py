@@ -445,8 +445,8 @@ G_BUDGET = 1 << 24  # float32 elements of the bias-gradient buffer G
 def _batches_per_group(batch: int, per_group: int) -> int:
     """Batch elements a ``dq`` program takes in turn where it writes the bias gradient's
     ``G``: as few as keep ``G`` (``per_group`` elements a group) within :data:`G_BUDGET`, in
-    pairs (two summed in registers before ``G`` is written: SegMAN-L's stage-1 ``dq`` 1143 ->
-    795 us on an H200, docs/benchmarks.md)."""
+    pairs (two summed in registers before ``G`` is written: SegMAN-L's stage-1 ``dq`` 1189 ->
+    855 us on an H200, docs/benchmarks.md)."""
     fewest = math.ceil(batch / max(1, min(batch, G_BUDGET // per_group)))
     return min(batch, fewest + fewest % 2)
 
