@@ -28,9 +28,9 @@ compilations, cuBLAS's and cuDNN's choices); the running statistics those steps 
 put back. The forward runs under the caller's autocast, the backward without autocast, as
 eager training's backward runs (mmengine's ``AmpOptimWrapper`` calls it outside): under it,
 the backward's own operations were autocast too (the attention's bias-gradient fold ran in
-bfloat16, after casting its float32 buffer, docs/benchmarks.md). The graph's memory (the activations its backward keeps) stays
-reserved between steps; each call's inputs are copied into the graph's own; the outputs of a
-replay are overwritten by the next one.
+bfloat16, after casting its float32 buffer, docs/benchmarks.md). The graph's memory (the
+activations its backward keeps) stays reserved between steps; each call's inputs are copied
+into the graph's own; the outputs of a replay are overwritten by the next one.
 """
 import weakref
 from contextlib import contextmanager
