@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from ...ops.pointwise_conv import Residual
 from .conv import DepthwiseConv2d, PointwiseConv2d
+from .norm import op_activation
 from .recompute import recomputed_for_backward
 
 
@@ -22,8 +23,7 @@ class ConvFFN(nn.Module):
         self.act = build_activation_layer(act_cfg)
         self.dwconv = DepthwiseConv2d(ffn_dim, 3, residual=True)
         self.fc2 = PointwiseConv2d(ffn_dim, embed_dim)
-        self.fused_activation = 'gelu' if type(self.act) is nn.GELU and self.act.approximate == 'none' \
-            else None
+        self.fused_activation = 'gelu' if op_activation(self.act) == 'gelu' else None
 
     def forward(self, x: Tensor, residual: Optional[Residual] = None) -> Tensor:
         """``(B, C, H, W) -> (B, C, H, W)``, then ``residual.add_to`` (inside ``fc2``'s op)."""

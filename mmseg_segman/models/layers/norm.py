@@ -23,8 +23,8 @@ class LayerNorm2d(nn.LayerNorm):
 
 def op_activation(module: Optional[nn.Module]) -> Optional[str]:
     """The name the ops give ``module`` (``'silu'``, ``'relu'``, ``'gelu'`` for the exact
-    GELU), or None where they have none for it."""
-    if isinstance(module, nn.GELU):
+    GELU), or None where they have none for it (a subclass may compute another function)."""
+    if type(module) is nn.GELU:
         return 'gelu' if module.approximate == 'none' else None
     return {nn.SiLU: 'silu', nn.ReLU: 'relu'}.get(type(module))
 
