@@ -69,3 +69,20 @@ def test_pack_keeps_only_the_kernels_keep_accepts(tmp_path):
         assert {name.split('/')[0] for name in tar.getnames()} == {'A'}
     assert kernels == 1
     assert {'_dense_conv_kernel', '_pw_fwd_kernel', '_rope_kernel'} <= package_kernels()
+
+
+def test_pack_read_since_keeps_only_the_kernels_read_since(tmp_path):
+    """``--read-since``: a kernel whose group file was last read before then (an older
+    version of a changed kernel, unpacked from the last pack) is left out."""
+    import os
+    cache = tmp_path / 'cache'
+    cache.mkdir()
+    for key in ('OLD', 'USED'):
+        _kernel(cache, key, '_k', '/tmp/triton-cache')
+    group = cache / 'OLD' / '__grp___k.json'
+    os.utime(group, (1, group.stat().st_mtime))
+    kernels, _ = pack(cache, str(tmp_path / 'piece-'), read_since=1000)
+    data = b''.join(p.read_bytes() for p in sorted(tmp_path.glob('piece-*')))
+    with tarfile.open(fileobj=io.BytesIO(data), mode='r:gz') as tar:
+        assert {name.split('/')[0] for name in tar.getnames()} == {'USED'}
+    assert kernels == 1

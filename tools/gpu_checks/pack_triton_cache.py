@@ -16,7 +16,12 @@ to be unpacked where the cache was (the group files hold absolute paths):
 Only the kernels that ``mmseg_segman/ops`` defines are packed (``--all``: every kernel): the
 kernels that inductor generates for a compiled model, and those of probes run beside the
 package, took 11% of the cache and pushed what a call carries towards its 64 MiB
-(twenty-fourth session).
+(twenty-fourth session). The unpacked cache also keeps every older version of a kernel that
+was changed since, so the pack grew by each session's work; ``--read-since EPOCH`` packs only
+the kernels whose group file was read or written since then (its access time), the kernels a
+call used: ``setup_device.sh`` dates every unpacked file's access time back to 1970, and a
+file read later gets the time of its reading (Linux's default ``relatime`` mount updates an
+access time older than the file's modification).
 """
 import argparse
 import io
@@ -72,15 +77,18 @@ class Pieces(io.RawIOBase):
         super().close()
 
 
-def kernel_files(entry: Path, keep: Optional[Callable[[str], bool]] = None) -> dict:
+def kernel_files(entry: Path, keep: Optional[Callable[[str], bool]] = None,
+                 read_since: Optional[float] = None) -> dict:
     """``{name in the archive: bytes}`` of one cache entry (a directory): a kernel's group
     files rewritten to name only the kept files, and the kept files themselves; a compiled
     launcher or Triton's CUDA utilities (``.so``) as they are. A kernel whose compilation was
-    cut off (no group file, or one naming a missing file), or whose name ``keep`` refuses, is
-    left out."""
+    cut off (no group file, or one naming a missing file), whose name ``keep`` refuses, or whose
+    group file was last read before ``read_since`` (seconds since the epoch), is left out."""
     files = {f'{entry.name}/{so.name}': so.read_bytes() for so in entry.glob('*.so')}
     for group in entry.glob('__grp__*.json'):
         if keep is not None and not keep(group.name[len('__grp__'):-len('.json')]):
+            continue
+        if read_since is not None and group.stat().st_atime < read_since:
             continue
         paths = json.loads(group.read_text()).get('child_paths') or {}
         kept = {name: path for name, path in paths.items() if name.endswith(KEPT_SUFFIXES)}
@@ -95,15 +103,16 @@ def kernel_files(entry: Path, keep: Optional[Callable[[str], bool]] = None) -> d
 
 
 def pack(cache: Path, prefix: str, piece_bytes: int = PIECE_BYTES,
-         keep: Optional[Callable[[str], bool]] = None) -> Tuple[int, int]:
+         keep: Optional[Callable[[str], bool]] = None,
+         read_since: Optional[float] = None) -> Tuple[int, int]:
     """Write the kept files of every entry of ``cache`` (of the kernels ``keep`` accepts by
-    name, all if None) as pieces of ``piece_bytes``; returns the number of kernels and of
-    pieces."""
+    name, all if None; read since ``read_since``, all if None: :func:`kernel_files`) as pieces
+    of ``piece_bytes``; returns the number of kernels and of pieces."""
     kernels = 0
     with Pieces(prefix, piece_bytes) as pieces:
         with tarfile.open(fileobj=pieces, mode='w:gz') as tar:
             for entry in sorted(p for p in cache.iterdir() if p.is_dir()):
-                files = kernel_files(entry, keep)
+                files = kernel_files(entry, keep, read_since)
                 kernels += any(name.endswith('.cubin') for name in files)
                 for name, data in sorted(files.items()):
                     info = tarfile.TarInfo(name)
@@ -118,9 +127,13 @@ def main() -> None:
     parser.add_argument('prefix', help='the pieces are written as <prefix>00, <prefix>01, ...')
     parser.add_argument('--all', action='store_true',
                         help='every kernel, not only those mmseg_segman/ops defines')
+    parser.add_argument('--read-since', type=float, metavar='EPOCH',
+                        help='only the kernels whose group file was read or written since '
+                             'then (seconds since the epoch, as date +%%s prints)')
     args = parser.parse_args()
     kernels, count = pack(args.cache, args.prefix,
-                          keep=None if args.all else package_kernels().__contains__)
+                          keep=None if args.all else package_kernels().__contains__,
+                          read_since=args.read_since)
     print(f'{kernels} kernels in {count} pieces {args.prefix}*')
 
 

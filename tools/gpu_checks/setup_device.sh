@@ -12,7 +12,9 @@
 # (made by: tar -czf - -C /tmp/inductor-cache . | split -b 15M -d - $OUT/inductor-cache.tgz.part-),
 # and Triton's compiled kernels (SegMAN's own, minutes to compile on a cold machine) in
 # .whl/triton-cache.tgz.part-* from /tmp/triton-cache (made by:
-# python3 tools/gpu_checks/pack_triton_cache.py /tmp/triton-cache $OUT/triton-cache.tgz.part-).
+# python3 tools/gpu_checks/pack_triton_cache.py /tmp/triton-cache $OUT/triton-cache.tgz.part-
+# --read-since $START, START the call's start in seconds since the epoch: only the kernels
+# the call used).
 set -e
 SITE=/tmp/site
 mkdir -p "$SITE"
@@ -57,6 +59,9 @@ for cache in inductor triton; do
     if ls .whl/$cache-cache.tgz.part-* >/dev/null 2>&1; then
         mkdir -p /tmp/$cache-cache
         cat .whl/$cache-cache.tgz.part-* | tar -xzf - -C /tmp/$cache-cache
+        # accessed in 1970: a kernel read in this call gets a new access time, which
+        # pack_triton_cache.py --read-since sees
+        find /tmp/$cache-cache -type f -exec touch -a -d @1 {} +
     fi
 done
 python3 -c 'import mmcv.ops, mmseg, torch; print("[setup_device] mmcv", mmcv.__version__, "mmseg", mmseg.__version__, "torch", torch.__version__, torch.cuda.get_device_name())'
