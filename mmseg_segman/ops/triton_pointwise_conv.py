@@ -11,7 +11,11 @@ convolution), the GELU and the residual adds 8% more. One program here owns a
 ``BLOCK_O x BLOCK_P`` tile of outputs of one batch element and walks the input channels in
 steps of ``BLOCK_K`` on the tensor cores (float32 accumulation; float32 maps in TF32 where
 cuDNN's convolutions are, :func:`~.triton_jit.conv_dot_precision`); programs of one pixel tile
-are launched together, so its input is read from the cache by all but the first. The weight
+are launched together, so its input is read from the cache by all but the first. For 16-bit
+maps of at most 128 channels (the first stages) a program instead keeps its tile of the whole
+weight and walks pixel tiles of every batch element, the next tiles' inputs loaded while it
+multiplies (``resident``, :func:`launch_config`): with two or three steps of ``BLOCK_K`` a
+tile, the pipeline never filled. The weight
 is read in its own dtype and rounded to the map's in the tile, as autocast rounds it: eagerly
 the float32 parameter, with no cast launched (eager inference is bound by the host's time);
 compiled inference passes it cast (:mod:`.pointwise_conv`). The GELU's erf is a rational
@@ -39,6 +43,7 @@ time only where the channel count is known to be a multiple of 16, docs/benchmar
 most four compilations per (dtype, epilogue, launch shape). ``torch.compile`` traces the
 kernels as custom ops (:data:`POINTWISE_CONV2D`, a :class:`~.triton_jit.TritonAutogradOp`).
 """
+import functools
 import os
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
@@ -49,7 +54,7 @@ from torch import Tensor
 
 from .dispatch import cast
 from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, conv_dot_precision,
-                         jit_with_runtime_ints, launch, records_autograd)
+                         jit_with_runtime_ints, launch, next_power_of_2, records_autograd)
 
 # the pixel count changes with the input size: a runtime int, aligned by ALIGN (specialised by
 # Triton on being a multiple of 16, it compiled the kernels again at 16x16 maps after 15x15
@@ -63,24 +68,45 @@ _INTERPRETED = tl.constexpr(os.environ.get('TRITON_INTERPRET') == '1')
 
 
 class Config(NamedTuple):
-    """Launch shape: a ``block_o x block_p`` output tile, ``block_k`` input channels a step."""
+    """Launch shape: a ``block_o x block_p`` output tile, ``block_k`` input channels a step;
+    ``resident`` (0 or 1): all the input channels in one step (``block_k`` at least their
+    count), each program keeping its weight tile and walking pixel tiles of every batch element
+    (:data:`RESIDENT_PROGRAMS_PER_SM` programs a multiprocessor)."""
     block_o: int
     block_p: int
     block_k: int
     num_warps: int
     num_stages: int
+    resident: int = 0
+
+
+# the most input channels a resident program takes in one step, and its programs a
+# multiprocessor
+RESIDENT_MAX_CHANNELS = 128
+RESIDENT_PROGRAMS_PER_SM = 2
 
 
 def launch_config(channels: int, out_channels: int, pixels: int, element_size: int = 2) -> Config:
     """The launch shape for a product of ``out_channels x channels`` by ``channels x pixels``
-    of ``element_size``-byte numbers: 64 x 128 tiles with 4 warps where there are at most 64
-    output channels (SegMAN-T's first stage), else 128 x 256 with 8; 64 channels a step, 32
-    for float32 (whose pipelined tiles would not fit an H100's 227 KiB of shared memory). For
-    16-bit inputs the fastest, or within 10% of it, of the shapes
-    ``tools/gpu_checks/check_pointwise_conv.py --sweep`` tried for SegMAN-T's and -L's layers
-    on an H200 (docs/benchmarks.md)."""
+    of ``element_size``-byte numbers. For 16-bit inputs of at most
+    :data:`RESIDENT_MAX_CHANNELS` channels, resident programs of 128 x 64 tiles (64 x 64 for at
+    most 64 output channels) with 4 warps, three tiles in flight: SegMAN-L's first-stage 1x1
+    kernels took 690 -> 530 us a training block at batch 8 on an H200 (docs/benchmarks.md). Else 64 x 128 tiles with 4
+    warps where there are at most 64 output channels (SegMAN-T's first stage), or 128 x 256
+    with 8; 64 channels a step, 32 for float32 (whose pipelined tiles would not fit an H100's
+    227 KiB of shared memory). For 16-bit inputs the fastest, or within 10% of it, of the
+    shapes ``tools/gpu_checks/check_pointwise_conv.py --sweep`` tried for SegMAN-T's and -L's
+    layers on an H200 (docs/benchmarks.md)."""
+    if element_size == 2 and channels <= RESIDENT_MAX_CHANNELS:
+        return Config(64 if out_channels <= 64 else 128, 64, max(16, next_power_of_2(channels)),
+                      4, 3, resident=1)
     config = Config(64, 128, 64, 4, 4) if out_channels <= 64 else Config(128, 256, 64, 8, 3)
     return config._replace(block_k=32) if element_size > 2 else config
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit
@@ -111,38 +137,25 @@ def _normal_cdf_and_density(x):
     return tl.where(x < 0, tail, 1.0 - tail), density
 
 
-@jit_with_runtime_ints(_RUNTIME_INTS)
-def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, shortcut_ptr, scale_ptr, shift_ptr, sample_ptr,
-                   grad_ptr, out_ptr, channels, out_channels, pixels, sw_o, sw_k,
-                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GELU_GRAD: tl.constexpr,
-                   HAS_SHORTCUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                   HAS_SAMPLE: tl.constexpr, SCALE_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-                   ALIGN: tl.constexpr):
-    """``out[b] = epilogue(W x[b])`` for ``W (out_channels, channels)`` at strides
-    ``(sw_o, sw_k)``, its columns times ``scale`` if ``SCALE_K``. Epilogue, in order: ``+ bias``;
-    then either ``GELU`` and ``* scale``, ``+ shift``, ``* sample[b]``, ``+ shortcut``, or
-    (``GELU_GRAD``) ``grad * GELU'(.) * scale * sample[b]``, the gradient before the GELU.
-    ``pixels`` (a runtime int) is a multiple of ``ALIGN``."""
-    pixels = aligned(pixels, ALIGN)
-    o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    b = tl.program_id(2).to(tl.int64)
-    o_ok = o < out_channels
-    p_ok = p < pixels
-    x_base = x_ptr + b * channels * pixels
-    acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=tl.float32)
-    for k0 in range(0, channels, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < channels
-        w = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k,
-                    mask=o_ok[:, None] & k_ok[None, :], other=0.0)
-        if SCALE_K:
-            column_scale = tl.load(scale_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            w = w.to(tl.float32) * column_scale[None, :]
-        x = tl.load(x_base + k[:, None] * pixels + p[None, :], mask=k_ok[:, None] & p_ok[None, :],
-                    other=0.0)
-        acc = tl.dot(w.to(x.dtype), x, acc, input_precision=DOT_PRECISION)
+@triton.jit
+def _weight_tile(w_ptr, scale_ptr, o, k, o_ok, k_ok, sw_o, sw_k, dtype: tl.constexpr,
+                 SCALE_K: tl.constexpr):
+    """``W[o, k]`` (its columns times ``scale`` if ``SCALE_K``) in ``dtype``."""
+    w = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k, mask=o_ok[:, None] & k_ok[None, :],
+                other=0.0)
+    if SCALE_K:
+        column_scale = tl.load(scale_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        w = w.to(tl.float32) * column_scale[None, :]
+    return w.to(dtype)
+
+
+@triton.jit
+def _epilogue(acc, b, o, p, o_ok, p_ok, out_channels, pixels, bias_ptr, shortcut_ptr, scale_ptr,
+              shift_ptr, sample_ptr, grad_ptr, out_ptr, HAS_BIAS: tl.constexpr,
+              GELU: tl.constexpr, GELU_GRAD: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
+              HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SAMPLE: tl.constexpr):
+    """:func:`_pw_fwd_kernel`'s epilogue of the float32 product ``acc`` of output channels
+    ``o`` and pixels ``p`` of batch element ``b``, stored."""
     offsets = b * out_channels * pixels + o[:, None] * pixels + p[None, :]
     ok = o_ok[:, None] & p_ok[None, :]
     if HAS_BIAS:
@@ -163,6 +176,60 @@ def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, shortcut_ptr, scale_ptr, shift_ptr, s
     if HAS_SHORTCUT:
         acc += tl.load(shortcut_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@jit_with_runtime_ints(_RUNTIME_INTS | {'tiles'})
+def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, shortcut_ptr, scale_ptr, shift_ptr, sample_ptr,
+                   grad_ptr, out_ptr, channels, out_channels, pixels, tiles, sw_o, sw_k,
+                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GELU_GRAD: tl.constexpr,
+                   HAS_SHORTCUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                   HAS_SAMPLE: tl.constexpr, SCALE_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                   RESIDENT: tl.constexpr, ALIGN: tl.constexpr):
+    """``out[b] = epilogue(W x[b])`` for ``W (out_channels, channels)`` at strides
+    ``(sw_o, sw_k)``, its columns times ``scale`` if ``SCALE_K``. Epilogue, in order: ``+ bias``;
+    then either ``GELU`` and ``* scale``, ``+ shift``, ``* sample[b]``, ``+ shortcut``, or
+    (``GELU_GRAD``) ``grad * GELU'(.) * scale * sample[b]``, the gradient before the GELU.
+    ``pixels`` (a runtime int) is a multiple of ``ALIGN``. A program owns output channel tile
+    ``program_id(0)`` and either the pixel tile ``program_id(1)`` of batch element
+    ``program_id(2)``, or, ``RESIDENT`` (``channels <= BLOCK_K``), every ``num_programs(1)``-th
+    of the ``tiles`` pixel tiles of all the batch elements, from ``program_id(1)``, with the
+    weight tile loaded once."""
+    pixels = aligned(pixels, ALIGN)
+    o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = o < out_channels
+    dtype = x_ptr.dtype.element_ty
+    if RESIDENT:
+        k = tl.arange(0, BLOCK_K)
+        k_ok = k < channels
+        w = _weight_tile(w_ptr, scale_ptr, o, k, o_ok, k_ok, sw_o, sw_k, dtype, SCALE_K)
+        pixel_tiles = tl.cdiv(pixels, BLOCK_P)
+        for tile in range(tl.program_id(1), tiles, tl.num_programs(1)):
+            b = (tile // pixel_tiles).to(tl.int64)
+            p = (tile % pixel_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+            p_ok = p < pixels
+            x = tl.load(x_ptr + b * channels * pixels + k[:, None] * pixels + p[None, :],
+                        mask=k_ok[:, None] & p_ok[None, :], other=0.0)
+            acc = tl.dot(w, x, input_precision=DOT_PRECISION)
+            _epilogue(acc, b, o, p, o_ok, p_ok, out_channels, pixels, bias_ptr, shortcut_ptr,
+                      scale_ptr, shift_ptr, sample_ptr, grad_ptr, out_ptr, HAS_BIAS, GELU,
+                      GELU_GRAD, HAS_SHORTCUT, HAS_SCALE, HAS_SHIFT, HAS_SAMPLE)
+    else:
+        p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        b = tl.program_id(2).to(tl.int64)
+        p_ok = p < pixels
+        x_base = x_ptr + b * channels * pixels
+        acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=tl.float32)
+        for k0 in range(0, channels, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < channels
+            w = _weight_tile(w_ptr, scale_ptr, o, k, o_ok, k_ok, sw_o, sw_k, dtype, SCALE_K)
+            x = tl.load(x_base + k[:, None] * pixels + p[None, :],
+                        mask=k_ok[:, None] & p_ok[None, :], other=0.0)
+            acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
+        _epilogue(acc, b, o, p, o_ok, p_ok, out_channels, pixels, bias_ptr, shortcut_ptr,
+                  scale_ptr, shift_ptr, sample_ptr, grad_ptr, out_ptr, HAS_BIAS, GELU, GELU_GRAD,
+                  HAS_SHORTCUT, HAS_SCALE, HAS_SHIFT, HAS_SAMPLE)
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS | {'batch'})
@@ -220,16 +287,26 @@ def _product(x: Tensor, weight: Tensor, out_dtype: torch.dtype, bias: Optional[T
     out_channels = weight.shape[1] if transpose else weight.shape[0]
     out = torch.empty(batch, out_channels, height, width, dtype=out_dtype, device=x.device)
     config = config or launch_config(channels, out_channels, pixels, x.element_size())
-    grid = (cdiv(out_channels, config.block_o), cdiv(pixels, config.block_p), batch)
+    tiles = batch * cdiv(pixels, config.block_p)
+    if config.resident:
+        if config.block_k < channels:
+            raise ValueError(f'a resident launch takes all {channels} input channels in one '
+                             f'step; block_k is {config.block_k}')
+        o_tiles = cdiv(out_channels, config.block_o)
+        sms = _multiprocessors(x.device.index or 0) if x.is_cuda else 2
+        grid = (o_tiles, max(1, min(tiles, RESIDENT_PROGRAMS_PER_SM * sms // o_tiles)))
+    else:
+        grid = (cdiv(out_channels, config.block_o), cdiv(pixels, config.block_p), batch)
     vectors = (x if t is None else t
                for t in (bias, shortcut, scale, shift, sample_scale, gelu_grad))
     launch(_pw_fwd_kernel, grid, x, weight, *vectors, out, channels, out_channels, pixels,
-           *w_strides, HAS_BIAS=bias is not None, GELU=gelu, GELU_GRAD=gelu_grad is not None,
+           tiles, *w_strides, HAS_BIAS=bias is not None, GELU=gelu, GELU_GRAD=gelu_grad is not None,
            HAS_SHORTCUT=shortcut is not None, HAS_SCALE=scale is not None and not transpose,
            HAS_SHIFT=shift is not None, HAS_SAMPLE=sample_scale is not None,
            SCALE_K=scale is not None and transpose, DOT_PRECISION=conv_dot_precision(x.dtype),
            BLOCK_O=config.block_o, BLOCK_P=config.block_p, BLOCK_K=config.block_k,
-           ALIGN=alignment(pixels), num_warps=config.num_warps, num_stages=config.num_stages)
+           RESIDENT=bool(config.resident), ALIGN=alignment(pixels), num_warps=config.num_warps,
+           num_stages=config.num_stages)
     return out
 
 

@@ -130,6 +130,21 @@ def test_triton_float32_products_follow_cudnn_tf32_switch(monkeypatch):
     assert seen == ['tf32', 'tf32', 'tf32x3', 'tf32']
 
 
+def test_resident_launch_config():
+    """16-bit maps of at most 128 channels take all of them in one step, resident; a resident
+    launch given fewer channels a step than the map has is refused."""
+    pytest.importorskip('triton')
+    from mmseg_segman.ops import triton_pointwise_conv as tpw
+    assert tpw.launch_config(96, 288, 128 * 128) == tpw.Config(128, 64, 128, 4, 3, resident=1)
+    assert tpw.launch_config(32, 64, 128 * 128) == tpw.Config(64, 64, 32, 4, 3, resident=1)
+    assert tpw.launch_config(5, 7, 12).block_k == 16  # tl.dot's least
+    assert not tpw.launch_config(96, 288, 128 * 128, element_size=4).resident
+    assert not tpw.launch_config(192, 576, 64 * 64).resident
+    x, w = torch.randn(1, 40, 3, 3), torch.randn(8, 40)
+    with pytest.raises(ValueError, match='all 40 input channels in one step; block_k is 32'):
+        tpw._product(x, w, x.dtype, config=tpw.Config(64, 64, 32, 4, 3, resident=1))
+
+
 def test_triton_pointwise_conv_in_interpreter():
     pytest.importorskip('triton')
     from .triton_interpreter import assert_checks_pass_in_interpreter
@@ -287,6 +302,12 @@ def main():
     check(1, 140, 20, 16, 20, torch.float32, 1e-5, activation='gelu')
     check(1, 40, 70, 9, 17, torch.float16, 2e-2, activation='gelu')
     check(1, 40, 70, 9, 17, torch.float16, 2e-2, residual='scaled')
+    # 16-bit maps of at most 128 channels: resident programs (launch_config), each walking
+    # pixel tiles of both batch elements (6 tiles on 4 programs; 4 on 2 programs of each of
+    # two output tiles), every epilogue; the input gradient over 130 channels is not resident
+    check(2, 40, 70, 9, 17, torch.float16, 2e-2, activation='gelu', residual='scaled')
+    check(2, 33, 130, 5, 13, torch.float16, 2e-2, residual='scaled')
+    check(2, 33, 130, 5, 13, torch.float16, 2e-2, activation='gelu')
     check_float32_weight_with_half_map()
     check_direct_launch_equals_function()
     check_custom_op()

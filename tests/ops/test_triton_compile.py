@@ -245,13 +245,15 @@ def test_depthwise_conv_kernels_compile(activation, kernel):
 
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
 @pytest.mark.parametrize('out_channels', [32, 384])  # both output tiles (64 and 128 channels)
-def test_pointwise_conv_kernels_compile(activation, out_channels):
+@pytest.mark.parametrize('channels', [96, 1536])  # resident programs in 16 bits, or not
+def test_pointwise_conv_kernels_compile(activation, out_channels, channels):
     float32 = {'w_ptr', 'bias_ptr', 'scale_ptr', 'shift_ptr', 'sample_ptr'}
     element_size = 4 if activation == 'fp32' else 2
     precision = 'tf32x3' if activation == 'fp32' else 'tf32'
-    config = tpw.launch_config(4 * out_channels, out_channels, 64 * 64, element_size)
+    config = tpw.launch_config(channels, out_channels, 64 * 64, element_size)
+    assert config.resident == (element_size == 2 and channels == 96)
     common = dict(DOT_PRECISION=precision, BLOCK_O=config.block_o, BLOCK_P=config.block_p,
-                  BLOCK_K=config.block_k, ALIGN=ALIGNMENT)
+                  BLOCK_K=config.block_k, RESIDENT=bool(config.resident), ALIGN=ALIGNMENT)
     # the FFN's first convolution, a block's last one, the gradient before the GELU, dx
     for gelu, residual, gelu_grad, transposed in ((True, False, False, False),
                                                   (False, True, False, False),

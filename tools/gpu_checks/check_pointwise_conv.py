@@ -11,7 +11,8 @@ epilogue fused), ``matmul`` (a batched cuBLAS product, then PyTorch's bias add, 
 scale convolution and add) and ``torch`` (``F.conv2d`` and the same layers). Median of 20
 (CUDA events), ms; one JSON line per layer and backend. Errors are checked by ``check_ops.py``.
 ``--sweep``: the Triton forward (no autograd) of each layer under each launch shape of
-:data:`SWEEP` and the default one (:func:`launch_config`), one JSON line per layer.
+:data:`SWEEP` and the default one (:func:`launch_config`), one JSON line per layer (a resident
+shape of fewer channels a step than the layer has is refused: its error is written).
 """
 import argparse
 import sys
@@ -31,7 +32,9 @@ from mmseg_segman.ops.triton_pointwise_conv import (Config, launch_config,  # no
 
 SWEEP = [Config(128, 128, 32, 8, 3), Config(128, 128, 64, 8, 3), Config(128, 128, 64, 8, 4),
          Config(128, 64, 64, 4, 4), Config(64, 128, 64, 4, 4), Config(128, 256, 64, 8, 3),
-         Config(256, 128, 64, 8, 3), Config(64, 64, 64, 4, 4), Config(128, 128, 128, 8, 3)]
+         Config(256, 128, 64, 8, 3), Config(64, 64, 64, 4, 4), Config(128, 128, 128, 8, 3),
+         Config(128, 64, 64, 4, 3, resident=1), Config(128, 64, 128, 4, 3, resident=1),
+         Config(128, 128, 128, 8, 3, resident=1), Config(64, 64, 128, 4, 3, resident=1)]
 
 
 def layers(arch: str, batch: int):
@@ -64,7 +67,8 @@ def sweep(args) -> None:
         extra = {} if residual is None else dict(shortcut=residual.shortcut, scale=residual.scale,
                                                  shift=residual.shift)
         times = {}
-        for config in SWEEP:
+        default = launch_config(channels, weight.shape[0], height * width)
+        for config in SWEEP + [default] * (default not in SWEEP):
             def forward():
                 pointwise_conv2d_triton(x, w2, bias, activation == 'gelu', config=config, **extra)
             key = '/'.join(map(str, config))
@@ -74,7 +78,7 @@ def sweep(args) -> None:
                 times[key] = f'{type(error).__name__}: {str(error)[:80]}'
         write_row(dict(arch=args.arch, layer=name, batch=args.batch, channels=channels,
                        out_channels=weight.shape[0], pixels=height * width,
-                       default='/'.join(map(str, launch_config(channels, weight.shape[0], height * width))),
+                       default='/'.join(map(str, default)),
                        forward_ms=times), args.out)
 
 
