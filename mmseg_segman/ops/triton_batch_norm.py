@@ -29,9 +29,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import cast, with_contiguous_planes
-from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, jit_with_runtime_ints, launch,
-                         records_autograd)
-from .triton_pointwise_conv import INV_SQRT_2PI, _normal_cdf_and_density
+from .triton_jit import (INV_SQRT_2PI, TritonAutogradOp, aligned, alignment, cdiv,
+                         jit_with_runtime_ints, launch, normal_cdf_and_density, records_autograd)
 
 CHUNK = 4096  # pixels of a plane a program owns
 BLOCK = 1024  # pixels a step: 8 a thread of 4 warps
@@ -97,7 +96,7 @@ def _activation(z, ACTIVATION: tl.constexpr):
     if ACTIVATION == 'silu':
         z = z * tl.sigmoid(z)
     elif ACTIVATION == 'gelu':
-        cdf, _ = _normal_cdf_and_density(z)
+        cdf, _ = normal_cdf_and_density(z)
         z = z * cdf
     elif ACTIVATION == 'relu':
         z = tl.maximum(z, 0.0)
@@ -112,7 +111,7 @@ def _activation_gradient(dy, xhat, weight, bias, ACTIVATION: tl.constexpr):
         s = tl.sigmoid(z)
         dy = dy * s * (1.0 + z * (1.0 - s))
     elif ACTIVATION == 'gelu':
-        cdf, density = _normal_cdf_and_density(z)
+        cdf, density = normal_cdf_and_density(z)
         dy = dy * (cdf + z * density * INV_SQRT_2PI)
     elif ACTIVATION == 'relu':
         dy = tl.where(z > 0.0, dy, 0.0)

@@ -38,8 +38,7 @@ from torch import Tensor
 from .dense_conv import output_size
 from .depthwise_conv import RunningBatchNorm
 from .triton_jit import (aligned, alignment, cdiv, conv_dot_precision, jit_with_runtime_ints,
-                         launch, next_power_of_2, records_autograd)
-from .triton_pointwise_conv import _normal_cdf_and_density
+                         launch, next_power_of_2, normal_cdf_and_density, records_autograd)
 
 # the map sizes change with the image; channel counts, kernel, stride and padding are the
 # layer's own and stay specialised
@@ -122,7 +121,7 @@ def _dense_conv_kernel(x_ptr, w_ptr, bias_ptr, mean_ptr, var_ptr, gamma_ptr, bet
             - tl.load(mean_ptr + o, mask=o_ok, other=0.0).to(tl.float32) * scale
         acc = acc * scale[None, :] + shift[None, :]
     if GELU:
-        cdf, _ = _normal_cdf_and_density(acc)
+        cdf, _ = normal_cdf_and_density(acc)
         acc *= cdf
     if OUT_CHANNELS_LAST:
         out_offsets = (b * out_pixels + p[:, None]) * OUT_CHANNELS + o[None, :]

@@ -1,7 +1,8 @@
 """``triton.jit`` for kernels whose sizes and strides stay runtime values (and the alignment
-that such a kernel may assume of them), the launch of a compiled kernel without Triton's
-per-call work, when a Triton backend needs its autograd wrapper, and the precision of float32
-products; kernels made no-ops, for counting without a GPU."""
+that such a kernel may assume of them), the exact GELU's normal distribution in a kernel,
+the launch of a compiled kernel without Triton's per-call work, when a Triton backend needs
+its autograd wrapper, and the precision of float32 products; kernels made no-ops, for
+counting without a GPU."""
 import inspect
 import math
 import os
@@ -45,6 +46,42 @@ def aligned(n, ALIGN: tl.constexpr):
     of unknown alignment, so Triton moves one element a thread per load and store along the
     rows it offsets: 2 bytes of a bfloat16 map where it could move 16."""
     return n // ALIGN * ALIGN
+
+
+# the exact GELU's constants, and whether Triton's interpreter runs the kernels (it runs no
+# inline PTX; read once, as Triton reads it)
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+LOG2_E = tl.constexpr(1.4426950408889634)
+_INTERPRETED = tl.constexpr(os.environ.get('TRITON_INTERPRET') == '1')
+
+
+@triton.jit
+def reciprocal(x):
+    """``1 / x`` for float32 ``x``: the GPU's approximate reciprocal (one ``MUFU.RCP``, at most
+    1 ulp off; Triton's division takes several instructions more), an exact division in
+    Triton's interpreter."""
+    if _INTERPRETED:
+        return 1.0 / x
+    return tl.inline_asm_elementwise('rcp.approx.ftz.f32 $0, $1;', '=r,r', [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def normal_cdf_and_density(x):
+    """``Phi(x) = (1 + erf(x / sqrt 2)) / 2`` and ``exp(-x^2 / 2)`` for float32 ``x``, erf by
+    Abramowitz and Stegun 7.1.26 (absolute error at most 1.5e-7): ``Phi`` is ``1 - tail`` for
+    ``x >= 0`` and ``tail`` below, ``tail = t P(t) exp(-x^2 / 2) / 2`` with ``t = 1 / (1 + p
+    |x| / sqrt 2)``: one reciprocal and one ``exp2``. With libdevice's ``erf`` the GELU added
+    143 us to SegMAN-L's first-stage ``fc1`` at batch 16 (150 us without it) and spilled
+    registers; this adds 63 (docs/benchmarks.md)."""
+    z = tl.abs(x) * SQRT_HALF
+    t = reciprocal(1.0 + 0.3275911 * z)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
+                                                                            + t * 1.061405429))))
+    density = tl.math.exp2(z * z * -LOG2_E)
+    tail = 0.5 * poly * density
+    return tl.where(x < 0, tail, 1.0 - tail), density
 
 
 def cdiv(a: int, b: int) -> int:

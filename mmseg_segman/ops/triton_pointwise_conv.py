@@ -20,7 +20,7 @@ is read in its own dtype and rounded to the map's in the tile, as autocast round
 the float32 parameter, with no cast launched (eager inference is bound by the host's time);
 compiled inference passes it cast (:mod:`.pointwise_conv`). The GELU's erf is a rational
 approximation as accurate as libdevice's at a fraction of its cost
-(:func:`_normal_cdf_and_density`).
+(:func:`~.triton_jit.normal_cdf_and_density`).
 
 Backward: the input gradient in Triton, the weight gradient by cuBLAS, and few small
 operations around them (training is bound by the host's time, docs/benchmarks.md). The
@@ -44,7 +44,6 @@ most four compilations per (dtype, epilogue, launch shape). ``torch.compile`` tr
 kernels as custom ops (:data:`POINTWISE_CONV2D`, a :class:`~.triton_jit.TritonAutogradOp`).
 """
 import functools
-import os
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -53,18 +52,14 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import cast
-from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, conv_dot_precision,
-                         jit_with_runtime_ints, launch, next_power_of_2, records_autograd)
+from .triton_jit import (INV_SQRT_2PI, TritonAutogradOp, aligned, alignment, cdiv,
+                         conv_dot_precision, jit_with_runtime_ints, launch, next_power_of_2,
+                         normal_cdf_and_density, records_autograd)
 
 # the pixel count changes with the input size: a runtime int, aligned by ALIGN (specialised by
 # Triton on being a multiple of 16, it compiled the kernels again at 16x16 maps after 15x15
 # ones, docs/benchmarks.md); channel counts are the layers' own and stay specialised
 _RUNTIME_INTS = {'out_channels', 'pixels'}
-SQRT_HALF = tl.constexpr(0.7071067811865476)
-INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-LOG2_E = tl.constexpr(1.4426950408889634)
-# Triton's interpreter runs no inline PTX (read once, as Triton reads it)
-_INTERPRETED = tl.constexpr(os.environ.get('TRITON_INTERPRET') == '1')
 
 
 class Config(NamedTuple):
@@ -110,34 +105,6 @@ def _multiprocessors(device: int) -> int:
 
 
 @triton.jit
-def _reciprocal(x):
-    """``1 / x`` for float32 ``x``: the GPU's approximate reciprocal (one ``MUFU.RCP``, at most
-    1 ulp off; Triton's division takes several instructions more), an exact division in
-    Triton's interpreter."""
-    if _INTERPRETED:
-        return 1.0 / x
-    return tl.inline_asm_elementwise('rcp.approx.ftz.f32 $0, $1;', '=r,r', [x], dtype=tl.float32,
-                                     is_pure=True, pack=1)
-
-
-@triton.jit
-def _normal_cdf_and_density(x):
-    """``Phi(x) = (1 + erf(x / sqrt 2)) / 2`` and ``exp(-x^2 / 2)`` for float32 ``x``, erf by
-    Abramowitz and Stegun 7.1.26 (absolute error at most 1.5e-7): ``Phi`` is ``1 - tail`` for
-    ``x >= 0`` and ``tail`` below, ``tail = t P(t) exp(-x^2 / 2) / 2`` with ``t = 1 / (1 + p
-    |x| / sqrt 2)``: one reciprocal and one ``exp2``. With libdevice's ``erf`` the GELU added
-    143 us to SegMAN-L's first-stage ``fc1`` at batch 16 (150 us without it) and spilled
-    registers; this adds 63 (docs/benchmarks.md)."""
-    z = tl.abs(x) * SQRT_HALF
-    t = _reciprocal(1.0 + 0.3275911 * z)
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
-                                                                            + t * 1.061405429))))
-    density = tl.math.exp2(z * z * -LOG2_E)
-    tail = 0.5 * poly * density
-    return tl.where(x < 0, tail, 1.0 - tail), density
-
-
-@triton.jit
 def _weight_tile(w_ptr, scale_ptr, o, k, o_ok, k_ok, sw_o, sw_k, dtype: tl.constexpr,
                  SCALE_K: tl.constexpr):
     """``W[o, k]`` (its columns times ``scale`` if ``SCALE_K``) in ``dtype``."""
@@ -161,11 +128,11 @@ def _epilogue(acc, b, o, p, o_ok, p_ok, out_channels, pixels, bias_ptr, shortcut
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
     if GELU_GRAD:
-        cdf, density = _normal_cdf_and_density(acc)
+        cdf, density = normal_cdf_and_density(acc)
         acc = tl.load(grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32) \
             * (cdf + acc * density * INV_SQRT_2PI)
     elif GELU:
-        cdf, _ = _normal_cdf_and_density(acc)
+        cdf, _ = normal_cdf_and_density(acc)
         acc *= cdf
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
