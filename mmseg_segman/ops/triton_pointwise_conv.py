@@ -86,8 +86,8 @@ def launch_config(channels: int, out_channels: int, pixels: int, element_size: i
     of ``element_size``-byte numbers. For 16-bit inputs of at most
     :data:`RESIDENT_MAX_CHANNELS` channels, resident programs of 128 x 64 tiles (64 x 64 for at
     most 64 output channels) with 4 warps, three tiles in flight: SegMAN-L's first-stage 1x1
-    kernels took 690 -> 530 us a training block at batch 8 on an H200 (docs/benchmarks.md). Else 64 x 128 tiles with 4
-    warps where there are at most 64 output channels (SegMAN-T's first stage), or 128 x 256
+    kernels took 690 -> 530 us a training block at batch 8 on an H200 (docs/benchmarks.md).
+    Else 64 x 128 tiles with 4 warps where there are at most 64 output channels, or 128 x 256
     with 8; 64 channels a step, 32 for float32 (whose pipelined tiles would not fit an H100's
     227 KiB of shared memory). For 16-bit inputs the fastest, or within 10% of it, of the
     shapes ``tools/gpu_checks/check_pointwise_conv.py --sweep`` tried for SegMAN-T's and -L's
@@ -101,6 +101,7 @@ def launch_config(channels: int, out_channels: int, pixels: int, element_size: i
 
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: int) -> int:
+    """The multiprocessor count of CUDA device ``device`` (read once: a few us a call)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 

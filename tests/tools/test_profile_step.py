@@ -16,9 +16,10 @@ def test_categories_of_kernel_names():
     assert category('_pw_param_grad_kernel') == '1x1 conv'
     assert category('_merge_kernel') == 'scan glue'
     assert category('nvjet_sm90_tss_144x128_64x6_1x1_h_bz_TNN') == 'cuBLAS'
-    assert category('void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>') == 'dense conv'
-    assert category('void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float>>') == 'reduction'
-    assert category('void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>') == 'elementwise'
+    assert category('void cudnn::engines_precompiled::nchwToNhwcKernel<bf16>') == 'dense conv'
+    assert category('void at::native::reduce_kernel<128, 4, ReduceOp<float>>') == 'reduction'
+    assert category('void at::native::vectorized_elementwise_kernel<8, '
+                    'at::native::CUDAFunctor_add<c10::BFloat16>>') == 'elementwise'
     assert category('Memset (Device)') == 'fill, memset'
     assert category('some_new_kernel') == 'other'
 
