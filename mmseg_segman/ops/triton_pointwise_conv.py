@@ -79,6 +79,7 @@ class Config(NamedTuple):
 # multiprocessor
 RESIDENT_MAX_CHANNELS = 128
 RESIDENT_PROGRAMS_PER_SM = 2
+H100_MULTIPROCESSORS = 132
 
 
 def launch_config(channels: int, out_channels: int, pixels: int, element_size: int = 2) -> Config:
@@ -99,9 +100,21 @@ def launch_config(channels: int, out_channels: int, pixels: int, element_size: i
     return config._replace(block_k=32) if element_size > 2 else config
 
 
+def _multiprocessors(x: Tensor) -> int:
+    """The multiprocessor count of ``x``'s CUDA device; an H100's where CUDA was never
+    initialised (fake CUDA tensors, whose launches run nothing:
+    ``tools/analysis_tools/saved_for_backward.py``), 2 for a CPU tensor (Triton's
+    interpreter)."""
+    if not x.is_cuda:
+        return 2
+    if not torch.cuda.is_initialized():
+        return H100_MULTIPROCESSORS
+    return _device_multiprocessors(x.device.index or 0)
+
+
 @functools.lru_cache(maxsize=None)
-def _multiprocessors(device: int) -> int:
-    """The multiprocessor count of CUDA device ``device`` (read once: a few us a call)."""
+def _device_multiprocessors(device: int) -> int:
+    """The multiprocessor count of CUDA device ``device``, read once (a few us a call)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -261,8 +274,8 @@ def _product(x: Tensor, weight: Tensor, out_dtype: torch.dtype, bias: Optional[T
             raise ValueError(f'a resident launch takes all {channels} input channels in one '
                              f'step; block_k is {config.block_k}')
         o_tiles = cdiv(out_channels, config.block_o)
-        sms = _multiprocessors(x.device.index or 0) if x.is_cuda else 2
-        grid = (o_tiles, max(1, min(tiles, RESIDENT_PROGRAMS_PER_SM * sms // o_tiles)))
+        programs = RESIDENT_PROGRAMS_PER_SM * _multiprocessors(x) // o_tiles
+        grid = (o_tiles, max(1, min(tiles, programs)))
     else:
         grid = (cdiv(out_channels, config.block_o), cdiv(pixels, config.block_p), batch)
     vectors = (x if t is None else t
