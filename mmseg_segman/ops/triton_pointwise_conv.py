@@ -268,21 +268,21 @@ def _product(x: Tensor, weight: Tensor, out_dtype: torch.dtype, bias: Optional[T
     out_channels = weight.shape[1] if transpose else weight.shape[0]
     out = torch.empty(batch, out_channels, height, width, dtype=out_dtype, device=x.device)
     config = config or launch_config(channels, out_channels, pixels, x.element_size())
-    tiles = batch * cdiv(pixels, config.block_p)
+    o_tiles, pixel_tiles = cdiv(out_channels, config.block_o), cdiv(pixels, config.block_p)
+    tiles = batch * pixel_tiles
     if config.resident:
         if config.block_k < channels:
             raise ValueError(f'a resident launch takes all {channels} input channels in one '
                              f'step; block_k is {config.block_k}')
-        o_tiles = cdiv(out_channels, config.block_o)
         programs = RESIDENT_PROGRAMS_PER_SM * _multiprocessors(x) // o_tiles
         grid = (o_tiles, max(1, min(tiles, programs)))
     else:
-        grid = (cdiv(out_channels, config.block_o), cdiv(pixels, config.block_p), batch)
+        grid = (o_tiles, pixel_tiles, batch)
     vectors = (x if t is None else t
                for t in (bias, shortcut, scale, shift, sample_scale, gelu_grad))
     launch(_pw_fwd_kernel, grid, x, weight, *vectors, out, channels, out_channels, pixels,
-           tiles, *w_strides, HAS_BIAS=bias is not None, GELU=gelu, GELU_GRAD=gelu_grad is not None,
-           HAS_SHORTCUT=shortcut is not None, HAS_SCALE=scale is not None and not transpose,
+           tiles, *w_strides, HAS_BIAS=bias is not None, GELU=gelu,
+           GELU_GRAD=gelu_grad is not None, HAS_SHORTCUT=shortcut is not None, HAS_SCALE=scale is not None and not transpose,
            HAS_SHIFT=shift is not None, HAS_SAMPLE=sample_scale is not None,
            SCALE_K=scale is not None and transpose, DOT_PRECISION=conv_dot_precision(x.dtype),
            BLOCK_O=config.block_o, BLOCK_P=config.block_p, BLOCK_K=config.block_k,

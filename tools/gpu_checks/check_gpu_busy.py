@@ -189,12 +189,18 @@ def backward_nodes_table(averages, steps: int) -> str:
     return '\n'.join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of :func:`make_step`'s steps: ``--models``, ``--mode``, ``--batch``,
+    ``--size``."""
     parser.add_argument('--models', nargs='+', choices=MODELS + GRAPHED, required=True)
     parser.add_argument('--mode', choices=['train', 'infer'], default='train')
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--size', type=int, default=512)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    add_step_arguments(parser)
     parser.add_argument('--rounds', type=int, default=6,
                         help='timed steps of each model, interleaved')
     parser.add_argument('--steps', type=int, default=3, help='profiled steps')

@@ -34,8 +34,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import GRAPHED, MODELS, build_model  # noqa: E402
-from check_gpu_busy import GPU_CATEGORIES, make_step  # noqa: E402
+from benchmark import build_model  # noqa: E402
+from check_gpu_busy import GPU_CATEGORIES, add_step_arguments, make_step  # noqa: E402
 
 # (category, pattern of the kernel's name): the first that matches names the category
 CATEGORIES = [('attention forward', r'_na_fwd'), ('attention dq', r'_na_bwd_dq'),
@@ -125,10 +125,7 @@ def report(row: Dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--models', nargs='+', choices=MODELS + GRAPHED, required=True)
-    parser.add_argument('--mode', choices=['train', 'infer'], default='train')
-    parser.add_argument('--batch', type=int, default=8)
-    parser.add_argument('--size', type=int, default=512)
+    add_step_arguments(parser)
     parser.add_argument('--steps', type=int, default=2, help='profiled steps')
     parser.add_argument('--by', choices=['kernel', 'op'], default='kernel')
     parser.add_argument('--top', type=int, default=45, help='kernels or operators kept')
