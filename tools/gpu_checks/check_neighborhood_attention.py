@@ -11,7 +11,8 @@ passes them), several batch groups of the bias gradient; bitwise determinism of 
 run; and the time of the first call at new map sizes (no compilation expected).
 ``--sweep``: forward, dq and dk/dv launch shapes timed at the stage shapes of
 ``--sweep-arch`` (SegMAN-L; stages ``--sweep-stages``, 512x512 input, batch ``--sweep-batch``,
-``--sweep-dtype``, bf16 by default). ``--bench``: the kernel against FlexAttention and the
+``--sweep-dtype``, bf16 by default; ``--sweep-tiles HxWxWARPS ...`` or a default list), with
+the swept kernel's own GPU time and registers. ``--bench``: the kernel against FlexAttention and the
 reference at the stage shapes of the chosen variants, forward and forward + backward,
 median ms (``triton.testing.do_bench``) and peak MiB above the inputs. Prints a table last;
 exits 1 if a check failed.
@@ -21,6 +22,7 @@ import itertools
 import json
 import sys
 import time
+from typing import Callable, Dict, Tuple
 
 import torch
 import triton
@@ -127,7 +129,9 @@ def stage_shapes(variant, size, batch):
                dim, arch['window_size'][i])
 
 
-def bench_one(fn, shape, dtype, backward):
+def bench_one(fn, shape, dtype, backward, keep_step=False):
+    """Median ms of a forward (and backward) call (``do_bench``), peak MiB above the inputs;
+    with ``keep_step`` the step itself too."""
     _, batch, heads, height, width, dim, kernel = shape
     q, k, v, bias = make_inputs(batch, heads, height, width, dim, kernel, dtype, strided=True)
     leaves = [t.detach().requires_grad_(backward) for t in (q, k, v, bias)]
@@ -145,7 +149,7 @@ def bench_one(fn, shape, dtype, backward):
     peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     with torch.no_grad() if not backward else torch.enable_grad():
         ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode='median')
-    return ms, peak
+    return (ms, peak, step) if keep_step else (ms, peak)
 
 
 BACKENDS = {'triton': tna.neighborhood_attention_triton, 'flex': na._neighborhood_attention_flex,
@@ -176,44 +180,70 @@ def bench(args, results):
                 print(json.dumps(row), flush=True)
 
 
-def profile(args, results):
-    """CUDA time of each kernel in a forward + backward at SegMAN-B's stage shapes (torch.profiler)."""
+def kernel_ms(step: Callable[[], None], reps: int = 5) -> Dict[str, float]:
+    """Each kernel's GPU ms a call of ``step`` (its device time under ``torch.profiler`` over
+    ``reps`` calls): unlike CUDA events, no host time between launches counts."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    return {e.key: e.self_device_time_total / 1e3 / reps for e in prof.key_averages()
+            if e.self_device_time_total > 0}
+
+
+def profile(args, results):
+    """CUDA time of each kernel in a forward + backward at SegMAN-B's stage shapes (torch.profiler)."""
     for shape in stage_shapes('b', (512, 512), 8):
         for backend in ('triton', 'flex'):
             _, batch, heads, height, width, dim, kernel = shape
             q, k, v, bias = (t.detach().requires_grad_() for t in
                              make_inputs(batch, heads, height, width, dim, kernel, torch.bfloat16, strided=True))
             grad_out = torch.randn(q.shape, device='cuda', dtype=torch.bfloat16)
-            for _ in range(3):
+
+            def step():
                 BACKENDS[backend](q, k, v, kernel, bias).backward(grad_out)
-            torch.cuda.synchronize()
-            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    BACKENDS[backend](q, k, v, kernel, bias).backward(grad_out)
-                torch.cuda.synchronize()
-            events = [e for e in prof.key_averages() if e.device_time_total > 0]
-            events.sort(key=lambda e: -e.device_time_total)
-            kernels = {e.key[:60]: round(e.device_time_total / 5e3, 4) for e in events[:8]}
-            total = sum(e.self_device_time_total for e in prof.key_averages()) / 5e3
-            row = dict(kind='profile', stage=shape[0], backend=backend, cuda_ms=round(total, 4),
-                       kernels_ms=kernels)
+            for _ in range(3):
+                step()
+            times = sorted(kernel_ms(step).items(), key=lambda item: -item[1])
+            row = dict(kind='profile', stage=shape[0], backend=backend,
+                       cuda_ms=round(sum(ms for _, ms in times), 4),
+                       kernels_ms={name[:60]: round(ms, 4) for name, ms in times[:8]})
             results.append(row)
             print(json.dumps(row), flush=True)
+
+
+def compiled_registers(kernel) -> Dict[str, dict]:
+    """Registers and spill bytes of each compiled version of a Triton ``kernel`` (by hash; set
+    at a version's first launch), from Triton's in-process cache."""
+    versions = {}
+    for cache in getattr(kernel, 'device_caches', {}).values():
+        for compiled in cache[0].values():
+            versions[compiled.hash] = dict(num_warps=compiled.metadata.num_warps,
+                                           n_regs=getattr(compiled, 'n_regs', None),
+                                           n_spills=getattr(compiled, 'n_spills', None))
+    return versions
+
+
+# (4, 16, 8), (8, 8, 8): the dq kernel's default tiles on 8 warps, where ptxas needs no spill
+# stores for it without pairs (with 4 warps it spills: docs/benchmarks.md)
+SWEEP_TILES = [(8, 8, 4), (4, 16, 4), (8, 16, 4), (16, 8, 4), (8, 16, 8), (16, 16, 8), (4, 8, 4),
+               (4, 32, 8), (4, 16, 8), (8, 8, 8)]
+SWEEP_KERNEL_NAMES = {'fwd': '_na_fwd_kernel', 'dq': '_na_bwd_dq_kernel', 'dkdv': '_na_bwd_dkdv_kernel'}
 
 
 def sweep(args, results):
     """Each kernel's launch shapes (tiles, warps; stages for the first tile) with the others
     at their defaults, at the stages ``--sweep-stages`` of ``--sweep-arch`` (512x512,
-    ``--sweep-batch``, ``--sweep-dtype``): the forward alone and forward + backward."""
+    ``--sweep-batch``, ``--sweep-dtype``): the forward alone and forward + backward (CUDA
+    events), the swept kernel's own GPU time (the profiler: small kernels' event times are the
+    host's) and its registers and spill bytes."""
     dtype = SWEEP_DTYPES[args.sweep_dtype]
     shapes = [s for s in stage_shapes(args.sweep_arch, (512, 512), args.sweep_batch)
               if s[0].endswith(args.sweep_stages)]
-    # (4, 16, 8), (8, 8, 8): the dq kernel's default tiles on 8 warps, where ptxas needs no
-    # spill stores for it without pairs (with 4 warps it spills: docs/benchmarks.md)
-    tiles = [(8, 8, 4), (4, 16, 4), (8, 16, 4), (16, 8, 4), (8, 16, 8), (16, 16, 8), (4, 8, 4),
-             (4, 32, 8), (4, 16, 8), (8, 8, 8)]
+    tiles = args.sweep_tiles or SWEEP_TILES
     for kind, shape, (tile_h, tile_w, warps), stages in itertools.product(
             args.sweep_kernels, shapes, tiles, (1, 2, 3)):
         if time.time() > args.deadline:
@@ -224,18 +254,31 @@ def sweep(args, results):
         defaults = tna.block_sizes(shape[5], shape[6])
         blocks = [candidate if k == kind else d for k, d in zip(KERNELS, defaults)]
         fn = lambda q, k, v, kernel, rpb: tna.neighborhood_attention_triton(q, k, v, kernel, rpb, blocks)
+        jit = getattr(tna, SWEEP_KERNEL_NAMES[kind])
+        known = compiled_registers(jit)
         try:
             fwd = bench_one(fn, shape, dtype, False)[0] if kind == 'fwd' else float('nan')
-            both, _ = bench_one(fn, shape, dtype, True)
+            both, _, step = bench_one(fn, shape, dtype, True, keep_step=True)
         except Exception as error:  # noqa: BLE001 (a launch shape the compiler refuses)
             print(f'{shape[0]} {kind} {candidate}: {type(error).__name__}: {str(error)[:200]}')
             continue
+        own_ms = sum(ms for name, ms in kernel_ms(step).items() if SWEEP_KERNEL_NAMES[kind] in name)
         row = dict(kind='sweep', dtype=args.sweep_dtype, stage=shape[0], kernel=kind,
                    blocks=list(candidate),
                    default=list(defaults[KERNELS.index(kind)]),
-                   fwd=round(fwd, 4), fwd_bwd=round(both, 4))
+                   fwd=round(fwd, 4), fwd_bwd=round(both, 4), kernel_us=round(own_ms * 1e3, 1),
+                   registers=[v for h, v in compiled_registers(jit).items() if h not in known])
         results.append(row)
         print(json.dumps(row), flush=True)
+
+
+def tile(text: str) -> Tuple[int, int, int]:
+    """``HxWxWARPS`` -> (tile_h, tile_w, num_warps)."""
+    try:
+        tile_h, tile_w, warps = (int(n) for n in text.split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'a tile is HxWxWARPS (4x16x8), not {text!r}') from None
+    return tile_h, tile_w, warps
 
 
 class Results(list):
@@ -262,6 +305,8 @@ def main():
     parser.add_argument('--sweep-arch', default='l', choices=['t', 's', 'b', 'l'])
     parser.add_argument('--sweep-kernels', nargs='+', default=list(KERNELS), choices=KERNELS)
     parser.add_argument('--sweep-batch', type=int, default=16)
+    parser.add_argument('--sweep-tiles', nargs='+', type=tile, default=None,
+                        help='HxWxWARPS launch shapes (the first also with 1 and 3 stages)')
     parser.add_argument('--sweep-dtype', choices=list(SWEEP_DTYPES), default='bf16')
     parser.add_argument('--variants', nargs='+', default=['t', 's', 'b', 'l'])
     parser.add_argument('--sizes', nargs='+', default=['512', '1024x2048'])
