@@ -15,6 +15,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from mmseg_segman.ops import triton_batch_norm as tbn  # noqa: E402
+from mmseg_segman.ops import triton_cross_entropy as tce  # noqa: E402
 from mmseg_segman.ops import triton_cross_selective_scan as cross  # noqa: E402
 from mmseg_segman.ops import triton_dense_conv as tdc  # noqa: E402
 from mmseg_segman.ops import triton_depthwise_conv as tdw  # noqa: E402
@@ -34,10 +35,13 @@ LN_FLOAT32_POINTERS = {'w_ptr', 'b_ptr', 'mean_ptr', 'rstd_ptr', 'dw_ptr', 'db_p
 
 
 def compile_for_h100(kernel, activation: str, float32_pointers, num_warps: int,
-                     num_stages: int = 3, asm: str = 'cubin', **constexprs) -> bytes:
-    """Compile ``kernel`` with the pointers in ``float32_pointers`` to float32 and the other
-    pointers (activations) to ``activation``, all 16-byte aligned (as Triton specialises
-    them for PyTorch's allocations); returns the ``asm`` (cubin, or e.g. ptx)."""
+                     num_stages: int = 3, asm: str = 'cubin', pointer_types=None,
+                     **constexprs) -> bytes:
+    """Compile ``kernel`` with the pointers in ``float32_pointers`` to float32, those in
+    ``pointer_types`` (name -> element type) to theirs and the other pointers (activations)
+    to ``activation``, all 16-byte aligned (as Triton specialises them for PyTorch's
+    allocations); returns the ``asm`` (cubin, or e.g. ptx)."""
+    pointer_types = pointer_types or {}
     names = kernel.arg_names
     signature, attributes = {}, {}
     for index, name in enumerate(names):
@@ -46,7 +50,8 @@ def compile_for_h100(kernel, activation: str, float32_pointers, num_warps: int,
         elif name in ('eps', 'scale'):
             signature[name] = 'fp32'
         elif name.endswith('_ptr'):
-            signature[name] = '*fp32' if name in float32_pointers else f'*{activation}'
+            element = pointer_types.get(name, 'fp32' if name in float32_pointers else activation)
+            signature[name] = f'*{element}'
             attributes[(index,)] = [['tt.divisibility', 16]]
         else:
             signature[name] = 'i32'
@@ -222,6 +227,18 @@ def test_batch_norm_kernels_compile(dtype, align, activations):
                                 ACTIVATION=activation, **blocks)
         assert compile_for_h100(tbn._bn_bwd_dx_kernel, dtype, float32, tbn.NUM_WARPS,
                                 ACTIVATION=activation, PARTIALS_STEP=tbn.PARTIALS_STEP, **blocks)
+
+
+@pytest.mark.parametrize('dtype', ['bf16', 'fp32'])
+@pytest.mark.parametrize('align', [1, ALIGNMENT])
+def test_cross_entropy_kernels_compile(dtype, align):
+    float32 = {'loss_ptr', 'lse_ptr', 'dloss_ptr'}
+    blocks = dict(BLOCK_K=tce.BLOCK_K, BLOCK_P=tce.BLOCK_P, ALIGN=align)
+    for kernel in (tce._ce_fwd_kernel, tce._ce_bwd_kernel):
+        # label_ptr, pred_ptr: int64; the logits and their gradient in dtype
+        pointers = {name: 'i64' for name in ('label_ptr', 'pred_ptr')}
+        assert compile_for_h100(kernel, dtype, float32, tce.NUM_WARPS, pointer_types=pointers,
+                                **blocks)
 
 
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])

@@ -129,6 +129,16 @@ def resize_case(batch, channels, height, width, size, align_corners=False):
     return 'resize_bilinear', f'B{batch} C{channels} {height}x{width} -> {size} ac={align_corners}', make
 
 
+def cross_entropy_case(batch, classes, height, width, ignore_index=255):
+    def make(dtype):
+        # logits of a head resized to the labels; a fifth of the labels ignored; ties of the
+        # top classes where bfloat16 rounds them together
+        label = torch.randint(0, classes, (batch, height, width), device='cuda')
+        label[torch.rand(label.shape, device='cuda') < 0.2] = ignore_index
+        return [_randn(batch, classes, height, width, dtype=dtype, scale=3.0), label, ignore_index]
+    return 'cross_entropy_2d', f'B{batch} K{classes} {height}x{width} ignore {ignore_index}', make
+
+
 class Fixed(NamedTuple):
     """A tensor argument without a gradient (upcast with the others)."""
     tensor: Tensor
@@ -167,6 +177,8 @@ CASES = [
     pointwise_case(8, 96, 384, 128, 128, 'gelu'), pointwise_case(8, 1456, 364, 32, 32, 'residual'),
     rope_case(2, 4, 128, 128, 24, 24 ** -0.5), rope_case(1, 13, 13, 9, 28),
     resize_case(2, 150, 64, 64, (512, 512)), resize_case(1, 7, 13, 9, (5, 31), True),
+    cross_entropy_case(2, 150, 128, 128), cross_entropy_case(3, 19, 13, 37, 0),
+    cross_entropy_case(1, 171, 64, 96),
 ]
 
 
@@ -185,9 +197,10 @@ def rel_error(x: Optional[Tensor], ref: Optional[Tensor]) -> float:
 
 
 def run(fn: Callable, args: List, cotangent: Optional[Tensor], upcast: bool = False):
-    """``fn(*args)`` and the gradients of its floating-point tensor args (and of the tensors
-    of a :class:`Residual`, but its per-sample factor; not of :class:`Fixed` ones) for
-    ``cotangent``."""
+    """``fn(*args)``, the cotangent, the gradients of its floating-point tensor args (and of
+    the tensors of a :class:`Residual`, but its per-sample factor; not of :class:`Fixed` ones)
+    for ``cotangent``, and the outputs after the first where it returns several (compared
+    exactly: ``cross_entropy_2d``'s prediction)."""
     leaves = []
 
     def leaf(a, differentiable=True):
@@ -203,9 +216,10 @@ def run(fn: Callable, args: List, cotangent: Optional[Tensor], upcast: bool = Fa
         return a
 
     out = fn(*[leaf(a) for a in args])
+    out, *extras = out if isinstance(out, tuple) else (out,)
     g = torch.randn_like(out, dtype=torch.float32) if cotangent is None else cotangent
     out.backward(g.to(out.dtype))
-    return out.detach(), g, [leaf.grad for leaf in leaves]
+    return out.detach(), g, [leaf.grad for leaf in leaves], extras
 
 
 def check_op_backends(seed: int, only: Optional[List[str]] = None,
@@ -227,13 +241,13 @@ def check_op_backends(seed: int, only: Optional[List[str]] = None,
                          and op.why_not(n, *plain) is None]
             if not names:
                 continue
-            ref_out, g, ref_grads = run(reference, args, None, upcast=True)
+            ref_out, g, ref_grads, ref_extras = run(reference, args, None, upcast=True)
             with autocast:
-                floor_out, _, floor_grads = run(reference, args, g)
+                floor_out, _, floor_grads, _ = run(reference, args, g)
             for name in names:
                 try:
                     with autocast:
-                        out, _, grads = run(op.backends[name].fn, args, g)
+                        out, _, grads, extras = run(op.backends[name].fn, args, g)
                         again = run(op.backends[name].fn, args, g) if name == 'triton' else None
                 except Exception as e:  # a crash is a failure of this backend, not of the script
                     print(f'FAIL {op_name:24s} {name:7s} {str(dtype)[6:]:8s} {case_name}: '
@@ -249,6 +263,10 @@ def check_op_backends(seed: int, only: Optional[List[str]] = None,
                     passed = err <= max(TOLERANCE[dtype], 2 * floor_err)
                     ok &= passed
                     worst.append(f'{label} {err:.1e}' + ('' if passed else f'(torch {floor_err:.1e})'))
+                if extras:
+                    exact = all(map(same, extras, ref_extras))
+                    ok &= exact
+                    worst.append('other outputs ' + ('equal' if exact else 'DIFFER'))
                 if again is not None:  # its kernels launched directly (triton_jit.launch)
                     repeated = same(again[0], out) and all(map(same, again[2], grads))
                     ok &= repeated
