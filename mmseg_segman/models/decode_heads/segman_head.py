@@ -11,7 +11,7 @@ from mmseg.registry import MODELS
 from mmseg.utils import SampleList
 from torch import Tensor, nn
 
-from ...ops import cross_entropy_2d, resize_bilinear
+from ...ops import cross_entropy_2d, pointwise_conv2d, resize_bilinear
 from ...ops.dispatch import check_op_backends, with_op_backends
 from ..layers import SS2D, BatchNormActConvModule, DenseConv2d, PointwiseConv2d, SegMANBlock
 from ..strict_loading import refuse_mismatched_weights
@@ -27,7 +27,7 @@ class LinearProjection(nn.Module):
         self.proj = nn.Linear(in_channels, out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return pointwise_conv2d(x, self.proj.weight[:, :, None, None], self.proj.bias)
 
 
 @MODELS.register_module()
@@ -92,9 +92,6 @@ class SegMANHead(BaseDecodeHead):
         self.linear_c4 = LinearProjection(self.in_channels[3], p)
         self.linear_c3 = LinearProjection(self.in_channels[2], p)
         self.linear_c2 = LinearProjection(self.in_channels[1], p)
-        # dense_conv2d keeps the channels-last layout of the projections, as cuDNN does:
-        # whether MMSCopE's padded cut of an NCHW map is contiguous depends on the size, and
-        # compiled with dynamic sizes, checking it compiled the graph again for other sizes
         self.linear_fuse = conv(3 * p, c, pointwise_op=False)
         self.short_path = conv(c, c)
         self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv(c, c))
@@ -128,9 +125,11 @@ class SegMANHead(BaseDecodeHead):
     def _mmscope(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` at 1/8 -> ``(B, 3C, H, W)``: the scan over three scales."""
         height, width = x.shape[-2:]
-        # zeros to a multiple of 4: 3 padded, the excess cut off (no branch on the size and no
-        # padding by a size, which a traced graph would keep as constants)
-        x = F.pad(x, (0, 3, 0, 3))[..., :(height + 3) // 4 * 4, :(width + 3) // 4 * 4]
+        # zeros to a multiple of 4: 4 padded, the excess cut off (no branch on the size and no
+        # padding by a size, which a traced graph would keep as constants; one more than a
+        # multiple needs, so that the cut is a strided view at every size: whether it is
+        # contiguous is otherwise a guard on the size, which compiled a second graph)
+        x = F.pad(x, (0, 4, 0, 4))[..., :(height + 3) // 4 * 4, :(width + 3) // 4 * 4]
         stacked = torch.cat([
             self.reduce_channels[2](F.pixel_unshuffle(x, 4)),
             self.reduce_channels[1](F.pixel_unshuffle(self.conv_downsample_2(x), 2)),
