@@ -143,9 +143,10 @@ def check_custom_op():
 
 
 def main():
-    # classes: fewer than a step (16), several steps cut short; pixels: less than a program
-    # (256), several programs cut short, a count not a multiple of 8 (no 16-byte loads)
-    for shape in [(2, 5, 4, 6), (1, 37, 17, 19), (3, 19, 16, 24), (1, 1, 3, 3)]:
+    # classes: fewer than a step (8), several steps, the last cut short; pixels: fewer than a
+    # program's (1024), two programs' (the last cut short), counts that are not a multiple of
+    # 8 (no 16-byte loads)
+    for shape in [(2, 5, 4, 6), (1, 37, 17, 19), (2, 19, 32, 40), (1, 11, 40, 33), (1, 1, 3, 3)]:
         check(*shape, torch.float32, 1e-5)
     check(2, 150, 8, 8, torch.float32, 1e-5, ignore_index=0)  # an ignored class
     check(2, 19, 9, 8, torch.bfloat16, 1e-2)
