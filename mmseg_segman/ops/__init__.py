@@ -15,8 +15,8 @@ from .rotary_embedding import rotary_embedding_2d
 from .selective_scan import cross_selective_scan, selective_scan
 
 __all__ = [
-    'batch_norm_2d', 'biased_attention', 'both_orders', 'cross_entropy_2d', 'cross_merge', 'cross_scan',
-    'cross_selective_scan', 'dense_conv2d', 'depthwise_conv2d', 'direction_order',
+    'batch_norm_2d', 'biased_attention', 'both_orders', 'cross_entropy_2d', 'cross_merge',
+    'cross_scan', 'cross_selective_scan', 'dense_conv2d', 'depthwise_conv2d', 'direction_order',
     'flip_reversed', 'layer_norm_2d', 'neighborhood_attention_2d', 'pointwise_conv2d',
     'resize_bilinear', 'rotary_embedding_2d', 'selective_scan', 'use_backends'
 ]

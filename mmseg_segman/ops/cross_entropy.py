@@ -20,12 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import Backend, OpDispatcher, runs_anywhere, triton_unavailable
-
-LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .dispatch import Backend, OpDispatcher, runs_anywhere, triton_float_unavailable
 
 
-def _cross_entropy_2d_torch(logits: Tensor, label: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
+def _cross_entropy_2d_torch(logits: Tensor, label: Tensor,
+                            ignore_index: int) -> Tuple[Tensor, Tensor]:
     classes = logits.shape[1]
     foreign = (label != ignore_index) & ((label < 0) | (label >= classes))
     safe = torch.where(foreign, torch.zeros_like(label), label)
@@ -37,11 +36,10 @@ def _cross_entropy_2d_torch(logits: Tensor, label: Tensor, ignore_index: int) ->
 
 
 def _triton_unavailable(logits: Tensor, label: Tensor, ignore_index: int) -> Optional[str]:
-    reason = triton_unavailable(logits)
+    """As :func:`triton_float_unavailable`, for contiguous logits and labels."""
+    reason = triton_float_unavailable(logits)
     if reason is not None:
         return reason
-    if logits.dtype not in LOGIT_DTYPES:
-        return f'{logits.dtype} logits are not float32, bfloat16 or float16'
     if not (logits.is_contiguous() and label.is_contiguous()):
         return 'its logits or labels are not contiguous'
     return None
@@ -72,7 +70,8 @@ def cross_entropy_2d(logits: Tensor, label: Tensor,
     Returns:
         ``loss`` ``(B, H, W)`` float32 (float64 for float64 logits),
         ``F.cross_entropy(logits.float(), label, reduction='none', ignore_index=ignore_index)``
-        (NaN at a label outside the classes), differentiable in ``logits``; ``prediction`` ``(B, H, W)`` int64, ``logits.argmax(1)``.
+        (NaN at a label outside the classes), differentiable in ``logits``; ``prediction``
+        ``(B, H, W)`` int64, ``logits.argmax(1)``.
     """
     if logits.dim() != 4 or label.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f'logits must be (B, K, H, W) and label (B, H, W) of the same B, H, W, '

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .dispatch import cast
 from .triton_jit import (LOG2_E, TritonAutogradOp, aligned, alignment, cdiv, jit_with_runtime_ints,
                          launch, records_autograd)
 
@@ -130,7 +131,7 @@ def _backward(dloss: Tensor, logits: Tensor, label: Tensor, lse: Tensor,
     """The logits' gradient, contiguous in their dtype."""
     dx = torch.empty_like(logits, memory_format=torch.contiguous_format)
     ints, meta = _launch_args(logits, ignore_index)
-    launch(_ce_bwd_kernel, _grid(logits), logits, label, lse, dloss.float().contiguous(), dx,
+    launch(_ce_bwd_kernel, _grid(logits), logits, label, lse, cast(dloss, torch.float32).contiguous(), dx,
            *ints, **meta)
     return dx
 

@@ -117,6 +117,17 @@ def check_foreign_labels():
     print('foreign labels: ok')
 
 
+def check_dispatch():
+    """The dispatcher picks triton for contiguous float logits and labels, the reference for
+    float64 logits and for a strided view."""
+    logits, label = make_inputs(2, 5, 4, 6, torch.float32)
+    assert _cross_entropy_2d.select(logits, label, 255) == 'triton'
+    assert _cross_entropy_2d.select(logits.double(), label, 255) == 'torch'
+    strided = logits.transpose(2, 3)
+    assert 'not contiguous' in _cross_entropy_2d.why_not('triton', strided, label.transpose(1, 2), 255)
+    print('dispatch: ok')
+
+
 def check_custom_op():
     """The kernels as custom ops (opcheck: schema, fake shapes, autograd); eager calls skip
     them and match them bitwise."""
@@ -152,6 +163,7 @@ def main():
     check(2, 19, 9, 8, torch.bfloat16, 1e-2)
     check(2, 19, 9, 8, torch.float16, 2e-3)
     check_foreign_labels()
+    check_dispatch()
     check_custom_op()
     print('all checks passed')
 

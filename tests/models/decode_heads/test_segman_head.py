@@ -97,9 +97,9 @@ def test_loss_by_feat_as_mmseg(ignored, losses, ignore_index, kind):
     runs = []
     for loss_by_feat in (SegMANHead.loss_by_feat, BaseDecodeHead.loss_by_feat):
         leaf = logits.clone().requires_grad_()
-        losses = loss_by_feat(head, leaf, samples)
-        losses['loss_ce'].backward()
-        runs.append((losses, leaf.grad))
+        result = loss_by_feat(head, leaf, samples)
+        result['loss_ce'].backward()
+        runs.append((result, leaf.grad))
     (got, got_grad), (want, want_grad) = runs
     assert set(got) == set(want) == {'loss_ce', 'acc_seg'}
     for key in want:
