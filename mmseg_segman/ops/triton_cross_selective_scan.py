@@ -46,9 +46,11 @@ when ``a_t`` is small and would spoil ``dA``). This costs the backward a second 
 one more softplus and exp an element. Then ``du``, ``ddelta`` (through softplus and bias),
 and per program: ``dB``, ``dC`` summed over the program's channels, ``dA``, ``dD``,
 ``d delta_bias`` summed over its steps (kept per step and summed once, after the last tile).
-These partial sums are reduced in PyTorch (over channel blocks, resp. the batch); again no
-atomics; ``ddelta`` goes back through the step projection in one more kernel, in float32
-(:func:`_project_steps_bwd_kernel`). Gradients are returned in the inputs' dtypes and layouts.
+These partial sums are reduced in PyTorch (over channel blocks, resp. the batch). Where
+there are many channel blocks, they add ``dB`` and ``dC`` into :data:`BC_ROWS` rows by
+atomics, which PyTorch then sums (:func:`~.triton_jit.partial_sum_rows`: one row a block,
+stored, under ``torch.use_deterministic_algorithms``); ``ddelta`` goes back through the step
+projection in one more kernel, in float32 (:func:`_project_steps_bwd_kernel`). Gradients are returned in the inputs' dtypes and layouts.
 
 ``torch.compile`` traces the kernels as the ``torch.library`` custom ops
 ``mmseg_segman::cross_scan_forward`` and ``cross_scan_backward`` (:data:`CROSS_SCAN`, a
@@ -65,13 +67,14 @@ from torch import Tensor
 
 from .dispatch import cast, with_contiguous_planes
 from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, dot_precision,
-                         jit_with_runtime_ints, launch, next_power_of_2, records_autograd)
+                         empty_partial_sums, jit_with_runtime_ints, launch, next_power_of_2,
+                         partial_sum_rows, records_autograd)
 
 
 # Sizes and the strides that follow them stay runtime values (one compilation for every map
 # size whose sizes are multiples of 8, one more for the others: ALIGN, triton_jit.aligned);
 # the sequences' own stride is 1.
-_RUNTIME_INTS = {'channels', 'length', 'height', 'width', 'rank', 'per_split',
+_RUNTIME_INTS = {'channels', 'length', 'height', 'width', 'rank', 'per_split', 'bc_rows',
                  *(f's{t}_{dim}' for t in 'xdbcy' for dim in 'bkc'), 'sl_b', 'sl_k', 'sl_r'}
 
 
@@ -217,12 +220,14 @@ def _cross_scan_fwd_kernel(
 @triton.jit
 def _backward_tile(x_base, delta_base, b_base, c_base, dy_base, ckpt_base, du_ptr, ddelta_ptr,
                    db_ptr, dc_ptr, row_base, bc_base, A, D, bias, ch_ok, carry, dA, dD, dbias,
-                   index, length, BLOCK_L: tl.constexpr, REVERSE: tl.constexpr):
+                   index, length, BLOCK_L: tl.constexpr, REVERSE: tl.constexpr,
+                   ATOMIC_BC: tl.constexpr):
     """Tile ``index`` (in scan order) of a backward program (see
     :func:`_cross_scan_bwd_kernel`, :func:`_tile_inputs`).
     The scan steps run along the positions, or against them with ``REVERSE``; the step
     before a position's is at ``pos - STEP`` and the one after at ``pos + STEP``. Stores
-    ``du``, ``ddelta`` and the tile's partial sums of ``dB``, ``dC``; returns the adjoint's
+    ``du``, ``ddelta`` and the tile's partial sums of ``dB``, ``dC`` (added into their rows
+    with ``ATOMIC_BC``); returns the adjoint's
     carry and the running sums of ``dA``, ``dD``, ``d delta_bias`` (``(BLOCK_D, BLOCK_L)``,
     summed over the steps after the last tile)."""
     STEP: tl.constexpr = -1 if REVERSE else 1
@@ -256,8 +261,14 @@ def _backward_tile(x_base, delta_base, b_base, c_base, dy_base, ckpt_base, du_pt
     dz = tl.where(ok, dh * (Bt * u + A * decayed_prev) * sigmoid, 0.0)
     tl.store(du_ptr + row_base + pos[None, :], dh * dt * Bt + D * dy, mask=ok)
     tl.store(ddelta_ptr + row_base + pos[None, :], dz, mask=ok)
-    tl.store(db_ptr + bc_base + pos, tl.sum(dh * dt * u, axis=0), mask=pos_ok)
-    tl.store(dc_ptr + bc_base + pos, tl.sum(dy * h, axis=0), mask=pos_ok)
+    if ATOMIC_BC:
+        tl.atomic_add(db_ptr + bc_base + pos, tl.sum(dh * dt * u, axis=0), mask=pos_ok,
+                      sem='relaxed')
+        tl.atomic_add(dc_ptr + bc_base + pos, tl.sum(dy * h, axis=0), mask=pos_ok,
+                      sem='relaxed')
+    else:
+        tl.store(db_ptr + bc_base + pos, tl.sum(dh * dt * u, axis=0), mask=pos_ok)
+        tl.store(dc_ptr + bc_base + pos, tl.sum(dy * h, axis=0), mask=pos_ok)
     # summed over the steps once, after the last tile (a reduction across the program a tile)
     dA += dh * decayed_prev * dt
     dD += dy * u
@@ -269,11 +280,14 @@ def _backward_tile(x_base, delta_base, b_base, c_base, dy_base, ckpt_base, du_pt
 def _cross_scan_bwd_kernel(
         xs_ptr, delta_ptr, a_ptr, d_ptr, bias_ptr, b_ptr, c_ptr, ckpt_ptr, dys_ptr,
         du_ptr, ddelta_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr, channels, length,
-        sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, sy_b, sy_k, sy_c,
-        BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, ALIGN: tl.constexpr):
+        bc_rows, sx_b, sx_k, sx_c, sd_b, sd_k, sd_c, sb_b, sb_k, sc_b, sc_k, sy_b, sy_k, sy_c,
+        BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, ALIGN: tl.constexpr,
+        ATOMIC_BC: tl.constexpr):
     """The tiles from the last in scan order to the first (:func:`_backward_tile`), read and
     written in ascending positions as the forward's; ``length`` and the strides are
-    multiples of ``ALIGN``."""
+    multiples of ``ALIGN``. Channel block ``i`` writes its partial sums of ``dB`` and ``dC``
+    into row ``i % bc_rows`` of its batch element's and direction's ``bc_rows``; with
+    ``ATOMIC_BC`` the blocks that share a row add into it (zeroed before)."""
     length = aligned(length, ALIGN)
     sy_b, sy_k, sy_c = aligned(sy_b, ALIGN), aligned(sy_k, ALIGN), aligned(sy_c, ALIGN)
     direction, batch, ch, ch_ok, A, D, bias, x_base, delta_base, b_base, c_base, rows = \
@@ -282,7 +296,7 @@ def _cross_scan_bwd_kernel(
     row_base = rows[:, None] * length
     ckpt_base = ckpt_ptr + rows * ((length - 1) // BLOCK_L)
     dy_base = dys_ptr + batch * sy_b + (direction % 2) * sy_k + ch[:, None] * sy_c
-    bc_base = ((batch * 4 + direction) * tl.num_programs(0) + tl.program_id(0)) * length  # dB, dC partials
+    bc_base = ((batch * 4 + direction) * bc_rows + tl.program_id(0) % bc_rows) * length
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
     dA = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
     dD = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
@@ -293,13 +307,13 @@ def _cross_scan_bwd_kernel(
             carry, dA, dD, dbias = _backward_tile(
                 x_base, delta_base, b_base, c_base, dy_base, ckpt_base, du_ptr, ddelta_ptr, db_ptr,
                 dc_ptr, row_base, bc_base, A, D, bias, ch_ok, carry, dA, dD, dbias,
-                num_tiles - 1 - tile, length, BLOCK_L, True)
+                num_tiles - 1 - tile, length, BLOCK_L, True, ATOMIC_BC)
     else:
         for tile in range(0, num_tiles):
             carry, dA, dD, dbias = _backward_tile(
                 x_base, delta_base, b_base, c_base, dy_base, ckpt_base, du_ptr, ddelta_ptr, db_ptr,
                 dc_ptr, row_base, bc_base, A, D, bias, ch_ok, carry, dA, dD, dbias,
-                num_tiles - 1 - tile, length, BLOCK_L, False)
+                num_tiles - 1 - tile, length, BLOCK_L, False, ATOMIC_BC)
     tl.store(da_ptr + rows, tl.sum(dA, axis=1), mask=ch_ok)
     tl.store(dd_ptr + rows, tl.sum(dD, axis=1), mask=ch_ok)
     tl.store(dbias_ptr + rows, tl.sum(dbias, axis=1), mask=ch_ok)
@@ -508,6 +522,15 @@ MERGE_TILE = (32, 32)
 # (BLOCK_C, BLOCK_L) of _project_steps_kernel: the fastest of six at SegMAN-L's stages 1-3
 # (batch 16, an H100; 0.41x, 0.47x and 0.84x the time of cuBLAS's product, docs/benchmarks.md)
 PROJECTION_TILE = (32, 256)
+
+
+# rows of dB's and dC's partial sums a batch element and direction in the backward pass
+# (triton_jit.partial_sum_rows: shared by the channel blocks past it, by atomics). A row a
+# block wrote and read back 113 MB at SegMAN-L's stage 3, batch 8: the backward took 0.43 ms
+# there, 0.32 with 4 rows (1.36 -> 1.00 ms at stage 1); 4 was within 1% of the fastest of
+# 1-64 rows at stages 1-3 (tools/gpu_checks/check_cross_selective_scan.py --sweep-bc-rows,
+# H200, docs/benchmarks.md)
+BC_ROWS = 4
 
 
 def _sequences(*tensors: Tensor) -> Tuple[Tensor, ...]:
@@ -730,12 +753,15 @@ def _cross_scan_backward_impl(dy: Tensor, x: Tensor, dt_low: Tensor, dt_proj: Te
     delta, B_seq, C_seq = _sequences(_project_steps(dt_low, dt_proj), B, C)
     grid = (cdiv(channels, block_d), 4, batch)
     du, ddelta = _float32(2, batch, 4, channels, length, like=x).unbind()
-    d_bc = _float32(2, batch, 4, grid[0], length, like=x)  # partial sums over channel blocks
+    bc_rows, atomic_bc = partial_sum_rows(grid[0], BC_ROWS)  # partial sums over channel blocks
+    d_bc = empty_partial_sums(2 * batch * 4 * bc_rows, length, atomic_bc, x.device).view(
+        2, batch, 4, bc_rows, length)
     d_params = _float32(3, batch, 4 * channels, like=x)  # partial sums over the batch
     ints = (length, *_strides(xs, delta, B_seq, C_seq), *dys.stride()[:3])
     launch(_cross_scan_bwd_kernel, grid, xs, delta, *_flat(A, D, delta_bias), B_seq, C_seq,
-           states, dys, du, ddelta, *d_bc.unbind(), *d_params.unbind(), channels, *ints,
-           BLOCK_D=block_d, BLOCK_L=block_l, ALIGN=alignment(*ints), num_warps=warps)
+           states, dys, du, ddelta, *d_bc.unbind(), *d_params.unbind(), channels, length,
+           bc_rows, *ints[1:], BLOCK_D=block_d, BLOCK_L=block_l, ALIGN=alignment(*ints),
+           ATOMIC_BC=atomic_bc, num_warps=warps)
     d_dt_low, d_dt_proj = _project_steps_backward(ddelta, dt_low, dt_proj)
     return (_merge(du, height, width, x.dtype), d_dt_low, d_dt_proj,
             cast(d_bc.sum(3, keepdim=True), _bc_dtype(B, C)), d_params.sum(1))

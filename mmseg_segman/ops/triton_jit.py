@@ -95,6 +95,25 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def partial_sum_rows(blocks: int, shared_rows: int) -> Tuple[int, bool]:
+    """``(rows, atomic)``: where ``blocks`` programs each make partial sums of one set of
+    gradients, the rows of partial sums they write, and whether programs add into shared
+    rows. One row a program (stored, summed by PyTorch in a fixed order: deterministic) up to
+    ``shared_rows`` programs or under ``torch.use_deterministic_algorithms``; else
+    ``shared_rows`` rows (zeroed first), program ``i`` adding into row ``i % shared_rows`` by
+    float32 atomics, whose order varies from run to run (a pass less over rows that PyTorch
+    wrote and read back, or a launch less where one row is left)."""
+    if blocks <= shared_rows or torch.are_deterministic_algorithms_enabled():
+        return blocks, False
+    return shared_rows, True
+
+
+def empty_partial_sums(rows: int, columns: int, atomic: bool, device: torch.device) -> torch.Tensor:
+    """Float32 ``(rows, columns)`` partial sums: zeroed where programs add into them."""
+    return (torch.zeros if atomic else torch.empty)(rows, columns, dtype=torch.float32,
+                                                    device=device)
+
+
 def empty_channels_first(like: torch.Tensor) -> torch.Tensor:
     """An empty tensor of ``like``'s ``(B, heads, H, W, d)`` shape and dtype, laid out as
     ``(B, heads, d, H, W)``: as the head vectors of a ``(B, C, H, W)`` map, which the model

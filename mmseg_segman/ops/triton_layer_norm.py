@@ -12,9 +12,10 @@ to 512 channels the forward holds all of them in registers instead and reads the
 run along the pixels of a channel, which are contiguous.
 
 Backward: ``dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))`` with ``g = dy * weight``,
-from the saved per-pixel mean and ``rstd``; every program writes its partial sums of
-``dy * xhat`` and ``dy`` per channel (no atomics), which PyTorch adds up into the weight and
-bias gradients (one reduction). Sizes and strides are runtime values: one compilation per
+from the saved per-pixel mean and ``rstd``; every program adds its partial sums of
+``dy * xhat`` and ``dy`` per channel into one row by atomics (:data:`PARTIAL_ROWS`), the
+weight and bias gradients; under ``torch.use_deterministic_algorithms`` it writes a row of its
+own, which PyTorch adds up (one reduction; :func:`~.triton_jit.partial_sum_rows`). Sizes and strides are runtime values: one compilation per
 dtype and tiling (chunks, or a tile of 512 channels) serves every map size where they are
 multiples of 8 (16-byte loads and stores, :func:`~.triton_jit.aligned`), one more every other
 size.
@@ -30,12 +31,13 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import cast, with_contiguous_planes
-from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, jit_with_runtime_ints, launch,
-                         next_power_of_2, records_autograd)
+from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, empty_partial_sums,
+                         jit_with_runtime_ints, launch, next_power_of_2, partial_sum_rows,
+                         records_autograd)
 
 RESIDENT_ELEMENTS = 8192  # (channels, pixels) of a tile kept in registers, 32 a thread
 L1_CHANNELS = 256  # up to these, a chunked program's 64-pixel rows (32 KiB) stay in L1
-_RUNTIME_INTS = {'channels', 'pixels', 'pixel_blocks', 'sx_b', 'sx_c', 'sy_b', 'sy_c',
+_RUNTIME_INTS = {'channels', 'pixels', 'pixel_blocks', 'partial_rows', 'sx_b', 'sx_c', 'sy_b', 'sy_c',
                  'sd_b', 'sd_c', 'sa1_b', 'sa1_c', 'sa2_b', 'sa2_c'}
 
 
@@ -49,6 +51,9 @@ class Tiling(NamedTuple):
 
 
 CHUNKS = Tiling(False, 32, 64, 4)  # the backward's tiling, and the forward's but from 257 to 512
+# rows the backward's programs add their partial sums of the parameter gradients into (one: no
+# reduction after; a launch of its own took about 5 us at SegMAN-L's stage 3, batch 8)
+PARTIAL_ROWS = 1
 
 
 def tiling(channels: int) -> Tiling:
@@ -166,8 +171,11 @@ def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, a1_ptr, a2_ptr, y_ptr, stats_ptr, chan
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, stats_ptr, dx_ptr, partial_ptr, channels,
-                     pixels, pixel_blocks, sx_b, sx_c, sd_b, sd_c, sy_b, sy_c,
-                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ALIGN: tl.constexpr):
+                     pixels, pixel_blocks, partial_rows, sx_b, sx_c, sd_b, sd_c, sy_b, sy_c,
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ALIGN: tl.constexpr,
+                     ATOMIC: tl.constexpr):
+    """``dx`` of the program's pixels, and its partial sums of ``d weight`` then ``d bias``
+    in row ``program % partial_rows`` of ``partial`` (added with ``ATOMIC``)."""
     pixels = aligned(pixels, ALIGN)
     sx_b, sx_c = aligned(sx_b, ALIGN), aligned(sx_c, ALIGN)
     sd_b, sd_c = aligned(sd_b, ALIGN), aligned(sd_c, ALIGN)
@@ -191,7 +199,8 @@ def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, stats_ptr, dx_ptr, partial_ptr, chann
     mean_g = tl.sum(sum_g, 0) / channels
     mean_gx = tl.sum(sum_gx, 0) / channels
     # the program's row of partial sums: d weight's, then d bias's
-    partial_row = partial_ptr + (batch * pixel_blocks + tl.program_id(0)) * 2 * channels
+    partial_row = partial_ptr + \
+        ((batch * pixel_blocks + tl.program_id(0)) % partial_rows) * 2 * channels
     for c0 in range(0, channels, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < channels
@@ -201,8 +210,12 @@ def _ln2d_bwd_kernel(dy_ptr, x_ptr, w_ptr, stats_ptr, dx_ptr, partial_ptr, chann
         xhat = tl.where(ok, (_tile(x_ptr, x_off, c, sx_c, p, ok) - mean[None, :]) * rstd[None, :], 0.0)
         dx = (dy * w[:, None] - mean_g[None, :] - xhat * mean_gx[None, :]) * rstd[None, :]
         tl.store(dx_ptr + batch * sy_b + c[:, None] * sy_c + p[None, :], dx, mask=ok)
-        tl.store(partial_row + c, tl.sum(dy * xhat, 1), mask=c_ok)
-        tl.store(partial_row + channels + c, tl.sum(dy, 1), mask=c_ok)
+        if ATOMIC:
+            tl.atomic_add(partial_row + c, tl.sum(dy * xhat, 1), mask=c_ok, sem='relaxed')
+            tl.atomic_add(partial_row + channels + c, tl.sum(dy, 1), mask=c_ok, sem='relaxed')
+        else:
+            tl.store(partial_row + c, tl.sum(dy * xhat, 1), mask=c_ok)
+            tl.store(partial_row + channels + c, tl.sum(dy, 1), mask=c_ok)
 
 
 def _grid(x: Tensor, tiles: Tiling) -> Tuple[int, int]:
@@ -263,13 +276,15 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, stats: Tensor) -> Tuple[Ten
     grid = _grid(x, CHUNKS)
     dy = with_contiguous_planes(dy)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    partial = torch.empty(grid[1] * grid[0], 2 * channels, dtype=torch.float32, device=x.device)
+    rows, atomic = partial_sum_rows(grid[1] * grid[0], PARTIAL_ROWS)
+    partial = empty_partial_sums(rows, 2 * channels, atomic, x.device)
     strides = (*_plane_strides(x), *_plane_strides(dy), *_plane_strides(dx))
     pixels = x.shape[2] * x.shape[3]
     launch(_ln2d_bwd_kernel, grid, dy, x, weight, stats, dx, partial, channels, pixels, grid[0],
-           *strides, BLOCK_C=CHUNKS.block_c, BLOCK_P=CHUNKS.block_p,
-           ALIGN=alignment(pixels, *strides), num_warps=CHUNKS.num_warps)
-    return dx, cast(partial.sum(0), weight.dtype)  # one reduction for both
+           rows, *strides, BLOCK_C=CHUNKS.block_c, BLOCK_P=CHUNKS.block_p,
+           ALIGN=alignment(pixels, *strides), ATOMIC=atomic, num_warps=CHUNKS.num_warps)
+    sums = partial[0] if rows == 1 else partial.sum(0)  # one reduction for both
+    return dx, cast(sums, weight.dtype)
 
 
 def _backward_fake(dy, x, weight, stats):

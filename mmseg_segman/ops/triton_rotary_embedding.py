@@ -1,23 +1,23 @@
 """Triton backend of :func:`mmseg_segman.ops.rotary_embedding_2d`: the 2-D rotary embedding
-in one pass, forward and backward.
+of the queries and the keys in one pass, forward and backward.
 
-The reference makes six element-wise passes over the map (the rotated copy, its negation,
+The reference makes six element-wise passes over each map (the rotated copy, its negation,
 two products, a sum, the scale) on queries and keys that are a permuted view of the ``qkv``
 projection: in SegMAN-L's inference about a fifth of the GPU time went to them and to the
-copies around them. One program here owns ``BLOCK_P`` pixels of one (batch, head): it loads
-their head vectors through the input's strides, the same vectors with each channel pair
-swapped (``d ^ 1``, from the cache), and the float32 tables, and writes the rotated,
-scaled vectors contiguous, as the attention reads them. The rotation is orthogonal with the
-same angle for both channels of a pair, so the input gradient is the same kernel with
-``sin`` negated; it is written in the layout of a ``(B, C, H, W)`` map where the input was a
-view of one (``qkv``), so that autograd assembles ``qkv``'s gradient by one concatenation
-(head vectors written contiguous took two strided copies, 66 us in SegMAN-L's stage-3
-block at batch 8 on an H100, docs/benchmarks.md). Sizes and strides are runtime values: one
-compilation per (dtype, head dim, input layout, alignment, :func:`~.triton_jit.aligned`).
-``torch.compile`` traces the kernel as custom ops (:data:`ROTARY_EMBEDDING`, a
-:class:`~.triton_jit.TritonAutogradOp`).
+copies around them. One program here owns ``BLOCK_P`` pixels of one (batch, head) of the
+queries or of the keys (one launch for both): it loads their head vectors through the input's
+strides, the same vectors with each channel pair swapped (``d ^ 1``, from the cache), and the
+float32 tables, and writes the rotated, scaled vectors contiguous, as the attention reads
+them. The rotation is orthogonal with the same angle for both channels of a pair, so the
+input gradient is the same kernel with ``sin`` negated; it is written in the layout of a
+``(B, C, H, W)`` map where the input was a view of one (``qkv``), so that autograd assembles
+``qkv``'s gradient by one concatenation (head vectors written contiguous took two strided
+copies, 66 us in SegMAN-L's stage-3 block at batch 8 on an H100, docs/benchmarks.md). Sizes
+and strides are runtime values: one compilation per (dtype, head dim, input layout,
+alignment, :func:`~.triton_jit.aligned`). ``torch.compile`` traces the kernel as custom ops
+(:data:`ROTARY_EMBEDDING`, a :class:`~.triton_jit.TritonAutogradOp`).
 """
-from typing import Callable
+from typing import Callable, Tuple
 
 import torch
 import triton.language as tl
@@ -28,20 +28,30 @@ from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, empty_chann
 
 BLOCK_P = 64
 NUM_WARPS = 4
-_RUNTIME_INTS = {'heads', 'height', 'width', 'sx_b', 'sx_h', 'sx_y', 'sx_x', 'sx_d'}
+_RUNTIME_INTS = {'planes', 'heads', 'height', 'width', 'sx_b', 'sx_h', 'sx_y', 'sx_x', 'sx_d'}
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
-def _rope_kernel(x_ptr, sin_ptr, cos_ptr, out_ptr, scale, heads, height, width,
-                 sx_b, sx_h, sx_y, sx_x, sx_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_P: tl.constexpr, NEGATE_SIN: tl.constexpr, PLANAR: tl.constexpr,
-                 PLANAR_OUT: tl.constexpr, ALIGN: tl.constexpr):
-    """``PLANAR``: each ``H x W`` plane of ``x`` is contiguous (``sx_y = width``, ``sx_x =
-    1``: queries and keys as views of the ``qkv`` map), pixel ``p`` at offset ``p``; its
-    loads move 16 bytes a thread where the pixel count and the other strides are multiples of
-    ``ALIGN``. ``out`` is contiguous ``(B, heads, H, W, d)``, or ``(B, heads, d, H, W)`` with
-    ``PLANAR_OUT``."""
-    plane = tl.program_id(1).to(tl.int64)  # batch * heads + head
+def _rope_kernel(q_ptr, k_ptr, sin_ptr, cos_ptr, out_q_ptr, out_k_ptr, scale, planes, heads,
+                 height, width, sx_b, sx_h, sx_y, sx_x, sx_d, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, NEGATE_SIN: tl.constexpr,
+                 PLANAR: tl.constexpr, PLANAR_OUT: tl.constexpr, ALIGN: tl.constexpr):
+    """Programs ``(., p)`` rotate plane ``p`` (batch * heads + head) of ``q`` (times
+    ``scale``) for ``p < planes``, else plane ``p - planes`` of ``k``; ``q`` and ``k`` share
+    their strides. ``PLANAR``: each ``H x W`` plane of the inputs is contiguous (``sx_y =
+    width``, ``sx_x = 1``: queries and keys as views of the ``qkv`` map), pixel ``p`` at offset
+    ``p``; its loads move 16 bytes a thread where the pixel count and the other strides are
+    multiples of ``ALIGN``. The outputs are contiguous ``(B, heads, H, W, d)``, or ``(B,
+    heads, d, H, W)`` with ``PLANAR_OUT``."""
+    plane = tl.program_id(1).to(tl.int64)
+    x_ptr = q_ptr
+    out_ptr = out_q_ptr
+    factor = scale
+    if plane >= planes:
+        x_ptr = k_ptr
+        out_ptr = out_k_ptr
+        factor = 1.0
+        plane -= planes
     pixels = aligned(height * width, ALIGN)
     sx_b, sx_h, sx_d = aligned(sx_b, ALIGN), aligned(sx_h, ALIGN), aligned(sx_d, ALIGN)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -58,7 +68,7 @@ def _rope_kernel(x_ptr, sin_ptr, cos_ptr, out_ptr, scale, heads, height, width,
         sin = -sin
     # rotate(x)[2m] = -x[2m+1], rotate(x)[2m+1] = x[2m]
     rotated = tl.where((d % 2 == 0)[None, :], -swapped, swapped)
-    out = (x * cos + rotated * sin) * scale
+    out = (x * cos + rotated * sin) * factor
     out_base = out_ptr + plane * pixels * HEAD_DIM
     if PLANAR_OUT:
         out_base += d[None, :] * pixels + p[:, None]
@@ -79,40 +89,47 @@ def _empty_rotated(x: Tensor, planar_out: bool) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _rotate(x: Tensor, sin: Tensor, cos: Tensor, scale: float, inverse: bool,
-            planar_out: bool) -> Tensor:
-    """The rotation of ``x`` (by ``-angle`` with ``inverse``: the backward pass), contiguous,
-    or laid out as ``(B, heads, d, H, W)`` with ``planar_out``."""
-    batch, heads, height, width, dim = x.shape
-    out = _empty_rotated(x, planar_out)
-    grid = (cdiv(height * width, BLOCK_P), batch * heads)
-    sx_b, sx_h, _, _, sx_d = x.stride()
-    planar = _planar(x)
-    launch(_rope_kernel, grid, x, sin, cos, out, scale, heads, height, width, *x.stride(),
-           HEAD_DIM=dim, BLOCK_D=next_power_of_2(dim), BLOCK_P=BLOCK_P, NEGATE_SIN=inverse,
-           PLANAR=planar, PLANAR_OUT=planar_out,
+def _rotate(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor, q_scale: float, inverse: bool,
+            planar_out: bool) -> Tuple[Tensor, Tensor]:
+    """The rotations of ``q`` (times ``q_scale``) and ``k``, which share shape and strides (by
+    ``-angle`` with ``inverse``: the backward pass), contiguous, or laid out as ``(B, heads,
+    d, H, W)`` with ``planar_out``."""
+    batch, heads, height, width, dim = q.shape
+    out_q, out_k = _empty_rotated(q, planar_out), _empty_rotated(k, planar_out)
+    grid = (cdiv(height * width, BLOCK_P), 2 * batch * heads)
+    sx_b, sx_h, _, _, sx_d = q.stride()
+    planar = _planar(q)
+    launch(_rope_kernel, grid, q, k, sin, cos, out_q, out_k, q_scale, batch * heads, heads,
+           height, width, *q.stride(), HEAD_DIM=dim, BLOCK_D=next_power_of_2(dim),
+           BLOCK_P=BLOCK_P, NEGATE_SIN=inverse, PLANAR=planar, PLANAR_OUT=planar_out,
            ALIGN=alignment(height * width, sx_b, sx_h, sx_d) if planar else 1,
            num_warps=NUM_WARPS)
-    return out
+    return out_q, out_k
 
 
-def _rotate_fake(x, sin, cos, scale, inverse, planar_out):
-    return _empty_rotated(x, planar_out)
+def _rotate_fake(q, k, sin, cos, q_scale, inverse, planar_out):
+    return _empty_rotated(q, planar_out), _empty_rotated(k, planar_out)
 
 
 def _setup_context(ctx, inputs, output):
-    x, sin, cos, scale, _, _ = inputs
+    q, _, sin, cos, q_scale, _, _ = inputs
     ctx.save_for_backward(sin, cos)
-    ctx.scale = scale
-    ctx.planar = _planar(x)  # the gradient in x's layout where x is a view of a map
+    ctx.q_scale = q_scale
+    ctx.planar = _planar(q)  # the gradients in the inputs' layout where they view a map
 
 
 def _gradients(forward: Callable, backward: Callable) -> Callable:
-    """The autograd backward: the rotation back, by ``backward``."""
+    """The autograd backward: the rotations back, by ``backward`` (an output's missing
+    gradient as zeros)."""
 
-    def gradients(ctx, dy):
+    def gradients(ctx, dq, dk):
         sin, cos = ctx.saved_tensors
-        return backward(dy, sin, cos, ctx.scale, True, ctx.planar), None, None, None, None, None
+        dq = torch.zeros_like(dk) if dq is None else dq
+        dk = torch.zeros_like(dq) if dk is None else dk
+        if dq.stride() != dk.stride():  # the kernel reads both through one set of strides
+            dq, dk = dq.contiguous(), dk.contiguous()
+        return (*backward(dq, dk, sin, cos, ctx.q_scale, True, ctx.planar),
+                None, None, None, None, None)
 
     return gradients
 
@@ -122,10 +139,11 @@ ROTARY_EMBEDDING = TritonAutogradOp('rotary_embedding', _rotate, _rotate_fake, _
                                     _rotate_fake, _setup_context, _gradients)
 
 
-def rotary_embedding_triton(x: Tensor, sin: Tensor, cos: Tensor, scale: float = 1.0) -> Tensor:
-    """:func:`~mmseg_segman.ops.rotary_embedding_2d` of ``x (B, heads, H, W, d)`` (any strides,
-    float32, bfloat16 or float16) with float32 contiguous ``sin``/``cos`` ``(H, W, d)``;
-    contiguous output in ``x``'s dtype, through :data:`ROTARY_EMBEDDING`; the input gradient
-    laid out as ``(B, heads, d, H, W)`` (a map's) where ``x``'s planes are contiguous, else
-    contiguous."""
-    return ROTARY_EMBEDDING(x, sin, cos, scale, False, False, records=records_autograd(x))
+def rotary_embedding_triton(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor,
+                            q_scale: float = 1.0) -> Tuple[Tensor, Tensor]:
+    """:func:`~mmseg_segman.ops.rotary_embedding_2d` of ``q`` and ``k (B, heads, H, W, d)``
+    (one shape and strides, any strides, float32, bfloat16 or float16) with float32
+    contiguous ``sin``/``cos`` ``(H, W, d)``; contiguous outputs in the inputs' dtype, through
+    :data:`ROTARY_EMBEDDING`; the input gradients laid out as ``(B, heads, d, H, W)`` (a
+    map's) where the inputs' planes are contiguous, else contiguous."""
+    return ROTARY_EMBEDDING(q, k, sin, cos, q_scale, False, False, records=records_autograd(q, k))

@@ -85,6 +85,36 @@ def check(batch, channels, height, width, dtype, tol, offset=0.0, view=None):
     print(f'{str(dtype)[6:]} B{batch} C{channels} {height}x{width} offset {offset}: ok')
 
 
+def check_partial_sums_stored_deterministically():
+    """The programs add their partial parameter gradients into one row by atomics; under
+    ``torch.use_deterministic_algorithms`` each stores a row of its own, which PyTorch adds
+    up: the same gradients to float32 rounding, and bit for bit from run to run."""
+    from unittest import mock
+
+    from mmseg_segman.ops import triton_layer_norm as tln
+
+    inputs = make_inputs(2, 37, 5, 13, torch.float32, seed=5)
+    dy = torch.randn(2, 37, 5, 13, generator=torch.Generator().manual_seed(2))
+
+    def grads():
+        return outputs_and_grads(lambda *t: tln.layer_norm_2d_triton(*t, 1e-6, torch.float32),
+                                 inputs, dy)[1:]
+
+    with mock.patch.object(tln, 'partial_sum_rows', side_effect=tln.partial_sum_rows) as rows:
+        shared = grads()
+    assert rows.call_args.args == (4, tln.PARTIAL_ROWS)  # 2 x 2 programs of 64 pixels
+    assert tln.partial_sum_rows(4, tln.PARTIAL_ROWS) == (1, True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        own, again = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(own, again))
+    for a, b in zip(shared, own):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    print('partial sums, shared and stored: ok')
+
+
 def sliced(x):
     """The same values as channels 2.. of a wider map: batch stride larger than C*H*W."""
     wide = torch.cat([torch.zeros_like(x[:, :2]), x], 1)
@@ -192,6 +222,7 @@ def main():
     for channels in (37, 300):
         check(2, channels, 5, 13, torch.bfloat16, 2e-2)
     check(1, 8, 4, 4, torch.float16, 2e-3)
+    check_partial_sums_stored_deterministically()
     check_dispatch()
     check_inference_path()
     check_addends()

@@ -114,8 +114,10 @@ def test_cross_scan_kernels_compile(activation, length, align):
         assert compile_for_h100(cross._cross_scan_fwd_kernel, activation, SCAN_FLOAT32_POINTERS,
                                 warps, STORE_CKPT=store_ckpt, CKPT=bwd_l, BLOCK_D=block_d,
                                 BLOCK_L=block_l, ALIGN=align)
-    assert compile_for_h100(cross._cross_scan_bwd_kernel, activation, SCAN_FLOAT32_POINTERS,
-                            bwd_warps, BLOCK_D=bwd_d, BLOCK_L=bwd_l, ALIGN=align)
+    for atomic_bc in (True, False):
+        assert compile_for_h100(cross._cross_scan_bwd_kernel, activation, SCAN_FLOAT32_POINTERS,
+                                bwd_warps, BLOCK_D=bwd_d, BLOCK_L=bwd_l, ALIGN=align,
+                                ATOMIC_BC=atomic_bc)
     block_h, block_w = cross.MERGE_TILE
     for layout in (cross._merge_kernel, cross._both_orders_kernel):
         assert compile_for_h100(layout, activation, SCAN_FLOAT32_POINTERS, 4,
@@ -144,7 +146,7 @@ def test_cross_scan_kernels_compile(activation, length, align):
 @pytest.mark.parametrize('block_d,block_l,warps', [(1, 128, 4), (4, 256, 8), (8, 16, 4)])
 def test_cross_scan_kernels_compile_at_other_blocks(block_d, block_l, warps):
     assert compile_for_h100(cross._cross_scan_bwd_kernel, 'bf16', SCAN_FLOAT32_POINTERS, warps,
-                            BLOCK_D=block_d, BLOCK_L=block_l, ALIGN=ALIGNMENT)
+                            BLOCK_D=block_d, BLOCK_L=block_l, ALIGN=ALIGNMENT, ATOMIC_BC=True)
     assert compile_for_h100(cross._cross_scan_fwd_kernel, 'bf16', SCAN_FLOAT32_POINTERS, warps,
                             STORE_CKPT=True, CKPT=512 // block_l, BLOCK_D=block_d,
                             BLOCK_L=block_l, ALIGN=ALIGNMENT)
@@ -208,8 +210,10 @@ def test_layer_norm_forward_compiles(activation, align, channels):
 @pytest.mark.parametrize('align', [1, ALIGNMENT])
 def test_layer_norm_backward_compiles(activation, align):
     chunks = tln.CHUNKS  # the backward's, at every channel count
-    assert compile_for_h100(tln._ln2d_bwd_kernel, activation, LN_FLOAT32_POINTERS, chunks.num_warps,
-                            BLOCK_C=chunks.block_c, BLOCK_P=chunks.block_p, ALIGN=align)
+    for atomic in (True, False):  # partial sums added into shared rows, or stored
+        assert compile_for_h100(tln._ln2d_bwd_kernel, activation, LN_FLOAT32_POINTERS | {'partial_ptr'},
+                                chunks.num_warps, BLOCK_C=chunks.block_c, BLOCK_P=chunks.block_p,
+                                ALIGN=align, ATOMIC=atomic)
 
 
 # the activations at bf16 with aligned sizes (the model's case); float32 and unaligned with two
@@ -292,8 +296,8 @@ def test_pointwise_conv_kernels_compile(activation, out_channels, channels):
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
 @pytest.mark.parametrize('head_dim', [24, 36])  # SegMAN-B's stage 1 and SegMAN-T's stage 3
 def test_rotary_embedding_kernel_compiles(activation, head_dim):
-    # the forward on a view of the qkv map (planar, aligned), the backward on the attention's
-    # gradient (planar) into qkv's layout, and on a contiguous gradient, unaligned
+    # the forward on views of the qkv map (planar, aligned), the backward on the attention's
+    # gradients (planar) into qkv's layout, and on contiguous gradients, unaligned
     for inverse, planar, align in ((False, True, ALIGNMENT), (True, True, ALIGNMENT),
                                    (True, False, 1)):
         assert compile_for_h100(trope._rope_kernel, activation, {'sin_ptr', 'cos_ptr'},

@@ -116,6 +116,37 @@ def check(batch, channels, height, width, dtype, tol, blocks=(None, None), trans
             outputs_and_grads(sequential, [t.double() for t in inputs], dy.double()), tol)
 
 
+def check_shared_partial_sum_rows():
+    """Channel blocks beyond ``BC_ROWS`` add ``dB`` and ``dC`` into shared rows by atomics
+    (blocks 0, 2, 4 into row 0 here): the gradients match the stored rows' of one row a block,
+    which ``torch.use_deterministic_algorithms`` keeps."""
+    import torch
+
+    from mmseg_segman.ops import triton_cross_selective_scan as scan
+
+    inputs = make_inputs(2, 5, 3, 7, torch.float32, seed=3)
+    dy = torch.randn(2, 5, 3, 7, generator=torch.Generator().manual_seed(4))
+    blocks = ((2, 16, 4), (1, 16, 4))  # five channel blocks in the backward pass
+    def run():
+        return outputs_and_grads(lambda *t: scan.cross_selective_scan_triton(*t, *blocks),
+                                 inputs, dy)
+
+    rows = scan.BC_ROWS
+    try:
+        scan.BC_ROWS = 2
+        assert scan.partial_sum_rows(5, scan.BC_ROWS) == (2, True)
+        shared = run()
+        torch.use_deterministic_algorithms(True)
+        assert scan.partial_sum_rows(5, scan.BC_ROWS) == (5, False)
+        own = run()
+    finally:
+        scan.BC_ROWS = rows
+        torch.use_deterministic_algorithms(False)
+    compare('rows shared by atomics vs a row a block', shared, own, 1e-6)
+    compare('rows shared by atomics vs loop', shared,
+            outputs_and_grads(sequential, [t.double() for t in inputs], dy.double()), 1e-5)
+
+
 def strided_views(inputs):
     """The same values with the strides SS2D produces and more: dt_low, B, C split from one
     tensor (read in place), dt_low also with the sequence not innermost, x channels-last."""
@@ -403,6 +434,7 @@ def main():
           transform=strided_views)
     check_stiff_decay()
     check_stiff_decay(blocks=((2, 16, 4), (2, 8, 4)))
+    check_shared_partial_sum_rows()
     check_saved_states()
     check_merge()
     check_layouts_and_projection()

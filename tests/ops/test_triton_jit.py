@@ -235,3 +235,17 @@ def test_alignment_is_8_only_where_every_size_and_stride_is_a_multiple_of_8():
     assert triton_jit.alignment(30 * 30, 96 * 30 * 30) == 1  # 900 = 8 * 112 + 4
     assert triton_jit.alignment(2 ** 40 + 8, 8) == triton_jit.ALIGNMENT  # 64-bit strides
     assert triton_jit.alignment(16, 24, 36) == 1
+
+
+def test_partial_sum_rows_shared_past_their_count_unless_deterministic():
+    from mmseg_segman.ops.triton_jit import empty_partial_sums, partial_sum_rows
+
+    assert partial_sum_rows(3, 4) == (3, False) and partial_sum_rows(4, 4) == (4, False)
+    assert partial_sum_rows(5, 4) == (4, True) and partial_sum_rows(500, 1) == (1, True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert partial_sum_rows(500, 1) == (500, False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    zeroed = empty_partial_sums(2, 3, True, torch.device('cpu'))
+    assert zeroed.dtype == torch.float32 and zeroed.shape == (2, 3) and not zeroed.any()

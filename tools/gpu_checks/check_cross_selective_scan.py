@@ -13,12 +13,17 @@ here (``torch+triton1d``, ``torch+mamba_ssm``) were removed: the models never ra
    model sizes: output and the gradients of all seven inputs against the ``torch`` backend
    on the same values upcast to float64. Error = max |x - ref| / max |ref|; PASS when under
    the dtype's tolerance or under twice the error of the ``torch`` backend itself in that
-   dtype. The triton backend is also run twice and must give bitwise equal results.
+   dtype. The triton backend is also run twice under ``torch.use_deterministic_algorithms``
+   and must give bitwise equal results (by default the backward's ``dB`` and ``dC`` add
+   channel blocks into shared rows by atomics, in a run-dependent order).
 2. Timing (CUDA events, warm-up, median): forward under ``no_grad`` and forward+backward,
    with the peak memory of forward+backward.
 3. ``--sweep``: time of the triton kernels for several (BLOCK_D, BLOCK_L, num_warps): the
    forward alone, forward+backward by backward blocks.
-4. ``--sweep-projection``: the step projection's backward alone at SegMAN-L's stage sizes
+4. ``--sweep-bc-rows``: the backward's GPU ms (from CUDA graphs) at SegMAN-L's stage sizes by
+   the rows of ``dB``'s and ``dC``'s partial sums (``BC_ROWS``; ``one a block`` is the
+   deterministic path).
+5. ``--sweep-projection``: the step projection's backward alone at SegMAN-L's stage sizes
    (batch 8, bf16 ``dt_low``, float32 ``ddelta``): PyTorch's products under bf16 autocast (as
    the backward ran them before the Triton kernel), in float32 (the reference's), and the
    Triton kernel at its default and other launch shapes, with each one's error against
@@ -26,8 +31,10 @@ here (``torch+triton1d``, ``torch+mamba_ssm``) were removed: the models never ra
 Exits 1 if any check failed.
 """
 import argparse
+import contextlib
 import importlib
 import math
+import os
 import statistics
 import sys
 import types
@@ -38,6 +45,8 @@ import torch
 from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[2]
+# cuBLAS under torch.use_deterministic_algorithms (the torch backend's products)
+os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
 
 
 def load_ops(*names: str) -> List[types.ModuleType]:
@@ -126,13 +135,24 @@ def check_correctness(variants: List[str]) -> int:
                       f'worst {errs[variant][worst]:.1e} ({worst}); torch {floor / 2:.1e}; all: '
                       + ' '.join(f'{n} {e:.0e}' for n, e in errs[variant].items()))
             if 'triton' in variants:
-                first, second = (outputs_and_grads(op('triton'), inputs, dy) for _ in range(2))
+                with deterministic():
+                    first, second = (outputs_and_grads(op('triton'), inputs, dy) for _ in range(2))
                 same = all(torch.equal(a, b) for a, b in zip(first, second))
                 failures += not same
                 print(f'{"PASS" if same else "FAIL"} triton deterministic {name} {str(dtype)[6:]}')
             del want, errs
             torch.cuda.empty_cache()
     return failures
+
+
+@contextlib.contextmanager
+def deterministic():
+    """``torch.use_deterministic_algorithms(True)`` inside."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def median_ms(fn: Callable, iters: int, warmup: int = 3) -> float:
@@ -199,6 +219,55 @@ def sweep(iters: int) -> None:
               + f'; best {best}, default {triton_scan.block_sizes(length, backward=True)}')
 
 
+# SegMAN-L's stages 1-3 at 512x512, batch 8
+BC_ROWS_SHAPES = [(8, 96, 128, 128), (8, 192, 64, 64), (8, 432, 32, 32)]
+BC_ROWS_SWEEP = [1, 4, 8, 16, 32, 64]
+
+
+def graph_ms(fn: Callable, calls: int = 10, replays: int = 5) -> float:
+    """GPU ms a call of ``fn``, replayed from a CUDA graph of ``calls`` calls (no host time)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays / calls
+
+
+def sweep_bc_rows() -> None:
+    """The backward op's GPU ms (its kernels and PyTorch's reductions, from CUDA graphs) by
+    ``BC_ROWS`` (:data:`BC_ROWS_SWEEP`), and with one row a channel block (deterministic),
+    bfloat16."""
+    triton_scan, = load_ops('triton_cross_selective_scan')
+    default = triton_scan.BC_ROWS
+    print(f'\nbackward GPU ms by rows of dB, dC partial sums (default {default}), bfloat16')
+    for shape in BC_ROWS_SHAPES:
+        inputs = make_inputs(*shape, torch.bfloat16)
+        dy = torch.randn(*shape, device='cuda', dtype=torch.bfloat16)
+        states = triton_scan._cross_scan_forward_impl(*inputs, True, [])[1]
+
+        def backward():
+            triton_scan._cross_scan_backward_impl(dy, *inputs, states, [])
+
+        with deterministic():
+            cells = [f'one a block {graph_ms(backward):.4f}']
+        try:
+            for rows in BC_ROWS_SWEEP:
+                triton_scan.BC_ROWS = rows
+                cells.append(f'{rows} {graph_ms(backward):.4f}')
+        finally:
+            triton_scan.BC_ROWS = default
+        print(f'{shape}: ' + ', '.join(cells), flush=True)
+
+
 # SegMAN-L's SS2D at 512x512: (channels, rank, steps) of stages 1-4
 PROJECTION_SHAPES = [(96, 6, 128 * 128), (192, 12, 64 * 64), (432, 27, 32 * 32), (640, 40, 16 * 16)]
 # (BLOCK_C, BLOCK_L, num_warps, min_programs)
@@ -241,11 +310,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--iters', type=int, default=20)
     parser.add_argument('--sweep', action='store_true', help='time several triton block sizes')
+    parser.add_argument('--sweep-bc-rows', action='store_true',
+                        help="only time the backward by rows of dB's and dC's partial sums")
     parser.add_argument('--sweep-projection', action='store_true',
                         help="only time the step projection's backward (no checks)")
     args = parser.parse_args()
     if args.sweep_projection:
         sweep_projection(args.iters)
+        return
+    if args.sweep_bc_rows:
+        sweep_bc_rows()
         return
     import triton
     print(f'{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; '

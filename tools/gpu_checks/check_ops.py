@@ -8,8 +8,9 @@ gradients of all its inputs are compared with the ``torch`` backend run on the s
 upcast to float64. The error is ``||x - ref|| / ||ref||``; a check passes when it is under
 the dtype's tolerance, or under twice the error of the ``torch`` backend itself in that
 dtype (the reference's own rounding sets the floor); a ``triton`` backend must also give the
-same numbers bit for bit in a second run (its kernels then launch directly,
-``triton_jit.launch``). Last, unless ``--ops`` names the ops to check, the SegMAN-T encoder
+same numbers bit for bit in two more runs under ``torch.use_deterministic_algorithms`` (the
+second's kernels launch directly, ``triton_jit.launch``; by default the scan's backward adds
+partial sums by atomics, in a run-dependent order). Last, unless ``--ops`` names the ops to check, the SegMAN-T encoder
 runs forward and backward on the fast and the reference path (float32 and bf16 autocast; on a
 fresh machine it compiles every kernel first, over a minute: ``--ops`` runs alone ran into
 their calls' time limits, docs/benchmarks.md). ``--backends`` checks only those backends
@@ -20,7 +21,7 @@ Prints one PASS/FAIL line per check and exits 1 if any failed.
 import argparse
 import math
 import sys
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -146,10 +147,10 @@ class Fixed(NamedTuple):
 
 def rope_case(batch, heads, height, width, dim, scale=1.0):
     def make(dtype):
-        # a permuted view of a qkv map, as the encoder passes queries and keys
-        qkv = _randn(batch, 3, heads, dim, height, width, dtype=dtype)
+        # permuted views of a qkv map, as the encoder passes queries and keys
+        qkv = _randn(batch, 3, heads, dim, height, width, dtype=dtype).permute(1, 0, 2, 4, 5, 3)
         sin, cos = RoPE2d(dim).cuda()((height, width))
-        return [qkv.permute(1, 0, 2, 4, 5, 3)[0], Fixed(sin), Fixed(cos), scale]
+        return [qkv[0], qkv[1], Fixed(sin), Fixed(cos), scale]
     return 'rotary_embedding', f'B{batch} h{heads} {height}x{width} d{dim} scale {scale}', make
 
 
@@ -200,7 +201,8 @@ def run(fn: Callable, args: List, cotangent: Optional[Tensor], upcast: bool = Fa
     """``fn(*args)``, the cotangent, the gradients of its floating-point tensor args (and of
     the tensors of a :class:`Residual`, but its per-sample factor; not of :class:`Fixed` ones)
     for ``cotangent``, and the outputs after the first where it returns several (compared
-    exactly: ``cross_entropy_2d``'s prediction)."""
+    exactly: ``cross_entropy_2d``'s prediction); several floating-point outputs of one shape
+    are stacked into one (``rotary_embedding``'s queries and keys)."""
     leaves = []
 
     def leaf(a, differentiable=True):
@@ -216,6 +218,9 @@ def run(fn: Callable, args: List, cotangent: Optional[Tensor], upcast: bool = Fa
         return a
 
     out = fn(*[leaf(a) for a in args])
+    if isinstance(out, tuple) and all(o.is_floating_point() and o.shape == out[0].shape
+                                      for o in out):
+        out = torch.stack(out)
     out, *extras = out if isinstance(out, tuple) else (out,)
     g = torch.randn_like(out, dtype=torch.float32) if cotangent is None else cotangent
     out.backward(g.to(out.dtype))
@@ -248,7 +253,8 @@ def check_op_backends(seed: int, only: Optional[List[str]] = None,
                 try:
                     with autocast:
                         out, _, grads, extras = run(op.backends[name].fn, args, g)
-                        again = run(op.backends[name].fn, args, g) if name == 'triton' else None
+                        once, again = repeated_deterministically(op.backends[name].fn, args, g) \
+                            if name == 'triton' else (None, None)
                 except Exception as e:  # a crash is a failure of this backend, not of the script
                     print(f'FAIL {op_name:24s} {name:7s} {str(dtype)[6:]:8s} {case_name}: '
                           f'{type(e).__name__}: {str(e)[:200]}')
@@ -268,13 +274,24 @@ def check_op_backends(seed: int, only: Optional[List[str]] = None,
                     ok &= exact
                     worst.append('other outputs ' + ('equal' if exact else 'DIFFER'))
                 if again is not None:  # its kernels launched directly (triton_jit.launch)
-                    repeated = same(again[0], out) and all(map(same, again[2], grads))
+                    repeated = same(again[0], once[0]) and all(map(same, again[2], once[2]))
                     ok &= repeated
                     worst.append('repeat ' + ('equal' if repeated else 'DIFFERS'))
                 results.append(ok)
                 print(f'{"PASS" if ok else "FAIL"} {op_name:24s} {name:7s} {str(dtype)[6:]:8s} '
                       f'{case_name}: ' + ', '.join(worst))
     return results
+
+
+def repeated_deterministically(fn: Callable, args: List, cotangent: Tensor) -> Tuple:
+    """:func:`run` twice under ``torch.use_deterministic_algorithms`` (kernels whose atomics
+    add in a run-dependent order take their ordered paths): the second run's kernels launch
+    directly (:func:`~mmseg_segman.ops.triton_jit.launch`), and must give the first's bits."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return run(fn, args, cotangent), run(fn, args, cotangent)
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def same(a: Optional[Tensor], b: Optional[Tensor]) -> bool:

@@ -1,5 +1,4 @@
 """SegMAN encoder: a four-stage hierarchy of LASS blocks (local attention + state space)."""
-from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -24,7 +23,6 @@ from ...ops.resize import bicubic_matrix
 from ..layers import (SS2D, ConvNormSequence, DenseConv2d, DepthwiseConv2d, LayerNorm2d,
                       PointwiseConv2d, RoPE2d, SegMANBlock)
 from ..layers.norm import batch_norm_with_statistics
-from ..layers.recompute import recomputed_for_backward
 from ..strict_loading import WeightsMismatchError, refuse_mismatched_weights
 from ..cuda_graphs import CUDAGraphs
 from ..variants import ENCODER_ARCHS
@@ -150,14 +148,7 @@ class LASS(nn.Module):
         lepe = self.lepe(v)
         q, k, v = (t.view(batch, self.num_heads, self.head_dim, height, width).permute(0, 1, 3, 4, 2)
                    for t in (q, k, v))  # each (B, heads, H, W, head_dim)
-        rotate_q = partial(rotary_embedding_2d, sin=sin, cos=cos, scale=self.scale)
-        rotate_k = partial(rotary_embedding_2d, sin=sin, cos=cos)
-        q_rotated, k_rotated = rotate_q(q), rotate_k(k)
-        # in a captured training step the attention's backward pass rotates q and k again
-        # (qkv, lepe's input, is kept)
-        with recomputed_for_backward(q_rotated, q, rotate_q), \
-                recomputed_for_backward(k_rotated, k, rotate_k):
-            y = self._attention(q_rotated, k_rotated, v)
+        y = self._attention(*rotary_embedding_2d(q, k, sin, cos, q_scale=self.scale), v)
         if self.global_mode:
             y = y.transpose(-1, -2).reshape(batch, channels, height, width) + lepe
         else:

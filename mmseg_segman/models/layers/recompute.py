@@ -2,11 +2,11 @@
 while a CUDA graph captures the training step.
 
 A block's depthwise convolutions with a residual (``cpe1``, ``cpe2``, the FFN's ``dwconv``)
-and LASS's rotary embedding make maps that the next op saves for its backward pass, while
-their own input is kept anyway. :func:`recomputed_for_backward` makes autograd keep that
-input alone and make the map again when the backward pass unpacks it: a memory-bound kernel
-in exchange for a map (SegMAN-L at batch 8: 9.31 -> 6.81 GiB of saved activations,
-docs/benchmarks.md).
+make maps that the next op saves for its backward pass, while their own input is kept anyway.
+:func:`recomputed_for_backward` makes autograd keep that input alone and make the map again
+when the backward pass unpacks it: a memory-bound kernel in exchange for a map
+(docs/benchmarks.md). LASS's rotated queries and keys are kept: making them again took two
+launches a block for a map of 2C channels.
 
 It acts where the training step is captured as a CUDA graph (``cuda_graph=True``): the
 graph's memory pool cannot lend the rest of the step what it holds, and a replay pays no

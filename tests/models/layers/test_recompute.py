@@ -148,10 +148,10 @@ def test_a_block_keeps_less_and_its_gradients_are_unchanged():
         assert torch.equal(plain, recomputed)
 
 
-def test_the_encoder_on_the_gpus_path_keeps_three_maps_and_its_ffn_map_fewer_a_block():
+def test_the_encoder_on_the_gpus_path_keeps_two_maps_and_its_ffn_map_fewer_a_block():
     """On the GPU's path (fake CUDA tensors, Triton kernels not launched): a block keeps
-    neither the cpe convolutions' outputs nor the FFN's hidden map, nor LASS's rotated q and k
-    (``qkv`` stays for lepe; on the CPU's path the attention keeps copies of q and k)."""
+    neither the cpe convolutions' outputs nor the FFN's hidden map (LASS's rotated q and k
+    are kept)."""
     pytest.importorskip('triton')
     encoder = SegMANEncoder(arch='t').train()
     kept = {}
@@ -162,8 +162,8 @@ def test_the_encoder_on_the_gpus_path_keeps_three_maps_and_its_ffn_map_fewer_a_b
             with recomputing(recompute_on):
                 kept[recompute_on] = sum(kept_storages(encoder, x)[1].values())
     arch = ENCODER_ARCHS['t']
-    # a float32 (B, C, H, W) map a block: q, k, cpe1's and cpe2's outputs, mlp_ratio for the FFN
-    maps = [(4 + ratio) * 2 * channels * (64 // stride) * (96 // stride) * 4 * depth
+    # a float32 (B, C, H, W) map a block: cpe1's and cpe2's outputs, mlp_ratio for the FFN
+    maps = [(2 + ratio) * 2 * channels * (64 // stride) * (96 // stride) * 4 * depth
             for channels, ratio, stride, depth
             in zip(arch['embed_dims'], arch['mlp_ratios'], (4, 8, 16, 32), arch['depths'])]
     assert kept[False] - kept[True] == sum(maps)

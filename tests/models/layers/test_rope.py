@@ -12,15 +12,16 @@ def test_rope_follows_spec():
     assert torch.equal(rope.angle, torch.stack([base, base], 1).flatten())
     sin, cos = rope((height, width))
     assert sin.shape == cos.shape == (height, width, head_dim)
-    x = torch.randn(2, 1, height, width, head_dim)
-    out = rotary_embedding_2d(x, sin, cos)
-    for i in range(height):
-        for j in range(width):
-            phase = torch.cat([i * rope.angle, j * rope.angle])
-            v = x[:, :, i, j]
-            rotated = torch.empty_like(v)
-            rotated[..., 0::2], rotated[..., 1::2] = -v[..., 1::2], v[..., 0::2]
-            torch.testing.assert_close(out[:, :, i, j], v * phase.cos() + rotated * phase.sin())
+    q, k = torch.randn(2, 2, 1, height, width, head_dim)
+    for x, out in zip((q, k), rotary_embedding_2d(q, k, sin, cos)):
+        for i in range(height):
+            for j in range(width):
+                phase = torch.cat([i * rope.angle, j * rope.angle])
+                v = x[:, :, i, j]
+                rotated = torch.empty_like(v)
+                rotated[..., 0::2], rotated[..., 1::2] = -v[..., 1::2], v[..., 0::2]
+                torch.testing.assert_close(out[:, :, i, j],
+                                           v * phase.cos() + rotated * phase.sin())
 
 
 def test_rope_keeps_angle_in_state_dict_and_checks_head_dim():
@@ -31,8 +32,9 @@ def test_rope_keeps_angle_in_state_dict_and_checks_head_dim():
 
 def test_rotary_embedding_gradcheck():
     sin, cos = RoPE2d(8).double()((2, 3))
-    x = torch.randn(1, 2, 2, 3, 8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: rotary_embedding_2d(t, sin, cos, 0.5), (x,))
+    q, k = torch.randn(2, 1, 2, 2, 3, 8, dtype=torch.float64).unbind()
+    assert torch.autograd.gradcheck(lambda *qk: rotary_embedding_2d(*qk, sin, cos, 0.5),
+                                    (q.requires_grad_(), k.requires_grad_()))
 
 
 def test_tables_are_kept_per_size_until_the_angles_change():
