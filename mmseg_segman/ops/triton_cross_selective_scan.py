@@ -50,7 +50,8 @@ These partial sums are reduced in PyTorch (over channel blocks, resp. the batch)
 there are many channel blocks, they add ``dB`` and ``dC`` into :data:`BC_ROWS` rows by
 atomics, which PyTorch then sums (:func:`~.triton_jit.partial_sum_rows`: one row a block,
 stored, under ``torch.use_deterministic_algorithms``); ``ddelta`` goes back through the step
-projection in one more kernel, in float32 (:func:`_project_steps_bwd_kernel`). Gradients are returned in the inputs' dtypes and layouts.
+projection in one more kernel, in float32 (:func:`_project_steps_bwd_kernel`). Gradients are
+returned in the inputs' dtypes and layouts.
 
 ``torch.compile`` traces the kernels as the ``torch.library`` custom ops
 ``mmseg_segman::cross_scan_forward`` and ``cross_scan_backward`` (:data:`CROSS_SCAN`, a

@@ -15,10 +15,10 @@ Backward: ``dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))`` with ``g = d
 from the saved per-pixel mean and ``rstd``; every program adds its partial sums of
 ``dy * xhat`` and ``dy`` per channel into one row by atomics (:data:`PARTIAL_ROWS`), the
 weight and bias gradients; under ``torch.use_deterministic_algorithms`` it writes a row of its
-own, which PyTorch adds up (one reduction; :func:`~.triton_jit.partial_sum_rows`). Sizes and strides are runtime values: one compilation per
-dtype and tiling (chunks, or a tile of 512 channels) serves every map size where they are
-multiples of 8 (16-byte loads and stores, :func:`~.triton_jit.aligned`), one more every other
-size.
+own, which PyTorch adds up (one reduction; :func:`~.triton_jit.partial_sum_rows`). Sizes and
+strides are runtime values: one compilation per dtype and tiling (chunks, or a tile of 512
+channels) serves every map size where they are multiples of 8 (16-byte loads and stores,
+:func:`~.triton_jit.aligned`), one more every other size.
 
 ``torch.compile`` traces the kernels as the custom ops ``mmseg_segman::layer_norm_2d_forward``
 and ``_backward`` (:data:`LAYER_NORM_2D`, a :class:`~.triton_jit.TritonAutogradOp`).
@@ -37,8 +37,8 @@ from .triton_jit import (TritonAutogradOp, aligned, alignment, cdiv, empty_parti
 
 RESIDENT_ELEMENTS = 8192  # (channels, pixels) of a tile kept in registers, 32 a thread
 L1_CHANNELS = 256  # up to these, a chunked program's 64-pixel rows (32 KiB) stay in L1
-_RUNTIME_INTS = {'channels', 'pixels', 'pixel_blocks', 'partial_rows', 'sx_b', 'sx_c', 'sy_b', 'sy_c',
-                 'sd_b', 'sd_c', 'sa1_b', 'sa1_c', 'sa2_b', 'sa2_c'}
+_RUNTIME_INTS = {'channels', 'pixels', 'pixel_blocks', 'partial_rows', 'sx_b', 'sx_c', 'sy_b',
+                 'sy_c', 'sd_b', 'sd_c', 'sa1_b', 'sa1_c', 'sa2_b', 'sa2_c'}
 
 
 class Tiling(NamedTuple):

@@ -127,6 +127,7 @@ def check_shared_partial_sum_rows():
     inputs = make_inputs(2, 5, 3, 7, torch.float32, seed=3)
     dy = torch.randn(2, 5, 3, 7, generator=torch.Generator().manual_seed(4))
     blocks = ((2, 16, 4), (1, 16, 4))  # five channel blocks in the backward pass
+
     def run():
         return outputs_and_grads(lambda *t: scan.cross_selective_scan_triton(*t, *blocks),
                                  inputs, dy)

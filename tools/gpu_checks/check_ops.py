@@ -9,11 +9,12 @@ upcast to float64. The error is ``||x - ref|| / ||ref||``; a check passes when i
 the dtype's tolerance, or under twice the error of the ``torch`` backend itself in that
 dtype (the reference's own rounding sets the floor); a ``triton`` backend must also give the
 same numbers bit for bit in two more runs under ``torch.use_deterministic_algorithms`` (the
-second's kernels launch directly, ``triton_jit.launch``; by default the scan's backward adds
-partial sums by atomics, in a run-dependent order). Last, unless ``--ops`` names the ops to check, the SegMAN-T encoder
-runs forward and backward on the fast and the reference path (float32 and bf16 autocast; on a
-fresh machine it compiles every kernel first, over a minute: ``--ops`` runs alone ran into
-their calls' time limits, docs/benchmarks.md). ``--backends`` checks only those backends
+second's kernels launch directly, ``triton_jit.launch``; by default the scan's and the layer
+norm's backward add partial sums by atomics, in a run-dependent order). Last, unless
+``--ops`` names the ops to check, the SegMAN-T encoder runs forward and backward on the fast
+and the reference path (float32 and bf16 autocast; on a fresh machine it compiles every
+kernel first, over a minute: ``--ops`` runs alone ran into their calls' time limits,
+docs/benchmarks.md). ``--backends`` checks only those backends
 (``--backends triton`` leaves out FlexAttention, which compiles each case for tens of
 seconds: the attention's checks alone filled a call's 170 s, twenty-sixth session).
 Prints one PASS/FAIL line per check and exits 1 if any failed.
