@@ -119,13 +119,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _gradients(forward: Callable, backward: Callable) -> Callable:
-    """The autograd backward: the rotations back, by ``backward`` (an output's missing
-    gradient as zeros)."""
+    """The autograd backward: the rotations back, by ``backward`` (autograd hands an unused
+    output's gradient as zeros)."""
 
     def gradients(ctx, dq, dk):
         sin, cos = ctx.saved_tensors
-        dq = torch.zeros_like(dk) if dq is None else dq
-        dk = torch.zeros_like(dq) if dk is None else dk
         if dq.stride() != dk.stride():  # the kernel reads both through one set of strides
             dq, dk = dq.contiguous(), dk.contiguous()
         return (*backward(dq, dk, sin, cos, ctx.q_scale, True, ctx.planar),
