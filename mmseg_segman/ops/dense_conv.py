@@ -1,6 +1,6 @@
 """Convolution of all input channels of a ``(B, C, H, W)`` map (one group, any kernel,
 stride and zero padding), optionally followed by a batch norm in eval mode and a GELU: the
-encoder's stem and downsampling convolutions and the decoder's fusion and strided ones.
+encoder's stem and downsampling convolutions and the decoder's strided ones.
 
 Backends: ``triton`` (:mod:`.triton_dense_conv`: one implicit matrix product, the norm and
 the GELU applied before the result is stored, no plan per input shape where cuDNN builds one

@@ -4,10 +4,9 @@ and the cost of a first call at a new input shape.
     python3 tools/gpu_checks/check_dense_conv.py [--arch t] [--batch 16] [--out dense.jsonl]
     python3 tools/gpu_checks/check_dense_conv.py --sweep [--arch l] ...   # launch shapes
 
-The ten convolutions outside the blocks at 512x512: the stem's four 3x3 (each with its eval
+The nine convolutions outside the blocks at 512x512: the stem's four 3x3 (each with its eval
 batch norm, the first three with a GELU), the three downsampling 3x3 (with their norms), the
-decoder's fusion (1x1) and its two strided convolutions (3x3 stride 2,
-5x5 stride 4). For each, under ``torch.inference_mode``, the ``triton`` and ``torch``
+decoder's two strided convolutions (3x3 stride 2, 5x5 stride 4). For each, under ``torch.inference_mode``, the ``triton`` and ``torch``
 (``F.conv2d`` on cuDNN, then ``F.batch_norm`` and ``F.gelu``) backends:
 
 * ``error``: the largest difference from the ``torch`` backend in float64 over its largest
@@ -59,7 +58,6 @@ def layers(arch: str, batch: int):
         side = 128 >> i
         yield (f'downsample {i + 1}', (batch, dims[i], side, side), False, dims[i + 1], 3, 2, 1,
                True, None)
-    yield 'head fusion', (batch, 3 * projection, 64, 64), False, channels, 1, 1, 0, False, None
     yield 'head stride 2', (batch, channels, 64, 64), False, 2 * channels, 3, 2, 1, False, None
     yield 'head stride 4', (batch, channels, 64, 64), False, 4 * channels, 5, 4, 1, False, None
 

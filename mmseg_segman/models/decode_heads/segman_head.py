@@ -79,12 +79,12 @@ class SegMANHead(BaseDecodeHead):
         c, p = self.channels, feat_proj_dim
         self.feat_proj_dim = p
 
-        def conv(in_ch, out_ch, kernel_size=1, pointwise_op=True, **kw):
+        def conv(in_ch, out_ch, kernel_size=1, **kw):
             # convolutions run an op where the config names no conv_cfg (cuDNN builds an
             # execution plan for each new input shape, about 3 ms a convolution, H100): the
-            # 1x1 ones pointwise_conv2d where pointwise_op, the others dense_conv2d; a
-            # training batch norm and its activation one op
-            layer = PointwiseConv2d if pointwise_op and kernel_size == 1 else DenseConv2d
+            # 1x1 ones pointwise_conv2d, the others dense_conv2d; a training batch norm and
+            # its activation one op
+            layer = PointwiseConv2d if kernel_size == 1 else DenseConv2d
             conv_cfg = dict(type=layer) if self.conv_cfg is None else self.conv_cfg
             return BatchNormActConvModule(in_ch, out_ch, kernel_size, conv_cfg=conv_cfg,
                                           norm_cfg=self.norm_cfg, act_cfg=self.act_cfg, **kw)
@@ -92,7 +92,7 @@ class SegMANHead(BaseDecodeHead):
         self.linear_c4 = LinearProjection(self.in_channels[3], p)
         self.linear_c3 = LinearProjection(self.in_channels[2], p)
         self.linear_c2 = LinearProjection(self.in_channels[1], p)
-        self.linear_fuse = conv(3 * p, c, pointwise_op=False)
+        self.linear_fuse = conv(3 * p, c)
         self.short_path = conv(c, c)
         self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv(c, c))
         # MMSCopE

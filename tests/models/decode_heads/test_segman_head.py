@@ -154,15 +154,15 @@ def test_head_of_another_encoder_is_refused_before_computing_anything():
 
 
 def test_every_convolution_runs_an_op():
-    # no cuDNN execution plan per new input shape: the 1x1 convolutions run pointwise_conv2d
-    # but the fusion, whose channels-last input and output (MMSCopE's padded cut contiguous or
-    # not whatever the size, see the head) dense_conv2d keeps, as the strided ones run it
+    # no cuDNN execution plan per new input shape: the 1x1 convolutions run pointwise_conv2d,
+    # the strided ones dense_conv2d
     head = tiny_head()
     ops = {name for name, module in head.named_modules() if isinstance(module, PointwiseConv2d)}
-    assert {'short_path.conv', 'image_pool.1.conv', 'proj_out.conv', 'cat.conv', 'conv_seg'} \
+    assert {'linear_fuse.conv', 'short_path.conv', 'image_pool.1.conv', 'proj_out.conv',
+            'cat.conv', 'conv_seg'} \
         | {f'reduce_channels.{i}.conv' for i in range(3)} <= ops
     dense = {name for name, module in head.named_modules() if isinstance(module, DenseConv2d)}
-    assert dense == {'linear_fuse.conv', 'conv_downsample_2.conv', 'conv_downsample_4.conv'}
+    assert dense == {'conv_downsample_2.conv', 'conv_downsample_4.conv'}
     assert not [name for name, module in head.named_modules()
                 if type(module) is nn.Conv2d]  # cuDNN's plans at each new shape
     # the keys the released checkpoints hold
