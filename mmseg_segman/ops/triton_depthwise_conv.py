@@ -27,8 +27,8 @@ from torch import Tensor
 
 from .depthwise_conv import RunningBatchNorm, norm_and_activation
 from .dispatch import cast, with_contiguous_planes
-from .triton_jit import (TritonAutogradOp, cdiv, jit_with_runtime_ints, launch, next_power_of_2,
-                         records_autograd)
+from .triton_jit import (TritonAutogradOp, cdiv, empty_partial_sums, jit_with_runtime_ints,
+                         launch, next_power_of_2, partial_sum_rows, records_autograd)
 
 NUM_WARPS = 4
 
@@ -53,8 +53,11 @@ WEIGHT_GRADIENT_TILES = {3: (128, 2), 5: (128, 2)}
 WEIGHT_GRADIENT_TILE_OTHER_K = (128, 1)
 WEIGHT_GRADIENT_PROGRAMS = 2048  # about: (batch, column) tiles x row bands x channels
 WEIGHT_GRADIENT_MIN_BAND = 8  # rows
+# rows the weight gradient's programs add their partial sums into (triton_jit.partial_sum_rows;
+# one: no reduction after)
+WEIGHT_GRADIENT_ROWS = 1
 _RUNTIME_INTS = {'channels', 'height', 'width', 'sx_b', 'sx_c', 'sy_b', 'sy_c', 'batch',
-                 'strips', 'band'}
+                 'strips', 'band', 'partial_rows'}
 
 
 def tile_shape(width: int, elements: int, batch: int) -> Tuple[int, int]:
@@ -233,13 +236,15 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
 def _dw_bwd_weight_kernel(x_ptr, dy_ptr, partial_ptr, height, width, sx_b, sx_c, sy_b, sy_c,
-                          batch, strips, band, KERNEL: tl.constexpr, NB: tl.constexpr,
-                          BLOCK_W: tl.constexpr, UNROLL: tl.constexpr):
+                          batch, strips, band, partial_rows, KERNEL: tl.constexpr,
+                          NB: tl.constexpr, BLOCK_W: tl.constexpr, UNROLL: tl.constexpr,
+                          ATOMIC: tl.constexpr):
     """Program ``(lane, band, channel)``: ``NB`` batch elements x ``BLOCK_W`` columns (the
-    lane), rows ``band * b .. band * (b + 1) - 1`` of one channel. Writes, in row ``band *
-    lanes + lane`` of the ``(bands * lanes, channels * (k * k + 1))`` partial sums, the
-    channel's ``k * k`` sums of ``dy`` times the shifted input (the first ``channels * k * k``
-    columns, channel-major) and its sum of ``dy`` (the bias gradient, the last ``channels``).
+    lane), rows ``band * b .. band * (b + 1) - 1`` of one channel. Writes (adds, with
+    ``ATOMIC``), in row ``(band * lanes + lane) % partial_rows`` of the ``(partial_rows,
+    channels * (k * k + 1))`` partial sums, the channel's ``k * k`` sums of ``dy`` times the
+    shifted input (the first ``channels * k * k`` columns, channel-major) and its sum of
+    ``dy`` (the bias gradient, the last ``channels``).
 
     Rows go in blocks of ``UNROLL``, two blocks a loop iteration: one block's loads are issued
     before the other is summed. Lanes past the batch read the last batch element's input
@@ -268,11 +273,16 @@ def _dw_bwd_weight_kernel(x_ptr, dy_ptr, partial_ptr, height, width, sx_b, sx_c,
         dys0 = _dy_rows(dy_next, cols_u, row + 2 * UNROLL, end, width, UNROLL)
         acc, dy_sum, window = _accumulate(acc, dy_sum, window, xs1, dys1, KERNEL, UNROLL)
     channels = tl.num_programs(2)
-    row = partial_ptr + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) \
-        * channels * (TAPS + 1)
-    for t in tl.static_range(TAPS):
-        tl.store(row + channel * TAPS + t, tl.sum(acc[t]))
-    tl.store(row + channels * TAPS + channel, tl.sum(dy_sum))
+    row = partial_ptr + ((tl.program_id(1) * tl.num_programs(0) + tl.program_id(0))
+                         % partial_rows).to(tl.int64) * channels * (TAPS + 1)
+    if ATOMIC:
+        for t in tl.static_range(TAPS):
+            tl.atomic_add(row + channel * TAPS + t, tl.sum(acc[t]), sem='relaxed')
+        tl.atomic_add(row + channels * TAPS + channel, tl.sum(dy_sum), sem='relaxed')
+    else:
+        for t in tl.static_range(TAPS):
+            tl.store(row + channel * TAPS + t, tl.sum(acc[t]))
+        tl.store(row + channels * TAPS + channel, tl.sum(dy_sum))
 
 
 def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool, residual: bool,
@@ -295,7 +305,8 @@ def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool, res
 
 def _weight_and_bias_gradients(dy: Tensor, x: Tensor, kernel: int) -> Tensor:
     """``(C * k * k + C,)`` float32: the weight's gradient, then the bias's, the sums over
-    batch and pixels, one reduction of the programs' partial sums (each gradient a contiguous
+    batch and pixels: the programs' partial sums added into one row by atomics, or reduced
+    from a row a program under ``torch.use_deterministic_algorithms`` (each gradient a contiguous
     part of its result, which autograd accumulates as it is, where a strided one would be
     copied first)."""
     batch, channels, height, width = x.shape
@@ -307,12 +318,13 @@ def _weight_and_bias_gradients(dy: Tensor, x: Tensor, kernel: int) -> Tensor:
     wanted = max(1, WEIGHT_GRADIENT_PROGRAMS // (lanes * channels))
     band = rows_a_step * cdiv(max(WEIGHT_GRADIENT_MIN_BAND, cdiv(height, wanted)), rows_a_step)
     bands = cdiv(height, band)
-    partial = torch.empty(bands * lanes, channels * (kernel * kernel + 1), dtype=torch.float32,
-                          device=x.device)
+    rows, atomic = partial_sum_rows(bands * lanes, WEIGHT_GRADIENT_ROWS)
+    partial = empty_partial_sums(rows, channels * (kernel * kernel + 1), atomic, x.device)
     launch(_dw_bwd_weight_kernel, (lanes, bands, channels), x, dy, partial, height, width,
-           x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), batch, strips, band,
-           KERNEL=kernel, NB=batches, BLOCK_W=block_w, UNROLL=unroll, num_warps=NUM_WARPS)
-    return partial.sum(0)
+           x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), batch, strips, band, rows,
+           KERNEL=kernel, NB=batches, BLOCK_W=block_w, UNROLL=unroll, ATOMIC=atomic,
+           num_warps=NUM_WARPS)
+    return partial[0] if rows == 1 else partial.sum(0)
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: bool,

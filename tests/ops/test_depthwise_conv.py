@@ -124,6 +124,34 @@ def check_parameter_gradients_contiguous():
     print('contiguous parameter gradients: ok')
 
 
+def check_weight_gradient_rows():
+    """The weight gradient's programs add their partial sums into one row by atomics (eight
+    programs a channel here); under ``torch.use_deterministic_algorithms`` each stores its
+    own row, which PyTorch adds up: the same gradients to float32 rounding, bit for bit from
+    run to run."""
+    from mmseg_segman.ops import triton_depthwise_conv as tdw
+
+    x, w, b = make_inputs(2, 3, 33, 70, 3, torch.float32, seed=7)
+    dy = torch.randn(2, 3, 33, 70, generator=torch.Generator().manual_seed(3))
+
+    def grads():
+        return outputs_and_grads(tdw.depthwise_conv2d_triton, [x, w, b], dy)[2:]
+
+    programs = tdw.WEIGHT_GRADIENT_PROGRAMS
+    tdw.WEIGHT_GRADIENT_PROGRAMS = 20  # several row bands a channel
+    try:
+        shared = grads()
+        torch.use_deterministic_algorithms(True)
+        own, again = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        tdw.WEIGHT_GRADIENT_PROGRAMS = programs
+    assert all(torch.equal(a, b) for a, b in zip(own, again))
+    for a, b in zip(shared, own):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    print('weight gradient rows, shared and stored: ok')
+
+
 def check_norm_and_activation():
     """An eval-mode batch norm and SiLU after the convolution: in the kernel's pass without
     autograd, as PyTorch's ops with it; both against float64."""
@@ -193,6 +221,7 @@ def main():
     for shape in [(3, 3, 33, 70, 3), (2, 2, 20, 19, 5), (5, 2, 23, 30, 3)]:
         check(*shape, torch.float32, 1e-5)
     tdw.WEIGHT_GRADIENT_PROGRAMS = programs
+    check_weight_gradient_rows()
     check(3, 2, 11, 9, 7, torch.float32, 1e-5)
     check(1, 2, 6, 5, 3, torch.float32, 1e-5, bias=False)
     check(2, 3, 9, 11, 5, torch.bfloat16, 2e-2)

@@ -261,8 +261,10 @@ def test_depthwise_conv_kernels_compile(activation, kernel):
                                     BLOCK_W=block_w, UNROLL=tdw.CONVOLUTION_TILE.unroll)
         elements, unroll = tdw.WEIGHT_GRADIENT_TILES[kernel]
         batches, block_w = tdw.tile_shape(width, elements, 8)
-        assert compile_for_h100(tdw._dw_bwd_weight_kernel, activation, float32, tdw.NUM_WARPS,
-                                KERNEL=kernel, NB=batches, BLOCK_W=block_w, UNROLL=unroll)
+        for atomic in (True, False):  # partial sums added into shared rows, or stored
+            assert compile_for_h100(tdw._dw_bwd_weight_kernel, activation, float32,
+                                    tdw.NUM_WARPS, KERNEL=kernel, NB=batches, BLOCK_W=block_w,
+                                    UNROLL=unroll, ATOMIC=atomic)
 
 
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
