@@ -238,7 +238,7 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, 
 def _dw_bwd_weight_kernel(x_ptr, dy_ptr, partial_ptr, height, width, sx_b, sx_c, sy_b, sy_c,
                           batch, strips, band, partial_rows, KERNEL: tl.constexpr,
                           NB: tl.constexpr, BLOCK_W: tl.constexpr, UNROLL: tl.constexpr,
-                          ATOMIC: tl.constexpr):
+                          SLOTS: tl.constexpr, ATOMIC: tl.constexpr):
     """Program ``(lane, band, channel)``: ``NB`` batch elements x ``BLOCK_W`` columns (the
     lane), rows ``band * b .. band * (b + 1) - 1`` of one channel. Writes (adds, with
     ``ATOMIC``), in row ``(band * lanes + lane) % partial_rows`` of the ``(partial_rows,
@@ -272,17 +272,19 @@ def _dw_bwd_weight_kernel(x_ptr, dy_ptr, partial_ptr, height, width, sx_b, sx_c,
         xs0 = _x_rows(x_next, shifted_cols, row + 2 * UNROLL + P, height, width, KERNEL, UNROLL)
         dys0 = _dy_rows(dy_next, cols_u, row + 2 * UNROLL, end, width, UNROLL)
         acc, dy_sum, window = _accumulate(acc, dy_sum, window, xs1, dys1, KERNEL, UNROLL)
+    # the k * k + 1 sums as one vector, stored or added by one instruction
     channels = tl.num_programs(2)
     row = partial_ptr + ((tl.program_id(1) * tl.num_programs(0) + tl.program_id(0))
                          % partial_rows).to(tl.int64) * channels * (TAPS + 1)
+    slot = tl.arange(0, SLOTS)
+    sums = tl.where(slot == TAPS, tl.sum(dy_sum), 0.0)
+    for t in tl.static_range(TAPS):
+        sums = tl.where(slot == t, tl.sum(acc[t]), sums)
+    ptrs = row + tl.where(slot < TAPS, channel * TAPS + slot, channels * TAPS + channel)
     if ATOMIC:
-        for t in tl.static_range(TAPS):
-            tl.atomic_add(row + channel * TAPS + t, tl.sum(acc[t]), sem='relaxed')
-        tl.atomic_add(row + channels * TAPS + channel, tl.sum(dy_sum), sem='relaxed')
+        tl.atomic_add(ptrs, sums, mask=slot <= TAPS, sem='relaxed')
     else:
-        for t in tl.static_range(TAPS):
-            tl.store(row + channel * TAPS + t, tl.sum(acc[t]))
-        tl.store(row + channels * TAPS + channel, tl.sum(dy_sum))
+        tl.store(ptrs, sums, mask=slot <= TAPS)
 
 
 def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool, residual: bool,
@@ -322,7 +324,8 @@ def _weight_and_bias_gradients(dy: Tensor, x: Tensor, kernel: int) -> Tensor:
     partial = empty_partial_sums(rows, channels * (kernel * kernel + 1), atomic, x.device)
     launch(_dw_bwd_weight_kernel, (lanes, bands, channels), x, dy, partial, height, width,
            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), batch, strips, band, rows,
-           KERNEL=kernel, NB=batches, BLOCK_W=block_w, UNROLL=unroll, ATOMIC=atomic,
+           KERNEL=kernel, NB=batches, BLOCK_W=block_w, UNROLL=unroll,
+           SLOTS=next_power_of_2(kernel * kernel + 1), ATOMIC=atomic,
            num_warps=NUM_WARPS)
     return partial[0] if rows == 1 else partial.sum(0)
 

@@ -264,7 +264,8 @@ def test_depthwise_conv_kernels_compile(activation, kernel):
         for atomic in (True, False):  # partial sums added into shared rows, or stored
             assert compile_for_h100(tdw._dw_bwd_weight_kernel, activation, float32,
                                     tdw.NUM_WARPS, KERNEL=kernel, NB=batches, BLOCK_W=block_w,
-                                    UNROLL=unroll, ATOMIC=atomic)
+                                    UNROLL=unroll, SLOTS=tdw.next_power_of_2(kernel * kernel + 1),
+                                    ATOMIC=atomic)
 
 
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
