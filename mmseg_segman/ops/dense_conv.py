@@ -15,25 +15,29 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .depthwise_conv import RunningBatchNorm, check_bias_norm_activation
-from .dispatch import (Backend, OpDispatcher, autocast_dtype, cast, runs_anywhere,
+from .dispatch import (Backend, OpDispatcher, autocast_dtype, runs_anywhere,
                        triton_float_unavailable)
 from .triton_jit import records_autograd
 
 ACTIVATIONS = (None, 'gelu')
+MEMORY_FORMATS = (None, torch.contiguous_format, torch.channels_last)
 Pair = Union[int, Sequence[int]]
 
 
 def _dense_conv2d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
                         padding: Tuple[int, int], norm: Optional[RunningBatchNorm],
-                        activation: Optional[str]) -> Tensor:
+                        activation: Optional[str],
+                        memory_format: Optional[torch.memory_format]) -> Tensor:
     out = F.conv2d(x, weight, bias, stride, padding)
     if norm is not None:
         out = norm(out)
-    return F.gelu(out) if activation == 'gelu' else out
+    out = F.gelu(out) if activation == 'gelu' else out
+    return out if memory_format is None else out.contiguous(memory_format=memory_format)
 
 
 def _triton_unavailable(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
-                        norm: Optional[RunningBatchNorm], activation: Optional[str]) -> Optional[str]:
+                        norm: Optional[RunningBatchNorm], activation: Optional[str],
+                        memory_format: Optional[torch.memory_format]) -> Optional[str]:
     reason = triton_float_unavailable(x)
     if reason is None and x.numel() == 0:
         reason = 'an empty map'
@@ -45,14 +49,17 @@ def _triton_unavailable(x: Tensor, weight: Tensor, bias: Optional[Tensor], strid
 
 def _dense_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                          stride: Tuple[int, int], padding: Tuple[int, int],
-                         norm: Optional[RunningBatchNorm], activation: Optional[str]) -> Tensor:
-    from .triton_dense_conv import dense_conv2d_triton
+                         norm: Optional[RunningBatchNorm], activation: Optional[str],
+                         memory_format: Optional[torch.memory_format]) -> Tensor:
+    from .triton_dense_conv import dense_conv2d_triton, is_channels_last
 
-    dtype = autocast_dtype(x)  # F.conv2d's compute and output dtype: autocast's, else x's
-    x = cast(x, dtype)
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        x = x.contiguous()
-    return dense_conv2d_triton(x, weight, bias, stride, padding, norm, activation == 'gelu')
+    channels_last = is_channels_last(x) if memory_format is None \
+        else memory_format == torch.channels_last
+    # the kernel reads channels-last in F.conv2d's compute dtype (autocast's, else x's): one
+    # copy where either differs
+    x = x.to(autocast_dtype(x), memory_format=torch.channels_last)
+    return dense_conv2d_triton(x, weight, bias, stride, padding, norm, activation == 'gelu',
+                               channels_last=channels_last)
 
 
 _dense_conv2d = OpDispatcher('dense_conv2d', {
@@ -77,16 +84,21 @@ def _pair(value: Pair, name: str, least: int) -> Tuple[int, int]:
 
 def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Pair = 1,
                  padding: Pair = 0, norm: Optional[RunningBatchNorm] = None,
-                 activation: Optional[str] = None) -> Tensor:
+                 activation: Optional[str] = None,
+                 memory_format: Optional[torch.memory_format] = None) -> Tensor:
     """``F.conv2d(x, weight, bias, stride, padding)``, then ``norm`` and ``activation``.
 
     Args:
-        x: ``(B, C, H, W)``, NCHW or channels-last (the output keeps the layout).
+        x: ``(B, C, H, W)``, any layout.
         weight: ``(O, C, kh, kw)``.
         bias: ``(O,)`` or None.
         stride, padding: an int or ``(h, w)``; zero padding.
         norm: a batch norm in eval mode (:meth:`RunningBatchNorm.of`) applied to the result.
         activation: None or ``'gelu'`` (``F.gelu``, exact), applied last.
+        memory_format: the result's layout, ``torch.contiguous_format`` (NCHW) or
+            ``torch.channels_last``; None: ``x``'s where it is channels-last, else NCHW (as
+            ``F.conv2d``). A convolution that feeds another can write channels-last, which the
+            ``triton`` backend reads without a copy.
 
     Returns:
         ``(B, O, (H + 2 ph - kh) // sh + 1, (W + 2 pw - kw) // sw + 1)``.
@@ -99,4 +111,6 @@ def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
         raise ValueError(f'a {tuple(weight.shape[2:])} kernel with padding {padding} does not fit '
                          f'a {tuple(x.shape[2:])} map')
     check_bias_norm_activation(weight.shape[0], bias, norm, activation, ACTIVATIONS)
-    return _dense_conv2d(x, weight, bias, stride, padding, norm, activation)
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f'memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}')
+    return _dense_conv2d(x, weight, bias, stride, padding, norm, activation, memory_format)

@@ -21,7 +21,8 @@ input is read channels-last and the weight as ``(O, kh, kw, C)``, so that each p
 channels load 16 bytes at a time (an NCHW map is copied to channels-last first, as cuDNN
 transposes it for its own tensor-core kernels; read in NCHW, one element a thread per load,
 SegMAN-L's second stem convolution took 3.2-5.4 ms at batch 16 on an H100). The output is
-stored in the input's layout, NCHW or channels-last, as cuDNN's is. The weight is rounded to
+stored NCHW or channels-last, by default in the input's layout as cuDNN's is (the stem's
+convolutions hand each other channels-last maps). The weight is rounded to
 the map's dtype, as autocast rounds it; float32 maps multiply in TF32 where
 ``torch.backends.cudnn.allow_tf32`` lets cuDNN (PyTorch's default), else float32-accurate
 (``tf32x3``).
@@ -147,17 +148,17 @@ def _output(x: Tensor, out_channels: int, size: Tuple[int, int], dtype: torch.dt
 def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
               padding: List[int], mean: Optional[Tensor], var: Optional[Tensor],
               gamma: Optional[Tensor], beta: Optional[Tensor], eps: float, gelu: bool,
-              out_dtype: torch.dtype, config: Optional[Config] = None) -> Tensor:
-    """:func:`_dense_conv_kernel` for ``x`` contiguous as NCHW (read through a channels-last
-    copy, as cuDNN transposes it for its tensor-core kernels) or channels-last, the output
-    in ``x``'s layout; the weight copied to ``(O, kh, kw, C)`` in ``x``'s dtype (a few KB to a
-    few MB, read by every program). ``config``: the launch shape (default
+              out_dtype: torch.dtype, out_channels_last: bool,
+              config: Optional[Config] = None) -> Tensor:
+    """:func:`_dense_conv_kernel` for ``x`` channels-last (any other layout read through a
+    channels-last copy, as cuDNN transposes an NCHW map for its tensor-core kernels), the
+    output channels-last or NCHW; the weight copied to ``(O, kh, kw, C)`` in ``x``'s dtype (a
+    few KB to a few MB, read by every program). ``config``: the launch shape (default
     :func:`launch_config`)."""
     batch, channels, height, width = x.shape
     out_channels, _, kernel_h, kernel_w = weight.shape
     size = output_size((height, width), (kernel_h, kernel_w), stride, padding)
-    channels_last = is_channels_last(x)
-    out = _output(x, out_channels, size, out_dtype, channels_last)
+    out = _output(x, out_channels, size, out_dtype, out_channels_last)
     pixels = size[0] * size[1]
     config = config or launch_config(channels, out_channels, x.element_size())
     grid = (cdiv(pixels, config.block_p), cdiv(out_channels, config.block_o), batch)
@@ -167,7 +168,7 @@ def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[in
            x if bias is None else bias, *norm, out, float(eps), height, width, size[0], size[1],
            CHANNELS=channels, OUT_CHANNELS=out_channels, KERNEL_H=kernel_h, KERNEL_W=kernel_w,
            STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
-           OUT_CHANNELS_LAST=channels_last, HAS_BIAS=bias is not None,
+           OUT_CHANNELS_LAST=out_channels_last, HAS_BIAS=bias is not None,
            HAS_NORM=mean is not None, GELU=gelu, DOT_PRECISION=conv_dot_precision(x.dtype),
            BLOCK_P=config.block_p, BLOCK_O=config.block_o, BLOCK_K=config.block_k,
            ALIGN=alignment(pixels), num_warps=config.num_warps, num_stages=config.num_stages)
@@ -178,16 +179,16 @@ def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[in
 def _dense_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
                      padding: List[int], mean: Optional[Tensor], var: Optional[Tensor],
                      gamma: Optional[Tensor], beta: Optional[Tensor], eps: float, gelu: bool,
-                     out_dtype: torch.dtype) -> Tensor:
+                     out_dtype: torch.dtype, out_channels_last: bool) -> Tensor:
     return _convolve(x, weight, bias, stride, padding, mean, var, gamma, beta, eps, gelu,
-                     out_dtype)
+                     out_dtype, out_channels_last)
 
 
 @_dense_conv2d_op.register_fake
 def _dense_conv2d_fake(x, weight, bias, stride, padding, mean, var, gamma, beta, eps, gelu,
-                       out_dtype):
+                       out_dtype, out_channels_last):
     size = output_size(x.shape[2:], weight.shape[2:], stride, padding)
-    return _output(x, weight.shape[0], size, out_dtype, is_channels_last(x))
+    return _output(x, weight.shape[0], size, out_dtype, out_channels_last)
 
 
 _NO_NORM = (None, None, None, None, 0.0)  # the norm arguments of a convolution without one
@@ -196,15 +197,18 @@ _NO_NORM = (None, None, None, None, 0.0)  # the norm arguments of a convolution 
 def dense_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                         stride: Tuple[int, int] = (1, 1), padding: Tuple[int, int] = (0, 0),
                         norm: Optional[RunningBatchNorm] = None, gelu: bool = False,
-                        out_dtype: Optional[torch.dtype] = None) -> Tensor:
+                        out_dtype: Optional[torch.dtype] = None,
+                        channels_last: Optional[bool] = None) -> Tensor:
     """``act(norm(F.conv2d(x, weight, bias, stride, padding)))`` (``act`` GELU if ``gelu``)
-    for ``x (B, C, H, W)`` contiguous as NCHW or channels-last, of a float dtype, and
-    ``weight (O, C, kh, kw)`` of any float dtype (rounded to ``x``'s in the product); the
-    result ``(B, O, H', W')`` in ``x``'s layout and ``out_dtype`` (default ``x``'s). Without
+    for ``x (B, C, H, W)`` of a float dtype (channels-last is read as it is, another layout
+    through a copy) and ``weight (O, C, kh, kw)`` of any float dtype (rounded to ``x``'s in
+    the product); the result ``(B, O, H', W')`` in ``out_dtype`` (default ``x``'s),
+    channels-last or NCHW as ``channels_last`` says (default: ``x``'s layout). Without
     autograd: refused where autograd would record the call (training runs cuDNN)."""
     if records_autograd(x, weight, bias, *(norm or ())[:4]):
         raise RuntimeError('dense_conv2d_triton has no backward pass; where autograd records '
                            'the convolution, run the torch backend of dense_conv2d')
+    channels_last = is_channels_last(x) if channels_last is None else channels_last
     args = (x, weight, bias, list(stride), list(padding), *(norm or _NO_NORM), gelu,
-            out_dtype or x.dtype)
+            out_dtype or x.dtype, channels_last)
     return _dense_conv2d_op(*args) if torch.compiler.is_compiling() else _convolve(*args)

@@ -38,7 +38,7 @@ def test_reference_applies_the_norm_then_the_gelu():
 def test_why_the_triton_backend_declines(monkeypatch):
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     x, w, b = make_inputs(1, 3, 4, 5, 5, 3, torch.float32)
-    args = (x, w, b, (1, 1), (1, 1), None, None)
+    args = (x, w, b, (1, 1), (1, 1), None, None, None)
     assert 'TRITON_INTERPRET' in _dense_conv2d.why_not('triton', *args)
     monkeypatch.setenv('TRITON_INTERPRET', '1')
     assert _dense_conv2d.why_not('triton', *args) is None
@@ -48,7 +48,7 @@ def test_why_the_triton_backend_declines(monkeypatch):
         assert _dense_conv2d.why_not('triton', x, w, *args[2:]) is None
     norm = make_norm(4, torch.float32)._replace(weight=torch.ones(4, requires_grad=True))
     assert 'autograd records' in _dense_conv2d.why_not('triton', x, w.detach(), b, (1, 1), (1, 1),
-                                                       norm, None)
+                                                       norm, None, None)
 
 
 @pytest.mark.parametrize('change,match', [
@@ -62,12 +62,26 @@ def test_why_the_triton_backend_declines(monkeypatch):
     (dict(weight=torch.zeros(4, 3, 9, 9)), r'a \(9, 9\) kernel with padding \(1, 1\) does not fit a \(6, 7\) map'),
     (dict(norm=make_norm(3)), r"statistics and parameters must be \(4,\)"),
     (dict(activation='relu'), 'activation must be one of'),
+    (dict(memory_format=torch.preserve_format), 'memory_format must be one of'),
 ])
 def test_bad_arguments_are_refused(change, match):
     args = dict(x=torch.zeros(2, 3, 6, 7), weight=torch.zeros(4, 3, 3, 3), bias=torch.zeros(4),
                 stride=1, padding=1, norm=None, activation=None)
     with pytest.raises(ValueError, match=match):
         dense_conv2d(**{**args, **change})
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_the_result_is_laid_out_as_asked(channels_last):
+    """The reference's result in the layout asked for, else ``F.conv2d``'s (the input's)."""
+    x, w, b = make_inputs(2, 3, 5, 7, 6, 3)
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+    want = F.conv2d(x, w, b, 2, 1)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = dense_conv2d(x, w, b, 2, 1, memory_format=layout)
+        assert got.is_contiguous(memory_format=layout), (layout, got.stride())
+        torch.testing.assert_close(got, want)
+    assert dense_conv2d(x, w, b, 2, 1).stride() == want.stride()
 
 
 def test_launch_shapes_pad_the_channels_little():
@@ -94,24 +108,25 @@ def relative_error(got, want):
 
 
 def check(batch, channels, out_channels, height, width, kernel, stride, padding, dtype, tol,
-          channels_last=False, bias=True, norm=False, activation=None):
-    """The Triton backend's output (dtype, layout, values) against the float64 reference."""
+          channels_last=False, bias=True, norm=False, activation=None, memory_format=None):
+    """The Triton backend's output (dtype, layout: ``memory_format``, by default the input's;
+    values) against the float64 reference."""
     x, w, b = make_inputs(batch, channels, out_channels, height, width, kernel, seed=height * width)
     running = make_norm(out_channels) if norm else None
     want = _dense_conv2d.backends['torch'].fn(x, w, b if bias else None, stride, padding, running,
-                                              activation)
+                                              activation, None)
     x_in = x.to(dtype)
     if channels_last:
         x_in = x_in.to(memory_format=torch.channels_last)
     got = _dense_conv2d.backends['triton'].fn(
         x_in, w.float(), b.float() if bias else None, stride, padding,
         None if running is None else RunningBatchNorm(*(t.float() for t in running[:4]), 1e-5),
-        activation)
+        activation, memory_format)
     label = (batch, channels, out_channels, height, width, kernel, stride, padding, dtype,
-             channels_last, bias, norm, activation)
+             channels_last, bias, norm, activation, memory_format)
     assert got.dtype == dtype and got.shape == want.shape, (label, got.dtype, got.shape)
-    assert got.is_contiguous(memory_format=torch.channels_last if channels_last
-                             else torch.contiguous_format), (label, got.stride())
+    layout = memory_format or (torch.channels_last if channels_last else torch.contiguous_format)
+    assert got.is_contiguous(memory_format=layout), (label, got.stride())
     error = relative_error(got, want)
     assert error < tol, f'relative error {error:.2e} over {tol} {label}'
 
@@ -126,6 +141,10 @@ def check_shapes_and_layouts():
     check(1, 24, 136, 12, 12, 5, (4, 4), (1, 1), f16, 2e-2)  # two output-channel tiles
     check(2, 40, 24, 6, 7, 1, (1, 1), (0, 0), f32, 1e-5, channels_last=True)  # the fusion
     check(1, 16, 8, 5, 9, 3, (2, 2), (1, 1), f16, 2e-2, channels_last=True, activation='gelu')
+    # the stem's: channels-last written for the next convolution, NCHW for the blocks
+    check(2, 3, 16, 17, 13, 3, (2, 2), (1, 1), f32, 1e-5, memory_format=torch.channels_last)
+    check(1, 16, 24, 9, 11, 3, (1, 1), (1, 1), f16, 2e-2, channels_last=True, norm=True,
+          activation='gelu', memory_format=torch.contiguous_format)
     check(1, 8, 8, 4, 6, 3, (1, 2), (0, 1), f32, 1e-5)  # uneven stride and padding
     check(1, 8, 16, 32, 36, 3, (1, 1), (1, 1), f32, 1e-5)  # pixels over one tile, a multiple of 8
     print('shapes and layouts: ok')
@@ -184,14 +203,17 @@ def check_custom_op():
 
     x, w, b = make_inputs(2, 5, 7, 6, 5, 3, torch.float32)
     norm = make_norm(7, torch.float32)
-    torch.library.opcheck(_dense_conv2d_op, (x, w, b, [2, 1], [1, 0], *norm, True, torch.float32))
+    torch.library.opcheck(_dense_conv2d_op, (x, w, b, [2, 1], [1, 0], *norm, True, torch.float32,
+                                             False))
     torch.library.opcheck(_dense_conv2d_op, (x.to(memory_format=torch.channels_last), w, None,
                                              [1, 1], [1, 1], None, None, None, None, 0.0, False,
-                                             torch.float32))
+                                             torch.float32, True))
+    torch.library.opcheck(_dense_conv2d_op, (x, w, None, [1, 1], [1, 1], None, None, None, None,
+                                             0.0, False, torch.float32, True))
     backend = _dense_conv2d.backends['triton'].fn
-    eager = backend(x, w, b, (2, 2), (1, 1), norm, 'gelu')
+    eager = backend(x, w, b, (2, 2), (1, 1), norm, 'gelu', None)
     compiled, targets = compile_recording_graphs(
-        lambda x: backend(x, w, b, (2, 2), (1, 1), norm, 'gelu'))
+        lambda x: backend(x, w, b, (2, 2), (1, 1), norm, 'gelu', None))
     with torch.no_grad():
         got = compiled(x)
     assert 'mmseg_segman.dense_conv2d_forward.default' in targets['forward'], targets['forward']

@@ -102,13 +102,14 @@ def check(args) -> None:
         bf16 = make(shape, channels_last, cout, kernel, norm, torch.bfloat16)
         x64, weight64, bias64, norm64 = upcast(bf16)
         want = _dense_conv2d.backends['torch'].fn(x64, weight64, bias64, stride, padding, norm64,
-                                                  act)
+                                                  act, None)
         f32 = (bf16[0].float(), *bf16[1:])
         for backend in ('triton', 'torch'):
             fn = _dense_conv2d.backends[backend].fn
 
             def call(x, weight, bias, running):
-                return fn(x, weight, bias, (stride, stride), (padding, padding), running, act)
+                return fn(x, weight, bias, (stride, stride), (padding, padding), running, act,
+                          None)
 
             def autocast_call(*args):  # as in the model: a 16-bit map, float32 parameters
                 with torch.autocast('cuda', dtype=torch.bfloat16):
@@ -137,7 +138,7 @@ def sweep(args) -> None:
                 ms = median_ms(lambda: _convolve(x, weight, bias, [stride] * 2, [padding] * 2,
                                                  *(running[:4] if running else (None, ) * 4),
                                                  running.eps if running else 0.0, act == 'gelu',
-                                                 x.dtype, config), 20)
+                                                 x.dtype, channels_last, config), 20)
             except Exception as failure:  # a shape the GPU cannot launch (shared memory)
                 ms = f'{type(failure).__name__}'
             row['x'.join(map(str, config))] = round(ms, 4) if isinstance(ms, float) else ms

@@ -1,6 +1,7 @@
 """The convolutions of SegMAN, each running its op (release keys unchanged)."""
 from typing import Optional
 
+import torch
 from mmcv.cnn import ConvModule
 from torch import Tensor, nn
 
@@ -77,9 +78,12 @@ class DenseConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
 
     def forward(self, x: Tensor, norm: Optional[RunningBatchNorm] = None,
-                activation: Optional[str] = None) -> Tensor:
-        """``(B, C, H, W) -> (B, O, H', W')``, then ``norm`` and ``activation`` (``'gelu'``)."""
-        return dense_conv2d(x, self.weight, self.bias, self.stride, self.padding, norm, activation)
+                activation: Optional[str] = None,
+                memory_format: Optional[torch.memory_format] = None) -> Tensor:
+        """``(B, C, H, W) -> (B, O, H', W')``, then ``norm`` and ``activation`` (``'gelu'``),
+        in ``memory_format`` (:func:`~mmseg_segman.ops.dense_conv2d`)."""
+        return dense_conv2d(x, self.weight, self.bias, self.stride, self.padding, norm, activation,
+                            memory_format)
 
 
 class ConvNormSequence(nn.Sequential):
@@ -87,10 +91,15 @@ class ConvNormSequence(nn.Sequential):
     indices), run in order. A batch norm after a :class:`DenseConv2d` runs with the exact GELU
     after it (if one follows) as one op: in eval mode inside the convolution's op, in training
     mode the batch norm's op (:func:`~.norm.batch_norm_with_statistics`); one pass on the fast
-    path where they took three."""
+    path where they took three. In eval mode a convolution whose result another convolution of
+    the sequence reads writes it channels-last, the layout the fast path reads (the stem's
+    three: no copy between them); the result is NCHW."""
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, O, H', W')``, NCHW."""
         layers = list(self) + [None, None]
+        last_conv = max((j for j, layer in enumerate(self) if isinstance(layer, DenseConv2d)),
+                        default=-1)
         i = 0
         while layers[i] is not None:
             layer, norm, after = layers[i:i + 3]
@@ -103,11 +112,12 @@ class ConvNormSequence(nn.Sequential):
             gelu = op_activation(after) == 'gelu'
             activation = 'gelu' if gelu else None
             if running is not None:
-                x = layer(x, running, activation)
+                layout = torch.channels_last if i < last_conv else torch.contiguous_format
+                x = layer(x, running, activation, layout)
             else:
                 x = batch_norm_with_statistics(norm, layer(x), activation)
             i += 3 if gelu else 2
-        return x
+        return x.contiguous()
 
 
 class BatchNormActConvModule(ConvModule):

@@ -62,28 +62,33 @@ def stem_like(gelu=nn.GELU()):
 
 
 def calls_of_the_op(module, x):
-    """``module(x)`` and ``(norm given, activation)`` of each ``dense_conv2d`` call."""
+    """``module(x)`` and ``(norm given, activation, memory_format)`` of each ``dense_conv2d``
+    call."""
     calls = []
     reference = _dense_conv2d.backends['torch'].fn
 
-    def recording(x, weight, bias, stride, padding, norm, activation):
-        calls.append((norm is not None, activation))
-        return reference(x, weight, bias, stride, padding, norm, activation)
+    def recording(x, weight, bias, stride, padding, norm, activation, memory_format):
+        calls.append((norm is not None, activation, memory_format))
+        return reference(x, weight, bias, stride, padding, norm, activation, memory_format)
 
     with use_backends(dense_conv2d=recording):
         return module(x), calls
 
 
 def test_conv_norm_sequence_hands_eval_norms_and_gelus_to_the_op():
+    """In eval mode, with the first convolution's result written channels-last for the second
+    (the layout the fast path reads) and the last one's NCHW."""
     sequence, plain = stem_like()
     x = torch.randn(2, 3, 12, 10)
     sequence.eval()
     out, calls = calls_of_the_op(sequence, x)
-    assert calls == [(True, 'gelu'), (True, None)]
+    assert calls == [(True, 'gelu', torch.channels_last), (True, None, torch.contiguous_format)]
+    assert out.is_contiguous()
     torch.testing.assert_close(out, plain(x))
     sequence.train()  # batch statistics: the norms run after the convolutions' op
     out, calls = calls_of_the_op(sequence, x)
-    assert calls == [(False, None), (False, None)]
+    assert calls == [(False, None, None), (False, None, None)]
+    assert out.is_contiguous()
     torch.testing.assert_close(out, plain(x))
 
 
@@ -161,6 +166,7 @@ def test_conv_norm_sequence_keeps_other_activations_and_the_release_keys():
     sequence, plain = stem_like(gelu=nn.GELU(approximate='tanh'))
     x = torch.randn(1, 3, 9, 9)
     out, calls = calls_of_the_op(sequence.eval(), x)
-    assert calls == [(True, None), (True, None)]  # the tanh GELU runs as its module
+    # the tanh GELU runs as its module
+    assert calls == [(True, None, torch.channels_last), (True, None, torch.contiguous_format)]
     torch.testing.assert_close(out, plain(x))
     assert list(sequence.state_dict()) == list(plain.state_dict())
