@@ -1,5 +1,5 @@
 """Convolution of all input channels of a ``(B, C, H, W)`` map (one group, any kernel,
-stride and zero padding), optionally followed by a batch norm in eval mode and a GELU: the
+stride and zero padding), optionally followed by a batch norm in eval mode and a GELU or ReLU: the
 encoder's stem and downsampling convolutions and the decoder's strided ones.
 
 Backends: ``triton`` (:mod:`.triton_dense_conv`: one implicit matrix product, the norm and
@@ -19,7 +19,7 @@ from .dispatch import (Backend, OpDispatcher, autocast_dtype, runs_anywhere,
                        triton_float_unavailable)
 from .triton_jit import records_autograd
 
-ACTIVATIONS = (None, 'gelu')
+ACTIVATIONS = (None, 'gelu', 'relu')
 MEMORY_FORMATS = (None, torch.contiguous_format, torch.channels_last)
 Pair = Union[int, Sequence[int]]
 
@@ -31,7 +31,8 @@ def _dense_conv2d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor], strid
     out = F.conv2d(x, weight, bias, stride, padding)
     if norm is not None:
         out = norm(out)
-    out = F.gelu(out) if activation == 'gelu' else out
+    if activation is not None:
+        out = F.gelu(out) if activation == 'gelu' else F.relu(out)
     return out if memory_format is None else out.contiguous(memory_format=memory_format)
 
 
@@ -58,7 +59,7 @@ def _dense_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     # the kernel reads channels-last in F.conv2d's compute dtype (autocast's, else x's): one
     # copy where either differs
     x = x.to(autocast_dtype(x), memory_format=torch.channels_last)
-    return dense_conv2d_triton(x, weight, bias, stride, padding, norm, activation == 'gelu',
+    return dense_conv2d_triton(x, weight, bias, stride, padding, norm, activation,
                                channels_last=channels_last)
 
 
@@ -94,7 +95,7 @@ def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
         bias: ``(O,)`` or None.
         stride, padding: an int or ``(h, w)``; zero padding.
         norm: a batch norm in eval mode (:meth:`RunningBatchNorm.of`) applied to the result.
-        activation: None or ``'gelu'`` (``F.gelu``, exact), applied last.
+        activation: None, ``'gelu'`` (``F.gelu``, exact) or ``'relu'``, applied last.
         memory_format: the result's layout, ``torch.contiguous_format`` (NCHW) or
             ``torch.channels_last``; None: ``x``'s where it is channels-last, else NCHW (as
             ``F.conv2d``). A convolution that feeds another can write channels-last, which the

@@ -1,10 +1,11 @@
 """1x1 convolution of a ``(B, C, H, W)`` map (the blocks' ``qkv``, ``proj`` and FFN
-``fc1`` / ``fc2``), optionally followed by a GELU or by a block's residual connection
-(:class:`Residual`: layer scale, stochastic depth and the shortcut).
+``fc1`` / ``fc2``, the decode head's ``ConvModule``s), optionally followed by a batch norm in
+eval mode, a GELU or ReLU, and a block's residual connection (:class:`Residual`: layer scale,
+stochastic depth and the shortcut).
 
 Backends: ``triton`` (:mod:`.triton_pointwise_conv`: the product on the tensor cores with
-the bias, the GELU and the residual connection applied before the result is stored; on
-CUDA, eager or compiled), ``matmul`` (one batched matrix product with the weight broadcast over the
+the bias, the GELU and the residual connection applied before the result is stored, and the
+norm and the ReLU where autograd does not record; on CUDA, eager or compiled), ``matmul`` (one batched matrix product with the weight broadcast over the
 batch, then the bias: cuBLAS picks its kernel per shape in microseconds, where cuDNN builds
 an execution plan for every new input shape, about 2 ms for each of SegMAN-T's 60
 convolutions on an H100) and ``torch`` (``F.conv2d``, ``F.gelu`` and the residual connection
@@ -16,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .depthwise_conv import RunningBatchNorm, check_bias_norm_activation
 from .dispatch import (Backend, OpDispatcher, autocast_dtype, cast, triton_float_unavailable,
                        promote_types, runs_anywhere)
 
-ACTIVATIONS = ('gelu', )
+ACTIVATIONS = (None, 'gelu', 'relu')
 
 
 class Residual(NamedTuple):
@@ -47,15 +49,21 @@ class Residual(NamedTuple):
         return self.shortcut + branch
 
 
-def _epilogue(out: Tensor, activation: Optional[str], residual: Optional[Residual]) -> Tensor:
+def _epilogue(out: Tensor, activation: Optional[str], residual: Optional[Residual],
+              norm: Optional[RunningBatchNorm]) -> Tensor:
+    if norm is not None:
+        out = norm(out)
     if activation == 'gelu':
         out = F.gelu(out)
+    elif activation == 'relu':
+        out = F.relu(out)
     return out if residual is None else residual.add_to(out)
 
 
 def _pointwise_conv2d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                            activation: Optional[str], residual: Optional[Residual]) -> Tensor:
-    return _epilogue(F.conv2d(x, weight, bias), activation, residual)
+                            activation: Optional[str], residual: Optional[Residual],
+                            norm: Optional[RunningBatchNorm]) -> Tensor:
+    return _epilogue(F.conv2d(x, weight, bias), activation, residual, norm)
 
 
 def _matmul_unavailable(x: Tensor, *args) -> Optional[str]:
@@ -67,14 +75,15 @@ def _matmul_unavailable(x: Tensor, *args) -> Optional[str]:
 
 
 def _pointwise_conv2d_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                             activation: Optional[str], residual: Optional[Residual]) -> Tensor:
+                             activation: Optional[str], residual: Optional[Residual],
+                             norm: Optional[RunningBatchNorm]) -> Tensor:
     batch, channels, height, width = x.shape
     dtype = autocast_dtype(x)  # F.conv2d's compute dtype: autocast's, else x's
     w = weight.view(weight.shape[0], channels).to(dtype)
     out = torch.bmm(w.expand(batch, -1, -1), x.reshape(batch, channels, height * width).to(dtype))
     if bias is not None:
         out = out.add_(bias.view(-1, 1))
-    return _epilogue(out.view(batch, -1, height, width), activation, residual)
+    return _epilogue(out.view(batch, -1, height, width), activation, residual, norm)
 
 
 def _triton_unavailable(x: Tensor, *args) -> Optional[str]:
@@ -82,8 +91,10 @@ def _triton_unavailable(x: Tensor, *args) -> Optional[str]:
 
 
 def _pointwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                             activation: Optional[str], residual: Optional[Residual]) -> Tensor:
-    from .triton_pointwise_conv import pointwise_conv2d_triton
+                             activation: Optional[str], residual: Optional[Residual],
+                             norm: Optional[RunningBatchNorm]) -> Tensor:
+    from .triton_jit import records_autograd
+    from .triton_pointwise_conv import pointwise_conv2d_inference_triton, pointwise_conv2d_triton
 
     dtype = autocast_dtype(x)
     if torch.compiler.is_compiling() and not (torch.is_grad_enabled() and weight.requires_grad):
@@ -91,6 +102,14 @@ def _pointwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
         # host, and the kernel reads half the bytes (docs/benchmarks.md); eagerly the kernel
         # rounds the weight itself rather than pay a launch
         weight = cast(weight, dtype)
+    if norm is not None or activation == 'relu':
+        # the norm and the ReLU in the product's pass where autograd does not record (the
+        # decode head's ConvModules at inference), else PyTorch's ops after it
+        x = cast(x, dtype).contiguous()
+        if residual is None and not records_autograd(x, weight, bias, *(norm or ())[:4]):
+            return pointwise_conv2d_inference_triton(x, weight, bias, norm, activation, dtype)
+        return _epilogue(pointwise_conv2d_triton(x, weight, bias, out_dtype=dtype), activation,
+                         residual, norm)
     out_dtype = dtype
     shortcut = scale = shift = sample_scale = None
     if residual is not None:
@@ -110,16 +129,18 @@ _pointwise_conv2d = OpDispatcher('pointwise_conv2d', {
 
 
 def pointwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                     activation: Optional[str] = None, residual: Optional[Residual] = None) -> Tensor:
-    """``F.conv2d(x, weight, bias)`` with a 1x1 ``weight``, then ``activation``, then
+                     activation: Optional[str] = None, residual: Optional[Residual] = None,
+                     norm: Optional[RunningBatchNorm] = None) -> Tensor:
+    """``F.conv2d(x, weight, bias)`` with a 1x1 ``weight``, then ``norm``, ``activation`` and
     ``residual.add_to``.
 
     Args:
         x: ``(B, C, H, W)``.
         weight: ``(O, C, 1, 1)``.
         bias: ``(O,)`` or None.
-        activation: ``'gelu'`` (``F.gelu``, exact) or None.
+        activation: ``'gelu'`` (``F.gelu``, exact), ``'relu'`` or None.
         residual: a :class:`Residual` whose ``shortcut`` is ``(B, O, H, W)``, or None.
+        norm: a batch norm in eval mode (:meth:`RunningBatchNorm.of`), or None.
 
     Returns:
         ``(B, O, H, W)``.
@@ -128,13 +149,10 @@ def pointwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise ValueError(f'x must be (B, C, H, W) and weight (O, C, 1, 1), got {tuple(x.shape)} '
                          f'and {tuple(weight.shape)}')
     out_channels = weight.shape[0]
-    if bias is not None and bias.shape != (out_channels, ):
-        raise ValueError(f'bias must be ({out_channels},), got {tuple(bias.shape)}')
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(f'activation must be one of {ACTIVATIONS} or None, got {activation!r}')
+    check_bias_norm_activation(out_channels, bias, norm, activation, ACTIVATIONS)
     if residual is not None:
         _check_residual(residual, (x.shape[0], out_channels, *x.shape[2:]))
-    return _pointwise_conv2d(x, weight, bias, activation, residual)
+    return _pointwise_conv2d(x, weight, bias, activation, residual, norm)
 
 
 def _check_residual(residual: Residual, out_shape) -> None:

@@ -1,7 +1,7 @@
 """Triton backend of :func:`mmseg_segman.ops.dense_conv2d`, for inference: a convolution of
 all input channels (one group, any kernel size, stride and zero padding) as one implicit
 matrix product, ``out[b, o, p] = sum_{c, r, s} W[o, c, r, s] x[b, c, ih(p, r), iw(p, s)]``,
-then a batch norm by its running statistics and a GELU before the tile is stored.
+then a batch norm by its running statistics and a GELU or ReLU before the tile is stored.
 
 Why: cuDNN builds an execution plan for every new input shape, about 3 ms a convolution on
 an H100; SegMAN-T's ten convolutions outside its blocks (the stem's four, the three
@@ -81,10 +81,12 @@ def _dense_conv_kernel(x_ptr, w_ptr, bias_ptr, mean_ptr, var_ptr, gamma_ptr, bet
                        KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, STRIDE_H: tl.constexpr,
                        STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
                        OUT_CHANNELS_LAST: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       HAS_NORM: tl.constexpr, GELU: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       HAS_NORM: tl.constexpr, ACTIVATION: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
                        ALIGN: tl.constexpr):
-    """``out[b] = act(norm(W * x[b] + bias))`` for one ``(BLOCK_P, BLOCK_O)`` tile: ``x``
+    """``out[b] = act(norm(W * x[b] + bias))`` (``ACTIVATION``: ``'gelu'``, ``'relu'`` or
+    None) for one ``(BLOCK_P, BLOCK_O)`` tile: ``x``
     channels-last, the weight ``(OUT_CHANNELS, KERNEL_H, KERNEL_W, CHANNELS)``, both
     contiguous (the input channels contiguous: 16-byte loads); the output NCHW or
     (``OUT_CHANNELS_LAST``) NHWC, contiguous; ``out_height * out_width`` a multiple of
@@ -121,9 +123,11 @@ def _dense_conv_kernel(x_ptr, w_ptr, bias_ptr, mean_ptr, var_ptr, gamma_ptr, bet
         shift = tl.load(beta_ptr + o, mask=o_ok, other=0.0).to(tl.float32) \
             - tl.load(mean_ptr + o, mask=o_ok, other=0.0).to(tl.float32) * scale
         acc = acc * scale[None, :] + shift[None, :]
-    if GELU:
+    if ACTIVATION == 'gelu':
         cdf, _ = normal_cdf_and_density(acc)
         acc *= cdf
+    elif ACTIVATION == 'relu':
+        acc = tl.maximum(acc, 0.0)
     if OUT_CHANNELS_LAST:
         out_offsets = (b * out_pixels + p[:, None]) * OUT_CHANNELS + o[None, :]
     else:
@@ -147,8 +151,8 @@ def _output(x: Tensor, out_channels: int, size: Tuple[int, int], dtype: torch.dt
 
 def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
               padding: List[int], mean: Optional[Tensor], var: Optional[Tensor],
-              gamma: Optional[Tensor], beta: Optional[Tensor], eps: float, gelu: bool,
-              out_dtype: torch.dtype, out_channels_last: bool,
+              gamma: Optional[Tensor], beta: Optional[Tensor], eps: float,
+              activation: Optional[str], out_dtype: torch.dtype, out_channels_last: bool,
               config: Optional[Config] = None) -> Tensor:
     """:func:`_dense_conv_kernel` for ``x`` channels-last (any other layout read through a
     channels-last copy, as cuDNN transposes an NCHW map for its tensor-core kernels), the
@@ -169,7 +173,7 @@ def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[in
            CHANNELS=channels, OUT_CHANNELS=out_channels, KERNEL_H=kernel_h, KERNEL_W=kernel_w,
            STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
            OUT_CHANNELS_LAST=out_channels_last, HAS_BIAS=bias is not None,
-           HAS_NORM=mean is not None, GELU=gelu, DOT_PRECISION=conv_dot_precision(x.dtype),
+           HAS_NORM=mean is not None, ACTIVATION=activation, DOT_PRECISION=conv_dot_precision(x.dtype),
            BLOCK_P=config.block_p, BLOCK_O=config.block_o, BLOCK_K=config.block_k,
            ALIGN=alignment(pixels), num_warps=config.num_warps, num_stages=config.num_stages)
     return out
@@ -178,15 +182,16 @@ def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[in
 @torch.library.custom_op('mmseg_segman::dense_conv2d_forward', mutates_args=())
 def _dense_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
                      padding: List[int], mean: Optional[Tensor], var: Optional[Tensor],
-                     gamma: Optional[Tensor], beta: Optional[Tensor], eps: float, gelu: bool,
-                     out_dtype: torch.dtype, out_channels_last: bool) -> Tensor:
-    return _convolve(x, weight, bias, stride, padding, mean, var, gamma, beta, eps, gelu,
+                     gamma: Optional[Tensor], beta: Optional[Tensor], eps: float,
+                     activation: Optional[str], out_dtype: torch.dtype,
+                     out_channels_last: bool) -> Tensor:
+    return _convolve(x, weight, bias, stride, padding, mean, var, gamma, beta, eps, activation,
                      out_dtype, out_channels_last)
 
 
 @_dense_conv2d_op.register_fake
-def _dense_conv2d_fake(x, weight, bias, stride, padding, mean, var, gamma, beta, eps, gelu,
-                       out_dtype, out_channels_last):
+def _dense_conv2d_fake(x, weight, bias, stride, padding, mean, var, gamma, beta, eps,
+                       activation, out_dtype, out_channels_last):
     size = output_size(x.shape[2:], weight.shape[2:], stride, padding)
     return _output(x, weight.shape[0], size, out_dtype, out_channels_last)
 
@@ -196,10 +201,12 @@ _NO_NORM = (None, None, None, None, 0.0)  # the norm arguments of a convolution 
 
 def dense_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                         stride: Tuple[int, int] = (1, 1), padding: Tuple[int, int] = (0, 0),
-                        norm: Optional[RunningBatchNorm] = None, gelu: bool = False,
+                        norm: Optional[RunningBatchNorm] = None,
+                        activation: Optional[str] = None,
                         out_dtype: Optional[torch.dtype] = None,
                         channels_last: Optional[bool] = None) -> Tensor:
-    """``act(norm(F.conv2d(x, weight, bias, stride, padding)))`` (``act`` GELU if ``gelu``)
+    """``act(norm(F.conv2d(x, weight, bias, stride, padding)))`` (``act``: ``'gelu'``,
+    ``'relu'`` or None)
     for ``x (B, C, H, W)`` of a float dtype (channels-last is read as it is, another layout
     through a copy) and ``weight (O, C, kh, kw)`` of any float dtype (rounded to ``x``'s in
     the product); the result ``(B, O, H', W')`` in ``out_dtype`` (default ``x``'s),
@@ -209,6 +216,6 @@ def dense_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None
         raise RuntimeError('dense_conv2d_triton has no backward pass; where autograd records '
                            'the convolution, run the torch backend of dense_conv2d')
     channels_last = is_channels_last(x) if channels_last is None else channels_last
-    args = (x, weight, bias, list(stride), list(padding), *(norm or _NO_NORM), gelu,
+    args = (x, weight, bias, list(stride), list(padding), *(norm or _NO_NORM), activation,
             out_dtype or x.dtype, channels_last)
     return _dense_conv2d_op(*args) if torch.compiler.is_compiling() else _convolve(*args)

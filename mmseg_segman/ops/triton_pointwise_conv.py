@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .depthwise_conv import RunningBatchNorm
 from .dispatch import cast
 from .triton_jit import (INV_SQRT_2PI, TritonAutogradOp, aligned, alignment, cdiv,
                          conv_dot_precision, jit_with_runtime_ints, launch, next_power_of_2,
@@ -131,16 +132,25 @@ def _weight_tile(w_ptr, scale_ptr, o, k, o_ok, k_ok, sw_o, sw_k, dtype: tl.const
 
 
 @triton.jit
-def _epilogue(acc, b, o, p, o_ok, p_ok, out_channels, pixels, bias_ptr, shortcut_ptr, scale_ptr,
-              shift_ptr, sample_ptr, grad_ptr, out_ptr, HAS_BIAS: tl.constexpr,
-              GELU: tl.constexpr, GELU_GRAD: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
+def _epilogue(acc, b, o, p, o_ok, p_ok, out_channels, pixels, bias_ptr, norm_ptrs, eps,
+              shortcut_ptr, scale_ptr, shift_ptr, sample_ptr, grad_ptr, out_ptr,
+              HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, GELU: tl.constexpr,
+              GELU_GRAD: tl.constexpr, RELU: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
               HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SAMPLE: tl.constexpr):
     """:func:`_pw_fwd_kernel`'s epilogue of the float32 product ``acc`` of output channels
-    ``o`` and pixels ``p`` of batch element ``b``, stored."""
+    ``o`` and pixels ``p`` of batch element ``b``, stored; ``norm_ptrs`` the norm's mean,
+    variance, weight and bias."""
     offsets = b * out_channels * pixels + o[:, None] * pixels + p[None, :]
     ok = o_ok[:, None] & p_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_NORM:
+        mean_ptr, var_ptr, gamma_ptr, beta_ptr = norm_ptrs
+        norm_scale = tl.load(gamma_ptr + o, mask=o_ok, other=0.0).to(tl.float32) / tl.sqrt(
+            tl.load(var_ptr + o, mask=o_ok, other=1.0).to(tl.float32) + eps)
+        norm_shift = tl.load(beta_ptr + o, mask=o_ok, other=0.0).to(tl.float32) \
+            - tl.load(mean_ptr + o, mask=o_ok, other=0.0).to(tl.float32) * norm_scale
+        acc = acc * norm_scale[:, None] + norm_shift[:, None]
     if GELU_GRAD:
         cdf, density = normal_cdf_and_density(acc)
         acc = tl.load(grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32) \
@@ -148,6 +158,8 @@ def _epilogue(acc, b, o, p, o_ok, p_ok, out_channels, pixels, bias_ptr, shortcut
     elif GELU:
         cdf, _ = normal_cdf_and_density(acc)
         acc *= cdf
+    elif RELU:
+        acc = tl.maximum(acc, 0.0)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
     if HAS_SHIFT:
@@ -160,17 +172,19 @@ def _epilogue(acc, b, o, p, o_ok, p_ok, out_channels, pixels, bias_ptr, shortcut
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS | {'tiles'})
-def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, shortcut_ptr, scale_ptr, shift_ptr, sample_ptr,
-                   grad_ptr, out_ptr, channels, out_channels, pixels, tiles, sw_o, sw_k,
-                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GELU_GRAD: tl.constexpr,
-                   HAS_SHORTCUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                   HAS_SAMPLE: tl.constexpr, SCALE_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-                   RESIDENT: tl.constexpr, ALIGN: tl.constexpr):
+def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, shortcut_ptr,
+                   scale_ptr, shift_ptr, sample_ptr, grad_ptr, out_ptr, eps, channels,
+                   out_channels, pixels, tiles, sw_o, sw_k, HAS_BIAS: tl.constexpr,
+                   HAS_NORM: tl.constexpr, GELU: tl.constexpr, GELU_GRAD: tl.constexpr,
+                   RELU: tl.constexpr, HAS_SHORTCUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   HAS_SHIFT: tl.constexpr, HAS_SAMPLE: tl.constexpr, SCALE_K: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr,
+                   BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, ALIGN: tl.constexpr):
     """``out[b] = epilogue(W x[b])`` for ``W (out_channels, channels)`` at strides
     ``(sw_o, sw_k)``, its columns times ``scale`` if ``SCALE_K``. Epilogue, in order: ``+ bias``;
-    then either ``GELU`` and ``* scale``, ``+ shift``, ``* sample[b]``, ``+ shortcut``, or
-    (``GELU_GRAD``) ``grad * GELU'(.) * scale * sample[b]``, the gradient before the GELU.
+    ``HAS_NORM``: a batch norm by its running statistics; then either ``GELU`` or ``RELU`` and
+    ``* scale``, ``+ shift``, ``* sample[b]``, ``+ shortcut``, or (``GELU_GRAD``) ``grad *
+    GELU'(.) * scale * sample[b]``, the gradient before the GELU.
     ``pixels`` (a runtime int) is a multiple of ``ALIGN``. A program owns output channel tile
     ``program_id(0)`` and either the pixel tile ``program_id(1)`` of batch element
     ``program_id(2)``, or, ``RESIDENT`` (``channels <= BLOCK_K``), every ``num_programs(1)``-th
@@ -180,6 +194,7 @@ def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, shortcut_ptr, scale_ptr, shift_ptr, s
     o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = o < out_channels
     dtype = x_ptr.dtype.element_ty
+    norm_ptrs = (mean_ptr, var_ptr, gamma_ptr, beta_ptr)
     if RESIDENT:
         k = tl.arange(0, BLOCK_K)
         k_ok = k < channels
@@ -192,9 +207,10 @@ def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, shortcut_ptr, scale_ptr, shift_ptr, s
             x = tl.load(x_ptr + b * channels * pixels + k[:, None] * pixels + p[None, :],
                         mask=k_ok[:, None] & p_ok[None, :], other=0.0)
             acc = tl.dot(w, x, input_precision=DOT_PRECISION)
-            _epilogue(acc, b, o, p, o_ok, p_ok, out_channels, pixels, bias_ptr, shortcut_ptr,
-                      scale_ptr, shift_ptr, sample_ptr, grad_ptr, out_ptr, HAS_BIAS, GELU,
-                      GELU_GRAD, HAS_SHORTCUT, HAS_SCALE, HAS_SHIFT, HAS_SAMPLE)
+            _epilogue(acc, b, o, p, o_ok, p_ok, out_channels, pixels, bias_ptr, norm_ptrs, eps,
+                      shortcut_ptr, scale_ptr, shift_ptr, sample_ptr, grad_ptr, out_ptr,
+                      HAS_BIAS, HAS_NORM, GELU, GELU_GRAD, RELU, HAS_SHORTCUT, HAS_SCALE,
+                      HAS_SHIFT, HAS_SAMPLE)
     else:
         p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         b = tl.program_id(2).to(tl.int64)
@@ -208,9 +224,9 @@ def _pw_fwd_kernel(x_ptr, w_ptr, bias_ptr, shortcut_ptr, scale_ptr, shift_ptr, s
             x = tl.load(x_base + k[:, None] * pixels + p[None, :],
                         mask=k_ok[:, None] & p_ok[None, :], other=0.0)
             acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
-        _epilogue(acc, b, o, p, o_ok, p_ok, out_channels, pixels, bias_ptr, shortcut_ptr,
-                  scale_ptr, shift_ptr, sample_ptr, grad_ptr, out_ptr, HAS_BIAS, GELU, GELU_GRAD,
-                  HAS_SHORTCUT, HAS_SCALE, HAS_SHIFT, HAS_SAMPLE)
+        _epilogue(acc, b, o, p, o_ok, p_ok, out_channels, pixels, bias_ptr, norm_ptrs, eps,
+                  shortcut_ptr, scale_ptr, shift_ptr, sample_ptr, grad_ptr, out_ptr, HAS_BIAS,
+                  HAS_NORM, GELU, GELU_GRAD, RELU, HAS_SHORTCUT, HAS_SCALE, HAS_SHIFT, HAS_SAMPLE)
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS | {'batch'})
@@ -256,12 +272,13 @@ def _product(x: Tensor, weight: Tensor, out_dtype: torch.dtype, bias: Optional[T
              gelu: bool = False, shortcut: Optional[Tensor] = None, scale: Optional[Tensor] = None,
              shift: Optional[Tensor] = None, sample_scale: Optional[Tensor] = None,
              gelu_grad: Optional[Tensor] = None, transpose: bool = False,
-             config: Optional[Config] = None) -> Tensor:
+             config: Optional[Config] = None, norm: Optional[RunningBatchNorm] = None,
+             relu: bool = False) -> Tensor:
     """:func:`_pw_fwd_kernel` for ``x (B, C, H, W)`` contiguous and ``weight (O, C, ...)`` of
     any float dtype; with ``transpose`` the product is by ``weight^T`` (``x`` has ``O``
     channels) and ``scale`` scales its columns. ``shortcut`` and ``gelu_grad`` are ``(B, O,
-    H, W)`` contiguous, the vectors contiguous. Returns the ``(B, O, H, W)`` result (``(B, C,
-    H, W)`` with ``transpose``)."""
+    H, W)`` contiguous, the vectors (and ``norm``'s) contiguous. Returns the ``(B, O, H, W)``
+    result (``(B, C, H, W)`` with ``transpose``)."""
     batch, channels, height, width = x.shape
     pixels = height * width
     w_strides = (weight.stride(1), weight.stride(0)) if transpose else weight.stride()[:2]
@@ -278,11 +295,12 @@ def _product(x: Tensor, weight: Tensor, out_dtype: torch.dtype, bias: Optional[T
         grid = (o_tiles, max(1, min(tiles, programs)))
     else:
         grid = (o_tiles, pixel_tiles, batch)
-    vectors = (x if t is None else t
-               for t in (bias, shortcut, scale, shift, sample_scale, gelu_grad))
-    launch(_pw_fwd_kernel, grid, x, weight, *vectors, out, channels, out_channels, pixels,
-           tiles, *w_strides, HAS_BIAS=bias is not None, GELU=gelu,
-           GELU_GRAD=gelu_grad is not None, HAS_SHORTCUT=shortcut is not None, HAS_SCALE=scale is not None and not transpose,
+    vectors = (x if t is None else t for t in (bias, *(norm or (None, ) * 4)[:4], shortcut,
+                                                scale, shift, sample_scale, gelu_grad))
+    launch(_pw_fwd_kernel, grid, x, weight, *vectors, out, float(norm.eps) if norm else 0.0,
+           channels, out_channels, pixels, tiles, *w_strides, HAS_BIAS=bias is not None,
+           HAS_NORM=norm is not None, GELU=gelu, GELU_GRAD=gelu_grad is not None, RELU=relu,
+           HAS_SHORTCUT=shortcut is not None, HAS_SCALE=scale is not None and not transpose,
            HAS_SHIFT=shift is not None, HAS_SAMPLE=sample_scale is not None,
            SCALE_K=scale is not None and transpose, DOT_PRECISION=conv_dot_precision(x.dtype),
            BLOCK_O=config.block_o, BLOCK_P=config.block_p, BLOCK_K=config.block_k,
@@ -434,6 +452,39 @@ def _gelu_scale_and_shift_gradients(g: Tensor, x: Tensor, weight: Tensor, bias: 
         g = g * sample_scale.view(-1, 1, 1, 1).to(g.dtype)
     activation = _product(x, weight, torch.float32, bias, gelu=True, config=config)
     return (g.float() * activation).sum((0, 2, 3)), g.sum((0, 2, 3), dtype=torch.float32)
+
+
+def _inference(x: Tensor, weight: Tensor, bias: Optional[Tensor], mean: Optional[Tensor],
+               var: Optional[Tensor], gamma: Optional[Tensor], beta: Optional[Tensor], eps: float,
+               gelu: bool, relu: bool, out_dtype: torch.dtype) -> Tensor:
+    norm = None if mean is None else RunningBatchNorm(mean, var, gamma, beta, eps)
+    return _product(x, weight, out_dtype, bias, gelu, norm=norm, relu=relu)
+
+
+def _inference_fake(x, weight, bias, mean, var, gamma, beta, eps, gelu, relu, out_dtype):
+    return _forward_fake(x, weight, bias, gelu, None, None, None, None, out_dtype, [])
+
+
+_inference_op = torch.library.custom_op('mmseg_segman::pointwise_conv2d_inference_forward',
+                                        _inference, mutates_args=())
+_inference_op.register_fake(_inference_fake)
+
+
+def pointwise_conv2d_inference_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                                      norm: Optional[RunningBatchNorm] = None,
+                                      activation: Optional[str] = None,
+                                      out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``act(norm(W x + bias))`` (``act``: ``'gelu'``, ``'relu'`` or None; ``norm`` a batch
+    norm by its running statistics, of any float dtype) in the product's pass, for ``x (B, C,
+    H, W)`` contiguous of a float dtype; ``(B, O, H, W)`` in ``out_dtype`` (default ``x``'s).
+    Without autograd: refused where autograd would record the call (where it does,
+    :func:`pointwise_conv2d_triton` computes the product and PyTorch's ops the rest)."""
+    if records_autograd(x, weight, bias, *(norm or ())[:4]):
+        raise RuntimeError('pointwise_conv2d_inference_triton has no backward pass; where '
+                           'autograd records, run pointwise_conv2d_triton and the norm after it')
+    args = (x, weight, bias, *(norm or (None, None, None, None, 0.0)), activation == 'gelu',
+            activation == 'relu', out_dtype or x.dtype)
+    return (_inference_op if torch.compiler.is_compiling() else _inference)(*args)
 
 
 def pointwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,

@@ -21,7 +21,9 @@ TINY = dict(embed_dims=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_heads=[1, 2, 2,
             window_size=[5, 5, 3, 3], mlp_ratios=[2, 2, 2, 2], layerscales=[True] * 4)
 TRITON_OPS = ('cross_scan', 'depthwise_conv2d', 'direction_order', 'layer_norm_2d', 'na2d',
               'pointwise_conv2d', 'rotary_embedding')
-INFERENCE_ONLY_OPS = ('dense_conv2d', )  # training runs its torch reference
+# training runs the dense convolutions' torch reference, and the decode head's ConvModules'
+# norms and activations after the 1x1 product
+INFERENCE_ONLY_OPS = ('dense_conv2d', 'pointwise_conv2d_inference')
 TRAINING_ONLY_OPS = ('batch_norm_2d', )  # LASS's norm in training mode (in the conv at inference)
 
 

@@ -25,12 +25,14 @@ def make_norm(channels, dtype=torch.float64, seed=1):
                             bias, 1e-5)
 
 
-def test_reference_applies_the_norm_then_the_gelu():
+def test_reference_applies_the_norm_then_the_activation():
     x, w, b = make_inputs(2, 3, 5, 7, 6, 3)
     norm = make_norm(5)
     out = F.conv2d(x, w, b, 2, 1)
     want = F.gelu(F.batch_norm(out, norm.mean, norm.var, norm.weight, norm.bias, False, 0.0, 1e-5))
     torch.testing.assert_close(dense_conv2d(x, w, b, 2, 1, norm, 'gelu'), want)
+    torch.testing.assert_close(dense_conv2d(x, w, b, 2, 1, norm, 'relu'), F.relu(F.batch_norm(
+        out, norm.mean, norm.var, norm.weight, norm.bias, False, 0.0, 1e-5)))
     torch.testing.assert_close(dense_conv2d(x, w, None, (1, 2), (0, 1)),
                                F.conv2d(x, w, None, (1, 2), (0, 1)))
 
@@ -61,7 +63,7 @@ def test_why_the_triton_backend_declines(monkeypatch):
     (dict(padding=True), 'padding must be an int'),
     (dict(weight=torch.zeros(4, 3, 9, 9)), r'a \(9, 9\) kernel with padding \(1, 1\) does not fit a \(6, 7\) map'),
     (dict(norm=make_norm(3)), r"statistics and parameters must be \(4,\)"),
-    (dict(activation='relu'), 'activation must be one of'),
+    (dict(activation='silu'), 'activation must be one of'),
     (dict(memory_format=torch.preserve_format), 'memory_format must be one of'),
 ])
 def test_bad_arguments_are_refused(change, match):
@@ -139,6 +141,9 @@ def check_shapes_and_layouts():
     check(1, 20, 24, 9, 11, 3, (1, 1), (1, 1), f32, 1e-5, bias=False, norm=True, activation='gelu')
     check(2, 70, 40, 10, 12, 3, (2, 2), (1, 1), f16, 2e-2, norm=True)  # two channel steps
     check(1, 24, 136, 12, 12, 5, (4, 4), (1, 1), f16, 2e-2)  # two output-channel tiles
+    # MMSCopE's strided ConvModules at inference: their norms and ReLUs
+    check(2, 24, 40, 13, 11, 5, (4, 4), (1, 1), f32, 1e-5, bias=False, norm=True,
+          activation='relu')
     check(2, 40, 24, 6, 7, 1, (1, 1), (0, 0), f32, 1e-5, channels_last=True)  # the fusion
     check(1, 16, 8, 5, 9, 3, (2, 2), (1, 1), f16, 2e-2, channels_last=True, activation='gelu')
     # the stem's: channels-last written for the next convolution, NCHW for the blocks
@@ -203,13 +208,13 @@ def check_custom_op():
 
     x, w, b = make_inputs(2, 5, 7, 6, 5, 3, torch.float32)
     norm = make_norm(7, torch.float32)
-    torch.library.opcheck(_dense_conv2d_op, (x, w, b, [2, 1], [1, 0], *norm, True, torch.float32,
-                                             False))
+    torch.library.opcheck(_dense_conv2d_op, (x, w, b, [2, 1], [1, 0], *norm, 'gelu',
+                                             torch.float32, False))
     torch.library.opcheck(_dense_conv2d_op, (x.to(memory_format=torch.channels_last), w, None,
-                                             [1, 1], [1, 1], None, None, None, None, 0.0, False,
+                                             [1, 1], [1, 1], None, None, None, None, 0.0, None,
                                              torch.float32, True))
-    torch.library.opcheck(_dense_conv2d_op, (x, w, None, [1, 1], [1, 1], None, None, None, None,
-                                             0.0, False, torch.float32, True))
+    torch.library.opcheck(_dense_conv2d_op, (x, w, None, [1, 1], [1, 1], *norm, 'relu',
+                                             torch.float32, True))
     backend = _dense_conv2d.backends['triton'].fn
     eager = backend(x, w, b, (2, 2), (1, 1), norm, 'gelu', None)
     compiled, targets = compile_recording_graphs(

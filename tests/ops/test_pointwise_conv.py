@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mmseg_segman.ops import pointwise_conv2d
+from mmseg_segman.ops.depthwise_conv import RunningBatchNorm
 from mmseg_segman.ops.pointwise_conv import Residual, _pointwise_conv2d
 
 matmul = _pointwise_conv2d.backends['matmul'].fn
@@ -30,6 +31,14 @@ def make_residual(batch, out_channels, height, width, scale=True, sample=True, s
     return tensors, sample_scale
 
 
+def make_norm(channels, dtype=torch.float64, seed=5):
+    """A batch norm by its running statistics, as a decode head's trained ``ConvModule``."""
+    g = torch.Generator().manual_seed(seed)
+    mean, weight, bias = (torch.randn(channels, generator=g, dtype=dtype) for _ in range(3))
+    return RunningBatchNorm(mean, torch.rand(channels, generator=g, dtype=dtype) + 0.5, weight,
+                            bias, 1e-5)
+
+
 def outputs_and_grads(fn, inputs, seed=2):
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     out = fn(*leaves)
@@ -50,7 +59,8 @@ def test_matmul_backend_matches_conv2d(layout, bias):
     if layout == 'channels_last':
         x = x.contiguous(memory_format=torch.channels_last)
     inputs = [x, w, b] if bias else [x, w]
-    got = outputs_and_grads(lambda *t: matmul(*t, *([] if bias else [None]), None, None), inputs)
+    got = outputs_and_grads(lambda *t: matmul(*t, *([] if bias else [None]), None, None, None),
+                            inputs)
     want = outputs_and_grads(lambda *t: F.conv2d(*t, *([] if bias else [None])), inputs)
     assert got[0].shape == (2, 7, 3, 4) and got[0].is_contiguous()
     for a, e in zip(got, want):
@@ -60,7 +70,7 @@ def test_matmul_backend_matches_conv2d(layout, bias):
 def test_matmul_backend_under_autocast_computes_as_conv2d():
     x, w, b = (t.float() for t in make_inputs())
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        got, want = matmul(x, w, b, None, None), F.conv2d(x, w, b)
+        got, want = matmul(x, w, b, None, None, None), F.conv2d(x, w, b)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=5e-2)
 
@@ -76,19 +86,32 @@ def test_reference_gelu_and_residual_are_the_release_layers():
     layer_scaled = F.conv2d(out, scale.view(-1, 1, 1, 1), shift, groups=7)
     want = shortcut + layer_scaled * sample_scale.view(-1, 1, 1, 1)
     torch.testing.assert_close(pointwise_conv2d(x, w, b, residual=residual), want)
-    torch.testing.assert_close(matmul(x, w, b, None, residual), want)
+    torch.testing.assert_close(matmul(x, w, b, None, residual, None), want)
     torch.testing.assert_close(pointwise_conv2d(x, w, b, 'gelu'), F.gelu(out))
     torch.testing.assert_close(pointwise_conv2d(x, w, b, residual=Residual(shortcut)), shortcut + out)
     torch.testing.assert_close(pointwise_conv2d(x, w, b, residual=Residual(shortcut, shift=shift)),
                                shortcut + out + shift.view(-1, 1, 1))
 
 
+@pytest.mark.parametrize('activation', [None, 'relu', 'gelu'])
+def test_reference_applies_the_norm_then_the_activation(activation):
+    """The norm (F.batch_norm by the running statistics) after the product, the activation
+    after the norm; the matmul backend's epilogue is the same code."""
+    x, w, b = make_inputs()
+    norm = make_norm(7)
+    out = F.batch_norm(F.conv2d(x, w, b), norm.mean, norm.var, norm.weight, norm.bias, False,
+                       0.0, 1e-5)
+    want = {None: out, 'relu': F.relu(out), 'gelu': F.gelu(out)}[activation]
+    torch.testing.assert_close(pointwise_conv2d(x, w, b, activation, norm=norm), want)
+    torch.testing.assert_close(matmul(x, w, b, activation, None, norm), want)
+
+
 def test_reference_on_cpu_and_why_the_fast_backends_decline(monkeypatch):
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     x, w, b = (t.float() for t in make_inputs())
-    assert 'CUDA only' in _pointwise_conv2d.why_not('matmul', x, w, b, None, None)
-    assert 'TRITON_INTERPRET' in _pointwise_conv2d.why_not('triton', x, w, b, None, None)
-    assert _pointwise_conv2d.select(x, w, b, None, None) == 'torch'
+    assert 'CUDA only' in _pointwise_conv2d.why_not('matmul', x, w, b, None, None, None)
+    assert 'TRITON_INTERPRET' in _pointwise_conv2d.why_not('triton', x, w, b, None, None, None)
+    assert _pointwise_conv2d.select(x, w, b, None, None, None) == 'torch'
     torch.testing.assert_close(pointwise_conv2d(x, w, b), F.conv2d(x, w, b))
 
 
@@ -100,8 +123,10 @@ def test_bad_arguments_are_refused():
         pointwise_conv2d(x, torch.randn(7, 5, 3, 3, dtype=x.dtype))
     with pytest.raises(ValueError, match=r'bias must be \(7,\)'):
         pointwise_conv2d(x, w, b[:3])
-    with pytest.raises(ValueError, match="activation must be one of \\('gelu',\\)"):
-        pointwise_conv2d(x, w, b, 'relu')
+    with pytest.raises(ValueError, match="activation must be one of \\(None, 'gelu', 'relu'\\)"):
+        pointwise_conv2d(x, w, b, 'silu')
+    with pytest.raises(ValueError, match=r"norm's statistics and parameters must be \(7,\)"):
+        pointwise_conv2d(x, w, b, norm=make_norm(5))
     (shortcut, scale, shift), sample_scale = make_residual(2, 7, 3, 4)
     with pytest.raises(ValueError, match=r'shortcut must be \(2, 7, 3, 4\)'):
         pointwise_conv2d(x, w, b, residual=Residual(shortcut[:, :5]))
@@ -167,7 +192,7 @@ def check(batch, channels, out_channels, height, width, dtype, tol, activation=N
             bias_, rest = (rest[0], rest[1:]) if bias else (None, rest)
             scale = None if sample_scale is None else sample_scale.to(dtype)
             return _pointwise_conv2d.backends[backend].fn(
-                x, w, bias_, activation, as_residual(rest, scale) if rest else None)
+                x, w, bias_, activation, as_residual(rest, scale) if rest else None, None)
         return outputs_and_grads(call, [t.to(dtype) for t in inputs])
 
     got, want = run('triton', dtype), run('torch', torch.float64)
@@ -188,7 +213,7 @@ def check_float32_weight_with_half_map():
     backend = _pointwise_conv2d.backends['triton'].fn
 
     def run(x, w, b, shortcut, scale, shift, fn):
-        return fn(x, w, b, None, Residual(shortcut, scale, shift, sample_scale.to(x.dtype)))
+        return fn(x, w, b, None, Residual(shortcut, scale, shift, sample_scale.to(x.dtype)), None)
     inputs = [x, w, b, shortcut, scale, shift]
     got = outputs_and_grads(lambda x, *rest: run(x.half(), *rest, fn=backend),
                             [inputs[0]] + [t.float() for t in inputs[1:]])
@@ -208,7 +233,8 @@ def check_direct_launch_equals_function():
     (shortcut, scale, shift), sample_scale = make_residual(2, 70, 5, 9, dtype=torch.float16)
     residual = Residual(shortcut, scale, shift, sample_scale)
     backend = _pointwise_conv2d.backends['triton'].fn
-    check_launches_directly(tpw.POINTWISE_CONV2D.function, lambda *t: backend(*t, None, residual),
+    check_launches_directly(tpw.POINTWISE_CONV2D.function,
+                            lambda *t: backend(*t, None, residual, None),
                             [x, w, b], differentiable=1)
 
 
@@ -239,7 +265,7 @@ def check_custom_op():
 
     def eager(x, w, b, shortcut, scale, shift):
         residual = Residual(shortcut, scale, shift, sample_scale)
-        return _pointwise_conv2d.backends['triton'].fn(x, w, b, None, residual)
+        return _pointwise_conv2d.backends['triton'].fn(x, w, b, None, residual, None)
 
     def custom_op(x, w, b, shortcut, scale, shift):
         return op(x, w, b, False, shortcut, scale, shift, sample_scale, f32, [])
@@ -269,7 +295,7 @@ def check_compiled_inference_casts_the_weight():
         return make_boxed_func(gm.forward)
 
     def fn(x, w, b):
-        return backend(x, w, b, 'gelu', None)
+        return backend(x, w, b, 'gelu', None, None)
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=compiler), fullgraph=True)
     with torch.no_grad():
@@ -284,6 +310,78 @@ def check_compiled_inference_casts_the_weight():
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
     print('compiled weight cast: ok')
+
+
+def check_norm_and_activation():
+    """A decode head's ConvModule at inference: the eval-mode norm and the ReLU (or GELU) in
+    the product's pass where autograd does not record; where it records, the product's op
+    and then PyTorch's, with every gradient; both against float64."""
+    from mmseg_segman.ops.triton_pointwise_conv import pointwise_conv2d_inference_triton
+
+    backend = _pointwise_conv2d.backends['triton'].fn
+    torch_backend = _pointwise_conv2d.backends['torch'].fn
+    # both output tiles, a resident (16-bit, 40 channels) and a looped launch (130 channels)
+    for shape, dtype, tol in (((2, 40, 70, 9, 17), torch.float16, 2e-2),
+                              ((1, 130, 20, 16, 20), torch.float32, 1e-5)):
+        x, w, b = make_inputs(*shape, seed=11)
+        norm = make_norm(shape[2])
+        for activation in ('relu', 'gelu', None):
+            want = torch_backend(x, w, b, activation, None, norm)
+            with torch.no_grad():
+                got = backend(x.to(dtype), w.float(), b.float(), activation, None,
+                              RunningBatchNorm(*(t.float() for t in norm[:4]), norm.eps))
+            assert got.dtype == dtype, got.dtype
+            error = relative_error(got, want)
+            assert error < tol, f'{shape} {activation}: relative error {error:.2e}'
+        got = backend(x.to(dtype), w.float(), b.float(), 'relu', None, None)  # ReLU alone
+        assert relative_error(got, torch_backend(x, w, b, 'relu', None, None)) < tol
+    x, w, b = make_inputs(2, 5, 7, 3, 4, seed=12)
+    norm = make_norm(7)
+    inputs = [x, w, b, norm.weight, norm.bias]
+
+    def run(fn, dtype):
+        def call(x, w, b, gamma, beta):
+            statistics = (norm.mean.to(dtype), norm.var.to(dtype))
+            return fn(x, w, b, 'relu', None, RunningBatchNorm(*statistics, gamma, beta, 1e-5))
+        return outputs_and_grads(call, [t.to(dtype) for t in inputs])
+    for name, a, e in zip(['out', 'x', 'w', 'bias', 'norm weight', 'norm bias'],
+                          run(backend, torch.float32), run(torch_backend, torch.float64)):
+        assert relative_error(a, e) < 1e-5, name
+    try:
+        pointwise_conv2d_inference_triton(x.float(), w.float().requires_grad_(), b.float(), norm,
+                                          'relu')
+    except RuntimeError as error:
+        assert 'no backward' in str(error), error
+    else:
+        raise AssertionError('the inference kernel ran where autograd records')
+    print('norm and activation: ok')
+
+
+def check_inference_custom_op():
+    """The inference kernel as a custom op (opcheck: schema, fake shapes); torch.compile of the
+    backend traces it, bit for bit the eager call's result."""
+    from triton_interpreter import compile_recording_graphs
+
+    from mmseg_segman.ops.triton_pointwise_conv import _inference_op
+
+    x, w, b = (t.float() for t in make_inputs(2, 5, 7, 3, 4))
+    norm = RunningBatchNorm(*(t.float() for t in make_norm(7)[:4]), 1e-5)
+    torch.library.opcheck(_inference_op, (x, w, b, *norm, False, True, torch.float32))
+    torch.library.opcheck(_inference_op, (x, w, None, None, None, None, None, 0.0, False, True,
+                                          torch.float32))
+    backend = _pointwise_conv2d.backends['triton'].fn
+    with torch.no_grad():
+        eager = backend(x, w, b, 'relu', None, norm)
+        compiled, targets = compile_recording_graphs(lambda x: backend(x, w, b, 'relu', None, norm))
+        got = compiled(x)
+    assert 'mmseg_segman.pointwise_conv2d_inference_forward.default' in targets['forward'], \
+        targets
+    torch.testing.assert_close(got, eager, rtol=0, atol=0)
+    print('inference custom op: ok')
+
+
+def relative_error(got, want):
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
 
 def main():
@@ -312,6 +410,8 @@ def main():
     check_direct_launch_equals_function()
     check_custom_op()
     check_compiled_inference_casts_the_weight()
+    check_norm_and_activation()
+    check_inference_custom_op()
     print('all checks passed')
 
 

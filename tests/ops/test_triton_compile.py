@@ -80,7 +80,8 @@ def test_aligned_sizes_give_16_byte_accesses():
     kernels = [(tln._ln2d_fwd_kernel, dict(ADDENDS=2, STATS=True, **ln_tile(432))),
                (tln._ln2d_fwd_kernel, dict(ADDENDS=2, STATS=True, **ln_tile(640))),
                (cross._merge_kernel, dict(BLOCK_H=32, BLOCK_W=32)),
-               (tpw._pw_fwd_kernel, dict(HAS_BIAS=True, GELU=True, GELU_GRAD=False,
+               (tpw._pw_fwd_kernel, dict(HAS_BIAS=True, HAS_NORM=False, GELU=True,
+                                         GELU_GRAD=False, RELU=False,
                                          HAS_SHORTCUT=False, HAS_SCALE=False, HAS_SHIFT=False,
                                          HAS_SAMPLE=False, SCALE_K=False, DOT_PRECISION='tf32',
                                          BLOCK_O=128, BLOCK_P=256, BLOCK_K=64)),
@@ -173,21 +174,22 @@ def test_neighborhood_attention_kernels_compile(activation, head_dim, kernel_siz
                             TILE_H=dkdv.tile_h, TILE_W=dkdv.tile_w, BLOCK_M=dkdv.columns, **common)
 
 
-# SegMAN-L's first stem convolution (NCHW, norm and GELU), its decoder's 5x5 stride-4 one
-# (compiled in 68 s on this machine while the kernel was unrolled over the taps, in 0.2 s as
-# one loop: twenty-second session) and the fusion (channels-last, 1x1)
+# SegMAN-L's stem convolutions (with their norms and GELUs, writing channels-last for the next
+# one), its decoder's 5x5 stride-4 one (compiled in 68 s on this machine while the kernel was
+# unrolled over the taps, in 0.2 s as one loop: twenty-second session) with its norm and ReLU,
+# and a downsampling one (NCHW out)
 @pytest.mark.parametrize('activation', ['bf16', 'fp32'])
-@pytest.mark.parametrize('channels,out_channels,kernel,stride,padding,channels_last,norm', [
-    (3, 48, 3, 2, 1, False, True), (224, 896, 5, 4, 1, False, False),
-    (1296, 224, 1, 1, 0, True, False)])
+@pytest.mark.parametrize('channels,out_channels,kernel,stride,padding,out_channels_last,act', [
+    (3, 48, 3, 2, 1, True, 'gelu'), (48, 48, 3, 1, 1, True, 'gelu'),
+    (224, 896, 5, 4, 1, False, 'relu'), (432, 640, 3, 2, 1, False, None)])
 def test_dense_conv_kernel_compiles(activation, channels, out_channels, kernel, stride, padding,
-                                    channels_last, norm):
+                                    out_channels_last, act):
     config = tdc.launch_config(channels, out_channels, 4 if activation == 'fp32' else 2)
     assert compile_for_h100(
         tdc._dense_conv_kernel, activation, DENSE_FLOAT32_POINTERS, config.num_warps,
         config.num_stages, CHANNELS=channels, OUT_CHANNELS=out_channels, KERNEL_H=kernel,
         KERNEL_W=kernel, STRIDE_H=stride, STRIDE_W=stride, PAD_H=padding, PAD_W=padding,
-        OUT_CHANNELS_LAST=channels_last, HAS_BIAS=not norm, HAS_NORM=norm, GELU=norm,
+        OUT_CHANNELS_LAST=out_channels_last, HAS_BIAS=False, HAS_NORM=True, ACTIVATION=act,
         DOT_PRECISION='tf32', BLOCK_P=config.block_p, BLOCK_O=config.block_o,
         BLOCK_K=config.block_k, ALIGN=ALIGNMENT)
 
@@ -272,7 +274,8 @@ def test_depthwise_conv_kernels_compile(activation, kernel):
 @pytest.mark.parametrize('out_channels', [32, 384])  # both output tiles (64 and 128 channels)
 @pytest.mark.parametrize('channels', [96, 1536])  # resident programs in 16 bits, or not
 def test_pointwise_conv_kernels_compile(activation, out_channels, channels):
-    float32 = {'w_ptr', 'bias_ptr', 'scale_ptr', 'shift_ptr', 'sample_ptr'}
+    float32 = {'w_ptr', 'bias_ptr', 'scale_ptr', 'shift_ptr', 'sample_ptr', 'mean_ptr',
+               'var_ptr', 'gamma_ptr', 'beta_ptr'}
     element_size = 4 if activation == 'fp32' else 2
     precision = 'tf32x3' if activation == 'fp32' else 'tf32'
     config = tpw.launch_config(channels, out_channels, 64 * 64, element_size)
@@ -280,13 +283,15 @@ def test_pointwise_conv_kernels_compile(activation, out_channels, channels):
     common = dict(DOT_PRECISION=precision, BLOCK_O=config.block_o, BLOCK_P=config.block_p,
                   BLOCK_K=config.block_k, RESIDENT=bool(config.resident), ALIGN=ALIGNMENT)
     # the FFN's first convolution, a block's last one, the gradient before the GELU, dx
-    for gelu, residual, gelu_grad, transposed in ((True, False, False, False),
-                                                  (False, True, False, False),
-                                                  (False, False, True, False),
-                                                  (False, False, False, True)):
+    # and a decode head's ConvModule at inference (its norm and ReLU)
+    for gelu, residual, gelu_grad, transposed, norm in ((True, False, False, False, False),
+                                                        (False, True, False, False, False),
+                                                        (False, False, True, False, False),
+                                                        (False, False, False, True, False),
+                                                        (False, False, False, False, True)):
         assert compile_for_h100(tpw._pw_fwd_kernel, activation, float32, config.num_warps,
-                                config.num_stages, HAS_BIAS=not transposed, GELU=gelu,
-                                GELU_GRAD=gelu_grad, HAS_SHORTCUT=residual,
+                                config.num_stages, HAS_BIAS=not transposed, HAS_NORM=norm,
+                                GELU=gelu, GELU_GRAD=gelu_grad, RELU=norm, HAS_SHORTCUT=residual,
                                 HAS_SCALE=residual or gelu_grad, HAS_SHIFT=residual,
                                 HAS_SAMPLE=residual or gelu_grad or transposed,
                                 SCALE_K=transposed, **common)

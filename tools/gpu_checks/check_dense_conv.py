@@ -137,7 +137,7 @@ def sweep(args) -> None:
             try:
                 ms = median_ms(lambda: _convolve(x, weight, bias, [stride] * 2, [padding] * 2,
                                                  *(running[:4] if running else (None, ) * 4),
-                                                 running.eps if running else 0.0, act == 'gelu',
+                                                 running.eps if running else 0.0, act,
                                                  x.dtype, channels_last, config), 20)
             except Exception as failure:  # a shape the GPU cannot launch (shared memory)
                 ms = f'{type(failure).__name__}'

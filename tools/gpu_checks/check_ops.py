@@ -120,7 +120,7 @@ def pointwise_case(batch, channels, out_channels, height, width, epilogue=None):
                                 _randn(out_channels), _randn(out_channels), sample_scale)
         return [_randn(batch, channels, height, width, dtype=dtype),
                 _randn(out_channels, channels, 1, 1, scale=channels ** -0.5), _randn(out_channels),
-                'gelu' if epilogue == 'gelu' else None, residual]
+                'gelu' if epilogue == 'gelu' else None, residual, None]
     name = f'B{batch} C{channels}->{out_channels} {height}x{width}' + (f' {epilogue}' if epilogue else '')
     return 'pointwise_conv2d', name, make
 

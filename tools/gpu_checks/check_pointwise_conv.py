@@ -100,11 +100,11 @@ def main():
 
             def forward():
                 with torch.no_grad(), torch.autocast('cuda', torch.bfloat16):
-                    fn(x, weight, bias, activation, residual)
+                    fn(x, weight, bias, activation, residual, None)
 
             def forward_backward():
                 with torch.autocast('cuda', torch.bfloat16):
-                    out = fn(*leaves, activation, res)
+                    out = fn(*leaves, activation, res, None)
                 out.backward(torch.ones_like(out))
 
             write_row(dict(arch=args.arch, layer=name, batch=args.batch, backend=backend,

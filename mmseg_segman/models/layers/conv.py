@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from ...ops import dense_conv2d, depthwise_conv2d, pointwise_conv2d
 from ...ops.batch_norm import trains_with_batch_statistics
 from ...ops.depthwise_conv import RunningBatchNorm
+from ...ops import dense_conv, pointwise_conv
 from ...ops.pointwise_conv import Residual
 from .norm import batch_norm_with_statistics, op_activation
 
@@ -31,12 +32,14 @@ class DepthwiseConv2d(nn.Conv2d):
 
 class PointwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(in_channels, out_channels, 1)`` (keys ``weight (O, C, 1, 1)``, ``bias``)
-    running the op :func:`pointwise_conv2d`, which can apply a GELU or a block's residual
-    connection to the result in the same pass.
+    running the op :func:`pointwise_conv2d`, which can apply an eval-mode batch norm, a GELU or
+    ReLU, and a block's residual connection to the result in the same pass.
 
     It takes the arguments mmcv's ``ConvModule`` passes to its convolution
     (``conv_cfg=dict(type=PointwiseConv2d)``), and refuses any but those of a 1x1 convolution.
     """
+
+    activations = pointwise_conv.ACTIVATIONS  # what its op applies after an eval-mode norm
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
                  padding: int = 0, dilation: int = 1, groups: int = 1, bias: bool = True):
@@ -50,22 +53,25 @@ class PointwiseConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
 
     def forward(self, x: Tensor, activation: Optional[str] = None,
-                residual: Optional[Residual] = None) -> Tensor:
-        """``(B, C, H, W) -> (B, O, H, W)``, then ``activation`` (``'gelu'``) and
-        ``residual.add_to``."""
-        return pointwise_conv2d(x, self.weight, self.bias, activation, residual)
+                residual: Optional[Residual] = None,
+                norm: Optional[RunningBatchNorm] = None) -> Tensor:
+        """``(B, C, H, W) -> (B, O, H, W)``, then ``norm`` (a batch norm in eval mode),
+        ``activation`` (``'gelu'``, ``'relu'``) and ``residual.add_to``."""
+        return pointwise_conv2d(x, self.weight, self.bias, activation, residual, norm)
 
 
 class DenseConv2d(nn.Conv2d):
     """``nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)`` of one
     group (keys ``weight (O, C, kh, kw)``, ``bias``) running the op :func:`dense_conv2d`
     (no execution plan per input shape at inference), which can apply a batch norm in eval
-    mode and a GELU to the result in the same pass.
+    mode and a GELU or ReLU to the result in the same pass.
 
     It takes the arguments mmcv's ``ConvModule`` passes to its convolution
     (``conv_cfg=dict(type=DenseConv2d)``), and refuses groups, dilation, padding modes and
     paddings by name (``'same'``) that the op does not run.
     """
+
+    activations = dense_conv.ACTIVATIONS  # what its op applies after an eval-mode norm
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = 'zeros'):
@@ -80,8 +86,8 @@ class DenseConv2d(nn.Conv2d):
     def forward(self, x: Tensor, norm: Optional[RunningBatchNorm] = None,
                 activation: Optional[str] = None,
                 memory_format: Optional[torch.memory_format] = None) -> Tensor:
-        """``(B, C, H, W) -> (B, O, H', W')``, then ``norm`` and ``activation`` (``'gelu'``),
-        in ``memory_format`` (:func:`~mmseg_segman.ops.dense_conv2d`)."""
+        """``(B, C, H, W) -> (B, O, H', W')``, then ``norm`` and ``activation`` (``'gelu'``,
+        ``'relu'``), in ``memory_format`` (:func:`~mmseg_segman.ops.dense_conv2d`)."""
         return dense_conv2d(x, self.weight, self.bias, self.stride, self.padding, norm, activation,
                             memory_format)
 
@@ -121,18 +127,27 @@ class ConvNormSequence(nn.Sequential):
 
 
 class BatchNormActConvModule(ConvModule):
-    """mmcv's ``ConvModule`` (its keys and arguments) whose batch norm in training mode runs
-    with the activation after it as one op (:func:`~.norm.batch_norm_with_statistics`) where
-    its layers come in the order conv, norm, act and the ops have the activation (ReLU, SiLU,
-    the exact GELU, or none); otherwise, and in eval mode, ``ConvModule.forward``."""
+    """mmcv's ``ConvModule`` (its keys and arguments) whose batch norm and the activation after
+    it run in ops where its layers come in the order conv, norm, act and the ops have the
+    activation: in training mode as the batch norm's op
+    (:func:`~.norm.batch_norm_with_statistics`: ReLU, SiLU, the exact GELU, or none), in eval
+    mode inside a :class:`PointwiseConv2d`'s or :class:`DenseConv2d`'s op (ReLU, the exact
+    GELU, or none: one pass on the fast path where they took three); otherwise
+    ``ConvModule.forward``."""
 
     def forward(self, x: Tensor, activate: bool = True, norm: bool = True) -> Tensor:
         """``(B, C, H, W) -> (B, O, H', W')``."""
         activation = op_activation(self.activate) if activate and self.with_activation else None
-        if not (norm and self.with_norm and tuple(self.order) == ('conv', 'norm', 'act')
-                and trains_with_batch_statistics(self.norm)) or (
-                    activate and self.with_activation and activation is None):
+        if not (norm and self.with_norm and tuple(self.order) == ('conv', 'norm', 'act')) or (
+                activate and self.with_activation and activation is None):
             return super().forward(x, activate, norm)
-        if self.with_explicit_padding:
-            x = self.padding_layer(x)
-        return batch_norm_with_statistics(self.norm, self.conv(x), activation)
+        running = RunningBatchNorm.in_eval(self.norm)
+        if running is not None and isinstance(self.conv, (PointwiseConv2d, DenseConv2d)) \
+                and activation in self.conv.activations:
+            return self.conv(self._padded(x), norm=running, activation=activation)
+        if not trains_with_batch_statistics(self.norm):
+            return super().forward(x, activate, norm)
+        return batch_norm_with_statistics(self.norm, self.conv(self._padded(x)), activation)
+
+    def _padded(self, x: Tensor) -> Tensor:
+        return self.padding_layer(x) if self.with_explicit_padding else x

@@ -15,6 +15,7 @@ from mmseg_segman.models.layers import (BatchNormActConvModule, ConvNormSequence
 from mmseg_segman.ops import use_backends
 from mmseg_segman.ops.batch_norm import _batch_norm_2d
 from mmseg_segman.ops.dense_conv import _dense_conv2d
+from mmseg_segman.ops.pointwise_conv import _pointwise_conv2d
 
 
 def test_conv_module_builds_it_and_it_computes_the_convolution():
@@ -61,7 +62,7 @@ def stem_like(gelu=nn.GELU()):
     return sequence, nn.Sequential(*layers)
 
 
-def calls_of_the_op(module, x):
+def calls_of_the_op(module, x, *args):
     """``module(x)`` and ``(norm given, activation, memory_format)`` of each ``dense_conv2d``
     call."""
     calls = []
@@ -72,7 +73,7 @@ def calls_of_the_op(module, x):
         return reference(x, weight, bias, stride, padding, norm, activation, memory_format)
 
     with use_backends(dense_conv2d=recording):
-        return module(x), calls
+        return module(x, *args), calls
 
 
 def test_conv_norm_sequence_hands_eval_norms_and_gelus_to_the_op():
@@ -147,6 +148,49 @@ def test_conv_module_trains_its_norm_and_activation_as_one_op(act_cfg, activatio
     twin.load_state_dict(module.state_dict())
     assert_trains_as(module, twin, x)
     assert_trains_as(module, twin, x, False)
+
+
+def pointwise_calls(module, x, *args):
+    """``module(x, *args)`` and ``(norm given, activation)`` of each ``pointwise_conv2d``
+    call."""
+    calls = []
+    reference = _pointwise_conv2d.backends['torch'].fn
+
+    def recording(x, weight, bias, activation, residual, norm):
+        calls.append((norm is not None, activation))
+        return reference(x, weight, bias, activation, residual, norm)
+
+    with use_backends(pointwise_conv2d=recording):
+        return module(x, *args), calls
+
+
+@pytest.mark.parametrize('act_cfg,call', [
+    (dict(type='ReLU'), (True, 'relu')), (dict(type='GELU'), (True, 'gelu')), (None, (True, None)),
+    (dict(type='SiLU'), (False, None))])  # no convolution op applies a SiLU: ConvModule's
+def test_conv_module_in_eval_mode_hands_its_norm_and_activation_to_the_op(act_cfg, call):
+    """A decode head's ConvModule at inference: one op call with the norm and the activation,
+    the output of mmcv's ConvModule."""
+    torch.manual_seed(0)
+    for conv_cfg, calls_of in ((dict(type=PointwiseConv2d), pointwise_calls),
+                               (dict(type=DenseConv2d), calls_of_the_op)):
+        kernel = 1 if conv_cfg['type'] is PointwiseConv2d else 3
+        module = BatchNormActConvModule(4, 6, kernel, padding=kernel // 2, conv_cfg=conv_cfg,
+                                        norm_cfg=dict(type='BN'), act_cfg=act_cfg).eval()
+        twin = ConvModule(4, 6, kernel, padding=kernel // 2, norm_cfg=dict(type='BN'),
+                          act_cfg=act_cfg).eval()
+        module.norm.running_mean.uniform_(-1, 1)
+        module.norm.running_var.uniform_(0.5, 2)
+        twin.load_state_dict(module.state_dict())
+        x = torch.randn(2, 4, 7, 5)
+        out, calls = calls_of(module, x)
+        assert [c[:2] for c in calls] == [call], (conv_cfg, calls)
+        torch.testing.assert_close(out, twin(x))
+        out, calls = calls_of(module, x, False)  # activate=False: the norm alone
+        assert [c[:2] for c in calls] == [(True, None)]
+        torch.testing.assert_close(out, twin(x, False))
+        out, calls = calls_of(module, x, True, False)  # norm=False: ConvModule's forward
+        assert [c[:2] for c in calls] == [(False, None)]
+        torch.testing.assert_close(out, twin(x, True, False))
 
 
 @pytest.mark.parametrize('kwargs', [dict(act_cfg=dict(type='LeakyReLU')),
