@@ -1,9 +1,9 @@
 """Convolution of all input channels of a ``(B, C, H, W)`` map (one group, any kernel,
-stride and zero padding), optionally followed by a batch norm in eval mode and a GELU or ReLU: the
-encoder's stem and downsampling convolutions and the decoder's strided ones.
+stride and zero padding), optionally followed by a batch norm in eval mode and a GELU or
+ReLU: the encoder's stem and downsampling convolutions and the decoder's strided ones.
 
 Backends: ``triton`` (:mod:`.triton_dense_conv`: one implicit matrix product, the norm and
-the GELU applied before the result is stored, no plan per input shape where cuDNN builds one
+the activation applied before the result is stored, no plan per input shape where cuDNN builds one
 for every new shape, about 3 ms a convolution on an H100; CUDA, inference only: where
 autograd records the call it declines) and ``torch`` (``F.conv2d``, then the norm and
 ``F.gelu``).

@@ -5,11 +5,12 @@ stochastic depth and the shortcut).
 
 Backends: ``triton`` (:mod:`.triton_pointwise_conv`: the product on the tensor cores with
 the bias, the GELU and the residual connection applied before the result is stored, and the
-norm and the ReLU where autograd does not record; on CUDA, eager or compiled), ``matmul`` (one batched matrix product with the weight broadcast over the
-batch, then the bias: cuBLAS picks its kernel per shape in microseconds, where cuDNN builds
-an execution plan for every new input shape, about 2 ms for each of SegMAN-T's 60
-convolutions on an H100) and ``torch`` (``F.conv2d``, ``F.gelu`` and the residual connection
-as the released model computes it).
+norm and the ReLU where autograd does not record; on CUDA, eager or compiled), ``matmul``
+(one batched matrix product with the weight broadcast over the batch, then the bias: cuBLAS
+picks its kernel per shape in microseconds, where cuDNN builds an execution plan for every
+new input shape, about 2 ms for each of SegMAN-T's 60 convolutions on an H100) and ``torch``
+(``F.conv2d``, the norm, ``F.gelu`` or ``F.relu`` and the residual connection as the
+released model computes it).
 """
 from typing import NamedTuple, Optional
 

@@ -2,7 +2,8 @@
 ``(B, C, H, W)`` map as one matrix product per batch element, ``W (O, C) @ x[b] (C, H*W)``,
 with what follows it in a SegMAN block done before the tile is stored: the bias, the FFN's
 GELU, and the block's residual connection ``shortcut + sample_scale[b] * (scale * y + shift)``
-(layer scale and stochastic depth).
+(layer scale and stochastic depth); at inference, a decode head ``ConvModule``'s batch norm by
+its running statistics and its ReLU (:func:`pointwise_conv2d_inference_triton`, no backward).
 
 Run as a 1x1 convolution followed by those layers, PyTorch stores the product, then reads and
 writes it again for each of them: in SegMAN-L's inference the bias alone (a broadcast add)
@@ -41,7 +42,8 @@ Sizes are runtime values but for the pixel and input channel counts (whether eac
 multiple of 16, which aligns and widens the loads: the weight's rows are read 16 bytes at a
 time only where the channel count is known to be a multiple of 16, docs/benchmarks.md): at
 most four compilations per (dtype, epilogue, launch shape). ``torch.compile`` traces the
-kernels as custom ops (:data:`POINTWISE_CONV2D`, a :class:`~.triton_jit.TritonAutogradOp`).
+kernels as custom ops (:data:`POINTWISE_CONV2D`, a :class:`~.triton_jit.TritonAutogradOp`;
+the inference epilogues ``mmseg_segman::pointwise_conv2d_inference_forward``).
 """
 import functools
 from typing import Callable, List, NamedTuple, Optional, Tuple

@@ -5,10 +5,9 @@ import torch
 from mmcv.cnn import ConvModule
 from torch import Tensor, nn
 
-from ...ops import dense_conv2d, depthwise_conv2d, pointwise_conv2d
+from ...ops import dense_conv, dense_conv2d, depthwise_conv2d, pointwise_conv, pointwise_conv2d
 from ...ops.batch_norm import trains_with_batch_statistics
 from ...ops.depthwise_conv import RunningBatchNorm
-from ...ops import dense_conv, pointwise_conv
 from ...ops.pointwise_conv import Residual
 from .norm import batch_norm_with_statistics, op_activation
 
