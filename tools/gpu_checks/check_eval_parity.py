@@ -1,11 +1,13 @@
-"""A SegMAN encoder in eval mode on CUDA: the fast path (the default backends) against the
-reference path (``torch`` backends), float32 and bfloat16 autocast.
+"""A SegMAN encoder and its ADE20K decode head in eval mode on CUDA: the fast path (the
+default backends) against the reference path (``torch`` backends), float32 and bfloat16
+autocast.
 
     python3 tools/gpu_checks/check_eval_parity.py [--arch l] [--size 256 320] [--batch 2]
 
 Random weights with non-trivial batch-norm running statistics and affine parameters (the
-eval-mode norm runs inside the depthwise op on the fast path). Prints the relative error
-``||fast - ref|| / ||ref||`` of each stage's output per dtype; exits 1 if one is above the
+eval-mode norms run inside the convolution ops on the fast path: the depthwise, dense and
+1x1 ones). Prints the relative error ``||fast - ref|| / ||ref||`` of each stage's output and
+of the head's logits per dtype; exits 1 if one is above the
 tolerance (1e-3 float32, 5e-3 float32 with TF32's convolutions, 5e-2 bfloat16) or not
 finite. Float32 runs twice: as PyTorch's switches stand (cuDNN's convolutions in TF32 by
 default, and so the fast path's, which follows ``torch.backends.cudnn.allow_tf32``: each
@@ -19,7 +21,8 @@ import sys
 import torch
 from torch import nn
 
-from mmseg_segman.models import SegMANEncoder
+from mmseg_segman.models import SegMANEncoder, SegMANHead
+from mmseg_segman.models.variants import head_widths
 from mmseg_segman.ops import use_backends
 
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
@@ -34,8 +37,9 @@ def main() -> int:
     args = parser.parse_args()
     torch.manual_seed(0)
     encoder = SegMANEncoder(arch=args.arch).cuda().eval()
-    for module in encoder.modules():
-        if isinstance(module, nn.BatchNorm2d):
+    head = SegMANHead(**head_widths(args.arch, 'ade20k'), num_classes=150).cuda().eval()
+    for module in (*encoder.modules(), *head.modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2)
             nn.init.normal_(module.weight, 1, 0.2)
@@ -47,8 +51,10 @@ def main() -> int:
         torch.backends.cudnn.allow_tf32 = tf32
         with torch.no_grad(), torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
             fast = encoder(x)
+            fast = (*fast, head(fast))
             with use_backends('torch'):
                 reference = encoder(x)
+                reference = (*reference, head(reference))
         torch.backends.cudnn.allow_tf32 = allow_tf32
         errors = [((a.float() - b.float()).norm() / b.float().norm()).item()
                   for a, b in zip(fast, reference)]
@@ -57,7 +63,8 @@ def main() -> int:
         failed |= not ok
         print(f"{'PASS' if ok else 'FAIL'} SegMAN-{args.arch.upper()} eval {str(dtype)[6:]}"
               f"{'' if tf32 or dtype != torch.float32 else ' without TF32'}, "
-              f"fast vs reference, relative error per stage: {' '.join(f'{e:.1e}' for e in errors)}",
+              f"fast vs reference, relative error per stage: "
+              f"{' '.join(f'{e:.1e}' for e in errors[:-1])}, head's logits {errors[-1]:.1e}",
               flush=True)
     return int(failed)
 
