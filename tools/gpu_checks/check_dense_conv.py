@@ -4,10 +4,12 @@ and the cost of a first call at a new input shape.
     python3 tools/gpu_checks/check_dense_conv.py [--arch t] [--batch 16] [--out dense.jsonl]
     python3 tools/gpu_checks/check_dense_conv.py --sweep [--arch l] ...   # launch shapes
 
-The nine convolutions outside the blocks at 512x512: the stem's four 3x3 (each with its eval
-batch norm, the first three with a GELU), the three downsampling 3x3 (with their norms), the
-decoder's two strided convolutions (3x3 stride 2, 5x5 stride 4). For each, under ``torch.inference_mode``, the ``triton`` and ``torch``
-(``F.conv2d`` on cuDNN, then ``F.batch_norm`` and ``F.gelu``) backends:
+The nine convolutions outside the blocks at 512x512, in the layouts the model hands them and
+asks of them: the stem's four 3x3 (each with its eval batch norm, the first three with a
+GELU; channels-last between them), the three downsampling 3x3 (with their norms), the
+decoder's two strided convolutions (3x3 stride 2, 5x5 stride 4, with their norms and ReLUs).
+For each, under ``torch.inference_mode``, the ``triton`` and ``torch`` (``F.conv2d`` on cuDNN,
+then ``F.batch_norm`` and the activation) backends:
 
 * ``error``: the largest difference from the ``torch`` backend in float64 over its largest
   magnitude, bfloat16 maps under bfloat16 autocast (float32 parameters, as in the model) and
@@ -44,22 +46,25 @@ SWEEP = [Config(128, 64, 64, 4, 3), Config(128, 128, 64, 8, 3), Config(64, 128, 
 
 
 def layers(arch: str, batch: int):
-    """``(name, input shape, channels-last, out_channels, kernel, stride, padding, norm,
-    activation)`` of the ten convolutions at 512x512."""
+    """``(name, input shape, channels-last input, the output's memory format (None: the
+    input's), out_channels, kernel, stride, padding, norm, activation)`` of the nine
+    convolutions at 512x512."""
     dims = ENCODER_ARCHS[arch]['embed_dims']
     channels, projection = HEAD_WIDTHS[arch]['ade20k']
     half = dims[0] // 2
     stem = [(3, half, 2, 256), (half, half, 1, 256), (half, dims[0], 2, 128), (dims[0], dims[0], 1, 128)]
     for i, (cin, cout, stride, out_side) in enumerate(stem):
         side = out_side * stride
-        yield (f'stem {i}', (batch, cin, side, side), False, cout, 3, stride, 1, True,
-               'gelu' if i < 3 else None)
+        out_format = torch.channels_last if i < 3 else torch.contiguous_format
+        yield (f'stem {i}', (batch, cin, side, side), i > 0, out_format, cout, 3, stride, 1,
+               True, 'gelu' if i < 3 else None)
     for i in range(3):
         side = 128 >> i
-        yield (f'downsample {i + 1}', (batch, dims[i], side, side), False, dims[i + 1], 3, 2, 1,
-               True, None)
-    yield 'head stride 2', (batch, channels, 64, 64), False, 2 * channels, 3, 2, 1, False, None
-    yield 'head stride 4', (batch, channels, 64, 64), False, 4 * channels, 5, 4, 1, False, None
+        yield (f'downsample {i + 1}', (batch, dims[i], side, side), False,
+               torch.contiguous_format, dims[i + 1], 3, 2, 1, True, None)
+    for stride, kernel in ((2, 3), (4, 5)):
+        yield (f'head stride {stride}', (batch, channels, 64, 64), False, None,
+               stride * channels, kernel, stride, 1, True, 'relu')
 
 
 def make(shape, channels_last, out_channels, kernel, norm, dtype):
@@ -98,18 +103,19 @@ def first_call_ms(fn, shape, channels_last, out_channels, kernel, norm) -> float
 
 def check(args) -> None:
     allow_tf32 = torch.backends.cudnn.allow_tf32
-    for name, shape, channels_last, cout, kernel, stride, padding, norm, act in layers(args.arch, args.batch):
+    for name, shape, channels_last, out_format, cout, kernel, stride, padding, norm, act in \
+            layers(args.arch, args.batch):
         bf16 = make(shape, channels_last, cout, kernel, norm, torch.bfloat16)
         x64, weight64, bias64, norm64 = upcast(bf16)
         want = _dense_conv2d.backends['torch'].fn(x64, weight64, bias64, stride, padding, norm64,
-                                                  act, None)
+                                                  act, out_format)
         f32 = (bf16[0].float(), *bf16[1:])
         for backend in ('triton', 'torch'):
             fn = _dense_conv2d.backends[backend].fn
 
             def call(x, weight, bias, running):
                 return fn(x, weight, bias, (stride, stride), (padding, padding), running, act,
-                          None)
+                          out_format)
 
             def autocast_call(*args):  # as in the model: a 16-bit map, float32 parameters
                 with torch.autocast('cuda', dtype=torch.bfloat16):
@@ -128,8 +134,11 @@ def check(args) -> None:
 
 
 def sweep(args) -> None:
-    for name, shape, channels_last, cout, kernel, stride, padding, norm, act in layers(args.arch, args.batch):
+    for name, shape, channels_last, out_format, cout, kernel, stride, padding, norm, act in \
+            layers(args.arch, args.batch):
         x, weight, bias, running = make(shape, channels_last, cout, kernel, norm, torch.bfloat16)
+        out_channels_last = channels_last if out_format is None \
+            else out_format == torch.channels_last
         default = launch_config(shape[1], cout)
         row = dict(check='dense_conv_sweep', arch=args.arch, batch=args.batch, layer=name,
                    default=list(default))
@@ -138,7 +147,7 @@ def sweep(args) -> None:
                 ms = median_ms(lambda: _convolve(x, weight, bias, [stride] * 2, [padding] * 2,
                                                  *(running[:4] if running else (None, ) * 4),
                                                  running.eps if running else 0.0, act,
-                                                 x.dtype, channels_last, config), 20)
+                                                 x.dtype, out_channels_last, config), 20)
             except Exception as failure:  # a shape the GPU cannot launch (shared memory)
                 ms = f'{type(failure).__name__}'
             row['x'.join(map(str, config))] = round(ms, 4) if isinstance(ms, float) else ms
