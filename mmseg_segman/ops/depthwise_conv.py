@@ -41,6 +41,9 @@ class RunningBatchNorm(NamedTuple):
         return F.batch_norm(x, self.mean, self.var, self.weight, self.bias, False, 0.0, self.eps)
 
 
+NO_NORM = (None, None, None, None, 0.0)  # a RunningBatchNorm's fields where there is no norm
+
+
 def norm_and_activation(out: Tensor, norm: Optional[RunningBatchNorm],
                          activation: Optional[str]) -> Tensor:
     if norm is not None:

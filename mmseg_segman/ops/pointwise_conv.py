@@ -103,10 +103,10 @@ def _pointwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
         # host, and the kernel reads half the bytes (docs/benchmarks.md); eagerly the kernel
         # rounds the weight itself rather than pay a launch
         weight = cast(weight, dtype)
+    x = cast(x, dtype).contiguous()
     if norm is not None or activation == 'relu':
         # the norm and the ReLU in the product's pass where autograd does not record (the
         # decode head's ConvModules at inference), else PyTorch's ops after it
-        x = cast(x, dtype).contiguous()
         if residual is None and not records_autograd(x, weight, bias, *(norm or ())[:4]):
             return pointwise_conv2d_inference_triton(x, weight, bias, norm, activation, dtype)
         return _epilogue(pointwise_conv2d_triton(x, weight, bias, out_dtype=dtype), activation,
@@ -118,8 +118,8 @@ def _pointwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
         shortcut = residual.shortcut.contiguous()
         scale = None if residual.scale is None else residual.scale.reshape(-1)
         shift, sample_scale = residual.shift, residual.sample_scale
-    return pointwise_conv2d_triton(cast(x, dtype).contiguous(), weight, bias, activation == 'gelu',
-                                   shortcut, scale, shift, sample_scale, out_dtype)
+    return pointwise_conv2d_triton(x, weight, bias, activation == 'gelu', shortcut, scale, shift,
+                                   sample_scale, out_dtype)
 
 
 _pointwise_conv2d = OpDispatcher('pointwise_conv2d', {

@@ -37,9 +37,10 @@ import triton.language as tl
 from torch import Tensor
 
 from .dense_conv import output_size
-from .depthwise_conv import RunningBatchNorm
+from .depthwise_conv import NO_NORM, RunningBatchNorm
 from .triton_jit import (aligned, alignment, cdiv, conv_dot_precision, jit_with_runtime_ints,
-                         launch, next_power_of_2, normal_cdf_and_density, records_autograd)
+                         launch, next_power_of_2, normal_cdf_and_density, records_autograd,
+                         running_norm_scale_and_shift)
 
 # the map sizes change with the image; channel counts, kernel, stride and padding are the
 # layer's own and stay specialised
@@ -82,15 +83,13 @@ def _dense_conv_kernel(x_ptr, w_ptr, bias_ptr, mean_ptr, var_ptr, gamma_ptr, bet
                        STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
                        OUT_CHANNELS_LAST: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_NORM: tl.constexpr, ACTIVATION: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-                       ALIGN: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
+                       BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr):
     """``out[b] = act(norm(W * x[b] + bias))`` (``ACTIVATION``: ``'gelu'``, ``'relu'`` or
-    None) for one ``(BLOCK_P, BLOCK_O)`` tile: ``x``
-    channels-last, the weight ``(OUT_CHANNELS, KERNEL_H, KERNEL_W, CHANNELS)``, both
-    contiguous (the input channels contiguous: 16-byte loads); the output NCHW or
-    (``OUT_CHANNELS_LAST``) NHWC, contiguous; ``out_height * out_width`` a multiple of
-    ``ALIGN``."""
+    None) for one ``(BLOCK_P, BLOCK_O)`` tile: ``x`` channels-last, the weight
+    ``(OUT_CHANNELS, KERNEL_H, KERNEL_W, CHANNELS)``, both contiguous (the input channels
+    contiguous: 16-byte loads); the output NCHW or (``OUT_CHANNELS_LAST``) NHWC, contiguous;
+    ``out_height * out_width`` a multiple of ``ALIGN``."""
     out_pixels = aligned(out_height * out_width, ALIGN)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -118,10 +117,8 @@ def _dense_conv_kernel(x_ptr, w_ptr, bias_ptr, mean_ptr, var_ptr, gamma_ptr, bet
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_NORM:
-        scale = tl.load(gamma_ptr + o, mask=o_ok, other=0.0).to(tl.float32) / tl.sqrt(
-            tl.load(var_ptr + o, mask=o_ok, other=1.0).to(tl.float32) + eps)
-        shift = tl.load(beta_ptr + o, mask=o_ok, other=0.0).to(tl.float32) \
-            - tl.load(mean_ptr + o, mask=o_ok, other=0.0).to(tl.float32) * scale
+        scale, shift = running_norm_scale_and_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
+                                                    o, o_ok)
         acc = acc * scale[None, :] + shift[None, :]
     if ACTIVATION == 'gelu':
         cdf, _ = normal_cdf_and_density(acc)
@@ -173,7 +170,8 @@ def _convolve(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[in
            CHANNELS=channels, OUT_CHANNELS=out_channels, KERNEL_H=kernel_h, KERNEL_W=kernel_w,
            STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
            OUT_CHANNELS_LAST=out_channels_last, HAS_BIAS=bias is not None,
-           HAS_NORM=mean is not None, ACTIVATION=activation, DOT_PRECISION=conv_dot_precision(x.dtype),
+           HAS_NORM=mean is not None, ACTIVATION=activation,
+           DOT_PRECISION=conv_dot_precision(x.dtype),
            BLOCK_P=config.block_p, BLOCK_O=config.block_o, BLOCK_K=config.block_k,
            ALIGN=alignment(pixels), num_warps=config.num_warps, num_stages=config.num_stages)
     return out
@@ -196,9 +194,6 @@ def _dense_conv2d_fake(x, weight, bias, stride, padding, mean, var, gamma, beta,
     return _output(x, weight.shape[0], size, out_dtype, out_channels_last)
 
 
-_NO_NORM = (None, None, None, None, 0.0)  # the norm arguments of a convolution without one
-
-
 def dense_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                         stride: Tuple[int, int] = (1, 1), padding: Tuple[int, int] = (0, 0),
                         norm: Optional[RunningBatchNorm] = None,
@@ -206,16 +201,16 @@ def dense_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None
                         out_dtype: Optional[torch.dtype] = None,
                         channels_last: Optional[bool] = None) -> Tensor:
     """``act(norm(F.conv2d(x, weight, bias, stride, padding)))`` (``act``: ``'gelu'``,
-    ``'relu'`` or None)
-    for ``x (B, C, H, W)`` of a float dtype (channels-last is read as it is, another layout
-    through a copy) and ``weight (O, C, kh, kw)`` of any float dtype (rounded to ``x``'s in
-    the product); the result ``(B, O, H', W')`` in ``out_dtype`` (default ``x``'s),
-    channels-last or NCHW as ``channels_last`` says (default: ``x``'s layout). Without
-    autograd: refused where autograd would record the call (training runs cuDNN)."""
+    ``'relu'`` or None) for ``x (B, C, H, W)`` of a float dtype (channels-last is read as it
+    is, another layout through a copy) and ``weight (O, C, kh, kw)`` of any float dtype
+    (rounded to ``x``'s in the product); the result ``(B, O, H', W')`` in ``out_dtype``
+    (default ``x``'s), channels-last or NCHW as ``channels_last`` says (default: ``x``'s
+    layout). Without autograd: refused where autograd would record the call (training runs
+    cuDNN)."""
     if records_autograd(x, weight, bias, *(norm or ())[:4]):
         raise RuntimeError('dense_conv2d_triton has no backward pass; where autograd records '
                            'the convolution, run the torch backend of dense_conv2d')
     channels_last = is_channels_last(x) if channels_last is None else channels_last
-    args = (x, weight, bias, list(stride), list(padding), *(norm or _NO_NORM), activation,
+    args = (x, weight, bias, list(stride), list(padding), *(norm or NO_NORM), activation,
             out_dtype or x.dtype, channels_last)
     return _dense_conv2d_op(*args) if torch.compiler.is_compiling() else _convolve(*args)

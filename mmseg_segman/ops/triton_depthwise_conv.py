@@ -25,10 +25,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .depthwise_conv import RunningBatchNorm, norm_and_activation
+from .depthwise_conv import NO_NORM, RunningBatchNorm, norm_and_activation
 from .dispatch import cast, with_contiguous_planes
 from .triton_jit import (TritonAutogradOp, cdiv, empty_partial_sums, jit_with_runtime_ints,
-                         launch, next_power_of_2, partial_sum_rows, records_autograd)
+                         launch, next_power_of_2, partial_sum_rows, records_autograd,
+                         running_norm_scale_and_shift)
 
 NUM_WARPS = 4
 
@@ -212,10 +213,8 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, 
     scale = 1.0
     shift = 0.0
     if HAS_NORM:
-        scale = tl.load(gamma_ptr + channel).to(tl.float32) / tl.sqrt(
-            tl.load(var_ptr + channel).to(tl.float32) + eps)
-        shift = tl.load(beta_ptr + channel).to(tl.float32) - \
-            tl.load(mean_ptr + channel).to(tl.float32) * scale
+        scale, shift = running_norm_scale_and_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
+                                                    channel, True)
     window = _window_above(x_ptrs, shifted_cols, first, height, width, KERNEL)
     x_next = x_ptrs + (first + P) * width  # the next input row to load: r + P
     y_next = y_ptrs + first * width
@@ -392,7 +391,6 @@ def _gradients(forward: Callable, backward: Callable) -> Callable:
     return gradients
 
 
-_NO_NORM = (None, None, None, None, 0.0)  # the norm arguments of a convolution without one
 DEPTHWISE_CONV2D = TritonAutogradOp('depthwise_conv2d', _forward, _forward_fake, _backward,
                                     _backward_fake, _setup_context, _gradients)
 
@@ -410,8 +408,8 @@ def depthwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     kernel has no backward for them)."""
     out_dtype = out_dtype or x.dtype
     if records_autograd(x, weight, bias, *(norm or ())[:4]):
-        out = DEPTHWISE_CONV2D(x, weight, bias, residual, out_dtype, *_NO_NORM, False,
+        out = DEPTHWISE_CONV2D(x, weight, bias, residual, out_dtype, *NO_NORM, False,
                                records=True)
         return norm_and_activation(out, norm, activation)
-    return DEPTHWISE_CONV2D(x, weight, bias, residual, out_dtype, *(norm or _NO_NORM),
+    return DEPTHWISE_CONV2D(x, weight, bias, residual, out_dtype, *(norm or NO_NORM),
                             activation == 'silu', records=False)

@@ -68,6 +68,18 @@ def reciprocal(x):
 
 
 @triton.jit
+def running_norm_scale_and_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps, channels, mask):
+    """A batch norm by its running statistics as ``x * scale + shift``, float32, for
+    ``channels`` (a scalar or a vector, loaded where ``mask``): ``scale = gamma / sqrt(var +
+    eps)``, ``shift = beta - mean * scale``."""
+    scale = tl.load(gamma_ptr + channels, mask=mask, other=0.0).to(tl.float32) / tl.sqrt(
+        tl.load(var_ptr + channels, mask=mask, other=1.0).to(tl.float32) + eps)
+    shift = tl.load(beta_ptr + channels, mask=mask, other=0.0).to(tl.float32) \
+        - tl.load(mean_ptr + channels, mask=mask, other=0.0).to(tl.float32) * scale
+    return scale, shift
+
+
+@triton.jit
 def normal_cdf_and_density(x):
     """``Phi(x) = (1 + erf(x / sqrt 2)) / 2`` and ``exp(-x^2 / 2)`` for float32 ``x``, erf by
     Abramowitz and Stegun 7.1.26 (absolute error at most 1.5e-7): ``Phi`` is ``1 - tail`` for

@@ -53,11 +53,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .depthwise_conv import RunningBatchNorm
+from .depthwise_conv import NO_NORM, RunningBatchNorm
 from .dispatch import cast
 from .triton_jit import (INV_SQRT_2PI, TritonAutogradOp, aligned, alignment, cdiv,
                          conv_dot_precision, jit_with_runtime_ints, launch, next_power_of_2,
-                         normal_cdf_and_density, records_autograd)
+                         normal_cdf_and_density, records_autograd, running_norm_scale_and_shift)
 
 # the pixel count changes with the input size: a runtime int, aligned by ALIGN (specialised by
 # Triton on being a multiple of 16, it compiled the kernels again at 16x16 maps after 15x15
@@ -148,10 +148,8 @@ def _epilogue(acc, b, o, p, o_ok, p_ok, out_channels, pixels, bias_ptr, norm_ptr
         acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
     if HAS_NORM:
         mean_ptr, var_ptr, gamma_ptr, beta_ptr = norm_ptrs
-        norm_scale = tl.load(gamma_ptr + o, mask=o_ok, other=0.0).to(tl.float32) / tl.sqrt(
-            tl.load(var_ptr + o, mask=o_ok, other=1.0).to(tl.float32) + eps)
-        norm_shift = tl.load(beta_ptr + o, mask=o_ok, other=0.0).to(tl.float32) \
-            - tl.load(mean_ptr + o, mask=o_ok, other=0.0).to(tl.float32) * norm_scale
+        norm_scale, norm_shift = running_norm_scale_and_shift(mean_ptr, var_ptr, gamma_ptr,
+                                                              beta_ptr, eps, o, o_ok)
         acc = acc * norm_scale[:, None] + norm_shift[:, None]
     if GELU_GRAD:
         cdf, density = normal_cdf_and_density(acc)
@@ -297,8 +295,8 @@ def _product(x: Tensor, weight: Tensor, out_dtype: torch.dtype, bias: Optional[T
         grid = (o_tiles, max(1, min(tiles, programs)))
     else:
         grid = (o_tiles, pixel_tiles, batch)
-    vectors = (x if t is None else t for t in (bias, *(norm or (None, ) * 4)[:4], shortcut,
-                                                scale, shift, sample_scale, gelu_grad))
+    vectors = (x if t is None else t for t in (bias, *(norm or NO_NORM)[:4], shortcut, scale,
+                                                shift, sample_scale, gelu_grad))
     launch(_pw_fwd_kernel, grid, x, weight, *vectors, out, float(norm.eps) if norm else 0.0,
            channels, out_channels, pixels, tiles, *w_strides, HAS_BIAS=bias is not None,
            HAS_NORM=norm is not None, GELU=gelu, GELU_GRAD=gelu_grad is not None, RELU=relu,
@@ -484,8 +482,8 @@ def pointwise_conv2d_inference_triton(x: Tensor, weight: Tensor, bias: Optional[
     if records_autograd(x, weight, bias, *(norm or ())[:4]):
         raise RuntimeError('pointwise_conv2d_inference_triton has no backward pass; where '
                            'autograd records, run pointwise_conv2d_triton and the norm after it')
-    args = (x, weight, bias, *(norm or (None, None, None, None, 0.0)), activation == 'gelu',
-            activation == 'relu', out_dtype or x.dtype)
+    args = (x, weight, bias, *(norm or NO_NORM), activation == 'gelu', activation == 'relu',
+            out_dtype or x.dtype)
     return (_inference_op if torch.compiler.is_compiling() else _inference)(*args)
 
 
