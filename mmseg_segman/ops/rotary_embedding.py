@@ -8,7 +8,8 @@ of that pair and pixel (``sin``/``cos`` tables ``(H, W, d)`` of
 ``rotate(x)[2m+1] = x[2m]``; ``scale`` is ``q_scale`` for the queries and 1 for the keys.
 
 Backends: ``triton`` (:mod:`.triton_rotary_embedding`: one kernel for both, reading the
-strided queries and keys in place, written out contiguous; on CUDA, eager or compiled) and
+strided queries and keys in place, written out contiguous or as planes; on CUDA, eager or
+compiled) and
 ``torch`` (the release's element-wise formula: six kernels a map, each a pass over it).
 """
 from typing import Optional, Tuple
@@ -27,12 +28,12 @@ def _rotated_torch(x: Tensor, sin: Tensor, cos: Tensor, scale: float) -> Tensor:
 
 
 def _rotary_embedding_torch(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor,
-                            q_scale: float) -> Tuple[Tensor, Tensor]:
+                            q_scale: float, planar: bool) -> Tuple[Tensor, Tensor]:
     return _rotated_torch(q, sin, cos, q_scale), _rotated_torch(k, sin, cos, 1.0)
 
 
 def _triton_unavailable(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor,
-                        q_scale: float) -> Optional[str]:
+                        q_scale: float, planar: bool) -> Optional[str]:
     reason = triton_float_unavailable(q)
     if reason is None and q.stride() != k.stride():
         reason = (f'q and k have different strides, {q.stride()} and {k.stride()} (the kernel '
@@ -43,11 +44,11 @@ def _triton_unavailable(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor,
 
 
 def _rotary_embedding_triton(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor,
-                             q_scale: float) -> Tuple[Tensor, Tensor]:
+                             q_scale: float, planar: bool) -> Tuple[Tensor, Tensor]:
     from .triton_rotary_embedding import rotary_embedding_triton
 
     return rotary_embedding_triton(q, k, cast(sin, torch.float32).contiguous(),
-                                   cast(cos, torch.float32).contiguous(), q_scale)
+                                   cast(cos, torch.float32).contiguous(), q_scale, planar)
 
 
 _rotary_embedding = OpDispatcher('rotary_embedding', {
@@ -57,7 +58,7 @@ _rotary_embedding = OpDispatcher('rotary_embedding', {
 
 
 def rotary_embedding_2d(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor,
-                        q_scale: float = 1.0) -> Tuple[Tensor, Tensor]:
+                        q_scale: float = 1.0, planar: bool = False) -> Tuple[Tensor, Tensor]:
     """``((q * cos + rotate(q) * sin) * q_scale, k * cos + rotate(k) * sin)`` (see the module
     doc), in the inputs' dtype.
 
@@ -65,6 +66,10 @@ def rotary_embedding_2d(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor,
         q, k: ``(B, heads, H, W, d)``, ``d`` even, any strides, one dtype and device.
         sin, cos: ``(H, W, d)``.
         q_scale: a number (the attention's ``head_dim ** -0.5``).
+        planar: a layout request: the results as views of ``(B, heads, d, H, W)`` planes
+            where the backend writes them (``triton``; else contiguous, as without it).
+            :func:`~.neighborhood_attention.reads_planes_faster` says where the attention
+            reads them faster so.
 
     Returns:
         The rotated ``q`` and ``k``, ``(B, heads, H, W, d)`` each.
@@ -77,4 +82,4 @@ def rotary_embedding_2d(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor,
     if sin.shape != q.shape[2:] or cos.shape != q.shape[2:]:
         raise ValueError(f'sin and cos must be {tuple(q.shape[2:])} (H, W, d of q), got '
                          f'{tuple(sin.shape)} and {tuple(cos.shape)}')
-    return _rotary_embedding(q, k, sin, cos, float(q_scale))
+    return _rotary_embedding(q, k, sin, cos, float(q_scale), bool(planar))

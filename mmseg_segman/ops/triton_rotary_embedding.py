@@ -7,8 +7,9 @@ projection: in SegMAN-L's inference about a fifth of the GPU time went to them a
 copies around them. One program here owns ``BLOCK_P`` pixels of one (batch, head) of the
 queries or of the keys (one launch for both): it loads their head vectors through the input's
 strides, the same vectors with each channel pair swapped (``d ^ 1``, from the cache), and the
-float32 tables, and writes the rotated, scaled vectors contiguous, as the attention reads
-them. The rotation is orthogonal with the same angle for both channels of a pair, so the
+float32 tables, and writes the rotated, scaled vectors contiguous, or as ``(B, heads, d, H,
+W)`` planes where the attention reads those faster (its windows of 11,
+:func:`~.neighborhood_attention.reads_planes_faster`). The rotation is orthogonal with the same angle for both channels of a pair, so the
 input gradient is the same kernel with ``sin`` negated; it is written in the layout of a
 ``(B, C, H, W)`` map where the input was a view of one (``qkv``), so that autograd assembles
 ``qkv``'s gradient by one concatenation (head vectors written contiguous took two strided
@@ -138,10 +139,12 @@ ROTARY_EMBEDDING = TritonAutogradOp('rotary_embedding', _rotate, _rotate_fake, _
 
 
 def rotary_embedding_triton(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor,
-                            q_scale: float = 1.0) -> Tuple[Tensor, Tensor]:
+                            q_scale: float = 1.0, planar: bool = False) -> Tuple[Tensor, Tensor]:
     """:func:`~mmseg_segman.ops.rotary_embedding_2d` of ``q`` and ``k (B, heads, H, W, d)``
     (one shape and strides, any strides, float32, bfloat16 or float16) with float32
-    contiguous ``sin``/``cos`` ``(H, W, d)``; contiguous outputs in the inputs' dtype, through
-    :data:`ROTARY_EMBEDDING`; the input gradients laid out as ``(B, heads, d, H, W)`` (a
-    map's) where the inputs' planes are contiguous, else contiguous."""
-    return ROTARY_EMBEDDING(q, k, sin, cos, q_scale, False, False, records=records_autograd(q, k))
+    contiguous ``sin``/``cos`` ``(H, W, d)``; outputs in the inputs' dtype, contiguous or,
+    with ``planar``, laid out as ``(B, heads, d, H, W)``, through :data:`ROTARY_EMBEDDING`;
+    the input gradients laid out as ``(B, heads, d, H, W)`` (a map's) where the inputs'
+    planes are contiguous, else contiguous."""
+    return ROTARY_EMBEDDING(q, k, sin, cos, q_scale, False, planar,
+                            records=records_autograd(q, k))

@@ -38,16 +38,16 @@ def test_scale_and_refusals():
 def test_not_chosen_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     q, k, sin, cos = make_inputs(1, 1, 2, 3, 4, torch.float32)
-    assert 'TRITON_INTERPRET' in _rotary_embedding.why_not('triton', q, k, sin, cos, 1.0)
-    assert _rotary_embedding.select(q, k, sin, cos, 1.0) == 'torch'
+    assert 'TRITON_INTERPRET' in _rotary_embedding.why_not('triton', q, k, sin, cos, 1.0, False)
+    assert _rotary_embedding.select(q, k, sin, cos, 1.0, False) == 'torch'
 
 
 def test_refused_by_triton_for_keys_of_other_strides(monkeypatch):
     """The kernel reads queries and keys through one set of strides: others go elsewhere."""
     monkeypatch.setenv('TRITON_INTERPRET', '1')
     q, k, sin, cos = make_inputs(1, 2, 2, 3, 4, torch.float32)
-    assert _rotary_embedding.why_not('triton', q, k, sin, cos, 1.0) is None
-    reason = _rotary_embedding.why_not('triton', q, k.contiguous(), sin, cos, 1.0)
+    assert _rotary_embedding.why_not('triton', q, k, sin, cos, 1.0, False) is None
+    reason = _rotary_embedding.why_not('triton', q, k.contiguous(), sin, cos, 1.0, False)
     assert 'different strides' in reason
 
 
@@ -59,8 +59,9 @@ def test_triton_rotary_embedding_in_interpreter():
 
 # ---- run in Triton's interpreter (python tests/ops/test_rotary_embedding.py, TRITON_INTERPRET=1)
 
-def check(batch, heads, height, width, dim, dtype, scale, tol):
-    """Outputs and input gradients of the Triton backend against the float64 reference."""
+def check(batch, heads, height, width, dim, dtype, scale, tol, planar=False):
+    """Outputs and input gradients of the Triton backend against the float64 reference; with
+    ``planar`` the outputs laid out as ``(B, heads, d, H, W)``."""
     triton_backend = _rotary_embedding.backends['triton'].fn
     reference = _rotary_embedding.backends['torch'].fn
     q, k, sin, cos = make_inputs(batch, heads, height, width, dim, dtype, seed=height * width)
@@ -69,11 +70,12 @@ def check(batch, heads, height, width, dim, dtype, scale, tol):
     results = []
     for fn, dt in ((triton_backend, dtype), (reference, torch.float64)):
         leaves = [t.detach().to(dt).requires_grad_() for t in (q, k)]
-        outs = fn(*leaves, sin, cos, scale)
+        outs = fn(*leaves, sin, cos, scale, planar)
         # the gradients as the op returns them (.grad would be copied to the leaves' layout)
         results.append((*outs, *torch.autograd.grad(outs, leaves, (dq.to(dt), dk.to(dt)))))
     for out in results[0][:2]:
-        assert out.dtype == dtype and out.is_contiguous() and out.shape == q.shape
+        assert out.dtype == dtype and out.shape == q.shape
+        assert (out.permute(0, 1, 4, 2, 3) if planar else out).is_contiguous(), out.stride()
     for grad in results[0][2:]:
         # q and k view a map: their gradients laid out as a map's, for qkv's to be one cat
         assert grad.permute(0, 1, 4, 2, 3).is_contiguous(), grad.stride()
@@ -144,6 +146,9 @@ def main():
     check(2, 3, 4, 5, 8, torch.float32, 0.125, 1e-6)
     check(1, 2, 8, 10, 12, torch.float32, 1.0, 1e-6)  # pixel count a multiple of 8: ALIGN 8
     check(1, 2, 9, 17, 36, torch.bfloat16, 0.2, 1e-2)
+    for shape in [(2, 3, 4, 5, 8), (1, 2, 8, 10, 12)]:  # the outputs as planes
+        check(*shape, torch.float32, 0.5, 1e-6, planar=True)
+    check(1, 2, 9, 17, 36, torch.bfloat16, 0.2, 1e-2, planar=True)
     check_direct_launch_equals_function()
     check_one_missing_gradient()
     check_custom_op()

@@ -16,6 +16,7 @@ from ...ops import (biased_attention, depthwise_conv2d, neighborhood_attention_2
                     rotary_embedding_2d)
 from ...ops.batch_norm import trains_with_batch_statistics
 from ...ops.depthwise_conv import RunningBatchNorm
+from ...ops.neighborhood_attention import reads_planes_faster
 from ...ops.dispatch import (autocast_off, check_op_backends, recompute_in_current_scope,
                              with_op_backends)
 from ...ops.pointwise_conv import Residual
@@ -148,7 +149,9 @@ class LASS(nn.Module):
         lepe = self.lepe(v)
         q, k, v = (t.view(batch, self.num_heads, self.head_dim, height, width).permute(0, 1, 3, 4, 2)
                    for t in (q, k, v))  # each (B, heads, H, W, head_dim)
-        y = self._attention(*rotary_embedding_2d(q, k, sin, cos, q_scale=self.scale), v)
+        q, k = rotary_embedding_2d(q, k, sin, cos, q_scale=self.scale,
+                                   planar=reads_planes_faster(self.kernel_size))
+        y = self._attention(q, k, v)
         if self.global_mode:
             y = y.transpose(-1, -2).reshape(batch, channels, height, width) + lepe
         else:

@@ -335,3 +335,25 @@ def test_lass_convolution_takes_its_eval_norm_into_the_op(monkeypatch):
         with torch.no_grad():
             torch.testing.assert_close(lass._dwconv_silu(y), F.silu(lass.dwconv(y)))
     assert [call.get('activation') for call in calls] == ['silu']
+
+
+@pytest.mark.parametrize('kernel_size, planar', [(11, True), (9, False), (7, False)])
+def test_lass_asks_for_queries_and_keys_in_the_layout_the_attention_reads_fastest(
+        monkeypatch, kernel_size, planar):
+    # windows of 11 (the first stage of every released size): the rotated q and k as planes
+    from mmseg_segman.models.backbones import segman_encoder
+    from mmseg_segman.models.backbones.segman_encoder import LASS
+    lass = LASS(8, 2, kernel_size).eval()
+    requests = []
+    op = segman_encoder.rotary_embedding_2d
+
+    def recording(*args, **kwargs):
+        requests.append(kwargs['planar'])
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(segman_encoder, 'rotary_embedding_2d', recording)
+    x = torch.randn(1, 8, kernel_size + 2, kernel_size + 1)
+    sin, cos = segman_encoder.RoPE2d(4)(x.shape[-2:])
+    with torch.no_grad():
+        lass(x, sin, cos)
+    assert requests == [planar]
