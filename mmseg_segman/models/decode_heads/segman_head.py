@@ -30,6 +30,12 @@ class LinearProjection(nn.Module):
         return pointwise_conv2d(x, self.proj.weight[:, :, None, None], self.proj.bias)
 
 
+def _traced() -> bool:
+    """Whether the forward is being compiled, traced or exported."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export())
+
+
 @MODELS.register_module()
 class SegMANHead(BaseDecodeHead):
     """SegMAN decode head (the released ``SegMANDecoder``).
@@ -125,11 +131,15 @@ class SegMANHead(BaseDecodeHead):
     def _mmscope(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` at 1/8 -> ``(B, 3C, H, W)``: the scan over three scales."""
         height, width = x.shape[-2:]
-        # zeros to a multiple of 4: 4 padded, the excess cut off (no branch on the size and no
-        # padding by a size, which a traced graph would keep as constants; one more than a
-        # multiple needs, so that the cut is a strided view at every size: whether it is
-        # contiguous is otherwise a guard on the size, which compiled a second graph)
-        x = F.pad(x, (0, 4, 0, 4))[..., :(height + 3) // 4 * 4, :(width + 3) // 4 * 4]
+        if height % 4 or width % 4 or _traced():
+            # zeros to a multiple of 4: 4 padded, the excess cut off (traced, no branch on the
+            # size and no padding by a size, which a traced graph would keep as constants; one
+            # more than a multiple needs, so that the cut is a strided view at every size:
+            # whether it is contiguous is otherwise a guard on the size, which compiled a
+            # second graph). Eagerly a multiple of 4 is not padded: the padded copy and the
+            # copies its strided cut cost its readers (the convolutions, the unshuffle) are
+            # saved
+            x = F.pad(x, (0, 4, 0, 4))[..., :(height + 3) // 4 * 4, :(width + 3) // 4 * 4]
         stacked = torch.cat([
             self.reduce_channels[2](F.pixel_unshuffle(x, 4)),
             self.reduce_channels[1](F.pixel_unshuffle(self.conv_downsample_2(x), 2)),

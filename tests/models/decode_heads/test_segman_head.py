@@ -173,3 +173,29 @@ def test_every_convolution_runs_an_op():
 def test_a_conv_cfg_of_the_config_is_kept():
     head = tiny_head(conv_cfg=dict(type='Conv2d'))
     assert type(head.short_path.conv) is nn.Conv2d
+
+
+@pytest.mark.parametrize('height, width, padded', [(8, 12, False), (8, 10, True), (9, 12, True)])
+def test_mmscope_pads_eagerly_only_maps_not_a_multiple_of_4(monkeypatch, height, width, padded):
+    # eagerly a 1/8 map that is a multiple of 4 on both sides is not padded (the traced
+    # forward pads at every size, with the same result)
+    from mmseg_segman.models.decode_heads import segman_head
+    head = tiny_head().eval()
+    x = torch.randn(2, 8, height, width)
+    pads = []
+    pad = segman_head.F.pad
+
+    def recording(*args, **kwargs):
+        if tuple(args[1]) == (0, 4, 0, 4):  # MMSCopE's (the convolutions pad by 0)
+            pads.append(args[1])
+        return pad(*args, **kwargs)
+
+    monkeypatch.setattr(segman_head.F, 'pad', recording)
+    with torch.no_grad():
+        eager = head._mmscope(x)
+        assert len(pads) == padded
+        monkeypatch.setattr(segman_head, '_traced', lambda: True)
+        traced = head._mmscope(x)
+    assert len(pads) == padded + 1 and eager.shape == (2, 3 * 8, height, width)
+    assert eager.is_contiguous() or padded
+    torch.testing.assert_close(eager, traced, rtol=0, atol=0)
