@@ -131,14 +131,15 @@ class SegMANHead(BaseDecodeHead):
     def _mmscope(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` at 1/8 -> ``(B, 3C, H, W)``: the scan over three scales."""
         height, width = x.shape[-2:]
-        if height % 4 or width % 4 or _traced():
+        if height % 4 or width % 4 or _traced() or torch.is_grad_enabled():
             # zeros to a multiple of 4: 4 padded, the excess cut off (traced, no branch on the
             # size and no padding by a size, which a traced graph would keep as constants; one
             # more than a multiple needs, so that the cut is a strided view at every size:
             # whether it is contiguous is otherwise a guard on the size, which compiled a
-            # second graph). Eagerly a multiple of 4 is not padded: the padded copy and the
-            # copies its strided cut cost its readers (the convolutions, the unshuffle) are
-            # saved
+            # second graph). Eager inference does not pad a multiple of 4: the padded copy and
+            # the copies its strided cut costs its readers (the convolutions, the unshuffle)
+            # are saved; with autograd the path stays the traced one's (the convolutions'
+            # gradients of the strided cut round otherwise, by 2e-5 on the CPU)
             x = F.pad(x, (0, 4, 0, 4))[..., :(height + 3) // 4 * 4, :(width + 3) // 4 * 4]
         stacked = torch.cat([
             self.reduce_channels[2](F.pixel_unshuffle(x, 4)),

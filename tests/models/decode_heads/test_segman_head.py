@@ -176,9 +176,9 @@ def test_a_conv_cfg_of_the_config_is_kept():
 
 
 @pytest.mark.parametrize('height, width, padded', [(8, 12, False), (8, 10, True), (9, 12, True)])
-def test_mmscope_pads_eagerly_only_maps_not_a_multiple_of_4(monkeypatch, height, width, padded):
-    # eagerly a 1/8 map that is a multiple of 4 on both sides is not padded (the traced
-    # forward pads at every size, with the same result)
+def test_mmscope_pads_at_eager_inference_only_maps_not_a_multiple_of_4(monkeypatch, height, width, padded):
+    # at eager inference a 1/8 map that is a multiple of 4 on both sides is not padded (the
+    # traced forward pads at every size, with the same result; so does one under autograd)
     from mmseg_segman.models.decode_heads import segman_head
     head = tiny_head().eval()
     x = torch.randn(2, 8, height, width)
@@ -199,3 +199,6 @@ def test_mmscope_pads_eagerly_only_maps_not_a_multiple_of_4(monkeypatch, height,
     assert len(pads) == padded + 1 and eager.shape == (2, 3 * 8, height, width)
     assert eager.is_contiguous() or padded
     torch.testing.assert_close(eager, traced, rtol=0, atol=0)
+    monkeypatch.setattr(segman_head, '_traced', lambda: False)
+    head._mmscope(x)  # with autograd
+    assert len(pads) == padded + 2
