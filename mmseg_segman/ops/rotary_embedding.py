@@ -9,8 +9,8 @@ of that pair and pixel (``sin``/``cos`` tables ``(H, W, d)`` of
 
 Backends: ``triton`` (:mod:`.triton_rotary_embedding`: one kernel for both, reading the
 strided queries and keys in place, written out contiguous or as planes; on CUDA, eager or
-compiled) and
-``torch`` (the release's element-wise formula: six kernels a map, each a pass over it).
+compiled) and ``torch`` (the release's element-wise formula: six kernels a map, each a pass
+over it).
 """
 from typing import Optional, Tuple
 
@@ -67,9 +67,9 @@ def rotary_embedding_2d(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor,
         sin, cos: ``(H, W, d)``.
         q_scale: a number (the attention's ``head_dim ** -0.5``).
         planar: a layout request: the results as views of ``(B, heads, d, H, W)`` planes
-            where the backend writes them (``triton``; else contiguous, as without it).
-            :func:`~.neighborhood_attention.reads_planes_faster` says where the attention
-            reads them faster so.
+            (the ``triton`` backend writes them so, else contiguous; the reference returns its
+            own layout either way). :func:`~.neighborhood_attention.reads_planes_faster` says
+            where the attention reads them faster so.
 
     Returns:
         The rotated ``q`` and ``k``, ``(B, heads, H, W, d)`` each.

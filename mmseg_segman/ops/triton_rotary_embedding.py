@@ -9,8 +9,9 @@ queries or of the keys (one launch for both): it loads their head vectors throug
 strides, the same vectors with each channel pair swapped (``d ^ 1``, from the cache), and the
 float32 tables, and writes the rotated, scaled vectors contiguous, or as ``(B, heads, d, H,
 W)`` planes where the attention reads those faster (its windows of 11,
-:func:`~.neighborhood_attention.reads_planes_faster`). The rotation is orthogonal with the same angle for both channels of a pair, so the
-input gradient is the same kernel with ``sin`` negated; it is written in the layout of a
+:func:`~.neighborhood_attention.reads_planes_faster`). The rotation is orthogonal with the
+same angle for both channels of a pair, so the input gradient is the same kernel with ``sin``
+negated; it is written in the layout of a
 ``(B, C, H, W)`` map where the input was a view of one (``qkv``), so that autograd assembles
 ``qkv``'s gradient by one concatenation (head vectors written contiguous took two strided
 copies, 66 us in SegMAN-L's stage-3 block at batch 8 on an H100, docs/benchmarks.md). Sizes

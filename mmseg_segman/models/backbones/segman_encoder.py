@@ -16,9 +16,9 @@ from ...ops import (biased_attention, depthwise_conv2d, neighborhood_attention_2
                     rotary_embedding_2d)
 from ...ops.batch_norm import trains_with_batch_statistics
 from ...ops.depthwise_conv import RunningBatchNorm
-from ...ops.neighborhood_attention import reads_planes_faster
 from ...ops.dispatch import (autocast_off, check_op_backends, recompute_in_current_scope,
                              with_op_backends)
+from ...ops.neighborhood_attention import reads_planes_faster
 from ...ops.pointwise_conv import Residual
 from ...ops.resize import bicubic_matrix
 from ..layers import (SS2D, ConvNormSequence, DenseConv2d, DepthwiseConv2d, LayerNorm2d,

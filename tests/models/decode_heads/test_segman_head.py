@@ -176,7 +176,8 @@ def test_a_conv_cfg_of_the_config_is_kept():
 
 
 @pytest.mark.parametrize('height, width, padded', [(8, 12, False), (8, 10, True), (9, 12, True)])
-def test_mmscope_pads_at_eager_inference_only_maps_not_a_multiple_of_4(monkeypatch, height, width, padded):
+def test_mmscope_pads_at_eager_inference_only_maps_not_a_multiple_of_4(monkeypatch, height,
+                                                                         width, padded):
     # at eager inference a 1/8 map that is a multiple of 4 on both sides is not padded (the
     # traced forward pads at every size, with the same result; so does one under autograd)
     from mmseg_segman.models.decode_heads import segman_head
