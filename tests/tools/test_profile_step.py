@@ -40,6 +40,24 @@ def test_kernel_times_a_step_by_name_and_category():
     assert list(times['kernels'])[0] == '_na_fwd_kernel'
 
 
+def test_kernel_times_by_launch_grid():
+    # one kernel launched at two stages: apart by grid, together by name; an event without a
+    # grid (a memset) keeps its name
+    def event(name, dur, grid=None):
+        return dict(ph='X', cat='kernel', name=name, ts=0, dur=dur,
+                    args={} if grid is None else dict(grid=grid, block=[128, 1, 1]))
+    events = [event('_na_fwd_kernel', 800, [1024, 64, 1]),
+              event('_na_fwd_kernel', 200, [16, 192, 1]),
+              event('_na_fwd_kernel', 700, [1024, 64, 1]), event('Memset (Device)', 40)]
+    times = kernel_times(events, steps=1, by_grid=True)
+    assert times['kernels'] == pytest.approx({'_na_fwd_kernel grid=(1024, 64, 1)': [1.5, 2.0],
+                                              '_na_fwd_kernel grid=(16, 192, 1)': [0.2, 1.0],
+                                              'Memset (Device)': [0.04, 1.0]})
+    assert times['categories'] == pytest.approx({'attention forward': 1.7, 'fill, memset': 0.04})
+    assert kernel_times(events, steps=1)['kernels'] == pytest.approx(
+        {'_na_fwd_kernel': [1.7, 3.0], 'Memset (Device)': [0.04, 1.0]})
+
+
 def test_operator_rows_keep_those_with_gpu_time():
     averages = [SimpleNamespace(key='aten::sum', input_shapes=[[8, 96, 16384]],
                                 self_device_time_total=4000.0, count=4),

@@ -12,6 +12,9 @@ steps under ``torch.profiler``; times are means a step.
   the name (:data:`CATEGORIES`: SegMAN's Triton kernels by op, cuBLAS, cuDNN, PyTorch's
   reductions, copies, ...), printed as the categories and the ``--top`` kernels. This works
   for captured CUDA graphs too (``segman-*-graphed``): their replays keep the kernels' names.
+- ``--by launch``: as ``--by kernel``, each kernel name split by its launch grid where the
+  trace records one (``name grid=(x, y, z)``): the launches of one kernel at different layers
+  or stages apart (a Triton kernel's grid follows its map's size and channels).
 - ``--by op``: each PyTorch operator's own GPU time by its input shapes (the Triton ops appear
   under their ``torch.library`` names), for eager models: a graph's replay has no operators,
   so profile ``segman-l`` here, not ``segman-l-graphed``.
@@ -57,13 +60,16 @@ def category(kernel: str) -> str:
     return next((cat for cat, pattern in CATEGORIES if re.search(pattern, kernel)), 'other')
 
 
-def kernel_times(events: Iterable[Dict], steps: int) -> Dict:
+def kernel_times(events: Iterable[Dict], steps: int, by_grid: bool = False) -> Dict:
     """From a Chrome trace's events: ``total_ms``, ``categories`` ``{category: ms}`` (largest
-    first) and ``kernels`` ``{name: [ms, calls]}`` (largest first), a step each."""
+    first) and ``kernels`` ``{name: [ms, calls]}`` (largest first), a step each; with
+    ``by_grid`` each name split by its launch grid where the event has one (``name
+    grid=(x, y, z)``)."""
     kernels = collections.defaultdict(lambda: [0.0, 0.0])
     for e in events:
         if e.get('ph') == 'X' and e.get('cat') in GPU_CATEGORIES:
-            entry = kernels[e['name']]
+            grid = e.get('args', {}).get('grid')
+            entry = kernels[f'{e["name"]} grid={tuple(grid)}' if by_grid and grid else e['name']]
             entry[0] += e['dur'] / 1e3 / steps
             entry[1] += 1 / steps
     categories = collections.defaultdict(float)
@@ -104,7 +110,8 @@ def profiled(name: str, args) -> Dict:
         path = os.path.join(folder, 'trace.json')
         prof.export_chrome_trace(path)
         with open(path) as trace:
-            times = kernel_times(json.load(trace)['traceEvents'], args.steps)
+            times = kernel_times(json.load(trace)['traceEvents'], args.steps,
+                                 by_grid=args.by == 'launch')
     times['kernels'] = dict(list(times['kernels'].items())[:args.top])
     return dict(row, **times)
 
@@ -127,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     add_step_arguments(parser)
     parser.add_argument('--steps', type=int, default=2, help='profiled steps')
-    parser.add_argument('--by', choices=['kernel', 'op'], default='kernel')
+    parser.add_argument('--by', choices=['kernel', 'launch', 'op'], default='kernel')
     parser.add_argument('--top', type=int, default=45, help='kernels or operators kept')
     parser.add_argument('--out', help='append JSON lines here')
     args = parser.parse_args()
