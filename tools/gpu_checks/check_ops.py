@@ -146,13 +146,14 @@ class Fixed(NamedTuple):
     tensor: Tensor
 
 
-def rope_case(batch, heads, height, width, dim, scale=1.0):
+def rope_case(batch, heads, height, width, dim, scale=1.0, planar=False):
     def make(dtype):
         # permuted views of a qkv map, as the encoder passes queries and keys
         qkv = _randn(batch, 3, heads, dim, height, width, dtype=dtype).permute(1, 0, 2, 4, 5, 3)
         sin, cos = RoPE2d(dim).cuda()((height, width))
-        return [qkv[0], qkv[1], Fixed(sin), Fixed(cos), scale]
-    return 'rotary_embedding', f'B{batch} h{heads} {height}x{width} d{dim} scale {scale}', make
+        return [qkv[0], qkv[1], Fixed(sin), Fixed(cos), scale, planar]
+    return ('rotary_embedding', f'B{batch} h{heads} {height}x{width} d{dim} scale {scale}'
+            f'{" planes" if planar else ""}', make)
 
 
 CASES = [
@@ -177,7 +178,7 @@ CASES = [
     pointwise_case(3, 37, 70, 13, 9, 'residual'), pointwise_case(1, 20, 33, 7, 5, 'gelu'),
     # SegMAN-B's FFN at batch 8: the weight gradient's splits of several items, a short last one
     pointwise_case(8, 96, 384, 128, 128, 'gelu'), pointwise_case(8, 1456, 364, 32, 32, 'residual'),
-    rope_case(2, 4, 128, 128, 24, 24 ** -0.5), rope_case(1, 13, 13, 9, 28),
+    rope_case(2, 4, 128, 128, 24, 24 ** -0.5, planar=True), rope_case(1, 13, 13, 9, 28),
     resize_case(2, 150, 64, 64, (512, 512)), resize_case(1, 7, 13, 9, (5, 31), True),
     cross_entropy_case(2, 150, 128, 128), cross_entropy_case(3, 19, 13, 37, 0),
     cross_entropy_case(1, 171, 64, 96),
