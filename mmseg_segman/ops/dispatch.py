@@ -97,6 +97,13 @@ def triton_float_unavailable(x: torch.Tensor) -> Optional[str]:
     return None
 
 
+def traced() -> bool:
+    """Whether the code runs under ``torch.compile``, a jit trace or an ONNX export (where what
+    it does is recorded into a graph that may serve other sizes and calls)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export())
+
+
 def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast computes in on ``x``'s device where it is on, else ``x``'s dtype."""
     device_type = 'cuda' if x.is_cuda else x.device.type  # is_cuda: no device object made

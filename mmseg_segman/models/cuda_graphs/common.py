@@ -7,6 +7,8 @@ import torch
 from mmengine.logging import print_log
 from torch import Tensor, nn
 
+from ...ops.dispatch import traced
+
 
 def signature(inputs: Sequence[Tensor]) -> Tuple:
     """What a graph is captured for: each input's shape, dtype, device and ``requires_grad``,
@@ -28,8 +30,7 @@ def eager_only(inputs: Sequence[Tensor]) -> bool:
     """Whether this call must run eagerly whatever the module: inputs not all on the GPU, or
     the call is being compiled, traced, exported or captured into someone else's graph (where
     its kernels belong to that graph)."""
-    return (not all(x.is_cuda for x in inputs) or torch.compiler.is_compiling()
-            or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    return (not all(x.is_cuda for x in inputs) or traced()
             or torch.cuda.is_current_stream_capturing())
 
 

@@ -12,7 +12,7 @@ from mmseg.utils import SampleList
 from torch import Tensor, nn
 
 from ...ops import cross_entropy_2d, pointwise_conv2d, resize_bilinear
-from ...ops.dispatch import check_op_backends, with_op_backends
+from ...ops.dispatch import check_op_backends, traced, with_op_backends
 from ..layers import SS2D, BatchNormActConvModule, DenseConv2d, PointwiseConv2d, SegMANBlock
 from ..strict_loading import refuse_mismatched_weights
 from ..cuda_graphs import CUDAGraphs
@@ -28,12 +28,6 @@ class LinearProjection(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return pointwise_conv2d(x, self.proj.weight[:, :, None, None], self.proj.bias)
-
-
-def _traced() -> bool:
-    """Whether the forward is being compiled, traced or exported."""
-    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export())
 
 
 @MODELS.register_module()
@@ -131,7 +125,7 @@ class SegMANHead(BaseDecodeHead):
     def _mmscope(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` at 1/8 -> ``(B, 3C, H, W)``: the scan over three scales."""
         height, width = x.shape[-2:]
-        if height % 4 or width % 4 or _traced() or torch.is_grad_enabled():
+        if height % 4 or width % 4 or traced() or torch.is_grad_enabled():
             # zeros to a multiple of 4: 4 padded, the excess cut off (traced, no branch on the
             # size and no padding by a size, which a traced graph would keep as constants; one
             # more than a multiple needs, so that the cut is a strided view at every size:

@@ -5,6 +5,8 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
+from ...ops.dispatch import traced
+
 
 class RoPE2d(nn.Module):
     """Rotary embedding tables for a ``head_dim`` split between rows and columns (applied by
@@ -28,8 +30,7 @@ class RoPE2d(nn.Module):
     def forward(self, size: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
         """``(sin, cos)``, each ``(H, W, head_dim)``: row angles then column angles."""
         angle = self.angle
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or \
-                torch.onnx.is_in_onnx_export() or angle.is_inference() or \
+        if traced() or angle.is_inference() or \
                 isinstance(angle, FakeTensor):  # a fake tensor has no data to identify it by
             return self._tables(size)
         # the angles' identity and version: a new tensor or an in-place change (loading a

@@ -195,11 +195,11 @@ def test_mmscope_pads_at_eager_inference_only_maps_not_a_multiple_of_4(monkeypat
     with torch.no_grad():
         eager = head._mmscope(x)
         assert len(pads) == padded
-        monkeypatch.setattr(segman_head, '_traced', lambda: True)
+        monkeypatch.setattr(segman_head, 'traced', lambda: True)
         traced = head._mmscope(x)
     assert len(pads) == padded + 1 and eager.shape == (2, 3 * 8, height, width)
     assert eager.is_contiguous() or padded
     torch.testing.assert_close(eager, traced, rtol=0, atol=0)
-    monkeypatch.setattr(segman_head, '_traced', lambda: False)
+    monkeypatch.setattr(segman_head, 'traced', lambda: False)
     head._mmscope(x)  # with autograd
     assert len(pads) == padded + 2
