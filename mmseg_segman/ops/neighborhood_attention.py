@@ -304,11 +304,11 @@ _neighborhood_attention = OpDispatcher('neighborhood_attention', {
 def reads_planes_faster(kernel_size: int) -> bool:
     """Whether the ``triton`` backend reads ``q`` and ``k`` faster laid out as ``(B, heads,
     d, H, W)`` planes than with contiguous head vectors (the layouts
-    :func:`~.rotary_embedding.rotary_embedding_2d` writes): for windows over 9, whose query
-    tiles are 4 x 16 and whose keys are loaded in rows of 32 pixels. SegMAN-L's inference at
-    batch 16 (bf16, an H200): windows of 11 809 against 947 us a call, of 9 and 7 the other
-    way (332 against 281 and 187 against 161, docs/benchmarks.md)."""
-    return kernel_size > 9
+    :func:`~.rotary_embedding.rotary_embedding_2d` writes): for windows up to 9, whose query
+    tiles are 8 x 8 and whose keys are loaded in rows of 16 pixels. SegMAN-L's attention
+    forward at batch 16 (bf16, an H200, us a call): windows of 9 234 against 241, of 7 94
+    against 104; of 11 the other way, 648 against 618 (docs/benchmarks.md)."""
+    return kernel_size <= 9
 
 
 def neighborhood_attention_2d(q: Tensor, k: Tensor, v: Tensor, kernel_size: int,

@@ -42,15 +42,24 @@ deterministic, and no colliding atomics.
 
 Sizes and strides are runtime values (not specialised by Triton) but for the column strides,
 which depend on the layout and the head dim only: one compilation per (dtype, head dim, kernel
-size, rpb or not, layout) serves every batch and map size.
+size, rpb or not, layout, alignment) serves every batch and map size.
+
+Aligned loads. Each kernel is told which stride of each tensor is 1 (its head vectors or its
+rows of pixels, :data:`HEAD_VECTORS`, :data:`PLANES`) and a power of two dividing the others
+(:func:`load_alignment`); where rows of pixels are read along a box, the box's ends are
+widened to multiples of it where that takes no more steps (:func:`_widened`). Triton then moves
+8 or 16 bytes a load and pipelines the loads of the products' operands (``cp.async``): with
+runtime strides it had moved 2 bytes a load, not pipelined, and SegMAN-L's forward at stage 3
+took 159 us where it takes 94 (docs/benchmarks.md).
 
 ``torch.compile`` traces the kernels as the ``torch.library`` custom ops
 ``mmseg_segman::na2d_forward`` and ``na2d_backward`` (:data:`NA2D`, a
 :class:`~.triton_jit.TritonAutogradOp`); eager calls run the same functions in a plain
 ``torch.autograd.Function``, or launch the forward directly where autograd does not record.
 """
+import functools
 import math
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -59,14 +68,19 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import tensor_cache
-from .triton_jit import (TritonAutogradOp, cdiv, dot_precision, empty_channels_first,
-                         jit_with_runtime_ints, launch, next_power_of_2, records_autograd)
+from .triton_jit import (ALIGNMENT, TritonAutogradOp, aligned, cdiv, dot_precision,
+                         empty_channels_first, jit_with_runtime_ints, launch, next_power_of_2,
+                         records_autograd)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 NEG = tl.constexpr(-1.0e30)  # the masked score: finite, so rows without a valid key yet stay NaN-free
+# the layouts of a (B, heads, H, W, d) tensor the kernels know: its head vectors contiguous, or
+# its (H, W) planes (the qkv map's); any other strides are read as they are
+HEAD_VECTORS = tl.constexpr(0)
+PLANES = tl.constexpr(1)
+OTHER_LAYOUT = tl.constexpr(2)
 
 
-# Sizes and strides: runtime values, one compilation for every input size
 # Sizes and strides: runtime values, one compilation for every input size. The column strides
 # (``s*_x``) stay specialised: they do not change with the size, and where they are 1 (the
 # model's layout) the loads along a box row are known to be contiguous (the forward at
@@ -122,6 +136,22 @@ def _tile(height, width, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
 def _batch_and_head(heads):
     """Batch element (int64, for offsets) and head of ``program_id(1) = batch * heads + head``."""
     return (tl.program_id(1) // heads).to(tl.int64), tl.program_id(1) % heads
+
+
+@triton.jit
+def _known_strides(sb, sh, sy, sx, sd, LAYOUT: tl.constexpr, ALIGN: tl.constexpr):
+    """The strides of a ``(B, heads, H, W, d)`` tensor as the compiler may know them: its unit
+    stride (``LAYOUT`` :data:`HEAD_VECTORS`: along ``d``, :data:`PLANES`: along ``x``) as 1,
+    the others as multiples of ``ALIGN``, which the host checked (:func:`load_alignment`). A
+    runtime stride is otherwise of unknown alignment, and Triton loads one element a thread:
+    2-byte loads, which it does not pipeline (SegMAN-L's forward at stage 3 spent a third of
+    its stalls storing them into shared memory one by one, docs/benchmarks.md)."""
+    if LAYOUT == HEAD_VECTORS:
+        return aligned(sb, ALIGN), aligned(sh, ALIGN), aligned(sy, ALIGN), aligned(sx, ALIGN), 1
+    elif LAYOUT == PLANES:
+        return aligned(sb, ALIGN), aligned(sh, ALIGN), aligned(sy, ALIGN), 1, aligned(sd, ALIGN)
+    else:
+        return sb, sh, sy, sx, sd
 
 
 @triton.jit
@@ -202,6 +232,17 @@ def _query_box(y0, x0, height, width, TILE_H: tl.constexpr, TILE_W: tl.constexpr
 
 
 @triton.jit
+def _widened(left, right, BOX_ALIGN: tl.constexpr):
+    """Columns ``left .. right - 1`` widened to multiples of ``BOX_ALIGN`` (``right`` stays
+    within the map, whose width the host checked to be a multiple: :func:`load_alignment`),
+    so that a row of them held as planes loads aligned."""
+    if BOX_ALIGN > 1:
+        return aligned(left, BOX_ALIGN), aligned(right + BOX_ALIGN - 1, BOX_ALIGN)
+    else:
+        return left, right
+
+
+@triton.jit
 def _key_columns(left, c0, box_w, wx, q_ok, BLOCK_N: tl.constexpr):
     """Columns ``c0 .. c0 + BLOCK_N`` of a query tile's box of keys: their map columns, flags,
     and each key's column in each query's window (:func:`_window_columns`, ``[M, BLOCK_N]``)."""
@@ -228,12 +269,24 @@ def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, 
                    sv_b, sv_h, sv_y, sv_x, sv_d, so_b, so_h, so_y, so_x, so_d,
                    HEAD_DIM: tl.constexpr, KERNEL: tl.constexpr, HAS_RPB: tl.constexpr,
                    TILE_H: tl.constexpr, TILE_W: tl.constexpr, ROWS: tl.constexpr,
-                   COLS: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   COLS: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   LAYOUT_Q: tl.constexpr, LAYOUT_K: tl.constexpr, LAYOUT_V: tl.constexpr,
+                   LAYOUT_O: tl.constexpr, ALIGN: tl.constexpr, WIDTH_ALIGN: tl.constexpr,
+                   BOX_ALIGN: tl.constexpr):
     """The output and log-sum-exp of a query tile: ``ROWS`` whole rows of the tile's box a
-    step (``COLS >= TILE_W + KERNEL - 1`` columns each, :func:`box_columns`)."""
+    step (``COLS >= TILE_W + KERNEL - 1`` columns each, :func:`box_columns`; the box
+    widened by :func:`_widened` still fits, as :func:`load_alignment` checked). ``LAYOUT_*``,
+    ``ALIGN``: :func:`_known_strides`; ``WIDTH_ALIGN``: the width is a multiple of it."""
+    sq_b, sq_h, sq_y, sq_x, sq_d = _known_strides(sq_b, sq_h, sq_y, sq_x, sq_d, LAYOUT_Q, ALIGN)
+    sk_b, sk_h, sk_y, sk_x, sk_d = _known_strides(sk_b, sk_h, sk_y, sk_x, sk_d, LAYOUT_K, ALIGN)
+    sv_b, sv_h, sv_y, sv_x, sv_d = _known_strides(sv_b, sv_h, sv_y, sv_x, sv_d, LAYOUT_V, ALIGN)
+    so_b, so_h, so_y, so_x, so_d = _known_strides(so_b, so_h, so_y, so_x, so_d, LAYOUT_O, ALIGN)
+    width = aligned(width, WIDTH_ALIGN)
     batch, head = _batch_and_head(heads)
     qy, qx, q_ok, y0, x0 = _tile(height, width, TILE_H, TILE_W)
     top, left, box_h, box_w = _query_box(y0, x0, height, width, TILE_H, TILE_W, KERNEL)
+    left, right = _widened(left, left + box_w, BOX_ALIGN)
+    box_w = right - left
     span_h, span_w = _spans(height, width, KERNEL)
     wy = _window_start(qy, height, span_h, KERNEL // 2)
     wx = _window_start(qx, width, span_w, KERNEL // 2)
@@ -322,16 +375,28 @@ def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delt
                       HEAD_DIM: tl.constexpr, KERNEL: tl.constexpr, HAS_RPB: tl.constexpr,
                       STORE_G: tl.constexpr, PAIRS: tl.constexpr,
                       TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      LAYOUT_Q: tl.constexpr, LAYOUT_K: tl.constexpr, LAYOUT_V: tl.constexpr,
+                      LAYOUT_O: tl.constexpr, LAYOUT_DO: tl.constexpr, ALIGN: tl.constexpr,
+                      WIDTH_ALIGN: tl.constexpr, BOX_ALIGN: tl.constexpr):
     """``delta`` and ``dq`` of a query tile for the batch elements of group ``program_id(2)``,
     two at a time if ``PAIRS`` (the second masked past the group's end); ``O`` and ``dq``
     share the strides ``so_*``. With ``STORE_G``, ``dS`` per (query, window position) into
     ``G``, summed over the group's batch elements: the first step of the group writes it, the
-    others add to it."""
+    others add to it. Alignment as the forward's (:func:`_na_fwd_kernel`)."""
+    sq_b, sq_h, sq_y, sq_x, sq_d = _known_strides(sq_b, sq_h, sq_y, sq_x, sq_d, LAYOUT_Q, ALIGN)
+    sk_b, sk_h, sk_y, sk_x, sk_d = _known_strides(sk_b, sk_h, sk_y, sk_x, sk_d, LAYOUT_K, ALIGN)
+    sv_b, sv_h, sv_y, sv_x, sv_d = _known_strides(sv_b, sv_h, sv_y, sv_x, sv_d, LAYOUT_V, ALIGN)
+    so_b, so_h, so_y, so_x, so_d = _known_strides(so_b, so_h, so_y, so_x, so_d, LAYOUT_O, ALIGN)
+    sdo_b, sdo_h, sdo_y, sdo_x, sdo_d = _known_strides(sdo_b, sdo_h, sdo_y, sdo_x, sdo_d,
+                                                       LAYOUT_DO, ALIGN)
+    width = aligned(width, WIDTH_ALIGN)
     head = tl.program_id(1)
     group = tl.program_id(2)
     qy, qx, q_ok, y0, x0 = _tile(height, width, TILE_H, TILE_W)
     top, left, box_h, box_w = _query_box(y0, x0, height, width, TILE_H, TILE_W, KERNEL)
+    left, right = _widened(left, left + box_w, BOX_ALIGN)
+    box_w = right - left
     span_h, span_w = _spans(height, width, KERNEL)
     wy = _window_start(qy, height, span_h, KERNEL // 2)
     wx = _window_start(qx, width, span_w, KERNEL // 2)
@@ -395,15 +460,27 @@ def _na_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, lse_ptr, delta_ptr
                         sdo_b, sdo_h, sdo_y, sdo_x, sdo_d,
                         HEAD_DIM: tl.constexpr, KERNEL: tl.constexpr, HAS_RPB: tl.constexpr,
                         TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``dk``, ``dv`` of a tile of keys, both with the strides ``so_*``."""
+                        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        LAYOUT_Q: tl.constexpr, LAYOUT_K: tl.constexpr, LAYOUT_V: tl.constexpr,
+                        LAYOUT_O: tl.constexpr, LAYOUT_DO: tl.constexpr, ALIGN: tl.constexpr,
+                        WIDTH_ALIGN: tl.constexpr, BOX_ALIGN: tl.constexpr):
+    """``dk``, ``dv`` of a tile of keys, both with the strides ``so_*``. Alignment as the
+    forward's (:func:`_na_fwd_kernel`), the box of queries widened."""
+    sq_b, sq_h, sq_y, sq_x, sq_d = _known_strides(sq_b, sq_h, sq_y, sq_x, sq_d, LAYOUT_Q, ALIGN)
+    sk_b, sk_h, sk_y, sk_x, sk_d = _known_strides(sk_b, sk_h, sk_y, sk_x, sk_d, LAYOUT_K, ALIGN)
+    sv_b, sv_h, sv_y, sv_x, sv_d = _known_strides(sv_b, sv_h, sv_y, sv_x, sv_d, LAYOUT_V, ALIGN)
+    so_b, so_h, so_y, so_x, so_d = _known_strides(so_b, so_h, so_y, so_x, so_d, LAYOUT_O, ALIGN)
+    sdo_b, sdo_h, sdo_y, sdo_x, sdo_d = _known_strides(sdo_b, sdo_h, sdo_y, sdo_x, sdo_d,
+                                                       LAYOUT_DO, ALIGN)
+    width = aligned(width, WIDTH_ALIGN)
     batch, head = _batch_and_head(heads)
     ky, kx, k_ok, y0, x0 = _tile(height, width, TILE_H, TILE_W)
     span_h, span_w = _spans(height, width, KERNEL)
     top = _inverse_start(y0, span_h, KERNEL // 2)
-    left = _inverse_start(x0, span_w, KERNEL // 2)
     bottom = _inverse_end(tl.minimum(y0 + TILE_H, height) - 1, height, span_h, KERNEL // 2)
-    right = _inverse_end(tl.minimum(x0 + TILE_W, width) - 1, width, span_w, KERNEL // 2)
+    left, right = _widened(
+        _inverse_start(x0, span_w, KERNEL // 2),
+        _inverse_end(tl.minimum(x0 + TILE_W, width) - 1, width, span_w, KERNEL // 2), BOX_ALIGN)
     k = _load_rows(k_ptr + batch * sk_b + head * sk_h, ky, kx, k_ok, sk_y, sk_x, sk_d,
                    HEAD_DIM, BLOCK_D)
     v = _load_rows(v_ptr + batch * sv_b + head * sv_h, ky, kx, k_ok, sv_y, sv_x, sv_d,
@@ -458,17 +535,22 @@ def box_columns(tile_w: int, kernel_size: int) -> int:
     return max(16, next_power_of_2(tile_w + kernel_size - 1))
 
 
+FORWARD_STAGES = 3  # the forward's pipeline depth: 2 -> 3 took SegMAN-L's 6-12% less (H200)
+
+
 def block_sizes(head_dim: int, kernel_size: int) -> Tuple[Blocks, Blocks, Blocks]:
-    """Launch shapes of the forward, ``dq`` and ``dk``/``dv`` kernels (4 warps, 2 stages; a
-    whole row of the box a step): 8 x 8 tiles where a row of the box fits 16 columns (windows
-    up to 9), else 4 x 16.
+    """Launch shapes of the forward, ``dq`` and ``dk``/``dv`` kernels (4 warps; a whole row
+    of the box a step; :data:`FORWARD_STAGES` stages in the forward, 2 in the backward): 8 x 8
+    tiles where a row of the box fits 16 columns (windows up to 9), else 4 x 16.
 
     Chosen by ``tools/gpu_checks/check_neighborhood_attention.py --sweep`` on an H100 (bf16,
     SegMAN-L's stages 1-3 at 512x512, batch 16); the forward's in the twenty-second session
-    (one row a step, 4 x 16 rather than 8 x 16 for windows of 11; docs/benchmarks.md).
+    (one row a step, 4 x 16 rather than 8 x 16 for windows of 11) and its stages in the
+    thirty-fourth, once its loads were aligned (docs/benchmarks.md).
     """
     tiles = ((8, 8),) * 3 if box_columns(8, kernel_size) == 16 else ((4, 16),) * 3
-    return tuple(Blocks(h, w, box_columns(w, kernel_size), 4, 2) for h, w in tiles)
+    return tuple(Blocks(h, w, box_columns(w, kernel_size), 4, FORWARD_STAGES if kind == 0 else 2)
+                 for kind, (h, w) in enumerate(tiles))
 
 
 def forward_step(blocks: Blocks, kernel_size: int) -> dict:
@@ -480,6 +562,71 @@ def forward_step(blocks: Blocks, kernel_size: int) -> dict:
                          f'a step for tiles {blocks.tile_w} wide and windows of {kernel_size} '
                          f'must be a multiple of {row}')
     return dict(ROWS=blocks.columns // row, COLS=row)
+
+
+def layout(t: Tensor) -> int:
+    """:data:`HEAD_VECTORS` where ``t (B, heads, H, W, d)`` has contiguous head vectors,
+    :data:`PLANES` where its rows of pixels are, else :data:`OTHER_LAYOUT`."""
+    if t.stride(-1) == 1:
+        return HEAD_VECTORS.value
+    return PLANES.value if t.stride(-2) == 1 else OTHER_LAYOUT.value
+
+
+def _unit_axis(layout_code: int) -> int:
+    return -1 if layout_code == HEAD_VECTORS.value else -2
+
+
+@functools.lru_cache(maxsize=1024)
+def _widening_is_free(width: int, tile_w: int, kernel_size: int, columns: int, align: int,
+                      inverse: bool) -> bool:
+    """Whether every tile's box on a map ``width`` wide (of keys, :func:`_query_box`; of
+    queries with ``inverse``, as the ``dk``/``dv`` kernel walks them), widened to multiples
+    of ``align`` (:func:`_widened`), takes as many steps of ``columns`` as before, and one
+    at most where it took one (the forward takes a box in one step)."""
+    span, radius = min(kernel_size, width), kernel_size // 2
+
+    def box(x0: int) -> Tuple[int, int]:
+        last = min(x0 + tile_w, width) - 1
+        if inverse:  # _inverse_start, _inverse_end
+            return (0 if x0 - span + 1 <= 0 else x0 - span + 1 + radius,
+                    width if last >= width - span else last + radius + 1)
+        start = [min(max(i - radius, 0), width - span) for i in (x0, last)]
+        return start[0], start[1] + span
+
+    for x0 in range(0, width, tile_w):
+        left, right = box(x0)
+        widened = -(-right // align) * align - left // align * align
+        if -(-widened // columns) > max(1, -(-(right - left) // columns)):
+            return False
+    return True
+
+
+def load_alignment(tensors: Dict[str, Tensor], rows: Sequence[str], kernel_size: int,
+                   tile_w: int, columns: int, inverse: bool = False) -> Dict[str, int]:
+    """The alignment constexprs of a launch on the ``(B, heads, H, W, d)`` tensors named in
+    ``tensors`` (``LAYOUT_<name>``, :func:`layout`; ``ALIGN``, ``WIDTH_ALIGN`` and
+    ``BOX_ALIGN``, :func:`_known_strides` and :func:`_widened`) whose kernel loads the
+    ``rows`` tensors along the rows of its tiles' boxes, ``columns`` a step (of queries with
+    ``inverse``). ``ALIGN``: the largest of 8, 4, 2 (else 1) that divides every stride of
+    each tensor but its unit one and, where one holds planes, the map's width (then
+    ``WIDTH_ALIGN`` is ``ALIGN``), and where a ``rows`` tensor holds planes (then
+    ``BOX_ALIGN`` is), with which no box widened to its multiples takes more steps
+    (:func:`_widening_is_free`). In elements: ``ALIGN`` 4 lets a bfloat16 row move 8 bytes a
+    load."""
+    codes = {f'LAYOUT_{name}': layout(t) for name, t in tensors.items()}
+    width = next(iter(tensors.values())).shape[3]
+    planes = PLANES.value in codes.values()
+    box = any(codes[f'LAYOUT_{name}'] == PLANES.value for name in rows)
+    strides = [s for t in tensors.values() if layout(t) != OTHER_LAYOUT.value
+               for axis, s in enumerate(t.stride()) if axis != t.dim() + _unit_axis(layout(t))]
+    for align in (ALIGNMENT, 4, 2):
+        if any(s % align for s in strides) or (planes and width % align):
+            continue
+        if box and not _widening_is_free(width, tile_w, kernel_size, columns, align, inverse):
+            continue
+        return dict(codes, ALIGN=align, WIDTH_ALIGN=align if planes else 1,
+                    BOX_ALIGN=align if box else 1)
+    return dict(codes, ALIGN=1, WIDTH_ALIGN=1, BOX_ALIGN=1)
 
 
 def _head_block(head_dim: int) -> int:
@@ -512,7 +659,9 @@ def _na2d_forward_impl(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], k
     launch(_na_fwd_kernel, (_tiles(height, width, fwd), batch * heads),
            q, k, v, q if rpb is None else rpb, out, lse, heads, height, width,
            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-           **forward_step(fwd, kernel_size), **_common(q, kernel_size, rpb), **_launch(fwd))
+           **forward_step(fwd, kernel_size), **_common(q, kernel_size, rpb), **_launch(fwd),
+           **load_alignment(dict(Q=q, K=k, V=v, O=out), 'KV', kernel_size, fwd.tile_w,
+                            box_columns(fwd.tile_w, kernel_size)))
     return out, lse
 
 
@@ -580,11 +729,15 @@ def _na2d_backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: 
            q, k, v, rpb_arg, out, grad_out, lse, delta, dq, g, batch, batches_per_group, heads,
            height, width, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
            *grad_out.stride(), STORE_G=store_g, PAIRS=batches_per_group > 1,
-           BLOCK_N=dq_blocks.columns, **common, **_launch(dq_blocks))
+           BLOCK_N=dq_blocks.columns, **common, **_launch(dq_blocks),
+           **load_alignment(dict(Q=q, K=k, V=v, O=out, DO=grad_out), 'KV', kernel_size,
+                            dq_blocks.tile_w, dq_blocks.columns))
     launch(_na_bwd_dkdv_kernel, (_tiles(height, width, dkdv_blocks), batch * heads),
            q, k, v, rpb_arg, grad_out, lse, delta, dk, dv, heads, height, width,
            *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *grad_out.stride(),
-           BLOCK_M=dkdv_blocks.columns, **common, **_launch(dkdv_blocks))
+           BLOCK_M=dkdv_blocks.columns, **common, **_launch(dkdv_blocks),
+           **load_alignment(dict(Q=q, K=k, V=v, O=dk, DO=grad_out), ('Q', 'DO'), kernel_size,
+                            dkdv_blocks.tile_w, dkdv_blocks.columns, inverse=True))
     drpb = _fold_bias_grad(g, kernel_size).to(rpb.dtype) if store_g else q.new_empty(0)
     return dq, dk, dv, drpb
 

@@ -8,7 +8,7 @@ copies around them. One program here owns ``BLOCK_P`` pixels of one (batch, head
 queries or of the keys (one launch for both): it loads their head vectors through the input's
 strides, the same vectors with each channel pair swapped (``d ^ 1``, from the cache), and the
 float32 tables, and writes the rotated, scaled vectors contiguous, or as ``(B, heads, d, H,
-W)`` planes where the attention reads those faster (its windows of 11,
+W)`` planes where the attention reads those faster (its windows up to 9,
 :func:`~.neighborhood_attention.reads_planes_faster`). The rotation is orthogonal with the
 same angle for both channels of a pair, so the input gradient is the same kernel with ``sin``
 negated; it is written in the layout of a

@@ -23,6 +23,7 @@ from mmseg_segman.ops import triton_layer_norm as tln  # noqa: E402
 from mmseg_segman.ops import triton_neighborhood_attention as tna  # noqa: E402
 from mmseg_segman.ops import triton_pointwise_conv as tpw  # noqa: E402
 from mmseg_segman.ops import triton_rotary_embedding as trope  # noqa: E402
+from mmseg_segman.ops.neighborhood_attention import reads_planes_faster  # noqa: E402
 from mmseg_segman.ops.triton_jit import ALIGNMENT  # noqa: E402
 
 H100 = GPUTarget('cuda', 90, 32)
@@ -160,18 +161,47 @@ def test_cross_scan_kernels_compile_at_other_blocks(block_d, block_l, warps):
 def test_neighborhood_attention_kernels_compile(activation, head_dim, kernel_size):
     fwd, dq, dkdv = tna.block_sizes(head_dim, kernel_size)
     common = dict(HEAD_DIM=head_dim, KERNEL=kernel_size, HAS_RPB=True, BLOCK_D=tna._head_block(head_dim),
-                  DOT_PRECISION='tf32x3' if activation == 'fp32' else 'tf32')
+                  DOT_PRECISION='tf32x3' if activation == 'fp32' else 'tf32',
+                  **na_layouts(kernel_size, 4))
     assert compile_for_h100(tna._na_fwd_kernel, activation, NA_FLOAT32_POINTERS,
                             fwd.num_warps, fwd.num_stages,
                             TILE_H=fwd.tile_h, TILE_W=fwd.tile_w,
                             **tna.forward_step(fwd, kernel_size), **common)
     assert compile_for_h100(tna._na_bwd_dq_kernel, activation, NA_FLOAT32_POINTERS,
-                            dq.num_warps, dq.num_stages,
+                            dq.num_warps, dq.num_stages, LAYOUT_DO=tna.PLANES,
                             STORE_G=True, PAIRS=True, TILE_H=dq.tile_h, TILE_W=dq.tile_w,
                             BLOCK_N=dq.columns, **common)
     assert compile_for_h100(tna._na_bwd_dkdv_kernel, activation, NA_FLOAT32_POINTERS,
-                            dkdv.num_warps, dkdv.num_stages,
+                            dkdv.num_warps, dkdv.num_stages, LAYOUT_DO=tna.PLANES,
                             TILE_H=dkdv.tile_h, TILE_W=dkdv.tile_w, BLOCK_M=dkdv.columns, **common)
+
+
+def na_layouts(kernel_size: int, align: int) -> dict:
+    """The attention kernels' layout constexprs as SegMAN passes its tensors: q and k as the
+    rotary embedding writes them for this window, v and the outputs as planes of a map."""
+    queries = tna.PLANES if reads_planes_faster(kernel_size) else tna.HEAD_VECTORS
+    return dict(LAYOUT_Q=queries, LAYOUT_K=queries, LAYOUT_V=tna.PLANES, LAYOUT_O=tna.PLANES,
+                ALIGN=align, WIDTH_ALIGN=align, BOX_ALIGN=align)
+
+
+def test_aligned_attention_loads_are_pipelined():
+    """With aligned strides (``ALIGN``, :func:`triton_neighborhood_attention.load_alignment`)
+    the attention's kernels load their keys and values (forward, ``dq``) or queries and output
+    gradients (``dk``/``dv``) 8 bytes or more a thread, the loads feeding the products by
+    ``cp.async``, which Triton pipelines; with 1, one element (2 bytes) a load, and those not
+    by ``cp.async`` (SegMAN-L's forward at stage 3: 159 -> 94 us on an H200,
+    docs/benchmarks.md)."""
+    for kernel, extra in ((tna._na_fwd_kernel, dict(ROWS=1, COLS=16)),
+                          (tna._na_bwd_dq_kernel, dict(STORE_G=True, PAIRS=True, BLOCK_N=16,
+                                                       LAYOUT_DO=tna.PLANES)),
+                          (tna._na_bwd_dkdv_kernel, dict(BLOCK_M=16, LAYOUT_DO=tna.PLANES))):
+        ptx = {align: compile_for_h100(
+            kernel, 'bf16', NA_FLOAT32_POINTERS, 4, 2, asm='ptx', HEAD_DIM=36, KERNEL=7,
+            HAS_RPB=True, BLOCK_D=64, DOT_PRECISION='tf32', TILE_H=8, TILE_W=8,
+            **na_layouts(7, align), **extra) for align in (4, 1)}
+        assert ptx[4].count('cp.async.c') > ptx[1].count('cp.async.c'), kernel.fn.__name__
+        assert re.search(r'ld\.global\.b16', ptx[1]) and not re.search(r'ld\.global\.b16', ptx[4]), \
+            kernel.fn.__name__
 
 
 # SegMAN-L's stem convolutions (with their norms and GELUs, writing channels-last for the next

@@ -16,12 +16,16 @@ triton = pytest.importorskip('triton')
 
 import torch  # noqa: E402
 
-# batch, heads, H, W, head dim, kernel, rpb, strided q/k/v
+# batch, heads, H, W, head dim, kernel, rpb, strided q/k/v (True: all three planes of one qkv
+# map; 'mixed': v so, q and k with contiguous head vectors, as the model passes them)
 CASES = [
     (2, 2, 9, 11, 8, 5, True, False),    # both axes longer than the window, two tiles each
     (1, 1, 4, 13, 16, 7, True, True),    # rows shorter than the window
     (1, 2, 6, 5, 20, 7, True, False),    # both axes shorter than the window; d not a power of 2
     (2, 1, 7, 9, 8, 3, False, True),     # no rpb
+    # rows of planes loaded aligned: the forward's boxes widened to multiples of 4 columns
+    (1, 2, 6, 24, 8, 5, True, True),
+    (2, 1, 5, 16, 12, 7, True, 'mixed'),
 ]
 WIDE_BOX = (1, 1, 5, 21, 8, 7, True, False)  # boxes 19 columns wide for tiles 16 wide
 
@@ -36,6 +40,8 @@ def reference_and_triton(case, dtype, blocks=None):
     if strided:  # views of one (B, 3, heads, d, H, W) tensor, as the model's qkv projection
         q, k, v = torch.randn(batch, 3, heads, dim, height, width, generator=g,
                               dtype=torch.float64).permute(1, 0, 2, 4, 5, 3)
+        if strided == 'mixed':
+            q, k = q.contiguous(), k.contiguous()
     else:
         q, k, v = (torch.randn(batch, heads, height, width, dim, generator=g, dtype=torch.float64)
                    for _ in range(3))
@@ -140,6 +146,45 @@ def test_not_chosen_on_cpu_without_interpreter(monkeypatch):
     reason = na._neighborhood_attention.backends['triton'].unavailable(q, q, q, 3, None)
     assert 'needs CUDA tensors' in reason
     assert na._neighborhood_attention.select(q, q, q, 3, None) == 'torch'
+
+
+def test_load_alignment():
+    """The loads are aligned where every stride and the map's width allow it and, for rows of
+    keys (or of queries, in the ``dk``/``dv`` kernel) held as planes, where no box widened to
+    the alignment takes more steps: SegMAN-L's stages at 512x512 (windows 11, 9, 7, 7) as the
+    model lays them out; none on an odd width."""
+    from mmseg_segman.ops import triton_neighborhood_attention as tna
+
+    def alignment(channels, heads, size, kernel):
+        qkv = torch.empty(2, 3 * channels, size, size)
+        dim = channels // heads
+        q, k, v = (t.view(2, heads, dim, size, size).permute(0, 1, 3, 4, 2)
+                   for t in qkv.split(channels, 1))
+        out = tna.empty_channels_first(q)
+        fwd, dq, dkdv = tna.block_sizes(dim, kernel)
+        found = set()
+        for queries in (q, q.contiguous()):
+            launches = [
+                tna.load_alignment(dict(Q=queries, K=queries, V=v, O=out), 'KV', kernel,
+                                   fwd.tile_w, tna.box_columns(fwd.tile_w, kernel)),
+                tna.load_alignment(dict(Q=queries, K=queries, V=v, O=out, DO=out), 'KV', kernel,
+                                   dq.tile_w, dq.columns),
+                tna.load_alignment(dict(Q=queries, K=queries, V=v, O=out, DO=out), ('Q', 'DO'),
+                                   kernel, dkdv.tile_w, dkdv.columns, inverse=True)]
+            for constexprs in launches:
+                assert constexprs['LAYOUT_V'] == constexprs['LAYOUT_O'] == tna.PLANES
+                assert constexprs['LAYOUT_Q'] == (tna.PLANES if queries is q else tna.HEAD_VECTORS)
+                found.add(tuple(constexprs[key] for key in ('ALIGN', 'WIDTH_ALIGN', 'BOX_ALIGN')))
+        return found
+
+    # windows of 9 and 7 on 8 x 8 tiles: boxes from x0 - 4 to x0 + 12 and from x0 - 3 to x0 +
+    # 11 (of queries: x0 - 4 to x0 + 12 and x0 - 3 to x0 + 11), 24 wide at 8-aligned ends
+    assert [alignment(*stage) for stage in ((96, 4, 128, 11), (192, 8, 64, 9), (432, 12, 32, 7),
+                                            (640, 20, 16, 7), (432, 12, 33, 7))] == \
+        [{(8, 8, 8)}, {(4, 4, 4)}, {(4, 4, 4)}, {(8, 8, 8)}, {(1, 1, 1)}]
+    contiguous = torch.empty(2, 3, 33, 33, 36)  # head vectors 36 long: 8-byte aligned rows
+    constexprs = tna.load_alignment(dict(Q=contiguous, K=contiguous), 'K', 7, 8, 16)
+    assert (constexprs['ALIGN'], constexprs['WIDTH_ALIGN'], constexprs['BOX_ALIGN']) == (4, 1, 1)
 
 
 def test_window_class_of_every_query():
