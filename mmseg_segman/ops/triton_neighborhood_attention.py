@@ -601,31 +601,41 @@ def _widening_is_free(width: int, tile_w: int, kernel_size: int, columns: int, a
     return True
 
 
+@functools.lru_cache(maxsize=256)
+def _launch_alignment(tile_w: int, kernel_size: int, columns: int, inverse: bool) -> int:
+    """The one alignment a launch shape loads rows of planes with: the largest of 8, 4, 2
+    with which boxes widened on a wide map take no more steps (one value a launch shape, so
+    that a kernel compiles at most twice over all map sizes: with it and with 1)."""
+    return next((align for align in (ALIGNMENT, 4, 2) if _widening_is_free(
+        64 * tile_w, tile_w, kernel_size, columns, align, inverse)), 1)
+
+
 def load_alignment(tensors: Dict[str, Tensor], rows: Sequence[str], kernel_size: int,
                    tile_w: int, columns: int, inverse: bool = False) -> Dict[str, int]:
     """The alignment constexprs of a launch on the ``(B, heads, H, W, d)`` tensors named in
     ``tensors`` (``LAYOUT_<name>``, :func:`layout`; ``ALIGN``, ``WIDTH_ALIGN`` and
     ``BOX_ALIGN``, :func:`_known_strides` and :func:`_widened`) whose kernel loads the
     ``rows`` tensors along the rows of its tiles' boxes, ``columns`` a step (of queries with
-    ``inverse``). ``ALIGN``: the largest of 8, 4, 2 (else 1) that divides every stride of
-    each tensor but its unit one and, where one holds planes, the map's width (then
-    ``WIDTH_ALIGN`` is ``ALIGN``), and where a ``rows`` tensor holds planes (then
-    ``BOX_ALIGN`` is), with which no box widened to its multiples takes more steps
-    (:func:`_widening_is_free`). In elements: ``ALIGN`` 4 lets a bfloat16 row move 8 bytes a
-    load."""
+    ``inverse``). ``ALIGN``: where a ``rows`` tensor holds planes, the launch shape's own
+    (:func:`_launch_alignment`; then ``BOX_ALIGN`` is ``ALIGN``), else the largest of 8, 4, 2
+    that divides every stride of each tensor but its unit one and, where one holds planes,
+    the map's width (then ``WIDTH_ALIGN`` is ``ALIGN``), and with which no box of this map
+    widened to its multiples takes more steps (:func:`_widening_is_free`); else 1. In
+    elements: ``ALIGN`` 4 lets a bfloat16 row move 8 bytes a load."""
     codes = {f'LAYOUT_{name}': layout(t) for name, t in tensors.items()}
     width = next(iter(tensors.values())).shape[3]
     planes = PLANES.value in codes.values()
     box = any(codes[f'LAYOUT_{name}'] == PLANES.value for name in rows)
     strides = [s for t in tensors.values() if layout(t) != OTHER_LAYOUT.value
                for axis, s in enumerate(t.stride()) if axis != t.dim() + _unit_axis(layout(t))]
-    for align in (ALIGNMENT, 4, 2):
-        if any(s % align for s in strides) or (planes and width % align):
-            continue
-        if box and not _widening_is_free(width, tile_w, kernel_size, columns, align, inverse):
-            continue
-        return dict(codes, ALIGN=align, WIDTH_ALIGN=align if planes else 1,
-                    BOX_ALIGN=align if box else 1)
+    candidates = (_launch_alignment(tile_w, kernel_size, columns, inverse),) if box else \
+        (ALIGNMENT, 4, 2)
+    for align in candidates:
+        if align > 1 and not (any(s % align for s in strides) or (planes and width % align) or (
+                box and not _widening_is_free(width, tile_w, kernel_size, columns, align,
+                                              inverse))):
+            return dict(codes, ALIGN=align, WIDTH_ALIGN=align if planes else 1,
+                        BOX_ALIGN=align if box else 1)
     return dict(codes, ALIGN=1, WIDTH_ALIGN=1, BOX_ALIGN=1)
 
 

@@ -181,7 +181,11 @@ def test_load_alignment():
     # 11 (of queries: x0 - 4 to x0 + 12 and x0 - 3 to x0 + 11), 24 wide at 8-aligned ends
     assert [alignment(*stage) for stage in ((96, 4, 128, 11), (192, 8, 64, 9), (432, 12, 32, 7),
                                             (640, 20, 16, 7), (432, 12, 33, 7))] == \
-        [{(8, 8, 8)}, {(4, 4, 4)}, {(4, 4, 4)}, {(8, 8, 8)}, {(1, 1, 1)}]
+        [{(8, 8, 8)}, {(4, 4, 4)}, {(4, 4, 4)}, {(4, 4, 4)}, {(1, 1, 1)}]
+    # one alignment a launch shape or none: each kernel compiles at most twice over map sizes
+    for channels, heads, kernel in ((96, 4, 11), (192, 8, 9), (432, 12, 7)):
+        assert len(set().union(*(alignment(channels, heads, size, kernel)
+                                 for size in range(kernel, 80)))) == 2
     contiguous = torch.empty(2, 3, 33, 33, 36)  # head vectors 36 long: 8-byte aligned rows
     constexprs = tna.load_alignment(dict(Q=contiguous, K=contiguous), 'K', 7, 8, 16)
     assert (constexprs['ALIGN'], constexprs['WIDTH_ALIGN'], constexprs['BOX_ALIGN']) == (4, 1, 1)
