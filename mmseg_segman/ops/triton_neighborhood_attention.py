@@ -243,6 +243,20 @@ def _widened(left, right, BOX_ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(height, width, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KERNEL: tl.constexpr,
+                BOX_ALIGN: tl.constexpr):
+    """This program's query tile (:func:`_tile`): its rows, columns, in-map flags and window
+    starts, its box of keys (:func:`_query_box`, widened by :func:`_widened`) and the spans."""
+    qy, qx, q_ok, y0, x0 = _tile(height, width, TILE_H, TILE_W)
+    top, left, box_h, box_w = _query_box(y0, x0, height, width, TILE_H, TILE_W, KERNEL)
+    left, right = _widened(left, left + box_w, BOX_ALIGN)
+    span_h, span_w = _spans(height, width, KERNEL)
+    wy = _window_start(qy, height, span_h, KERNEL // 2)
+    wx = _window_start(qx, width, span_w, KERNEL // 2)
+    return qy, qx, q_ok, wy, wx, top, left, box_h, right - left, span_h, span_w
+
+
+@triton.jit
 def _key_columns(left, c0, box_w, wx, q_ok, BLOCK_N: tl.constexpr):
     """Columns ``c0 .. c0 + BLOCK_N`` of a query tile's box of keys: their map columns, flags,
     and each key's column in each query's window (:func:`_window_columns`, ``[M, BLOCK_N]``)."""
@@ -283,13 +297,8 @@ def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, 
     so_b, so_h, so_y, so_x, so_d = _known_strides(so_b, so_h, so_y, so_x, so_d, LAYOUT_O, ALIGN)
     width = aligned(width, WIDTH_ALIGN)
     batch, head = _batch_and_head(heads)
-    qy, qx, q_ok, y0, x0 = _tile(height, width, TILE_H, TILE_W)
-    top, left, box_h, box_w = _query_box(y0, x0, height, width, TILE_H, TILE_W, KERNEL)
-    left, right = _widened(left, left + box_w, BOX_ALIGN)
-    box_w = right - left
-    span_h, span_w = _spans(height, width, KERNEL)
-    wy = _window_start(qy, height, span_h, KERNEL // 2)
-    wx = _window_start(qx, width, span_w, KERNEL // 2)
+    qy, qx, q_ok, wy, wx, top, left, box_h, box_w, span_h, span_w = _query_tile(
+        height, width, TILE_H, TILE_W, KERNEL, BOX_ALIGN)
     q = _load_rows(q_ptr + batch * sq_b + head * sq_h, qy, qx, q_ok, sq_y, sq_x, sq_d,
                    HEAD_DIM, BLOCK_D)
     k_base = k_ptr + batch * sk_b + head * sk_h
@@ -334,10 +343,14 @@ def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, 
 @triton.jit
 def _dq_element(q_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, batch, q_ok, head, heads, qy, qx,
                 height, width, sq_b, sq_h, sq_y, sq_x, sq_d, so_b, so_h, so_y, so_x, so_d,
-                sdo_b, sdo_h, sdo_y, sdo_x, sdo_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                sdo_b, sdo_h, sdo_y, sdo_x, sdo_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                LAYOUT_Q: tl.constexpr, LAYOUT_DO: tl.constexpr, ALIGN: tl.constexpr):
     """What the ``dq`` kernel keeps of batch element ``batch`` (int64) for its query tile:
     ``q``, ``dO``, ``delta = rowsum(dO * O)`` (stored for the ``dk``/``dv`` kernel) and the
-    log-sum-exp; 0 where not ``q_ok``."""
+    log-sum-exp; 0 where not ``q_ok``. ``O``'s strides come known (:func:`_known_strides`)."""
+    sq_b, sq_h, sq_y, sq_x, sq_d = _known_strides(sq_b, sq_h, sq_y, sq_x, sq_d, LAYOUT_Q, ALIGN)
+    sdo_b, sdo_h, sdo_y, sdo_x, sdo_d = _known_strides(sdo_b, sdo_h, sdo_y, sdo_x, sdo_d,
+                                                       LAYOUT_DO, ALIGN)
     q = _load_rows(q_ptr + batch * sq_b + head * sq_h, qy, qx, q_ok, sq_y, sq_x, sq_d, HEAD_DIM,
                    BLOCK_D)
     do = _load_rows(do_ptr + batch * sdo_b + head * sdo_h, qy, qx, q_ok, sdo_y, sdo_x, sdo_d,
@@ -383,23 +396,16 @@ def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delt
     two at a time if ``PAIRS`` (the second masked past the group's end); ``O`` and ``dq``
     share the strides ``so_*``. With ``STORE_G``, ``dS`` per (query, window position) into
     ``G``, summed over the group's batch elements: the first step of the group writes it, the
-    others add to it. Alignment as the forward's (:func:`_na_fwd_kernel`)."""
-    sq_b, sq_h, sq_y, sq_x, sq_d = _known_strides(sq_b, sq_h, sq_y, sq_x, sq_d, LAYOUT_Q, ALIGN)
+    others add to it. Alignment as the forward's (:func:`_na_fwd_kernel`); ``q``'s and ``dO``'s
+    strides are made known where they are read (:func:`_dq_element`)."""
     sk_b, sk_h, sk_y, sk_x, sk_d = _known_strides(sk_b, sk_h, sk_y, sk_x, sk_d, LAYOUT_K, ALIGN)
     sv_b, sv_h, sv_y, sv_x, sv_d = _known_strides(sv_b, sv_h, sv_y, sv_x, sv_d, LAYOUT_V, ALIGN)
     so_b, so_h, so_y, so_x, so_d = _known_strides(so_b, so_h, so_y, so_x, so_d, LAYOUT_O, ALIGN)
-    sdo_b, sdo_h, sdo_y, sdo_x, sdo_d = _known_strides(sdo_b, sdo_h, sdo_y, sdo_x, sdo_d,
-                                                       LAYOUT_DO, ALIGN)
     width = aligned(width, WIDTH_ALIGN)
     head = tl.program_id(1)
     group = tl.program_id(2)
-    qy, qx, q_ok, y0, x0 = _tile(height, width, TILE_H, TILE_W)
-    top, left, box_h, box_w = _query_box(y0, x0, height, width, TILE_H, TILE_W, KERNEL)
-    left, right = _widened(left, left + box_w, BOX_ALIGN)
-    box_w = right - left
-    span_h, span_w = _spans(height, width, KERNEL)
-    wy = _window_start(qy, height, span_h, KERNEL // 2)
-    wx = _window_start(qx, width, span_w, KERNEL // 2)
+    qy, qx, q_ok, wy, wx, top, left, box_h, box_w, span_h, span_w = _query_tile(
+        height, width, TILE_H, TILE_W, KERNEL, BOX_ALIGN)
     rpb_base = rpb_ptr + head * (2 * KERNEL - 1) * (2 * KERNEL - 1)
     g_rows = ((head * tl.num_programs(2) + group).to(tl.int64) * height * width + qy * width + qx) \
         * KERNEL * KERNEL
@@ -410,7 +416,7 @@ def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delt
         q0, do0, delta0, lse0 = _dq_element(
             q_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, b0, q_ok, head, heads, qy, qx, height, width,
             sq_b, sq_h, sq_y, sq_x, sq_d, so_b, so_h, so_y, so_x, so_d, sdo_b, sdo_h, sdo_y, sdo_x,
-            sdo_d, HEAD_DIM, BLOCK_D)
+            sdo_d, HEAD_DIM, BLOCK_D, LAYOUT_Q, LAYOUT_DO, ALIGN)
         k0 = k_ptr + b0 * sk_b + head * sk_h
         v0 = v_ptr + b0 * sv_b + head * sv_h
         dq0 = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
@@ -421,7 +427,7 @@ def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delt
             q1, do1, delta1, lse1 = _dq_element(
                 q_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, b1, q_ok & has_b1, head, heads, qy, qx,
                 height, width, sq_b, sq_h, sq_y, sq_x, sq_d, so_b, so_h, so_y, so_x, so_d, sdo_b,
-                sdo_h, sdo_y, sdo_x, sdo_d, HEAD_DIM, BLOCK_D)
+                sdo_h, sdo_y, sdo_x, sdo_d, HEAD_DIM, BLOCK_D, LAYOUT_Q, LAYOUT_DO, ALIGN)
             k1 = k_ptr + b1 * sk_b + head * sk_h
             v1 = v_ptr + b1 * sv_b + head * sv_h
             dq1 = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
