@@ -321,15 +321,17 @@ def _direct_launch_possible() -> bool:
         and not _hook_set(runtime.launch_exit_hook)
 
 
-def launch(kernel, grid: Sequence[int], *args, **meta) -> None:
+def launch(kernel, grid: Sequence[int], *args, other_alignment: Optional[dict] = None,
+           **meta) -> None:
     """``kernel[grid](*args, **meta)``, the first time for each specialization (Triton binds the
     arguments, finds or compiles the kernel and launches it), then as a direct call of the
     compiled kernel's launcher on the current stream: Triton's launch path costs about 20 us
     more host time a call on the H100 machines, and a SegMAN-B training step launches about a
     thousand Triton kernels (docs/benchmarks.md). Positional ``args`` are the kernel's
     leading parameters; ``meta`` holds the rest (constexprs) and launch options
-    (``num_warps``, ``num_stages``). Under Triton's interpreter, or where
-    :func:`_direct_launch_possible` is false, every call takes Triton's path."""
+    (``num_warps``, ``num_stages``); ``other_alignment``, see :func:`_compile_other_alignment`.
+    Under Triton's interpreter, or where :func:`_direct_launch_possible` is false, every call
+    takes Triton's path."""
     device = torch.cuda.current_device() if torch.cuda.is_initialized() else -1
     if device < 0 or not _direct_launch_possible():
         kernel[grid](*args, **meta)
@@ -349,7 +351,7 @@ def launch(kernel, grid: Sequence[int], *args, **meta) -> None:
             rest = kernel.params[len(args):]
             tail = tuple(meta[p.name] if p.name in meta else p.default for p in rest)
             _launches[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail)
-            _compile_other_alignment(kernel, grid, args, meta)
+            _compile_other_alignment(kernel, grid, args, meta, other_alignment)
         return
     run, function, packed_metadata, tail = entry
     try:
@@ -360,16 +362,20 @@ def launch(kernel, grid: Sequence[int], *args, **meta) -> None:
         kernel[grid](*args, **meta)
 
 
-def _compile_other_alignment(kernel, grid: Sequence[int], args: Sequence, meta: dict) -> None:
+def _compile_other_alignment(kernel, grid: Sequence[int], args: Sequence, meta: dict,
+                             other: Optional[dict] = None) -> None:
     """With the first launch of a kernel that takes ``ALIGN`` (:func:`aligned`), compile
     (without launching) its other alignment for the same arguments: a process that has met
     only maps whose sizes are multiples of 8, or only others, would otherwise compile at its
     first image of the other kind (five kernels and about 4 s at SegMAN-T's first new shape
     after a 480x480 warm-up on an H100, docs/benchmarks.md). Found in Triton's cache when it
-    was compiled before."""
-    align = meta.get('ALIGN')
-    if align is not None:
-        kernel.warmup(*args, grid=grid, **{**meta, 'ALIGN': 1 if align == ALIGNMENT else ALIGNMENT})
+    was compiled before. The other alignment is ``ALIGN`` 1 for 8 and 8 for 1, or the
+    constexprs in ``other`` where a launch names them (the attention's, which align more than
+    ``ALIGN``: :func:`~.triton_neighborhood_attention.load_alignment`)."""
+    if other is None and meta.get('ALIGN') is not None:
+        other = {'ALIGN': 1 if meta['ALIGN'] == ALIGNMENT else ALIGNMENT}
+    if other is not None:
+        kernel.warmup(*args, grid=grid, **{**meta, **other})
 
 
 def _stop_direct_launch(error: Exception) -> None:

@@ -617,7 +617,8 @@ def _launch_alignment(tile_w: int, kernel_size: int, columns: int, inverse: bool
 
 
 def load_alignment(tensors: Dict[str, Tensor], rows: Sequence[str], kernel_size: int,
-                   tile_w: int, columns: int, inverse: bool = False) -> Dict[str, int]:
+                   tile_w: int, columns: int,
+                   inverse: bool = False) -> Tuple[Dict[str, int], Dict[str, int]]:
     """The alignment constexprs of a launch on the ``(B, heads, H, W, d)`` tensors named in
     ``tensors`` (``LAYOUT_<name>``, :func:`layout`; ``ALIGN``, ``WIDTH_ALIGN`` and
     ``BOX_ALIGN``, :func:`_known_strides` and :func:`_widened`) whose kernel loads the
@@ -627,7 +628,10 @@ def load_alignment(tensors: Dict[str, Tensor], rows: Sequence[str], kernel_size:
     that divides every stride of each tensor but its unit one and, where one holds planes,
     the map's width (then ``WIDTH_ALIGN`` is ``ALIGN``), and with which no box of this map
     widened to its multiples takes more steps (:func:`_widening_is_free`); else 1. In
-    elements: ``ALIGN`` 4 lets a bfloat16 row move 8 bytes a load."""
+    elements: ``ALIGN`` 4 lets a bfloat16 row move 8 bytes a load. Returns the launch's
+    constexprs, and the alignment constexprs of its other variant, which
+    :func:`~.triton_jit.launch` compiles at the kernel's first launch (two a kernel over all
+    map sizes)."""
     codes = {f'LAYOUT_{name}': layout(t) for name, t in tensors.items()}
     width = next(iter(tensors.values())).shape[3]
     planes = PLANES.value in codes.values()
@@ -636,13 +640,16 @@ def load_alignment(tensors: Dict[str, Tensor], rows: Sequence[str], kernel_size:
                for axis, s in enumerate(t.stride()) if axis != t.dim() + _unit_axis(layout(t))]
     candidates = (_launch_alignment(tile_w, kernel_size, columns, inverse),) if box else \
         (ALIGNMENT, 4, 2)
+
+    def variant(align: int) -> Dict[str, int]:
+        return dict(ALIGN=align, WIDTH_ALIGN=align if planes else 1, BOX_ALIGN=align if box else 1)
+
     for align in candidates:
         if align > 1 and not (any(s % align for s in strides) or (planes and width % align) or (
                 box and not _widening_is_free(width, tile_w, kernel_size, columns, align,
                                               inverse))):
-            return dict(codes, ALIGN=align, WIDTH_ALIGN=align if planes else 1,
-                        BOX_ALIGN=align if box else 1)
-    return dict(codes, ALIGN=1, WIDTH_ALIGN=1, BOX_ALIGN=1)
+            return dict(codes, **variant(align)), variant(1)
+    return dict(codes, **variant(1)), variant(candidates[0])
 
 
 def _head_block(head_dim: int) -> int:
@@ -672,12 +679,13 @@ def _na2d_forward_impl(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], k
     fwd = Blocks(*blocks[:5])
     out = empty_channels_first(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    alignment, other = load_alignment(dict(Q=q, K=k, V=v, O=out), 'KV', kernel_size, fwd.tile_w,
+                                      box_columns(fwd.tile_w, kernel_size))
     launch(_na_fwd_kernel, (_tiles(height, width, fwd), batch * heads),
            q, k, v, q if rpb is None else rpb, out, lse, heads, height, width,
            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
            **forward_step(fwd, kernel_size), **_common(q, kernel_size, rpb), **_launch(fwd),
-           **load_alignment(dict(Q=q, K=k, V=v, O=out), 'KV', kernel_size, fwd.tile_w,
-                            box_columns(fwd.tile_w, kernel_size)))
+           **alignment, other_alignment=other)
     return out, lse
 
 
@@ -741,19 +749,22 @@ def _na2d_backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: 
         dtype=torch.float32, device=q.device)
     common = _common(q, kernel_size, rpb)
     rpb_arg = q if rpb is None else rpb
+    alignment, other = load_alignment(dict(Q=q, K=k, V=v, O=out, DO=grad_out), 'KV',
+                                      kernel_size, dq_blocks.tile_w, dq_blocks.columns)
     launch(_na_bwd_dq_kernel, (_tiles(height, width, dq_blocks), heads, groups),
            q, k, v, rpb_arg, out, grad_out, lse, delta, dq, g, batch, batches_per_group, heads,
            height, width, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
            *grad_out.stride(), STORE_G=store_g, PAIRS=batches_per_group > 1,
            BLOCK_N=dq_blocks.columns, **common, **_launch(dq_blocks),
-           **load_alignment(dict(Q=q, K=k, V=v, O=out, DO=grad_out), 'KV', kernel_size,
-                            dq_blocks.tile_w, dq_blocks.columns))
+           **alignment, other_alignment=other)
+    alignment, other = load_alignment(dict(Q=q, K=k, V=v, O=dk, DO=grad_out), ('Q', 'DO'),
+                                      kernel_size, dkdv_blocks.tile_w, dkdv_blocks.columns,
+                                      inverse=True)
     launch(_na_bwd_dkdv_kernel, (_tiles(height, width, dkdv_blocks), batch * heads),
            q, k, v, rpb_arg, grad_out, lse, delta, dk, dv, heads, height, width,
            *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *grad_out.stride(),
            BLOCK_M=dkdv_blocks.columns, **common, **_launch(dkdv_blocks),
-           **load_alignment(dict(Q=q, K=k, V=v, O=dk, DO=grad_out), ('Q', 'DO'), kernel_size,
-                            dkdv_blocks.tile_w, dkdv_blocks.columns, inverse=True))
+           **alignment, other_alignment=other)
     drpb = _fold_bias_grad(g, kernel_size).to(rpb.dtype) if store_g else q.new_empty(0)
     return dq, dk, dv, drpb
 

@@ -88,6 +88,17 @@ def test_the_first_launch_compiles_the_other_alignment_too(on_device, align, oth
     assert not plain.warmups
 
 
+def test_a_launch_may_name_its_other_alignment(on_device):
+    """Where a kernel aligns more than ``ALIGN`` (the attention's), the launch names the other
+    variant's constexprs, and the first launch compiles that one, not the kernel."""
+    kernel, x = Kernel(), torch.zeros(64)
+    triton_jit.launch(kernel, (3, ), x, 100, SCALE=4, ALIGN=4, num_warps=8,
+                      other_alignment=dict(ALIGN=1, SCALE=2))
+    assert kernel.warmups == [((3, ), (x, 100), dict(SCALE=2, ALIGN=1, num_warps=8))]
+    assert kernel.triton_calls and all('other_alignment' not in call[-1]
+                                       for call in kernel.triton_calls)
+
+
 @pytest.mark.parametrize('first, second', [(17, 1), (2 ** 36, 2 ** 64 - 32)],
                          ids=['one apart from other ints', 'signed and unsigned 64-bit'])
 def test_int_classes_are_launched_apart(on_device, first, second):

@@ -152,17 +152,18 @@ def test_load_alignment():
     """The loads are aligned where every stride and the map's width allow it and, for rows of
     keys (or of queries, in the ``dk``/``dv`` kernel) held as planes, where no box widened to
     the alignment takes more steps: SegMAN-L's stages at 512x512 (windows 11, 9, 7, 7) as the
-    model lays them out; none on an odd width."""
+    model lays them out; none on an odd width. The other variant that the first launch
+    compiles is the one other sizes launch: two variants a launch shape over all sizes."""
     from mmseg_segman.ops import triton_neighborhood_attention as tna
 
-    def alignment(channels, heads, size, kernel):
+    def alignment(channels, heads, size, kernel, with_others=False):
         qkv = torch.empty(2, 3 * channels, size, size)
         dim = channels // heads
         q, k, v = (t.view(2, heads, dim, size, size).permute(0, 1, 3, 4, 2)
                    for t in qkv.split(channels, 1))
         out = tna.empty_channels_first(q)
         fwd, dq, dkdv = tna.block_sizes(dim, kernel)
-        found = set()
+        found, others = set(), set()
         for queries in (q, q.contiguous()):
             launches = [
                 tna.load_alignment(dict(Q=queries, K=queries, V=v, O=out), 'KV', kernel,
@@ -171,23 +172,29 @@ def test_load_alignment():
                                    dq.tile_w, dq.columns),
                 tna.load_alignment(dict(Q=queries, K=queries, V=v, O=out, DO=out), ('Q', 'DO'),
                                    kernel, dkdv.tile_w, dkdv.columns, inverse=True)]
-            for constexprs in launches:
+            for constexprs, other in launches:
                 assert constexprs['LAYOUT_V'] == constexprs['LAYOUT_O'] == tna.PLANES
                 assert constexprs['LAYOUT_Q'] == (tna.PLANES if queries is q else tna.HEAD_VECTORS)
                 found.add(tuple(constexprs[key] for key in ('ALIGN', 'WIDTH_ALIGN', 'BOX_ALIGN')))
-        return found
+                others.add(tuple(other[key] for key in ('ALIGN', 'WIDTH_ALIGN', 'BOX_ALIGN')))
+        return (found, others) if with_others else found
 
     # windows of 9 and 7 on 8 x 8 tiles: boxes from x0 - 4 to x0 + 12 and from x0 - 3 to x0 +
     # 11 (of queries: x0 - 4 to x0 + 12 and x0 - 3 to x0 + 11), 24 wide at 8-aligned ends
     assert [alignment(*stage) for stage in ((96, 4, 128, 11), (192, 8, 64, 9), (432, 12, 32, 7),
                                             (640, 20, 16, 7), (432, 12, 33, 7))] == \
         [{(8, 8, 8)}, {(4, 4, 4)}, {(4, 4, 4)}, {(4, 4, 4)}, {(1, 1, 1)}]
-    # one alignment a launch shape or none: each kernel compiles at most twice over map sizes
+    # one alignment a launch shape or none: each kernel compiles at most twice over map sizes,
+    # both at its first launch (the other variant is the one the other sizes launch)
     for channels, heads, kernel in ((96, 4, 11), (192, 8, 9), (432, 12, 7)):
-        assert len(set().union(*(alignment(channels, heads, size, kernel)
-                                 for size in range(kernel, 80)))) == 2
+        variants = [alignment(channels, heads, size, kernel, with_others=True)
+                    for size in range(kernel, 80)]
+        launched = set().union(*(found for found, _ in variants))
+        assert len(launched) == 2
+        for found, others in variants:
+            assert found | others == launched
     contiguous = torch.empty(2, 3, 33, 33, 36)  # head vectors 36 long: 8-byte aligned rows
-    constexprs = tna.load_alignment(dict(Q=contiguous, K=contiguous), 'K', 7, 8, 16)
+    constexprs, _ = tna.load_alignment(dict(Q=contiguous, K=contiguous), 'K', 7, 8, 16)
     assert (constexprs['ALIGN'], constexprs['WIDTH_ALIGN'], constexprs['BOX_ALIGN']) == (4, 1, 1)
 
 
