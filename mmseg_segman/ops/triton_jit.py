@@ -329,7 +329,7 @@ def launch(kernel, grid: Sequence[int], *args, other_alignment: Optional[dict] =
     more host time a call on the H100 machines, and a SegMAN-B training step launches about a
     thousand Triton kernels (docs/benchmarks.md). Positional ``args`` are the kernel's
     leading parameters; ``meta`` holds the rest (constexprs) and launch options
-    (``num_warps``, ``num_stages``); ``other_alignment``, see :func:`_compile_other_alignment`.
+    (``num_warps``, ``num_stages``); ``other_alignment``, see :func:`other_alignment_of`.
     Under Triton's interpreter, or where :func:`_direct_launch_possible` is false, every call
     takes Triton's path."""
     device = torch.cuda.current_device() if torch.cuda.is_initialized() else -1
@@ -362,18 +362,25 @@ def launch(kernel, grid: Sequence[int], *args, other_alignment: Optional[dict] =
         kernel[grid](*args, **meta)
 
 
+def other_alignment_of(meta: dict, named: Optional[dict] = None) -> Optional[dict]:
+    """The constexprs that a launch with ``meta`` changes for its kernel's other alignment:
+    ``named`` where the launch names them (the attention's, which align more than ``ALIGN``:
+    :func:`~.triton_neighborhood_attention.load_alignment`), else ``ALIGN`` 1 for 8 and 8 for
+    1; None for a kernel without ``ALIGN``."""
+    if named is None and meta.get('ALIGN') is not None:
+        return {'ALIGN': 1 if meta['ALIGN'] == ALIGNMENT else ALIGNMENT}
+    return named
+
+
 def _compile_other_alignment(kernel, grid: Sequence[int], args: Sequence, meta: dict,
-                             other: Optional[dict] = None) -> None:
+                             named: Optional[dict] = None) -> None:
     """With the first launch of a kernel that takes ``ALIGN`` (:func:`aligned`), compile
-    (without launching) its other alignment for the same arguments: a process that has met
-    only maps whose sizes are multiples of 8, or only others, would otherwise compile at its
-    first image of the other kind (five kernels and about 4 s at SegMAN-T's first new shape
-    after a 480x480 warm-up on an H100, docs/benchmarks.md). Found in Triton's cache when it
-    was compiled before. The other alignment is ``ALIGN`` 1 for 8 and 8 for 1, or the
-    constexprs in ``other`` where a launch names them (the attention's, which align more than
-    ``ALIGN``: :func:`~.triton_neighborhood_attention.load_alignment`)."""
-    if other is None and meta.get('ALIGN') is not None:
-        other = {'ALIGN': 1 if meta['ALIGN'] == ALIGNMENT else ALIGNMENT}
+    (without launching) its other alignment (:func:`other_alignment_of`) for the same
+    arguments: a process that has met only maps whose sizes are multiples of 8, or only
+    others, would otherwise compile at its first image of the other kind (five kernels and
+    about 4 s at SegMAN-T's first new shape after a 480x480 warm-up on an H100,
+    docs/benchmarks.md). Found in Triton's cache when it was compiled before."""
+    other = other_alignment_of(meta, named)
     if other is not None:
         kernel.warmup(*args, grid=grid, **{**meta, **other})
 

@@ -10,9 +10,10 @@ runtime int (:func:`~mmseg_segman.ops.triton_jit.jit_with_runtime_ints`) as 1, a
 not launched (:func:`~mmseg_segman.ops.triton_jit.kernels_not_launched`; the interpreter must
 be set before triton is imported), once at ``--warmup`` and then at each of ``--shapes``
 (default: ``check_many_shapes.py``'s 25), recording the key of every launch; a kernel that
-takes ``ALIGN`` counts its other alignment (``ALIGN`` 1 and 8, or the launch's
-``other_alignment``) as compiled too (``triton_jit.launch`` compiles it at the first launch). Prints, for each shape, the keys no earlier shape met: what the first
-pass of ``check_many_shapes.py`` compiles on the GPU. One JSON line per (model, shape).
+takes ``ALIGN`` counts its other alignment (``triton_jit.other_alignment_of``) as compiled
+too (``triton_jit.launch`` compiles it at the first launch). Prints, for each shape, the keys
+no earlier shape met: what the first pass of ``check_many_shapes.py`` compiles on the GPU.
+One JSON line per (model, shape).
 """
 import argparse
 import json
@@ -62,10 +63,7 @@ class LaunchRecorder:
     def record(self, kernel, grid, *args, other_alignment=None, **meta) -> None:
         name, arguments = kernel.fn.__name__, argument_key(kernel, args)
         self.keys.add((name, arguments, tuple(sorted(meta.items()))))
-        other = other_alignment
-        if other is None and 'ALIGN' in meta:
-            other = {'ALIGN': 1 if meta['ALIGN'] == self.triton_jit.ALIGNMENT
-                     else self.triton_jit.ALIGNMENT}
+        other = self.triton_jit.other_alignment_of(meta, other_alignment)
         if other is not None:
             self.keys.add((name, arguments, tuple(sorted({**meta, **other}.items()))))
         self.launch(kernel, grid, *args, other_alignment=other_alignment, **meta)
