@@ -57,7 +57,6 @@ took 159 us where it takes 94 (docs/benchmarks.md).
 :class:`~.triton_jit.TritonAutogradOp`); eager calls run the same functions in a plain
 ``torch.autograd.Function``, or launch the forward directly where autograd does not record.
 """
-import bisect
 import functools
 import math
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -69,7 +68,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import tensor_cache
-from .neighborhood_attention import window_starts
 from .triton_jit import (ALIGNMENT, TritonAutogradOp, aligned, cdiv, dot_precision,
                          empty_channels_first, jit_with_runtime_ints, launch, next_power_of_2,
                          records_autograd)
@@ -590,16 +588,21 @@ def _widening_is_free(width: int, tile_w: int, kernel_size: int, columns: int, a
     """Whether every tile's box on a map ``width`` wide (of keys, :func:`_query_box`; of
     queries with ``inverse``, as the ``dk``/``dv`` kernel walks them), widened to multiples
     of ``align`` (:func:`_widened`), takes as many steps of ``columns`` as before, and one
-    at most where it took one (the forward takes a box in one step). The boxes follow from
-    the windows (:func:`~.neighborhood_attention.window_starts`, never decreasing)."""
-    starts, span = window_starts(width, kernel_size).tolist(), min(kernel_size, width)
-    ends = [start + span for start in starts]
-    for x0 in range(0, width, tile_w):
+    at most where it took one (the forward takes a box in one step). The boxes by the
+    kernels' own rules, in plain Python (this runs under fake tensors too, where
+    :func:`~.neighborhood_attention.window_starts` has no values)."""
+    span, radius = min(kernel_size, width), kernel_size // 2
+
+    def box(x0: int) -> Tuple[int, int]:
         last = min(x0 + tile_w, width) - 1
-        if inverse:  # the queries whose windows hold keys x0 .. last
-            left, right = bisect.bisect_right(ends, x0), bisect.bisect_right(starts, last)
-        else:  # the keys in the windows of queries x0 .. last
-            left, right = starts[x0], ends[last]
+        if inverse:  # _inverse_start, _inverse_end
+            return (0 if x0 - span + 1 <= 0 else x0 - span + 1 + radius,
+                    width if last >= width - span else last + radius + 1)
+        start = [min(max(i - radius, 0), width - span) for i in (x0, last)]  # _window_start
+        return start[0], start[1] + span
+
+    for x0 in range(0, width, tile_w):
+        left, right = box(x0)
         widened = -(-right // align) * align - left // align * align
         if -(-widened // columns) > max(1, -(-(right - left) // columns)):
             return False
