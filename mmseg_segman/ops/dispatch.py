@@ -44,6 +44,7 @@ from typing import (Callable, ContextManager, Dict, Iterator, List, Mapping, Nam
 
 import torch
 from mmengine.logging import print_log
+from torch.utils.weak import WeakIdKeyDictionary
 
 Choice = Union[str, Callable, None]
 # op -> (choice, who made it), one mapping per place that can choose
@@ -119,6 +120,44 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+_kept_casts = WeakIdKeyDictionary()  # tensor -> ((dtype, address, version), its cast)
+
+
+def cast_kept(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`cast`, kept from call to call while ``t`` is unchanged (same address, not
+    written in place since; one dtype a tensor, freed with it; a view, such as
+    ``weight[:, :, None, None]``, through its contiguous base): a parameter read in another
+    dtype at every eager inference call (a 1x1 kernel reading a bfloat16 weight rather than
+    rounding the float32 one in every tile: SegMAN-L's stage-3 products 62.0 -> 48.8 us,
+    docs/benchmarks.md). Not for tensors autograd records. Nothing is kept where a new copy
+    would belong to something else: while ``torch.compile`` traces, under a
+    ``FakeTensorMode``, for an inference-mode tensor (which has no version), while a CUDA
+    graph captures (a copy made then is the graph's, made again at each replay; one kept
+    before is read); :class:`~mmseg_segman.models.cuda_graphs.InferenceGraph` captures again
+    once a parameter is written in place, so that its replays never read a stale copy."""
+    if t.dtype == dtype:
+        return t
+    base = t if t._base is None else t._base
+    if torch.compiler.is_compiling() or _fake_mode_on() or t.is_inference() \
+            or not base.is_contiguous():
+        return t.to(dtype)
+    key = (dtype, base.data_ptr(), base._version)
+    kept = _kept_casts.get(base)
+    if kept is not None and kept[0] == key:
+        copy = kept[1]
+    else:
+        copy = base.detach().to(dtype)
+        if not (base.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _kept_casts[base] = (key, copy)
+    if base is t:
+        return copy
+    return copy.as_strided(t.shape, t.stride(), t.storage_offset() - base.storage_offset())
+
+
+def _fake_mode_on() -> bool:
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
 def promote_types(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     """``torch.promote_types(a, b)``, without the call where they are equal."""
     return a if a == b else torch.promote_types(a, b)
@@ -163,8 +202,7 @@ def tensor_cache(maxsize: int) -> Callable[[Callable[..., torch.Tensor]], Callab
 
         @wraps(build)
         def get(*args, **kwargs) -> torch.Tensor:
-            if torch.compiler.is_compiling() or \
-                    torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+            if torch.compiler.is_compiling() or _fake_mode_on():
                 return build(*args, **kwargs)
             return cached(*args, **kwargs)
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .depthwise_conv import RunningBatchNorm, check_bias_norm_activation
-from .dispatch import (Backend, OpDispatcher, autocast_dtype, cast, triton_float_unavailable,
-                       promote_types, runs_anywhere)
+from .dispatch import (Backend, OpDispatcher, autocast_dtype, cast, cast_kept, promote_types,
+                       runs_anywhere, triton_float_unavailable)
 
 ACTIVATIONS = (None, 'gelu', 'relu')
 
@@ -98,11 +98,12 @@ def _pointwise_conv2d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     from .triton_pointwise_conv import pointwise_conv2d_inference_triton, pointwise_conv2d_triton
 
     dtype = autocast_dtype(x)
-    if torch.compiler.is_compiling() and not (torch.is_grad_enabled() and weight.requires_grad):
-        # compiled inference: inductor makes the cast, CUDA graphs replay it without the
-        # host, and the kernel reads half the bytes (docs/benchmarks.md); eagerly the kernel
-        # rounds the weight itself rather than pay a launch
-        weight = cast(weight, dtype)
+    if not records_autograd(weight):
+        # inference: the kernel reads the weight in the compute dtype, half the bytes of a
+        # float32 parameter under autocast (docs/benchmarks.md); compiled, inductor makes the
+        # cast and CUDA graphs replay it, eagerly the copy is kept (in training the kernel
+        # rounds the weight in its tiles rather than pay a launch)
+        weight = cast(weight, dtype) if torch.compiler.is_compiling() else cast_kept(weight, dtype)
     x = cast(x, dtype).contiguous()
     if norm is not None or activation == 'relu':
         # the norm and the ReLU in the product's pass where autograd does not record (the

@@ -4,8 +4,9 @@ import torch
 
 from mmseg_segman.models import SegMANEncoder
 from mmseg_segman.ops import neighborhood_attention_2d, use_backends
-from mmseg_segman.ops.dispatch import (Backend, check_op_backends, registered_ops, runs_anywhere,
-                                        tensor_cache)
+from mmseg_segman.ops import dispatch
+from mmseg_segman.ops.dispatch import (Backend, cast_kept, check_op_backends, registered_ops,
+                                        runs_anywhere, tensor_cache)
 
 NA = registered_ops()['neighborhood_attention']
 TINY = dict(embed_dims=[8, 8, 8, 8], depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
@@ -185,3 +186,47 @@ def test_tensor_cache_keeps_no_fake_tensor():
     real = ramp(3, torch.device('cpu'))
     assert not is_fake(real) and torch.equal(real, torch.arange(3.0))
     assert ramp(3, torch.device('cpu')) is real and calls == [3, 3]  # cached once real
+
+
+def test_cast_kept_is_kept_until_the_tensor_changes():
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    half = cast_kept(weight, torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and not half.requires_grad
+    assert torch.equal(half, weight.detach().to(torch.bfloat16))
+    assert cast_kept(weight, torch.bfloat16) is half  # kept
+    assert cast_kept(weight, torch.float32) is weight  # its own dtype: no copy
+    with torch.no_grad():
+        weight.mul_(2)  # written in place (load_state_dict, an optimizer step)
+    fresh = cast_kept(weight, torch.bfloat16)
+    assert fresh is not half and torch.equal(fresh, weight.detach().to(torch.bfloat16))
+    weight.data = weight.data.clone() + 1  # moved (module.to)
+    moved = cast_kept(weight, torch.bfloat16)
+    assert moved is not fresh and torch.equal(moved, weight.detach().to(torch.bfloat16))
+    assert cast_kept(weight, torch.float16).dtype == torch.float16  # one dtype kept a tensor
+    assert cast_kept(weight, torch.bfloat16) is not moved
+
+
+def test_cast_kept_casts_a_view_through_its_base():
+    weight = torch.nn.Parameter(torch.randn(4, 6))
+    views = [weight[:, :, None, None], weight[1:3, ::2], weight.t()]
+    for view in views:
+        got = cast_kept(view, torch.bfloat16)
+        assert torch.equal(got, view.detach().to(torch.bfloat16)) and got.stride() == view.stride()
+    kept = cast_kept(weight, torch.bfloat16)
+    assert all(cast_kept(v, torch.bfloat16)._base is kept for v in views)  # one copy, kept
+    scattered = torch.empty_strided((4, 6), (1, 4)).normal_()  # not contiguous, not a view
+    view = scattered[:, :, None]
+    assert torch.equal(cast_kept(view, torch.bfloat16), view.to(torch.bfloat16))
+    assert scattered not in dispatch._kept_casts
+
+
+def test_cast_kept_keeps_nothing_under_fake_tensors_or_inference_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    with FakeTensorMode():
+        weight = torch.randn(4, 3)
+        assert is_fake(cast_kept(weight, torch.bfloat16))
+    assert weight not in dispatch._kept_casts
+    with torch.inference_mode():
+        weight = torch.randn(4, 3)
+        assert cast_kept(weight, torch.bfloat16) is not cast_kept(weight, torch.bfloat16)

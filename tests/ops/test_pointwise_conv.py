@@ -155,6 +155,28 @@ def test_triton_float32_products_follow_cudnn_tf32_switch(monkeypatch):
     assert seen == ['tf32', 'tf32', 'tf32x3', 'tf32']
 
 
+def test_triton_inference_reads_a_kept_weight_in_the_compute_dtype(monkeypatch):
+    """At inference the kernel reads the weight in the maps' dtype, one copy kept from call to
+    call (half the bytes of the float32 parameter under autocast, docs/benchmarks.md); where
+    autograd records, the float32 parameter itself (the kernel rounds it in its tiles)."""
+    pytest.importorskip('triton')
+    from mmseg_segman.ops import triton_pointwise_conv as tpw
+    weights = []
+    monkeypatch.setattr(tpw, 'launch', lambda kernel, grid, x, w, *args, **kwargs: weights.append(w))
+    triton = _pointwise_conv2d.backends['triton'].fn
+    x = torch.randn(1, 8, 4, 4, dtype=torch.bfloat16)
+    weight = torch.nn.Parameter(torch.randn(16, 8, 1, 1))
+    with torch.no_grad():
+        for activation in (None, 'gelu', 'relu'):
+            triton(x, weight, None, activation, None, None)
+    assert all(w.dtype == torch.bfloat16 for w in weights)
+    assert all(w.data_ptr() == weights[0].data_ptr() for w in weights)
+    assert torch.equal(weights[0].view(16, 8), weight.detach().view(16, 8).bfloat16())
+    weights.clear()
+    triton(x, weight, None, None, None, None)
+    assert weights[0] is weight
+
+
 def test_resident_launch_config():
     """16-bit maps of at most 128 channels take all of them in one step, resident; a resident
     launch given fewer channels a step than the map has is refused."""

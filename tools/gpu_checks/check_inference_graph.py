@@ -8,7 +8,7 @@ For each model, one eager and one graphed copy with the same weights, ``torch.in
 
 * ``max_diff``: the largest difference between their logits (``model(images, mode='tensor')``)
   over three sizes called in turn three times each (512x512, 512x683, 683x512), float32 and
-  bf16 autocast, and between their ``predict`` label maps (mmseg's test path, batch 1, the
+  bf16 autocast, bf16 again after new weights are loaded into both in place, and between their ``predict`` label maps (mmseg's test path, batch 1, the
   logits resized to the image) as the count of pixels that differ;
 * ``eager_ms`` / ``graph_ms``: wall time a batch of 512x512 bf16 images at each ``--batches``,
   the median of 20 calls, the GPU synchronised around each (the graph captured before);
@@ -56,6 +56,16 @@ def predict_difference(eager, graph) -> int:
     return differing
 
 
+def reloaded_difference(eager, graph) -> float:
+    """:func:`logits_difference` in bf16 after new weights are loaded into both copies in
+    place (``load_state_dict``, as a checkpoint loaded after the graphs' capture): a replay
+    must not read copies made of the old weights (the 1x1 weights kept in bf16)."""
+    state = {k: v * 1.01 if v.is_floating_point() else v for k, v in eager.state_dict().items()}
+    eager.load_state_dict(state)
+    graph.load_state_dict(state)
+    return logits_difference(eager, graph, torch.bfloat16)
+
+
 def release(model) -> None:
     for module in (model.backbone, model.decode_head):
         module.cuda_graphs.inference.release()
@@ -89,7 +99,8 @@ def main():
         graph = graphed(eager).eval()
         row = dict(model=name,
                    max_diff={'fp32': logits_difference(eager, graph, torch.float32),
-                             'bf16': logits_difference(eager, graph, torch.bfloat16)},
+                             'bf16': logits_difference(eager, graph, torch.bfloat16),
+                             'bf16_reloaded': reloaded_difference(eager, graph)},
                    predict_pixels_differing=predict_difference(eager, graph))
         row['graphs'] = {m: len(getattr(graph, m).cuda_graphs.inference._graphs)
                          for m in ('backbone', 'decode_head')}

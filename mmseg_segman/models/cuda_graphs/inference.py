@@ -19,8 +19,11 @@ It replays only where that is exact and safe, and else runs the forward eagerly:
   graph is dropped for another: images of many sizes in turn would capture again and again;
 - the graphs share one memory pool (they replay one at a time, in order); each call's inputs
   are copied into the graph's own and its outputs copied out, so the caller owns both;
-- parameters or buffers moved or replaced (``module.to``, ``load_state_dict(assign=True)``,
-  a new submodule) drop the graphs, and they are captured again as calls come; so does
+- parameters or buffers moved, replaced or written in place (``module.to``,
+  ``load_state_dict``, a new submodule) drop the graphs, and they are captured again as calls
+  come (a replay reads what the capture found: the parameters in place, but also copies made
+  of them before, such as the 1x1 convolutions' weights in the compute dtype,
+  :func:`~mmseg_segman.ops.dispatch.cast_kept`); so does
   :meth:`InferenceGraph.release` (the module back in training: the memory is the step's);
 - a capture that fails raises an error that says so.
 
@@ -94,19 +97,26 @@ class _Replay:
                               self.spec)
 
 
+def _versions(tensors: Sequence[Tensor]) -> List[int]:
+    """The tensors' in-place write counts (-1 for an inference-mode tensor, which has none)."""
+    return [-1 if t.is_inference() else t._version for t in tensors]
+
+
 class _Watched:
     """What the graphs of a module were captured against: its modules and tensors, their
-    addresses and the structure changes counted then."""
+    addresses and in-place writes, and the structure changes counted then."""
 
     def __init__(self, module: nn.Module):
         self.modules: List[nn.Module] = list(module.modules())
         self.tensors = [*module.parameters(), *module.buffers()]
         self.addresses = [t.data_ptr() for t in self.tensors]
+        self.versions = _versions(self.tensors)
         self.changes = _structure_changes
 
     def current(self) -> bool:
         return self.changes == _structure_changes \
-            and [t.data_ptr() for t in self.tensors] == self.addresses
+            and [t.data_ptr() for t in self.tensors] == self.addresses \
+            and _versions(self.tensors) == self.versions
 
     def evaluating(self) -> bool:
         return not any(m.training for m in self.modules)
@@ -145,8 +155,9 @@ class InferenceGraph:
         watched = self._watched
         if watched is None or not watched.current():
             if watched is not None:
-                self._log.say('moved', 'parameters or buffers moved or replaced, or modules '
-                              'registered somewhere: inference graphs captured again')
+                self._log.say('moved', 'parameters or buffers moved, replaced or written in '
+                              'place, or modules registered somewhere: inference graphs '
+                              'captured again')
             self.release()
             _watch_structure()
             watched = self._watched = _Watched(module)

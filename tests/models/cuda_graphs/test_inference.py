@@ -106,8 +106,10 @@ def test_eager_while_a_module_inside_has_forward_hooks(fake):
     assert fake.replays == 2
 
 
-@pytest.mark.parametrize('change', ['moved', 'replaced', 'submodule'])
-def test_parameters_moved_or_replaced_capture_again(fake, change):
+@pytest.mark.parametrize('change', ['moved', 'replaced', 'written', 'loaded', 'submodule'])
+def test_parameters_moved_replaced_or_written_capture_again(fake, change):
+    # written in place: a replay would read copies made of the old values before the capture
+    # (ops.dispatch.cast_kept)
     module, graph, x = ConvBN().eval(), InferenceGraph('ConvBN'), torch.randn(2, 3, 8, 8)
     for _ in range(2):
         infer(graph, module, x)
@@ -115,6 +117,11 @@ def test_parameters_moved_or_replaced_capture_again(fake, change):
         module.conv.weight.data = module.conv.weight.data.clone()  # as module.to() does
     elif change == 'replaced':
         module.conv.weight = nn.Parameter(module.conv.weight.detach() * 2)
+    elif change == 'written':
+        with torch.no_grad():
+            module.conv.weight.mul_(2)
+    elif change == 'loaded':
+        module.load_state_dict({k: v * 2 for k, v in module.state_dict().items()})
     else:
         module.conv = nn.Conv2d(3, 4, 3, padding=1).eval()
     with captured_log() as records:
@@ -173,8 +180,10 @@ def test_segman_encoder_and_head_infer_through_their_graphs(fake):
     with torch.no_grad():
         expected = head(encoder(x))
         logits = head(encoder(x))
-    torch.testing.assert_close(logits, expected)
-    assert len(fake.captures) == 2 and fake.replays == 2
+        torch.testing.assert_close(logits, expected)
+        assert len(fake.captures) == 2 and fake.replays == 2
+        head(encoder(x))  # replayed again: the forward writes no parameter or buffer in place
+    assert len(fake.captures) == 2 and fake.replays == 4
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
