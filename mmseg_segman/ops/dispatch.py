@@ -39,8 +39,8 @@ import importlib.util
 import os
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache, wraps
-from typing import (Callable, ContextManager, Dict, Iterator, List, Mapping, NamedTuple, Optional,
-                    Tuple, Union)
+from typing import (Callable, ContextManager, Dict, Hashable, Iterator, List, Mapping, NamedTuple,
+                    Optional, Tuple, Union)
 
 import torch
 from mmengine.logging import print_log
@@ -120,35 +120,43 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-_kept_casts = WeakIdKeyDictionary()  # tensor -> ((dtype, address, version), its cast)
+_kept = WeakIdKeyDictionary()  # tensor -> ((what, address, version), the value made of it)
+
+
+def kept(t: torch.Tensor, what: Hashable, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``make(t.detach())``, kept from call to call while ``t`` is unchanged (same address,
+    not written in place since; one value a tensor, ``what`` naming how it was made, freed
+    with ``t``): what an op makes of a parameter at every eager inference call (a weight in
+    the compute dtype, :func:`cast_kept`; the attention's bias table). Not for tensors that
+    autograd records, which change at every step. Nothing is kept where the value would
+    belong to something else: while ``torch.compile`` traces (inductor makes it at every
+    call), under a ``FakeTensorMode``, for an inference-mode tensor (which has no version),
+    while a CUDA graph captures (a value made then is the graph's, made again at each
+    replay; one kept before is read, and
+    :class:`~mmseg_segman.models.cuda_graphs.InferenceGraph` captures again once a parameter
+    is written in place, so that its replays never read a stale one)."""
+    if torch.compiler.is_compiling() or _fake_mode_on() or t.is_inference():
+        return make(t.detach())
+    key = (what, t.data_ptr(), t._version)
+    entry = _kept.get(t)
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    value = make(t.detach())
+    if not (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _kept[t] = (key, value)
+    return value
 
 
 def cast_kept(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`cast`, kept from call to call while ``t`` is unchanged (same address, not
-    written in place since; one dtype a tensor, freed with it; a view, such as
-    ``weight[:, :, None, None]``, through its contiguous base): a parameter read in another
-    dtype at every eager inference call (a 1x1 kernel reading a bfloat16 weight rather than
-    rounding the float32 one in every tile: SegMAN-L's stage-3 products 62.0 -> 48.8 us,
-    docs/benchmarks.md). Not for tensors autograd records. Nothing is kept where a new copy
-    would belong to something else: while ``torch.compile`` traces, under a
-    ``FakeTensorMode``, for an inference-mode tensor (which has no version), while a CUDA
-    graph captures (a copy made then is the graph's, made again at each replay; one kept
-    before is read); :class:`~mmseg_segman.models.cuda_graphs.InferenceGraph` captures again
-    once a parameter is written in place, so that its replays never read a stale copy."""
+    """:func:`cast`, :func:`kept` (a view, such as ``weight[:, :, None, None]``, through its
+    contiguous base): a 1x1 kernel reads a bfloat16 weight rather than rounding the float32
+    one in every tile (SegMAN-L's stage-3 products 62.0 -> 48.8 us, docs/benchmarks.md)."""
     if t.dtype == dtype:
         return t
     base = t if t._base is None else t._base
-    if torch.compiler.is_compiling() or _fake_mode_on() or t.is_inference() \
-            or not base.is_contiguous():
+    if not base.is_contiguous():
         return t.to(dtype)
-    key = (dtype, base.data_ptr(), base._version)
-    kept = _kept_casts.get(base)
-    if kept is not None and kept[0] == key:
-        copy = kept[1]
-    else:
-        copy = base.detach().to(dtype)
-        if not (base.is_cuda and torch.cuda.is_current_stream_capturing()):
-            _kept_casts[base] = (key, copy)
+    copy = kept(base, dtype, lambda b: b.to(dtype))
     if base is t:
         return copy
     return copy.as_strided(t.shape, t.stride(), t.storage_offset() - base.storage_offset())

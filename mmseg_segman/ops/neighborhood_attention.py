@@ -304,11 +304,12 @@ _neighborhood_attention = OpDispatcher('neighborhood_attention', {
 def reads_planes_faster(kernel_size: int) -> bool:
     """Whether the ``triton`` backend reads ``q`` and ``k`` faster laid out as ``(B, heads,
     d, H, W)`` planes than with contiguous head vectors (the layouts
-    :func:`~.rotary_embedding.rotary_embedding_2d` writes): for windows up to 9, whose query
-    tiles are 8 x 8 and whose keys are loaded in rows of 16 pixels. SegMAN-L's attention
-    forward at batch 16 (bf16, an H200, us a call): windows of 9 234 against 241, of 7 94
-    against 104; of 11 the other way, 648 against 618 (docs/benchmarks.md)."""
-    return kernel_size <= 9
+    :func:`~.rotary_embedding.rotary_embedding_2d` writes): for windows of 11 and more, whose
+    query tiles are 4 x 16 and whose keys are loaded in rows of 32 pixels. SegMAN-L's
+    attention forward at batch 16 (bf16, an H200, us a call, its bias read from a table):
+    windows of 11 521.5 against 591.0; of 9 the other way, 210.2 against 198.2, of 7 98.2
+    against 98.5 and 33.2 against 30.8 (docs/benchmarks.md)."""
+    return kernel_size > 9
 
 
 def neighborhood_attention_2d(q: Tensor, k: Tensor, v: Tensor, kernel_size: int,

@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dispatch import tensor_cache
+from .dispatch import kept, tensor_cache
 from .triton_jit import (ALIGNMENT, TritonAutogradOp, aligned, cdiv, dot_precision,
                          empty_channels_first, jit_with_runtime_ints, launch, next_power_of_2,
                          records_autograd)
@@ -197,6 +197,31 @@ def _scores(s, column, span_w, row_ok, bias_offset, rpb_base, HAS_RPB: tl.conste
 
 
 @triton.jit
+def _bias_table_base(table_ptr, head, KERNEL: tl.constexpr, BIAS_SHIFT: tl.constexpr,
+                     COLS: tl.constexpr):
+    """Head ``head``'s part of :func:`bias_table`."""
+    return table_ptr + head * (2 * KERNEL - 1) * (KERNEL + BIAS_SHIFT) * COLS
+
+
+@triton.jit
+def _bias_table_shift(left, qx, KERNEL: tl.constexpr, BIAS_SHIFT: tl.constexpr):
+    """Each query's shift in :func:`bias_table` for a box whose left column is ``left``,
+    clamped into the table (a query past the map's edge may lie outside it)."""
+    return tl.minimum(tl.maximum(left - qx + KERNEL - 1 + BIAS_SHIFT, 0), KERNEL + BIAS_SHIFT - 1)
+
+
+@triton.jit
+def _table_bias(table_base, ky, qy, shift, box_col, KERNEL: tl.constexpr,
+                BIAS_SHIFT: tl.constexpr, COLS: tl.constexpr):
+    """The float32 biases of queries of row ``qy`` and table shift ``shift``
+    (:func:`_bias_table_shift`) against the keys of box row ``ky`` at box column ``box_col``,
+    broadcast to ``[M, N]``: rows of :func:`bias_table`, loaded without masks (a clamped row
+    serves only pairs outside every window, which the caller masks)."""
+    dy = tl.minimum(tl.maximum(ky - qy + KERNEL - 1, 0), 2 * KERNEL - 2)
+    return tl.load(table_base + (dy * (KERNEL + BIAS_SHIFT) + shift) * COLS + box_col).to(tl.float32)
+
+
+@triton.jit
 def _load_rows(base, y, x, ok, sy, sx, sd, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Head vectors of pixels ``(y, x)`` as ``[P, BLOCK_D]``."""
     d = tl.arange(0, BLOCK_D)
@@ -265,16 +290,15 @@ def _key_columns(left, c0, box_w, wx, q_ok, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _key_row(q, k_base, ky, kx, k_ok, column, qy, qx, wy, wx, span_h, span_w, rpb_base,
-             sk_y, sk_x, sk_d, HEAD_DIM: tl.constexpr, KERNEL: tl.constexpr,
-             HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _key_row(q, k_base, ky, kx, k_ok, column, wy, span_h, span_w, bias, sk_y, sk_x, sk_d,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The keys of box row ``ky`` at columns ``kx`` as ``k^T [BLOCK_D, BLOCK_N]``, and the
-    scores of the tile's queries against them with their flags (see :func:`_scores`)."""
+    scores ``(q k^T + bias) * log2(e)`` of the tile's queries against them, ``NEG`` outside
+    the windows (key window column ``column``, :func:`_window_columns`), with their flags."""
     kt = _load_cols(k_base, ky, kx, k_ok, sk_y, sk_x, sk_d, HEAD_DIM, BLOCK_D)
-    s, valid = _scores(tl.dot(q, kt, input_precision=DOT_PRECISION), column, span_w,
-                       ((ky >= wy) & (ky < wy + span_h))[:, None],
-                       _bias_offset(qy, qx, ky, wx, KERNEL)[:, None], rpb_base, HAS_RPB)
-    return kt, s, valid
+    valid = ((ky >= wy) & (ky < wy + span_h))[:, None] & (column >= 0) & (column < span_w)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) + bias
+    return kt, tl.where(valid, s * LOG2E, NEG), valid
 
 
 @jit_with_runtime_ints(_RUNTIME_INTS)
@@ -286,11 +310,12 @@ def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, 
                    COLS: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    LAYOUT_Q: tl.constexpr, LAYOUT_K: tl.constexpr, LAYOUT_V: tl.constexpr,
                    LAYOUT_O: tl.constexpr, ALIGN: tl.constexpr, WIDTH_ALIGN: tl.constexpr,
-                   BOX_ALIGN: tl.constexpr):
+                   BOX_ALIGN: tl.constexpr, BIAS_SHIFT: tl.constexpr):
     """The output and log-sum-exp of a query tile: ``ROWS`` whole rows of the tile's box a
     step (``COLS >= TILE_W + KERNEL - 1`` columns each, :func:`box_columns`; the box
     widened by :func:`_widened` still fits, as :func:`load_alignment` checked). ``LAYOUT_*``,
-    ``ALIGN``: :func:`_known_strides`; ``WIDTH_ALIGN``: the width is a multiple of it."""
+    ``ALIGN``: :func:`_known_strides`; ``WIDTH_ALIGN``: the width is a multiple of it.
+    ``rpb_ptr``: the bias as rows of the box (:func:`bias_table`, ``BIAS_SHIFT``)."""
     sq_b, sq_h, sq_y, sq_x, sq_d = _known_strides(sq_b, sq_h, sq_y, sq_x, sq_d, LAYOUT_Q, ALIGN)
     sk_b, sk_h, sk_y, sk_x, sk_d = _known_strides(sk_b, sk_h, sk_y, sk_x, sk_d, LAYOUT_K, ALIGN)
     sv_b, sv_h, sv_y, sv_x, sv_d = _known_strides(sv_b, sv_h, sv_y, sv_x, sv_d, LAYOUT_V, ALIGN)
@@ -303,7 +328,7 @@ def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, 
                    HEAD_DIM, BLOCK_D)
     k_base = k_ptr + batch * sk_b + head * sk_h
     v_base = v_ptr + batch * sv_b + head * sv_h
-    rpb_base = rpb_ptr + head * (2 * KERNEL - 1) * (2 * KERNEL - 1)
+    bias_base = _bias_table_base(rpb_ptr, head, KERNEL, BIAS_SHIFT, COLS)
     # key n of a step: row n // COLS of the step's rows, column n % COLS of the box
     n = tl.arange(0, ROWS * COLS)
     box_row = n // COLS
@@ -312,8 +337,7 @@ def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, 
     # whether a key's column lies in a query's window: the same at every step, computed once
     in_columns = _in_window(kx[None, :] - wx[:, None], span_w) & (box_col < box_w)[None, :] \
         & q_ok[:, None]
-    # rpb[head, ky - qy + K - 1, kx - qx + K - 1]: a query's part plus a key's part
-    query_bias = (KERNEL - 1) * 2 * KERNEL - qy * (2 * KERNEL - 1) - qx
+    bias_shift = _bias_table_shift(left, qx, KERNEL, BIAS_SHIFT)[:, None]
     m_i = tl.full([TILE_H * TILE_W], NEG, tl.float32)
     l_i = tl.zeros([TILE_H * TILE_W], tl.float32)
     acc = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
@@ -324,8 +348,8 @@ def _na_fwd_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, lse_ptr, heads, height, 
         s = tl.dot(q, kt, input_precision=DOT_PRECISION)
         valid = in_columns & _in_window(ky[None, :] - wy[:, None], span_h)
         if HAS_RPB:
-            bias_offset = (ky * (2 * KERNEL - 1) + kx)[None, :] + query_bias[:, None]
-            s += tl.load(rpb_base + bias_offset, mask=valid, other=0.0).to(tl.float32)
+            s += _table_bias(bias_base, ky[None, :], qy[:, None], bias_shift, box_col[None, :],
+                             KERNEL, BIAS_SHIFT, COLS)
         s = tl.where(valid, s * LOG2E, NEG)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -364,15 +388,13 @@ def _dq_element(q_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, batch, q_ok, head, hea
 
 
 @triton.jit
-def _dq_step(q, do, delta, lse, k_base, v_base, ky, kx, k_ok, column, qy, qx, wy, wx, span_h,
-             span_w, rpb_base, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, HEAD_DIM: tl.constexpr,
-             KERNEL: tl.constexpr, HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr,
+def _dq_step(q, do, delta, lse, k_base, v_base, ky, kx, k_ok, column, wy, span_h, span_w, bias,
+             sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
     """One batch element's ``dS = P (dO V^T - delta)`` against the keys of box row ``ky`` at
-    columns ``kx``, its ``dS K`` and the flags of the pairs in a window."""
-    kt, s, valid = _key_row(q, k_base, ky, kx, k_ok, column, qy, qx, wy, wx, span_h, span_w,
-                            rpb_base, sk_y, sk_x, sk_d, HEAD_DIM, KERNEL, HAS_RPB, BLOCK_D,
-                            DOT_PRECISION)
+    columns ``kx`` (biased by ``bias``), its ``dS K`` and the flags of the pairs in a window."""
+    kt, s, valid = _key_row(q, k_base, ky, kx, k_ok, column, wy, span_h, span_w, bias, sk_y,
+                            sk_x, sk_d, HEAD_DIM, BLOCK_D, DOT_PRECISION)
     p = tl.exp2(s - lse[:, None])
     vt = _load_cols(v_base, ky, kx, k_ok, sv_y, sv_x, sv_d, HEAD_DIM, BLOCK_D)
     ds = p * (tl.dot(do, vt, input_precision=DOT_PRECISION) - delta[:, None])
@@ -391,13 +413,15 @@ def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delt
                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       LAYOUT_Q: tl.constexpr, LAYOUT_K: tl.constexpr, LAYOUT_V: tl.constexpr,
                       LAYOUT_O: tl.constexpr, LAYOUT_DO: tl.constexpr, ALIGN: tl.constexpr,
-                      WIDTH_ALIGN: tl.constexpr, BOX_ALIGN: tl.constexpr):
+                      WIDTH_ALIGN: tl.constexpr, BOX_ALIGN: tl.constexpr,
+                      BIAS_SHIFT: tl.constexpr, BIAS_COLS: tl.constexpr):
     """``delta`` and ``dq`` of a query tile for the batch elements of group ``program_id(2)``,
     two at a time if ``PAIRS`` (the second masked past the group's end); ``O`` and ``dq``
     share the strides ``so_*``. With ``STORE_G``, ``dS`` per (query, window position) into
     ``G``, summed over the group's batch elements: the first step of the group writes it, the
     others add to it. Alignment as the forward's (:func:`_na_fwd_kernel`); ``q``'s and ``dO``'s
-    strides are made known where they are read (:func:`_dq_element`)."""
+    strides are made known where they are read (:func:`_dq_element`). ``rpb_ptr``: the bias
+    as :func:`bias_table` holds it, ``BIAS_COLS`` columns a row (a multiple of ``BLOCK_N``)."""
     sk_b, sk_h, sk_y, sk_x, sk_d = _known_strides(sk_b, sk_h, sk_y, sk_x, sk_d, LAYOUT_K, ALIGN)
     sv_b, sv_h, sv_y, sv_x, sv_d = _known_strides(sv_b, sv_h, sv_y, sv_x, sv_d, LAYOUT_V, ALIGN)
     so_b, so_h, so_y, so_x, so_d = _known_strides(so_b, so_h, so_y, so_x, so_d, LAYOUT_O, ALIGN)
@@ -406,7 +430,8 @@ def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delt
     group = tl.program_id(2)
     qy, qx, q_ok, wy, wx, top, left, box_h, box_w, span_h, span_w = _query_tile(
         height, width, TILE_H, TILE_W, KERNEL, BOX_ALIGN)
-    rpb_base = rpb_ptr + head * (2 * KERNEL - 1) * (2 * KERNEL - 1)
+    bias_base = _bias_table_base(rpb_ptr, head, KERNEL, BIAS_SHIFT, BIAS_COLS)
+    bias_shift = _bias_table_shift(left, qx, KERNEL, BIAS_SHIFT)[:, None]
     g_rows = ((head * tl.num_programs(2) + group).to(tl.int64) * height * width + qy * width + qx) \
         * KERNEL * KERNEL
     first = group * batches_per_group
@@ -434,16 +459,20 @@ def _na_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, delt
         for c0 in range(0, box_w, BLOCK_N):
             kx, k_ok, column = _key_columns(left, c0, box_w, wx, q_ok, BLOCK_N)
             for ky in range(top, top + box_h):
+                bias = 0.0
+                if HAS_RPB:
+                    bias = _table_bias(bias_base, ky, qy[:, None], bias_shift,
+                                       (c0 + tl.arange(0, BLOCK_N))[None, :], KERNEL, BIAS_SHIFT,
+                                       BIAS_COLS)
                 ds, dq_step, valid = _dq_step(
-                    q0, do0, delta0, lse0, k0, v0, ky, kx, k_ok, column, qy, qx, wy, wx, span_h,
-                    span_w, rpb_base, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, HEAD_DIM, KERNEL,
-                    HAS_RPB, BLOCK_D, DOT_PRECISION)
+                    q0, do0, delta0, lse0, k0, v0, ky, kx, k_ok, column, wy, span_h, span_w,
+                    bias, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, HEAD_DIM, BLOCK_D, DOT_PRECISION)
                 dq0 += dq_step
                 if PAIRS:  # (dS of a missing element is 0: its dO and delta are)
                     ds1, dq_step1, _ = _dq_step(
-                        q1, do1, delta1, lse1, k1, v1, ky, kx, k_ok & has_b1, column, qy, qx, wy,
-                        wx, span_h, span_w, rpb_base, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d,
-                        HEAD_DIM, KERNEL, HAS_RPB, BLOCK_D, DOT_PRECISION)
+                        q1, do1, delta1, lse1, k1, v1, ky, kx, k_ok & has_b1, column, wy, span_h,
+                        span_w, bias, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, HEAD_DIM, BLOCK_D,
+                        DOT_PRECISION)
                     dq1 += dq_step1
                     ds += ds1
                 if STORE_G:
@@ -672,26 +701,71 @@ def _common(q: Tensor, kernel_size: int, rpb: Optional[Tensor]) -> dict:
                 BLOCK_D=_head_block(q.shape[-1]), DOT_PRECISION=dot_precision(q.dtype))
 
 
-def _na2d_forward_impl(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size: int,
+def bias_shift(tile_w: int) -> int:
+    """The forward's ``BIAS_SHIFT``: how far a box's left column may lie left of a query
+    column less ``k - 1`` (the tile's width and the widening by :func:`_widened`, at most
+    ``ALIGNMENT - 1``, less one each)."""
+    return ALIGNMENT + tile_w - 2
+
+
+@tensor_cache(maxsize=64)
+def _bias_table_index(kernel_size: int, tile_w: int, columns: int, device: torch.device) -> Tensor:
+    """Indices into ``rpb[h].flatten()`` of :func:`bias_table`'s entries: row ``dy``, shift
+    ``e``, column ``c`` holds ``rpb[h, dy, c + e - BIAS_SHIFT]``, clamped into the table where
+    out of range (those entries serve only pairs outside every window, which are masked)."""
+    width = 2 * kernel_size - 1
+    shift = bias_shift(tile_w)
+    dy = torch.arange(width, device=device)[:, None, None]
+    dx = torch.arange(kernel_size + shift, device=device)[None, :, None] \
+        + torch.arange(columns, device=device)[None, None, :] - shift
+    return (dy * width + dx.clamp(0, width - 1)).flatten()
+
+
+def bias_table(rpb: Tensor, kernel_size: int, tile_w: int, columns: int) -> Tensor:
+    """``rpb (heads, 2k-1, 2k-1)`` as the forward and ``dq`` read it for query tiles
+    ``tile_w`` wide: for each bias row ``dy`` and each offset ``e = left - qx + k - 1 +
+    BIAS_SHIFT`` of a query column ``qx`` from its box's left column, the biases of the box's
+    first ``columns`` columns in a row (``(heads, 2k-1, k + BIAS_SHIFT, columns)``,
+    flattened; no gradient). A step's bias is then a row of contiguous values a (query, box
+    row) pair, which Triton loads 16 bytes at a time without masks, where gathering them
+    from ``rpb`` took a load a pair (docs/benchmarks.md)."""
+    index = _bias_table_index(kernel_size, tile_w, columns, rpb.device)
+    return rpb.detach().reshape(rpb.shape[0], -1).index_select(1, index)
+
+
+def _check_bias_table(table: Tensor, heads: int, kernel_size: int, tile_w: int,
+                      columns: int) -> None:
+    size = heads * (2 * kernel_size - 1) * (kernel_size + bias_shift(tile_w)) * columns
+    if table.numel() != size or not table.is_contiguous():
+        raise ValueError(f'the bias table must be bias_table(rpb, {kernel_size}, {tile_w}, '
+                         f'{columns}) ({size} contiguous values), got shape {tuple(table.shape)}')
+
+
+def _na2d_forward_impl(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor],
+                      table: Optional[Tensor], kernel_size: int,
                       blocks: List[int]) -> Tuple[Tensor, Tensor]:
     """Output ``(B, heads, H, W, d)`` (``q``'s dtype, laid out by
     :func:`~.triton_jit.empty_channels_first`) and the base-2 log-sum-exp ``(B, heads, H, W)``
-    float32 of every query."""
+    float32 of every query; ``table``: ``rpb`` as :func:`bias_table` (``rpb`` itself is
+    taken for the backward)."""
     batch, heads, height, width, _ = q.shape
     fwd = Blocks(*blocks[:5])
     out = empty_channels_first(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    step = forward_step(fwd, kernel_size)
     alignment, other = load_alignment(dict(Q=q, K=k, V=v, O=out), 'KV', kernel_size, fwd.tile_w,
-                                      box_columns(fwd.tile_w, kernel_size))
+                                      step['COLS'])
+    if rpb is not None:
+        _check_bias_table(table, heads, kernel_size, fwd.tile_w, step['COLS'])
     launch(_na_fwd_kernel, (_tiles(height, width, fwd), batch * heads),
-           q, k, v, q if rpb is None else rpb, out, lse, heads, height, width,
+           q, k, v, q if rpb is None else table, out, lse, heads, height, width,
            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-           **forward_step(fwd, kernel_size), **_common(q, kernel_size, rpb), **_launch(fwd),
-           **alignment, other_alignment=other)
+           **step, **_common(q, kernel_size, rpb), **_launch(fwd),
+           **alignment, BIAS_SHIFT=bias_shift(fwd.tile_w), other_alignment=other)
     return out, lse
 
 
-def _na2d_forward_fake(q, k, v, rpb, kernel_size, blocks):
+def _na2d_forward_fake(q, k, v, rpb, table, kernel_size, blocks):
     return empty_channels_first(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -751,13 +825,18 @@ def _na2d_backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: 
         dtype=torch.float32, device=q.device)
     common = _common(q, kernel_size, rpb)
     rpb_arg = q if rpb is None else rpb
+    # the table's rows cover the box's columns in whole steps (powers of two)
+    bias_columns = max(box_columns(dq_blocks.tile_w, kernel_size), dq_blocks.columns)
     alignment, other = load_alignment(dict(Q=q, K=k, V=v, O=out, DO=grad_out), 'KV',
                                       kernel_size, dq_blocks.tile_w, dq_blocks.columns)
     launch(_na_bwd_dq_kernel, (_tiles(height, width, dq_blocks), heads, groups),
-           q, k, v, rpb_arg, out, grad_out, lse, delta, dq, g, batch, batches_per_group, heads,
+           q, k, v, q if rpb is None else bias_table(rpb, kernel_size, dq_blocks.tile_w,
+                                                     bias_columns),
+           out, grad_out, lse, delta, dq, g, batch, batches_per_group, heads,
            height, width, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
            *grad_out.stride(), STORE_G=store_g, PAIRS=batches_per_group > 1,
            BLOCK_N=dq_blocks.columns, **common, **_launch(dq_blocks),
+           BIAS_SHIFT=bias_shift(dq_blocks.tile_w), BIAS_COLS=bias_columns,
            **alignment, other_alignment=other)
     alignment, other = load_alignment(dict(Q=q, K=k, V=v, O=dk, DO=grad_out), ('Q', 'DO'),
                                       kernel_size, dkdv_blocks.tile_w, dkdv_blocks.columns,
@@ -778,7 +857,7 @@ def _na2d_backward_fake(grad_out, q, k, v, rpb, out, lse, kernel_size, rpb_grad,
 
 def _setup_context(ctx, inputs, output):
     """What the backward needs, for the custom op and the eager Function alike."""
-    q, k, v, rpb, kernel_size, blocks = inputs
+    q, k, v, rpb, _, kernel_size, blocks = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, rpb, out, lse)
@@ -795,7 +874,7 @@ def _gradients(forward: Callable, backward: Callable) -> Callable:
         q, k, v, rpb, out, lse = ctx.saved_tensors
         dq, dk, dv, drpb = backward(grad_out, q, k, v, rpb, out, lse, ctx.kernel_size,
                                     ctx.rpb_grad, ctx.blocks)
-        return dq, dk, dv, drpb if ctx.rpb_grad else None, None, None
+        return dq, dk, dv, drpb if ctx.rpb_grad else None, None, None, None
 
     return gradients
 
@@ -816,4 +895,12 @@ def neighborhood_attention_triton(q: Tensor, k: Tensor, v: Tensor, kernel_size: 
     """
     blocks = blocks or block_sizes(q.shape[-1], kernel_size)
     launch = [n for b in blocks for n in b]
-    return NA2D(q, k, v, rpb, kernel_size, launch, records=records_autograd(q, k, v, rpb))[0]
+    records = records_autograd(q, k, v, rpb)
+    table = None
+    if rpb is not None:
+        geometry = (kernel_size, blocks[0].tile_w, box_columns(blocks[0].tile_w, kernel_size))
+        # kept at inference; in training rpb changes at every step (and a training graph's
+        # replays would read a kept table in place)
+        table = bias_table(rpb, *geometry) if records else \
+            kept(rpb, ('bias_table', *geometry), lambda t: bias_table(t, *geometry))
+    return NA2D(q, k, v, rpb, table, kernel_size, launch, records=records)[0]

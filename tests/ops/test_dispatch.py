@@ -217,7 +217,7 @@ def test_cast_kept_casts_a_view_through_its_base():
     scattered = torch.empty_strided((4, 6), (1, 4)).normal_()  # not contiguous, not a view
     view = scattered[:, :, None]
     assert torch.equal(cast_kept(view, torch.bfloat16), view.to(torch.bfloat16))
-    assert scattered not in dispatch._kept_casts
+    assert scattered not in dispatch._kept
 
 
 def test_cast_kept_keeps_nothing_under_fake_tensors_or_inference_mode():
@@ -226,7 +226,7 @@ def test_cast_kept_keeps_nothing_under_fake_tensors_or_inference_mode():
     with FakeTensorMode():
         weight = torch.randn(4, 3)
         assert is_fake(cast_kept(weight, torch.bfloat16))
-    assert weight not in dispatch._kept_casts
+    assert weight not in dispatch._kept
     with torch.inference_mode():
         weight = torch.randn(4, 3)
         assert cast_kept(weight, torch.bfloat16) is not cast_kept(weight, torch.bfloat16)

@@ -166,6 +166,7 @@ def test_neighborhood_attention_kernels_compile(activation, head_dim, kernel_siz
     assert compile_for_h100(tna._na_fwd_kernel, activation, NA_FLOAT32_POINTERS,
                             fwd.num_warps, fwd.num_stages,
                             TILE_H=fwd.tile_h, TILE_W=fwd.tile_w,
+                            BIAS_SHIFT=tna.bias_shift(fwd.tile_w),
                             **tna.forward_step(fwd, kernel_size), **common)
     assert compile_for_h100(tna._na_bwd_dq_kernel, activation, NA_FLOAT32_POINTERS,
                             dq.num_warps, dq.num_stages, LAYOUT_DO=tna.PLANES,
@@ -191,7 +192,7 @@ def test_aligned_attention_loads_are_pipelined():
     ``cp.async``, which Triton pipelines; with 1, one element (2 bytes) a load, and those not
     by ``cp.async`` (SegMAN-L's forward at stage 3: 159 -> 94 us on an H200,
     docs/benchmarks.md)."""
-    for kernel, extra in ((tna._na_fwd_kernel, dict(ROWS=1, COLS=16)),
+    for kernel, extra in ((tna._na_fwd_kernel, dict(ROWS=1, COLS=16, BIAS_SHIFT=14)),
                           (tna._na_bwd_dq_kernel, dict(STORE_G=True, PAIRS=True, BLOCK_N=16,
                                                        LAYOUT_DO=tna.PLANES)),
                           (tna._na_bwd_dkdv_kernel, dict(BLOCK_M=16, LAYOUT_DO=tna.PLANES))):
@@ -202,6 +203,22 @@ def test_aligned_attention_loads_are_pipelined():
         assert ptx[4].count('cp.async.c') > ptx[1].count('cp.async.c'), kernel.fn.__name__
         assert re.search(r'ld\.global\.b16', ptx[1]) and not re.search(r'ld\.global\.b16', ptx[4]), \
             kernel.fn.__name__
+
+
+@pytest.mark.parametrize('kernel_size,head_dim', [(7, 36), (11, 24)])
+def test_attention_forward_loads_its_bias_16_bytes_a_load(kernel_size, head_dim):
+    """The forward reads its bias from :func:`triton_neighborhood_attention.bias_table`, a
+    row of the box's columns a (query, box row) pair: float32 in 16-byte loads without masks
+    (it gathered one 4-byte value a pair from ``rpb``, 8 loads a thread a step at windows of
+    7 where it now takes 2)."""
+    fwd = tna.block_sizes(head_dim, kernel_size)[0]
+    ptx = compile_for_h100(
+        tna._na_fwd_kernel, 'bf16', NA_FLOAT32_POINTERS, fwd.num_warps, fwd.num_stages,
+        asm='ptx', HEAD_DIM=head_dim, KERNEL=kernel_size, HAS_RPB=True,
+        BLOCK_D=tna._head_block(head_dim), DOT_PRECISION='tf32', TILE_H=fwd.tile_h,
+        TILE_W=fwd.tile_w, BIAS_SHIFT=tna.bias_shift(fwd.tile_w), **na_layouts(kernel_size, 4),
+        **tna.forward_step(fwd, kernel_size))
+    assert 'ld.global.v4.b32' in ptx and not re.search(r'ld\.global(\.nc)?\.b32', ptx)
 
 
 # SegMAN-L's stem convolutions (with their norms and GELUs, writing channels-last for the next

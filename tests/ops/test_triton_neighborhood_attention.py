@@ -69,7 +69,8 @@ def check_eager_path():
     traces the custom ops (see :func:`triton_interpreter.check_eager_calls_skip_custom_ops`)."""
     from triton_interpreter import check_eager_calls_skip_custom_ops
 
-    from mmseg_segman.ops.triton_neighborhood_attention import Blocks, neighborhood_attention_triton
+    from mmseg_segman.ops.triton_neighborhood_attention import (Blocks, bias_table,
+                                                                neighborhood_attention_triton)
     blocks = (Blocks(4, 4, 16, 4, 1),) * 3
     launch = [n for b in blocks for n in b]
     g = torch.Generator().manual_seed(5)
@@ -77,7 +78,8 @@ def check_eager_path():
     for rpb in (torch.randn(2, 5, 5, generator=g), None):
         check_eager_calls_skip_custom_ops(
             lambda *t: neighborhood_attention_triton(*t[:3], 3, t[3], blocks),
-            lambda *t: torch.ops.mmseg_segman.na2d_forward(*t, 3, launch)[0],
+            lambda *t: torch.ops.mmseg_segman.na2d_forward(
+                *t, None if t[3] is None else bias_table(t[3], 3, 4, 16), 3, launch)[0],
             (q, k, v, rpb), grad_out, ('na2d_forward', 'na2d_backward'))
     print('eager path and torch.compile: ok', flush=True)
 
@@ -127,7 +129,16 @@ def interpreter_checks():
     q, k, v = (torch.randn(1, 2, 5, 4, 8, requires_grad=True) for _ in range(3))
     blocks = [n for b in (tna.Blocks(8, 8, 32, 4, 1),) * 3 for n in b]
     for rpb in (torch.randn(2, 5, 5, requires_grad=True), None):
-        torch.library.opcheck(torch.ops.mmseg_segman.na2d_forward, (q, k, v, rpb, 3, blocks))
+        table = None if rpb is None else tna.bias_table(rpb, 3, 8, 16)
+        torch.library.opcheck(torch.ops.mmseg_segman.na2d_forward,
+                              (q, k, v, rpb, table, 3, blocks))
+    try:  # a table for other tiles
+        rpb = torch.randn(2, 5, 5)
+        torch.ops.mmseg_segman.na2d_forward(q, k, v, rpb, tna.bias_table(rpb, 3, 8, 32), 3, blocks)
+    except ValueError as e:
+        assert 'must be bias_table(rpb, 3, 8, 16)' in str(e), e
+    else:
+        raise AssertionError('a bias table of 32 columns a row was taken for rows of 16')
     print('custom op: ok')
     check_eager_path()
     print('all checks passed')

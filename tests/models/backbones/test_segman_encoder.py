@@ -337,11 +337,11 @@ def test_lass_convolution_takes_its_eval_norm_into_the_op(monkeypatch):
     assert [call.get('activation') for call in calls] == ['silu']
 
 
-@pytest.mark.parametrize('kernel_size, planar', [(11, False), (9, True), (7, True)])
+@pytest.mark.parametrize('kernel_size, planar', [(11, True), (9, False), (7, False)])
 def test_lass_asks_for_queries_and_keys_in_the_layout_the_attention_reads_fastest(
         monkeypatch, kernel_size, planar):
-    # windows of 11 (the first stage of every released size): the rotated q and k as
-    # contiguous head vectors; of 9 and 7 as planes
+    # windows of 11 (the first stage of every released size): the rotated q and k as planes;
+    # of 9 and 7 as contiguous head vectors
     from mmseg_segman.models.backbones import segman_encoder
     from mmseg_segman.models.backbones.segman_encoder import LASS
     lass = LASS(8, 2, kernel_size).eval()
