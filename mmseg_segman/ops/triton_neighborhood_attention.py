@@ -11,18 +11,24 @@ keys its queries attend form one box of at most ``(TILE_H + k - 1) x (TILE_W + k
 pixels, so a program visits only the union of its tile's windows (FlexAttention's row-major
 blocks visit whole rows of blocks). The forward walks the box a whole row a step (``COLS``
 columns, :func:`box_columns`; ``ROWS`` rows a step where a launch asks for more): whether a
-key column is in a query's window is computed once per program, a flag a pair, and the
-bias's offset is a query's part plus a key's part (10-19% less time in SegMAN-L's blocks than
-an offset kept per pair and the column tests made at every row; other spellings of the same
-loop moved the time by up to 50% either way, docs/benchmarks.md). The backward's ``dq``
+key column is in a query's window is computed once per program, a flag a pair (10-19% less
+time in SegMAN-L's blocks than the column tests made at every row; other spellings of the
+same loop moved the time by up to 50% either way, docs/benchmarks.md). The backward's ``dq``
 kernel walks the rows in steps of ``BLOCK_N`` columns, with the window columns kept as one
-int32 a pair, from which the window test and the bias offset follow. (The first
-version walked the box flattened, in chunks of ``BLOCK_N`` keys: each key's row and column
-then took an integer division, and the window tests and bias offsets were computed for every
-pair; on an H100 the forward was bound by the integer units, about 90 instructions a pair,
-docs/benchmarks.md.) Per step: ``s = q k^T`` on the tensor cores, the bias gathered from the
-small ``rpb`` table, keys outside a query's window masked, then online softmax in float32
-(base 2) and ``acc += p v``. The log-sum-exp of every query is stored for the backward pass.
+int32 a pair, from which the window test follows. (The first version walked the box
+flattened, in chunks of ``BLOCK_N`` keys: each key's row and column then took an integer
+division, and the window tests and bias offsets were computed for every pair; on an H100 the
+forward was bound by the integer units, about 90 instructions a pair, docs/benchmarks.md.)
+Per step: ``s = q k^T`` on the tensor cores, the bias added, keys outside a query's window
+masked, then online softmax in float32 (base 2) and ``acc += p v``. The log-sum-exp of every
+query is stored for the backward pass.
+
+Bias. The forward and ``dq``, whose steps run along a box's keys, read ``rpb`` laid out as
+rows along them (:func:`bias_table`, one ``index_select``; at inference kept while ``rpb`` is
+unchanged): a step's bias is a row of contiguous values a (query, box row) pair, loaded 16
+bytes at a time without masks, where a gather from ``rpb`` took a masked 4-byte load a pair.
+``dk`` / ``dv``, whose steps run along queries, still gather (the offset a query's part
+plus a key's part).
 
 Backward (recomputation, as in FlashAttention), two kernels. ``dq``: the forward's programs
 again, ``delta = rowsum(dO * O)`` (stored for the next kernel), ``dS = P (dO V^T - delta)``,

@@ -206,19 +206,28 @@ def test_aligned_attention_loads_are_pipelined():
 
 
 @pytest.mark.parametrize('kernel_size,head_dim', [(7, 36), (11, 24)])
-def test_attention_forward_loads_its_bias_16_bytes_a_load(kernel_size, head_dim):
-    """The forward reads its bias from :func:`triton_neighborhood_attention.bias_table`, a
-    row of the box's columns a (query, box row) pair: float32 in 16-byte loads without masks
-    (it gathered one 4-byte value a pair from ``rpb``, 8 loads a thread a step at windows of
-    7 where it now takes 2)."""
-    fwd = tna.block_sizes(head_dim, kernel_size)[0]
+@pytest.mark.parametrize('kind', ['fwd', 'dq'])
+def test_attention_kernels_load_their_bias_16_bytes_a_load(kind, kernel_size, head_dim):
+    """The attention's forward and ``dq`` read their bias from
+    :func:`triton_neighborhood_attention.bias_table`, a row of contiguous values a (query,
+    box row) pair: float32 in 16-byte loads without masks (they gathered one 4-byte value a
+    pair from ``rpb``: the forward 8 loads a thread a step at windows of 7 where it now takes
+    2). ``dq`` also loads ``G``, the log-sum-exp and ``delta`` 4 bytes at a time."""
+    blocks = dict(zip(('fwd', 'dq'), tna.block_sizes(head_dim, kernel_size)))[kind]
+    kernel, extra = {
+        'fwd': (tna._na_fwd_kernel, dict(BIAS_SHIFT=tna.bias_shift(blocks.tile_w),
+                                         **tna.forward_step(blocks, kernel_size))),
+        'dq': (tna._na_bwd_dq_kernel, dict(
+            STORE_G=True, PAIRS=True, BLOCK_N=blocks.columns, LAYOUT_DO=tna.PLANES,
+            BIAS_SHIFT=tna.bias_shift(blocks.tile_w), BIAS_COLS=blocks.columns)),
+    }[kind]
     ptx = compile_for_h100(
-        tna._na_fwd_kernel, 'bf16', NA_FLOAT32_POINTERS, fwd.num_warps, fwd.num_stages,
-        asm='ptx', HEAD_DIM=head_dim, KERNEL=kernel_size, HAS_RPB=True,
-        BLOCK_D=tna._head_block(head_dim), DOT_PRECISION='tf32', TILE_H=fwd.tile_h,
-        TILE_W=fwd.tile_w, BIAS_SHIFT=tna.bias_shift(fwd.tile_w), **na_layouts(kernel_size, 4),
-        **tna.forward_step(fwd, kernel_size))
-    assert 'ld.global.v4.b32' in ptx and not re.search(r'ld\.global(\.nc)?\.b32', ptx)
+        kernel, 'bf16', NA_FLOAT32_POINTERS, blocks.num_warps, blocks.num_stages, asm='ptx',
+        HEAD_DIM=head_dim, KERNEL=kernel_size, HAS_RPB=True, BLOCK_D=tna._head_block(head_dim),
+        DOT_PRECISION='tf32', TILE_H=blocks.tile_h, TILE_W=blocks.tile_w,
+        **na_layouts(kernel_size, 4), **extra)
+    assert 'ld.global.v4.b32' in ptx
+    assert kind == 'dq' or not re.search(r'ld\.global(\.nc)?\.b32', ptx)
 
 
 # SegMAN-L's stem convolutions (with their norms and GELUs, writing channels-last for the next
