@@ -307,8 +307,8 @@ def reads_planes_faster(kernel_size: int) -> bool:
     :func:`~.rotary_embedding.rotary_embedding_2d` writes): for windows of 11 and more, whose
     query tiles are 4 x 16 and whose keys are loaded in rows of 32 pixels. SegMAN-L's
     attention forward at batch 16 (bf16, an H200, us a call, its bias read from a table):
-    windows of 11 521.5 against 591.0; of 9 the other way, 210.2 against 198.2, of 7 98.2
-    against 98.5 and 33.2 against 30.8 (docs/benchmarks.md)."""
+    windows of 11 522.3 against 589.5; of 9 the other way, 210.8 against 198.4, of 7 98.5
+    against 99.3 and 33.3 against 30.6 (docs/benchmarks.md)."""
     return kernel_size > 9
 
 
