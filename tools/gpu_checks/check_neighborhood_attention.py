@@ -3,6 +3,7 @@
     python3 tools/gpu_checks/check_neighborhood_attention.py --check
     python3 tools/gpu_checks/check_neighborhood_attention.py --sweep --out sweep.jsonl
     python3 tools/gpu_checks/check_neighborhood_attention.py --bench --variants b --sizes 512 --out bench.jsonl
+    python3 tools/gpu_checks/check_neighborhood_attention.py --layouts --out layouts.jsonl
 
 ``--check``: output and the gradients of q, k, v and rpb against the ``torch`` backend on
 float64 inputs (``||x - ref|| / ||ref||``), float32 / bfloat16 / float16, odd sizes, maps
@@ -14,8 +15,11 @@ run; and the time of the first call at new map sizes (no compilation expected).
 ``--sweep-dtype``, bf16 by default; ``--sweep-tiles HxWxWARPS ...`` or a default list), with
 the swept kernel's own GPU time and registers. ``--bench``: the kernel against FlexAttention and the
 reference at the stage shapes of the chosen variants, forward and forward + backward,
-median ms (``triton.testing.do_bench``) and peak MiB above the inputs. Prints a table last;
-exits 1 if a check failed.
+median ms (``triton.testing.do_bench``) and peak MiB above the inputs. ``--layouts``: at the
+stages of ``--sweep-arch`` (512x512, ``--sweep-batch``, ``--sweep-dtype``), ``q`` and ``k``
+with contiguous head vectors and as planes of one ``qkv`` map (``v`` planes), the forward
+alone (inference mode) and forward + backward, us a call from CUDA graphs (what
+``neighborhood_attention.reads_planes_faster`` is chosen by). Exits 1 if a check failed.
 """
 import argparse
 import itertools
@@ -215,6 +219,54 @@ def profile(args, results):
             print(json.dumps(row), flush=True)
 
 
+def graph_us(fn: Callable[[], None], reps: int) -> float:
+    """The least us a call of ``fn`` over 5 replays of a CUDA graph of ``reps`` calls (captured
+    after 3 calls on a side stream): the GPU's time, without the host's launches, which bound
+    CUDA events around eager calls at SegMAN-L's stages 3 and 4."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    return round(min(times), 1)
+
+
+def layouts(args, results):
+    """The forward, and forward + backward, with ``q`` and ``k`` in each layout the rotary
+    embedding writes (see the module doc)."""
+    dtype = SWEEP_DTYPES[args.sweep_dtype]
+    for shape in stage_shapes(args.sweep_arch, (512, 512), args.sweep_batch):
+        name, batch, heads, height, width, dim, kernel = shape
+        q, k, v, rpb = make_inputs(batch, heads, height, width, dim, kernel, dtype, strided=True)
+        grad_out = torch.randn(q.shape, device='cuda', dtype=dtype)
+        row = dict(kind='layouts', dtype=args.sweep_dtype, stage=name, shape=list(shape[1:]))
+        for layout, (lq, lk) in (('contiguous', (q.contiguous(), k.contiguous())),
+                                 ('planes', (q, k))):
+            with torch.inference_mode():
+                row[f'{layout}_fwd_us'] = graph_us(
+                    lambda: tna.neighborhood_attention_triton(lq, lk, v, kernel, rpb), 20)
+            leaves = [t.detach().requires_grad_() for t in (lq, lk, v, rpb)]
+            row[f'{layout}_fwd_bwd_us'] = graph_us(
+                lambda: tna.neighborhood_attention_triton(*leaves[:3], kernel, leaves[3])
+                .backward(grad_out), 5)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def compiled_registers(kernel) -> Dict[str, dict]:
     """Registers and spill bytes of each compiled version of a Triton ``kernel`` (by hash; set
     at a version's first launch), from Triton's in-process cache."""
@@ -301,6 +353,7 @@ def main():
     parser.add_argument('--sweep', action='store_true')
     parser.add_argument('--bench', action='store_true')
     parser.add_argument('--profile', action='store_true')
+    parser.add_argument('--layouts', action='store_true')
     parser.add_argument('--sweep-stages', nargs='+', default=['1', '3'])
     parser.add_argument('--sweep-arch', default='l', choices=['t', 's', 'b', 'l'])
     parser.add_argument('--sweep-kernels', nargs='+', default=list(KERNELS), choices=KERNELS)
@@ -327,6 +380,8 @@ def main():
         bench(args, results)
     if args.profile:
         profile(args, results)
+    if args.layouts:
+        layouts(args, results)
     print(f'{failed} checks failed' if failed else 'all checks passed')
     sys.exit(1 if failed else 0)
 
