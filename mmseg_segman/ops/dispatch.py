@@ -40,7 +40,7 @@ import os
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache, wraps
 from typing import (Callable, ContextManager, Dict, Hashable, Iterator, List, Mapping, NamedTuple,
-                    Optional, Tuple, Union)
+                    Optional, Sequence, Tuple, Union)
 
 import torch
 from mmengine.logging import print_log
@@ -133,8 +133,8 @@ def kept(t: torch.Tensor, what: Hashable, make: Callable[[torch.Tensor], torch.T
     call), under a ``FakeTensorMode``, for an inference-mode tensor (which has no version),
     while a CUDA graph captures (a value made then is the graph's, made again at each
     replay; one kept before is read, and
-    :class:`~mmseg_segman.models.cuda_graphs.InferenceGraph` captures again once a parameter
-    is written in place, so that its replays never read a stale one)."""
+    :class:`~mmseg_segman.models.cuda_graphs.InferenceGraph` captures again once a tensor it
+    was made of is written in place, so that its replays never read a stale one)."""
     if torch.compiler.is_compiling() or _fake_mode_on() or t.is_inference():
         return make(t.detach())
     key = (what, t.data_ptr(), t._version)
@@ -145,6 +145,11 @@ def kept(t: torch.Tensor, what: Hashable, make: Callable[[torch.Tensor], torch.T
     if not (t.is_cuda and torch.cuda.is_current_stream_capturing()):
         _kept[t] = (key, value)
     return value
+
+
+def kept_from(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Those of ``tensors`` that :func:`kept` holds a value made of."""
+    return [t for t in tensors if t in _kept]
 
 
 def cast_kept(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -13,6 +13,7 @@ from mmseg_segman.models import SegMANEncoder
 from mmseg_segman.models.cuda_graphs import CUDAGraphs, InferenceGraph
 from mmseg_segman.models.cuda_graphs import inference as ig
 from mmseg_segman.models.decode_heads import SegMANHead
+from mmseg_segman.ops.dispatch import kept
 
 from ...conftest import captured_log
 from .modules import ConvBN, fake_captures
@@ -106,11 +107,23 @@ def test_eager_while_a_module_inside_has_forward_hooks(fake):
     assert fake.replays == 2
 
 
+class KeptScale(ConvBN):
+    """ConvBN scaled by a value an op keeps, made of a parameter (``ops.dispatch.kept``, as
+    the 1x1 convolutions' weights in the compute dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(4))
+
+    def forward(self, x):
+        return super().forward(x) * kept(self.scale, 'double', lambda s: 2 * s).view(-1, 1, 1)
+
+
 @pytest.mark.parametrize('change', ['moved', 'replaced', 'written', 'loaded', 'submodule'])
 def test_parameters_moved_replaced_or_written_capture_again(fake, change):
-    # written in place: a replay would read copies made of the old values before the capture
-    # (ops.dispatch.cast_kept)
-    module, graph, x = ConvBN().eval(), InferenceGraph('ConvBN'), torch.randn(2, 3, 8, 8)
+    # written in place: a replay would read the kept value made of the old one before the
+    # capture
+    module, graph, x = KeptScale().eval(), InferenceGraph('KeptScale'), torch.randn(2, 3, 8, 8)
     for _ in range(2):
         infer(graph, module, x)
     if change == 'moved':
@@ -119,7 +132,7 @@ def test_parameters_moved_replaced_or_written_capture_again(fake, change):
         module.conv.weight = nn.Parameter(module.conv.weight.detach() * 2)
     elif change == 'written':
         with torch.no_grad():
-            module.conv.weight.mul_(2)
+            module.scale.mul_(2)
     elif change == 'loaded':
         module.load_state_dict({k: v * 2 for k, v in module.state_dict().items()})
     else:
@@ -130,6 +143,16 @@ def test_parameters_moved_replaced_or_written_capture_again(fake, change):
     torch.testing.assert_close(out, module(x))
     infer(graph, module, x)
     assert len(fake.captures) == 2 and fake.replays == 2
+
+
+def test_parameters_written_in_place_are_read_by_the_replays(fake):
+    # where no op keeps a value made of them, the graphs read them in place: no new capture
+    module, graph, x = ConvBN().eval(), InferenceGraph('ConvBN'), torch.randn(2, 3, 8, 8)
+    for _ in range(2):
+        infer(graph, module, x)
+    module.load_state_dict({k: v * 2 for k, v in module.state_dict().items()})
+    infer(graph, module, x)
+    assert len(fake.captures) == 1 and fake.replays == 2
 
 
 def test_training_releases_the_inference_graphs(fake):
@@ -182,7 +205,7 @@ def test_segman_encoder_and_head_infer_through_their_graphs(fake):
         logits = head(encoder(x))
         torch.testing.assert_close(logits, expected)
         assert len(fake.captures) == 2 and fake.replays == 2
-        head(encoder(x))  # replayed again: the forward writes no parameter or buffer in place
+        head(encoder(x))  # replayed again: the forward writes in place nothing ops keep values of
     assert len(fake.captures) == 2 and fake.replays == 4
 
 
