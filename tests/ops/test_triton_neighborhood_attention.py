@@ -26,6 +26,7 @@ CASES = [
     # rows of planes loaded aligned: the forward's boxes widened to multiples of 4 columns
     (1, 2, 6, 24, 8, 5, True, True),
     (2, 1, 5, 16, 12, 7, True, 'mixed'),
+    (1, 1, 13, 18, 8, 11, True, False),  # windows of 11 (4 x 16 tiles, boxes 32 columns a row)
 ]
 WIDE_BOX = (1, 1, 5, 21, 8, 7, True, False)  # boxes 19 columns wide for tiles 16 wide
 
