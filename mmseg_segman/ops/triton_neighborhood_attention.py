@@ -739,12 +739,13 @@ def bias_table(rpb: Tensor, kernel_size: int, tile_w: int, columns: int) -> Tens
     return rpb.detach().reshape(rpb.shape[0], -1).index_select(1, index)
 
 
-def _check_bias_table(table: Tensor, heads: int, kernel_size: int, tile_w: int,
+def _check_bias_table(table: Optional[Tensor], heads: int, kernel_size: int, tile_w: int,
                       columns: int) -> None:
     size = heads * (2 * kernel_size - 1) * (kernel_size + bias_shift(tile_w)) * columns
-    if table.numel() != size or not table.is_contiguous():
+    if table is None or table.numel() != size or not table.is_contiguous():
         raise ValueError(f'the bias table must be bias_table(rpb, {kernel_size}, {tile_w}, '
-                         f'{columns}) ({size} contiguous values), got shape {tuple(table.shape)}')
+                         f'{columns}) ({size} contiguous values), got '
+                         f'{None if table is None else tuple(table.shape)}')
 
 
 def _na2d_forward_impl(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor],

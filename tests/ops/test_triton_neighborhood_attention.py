@@ -133,13 +133,14 @@ def interpreter_checks():
         table = None if rpb is None else tna.bias_table(rpb, 3, 8, 16)
         torch.library.opcheck(torch.ops.mmseg_segman.na2d_forward,
                               (q, k, v, rpb, table, 3, blocks))
-    try:  # a table for other tiles
-        rpb = torch.randn(2, 5, 5)
-        torch.ops.mmseg_segman.na2d_forward(q, k, v, rpb, tna.bias_table(rpb, 3, 8, 32), 3, blocks)
-    except ValueError as e:
-        assert 'must be bias_table(rpb, 3, 8, 16)' in str(e), e
-    else:
-        raise AssertionError('a bias table of 32 columns a row was taken for rows of 16')
+    rpb = torch.randn(2, 5, 5)
+    for table in (tna.bias_table(rpb, 3, 8, 32), None):  # a table for other rows, or none
+        try:
+            torch.ops.mmseg_segman.na2d_forward(q, k, v, rpb, table, 3, blocks)
+        except ValueError as e:
+            assert 'must be bias_table(rpb, 3, 8, 16)' in str(e), e
+        else:
+            raise AssertionError(f'the forward took the bias table {table} for rows of 16')
     print('custom op: ok')
     check_eager_path()
     print('all checks passed')

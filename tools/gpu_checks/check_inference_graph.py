@@ -8,8 +8,9 @@ For each model, one eager and one graphed copy with the same weights, ``torch.in
 
 * ``max_diff``: the largest difference between their logits (``model(images, mode='tensor')``)
   over three sizes called in turn three times each (512x512, 512x683, 683x512), float32 and
-  bf16 autocast, bf16 again after new weights are loaded into both in place, and between their ``predict`` label maps (mmseg's test path, batch 1, the
-  logits resized to the image) as the count of pixels that differ;
+  bf16 autocast, bf16 again after new weights are loaded into both in place, and between
+  their ``predict`` label maps (mmseg's test path, batch 1, the logits resized to the image)
+  as the count of pixels that differ;
 * ``eager_ms`` / ``graph_ms``: wall time a batch of 512x512 bf16 images at each ``--batches``,
   the median of 20 calls, the GPU synchronised around each (the graph captured before);
 * ``graphs``: how many graphs each module captured in the comparisons (released before the
